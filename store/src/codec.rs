@@ -1,0 +1,171 @@
+//! Little-endian encoding helpers shared by the on-disk formats, and the checksum they all use.
+//!
+//! The decoder is a cursor over a byte slice whose every read is bounds-checked and returns a
+//! typed [`DecodeError`]: no on-disk format in this crate indexes a slice it has not measured.
+
+use crate::error::DecodeError;
+
+/// Checksum of on-disk structures: the first 16 bytes of an unkeyed BLAKE3 hash.
+pub fn checksum(bytes: &[u8]) -> [u8; 16] {
+    let h = blake3::hash(bytes);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.as_bytes()[..16]);
+    out
+}
+
+/// Checks that `bytes` ends with the [`checksum`] of what precedes it, and returns what precedes.
+pub fn split_checksum(bytes: &[u8]) -> Result<&[u8], DecodeError> {
+    if bytes.len() < 16 {
+        return Err(DecodeError::Truncated {
+            needed: 16,
+            available: bytes.len(),
+        });
+    }
+    let (body, stored) = bytes.split_at(bytes.len() - 16);
+    let computed = checksum(body);
+    if computed != stored {
+        return Err(DecodeError::ChecksumMismatch {
+            got: crate::id::to_hex(&computed),
+            expected: crate::id::to_hex(stored),
+        });
+    }
+    Ok(body)
+}
+
+/// Appends little-endian fields to a buffer.
+#[derive(Default)]
+pub struct Encoder {
+    /// The bytes written so far.
+    pub buf: Vec<u8>,
+}
+
+impl Encoder {
+    /// Appends raw bytes.
+    pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(b);
+        self
+    }
+    /// Appends a `u8`.
+    pub fn u8(&mut self, v: u8) -> &mut Self {
+        self.buf.push(v);
+        self
+    }
+    /// Appends a little-endian `u16`.
+    pub fn u16(&mut self, v: u16) -> &mut Self {
+        self.bytes(&v.to_le_bytes())
+    }
+    /// Appends a little-endian `u32`.
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.bytes(&v.to_le_bytes())
+    }
+    /// Appends a little-endian `u64`.
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.bytes(&v.to_le_bytes())
+    }
+    /// Appends a little-endian `i64`.
+    pub fn i64(&mut self, v: i64) -> &mut Self {
+        self.bytes(&v.to_le_bytes())
+    }
+    /// Appends a string as a `u32` byte length and its UTF-8 bytes.
+    pub fn str(&mut self, s: &str) -> &mut Self {
+        self.u32(s.len() as u32).bytes(s.as_bytes())
+    }
+    /// Appends the [`checksum`] of everything written so far, finishing the structure.
+    pub fn finish_with_checksum(mut self) -> Vec<u8> {
+        let c = checksum(&self.buf);
+        self.buf.extend_from_slice(&c);
+        self.buf
+    }
+}
+
+/// Reads little-endian fields from a slice, failing with [`DecodeError::Truncated`] at its end.
+pub struct Decoder<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Decoder<'a> {
+    /// Starts reading at the beginning of `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Decoder { buf, pos: 0 }
+    }
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+    /// Reads `n` raw bytes.
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.remaining() < n {
+            return Err(DecodeError::Truncated {
+                needed: self.pos.saturating_add(n),
+                available: self.buf.len(),
+            });
+        }
+        let out = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(out)
+    }
+    /// Reads a fixed-size array.
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.bytes(N)?);
+        Ok(out)
+    }
+    /// Reads a `u8`.
+    pub fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>()?[0])
+    }
+    /// Reads a little-endian `u16`.
+    pub fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+    /// Reads a little-endian `u32`.
+    pub fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    /// Reads a little-endian `u64`.
+    pub fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    /// Reads a little-endian `i64`.
+    pub fn i64(&mut self) -> Result<i64, DecodeError> {
+        Ok(i64::from_le_bytes(self.array()?))
+    }
+    /// Reads a length-prefixed UTF-8 string.
+    pub fn str(&mut self, field: &'static str) -> Result<String, DecodeError> {
+        let len = self.u32()? as usize;
+        let bytes = self.bytes(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|e| DecodeError::Invalid {
+            field,
+            detail: e.to_string(),
+        })
+    }
+    /// Reads and checks a magic value.
+    pub fn magic(&mut self, expected: &[u8]) -> Result<(), DecodeError> {
+        let found = self.bytes(expected.len())?;
+        if found != expected {
+            return Err(DecodeError::BadMagic {
+                found: found.to_vec(),
+            });
+        }
+        Ok(())
+    }
+    /// Fails unless every byte was consumed.
+    pub fn end(&self, what: &'static str) -> Result<(), DecodeError> {
+        if self.remaining() != 0 {
+            return Err(DecodeError::Invalid {
+                field: what,
+                detail: format!("{} unexpected trailing bytes", self.remaining()),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Shorthand for a [`DecodeError::Invalid`].
+pub fn invalid(field: &'static str, detail: impl Into<String>) -> DecodeError {
+    DecodeError::Invalid {
+        field,
+        detail: detail.into(),
+    }
+}

@@ -1,0 +1,150 @@
+//! Errors of the repository layer.
+//!
+//! Policy: every fallible function in this crate returns [`StoreError`]. Variants carry the path
+//! or id they concern, so a caller can tell a checksum mismatch from an I/O error and an operator
+//! can tell which file is damaged. Decoders of on-disk bytes return [`DecodeError`] wrapped in
+//! [`StoreError::Corrupt`]; they never panic on bad input.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::id::{ChunkId, PackId};
+
+/// Why bytes read from disk could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The structure ends before its fixed or announced length.
+    #[error("truncated: needed {needed} bytes, {available} available")]
+    Truncated {
+        /// Bytes the decoder needed.
+        needed: usize,
+        /// Bytes that were there.
+        available: usize,
+    },
+    /// The magic value at the start is not the one this structure carries.
+    #[error("bad magic {found:02x?}")]
+    BadMagic {
+        /// What was found instead.
+        found: Vec<u8>,
+    },
+    /// A format version this build does not read.
+    #[error("unsupported format version {0}")]
+    UnsupportedVersion(u32),
+    /// The stored checksum does not match the bytes.
+    #[error("checksum mismatch: stored {expected}, computed {got}")]
+    ChecksumMismatch {
+        /// Checksum computed over the bytes, in hex.
+        got: String,
+        /// Checksum stored with them, in hex.
+        expected: String,
+    },
+    /// A field holds a value outside its documented range.
+    #[error("invalid {field}: {detail}")]
+    Invalid {
+        /// The field, as named in docs/format.md.
+        field: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
+}
+
+/// Errors of the repository layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The path holds no sbk repository (no config file).
+    #[error("{path}: not an sbk repository (no config file; create one with `sbk init`)")]
+    NotARepository {
+        /// The repository path given.
+        path: PathBuf,
+    },
+    /// `init` over something that is already there.
+    #[error("{path}: refusing to initialise: {reason}")]
+    InitRefused {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// An on-disk structure failed to decode.
+    #[error("{path}: corrupt {what}: {source}")]
+    Corrupt {
+        /// The damaged file.
+        path: PathBuf,
+        /// What kind of structure it is (config, pack trailer, manifest…).
+        what: &'static str,
+        /// The decoding error.
+        source: DecodeError,
+    },
+    /// A blob's contents do not hash to its id: the data is damaged.
+    #[error("chunk {id} in pack {pack} is corrupt: {detail}")]
+    BlobCorrupt {
+        /// The blob's id.
+        id: ChunkId,
+        /// The pack holding it.
+        pack: PackId,
+        /// What failed (hash mismatch, decompression…).
+        detail: String,
+    },
+    /// A blob the caller needs is not in the index.
+    #[error("chunk {0} is not in the index (missing data, or an index that needs `sbk repair index`)")]
+    BlobMissing(ChunkId),
+    /// A pack the index refers to is not there.
+    #[error("pack {pack} is missing ({path})")]
+    PackMissing {
+        /// The pack id.
+        pack: PackId,
+        /// Where it should be.
+        path: PathBuf,
+    },
+    /// No snapshot matches the id or prefix given.
+    #[error("no snapshot matches {0:?}")]
+    SnapshotNotFound(String),
+    /// Several snapshots match the prefix given.
+    #[error("snapshot prefix {prefix:?} is ambiguous: it matches {count} snapshots")]
+    AmbiguousSnapshot {
+        /// The prefix given.
+        prefix: String,
+        /// How many snapshots it matches.
+        count: usize,
+    },
+    /// Parameters given to `init` are out of range.
+    #[error("invalid parameter: {0}")]
+    InvalidParameter(String),
+    /// The index database failed.
+    #[error("index {path}: {detail}")]
+    Index {
+        /// The index directory.
+        path: PathBuf,
+        /// sled's description.
+        detail: String,
+    },
+    /// An operating-system error on a path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+impl StoreError {
+    /// Wraps an I/O error with the path it happened on.
+    pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
+        StoreError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// True when the error is a full filesystem (ENOSPC or EDQUOT).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;

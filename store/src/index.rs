@@ -1,0 +1,166 @@
+//! The index: chunk id -> where the blob lives. A sled database used as a cache; the packs are
+//! the truth, and [`crate::Repository::rebuild_index`] recreates it from their trailers.
+
+use std::path::{Path, PathBuf};
+
+use crate::blob::{BlobKind, Compression};
+use crate::codec::{invalid, Decoder, Encoder};
+use crate::error::{DecodeError, Result, StoreError};
+use crate::id::{ChunkId, PackId};
+use crate::pack::PackEntry;
+
+/// Version byte at the start of every index value.
+pub const INDEX_ENTRY_VERSION: u8 = 1;
+/// Encoded size of an index value.
+pub const INDEX_ENTRY_LEN: usize = 36;
+
+/// Where a blob lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// The pack holding it.
+    pub pack: PackId,
+    /// The blob as the pack trailer lists it.
+    pub entry: PackEntry,
+}
+
+impl IndexEntry {
+    /// Encodes the value stored under the chunk id (docs/format.md, "index entry").
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Encoder::default();
+        e.u8(INDEX_ENTRY_VERSION)
+            .u8(self.entry.kind as u8)
+            .u8(self.entry.compression as u8)
+            .u8(0)
+            .bytes(&self.pack.0)
+            .u64(self.entry.offset)
+            .u32(self.entry.stored_len)
+            .u32(self.entry.raw_len);
+        e.buf
+    }
+
+    /// Decodes a value stored under `id`.
+    pub fn decode(id: ChunkId, bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut d = Decoder::new(bytes);
+        let version = d.u8()?;
+        if version != INDEX_ENTRY_VERSION {
+            return Err(DecodeError::UnsupportedVersion(version.into()));
+        }
+        let kind = BlobKind::from_u8(d.u8()?)?;
+        let compression = Compression::from_u8(d.u8()?)?;
+        let _reserved = d.u8()?;
+        let pack = PackId(d.array()?);
+        let entry = PackEntry {
+            id,
+            kind,
+            compression,
+            offset: d.u64()?,
+            stored_len: d.u32()?,
+            raw_len: d.u32()?,
+        };
+        d.end("index entry")?;
+        if entry.offset < crate::pack::PACK_HEADER_LEN {
+            return Err(invalid("index offset", format!("{}", entry.offset)));
+        }
+        Ok(IndexEntry { pack, entry })
+    }
+}
+
+/// The sled-backed index of a repository.
+pub struct Index {
+    db: sled::Db,
+    path: PathBuf,
+}
+
+impl Index {
+    /// Opens (or creates) the index database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        // sled caches 1 GiB by default; the index is looked up by random ids, so a large cache
+        // buys little and would dominate the backup's memory.
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(32 << 20)
+            .open()
+            .map_err(|e| Self::error(path, e))?;
+        Ok(Index {
+            db,
+            path: path.to_owned(),
+        })
+    }
+
+    fn error(path: &Path, e: sled::Error) -> StoreError {
+        let detail = match &e {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
+                format!("in use by another sbk process ({io})")
+            }
+            _ => e.to_string(),
+        };
+        StoreError::Index {
+            path: path.to_owned(),
+            detail,
+        }
+    }
+
+    /// Looks up a blob.
+    pub fn get(&self, id: &ChunkId) -> Result<Option<IndexEntry>> {
+        match self.db.get(id.0).map_err(|e| Self::error(&self.path, e))? {
+            None => Ok(None),
+            Some(v) => IndexEntry::decode(*id, &v).map(Some).map_err(|source| StoreError::Corrupt {
+                path: self.path.clone(),
+                what: "index entry",
+                source,
+            }),
+        }
+    }
+
+    /// True when the blob is indexed.
+    pub fn contains(&self, id: &ChunkId) -> Result<bool> {
+        self.db.contains_key(id.0).map_err(|e| Self::error(&self.path, e))
+    }
+
+    /// Adds every blob of a sealed pack, in one atomic batch.
+    pub fn insert_pack(&self, pack: PackId, entries: &[PackEntry]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            batch.insert(&entry.id.0, IndexEntry { pack, entry: *entry }.encode());
+        }
+        self.db.apply_batch(batch).map_err(|e| Self::error(&self.path, e))
+    }
+
+    /// Makes every insert so far durable. Called before a snapshot that relies on them is written.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush().map(|_| ()).map_err(|e| Self::error(&self.path, e))
+    }
+
+    /// Number of indexed blobs.
+    pub fn len(&self) -> usize {
+        self.db.len()
+    }
+
+    /// True when nothing is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.db.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn entry_round_trip(offset in 16u64.., stored in any::<u32>(), raw in any::<u32>(), pack in any::<[u8; 16]>()) {
+            let e = IndexEntry {
+                pack: PackId(pack),
+                entry: PackEntry { id: ChunkId([5; 32]), kind: BlobKind::Tree, compression: Compression::Zstd, offset, stored_len: stored, raw_len: raw },
+            };
+            prop_assert_eq!(e.encode().len(), INDEX_ENTRY_LEN);
+            prop_assert_eq!(IndexEntry::decode(ChunkId([5; 32]), &e.encode()).unwrap(), e);
+        }
+
+        #[test]
+        fn garbage_is_an_error_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = IndexEntry::decode(ChunkId([0; 32]), &bytes);
+        }
+    }
+}

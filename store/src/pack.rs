@@ -1,0 +1,369 @@
+//! Pack files: append-only containers of blobs that describe themselves.
+//!
+//! A pack is a 16-byte header, then blobs (each a [`BlobHeader`] and its stored bytes), then a
+//! trailer listing every blob with its offset, then a fixed footer with a checksum. The index can
+//! be rebuilt from the trailers alone; a pack whose trailer is lost can still be walked blob by
+//! blob from the header. Byte layout: docs/format.md, "pack".
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::blob::{BlobHeader, BlobKind, Compression, EncodedBlob, BLOB_HEADER_LEN};
+use crate::codec::{invalid, Decoder, Encoder};
+use crate::error::{DecodeError, Result, StoreError};
+use crate::id::{ChunkId, PackId};
+
+/// Magic of a pack header. Do not change.
+pub const PACK_MAGIC: &[u8; 8] = b"SBKPACK\0";
+/// Magic of a pack footer. Do not change.
+pub const FOOTER_MAGIC: &[u8; 8] = b"SBKTRLR\0";
+/// Pack format version.
+pub const PACK_VERSION: u32 = 1;
+/// Size of the pack header.
+pub const PACK_HEADER_LEN: u64 = 16;
+/// Size of one trailer entry.
+pub const TRAILER_ENTRY_LEN: usize = 52;
+/// Size of the footer at the very end of a pack.
+pub const FOOTER_LEN: usize = 56;
+
+/// One blob as the trailer (and the index) knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackEntry {
+    /// The blob's id.
+    pub id: ChunkId,
+    /// What it holds.
+    pub kind: BlobKind,
+    /// How it is stored.
+    pub compression: Compression,
+    /// Offset of its [`BlobHeader`] in the pack.
+    pub offset: u64,
+    /// Stored bytes after the header.
+    pub stored_len: u32,
+    /// Bytes after decompression.
+    pub raw_len: u32,
+}
+
+impl PackEntry {
+    fn encode(&self, e: &mut Encoder) {
+        e.bytes(&self.id.0)
+            .u8(self.kind as u8)
+            .u8(self.compression as u8)
+            .u16(0)
+            .u64(self.offset)
+            .u32(self.stored_len)
+            .u32(self.raw_len);
+    }
+
+    fn decode(d: &mut Decoder<'_>) -> Result<Self, DecodeError> {
+        let id = ChunkId(d.array()?);
+        let kind = BlobKind::from_u8(d.u8()?)?;
+        let compression = Compression::from_u8(d.u8()?)?;
+        let _reserved = d.u16()?;
+        Ok(PackEntry {
+            id,
+            kind,
+            compression,
+            offset: d.u64()?,
+            stored_len: d.u32()?,
+            raw_len: d.u32()?,
+        })
+    }
+
+    /// Offset just past the blob's stored bytes.
+    pub fn end(&self) -> u64 {
+        self.offset + BLOB_HEADER_LEN as u64 + u64::from(self.stored_len)
+    }
+}
+
+/// Encodes the trailer and footer of a pack whose blobs end at `entries_offset`.
+pub fn encode_trailer(pack: PackId, entries_offset: u64, entries: &[PackEntry]) -> Vec<u8> {
+    let mut e = Encoder::default();
+    for entry in entries {
+        entry.encode(&mut e);
+    }
+    e.bytes(FOOTER_MAGIC)
+        .u32(PACK_VERSION)
+        .u32(entries.len() as u32)
+        .u64(entries_offset)
+        .bytes(&pack.0);
+    e.finish_with_checksum()
+}
+
+/// Decodes a pack's footer from its last [`FOOTER_LEN`] bytes: (entry count, entries offset, pack id).
+pub fn decode_footer(footer: &[u8], pack_len: u64) -> Result<(u32, u64, PackId), DecodeError> {
+    let mut d = Decoder::new(footer);
+    d.magic(FOOTER_MAGIC)?;
+    let version = d.u32()?;
+    if version != PACK_VERSION {
+        return Err(DecodeError::UnsupportedVersion(version));
+    }
+    let count = d.u32()?;
+    let entries_offset = d.u64()?;
+    let pack = PackId(d.array()?);
+    let expected = (count as u64)
+        .checked_mul(TRAILER_ENTRY_LEN as u64)
+        .and_then(|n| n.checked_add(entries_offset))
+        .and_then(|n| n.checked_add(FOOTER_LEN as u64));
+    if entries_offset < PACK_HEADER_LEN || expected != Some(pack_len) {
+        return Err(invalid("trailer", format!("{count} entries at {entries_offset} do not fit a pack of {pack_len} bytes")));
+    }
+    Ok((count, entries_offset, pack))
+}
+
+/// Decodes the entries and footer (everything from `entries_offset` to the end of the pack)
+/// and checks them: the checksum, the pack id, and that every blob lies inside the blob area
+/// without overlapping another.
+pub fn decode_trailer(trailer: &[u8], entries_offset: u64, pack: PackId) -> Result<Vec<PackEntry>, DecodeError> {
+    let body = crate::codec::split_checksum(trailer)?;
+    let footer_start = body.len().checked_sub(FOOTER_LEN - 16).ok_or(DecodeError::Truncated {
+        needed: FOOTER_LEN,
+        available: trailer.len(),
+    })?;
+    let (count, offset, id) = decode_footer(&trailer[footer_start..], entries_offset + trailer.len() as u64)?;
+    if id != pack {
+        return Err(invalid("pack id", format!("trailer names pack {id}")));
+    }
+    if offset != entries_offset {
+        return Err(invalid("entries offset", format!("{offset}, expected {entries_offset}")));
+    }
+    let mut d = Decoder::new(&body[..footer_start]);
+    let mut entries = Vec::with_capacity(count as usize);
+    let mut next_free = PACK_HEADER_LEN;
+    for _ in 0..count {
+        let e = PackEntry::decode(&mut d)?;
+        let end = e
+            .offset
+            .checked_add(BLOB_HEADER_LEN as u64 + u64::from(e.stored_len))
+            .ok_or_else(|| invalid("blob offset", "overflows"))?;
+        if e.offset < next_free || end > entries_offset {
+            return Err(invalid("blob offset", format!("blob {} at {} overlaps or lies outside the blob area", e.id, e.offset)));
+        }
+        next_free = end;
+        entries.push(e);
+    }
+    d.end("trailer")?;
+    Ok(entries)
+}
+
+/// Path of a pack inside the repository: `packs/<first 2 hex digits>/<32 hex digits>`.
+pub fn pack_path(repo: &Path, id: PackId) -> PathBuf {
+    let hex = id.to_hex();
+    repo.join("packs").join(&hex[..2]).join(hex)
+}
+
+/// Appends blobs to a new pack, then seals it durably.
+///
+/// The pack is written under a `.tmp` name and renamed into place only once it is complete and
+/// fsynced, so a pack under its final name is always whole; a crash leaves at most a `.tmp`.
+pub struct PackWriter {
+    id: PackId,
+    tmp_path: PathBuf,
+    final_path: PathBuf,
+    out: BufWriter<File>,
+    offset: u64,
+    entries: Vec<PackEntry>,
+}
+
+impl PackWriter {
+    /// Creates a new pack in the repository at `repo`.
+    pub fn create(repo: &Path) -> Result<Self> {
+        let id = PackId::random().map_err(|e| StoreError::io(repo, e))?;
+        let final_path = pack_path(repo, id);
+        let tmp_path = final_path.with_extension("tmp");
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp_path)
+            .map_err(|e| StoreError::io(&tmp_path, e))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let mut header = Encoder::default();
+        header.bytes(PACK_MAGIC).u32(PACK_VERSION).u32(0);
+        out.write_all(&header.buf).map_err(|e| StoreError::io(&tmp_path, e))?;
+        Ok(PackWriter {
+            id,
+            tmp_path,
+            final_path,
+            out,
+            offset: PACK_HEADER_LEN,
+            entries: Vec::new(),
+        })
+    }
+
+    /// The pack's id.
+    pub fn id(&self) -> PackId {
+        self.id
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.offset
+    }
+
+    /// True when no blob has been added.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Appends a blob.
+    pub fn add(&mut self, blob: &EncodedBlob) -> Result<()> {
+        let h = &blob.header;
+        self.out
+            .write_all(&h.encode())
+            .and_then(|()| self.out.write_all(&blob.data))
+            .map_err(|e| StoreError::io(&self.tmp_path, e))?;
+        self.entries.push(PackEntry {
+            id: h.id,
+            kind: h.kind,
+            compression: h.compression,
+            offset: self.offset,
+            stored_len: h.stored_len,
+            raw_len: h.raw_len,
+        });
+        self.offset += (BLOB_HEADER_LEN + blob.data.len()) as u64;
+        Ok(())
+    }
+
+    /// Writes the trailer, makes the pack durable and gives it its final name. Returns the id
+    /// and the entries, which the caller may now put in the index.
+    pub fn finish(mut self) -> Result<(PackId, Vec<PackEntry>)> {
+        let trailer = encode_trailer(self.id, self.offset, &self.entries);
+        let path = self.tmp_path.clone();
+        let io = |e| StoreError::io(&path, e);
+        self.out.write_all(&trailer).map_err(io)?;
+        let file = self.out.into_inner().map_err(|e| io(e.into_error()))?;
+        // The data must be on disk before the name says the pack is complete…
+        file.sync_all().map_err(io)?;
+        fs::rename(&self.tmp_path, &self.final_path).map_err(io)?;
+        // …and the rename itself must be durable before the index may refer to the pack.
+        crate::fsync_dir(self.final_path.parent().expect("pack path has a parent"))?;
+        Ok((self.id, self.entries))
+    }
+
+    /// Abandons the pack, removing its temporary file.
+    pub fn abandon(self) {
+        let _ = fs::remove_file(&self.tmp_path);
+    }
+}
+
+/// Reads and checks the trailer of the pack file at `path`, whose name says it is `pack`.
+pub fn read_trailer(path: &Path, pack: PackId) -> Result<Vec<PackEntry>> {
+    let corrupt = |source| StoreError::Corrupt {
+        path: path.to_owned(),
+        what: "pack trailer",
+        source,
+    };
+    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+    let len = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
+    if len < PACK_HEADER_LEN + FOOTER_LEN as u64 {
+        return Err(corrupt(DecodeError::Truncated {
+            needed: PACK_HEADER_LEN as usize + FOOTER_LEN,
+            available: len as usize,
+        }));
+    }
+    let mut footer = [0u8; FOOTER_LEN];
+    file.read_exact_at(&mut footer, len - FOOTER_LEN as u64)
+        .map_err(|e| StoreError::io(path, e))?;
+    let (_, entries_offset, _) = decode_footer(&footer, len).map_err(corrupt)?;
+    let mut trailer = vec![0u8; (len - entries_offset) as usize];
+    file.read_exact_at(&mut trailer, entries_offset)
+        .map_err(|e| StoreError::io(path, e))?;
+    decode_trailer(&trailer, entries_offset, pack).map_err(corrupt)
+}
+
+/// Reads the header and stored bytes of the blob at `entry` from an open pack file, and checks
+/// that the header agrees with what the caller expected.
+pub fn read_blob(file: &File, path: &Path, entry: &PackEntry) -> Result<(BlobHeader, Vec<u8>)> {
+    let corrupt = |source| StoreError::Corrupt {
+        path: path.to_owned(),
+        what: "blob header",
+        source,
+    };
+    let mut buf = vec![0u8; BLOB_HEADER_LEN + entry.stored_len as usize];
+    file.read_exact_at(&mut buf, entry.offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            corrupt(DecodeError::Truncated {
+                needed: entry.end() as usize,
+                available: file.metadata().map(|m| m.len() as usize).unwrap_or(0),
+            })
+        } else {
+            StoreError::io(path, e)
+        }
+    })?;
+    let header = BlobHeader::decode(&buf[..BLOB_HEADER_LEN]).map_err(corrupt)?;
+    if header.id != entry.id || header.stored_len != entry.stored_len || header.raw_len != entry.raw_len
+        || header.compression != entry.compression
+    {
+        return Err(corrupt(invalid("blob header", format!("at offset {} holds blob {}, expected {}", entry.offset, header.id, entry.id))));
+    }
+    buf.drain(..BLOB_HEADER_LEN);
+    Ok((header, buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blob::encode_blob;
+
+    #[test]
+    fn write_then_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("packs")).unwrap();
+        let mut w = PackWriter::create_in_test(dir.path());
+        let blobs: Vec<_> = (0..5u8)
+            .map(|i| encode_blob(ChunkId([i; 32]), BlobKind::Data, &vec![i; 1000 * i as usize], 3).unwrap())
+            .collect();
+        for b in &blobs {
+            w.add(b).unwrap();
+        }
+        let (id, entries) = w.finish().unwrap();
+        let path = pack_path(dir.path(), id);
+        assert_eq!(read_trailer(&path, id).unwrap(), entries);
+        let file = File::open(&path).unwrap();
+        for (e, b) in entries.iter().zip(&blobs) {
+            let (h, data) = read_blob(&file, &path, e).unwrap();
+            assert_eq!(h, b.header);
+            assert_eq!(data, b.data);
+        }
+        // A pack opened under another id is refused.
+        assert!(read_trailer(&path, PackId([9; 16])).is_err());
+        // Truncation anywhere is a typed error.
+        let bytes = std::fs::read(&path).unwrap();
+        for cut in [0, 10, bytes.len() / 2, bytes.len() - 1] {
+            std::fs::write(&path, &bytes[..cut]).unwrap();
+            assert!(matches!(read_trailer(&path, id), Err(StoreError::Corrupt { .. })), "cut at {cut}");
+        }
+    }
+
+    impl PackWriter {
+        /// Pack directories are created by init; a bare test directory needs them made.
+        fn create_in_test(repo: &Path) -> Self {
+            for i in 0..=255u8 {
+                let _ = std::fs::create_dir(repo.join("packs").join(crate::id::to_hex(&[i])));
+            }
+            PackWriter::create(repo).unwrap()
+        }
+    }
+
+    #[test]
+    fn trailer_decoder_rejects_garbage() {
+        let pack = PackId([1; 16]);
+        let e = PackEntry {
+            id: ChunkId([2; 32]),
+            kind: BlobKind::Data,
+            compression: Compression::None,
+            offset: PACK_HEADER_LEN,
+            stored_len: 10,
+            raw_len: 10,
+        };
+        let entries_offset = e.end();
+        let t = encode_trailer(pack, entries_offset, &[e]);
+        assert_eq!(decode_trailer(&t, entries_offset, pack).unwrap(), vec![e]);
+        for i in 0..t.len() {
+            let mut bad = t.clone();
+            bad[i] ^= 0x40;
+            assert!(decode_trailer(&bad, entries_offset, pack).is_err(), "flip at {i}");
+        }
+    }
+}

@@ -1,0 +1,403 @@
+//! The repository: a directory holding a config, packs, an index and snapshot manifests.
+//!
+//! ```text
+//! config                     immutable after init (docs/format.md, "config")
+//! packs/<2 hex>/<32 hex>     sealed pack files; <…>.tmp while being written
+//! index/                     sled database: chunk id -> pack, offset, lengths (a cache)
+//! snapshots/<64 hex>         manifests, named by the BLAKE3 hash of their bytes
+//! ```
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::blob::{decode_blob_into, BlobKind};
+use crate::config::{RepoConfig, FORMAT_VERSION};
+use crate::error::{DecodeError, Result, StoreError};
+use crate::id::{to_hex, ChunkId, PackId, SnapshotId};
+use crate::index::{Index, IndexEntry};
+use crate::manifest::Manifest;
+use crate::pack::{pack_path, read_blob, read_trailer, PackEntry};
+
+/// What `init` may choose; everything else is derived or random.
+#[derive(Debug, Clone, Copy)]
+pub struct InitOptions {
+    /// Average chunk size (a power of two, 64 KiB..4 MiB).
+    pub chunk_avg: u32,
+    /// zstd level, 1..=19.
+    pub zstd_level: u32,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            chunk_avg: 1 << 20,
+            zstd_level: 3,
+        }
+    }
+}
+
+/// What rebuilding the index found.
+#[derive(Debug, Clone, Default)]
+pub struct RebuildReport {
+    /// Packs whose trailers were read.
+    pub packs: usize,
+    /// Blobs indexed.
+    pub blobs: usize,
+    /// Packs that could not be read, with the reason.
+    pub damaged: Vec<(PathBuf, String)>,
+}
+
+/// An open repository.
+pub struct Repository {
+    path: PathBuf,
+    config: RepoConfig,
+    index: Index,
+    rebuilt: Option<RebuildReport>,
+    open_packs: Mutex<HashMap<PackId, Arc<File>>>,
+}
+
+/// Fsyncs a directory, so that entries created, renamed or removed in it survive a power loss.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io(dir, e))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary name in the same directory, fsync, rename,
+/// fsync of the directory. Readers see the old state or the whole new file, never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().expect("atomic writes target a file in a directory");
+    let name = path.file_name().expect("atomic writes target a named file").to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let io = |e| StoreError::io(&tmp, e);
+    let mut f = File::options().write(true).create(true).truncate(true).open(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    fs::rename(&tmp, path).map_err(io)?;
+    fsync_dir(dir)
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn random<const N: usize>(path: &Path) -> Result<[u8; N]> {
+    crate::id::random_bytes().map_err(|e| StoreError::io(path, e))
+}
+
+impl Repository {
+    /// Creates a repository at `path` (a new or empty directory, made mode 0700).
+    pub fn init(path: &Path, opts: InitOptions) -> Result<RepoConfig> {
+        let io = |p: &Path, e| StoreError::io(p, e);
+        match fs::read_dir(path) {
+            Ok(mut entries) => {
+                if path.join("config").exists() {
+                    return Err(StoreError::InitRefused {
+                        path: path.to_owned(),
+                        reason: "it already holds an sbk repository".into(),
+                    });
+                }
+                if entries.next().is_some() {
+                    return Err(StoreError::InitRefused {
+                        path: path.to_owned(),
+                        reason: "the directory is not empty".into(),
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::DirBuilder::new().mode(0o700).create(path).map_err(|e| io(path, e))?;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                return Err(StoreError::InitRefused {
+                    path: path.to_owned(),
+                    reason: "it is a file, not a directory".into(),
+                })
+            }
+            Err(e) => return Err(io(path, e)),
+        }
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(|e| io(path, e))?;
+        let avg = opts.chunk_avg;
+        if !avg.is_power_of_two() || !(64 << 10..=4 << 20).contains(&avg) {
+            return Err(StoreError::InvalidParameter(format!(
+                "chunk size {avg} must be a power of two from 64 KiB to 4 MiB"
+            )));
+        }
+        let chunk_max = avg * 4;
+        let config = RepoConfig {
+            version: FORMAT_VERSION,
+            repo_id: random(path)?,
+            chunk_key: random(path)?,
+            chunk_min: avg / 4,
+            chunk_avg: avg,
+            chunk_max,
+            chunk_seed: u64::from_le_bytes(random(path)?),
+            zero_min: 64 << 10,
+            // Segments hold several maximal chunks, so the cut forced at each segment start
+            // costs little dedup; 16 MiB keeps the pipeline's buffers small.
+            segment_size: (16u64 << 20).max(4 * u64::from(chunk_max)),
+            pack_target: 32 << 20,
+            zstd_level: opts.zstd_level,
+            created: now_unix(),
+        };
+        config.validate().map_err(|e| StoreError::InvalidParameter(e.to_string()))?;
+        let mkdir = |p: PathBuf| fs::DirBuilder::new().mode(0o700).create(&p).map_err(|e| io(&p, e));
+        mkdir(path.join("packs"))?;
+        for i in 0..=255u8 {
+            mkdir(path.join("packs").join(to_hex(&[i])))?;
+        }
+        fsync_dir(&path.join("packs"))?;
+        mkdir(path.join("snapshots"))?;
+        Index::open(&path.join("index"))?.flush()?;
+        // The config is written last: its presence is what makes the directory a repository,
+        // so a crash during init leaves a directory that init can be told to use again.
+        write_atomic(&path.join("config"), &config.encode())?;
+        Ok(config)
+    }
+
+    /// Opens the repository at `path`. When the index directory is missing it is rebuilt from
+    /// the packs first (see [`Repository::rebuilt`]).
+    pub fn open(path: &Path) -> Result<Self> {
+        let config_path = path.join("config");
+        let bytes = match fs::read(&config_path) {
+            Ok(b) => b,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound) || e.raw_os_error() == Some(libc::ENOTDIR) => {
+                return Err(StoreError::NotARepository { path: path.to_owned() })
+            }
+            Err(e) => return Err(StoreError::io(&config_path, e)),
+        };
+        let config = RepoConfig::decode(&bytes).map_err(|source| StoreError::Corrupt {
+            path: config_path,
+            what: "config",
+            source,
+        })?;
+        let index_path = path.join("index");
+        let rebuild = !index_path.exists();
+        let index = Index::open(&index_path)?;
+        let mut repo = Repository {
+            path: path.to_owned(),
+            config,
+            index,
+            rebuilt: None,
+            open_packs: Mutex::new(HashMap::new()),
+        };
+        if rebuild {
+            repo.rebuilt = Some(repo.rebuild_index()?);
+        }
+        Ok(repo)
+    }
+
+    /// The report of the index rebuild done by [`Repository::open`], if one was needed.
+    pub fn rebuilt(&self) -> Option<&RebuildReport> {
+        self.rebuilt.as_ref()
+    }
+
+    /// Reads every pack trailer and indexes its blobs. Damaged packs are reported, not fatal.
+    pub fn rebuild_index(&self) -> Result<RebuildReport> {
+        let mut report = RebuildReport::default();
+        for (id, path) in self.list_packs()? {
+            match read_trailer(&path, id) {
+                Ok(entries) => {
+                    self.index.insert_pack(id, &entries)?;
+                    report.packs += 1;
+                    report.blobs += entries.len();
+                }
+                Err(e) => report.damaged.push((path, e.to_string())),
+            }
+        }
+        self.index.flush()?;
+        Ok(report)
+    }
+
+    /// Every sealed pack: (id, path). Temporary files of unfinished packs are skipped.
+    pub fn list_packs(&self) -> Result<Vec<(PackId, PathBuf)>> {
+        let mut out = Vec::new();
+        let packs = self.path.join("packs");
+        for i in 0..=255u8 {
+            let dir = packs.join(to_hex(&[i]));
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::io(&dir, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| StoreError::io(&dir, e))?;
+                if let Some(id) = entry.file_name().to_str().and_then(|n| n.parse::<PackId>().ok()) {
+                    out.push((id, entry.path()));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The repository directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The repository config.
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    /// The index.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// The id of a blob with these raw bytes: BLAKE3 keyed with the repository's key.
+    pub fn blob_id(&self, raw: &[u8]) -> ChunkId {
+        ChunkId(*blake3::keyed_hash(&self.config.chunk_key, raw).as_bytes())
+    }
+
+    /// Path of a pack.
+    pub fn pack_path(&self, id: PackId) -> PathBuf {
+        pack_path(&self.path, id)
+    }
+
+    /// Looks a blob up in the index, failing when it is not there.
+    pub fn locate(&self, id: &ChunkId) -> Result<IndexEntry> {
+        self.index.get(id)?.ok_or(StoreError::BlobMissing(*id))
+    }
+
+    /// An open handle on a pack, shared between threads (positioned reads need no seeking).
+    pub fn open_pack(&self, id: PackId) -> Result<Arc<File>> {
+        let mut open = self.open_packs.lock().expect("no thread panics holding this lock");
+        if let Some(f) = open.get(&id) {
+            return Ok(f.clone());
+        }
+        let path = self.pack_path(id);
+        let f = Arc::new(File::open(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::PackMissing { pack: id, path: path.clone() },
+            _ => StoreError::io(&path, e),
+        })?);
+        open.insert(id, f.clone());
+        Ok(f)
+    }
+
+    /// Decodes the stored bytes of a blob into `out` (exactly `raw_len` long) and checks that
+    /// they hash to the blob's id. Nothing unverified ever leaves this function.
+    pub fn decode_verified(&self, pack: PackId, entry: &PackEntry, stored: &[u8], out: &mut [u8]) -> Result<()> {
+        let corrupt = |detail: String| StoreError::BlobCorrupt { id: entry.id, pack, detail };
+        decode_blob_into(entry.compression, stored, out).map_err(|e| corrupt(e.to_string()))?;
+        let got = self.blob_id(out);
+        if got != entry.id {
+            return Err(corrupt(format!("contents hash to {got}")));
+        }
+        Ok(())
+    }
+
+    /// Reads, decompresses and verifies one blob of the expected kind.
+    pub fn read_blob(&self, id: &ChunkId, kind: BlobKind) -> Result<Vec<u8>> {
+        let IndexEntry { pack, entry } = self.locate(id)?;
+        if entry.kind != kind {
+            return Err(StoreError::BlobCorrupt {
+                id: *id,
+                pack,
+                detail: format!("is a {:?} blob, expected {kind:?}", entry.kind),
+            });
+        }
+        let file = self.open_pack(pack)?;
+        let (_, stored) = read_blob(&file, &self.pack_path(pack), &entry)?;
+        let mut out = vec![0u8; entry.raw_len as usize];
+        self.decode_verified(pack, &entry, &stored, &mut out)?;
+        Ok(out)
+    }
+
+    fn snapshot_path(&self, id: &SnapshotId) -> PathBuf {
+        self.path.join("snapshots").join(id.to_hex())
+    }
+
+    /// Writes a manifest atomically and returns its id. The caller must have made every blob it
+    /// refers to durable and indexed first (see docs/design.md, "write ordering").
+    pub fn write_manifest(&self, manifest: &Manifest) -> Result<SnapshotId> {
+        let bytes = manifest.encode();
+        let id = SnapshotId(*blake3::hash(&bytes).as_bytes());
+        write_atomic(&self.snapshot_path(&id), &bytes)?;
+        Ok(id)
+    }
+
+    /// Ids of every snapshot, sorted.
+    pub fn snapshot_ids(&self) -> Result<Vec<SnapshotId>> {
+        let dir = self.path.join("snapshots");
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| StoreError::io(&dir, e))? {
+            let entry = entry.map_err(|e| StoreError::io(&dir, e))?;
+            if let Some(id) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+                ids.push(id);
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Loads a manifest, checking that its bytes still hash to its id.
+    pub fn load_manifest(&self, id: &SnapshotId) -> Result<Manifest> {
+        let path = self.snapshot_path(id);
+        let bytes = fs::read(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::SnapshotNotFound(id.to_hex()),
+            _ => StoreError::io(&path, e),
+        })?;
+        let corrupt = |source| StoreError::Corrupt {
+            path: path.clone(),
+            what: "snapshot manifest",
+            source,
+        };
+        let got = blake3::hash(&bytes);
+        if got.as_bytes() != &id.0 {
+            return Err(corrupt(DecodeError::ChecksumMismatch {
+                got: got.to_hex().to_string(),
+                expected: id.to_hex(),
+            }));
+        }
+        Manifest::decode(&bytes).map_err(corrupt)
+    }
+
+    /// Every snapshot with its manifest (or the error that kept it from loading), oldest first.
+    pub fn snapshots(&self) -> Result<Vec<(SnapshotId, Result<Manifest>)>> {
+        let mut all: Vec<_> = self
+            .snapshot_ids()?
+            .into_iter()
+            .map(|id| (id, self.load_manifest(&id)))
+            .collect();
+        all.sort_by_key(|(id, m)| (m.as_ref().map(|m| m.time).unwrap_or(i64::MIN), *id));
+        Ok(all)
+    }
+
+    /// Resolves `latest`, a full id or a unique prefix of one.
+    pub fn resolve_snapshot(&self, spec: &str) -> Result<SnapshotId> {
+        if spec == "latest" {
+            return self
+                .snapshots()?
+                .into_iter()
+                .rev()
+                .find(|(_, m)| m.is_ok())
+                .map(|(id, _)| id)
+                .ok_or_else(|| StoreError::SnapshotNotFound(spec.to_owned()));
+        }
+        let spec_lc = spec.to_ascii_lowercase();
+        if spec_lc.is_empty() || !spec_lc.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::SnapshotNotFound(spec.to_owned()));
+        }
+        let matches: Vec<_> = self
+            .snapshot_ids()?
+            .into_iter()
+            .filter(|id| id.to_hex().starts_with(&spec_lc))
+            .collect();
+        match matches.len() {
+            0 => Err(StoreError::SnapshotNotFound(spec.to_owned())),
+            1 => Ok(matches[0]),
+            count => Err(StoreError::AmbiguousSnapshot {
+                prefix: spec.to_owned(),
+                count,
+            }),
+        }
+    }
+}
