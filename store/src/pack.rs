@@ -274,31 +274,55 @@ pub fn read_trailer(path: &Path, pack: PackId) -> Result<Vec<PackEntry>> {
 
 /// Reads the header and stored bytes of the blob at `entry` from an open pack file, and checks
 /// that the header agrees with what the caller expected.
-pub fn read_blob(file: &File, path: &Path, entry: &PackEntry) -> Result<(BlobHeader, Vec<u8>)> {
+pub fn read_blob(file: &File, path: &Path, entry: &PackEntry) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; BLOB_HEADER_LEN + entry.stored_len as usize];
+    read_range(file, path, entry.offset, &mut buf)?;
+    split_blob(&buf, entry, path)?;
+    buf.drain(..BLOB_HEADER_LEN);
+    Ok(buf)
+}
+
+/// Fills `buf` from `offset` of a pack; a pack that ends too early is reported as truncated.
+pub fn read_range(file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
+    file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            StoreError::Corrupt {
+                path: path.to_owned(),
+                what: "pack",
+                source: DecodeError::Truncated {
+                    needed: (offset + buf.len() as u64) as usize,
+                    available: file.metadata().map(|m| m.len() as usize).unwrap_or(0),
+                },
+            }
+        } else {
+            StoreError::io(path, e)
+        }
+    })
+}
+
+/// Checks the header at the start of `bytes` (a blob read from a pack) against `entry` and
+/// returns the stored bytes that follow it.
+pub fn split_blob<'a>(bytes: &'a [u8], entry: &PackEntry, path: &Path) -> Result<&'a [u8]> {
     let corrupt = |source| StoreError::Corrupt {
         path: path.to_owned(),
         what: "blob header",
         source,
     };
-    let mut buf = vec![0u8; BLOB_HEADER_LEN + entry.stored_len as usize];
-    file.read_exact_at(&mut buf, entry.offset).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            corrupt(DecodeError::Truncated {
-                needed: entry.end() as usize,
-                available: file.metadata().map(|m| m.len() as usize).unwrap_or(0),
-            })
-        } else {
-            StoreError::io(path, e)
-        }
-    })?;
-    let header = BlobHeader::decode(&buf[..BLOB_HEADER_LEN]).map_err(corrupt)?;
-    if header.id != entry.id || header.stored_len != entry.stored_len || header.raw_len != entry.raw_len
+    let header = BlobHeader::decode(bytes).map_err(corrupt)?;
+    if header.id != entry.id
+        || header.stored_len != entry.stored_len
+        || header.raw_len != entry.raw_len
         || header.compression != entry.compression
+        || header.kind != entry.kind
     {
-        return Err(corrupt(invalid("blob header", format!("at offset {} holds blob {}, expected {}", entry.offset, header.id, entry.id))));
+        return Err(corrupt(invalid(
+            "blob header",
+            format!("at offset {} describes blob {}, expected {}", entry.offset, header.id, entry.id),
+        )));
     }
-    buf.drain(..BLOB_HEADER_LEN);
-    Ok((header, buf))
+    bytes
+        .get(BLOB_HEADER_LEN..BLOB_HEADER_LEN + entry.stored_len as usize)
+        .ok_or_else(|| corrupt(DecodeError::Truncated { needed: BLOB_HEADER_LEN + entry.stored_len as usize, available: bytes.len() }))
 }
 
 #[cfg(test)]
@@ -322,9 +346,7 @@ mod tests {
         assert_eq!(read_trailer(&path, id).unwrap(), entries);
         let file = File::open(&path).unwrap();
         for (e, b) in entries.iter().zip(&blobs) {
-            let (h, data) = read_blob(&file, &path, e).unwrap();
-            assert_eq!(h, b.header);
-            assert_eq!(data, b.data);
+            assert_eq!(read_blob(&file, &path, e).unwrap(), b.data);
         }
         // A pack opened under another id is refused.
         assert!(read_trailer(&path, PackId([9; 16])).is_err());

@@ -19,7 +19,7 @@ use crate::config::{RepoConfig, FORMAT_VERSION};
 use crate::error::{DecodeError, Result, StoreError};
 use crate::id::{to_hex, ChunkId, PackId, SnapshotId};
 use crate::index::{Index, IndexEntry};
-use crate::manifest::Manifest;
+use crate::manifest::{decode_tree, Extent, Manifest};
 use crate::pack::{pack_path, read_blob, read_trailer, PackEntry};
 
 /// What `init` may choose; everything else is derived or random.
@@ -296,6 +296,11 @@ impl Repository {
 
     /// Reads, decompresses and verifies one blob of the expected kind.
     pub fn read_blob(&self, id: &ChunkId, kind: BlobKind) -> Result<Vec<u8>> {
+        self.read_blob_in(id, kind).map(|(_, raw)| raw)
+    }
+
+    /// [`Repository::read_blob`], also naming the pack it came from.
+    fn read_blob_in(&self, id: &ChunkId, kind: BlobKind) -> Result<(PackId, Vec<u8>)> {
         let IndexEntry { pack, entry } = self.locate(id)?;
         if entry.kind != kind {
             return Err(StoreError::BlobCorrupt {
@@ -305,10 +310,20 @@ impl Repository {
             });
         }
         let file = self.open_pack(pack)?;
-        let (_, stored) = read_blob(&file, &self.pack_path(pack), &entry)?;
+        let stored = read_blob(&file, &self.pack_path(pack), &entry)?;
         let mut out = vec![0u8; entry.raw_len as usize];
         self.decode_verified(pack, &entry, &stored, &mut out)?;
-        Ok(out)
+        Ok((pack, out))
+    }
+
+    /// Reads a segment tree and decodes its extents, which must cover `segment_len` bytes.
+    pub fn load_tree(&self, id: &ChunkId, segment_len: u64) -> Result<Vec<Extent>> {
+        let (pack, raw) = self.read_blob_in(id, BlobKind::Tree)?;
+        decode_tree(&raw, segment_len).map_err(|e| StoreError::BlobCorrupt {
+            id: *id,
+            pack,
+            detail: format!("segment tree does not decode: {e}"),
+        })
     }
 
     fn snapshot_path(&self, id: &SnapshotId) -> PathBuf {

@@ -1,0 +1,106 @@
+//! Errors of the engine.
+//!
+//! Policy: [`EngineError`] wraps the store's typed errors unchanged and adds the engine's own,
+//! each naming the source or target path (and the offset, for read errors) it concerns.
+
+use std::io;
+use std::path::PathBuf;
+
+use sbk_store::StoreError;
+
+/// Errors of backup and restore.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The repository failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The source is not something sbk backs up (a directory, a character device…).
+    #[error("{path}: cannot back up: {reason}")]
+    SourceUnusable {
+        /// The source path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The source could not be opened or inspected.
+    #[error("{path}: {source}")]
+    SourceOpen {
+        /// The source path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Reading the source failed.
+    #[error("{path}: read error at offset {offset}: {source}")]
+    SourceRead {
+        /// The source path.
+        path: PathBuf,
+        /// Where the read started.
+        offset: u64,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The source changed size while it was read.
+    #[error("{path}: the source shrank while it was read (expected {expected} bytes, it ends at {found})")]
+    SourceShrank {
+        /// The source path.
+        path: PathBuf,
+        /// Size at the start of the backup.
+        expected: u64,
+        /// Where it ended.
+        found: u64,
+    },
+    /// The worker thread pool could not be started.
+    #[error("cannot start worker threads: {0}")]
+    ThreadPool(String),
+    /// The repository's chunker parameters are out of range.
+    #[error("repository chunker parameters: {0}")]
+    ChunkerParams(String),
+    /// The restore target exists and holds data.
+    #[error("{path}: target exists and is not empty (use --force to overwrite it)")]
+    TargetExists {
+        /// The target path.
+        path: PathBuf,
+    },
+    /// The restore target device is smaller than the snapshot.
+    #[error("{path}: target holds {size} bytes, the snapshot needs {needed}")]
+    TargetTooSmall {
+        /// The target path.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The snapshot's size.
+        needed: u64,
+    },
+    /// The restore target is not a file or block device.
+    #[error("{path}: cannot restore to it: {reason}")]
+    TargetUnusable {
+        /// The target path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Writing the restore target failed.
+    #[error("{path}: {source}")]
+    Target {
+        /// The target path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+impl EngineError {
+    /// True when the error is a full filesystem in the repository or the target.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            EngineError::Store(e) => e.is_no_space(),
+            EngineError::Target { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
+            _ => false,
+        }
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

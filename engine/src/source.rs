@@ -1,0 +1,258 @@
+//! Sources: block devices and disk-image files, read through O_DIRECT by data extents.
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{EngineError, Result};
+use crate::sys;
+
+/// Alignment of O_DIRECT reads and of their buffers: the page size, which is a multiple of the
+/// logical block size of every device sbk accepts for direct reads.
+pub const ALIGN: u64 = 4096;
+
+/// Rounds `x` down to [`ALIGN`].
+pub fn align_down(x: u64) -> u64 {
+    x & !(ALIGN - 1)
+}
+
+/// Rounds `x` up to [`ALIGN`].
+pub fn align_up(x: u64) -> u64 {
+    align_down(x + ALIGN - 1)
+}
+
+/// What kind of thing a source is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// A regular file holding a disk image (possibly sparse).
+    File,
+    /// A block device.
+    BlockDevice,
+}
+
+/// An open source, read by positioned reads (so a shared reference could read in parallel).
+pub struct Source {
+    file: File,
+    path: PathBuf,
+    kind: SourceKind,
+    size: u64,
+    /// Why O_DIRECT is not in use, when it is not.
+    fallback: Option<String>,
+}
+
+fn open_file(path: &Path, direct: bool) -> io::Result<File> {
+    let mut o = File::options();
+    o.read(true);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.open(path)
+}
+
+impl Source {
+    /// Opens a block device or regular file for reading, with O_DIRECT when the filesystem and
+    /// device allow it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let open_err = |source| EngineError::SourceOpen { path: path.to_owned(), source };
+        let meta = std::fs::metadata(path).map_err(open_err)?;
+        let ft = meta.file_type();
+        let kind = if ft.is_file() {
+            SourceKind::File
+        } else if ft.is_block_device() {
+            SourceKind::BlockDevice
+        } else {
+            let what = if ft.is_dir() {
+                "it is a directory"
+            } else if ft.is_char_device() {
+                "it is a character device"
+            } else {
+                "it is not a regular file or block device"
+            };
+            return Err(EngineError::SourceUnusable { path: path.to_owned(), reason: format!("{what}; sbk backs up block devices and disk-image files") });
+        };
+        let (file, mut fallback) = match open_file(path, true) {
+            Ok(f) => (f, None),
+            // EINVAL: the filesystem does not support O_DIRECT (ramfs, some FUSE filesystems).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                (open_file(path, false).map_err(open_err)?, Some(format!("O_DIRECT refused at open ({e})")))
+            }
+            Err(e) => return Err(open_err(e)),
+        };
+        let size = match kind {
+            SourceKind::File => meta.len(),
+            SourceKind::BlockDevice => sys::block_device_size(&file).map_err(open_err)?,
+        };
+        if kind == SourceKind::BlockDevice && fallback.is_none() {
+            let lbs = sys::logical_block_size(&file).map_err(open_err)?;
+            if u64::from(lbs) > ALIGN || ALIGN % u64::from(lbs.max(1)) != 0 {
+                fallback = Some(format!("logical block size {lbs} does not divide {ALIGN}"));
+            }
+        }
+        let mut source = Source { file, path: path.to_owned(), kind, size, fallback: None };
+        if let Some(reason) = fallback {
+            source.use_buffered(reason)?;
+        }
+        Ok(source)
+    }
+
+    fn use_buffered(&mut self, reason: String) -> Result<()> {
+        self.file = open_file(&self.path, false).map_err(|source| EngineError::SourceOpen { path: self.path.clone(), source })?;
+        self.fallback = Some(reason);
+        Ok(())
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// File or block device.
+    pub fn kind(&self) -> SourceKind {
+        self.kind
+    }
+
+    /// The path it was opened by.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Why reads are buffered instead of O_DIRECT, if they are.
+    pub fn fallback(&self) -> Option<&str> {
+        self.fallback.as_deref()
+    }
+
+    /// The data extents of `range` (holes excluded), clipped to it. A block device is all data.
+    pub fn data_ranges(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
+        if self.kind == SourceKind::BlockDevice {
+            return Ok(vec![range]);
+        }
+        let err = |source| EngineError::SourceRead { path: self.path.clone(), offset: range.start, source };
+        let mut out = Vec::new();
+        let mut pos = range.start;
+        while pos < range.end {
+            let Some(data) = sys::seek_data(&self.file, pos).map_err(err)? else { break };
+            if data >= range.end {
+                break;
+            }
+            let hole = sys::seek_hole(&self.file, data).map_err(err)?.unwrap_or(range.end);
+            out.push(data..hole.min(range.end));
+            pos = hole;
+        }
+        Ok(out)
+    }
+
+    /// Fills `buf` from `offset`, which must be [`ALIGN`]ed, as must `buf`'s address; `buf`'s
+    /// length is a multiple of [`ALIGN`] except that a read may end at the end of the source.
+    /// Returns the bytes read (short only at the end of the source). Falls back to buffered
+    /// reads, once, when the kernel refuses O_DIRECT on the first read.
+    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && self.fallback.is_none() => {
+                    self.use_buffered(format!("O_DIRECT read refused ({e})"))?;
+                }
+                Err(source) => {
+                    return Err(EngineError::SourceRead { path: self.path.clone(), offset: offset + done as u64, source })
+                }
+            }
+        }
+        if self.fallback.is_some() {
+            sys::drop_cache(&self.file, offset, done as u64);
+        }
+        let expected = (self.size.saturating_sub(offset)).min(buf.len() as u64);
+        if (done as u64) < expected {
+            return Err(EngineError::SourceShrank { path: self.path.clone(), expected: self.size, found: offset + done as u64 });
+        }
+        Ok(done)
+    }
+
+    /// Reads the segment `range` into `buf` (at least `range` long rounded up to [`ALIGN`], and
+    /// aligned): data extents are read, holes between them are zeroed. Returns the bytes read
+    /// from the source, or `None` when the whole segment is a hole and `buf` was not touched.
+    pub fn read_segment(&mut self, range: Range<u64>, buf: &mut [u8]) -> Result<Option<u64>> {
+        let extents = self.data_ranges(range.clone())?;
+        if extents.is_empty() {
+            return Ok(None);
+        }
+        let len = (range.end - range.start) as usize;
+        let mut filled = 0usize; // buf[..filled] is final
+        let mut read = 0u64;
+        for ext in extents {
+            let start = align_down(ext.start - range.start) as usize;
+            let end = (align_up(ext.end - range.start) as usize).min(buf.len());
+            if start < filled {
+                // Two extents met inside one aligned block: it was read with the first.
+                if end <= filled {
+                    continue;
+                }
+            }
+            let start = start.max(filled);
+            buf[filled..start].fill(0);
+            let n = self.read_at(&mut buf[start..end], range.start + start as u64)?;
+            read += n as u64;
+            filled = start + n;
+            if n < end - start {
+                break; // end of the source
+            }
+        }
+        if filled < len {
+            buf[filled..len].fill(0);
+        }
+        Ok(Some(read))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn sparse_file_is_read_by_extents() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let mut f = File::create(&path).unwrap();
+        f.set_len(10 << 20).unwrap();
+        f.write_all_at(&[7u8; 5000], 3 << 20).unwrap();
+        f.write_all_at(&[9u8; 100], (10 << 20) - 100).unwrap();
+        f.flush().unwrap();
+        drop(f);
+        let mut s = Source::open(&path).unwrap();
+        assert_eq!(s.size(), 10 << 20);
+        let ranges = s.data_ranges(0..10 << 20).unwrap();
+        assert!(ranges.len() >= 2, "{ranges:?}");
+        assert!(ranges.iter().map(|r| r.end - r.start).sum::<u64>() < 1 << 20, "holes are not data: {ranges:?}");
+        let mut buf = memmap2::MmapMut::map_anon(10 << 20).unwrap();
+        buf.fill(0xee);
+        let read = s.read_segment(0..10 << 20, &mut buf).unwrap().unwrap();
+        assert!(read < 1 << 20);
+        let expected = std::fs::read(&path).unwrap();
+        assert!(buf[..] == expected[..]);
+        // A range inside a hole reads nothing.
+        assert_eq!(s.read_segment(0..1 << 20, &mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn unaligned_size_reads_to_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let data: Vec<u8> = (0..12_345u32).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(&path, &data).unwrap();
+        let mut s = Source::open(&path).unwrap();
+        let mut buf = memmap2::MmapMut::map_anon(16384).unwrap();
+        assert_eq!(s.read_segment(0..12_345, &mut buf).unwrap(), Some(12_345));
+        assert!(buf[..12_345] == data[..]);
+    }
+
+    #[test]
+    fn directories_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(Source::open(dir.path()), Err(EngineError::SourceUnusable { .. })));
+    }
+}
