@@ -71,7 +71,11 @@ impl ChunkerParams {
     /// typed error instead of a panic deep inside the chunker.
     pub fn validate(&self) -> Result<(), ParamsError> {
         let ChunkerParams {
-            min, avg, max, zero_min, ..
+            min,
+            avg,
+            max,
+            zero_min,
+            ..
         } = *self;
         if !avg.is_power_of_two() || !(MIN_AVERAGE..=MAX_AVERAGE).contains(&avg) {
             return Err(ParamsError(format!(
@@ -80,11 +84,15 @@ impl ChunkerParams {
         }
         if !(fastcdc::v2020::MINIMUM_MIN..=fastcdc::v2020::MINIMUM_MAX).contains(&min) || min > avg
         {
-            return Err(ParamsError(format!("minimum chunk size {min} is out of range")));
+            return Err(ParamsError(format!(
+                "minimum chunk size {min} is out of range"
+            )));
         }
         if !(fastcdc::v2020::MAXIMUM_MIN..=fastcdc::v2020::MAXIMUM_MAX).contains(&max) || max < avg
         {
-            return Err(ParamsError(format!("maximum chunk size {max} is out of range")));
+            return Err(ParamsError(format!(
+                "maximum chunk size {max} is out of range"
+            )));
         }
         if zero_min == 0 || zero_min as usize % ZERO_BLOCK != 0 {
             return Err(ParamsError(format!(
@@ -156,7 +164,8 @@ pub fn split_segment(data: &[u8], params: &ChunkerParams) -> Vec<Span> {
             pos += ZERO_BLOCK;
         }
         let run_end = pos.min(data.len());
-        if run_end - run_start >= params.zero_min as usize || (run_start == 0 && run_end == data.len())
+        if run_end - run_start >= params.zero_min as usize
+            || (run_start == 0 && run_end == data.len())
         {
             chunk_data(data, data_start..run_start, params, &mut spans);
             spans.push(Span::Zero {

@@ -1,1 +1,78 @@
-fn main() {}
+//! `sbk`: deduplicating backup of block devices and disk images.
+//!
+//! The binary is glue: it parses arguments (clap), renders progress and results, and maps errors
+//! to the documented exit codes (see `exit.rs` and the README).
+
+mod commands;
+mod exit;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// sbk: deduplicating disk-to-disk backup of block devices and disk images.
+///
+/// sbk reads a block device or disk-image file through O_DIRECT (holes and zero runs skipped),
+/// cuts it into content-defined chunks, and stores each distinct chunk once, compressed, in a
+/// repository directory. Start with `sbk init --repo DIR`, then `sbk backup --repo DIR /dev/sdX`.
+#[derive(Parser, Debug)]
+#[command(name = "sbk", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// Repository directory.
+    #[arg(long, short = 'r', global = true, env = "SBK_REPO", value_name = "DIR")]
+    repo: Option<PathBuf>,
+
+    /// Print results as JSON on stdout (for scripts); no progress bars.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// Print nothing but errors.
+    #[arg(long, short = 'q', global = true)]
+    quiet: bool,
+
+    /// Worker threads [default: the number of CPUs].
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    Init(commands::init::Args),
+    Backup(commands::backup::Args),
+    Snapshots(commands::snapshots::Args),
+    Restore(commands::restore::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let out = output::Output::new(cli.json, cli.quiet);
+    let threads = cli.threads.map(usize::from).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let ctx = commands::Context {
+        repo: cli.repo,
+        threads,
+        out,
+    };
+    let result = match cli.command {
+        Command::Init(a) => commands::init::run(&ctx, a),
+        Command::Backup(a) => commands::backup::run(&ctx, a),
+        Command::Snapshots(a) => commands::snapshots::run(&ctx, a),
+        Command::Restore(a) => commands::restore::run(&ctx, a),
+    };
+    match result {
+        Ok(code) => code.into(),
+        Err(e) => {
+            let code = exit::classify(&e);
+            ctx.out.error(&e, code);
+            code.into()
+        }
+    }
+}

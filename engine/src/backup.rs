@@ -20,7 +20,10 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use memmap2::MmapMut;
 use rayon::iter::{ParallelBridge, ParallelIterator};
 use sbk_chunker::{split_segment, ChunkerParams, Span};
-use sbk_store::{encode_blob, encode_tree, BackupFigures, BlobKind, ChunkId, EncodedBlob, Extent, Manifest, PackWriter, Repository, SnapshotId, StoreError, BLOB_HEADER_LEN};
+use sbk_store::{
+    encode_blob, encode_tree, BackupFigures, BlobKind, ChunkId, EncodedBlob, Extent, Manifest,
+    PackWriter, Repository, SnapshotId, StoreError, BLOB_HEADER_LEN,
+};
 
 use crate::error::{EngineError, Result};
 use crate::progress::Progress;
@@ -51,8 +54,15 @@ pub struct BackupOutcome {
 /// The chunker parameters a repository fixes, checked.
 pub fn chunker_params(repo: &Repository) -> Result<ChunkerParams> {
     let c = repo.config();
-    let p = ChunkerParams { min: c.chunk_min, avg: c.chunk_avg, max: c.chunk_max, seed: c.chunk_seed, zero_min: c.zero_min };
-    p.validate().map_err(|e| EngineError::ChunkerParams(e.to_string()))?;
+    let p = ChunkerParams {
+        min: c.chunk_min,
+        avg: c.chunk_avg,
+        max: c.chunk_max,
+        seed: c.chunk_seed,
+        zero_min: c.zero_min,
+    };
+    p.validate()
+        .map_err(|e| EngineError::ChunkerParams(e.to_string()))?;
     Ok(p)
 }
 
@@ -75,7 +85,10 @@ impl Session<'_> {
     /// Appends blobs to the open pack, sealing it when it reaches the target size. Returns the
     /// bytes written (blobs another source already wrote are skipped).
     fn store(&self, blobs: &[EncodedBlob]) -> Result<u64> {
-        let mut packer = self.packer.lock().expect("no thread panics holding the packer");
+        let mut packer = self
+            .packer
+            .lock()
+            .expect("no thread panics holding the packer");
         let mut written = 0;
         for blob in blobs {
             if !packer.written.insert(blob.header.id) {
@@ -106,7 +119,10 @@ impl Session<'_> {
     /// Seals the open pack and flushes the index: afterwards every blob stored so far is durable
     /// and indexed, and a manifest may refer to it.
     fn seal(&self) -> Result<()> {
-        let mut packer = self.packer.lock().expect("no thread panics holding the packer");
+        let mut packer = self
+            .packer
+            .lock()
+            .expect("no thread panics holding the packer");
         self.seal_current(&mut packer)?;
         self.repo.index().flush()?;
         Ok(())
@@ -116,7 +132,13 @@ impl Session<'_> {
     fn close(self) -> Result<()> {
         let result = self.seal();
         if result.is_err() {
-            if let Some(pack) = self.packer.into_inner().expect("no thread panics holding the packer").current.take() {
+            if let Some(pack) = self
+                .packer
+                .into_inner()
+                .expect("no thread panics holding the packer")
+                .current
+                .take()
+            {
                 pack.abandon();
             }
         }
@@ -127,13 +149,26 @@ impl Session<'_> {
 /// Backs up each source into its own snapshot, the sources in parallel. Returns one result per
 /// source, in order: some may fail while others succeed. The outer error is a failure to set up
 /// at all (bad chunker parameters, no threads).
-pub fn backup(repo: &Repository, sources: &[PathBuf], opts: &BackupOptions, progress: &dyn Progress) -> Result<Vec<Result<BackupOutcome>>> {
+pub fn backup(
+    repo: &Repository,
+    sources: &[PathBuf],
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<Vec<Result<BackupOutcome>>> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.max(1))
         .thread_name(|i| format!("sbk-backup-{i}"))
         .build()
         .map_err(|e| EngineError::ThreadPool(e.to_string()))?;
-    let session = Session { repo, params: chunker_params(repo)?, pool, packer: Mutex::new(Packer { current: None, written: HashSet::new() }) };
+    let session = Session {
+        repo,
+        params: chunker_params(repo)?,
+        pool,
+        packer: Mutex::new(Packer {
+            current: None,
+            written: HashSet::new(),
+        }),
+    };
     let results = std::thread::scope(|s| {
         let handles: Vec<_> = sources
             .iter()
@@ -143,12 +178,17 @@ pub fn backup(repo: &Repository, sources: &[PathBuf], opts: &BackupOptions, prog
                 s.spawn(move || backup_one(session, task, path, opts, progress))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("backup threads do not panic")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("backup threads do not panic"))
+            .collect()
     });
     if let Err(e) = session.close() {
         // Every snapshot written sealed its own blobs first; what is lost here is data that no
         // snapshot refers to, which the next backup writes again.
-        progress.notice(&format!("sealing the last pack failed: {e}; no snapshot depends on it"));
+        progress.notice(&format!(
+            "sealing the last pack failed: {e}; no snapshot depends on it"
+        ));
     }
     Ok(results)
 }
@@ -170,18 +210,32 @@ struct ChunkedSegment {
     figures: BackupFigures,
 }
 
-fn backup_one(session: &Session<'_>, task: usize, path: &Path, opts: &BackupOptions, progress: &dyn Progress) -> Result<BackupOutcome> {
+fn backup_one(
+    session: &Session<'_>,
+    task: usize,
+    path: &Path,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupOutcome> {
     let started = Instant::now();
-    let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     let repo = session.repo;
     let mut source = Source::open(path)?;
-    let label = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()).to_string_lossy().into_owned();
+    let label = std::fs::canonicalize(path)
+        .unwrap_or_else(|_| path.to_owned())
+        .to_string_lossy()
+        .into_owned();
     let size = source.size();
     let seg_size = repo.config().segment_size;
     let segments = size.div_ceil(seg_size);
     progress.start(task, &label, size);
     if let Some(why) = source.fallback() {
-        progress.notice(&format!("{label}: reading without O_DIRECT: {why}; buffered reads with posix_fadvise(DONTNEED)"));
+        progress.notice(&format!(
+            "{label}: reading without O_DIRECT: {why}; buffered reads with posix_fadvise(DONTNEED)"
+        ));
     }
 
     // A segment queued and one being chunked per worker, plus the one being read: enough to keep
@@ -196,20 +250,33 @@ fn backup_one(session: &Session<'_>, task: usize, path: &Path, opts: &BackupOpti
 
     let result = std::thread::scope(|s| {
         let cancel = &cancel;
-        let reader = s.spawn(move || read_segments(&mut source, seg_size, segments, buffers, &buf_rx, &seg_tx, cancel));
+        let reader = s.spawn(move || {
+            read_segments(
+                &mut source,
+                seg_size,
+                segments,
+                buffers,
+                &buf_rx,
+                &seg_tx,
+                cancel,
+            )
+        });
         let claimed = &claimed;
         s.spawn(move || {
             session.pool.install(|| {
-                seg_rx.into_iter().par_bridge().for_each_with(out_tx, |out, seg| {
-                    let chunked = seg.and_then(|mut seg| {
-                        let r = chunk_segment(session, claimed, &seg);
-                        if let Some(buf) = seg.buf.take() {
-                            let _ = buf_tx.send(buf);
-                        }
-                        r
-                    });
-                    let _ = out.send(chunked);
-                })
+                seg_rx
+                    .into_iter()
+                    .par_bridge()
+                    .for_each_with(out_tx, |out, seg| {
+                        let chunked = seg.and_then(|mut seg| {
+                            let r = chunk_segment(session, claimed, &seg);
+                            if let Some(buf) = seg.buf.take() {
+                                let _ = buf_tx.send(buf);
+                            }
+                            r
+                        });
+                        let _ = out.send(chunked);
+                    })
             })
         });
         let written = write_segments(session, task, &out_rx, segments, progress, cancel);
@@ -225,10 +292,16 @@ fn backup_one(session: &Session<'_>, task: usize, path: &Path, opts: &BackupOpti
     if trees.len() as u64 != segments {
         // Cannot happen: the reader stops early only with an error, which reached the writer.
         // But a manifest that does not cover its source must never be written.
-        return Err(EngineError::SourceShrank { path: path.to_owned(), expected: size, found: trees.len() as u64 * seg_size });
+        return Err(EngineError::SourceShrank {
+            path: path.to_owned(),
+            expected: size,
+            found: trees.len() as u64 * seg_size,
+        });
     }
     if let Some(why) = &fallback {
-        progress.notice(&format!("{label}: reading without O_DIRECT: {why}; buffered reads with posix_fadvise(DONTNEED)"));
+        progress.notice(&format!(
+            "{label}: reading without O_DIRECT: {why}; buffered reads with posix_fadvise(DONTNEED)"
+        ));
     }
 
     // Ordering: every blob durable and indexed, then the manifest that refers to them.
@@ -247,16 +320,27 @@ fn backup_one(session: &Session<'_>, task: usize, path: &Path, opts: &BackupOpti
         trees,
     };
     let snapshot = repo.write_manifest(&manifest)?;
-    Ok(BackupOutcome { snapshot, manifest, fallback })
+    Ok(BackupOutcome {
+        snapshot,
+        manifest,
+        fallback,
+    })
 }
 
 /// The newest snapshot of `host` and `source`, the parent of the next one.
-fn latest_of(repo: &Repository, host: &str, source: &str) -> Result<Option<SnapshotId>, StoreError> {
+fn latest_of(
+    repo: &Repository,
+    host: &str,
+    source: &str,
+) -> Result<Option<SnapshotId>, StoreError> {
     Ok(repo
         .snapshots()?
         .into_iter()
         .rev()
-        .find(|(_, m)| m.as_ref().is_ok_and(|m| m.host == host && m.source == source))
+        .find(|(_, m)| {
+            m.as_ref()
+                .is_ok_and(|m| m.host == host && m.source == source)
+        })
         .map(|(id, _)| id))
 }
 
@@ -273,20 +357,25 @@ fn read_segments(
 ) -> Option<String> {
     let had_fallback = source.fallback().is_some();
     let mut allocated = 0;
+    let mut spare = None; // a buffer left unused by a segment that was all hole
     for index in 0..segments {
         if cancel.load(Ordering::Relaxed) {
             break;
         }
         let start = index * seg_size;
         let len = (source.size() - start).min(seg_size);
-        let mut buf = match returned.try_recv() {
+        let buf = match spare.take().map(Ok).unwrap_or_else(|| returned.try_recv()) {
             Ok(b) => b,
             Err(_) if allocated < pool_size => {
                 allocated += 1;
                 match MmapMut::map_anon(align_up(seg_size) as usize) {
                     Ok(b) => b,
                     Err(e) => {
-                        let _ = out.send(Err(EngineError::SourceRead { path: source.path().to_owned(), offset: start, source: e }));
+                        let _ = out.send(Err(EngineError::SourceRead {
+                            path: source.path().to_owned(),
+                            offset: start,
+                            source: e,
+                        }));
                         break;
                     }
                 }
@@ -296,27 +385,59 @@ fn read_segments(
                 Err(_) => break,
             },
         };
-        let seg = source.read_segment(start..start + len, &mut buf).map(|read| Segment {
-            index,
-            len: len as usize,
-            read: read.unwrap_or(0),
-            buf: read.map(|_| buf),
-        });
+        let mut buf = buf;
+        let seg = match source.read_segment(start..start + len, &mut buf) {
+            Ok(Some(read)) => Ok(Segment {
+                index,
+                len: len as usize,
+                read,
+                buf: Some(buf),
+            }),
+            Ok(None) => {
+                spare = Some(buf);
+                Ok(Segment {
+                    index,
+                    len: len as usize,
+                    read: 0,
+                    buf: None,
+                })
+            }
+            Err(e) => Err(e),
+        };
         let failed = seg.is_err();
         if out.send(seg).is_err() || failed {
             break;
         }
     }
-    if had_fallback { None } else { source.fallback().map(str::to_owned) }
+    if had_fallback {
+        None
+    } else {
+        source.fallback().map(str::to_owned)
+    }
 }
 
 /// A worker: zero runs and FastCDC chunks, ids, dedup, compression of new blobs.
-fn chunk_segment(session: &Session<'_>, claimed: &Mutex<HashSet<ChunkId>>, seg: &Segment) -> Result<ChunkedSegment> {
+fn chunk_segment(
+    session: &Session<'_>,
+    claimed: &Mutex<HashSet<ChunkId>>,
+    seg: &Segment,
+) -> Result<ChunkedSegment> {
     let repo = session.repo;
-    let mut figures = BackupFigures { bytes_read: seg.read, ..Default::default() };
+    let mut figures = BackupFigures {
+        bytes_read: seg.read,
+        ..Default::default()
+    };
     let Some(buf) = &seg.buf else {
         figures.bytes_zero = seg.len as u64;
-        return Ok(ChunkedSegment { index: seg.index, len: seg.len, extents: vec![Extent::Zero { len: seg.len as u32 }], blobs: Vec::new(), figures });
+        return Ok(ChunkedSegment {
+            index: seg.index,
+            len: seg.len,
+            extents: vec![Extent::Zero {
+                len: seg.len as u32,
+            }],
+            blobs: Vec::new(),
+            figures,
+        });
     };
     let data = &buf[..seg.len];
     let spans = split_segment(data, &session.params);
@@ -332,8 +453,16 @@ fn chunk_segment(session: &Session<'_>, claimed: &Mutex<HashSet<ChunkId>>, seg: 
                 let bytes = &data[offset..offset + len];
                 let id = repo.blob_id(bytes);
                 figures.chunks += 1;
-                extents.push(Extent::Data { id, len: len as u32 });
-                if !repo.index().contains(&id)? && claimed.lock().expect("no thread panics holding this lock").insert(id) {
+                extents.push(Extent::Data {
+                    id,
+                    len: len as u32,
+                });
+                if !repo.index().contains(&id)?
+                    && claimed
+                        .lock()
+                        .expect("no thread panics holding this lock")
+                        .insert(id)
+                {
                     let blob = encode_blob(id, BlobKind::Data, bytes, repo.config().zstd_level)
                         .map_err(|e| EngineError::Store(StoreError::io(repo.path(), e)))?;
                     figures.new_chunks += 1;
@@ -343,7 +472,13 @@ fn chunk_segment(session: &Session<'_>, claimed: &Mutex<HashSet<ChunkId>>, seg: 
             }
         }
     }
-    Ok(ChunkedSegment { index: seg.index, len: seg.len, extents, blobs, figures })
+    Ok(ChunkedSegment {
+        index: seg.index,
+        len: seg.len,
+        extents,
+        blobs,
+        figures,
+    })
 }
 
 /// The writer: stores new blobs, and turns segments, in order, into tree blobs.
@@ -375,7 +510,8 @@ fn write_segments(
             let raw = encode_tree(&extents);
             let id = repo.blob_id(&raw);
             if !repo.index().contains(&id)? && tree_ids.insert(id) {
-                let blob = encode_blob(id, BlobKind::Tree, &raw, repo.config().zstd_level).map_err(|e| StoreError::io(repo.path(), e))?;
+                let blob = encode_blob(id, BlobKind::Tree, &raw, repo.config().zstd_level)
+                    .map_err(|e| StoreError::io(repo.path(), e))?;
                 figures.new_stored += session.store(std::slice::from_ref(&blob))?;
             }
             trees.push(id);

@@ -16,7 +16,10 @@ use std::time::Instant;
 
 use memmap2::MmapMut;
 use rayon::prelude::*;
-use sbk_store::{read_range, split_blob, BlobKind, Extent, Manifest, PackEntry, PackId, Repository, SnapshotId, StoreError};
+use sbk_store::{
+    read_range, split_blob, BlobKind, Extent, Manifest, PackEntry, PackId, Repository, SnapshotId,
+    StoreError,
+};
 
 use crate::error::{EngineError, Result};
 use crate::progress::Progress;
@@ -69,7 +72,10 @@ pub fn load_extents(repo: &Repository, manifest: &Manifest) -> Result<Vec<(u64, 
         .trees
         .par_iter()
         .enumerate()
-        .map(|(i, id)| repo.load_tree(id, manifest.segment_len(i)).map_err(EngineError::from))
+        .map(|(i, id)| {
+            repo.load_tree(id, manifest.segment_len(i))
+                .map_err(EngineError::from)
+        })
         .collect::<Result<_>>()?;
     let mut out = Vec::with_capacity(trees.iter().map(Vec::len).sum());
     let mut offset = 0u64;
@@ -81,7 +87,13 @@ pub fn load_extents(repo: &Repository, manifest: &Manifest) -> Result<Vec<(u64, 
 }
 
 /// Restores snapshot `id` to `target`.
-pub fn restore(repo: &Repository, id: &SnapshotId, target: &RestoreTarget, opts: &RestoreOptions, progress: &dyn Progress) -> Result<RestoreStats> {
+pub fn restore(
+    repo: &Repository,
+    id: &SnapshotId,
+    target: &RestoreTarget,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreStats> {
     let started = Instant::now();
     let manifest = repo.load_manifest(id)?;
     let pool = rayon::ThreadPoolBuilder::new()
@@ -96,7 +108,8 @@ pub fn restore(repo: &Repository, id: &SnapshotId, target: &RestoreTarget, opts:
             RestoreTarget::Path(path) => {
                 let out = Output::open(path, manifest.size, opts.force)?;
                 progress.start(0, &path.to_string_lossy(), manifest.size);
-                let r = restore_positioned(repo, &extents, &out, progress).and_then(|s| out.commit().map(|()| s));
+                let r = restore_positioned(repo, &extents, &out, progress)
+                    .and_then(|s| out.commit().map(|()| s));
                 progress.finish(0);
                 if r.is_err() {
                     out.discard();
@@ -124,21 +137,42 @@ struct Output {
 
 impl Output {
     fn open(path: &Path, size: u64, force: bool) -> Result<Self> {
-        let target_err = |source| EngineError::Target { path: path.to_owned(), source };
+        let target_err = |source| EngineError::Target {
+            path: path.to_owned(),
+            source,
+        };
         let meta = match std::fs::metadata(path) {
             Ok(m) => Some(m),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(target_err(e)),
         };
-        let device = meta.as_ref().is_some_and(|m| m.file_type().is_block_device());
+        let device = meta
+            .as_ref()
+            .is_some_and(|m| m.file_type().is_block_device());
         match &meta {
-            Some(m) if m.is_dir() => return Err(EngineError::TargetUnusable { path: path.to_owned(), reason: "it is a directory".into() }),
+            Some(m) if m.is_dir() => {
+                return Err(EngineError::TargetUnusable {
+                    path: path.to_owned(),
+                    reason: "it is a directory".into(),
+                })
+            }
             Some(m) if !m.is_file() && !device => {
-                return Err(EngineError::TargetUnusable { path: path.to_owned(), reason: "it is not a regular file or block device".into() })
+                return Err(EngineError::TargetUnusable {
+                    path: path.to_owned(),
+                    reason: "it is not a regular file or block device".into(),
+                })
             }
             // A device always holds something: overwriting one is never implicit.
-            Some(_) if device && !force => return Err(EngineError::TargetExists { path: path.to_owned() }),
-            Some(m) if m.is_file() && m.len() > 0 && !force => return Err(EngineError::TargetExists { path: path.to_owned() }),
+            Some(_) if device && !force => {
+                return Err(EngineError::TargetExists {
+                    path: path.to_owned(),
+                })
+            }
+            Some(m) if m.is_file() && m.len() > 0 && !force => {
+                return Err(EngineError::TargetExists {
+                    path: path.to_owned(),
+                })
+            }
             _ => {}
         }
         let open = |p: &Path, direct: bool, create: bool| {
@@ -157,14 +191,23 @@ impl Output {
         } else {
             // A file is restored under a temporary name and renamed into place when complete,
             // so a failed restore never leaves a half-written image under the target's name.
-            let name = path.file_name().ok_or_else(|| EngineError::TargetUnusable { path: path.to_owned(), reason: "it has no file name".into() })?;
+            let name = path
+                .file_name()
+                .ok_or_else(|| EngineError::TargetUnusable {
+                    path: path.to_owned(),
+                    reason: "it has no file name".into(),
+                })?;
             path.with_file_name(format!(".{}.sbk-restore", name.to_string_lossy()))
         };
         let file = open(&write_path, false, !device).map_err(target_err)?;
         if device {
             let dev_size = sys::block_device_size(&file).map_err(target_err)?;
             if dev_size < size {
-                return Err(EngineError::TargetTooSmall { path: path.to_owned(), size: dev_size, needed: size });
+                return Err(EngineError::TargetTooSmall {
+                    path: path.to_owned(),
+                    size: dev_size,
+                    needed: size,
+                });
             }
         } else {
             // Setting the length leaves every byte a hole; zero extents are simply not written.
@@ -174,11 +217,21 @@ impl Output {
             })?;
         }
         let direct = open(&write_path, true, false).ok();
-        Ok(Output { path: path.to_owned(), write_path, direct_ok: AtomicBool::new(direct.is_some()), file, direct, device })
+        Ok(Output {
+            path: path.to_owned(),
+            write_path,
+            direct_ok: AtomicBool::new(direct.is_some()),
+            file,
+            direct,
+            device,
+        })
     }
 
     fn err(&self, source: std::io::Error) -> EngineError {
-        EngineError::Target { path: self.path.clone(), source }
+        EngineError::Target {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// Writes `data` at `offset`. `data`'s address must be congruent to `offset` modulo
@@ -189,18 +242,30 @@ impl Output {
         let mid_end = align_down(end).max(mid_start);
         let slice = |a: u64, b: u64| &data[(a - offset) as usize..(b - offset) as usize];
         if mid_end > mid_start && self.direct_ok.load(Ordering::Relaxed) {
-            let direct = self.direct.as_ref().expect("direct_ok implies a direct handle");
+            let direct = self
+                .direct
+                .as_ref()
+                .expect("direct_ok implies a direct handle");
             match direct.write_all_at(slice(mid_start, mid_end), mid_start) {
                 Ok(()) => {
-                    self.file.write_all_at(slice(offset, mid_start), offset).map_err(|e| self.err(e))?;
-                    return self.file.write_all_at(slice(mid_end, end), mid_end).map_err(|e| self.err(e));
+                    self.file
+                        .write_all_at(slice(offset, mid_start), offset)
+                        .map_err(|e| self.err(e))?;
+                    return self
+                        .file
+                        .write_all_at(slice(mid_end, end), mid_end)
+                        .map_err(|e| self.err(e));
                 }
                 // The filesystem took the O_DIRECT open but refuses the write: buffered from now on.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct_ok.store(false, Ordering::Relaxed),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.direct_ok.store(false, Ordering::Relaxed)
+                }
                 Err(e) => return Err(self.err(e)),
             }
         }
-        self.file.write_all_at(data, offset).map_err(|e| self.err(e))
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| self.err(e))
     }
 
     /// Makes the restored image durable and, for a file, gives it its name.
@@ -208,7 +273,11 @@ impl Output {
         self.file.sync_all().map_err(|e| self.err(e))?;
         if !self.device {
             std::fs::rename(&self.write_path, &self.path).map_err(|e| self.err(e))?;
-            let dir = self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let dir = self
+                .path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
             sbk_store::fsync_dir(dir)?;
         }
         Ok(())
@@ -227,7 +296,12 @@ struct Batch {
     blobs: Vec<(PackEntry, Vec<u64>)>,
 }
 
-fn restore_positioned(repo: &Repository, extents: &[(u64, Extent)], out: &Output, progress: &dyn Progress) -> Result<RestoreStats> {
+fn restore_positioned(
+    repo: &Repository,
+    extents: &[(u64, Extent)],
+    out: &Output,
+    progress: &dyn Progress,
+) -> Result<RestoreStats> {
     let mut stats = RestoreStats::default();
     let mut wanted: HashMap<_, Vec<u64>> = HashMap::new();
     let mut zeros = Vec::new();
@@ -253,20 +327,35 @@ fn restore_positioned(repo: &Repository, extents: &[(u64, Extent)], out: &Output
     let mut batches: Vec<Batch> = Vec::new();
     for (pack, entry, offsets) in located {
         match batches.last_mut() {
-            Some(b) if b.pack == pack && {
-                let (first, _) = &b.blobs[0];
-                let (last, _) = b.blobs.last().expect("batches are never empty");
-                entry.offset <= last.end() + BATCH_GAP && entry.end() - first.offset <= BATCH_BYTES
-            } => b.blobs.push((entry, offsets)),
-            _ => batches.push(Batch { pack, blobs: vec![(entry, offsets)] }),
+            Some(b)
+                if b.pack == pack && {
+                    let (first, _) = &b.blobs[0];
+                    let (last, _) = b.blobs.last().expect("batches are never empty");
+                    entry.offset <= last.end() + BATCH_GAP
+                        && entry.end() - first.offset <= BATCH_BYTES
+                } =>
+            {
+                b.blobs.push((entry, offsets))
+            }
+            _ => batches.push(Batch {
+                pack,
+                blobs: vec![(entry, offsets)],
+            }),
         }
     }
-    let max_raw = batches.iter().flat_map(|b| &b.blobs).map(|(e, _)| e.raw_len as usize).max().unwrap_or(0);
+    let max_raw = batches
+        .iter()
+        .flat_map(|b| &b.blobs)
+        .map(|(e, _)| e.raw_len as usize)
+        .max()
+        .unwrap_or(0);
     let scratch = || MmapMut::map_anon(max_raw + 2 * ALIGN as usize).map(|m| (m, Vec::new()));
     batches
         .par_iter()
         .try_for_each_init(scratch, |state, batch| {
-            let (scratch, readbuf) = state.as_mut().map_err(|e| out.err(std::io::Error::new(e.kind(), e.to_string())))?;
+            let (scratch, readbuf) = state
+                .as_mut()
+                .map_err(|e| out.err(std::io::Error::new(e.kind(), e.to_string())))?;
             restore_batch(repo, batch, out, scratch, readbuf, progress)
         })?;
     if out.device {
@@ -278,7 +367,14 @@ fn restore_positioned(repo: &Repository, extents: &[(u64, Extent)], out: &Output
     Ok(stats)
 }
 
-fn restore_batch(repo: &Repository, batch: &Batch, out: &Output, scratch: &mut MmapMut, readbuf: &mut Vec<u8>, progress: &dyn Progress) -> Result<()> {
+fn restore_batch(
+    repo: &Repository,
+    batch: &Batch,
+    out: &Output,
+    scratch: &mut MmapMut,
+    readbuf: &mut Vec<u8>,
+    progress: &dyn Progress,
+) -> Result<()> {
     let path = repo.pack_path(batch.pack);
     let file = repo.open_pack(batch.pack)?;
     let base = batch.blobs[0].0.offset;
@@ -311,7 +407,10 @@ fn write_zeros(out: &Output, zeros: &[(u64, u64)], progress: &dyn Progress) -> R
     let buf = MmapMut::map_anon(ZERO_BUF as usize).map_err(|e| out.err(e))?;
     let pieces: Vec<(u64, u64)> = zeros
         .iter()
-        .flat_map(|&(offset, len)| (0..len.div_ceil(ZERO_BUF)).map(move |i| (offset + i * ZERO_BUF, (len - i * ZERO_BUF).min(ZERO_BUF))))
+        .flat_map(|&(offset, len)| {
+            (0..len.div_ceil(ZERO_BUF))
+                .map(move |i| (offset + i * ZERO_BUF, (len - i * ZERO_BUF).min(ZERO_BUF)))
+        })
         .collect();
     pieces.par_iter().try_for_each(|&(offset, len)| {
         let shift = (offset % ALIGN) as usize;
@@ -326,9 +425,17 @@ fn write_zeros(out: &Output, zeros: &[(u64, u64)], progress: &dyn Progress) -> R
 
 /// Streams the snapshot to stdout in order: windows of extents are fetched in parallel and
 /// written in sequence.
-fn restore_stream(repo: &Repository, manifest: &Manifest, extents: &[(u64, Extent)], progress: &dyn Progress) -> Result<RestoreStats> {
+fn restore_stream(
+    repo: &Repository,
+    manifest: &Manifest,
+    extents: &[(u64, Extent)],
+    progress: &dyn Progress,
+) -> Result<RestoreStats> {
     const WINDOW: u64 = 64 << 20;
-    let stdout_err = |source| EngineError::Target { path: PathBuf::from("-"), source };
+    let stdout_err = |source| EngineError::Target {
+        path: PathBuf::from("-"),
+        source,
+    };
     let mut stats = RestoreStats::default();
     let stdout = std::io::stdout();
     let mut w = stdout.lock();
@@ -347,7 +454,10 @@ fn restore_stream(repo: &Repository, manifest: &Manifest, extents: &[(u64, Exten
         let chunks: Vec<Option<Vec<u8>>> = window
             .par_iter()
             .map(|(_, x)| match x {
-                Extent::Data { id, .. } => repo.read_blob(id, BlobKind::Data).map(Some).map_err(EngineError::from),
+                Extent::Data { id, .. } => repo
+                    .read_blob(id, BlobKind::Data)
+                    .map(Some)
+                    .map_err(EngineError::from),
                 Extent::Zero { .. } => Ok(None),
             })
             .collect::<Result<_>>()?;

@@ -55,7 +55,10 @@ impl Source {
     /// Opens a block device or regular file for reading, with O_DIRECT when the filesystem and
     /// device allow it.
     pub fn open(path: &Path) -> Result<Self> {
-        let open_err = |source| EngineError::SourceOpen { path: path.to_owned(), source };
+        let open_err = |source| EngineError::SourceOpen {
+            path: path.to_owned(),
+            source,
+        };
         let meta = std::fs::metadata(path).map_err(open_err)?;
         let ft = meta.file_type();
         let kind = if ft.is_file() {
@@ -70,14 +73,18 @@ impl Source {
             } else {
                 "it is not a regular file or block device"
             };
-            return Err(EngineError::SourceUnusable { path: path.to_owned(), reason: format!("{what}; sbk backs up block devices and disk-image files") });
+            return Err(EngineError::SourceUnusable {
+                path: path.to_owned(),
+                reason: format!("{what}; sbk backs up block devices and disk-image files"),
+            });
         };
         let (file, mut fallback) = match open_file(path, true) {
             Ok(f) => (f, None),
             // EINVAL: the filesystem does not support O_DIRECT (ramfs, some FUSE filesystems).
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                (open_file(path, false).map_err(open_err)?, Some(format!("O_DIRECT refused at open ({e})")))
-            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (
+                open_file(path, false).map_err(open_err)?,
+                Some(format!("O_DIRECT refused at open ({e})")),
+            ),
             Err(e) => return Err(open_err(e)),
         };
         let size = match kind {
@@ -90,7 +97,13 @@ impl Source {
                 fallback = Some(format!("logical block size {lbs} does not divide {ALIGN}"));
             }
         }
-        let mut source = Source { file, path: path.to_owned(), kind, size, fallback: None };
+        let mut source = Source {
+            file,
+            path: path.to_owned(),
+            kind,
+            size,
+            fallback: None,
+        };
         if let Some(reason) = fallback {
             source.use_buffered(reason)?;
         }
@@ -98,7 +111,10 @@ impl Source {
     }
 
     fn use_buffered(&mut self, reason: String) -> Result<()> {
-        self.file = open_file(&self.path, false).map_err(|source| EngineError::SourceOpen { path: self.path.clone(), source })?;
+        self.file = open_file(&self.path, false).map_err(|source| EngineError::SourceOpen {
+            path: self.path.clone(),
+            source,
+        })?;
         self.fallback = Some(reason);
         Ok(())
     }
@@ -128,15 +144,23 @@ impl Source {
         if self.kind == SourceKind::BlockDevice {
             return Ok(vec![range]);
         }
-        let err = |source| EngineError::SourceRead { path: self.path.clone(), offset: range.start, source };
+        let err = |source| EngineError::SourceRead {
+            path: self.path.clone(),
+            offset: range.start,
+            source,
+        };
         let mut out = Vec::new();
         let mut pos = range.start;
         while pos < range.end {
-            let Some(data) = sys::seek_data(&self.file, pos).map_err(err)? else { break };
+            let Some(data) = sys::seek_data(&self.file, pos).map_err(err)? else {
+                break;
+            };
             if data >= range.end {
                 break;
             }
-            let hole = sys::seek_hole(&self.file, data).map_err(err)?.unwrap_or(range.end);
+            let hole = sys::seek_hole(&self.file, data)
+                .map_err(err)?
+                .unwrap_or(range.end);
             out.push(data..hole.min(range.end));
             pos = hole;
         }
@@ -158,7 +182,11 @@ impl Source {
                     self.use_buffered(format!("O_DIRECT read refused ({e})"))?;
                 }
                 Err(source) => {
-                    return Err(EngineError::SourceRead { path: self.path.clone(), offset: offset + done as u64, source })
+                    return Err(EngineError::SourceRead {
+                        path: self.path.clone(),
+                        offset: offset + done as u64,
+                        source,
+                    })
                 }
             }
         }
@@ -167,7 +195,11 @@ impl Source {
         }
         let expected = (self.size.saturating_sub(offset)).min(buf.len() as u64);
         if (done as u64) < expected {
-            return Err(EngineError::SourceShrank { path: self.path.clone(), expected: self.size, found: offset + done as u64 });
+            return Err(EngineError::SourceShrank {
+                path: self.path.clone(),
+                expected: self.size,
+                found: offset + done as u64,
+            });
         }
         Ok(done)
     }
@@ -227,7 +259,10 @@ mod tests {
         assert_eq!(s.size(), 10 << 20);
         let ranges = s.data_ranges(0..10 << 20).unwrap();
         assert!(ranges.len() >= 2, "{ranges:?}");
-        assert!(ranges.iter().map(|r| r.end - r.start).sum::<u64>() < 1 << 20, "holes are not data: {ranges:?}");
+        assert!(
+            ranges.iter().map(|r| r.end - r.start).sum::<u64>() < 1 << 20,
+            "holes are not data: {ranges:?}"
+        );
         let mut buf = memmap2::MmapMut::map_anon(10 << 20).unwrap();
         buf.fill(0xee);
         let read = s.read_segment(0..10 << 20, &mut buf).unwrap().unwrap();
@@ -253,6 +288,9 @@ mod tests {
     #[test]
     fn directories_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(Source::open(dir.path()), Err(EngineError::SourceUnusable { .. })));
+        assert!(matches!(
+            Source::open(dir.path()),
+            Err(EngineError::SourceUnusable { .. })
+        ));
     }
 }

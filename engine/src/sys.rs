@@ -8,9 +8,21 @@ use std::os::fd::AsRawFd;
 
 /// `BLKGETSIZE64` = `_IOR(0x12, 114, size_t)`: the size of a block device in bytes. The libc
 /// crate does not export it; this is its value on the generic ioctl layout (x86, arm, riscv).
-#[cfg(not(any(target_arch = "mips", target_arch = "mips64", target_arch = "powerpc", target_arch = "powerpc64", target_arch = "sparc64")))]
+#[cfg(not(any(
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "powerpc",
+    target_arch = "powerpc64",
+    target_arch = "sparc64"
+)))]
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-#[cfg(any(target_arch = "mips", target_arch = "mips64", target_arch = "powerpc", target_arch = "powerpc64", target_arch = "sparc64"))]
+#[cfg(any(
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "powerpc",
+    target_arch = "powerpc64",
+    target_arch = "sparc64"
+))]
 const BLKGETSIZE64: libc::c_ulong = 0x4008_1272;
 
 /// Size of the block device open as `f`, from the `BLKGETSIZE64` ioctl.
@@ -28,7 +40,13 @@ pub fn block_device_size(f: &File) -> io::Result<u64> {
 pub fn logical_block_size(f: &File) -> io::Result<u32> {
     let mut size: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one int through the pointer, which points at a live c_int.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::BLKSSZGET as _, &mut size as *mut libc::c_int) };
+    let r = unsafe {
+        libc::ioctl(
+            f.as_raw_fd(),
+            libc::BLKSSZGET as _,
+            &mut size as *mut libc::c_int,
+        )
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -41,7 +59,11 @@ fn lseek(f: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> 
     if r < 0 {
         let e = io::Error::last_os_error();
         // ENXIO: no data (or hole) at or after the offset, i.e. past the last extent.
-        return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
     }
     Ok(Some(r as u64))
 }
@@ -62,6 +84,11 @@ pub fn drop_cache(f: &File, offset: u64, len: u64) {
     // SAFETY: posix_fadvise takes plain integers. Its result is advisory and ignored: failing
     // to drop cache pages is harmless.
     unsafe {
-        libc::posix_fadvise(f.as_raw_fd(), offset as libc::off_t, len as libc::off_t, libc::POSIX_FADV_DONTNEED);
+        libc::posix_fadvise(
+            f.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        );
     }
 }

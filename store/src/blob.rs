@@ -117,13 +117,22 @@ impl BlobHeader {
     /// Checks the length fields against each other and [`MAX_BLOB`].
     pub fn check_lengths(&self) -> Result<(), DecodeError> {
         if self.raw_len > MAX_BLOB {
-            return Err(invalid("raw_len", format!("{} exceeds {MAX_BLOB}", self.raw_len)));
+            return Err(invalid(
+                "raw_len",
+                format!("{} exceeds {MAX_BLOB}", self.raw_len),
+            ));
         }
         if self.compression == Compression::None && self.stored_len != self.raw_len {
-            return Err(invalid("stored_len", "differs from raw_len in an uncompressed blob"));
+            return Err(invalid(
+                "stored_len",
+                "differs from raw_len in an uncompressed blob",
+            ));
         }
         if self.stored_len as u64 > zstd_bound(self.raw_len) {
-            return Err(invalid("stored_len", format!("{} too large for raw_len {}", self.stored_len, self.raw_len)));
+            return Err(invalid(
+                "stored_len",
+                format!("{} too large for raw_len {}", self.stored_len, self.raw_len),
+            ));
         }
         Ok(())
     }
@@ -132,7 +141,13 @@ impl BlobHeader {
 /// Upper bound of a zstd frame of `raw` bytes (ZSTD_COMPRESSBOUND).
 fn zstd_bound(raw: u32) -> u64 {
     let raw = u64::from(raw);
-    raw + (raw >> 8) + if raw < (128 << 10) { ((128 << 10) - raw) >> 11 } else { 0 } + 64
+    raw + (raw >> 8)
+        + if raw < (128 << 10) {
+            ((128 << 10) - raw) >> 11
+        } else {
+            0
+        }
+        + 64
 }
 
 /// A blob ready to be appended to a pack.
@@ -152,7 +167,12 @@ thread_local! {
 }
 
 /// Compresses `raw` at `level` into a blob, keeping it raw when zstd does not make it smaller.
-pub fn encode_blob(id: ChunkId, kind: BlobKind, raw: &[u8], level: u32) -> std::io::Result<EncodedBlob> {
+pub fn encode_blob(
+    id: ChunkId,
+    kind: BlobKind,
+    raw: &[u8],
+    level: u32,
+) -> std::io::Result<EncodedBlob> {
     let compressed = COMPRESSOR.with(|cell| -> std::io::Result<Vec<u8>> {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().map(|(l, _)| *l) != Some(level) {
@@ -179,11 +199,18 @@ pub fn encode_blob(id: ChunkId, kind: BlobKind, raw: &[u8], level: u32) -> std::
 }
 
 /// Decodes stored bytes into `out`, which must be exactly `raw_len` long.
-pub fn decode_blob_into(compression: Compression, stored: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
+pub fn decode_blob_into(
+    compression: Compression,
+    stored: &[u8],
+    out: &mut [u8],
+) -> Result<(), DecodeError> {
     match compression {
         Compression::None => {
             if stored.len() != out.len() {
-                return Err(invalid("stored_len", "differs from raw_len in an uncompressed blob"));
+                return Err(invalid(
+                    "stored_len",
+                    "differs from raw_len in an uncompressed blob",
+                ));
             }
             out.copy_from_slice(stored);
             Ok(())
@@ -191,14 +218,19 @@ pub fn decode_blob_into(compression: Compression, stored: &[u8], out: &mut [u8])
         Compression::Zstd => DECOMPRESSOR.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.is_none() {
-                *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| invalid("zstd", e.to_string()))?);
+                *slot = Some(
+                    zstd::bulk::Decompressor::new().map_err(|e| invalid("zstd", e.to_string()))?,
+                );
             }
             let d = slot.as_mut().expect("just filled above");
             let n = d
                 .decompress_to_buffer(stored, out)
                 .map_err(|e| invalid("zstd frame", e.to_string()))?;
             if n != out.len() {
-                return Err(invalid("raw_len", format!("frame holds {n} bytes, header says {}", out.len())));
+                return Err(invalid(
+                    "raw_len",
+                    format!("frame holds {n} bytes, header says {}", out.len()),
+                ));
             }
             Ok(())
         }),

@@ -79,7 +79,10 @@ impl RepoConfig {
             return Err(DecodeError::UnsupportedVersion(version));
         }
         if bytes.len() != CONFIG_LEN {
-            return Err(invalid("config length", format!("{} bytes, expected {CONFIG_LEN}", bytes.len())));
+            return Err(invalid(
+                "config length",
+                format!("{} bytes, expected {CONFIG_LEN}", bytes.len()),
+            ));
         }
         let body = split_checksum(bytes)?;
         let mut d = Decoder::new(&body[12..]);
@@ -111,14 +114,23 @@ impl RepoConfig {
         {
             return Err(invalid(
                 "segment_size",
-                format!("{} must be a multiple of 4096, at least chunk_max and at most {MAX_SEGMENT}", self.segment_size),
+                format!(
+                    "{} must be a multiple of 4096, at least chunk_max and at most {MAX_SEGMENT}",
+                    self.segment_size
+                ),
             ));
         }
         if !(1 << 20..=1 << 30).contains(&self.pack_target) {
-            return Err(invalid("pack_target", format!("{} is outside 1 MiB..1 GiB", self.pack_target)));
+            return Err(invalid(
+                "pack_target",
+                format!("{} is outside 1 MiB..1 GiB", self.pack_target),
+            ));
         }
         if !(1..=19).contains(&self.zstd_level) {
-            return Err(invalid("zstd_level", format!("{} is outside 1..=19", self.zstd_level)));
+            return Err(invalid(
+                "zstd_level",
+                format!("{} is outside 1..=19", self.zstd_level),
+            ));
         }
         Ok(())
     }
@@ -158,17 +170,26 @@ pub(crate) mod tests {
     fn newer_version_is_reported_as_such() {
         let mut bytes = sample().encode();
         bytes[8] = 2;
-        assert_eq!(RepoConfig::decode(&bytes), Err(DecodeError::UnsupportedVersion(2)));
+        assert_eq!(
+            RepoConfig::decode(&bytes),
+            Err(DecodeError::UnsupportedVersion(2))
+        );
     }
 
     #[test]
     fn out_of_range_values_are_rejected() {
         let mut c = sample();
         c.zstd_level = 0;
-        assert!(matches!(RepoConfig::decode(&c.encode()), Err(DecodeError::Invalid { .. })));
+        assert!(matches!(
+            RepoConfig::decode(&c.encode()),
+            Err(DecodeError::Invalid { .. })
+        ));
         let mut c = sample();
         c.segment_size = 4097;
-        assert!(matches!(RepoConfig::decode(&c.encode()), Err(DecodeError::Invalid { .. })));
+        assert!(matches!(
+            RepoConfig::decode(&c.encode()),
+            Err(DecodeError::Invalid { .. })
+        ));
     }
 
     proptest! {

@@ -88,7 +88,9 @@ pub enum StoreError {
         detail: String,
     },
     /// A blob the caller needs is not in the index.
-    #[error("chunk {0} is not in the index (missing data, or an index that needs `sbk repair index`)")]
+    #[error(
+        "chunk {0} is not in the index (missing data, or an index that needs `sbk repair index`)"
+    )]
     BlobMissing(ChunkId),
     /// A pack the index refers to is not there.
     #[error("pack {pack} is missing ({path})")]

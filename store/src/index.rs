@@ -89,7 +89,10 @@ impl Index {
 
     fn error(path: &Path, e: sled::Error) -> StoreError {
         let detail = match &e {
-            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
+            sled::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("lock") =>
+            {
                 format!("in use by another sbk process ({io})")
             }
             _ => e.to_string(),
@@ -104,31 +107,49 @@ impl Index {
     pub fn get(&self, id: &ChunkId) -> Result<Option<IndexEntry>> {
         match self.db.get(id.0).map_err(|e| Self::error(&self.path, e))? {
             None => Ok(None),
-            Some(v) => IndexEntry::decode(*id, &v).map(Some).map_err(|source| StoreError::Corrupt {
-                path: self.path.clone(),
-                what: "index entry",
-                source,
-            }),
+            Some(v) => {
+                IndexEntry::decode(*id, &v)
+                    .map(Some)
+                    .map_err(|source| StoreError::Corrupt {
+                        path: self.path.clone(),
+                        what: "index entry",
+                        source,
+                    })
+            }
         }
     }
 
     /// True when the blob is indexed.
     pub fn contains(&self, id: &ChunkId) -> Result<bool> {
-        self.db.contains_key(id.0).map_err(|e| Self::error(&self.path, e))
+        self.db
+            .contains_key(id.0)
+            .map_err(|e| Self::error(&self.path, e))
     }
 
     /// Adds every blob of a sealed pack, in one atomic batch.
     pub fn insert_pack(&self, pack: PackId, entries: &[PackEntry]) -> Result<()> {
         let mut batch = sled::Batch::default();
         for entry in entries {
-            batch.insert(&entry.id.0, IndexEntry { pack, entry: *entry }.encode());
+            batch.insert(
+                &entry.id.0,
+                IndexEntry {
+                    pack,
+                    entry: *entry,
+                }
+                .encode(),
+            );
         }
-        self.db.apply_batch(batch).map_err(|e| Self::error(&self.path, e))
+        self.db
+            .apply_batch(batch)
+            .map_err(|e| Self::error(&self.path, e))
     }
 
     /// Makes every insert so far durable. Called before a snapshot that relies on them is written.
     pub fn flush(&self) -> Result<()> {
-        self.db.flush().map(|_| ()).map_err(|e| Self::error(&self.path, e))
+        self.db
+            .flush()
+            .map(|_| ())
+            .map_err(|e| Self::error(&self.path, e))
     }
 
     /// Number of indexed blobs.

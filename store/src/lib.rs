@@ -15,7 +15,10 @@ mod manifest;
 mod pack;
 mod repo;
 
-pub use blob::{decode_blob_into, encode_blob, BlobHeader, BlobKind, Compression, EncodedBlob, BLOB_HEADER_LEN, MAX_BLOB};
+pub use blob::{
+    decode_blob_into, encode_blob, BlobHeader, BlobKind, Compression, EncodedBlob, BLOB_HEADER_LEN,
+    MAX_BLOB,
+};
 pub use config::{RepoConfig, CONFIG_LEN, FORMAT_VERSION};
 pub use error::{DecodeError, Result, StoreError};
 pub use id::{ChunkId, PackId, SnapshotId};

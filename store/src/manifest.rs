@@ -131,12 +131,20 @@ impl Manifest {
             return Err(invalid("segment_size", format!("{segment_size}")));
         }
         if ntrees as u64 != size.div_ceil(segment_size) {
-            return Err(invalid("tree count", format!("{ntrees} trees for {size} bytes in segments of {segment_size}")));
+            return Err(invalid(
+                "tree count",
+                format!("{ntrees} trees for {size} bytes in segments of {segment_size}"),
+            ));
         }
         if d.remaining() != ntrees * 32 {
-            return Err(invalid("tree list", format!("{} bytes for {ntrees} ids", d.remaining())));
+            return Err(invalid(
+                "tree list",
+                format!("{} bytes for {ntrees} ids", d.remaining()),
+            ));
         }
-        let trees = (0..ntrees).map(|_| d.array().map(ChunkId)).collect::<Result<_, _>>()?;
+        let trees = (0..ntrees)
+            .map(|_| d.array().map(ChunkId))
+            .collect::<Result<_, _>>()?;
         Ok(Manifest {
             time,
             source,
@@ -233,7 +241,10 @@ pub fn decode_tree(bytes: &[u8], segment_len: u64) -> Result<Vec<Extent>, Decode
     }
     d.end("tree")?;
     if total != segment_len {
-        return Err(invalid("tree", format!("extents cover {total} bytes, segment has {segment_len}")));
+        return Err(invalid(
+            "tree",
+            format!("extents cover {total} bytes, segment has {segment_len}"),
+        ));
     }
     Ok(out)
 }
@@ -246,7 +257,10 @@ mod tests {
     fn extent() -> impl Strategy<Value = Extent> {
         prop_oneof![
             (1u32..1 << 20).prop_map(|len| Extent::Zero { len }),
-            (1u32..1 << 20, any::<[u8; 32]>()).prop_map(|(len, id)| Extent::Data { len, id: ChunkId(id) }),
+            (1u32..1 << 20, any::<[u8; 32]>()).prop_map(|(len, id)| Extent::Data {
+                len,
+                id: ChunkId(id)
+            }),
         ]
     }
 
@@ -279,7 +293,9 @@ mod tests {
                         new_chunks: f[5],
                         duration_ms: f[6],
                     },
-                    trees: (0..(size % (1 << 30)).div_ceil(segment_size)).map(|i| ChunkId([i as u8; 32])).collect(),
+                    trees: (0..(size % (1 << 30)).div_ceil(segment_size))
+                        .map(|i| ChunkId([i as u8; 32]))
+                        .collect(),
                 }
             })
     }

@@ -107,7 +107,10 @@ pub fn decode_footer(footer: &[u8], pack_len: u64) -> Result<(u32, u64, PackId),
         .and_then(|n| n.checked_add(entries_offset))
         .and_then(|n| n.checked_add(FOOTER_LEN as u64));
     if entries_offset < PACK_HEADER_LEN || expected != Some(pack_len) {
-        return Err(invalid("trailer", format!("{count} entries at {entries_offset} do not fit a pack of {pack_len} bytes")));
+        return Err(invalid(
+            "trailer",
+            format!("{count} entries at {entries_offset} do not fit a pack of {pack_len} bytes"),
+        ));
     }
     Ok((count, entries_offset, pack))
 }
@@ -115,18 +118,31 @@ pub fn decode_footer(footer: &[u8], pack_len: u64) -> Result<(u32, u64, PackId),
 /// Decodes the entries and footer (everything from `entries_offset` to the end of the pack)
 /// and checks them: the checksum, the pack id, and that every blob lies inside the blob area
 /// without overlapping another.
-pub fn decode_trailer(trailer: &[u8], entries_offset: u64, pack: PackId) -> Result<Vec<PackEntry>, DecodeError> {
+pub fn decode_trailer(
+    trailer: &[u8],
+    entries_offset: u64,
+    pack: PackId,
+) -> Result<Vec<PackEntry>, DecodeError> {
     let body = crate::codec::split_checksum(trailer)?;
-    let footer_start = body.len().checked_sub(FOOTER_LEN - 16).ok_or(DecodeError::Truncated {
-        needed: FOOTER_LEN,
-        available: trailer.len(),
-    })?;
-    let (count, offset, id) = decode_footer(&trailer[footer_start..], entries_offset + trailer.len() as u64)?;
+    let footer_start = body
+        .len()
+        .checked_sub(FOOTER_LEN - 16)
+        .ok_or(DecodeError::Truncated {
+            needed: FOOTER_LEN,
+            available: trailer.len(),
+        })?;
+    let (count, offset, id) = decode_footer(
+        &trailer[footer_start..],
+        entries_offset + trailer.len() as u64,
+    )?;
     if id != pack {
         return Err(invalid("pack id", format!("trailer names pack {id}")));
     }
     if offset != entries_offset {
-        return Err(invalid("entries offset", format!("{offset}, expected {entries_offset}")));
+        return Err(invalid(
+            "entries offset",
+            format!("{offset}, expected {entries_offset}"),
+        ));
     }
     let mut d = Decoder::new(&body[..footer_start]);
     let mut entries = Vec::with_capacity(count as usize);
@@ -138,7 +154,13 @@ pub fn decode_trailer(trailer: &[u8], entries_offset: u64, pack: PackId) -> Resu
             .checked_add(BLOB_HEADER_LEN as u64 + u64::from(e.stored_len))
             .ok_or_else(|| invalid("blob offset", "overflows"))?;
         if e.offset < next_free || end > entries_offset {
-            return Err(invalid("blob offset", format!("blob {} at {} overlaps or lies outside the blob area", e.id, e.offset)));
+            return Err(invalid(
+                "blob offset",
+                format!(
+                    "blob {} at {} overlaps or lies outside the blob area",
+                    e.id, e.offset
+                ),
+            ));
         }
         next_free = end;
         entries.push(e);
@@ -180,7 +202,8 @@ impl PackWriter {
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let mut header = Encoder::default();
         header.bytes(PACK_MAGIC).u32(PACK_VERSION).u32(0);
-        out.write_all(&header.buf).map_err(|e| StoreError::io(&tmp_path, e))?;
+        out.write_all(&header.buf)
+            .map_err(|e| StoreError::io(&tmp_path, e))?;
         Ok(PackWriter {
             id,
             tmp_path,
@@ -317,12 +340,20 @@ pub fn split_blob<'a>(bytes: &'a [u8], entry: &PackEntry, path: &Path) -> Result
     {
         return Err(corrupt(invalid(
             "blob header",
-            format!("at offset {} describes blob {}, expected {}", entry.offset, header.id, entry.id),
+            format!(
+                "at offset {} describes blob {}, expected {}",
+                entry.offset, header.id, entry.id
+            ),
         )));
     }
     bytes
         .get(BLOB_HEADER_LEN..BLOB_HEADER_LEN + entry.stored_len as usize)
-        .ok_or_else(|| corrupt(DecodeError::Truncated { needed: BLOB_HEADER_LEN + entry.stored_len as usize, available: bytes.len() }))
+        .ok_or_else(|| {
+            corrupt(DecodeError::Truncated {
+                needed: BLOB_HEADER_LEN + entry.stored_len as usize,
+                available: bytes.len(),
+            })
+        })
 }
 
 #[cfg(test)]
@@ -336,7 +367,15 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("packs")).unwrap();
         let mut w = PackWriter::create_in_test(dir.path());
         let blobs: Vec<_> = (0..5u8)
-            .map(|i| encode_blob(ChunkId([i; 32]), BlobKind::Data, &vec![i; 1000 * i as usize], 3).unwrap())
+            .map(|i| {
+                encode_blob(
+                    ChunkId([i; 32]),
+                    BlobKind::Data,
+                    &vec![i; 1000 * i as usize],
+                    3,
+                )
+                .unwrap()
+            })
             .collect();
         for b in &blobs {
             w.add(b).unwrap();
@@ -354,7 +393,10 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         for cut in [0, 10, bytes.len() / 2, bytes.len() - 1] {
             std::fs::write(&path, &bytes[..cut]).unwrap();
-            assert!(matches!(read_trailer(&path, id), Err(StoreError::Corrupt { .. })), "cut at {cut}");
+            assert!(
+                matches!(read_trailer(&path, id), Err(StoreError::Corrupt { .. })),
+                "cut at {cut}"
+            );
         }
     }
 
@@ -385,7 +427,10 @@ mod tests {
         for i in 0..t.len() {
             let mut bad = t.clone();
             bad[i] ^= 0x40;
-            assert!(decode_trailer(&bad, entries_offset, pack).is_err(), "flip at {i}");
+            assert!(
+                decode_trailer(&bad, entries_offset, pack).is_err(),
+                "flip at {i}"
+            );
         }
     }
 }

@@ -70,11 +70,21 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 /// Writes `bytes` to `path` atomically: a temporary name in the same directory, fsync, rename,
 /// fsync of the directory. Readers see the old state or the whole new file, never a part.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().expect("atomic writes target a file in a directory");
-    let name = path.file_name().expect("atomic writes target a named file").to_string_lossy();
+    let dir = path
+        .parent()
+        .expect("atomic writes target a file in a directory");
+    let name = path
+        .file_name()
+        .expect("atomic writes target a named file")
+        .to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp"));
     let io = |e| StoreError::io(&tmp, e);
-    let mut f = File::options().write(true).create(true).truncate(true).open(&tmp).map_err(io)?;
+    let mut f = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io)?;
     f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)?;
     fs::rename(&tmp, path).map_err(io)?;
@@ -112,7 +122,10 @@ impl Repository {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::DirBuilder::new().mode(0o700).create(path).map_err(|e| io(path, e))?;
+                fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(path)
+                    .map_err(|e| io(path, e))?;
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
                 return Err(StoreError::InitRefused {
@@ -146,8 +159,15 @@ impl Repository {
             zstd_level: opts.zstd_level,
             created: now_unix(),
         };
-        config.validate().map_err(|e| StoreError::InvalidParameter(e.to_string()))?;
-        let mkdir = |p: PathBuf| fs::DirBuilder::new().mode(0o700).create(&p).map_err(|e| io(&p, e));
+        config
+            .validate()
+            .map_err(|e| StoreError::InvalidParameter(e.to_string()))?;
+        let mkdir = |p: PathBuf| {
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&p)
+                .map_err(|e| io(&p, e))
+        };
         mkdir(path.join("packs"))?;
         for i in 0..=255u8 {
             mkdir(path.join("packs").join(to_hex(&[i])))?;
@@ -167,8 +187,13 @@ impl Repository {
         let config_path = path.join("config");
         let bytes = match fs::read(&config_path) {
             Ok(b) => b,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound) || e.raw_os_error() == Some(libc::ENOTDIR) => {
-                return Err(StoreError::NotARepository { path: path.to_owned() })
+            Err(e)
+                if matches!(e.kind(), std::io::ErrorKind::NotFound)
+                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                return Err(StoreError::NotARepository {
+                    path: path.to_owned(),
+                })
             }
             Err(e) => return Err(StoreError::io(&config_path, e)),
         };
@@ -228,7 +253,11 @@ impl Repository {
             };
             for entry in entries {
                 let entry = entry.map_err(|e| StoreError::io(&dir, e))?;
-                if let Some(id) = entry.file_name().to_str().and_then(|n| n.parse::<PackId>().ok()) {
+                if let Some(id) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<PackId>().ok())
+                {
                     out.push((id, entry.path()));
                 }
             }
@@ -269,13 +298,19 @@ impl Repository {
 
     /// An open handle on a pack, shared between threads (positioned reads need no seeking).
     pub fn open_pack(&self, id: PackId) -> Result<Arc<File>> {
-        let mut open = self.open_packs.lock().expect("no thread panics holding this lock");
+        let mut open = self
+            .open_packs
+            .lock()
+            .expect("no thread panics holding this lock");
         if let Some(f) = open.get(&id) {
             return Ok(f.clone());
         }
         let path = self.pack_path(id);
         let f = Arc::new(File::open(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => StoreError::PackMissing { pack: id, path: path.clone() },
+            std::io::ErrorKind::NotFound => StoreError::PackMissing {
+                pack: id,
+                path: path.clone(),
+            },
             _ => StoreError::io(&path, e),
         })?);
         open.insert(id, f.clone());
@@ -284,8 +319,18 @@ impl Repository {
 
     /// Decodes the stored bytes of a blob into `out` (exactly `raw_len` long) and checks that
     /// they hash to the blob's id. Nothing unverified ever leaves this function.
-    pub fn decode_verified(&self, pack: PackId, entry: &PackEntry, stored: &[u8], out: &mut [u8]) -> Result<()> {
-        let corrupt = |detail: String| StoreError::BlobCorrupt { id: entry.id, pack, detail };
+    pub fn decode_verified(
+        &self,
+        pack: PackId,
+        entry: &PackEntry,
+        stored: &[u8],
+        out: &mut [u8],
+    ) -> Result<()> {
+        let corrupt = |detail: String| StoreError::BlobCorrupt {
+            id: entry.id,
+            pack,
+            detail,
+        };
         decode_blob_into(entry.compression, stored, out).map_err(|e| corrupt(e.to_string()))?;
         let got = self.blob_id(out);
         if got != entry.id {

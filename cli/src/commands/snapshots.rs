@@ -1,0 +1,77 @@
+//! `sbk snapshots`: list snapshots.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use super::Context;
+use crate::exit::Exit;
+use crate::output::bytes;
+
+/// List the snapshots in the repository, oldest first.
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+/// Formats a Unix time as RFC 3339 in UTC.
+pub fn time(t: i64) -> String {
+    let st = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64);
+    humantime::format_rfc3339_seconds(st).to_string()
+}
+
+/// Runs `sbk snapshots`.
+pub fn run(ctx: &Context, _args: Args) -> Result<ExitCode> {
+    let repo = ctx.open_repo()?;
+    let all = repo.snapshots()?;
+    let mut json = Vec::new();
+    let mut damaged = false;
+    if !all.is_empty() {
+        ctx.out.info(
+            &format!(
+                "{:<8}  {:<20}  {:<12}  {:>10}  {}",
+                "ID", "TIME", "HOST", "SIZE", "SOURCE [TAGS]"
+            ),
+            false,
+        );
+    }
+    for (id, m) in &all {
+        match m {
+            Ok(m) => {
+                let tags = if m.tags.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", m.tags.join(", "))
+                };
+                ctx.out.info(
+                    &format!(
+                        "{:<8}  {:<20}  {:<12}  {:>10}  {}{}",
+                        &id.to_hex()[..8],
+                        time(m.time),
+                        m.host,
+                        bytes(m.size),
+                        m.source,
+                        tags
+                    ),
+                    false,
+                );
+                json.push(serde_json::json!({
+                    "id": id.to_hex(),
+                    "time": time(m.time),
+                    "host": m.host,
+                    "source": m.source,
+                    "size": m.size,
+                    "tags": m.tags,
+                    "parent": m.parent.map(|p| p.to_hex()),
+                }));
+            }
+            Err(e) => {
+                damaged = true;
+                ctx.out
+                    .notice(&format!("snapshot {id} cannot be read: {e}"));
+                json.push(serde_json::json!({ "id": id.to_hex(), "error": e.to_string() }));
+            }
+        }
+    }
+    ctx.out.info(&format!("{} snapshots", all.len()), false);
+    ctx.out.json(&serde_json::Value::Array(json), false);
+    Ok(if damaged { Exit::Damaged } else { Exit::Ok }.into())
+}
