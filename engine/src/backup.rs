@@ -232,7 +232,8 @@ fn backup_one(
     let seg_size = repo.config().segment_size;
     let segments = size.div_ceil(seg_size);
     progress.start(task, &label, size);
-    if let Some(why) = source.fallback() {
+    let open_fallback = source.fallback().map(str::to_owned);
+    if let Some(why) = &open_fallback {
         progress.notice(&format!(
             "{label}: reading without O_DIRECT: {why}; buffered reads with posix_fadvise(DONTNEED)"
         ));
@@ -288,7 +289,7 @@ fn backup_one(
         written.map(|w| (w, fallback))
     });
     progress.finish(task);
-    let ((trees, mut figures), fallback) = result?;
+    let ((trees, mut figures), read_fallback) = result?;
     if trees.len() as u64 != segments {
         // Cannot happen: the reader stops early only with an error, which reached the writer.
         // But a manifest that does not cover its source must never be written.
@@ -298,7 +299,7 @@ fn backup_one(
             found: trees.len() as u64 * seg_size,
         });
     }
-    if let Some(why) = &fallback {
+    if let Some(why) = &read_fallback {
         progress.notice(&format!(
             "{label}: reading without O_DIRECT: {why}; buffered reads with posix_fadvise(DONTNEED)"
         ));
@@ -323,7 +324,7 @@ fn backup_one(
     Ok(BackupOutcome {
         snapshot,
         manifest,
-        fallback,
+        fallback: open_fallback.or(read_fallback),
     })
 }
 

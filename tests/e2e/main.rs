@@ -1,1 +1,9 @@
-fn main() {}
+//! End-to-end scenarios: the real `sbk` binary against real files, loop devices and
+//! filesystems. One binary, a module per topic (see ../README.md in docs for what each covers).
+
+mod bad_input;
+mod common;
+mod dedup;
+mod devices;
+mod interrupt;
+mod roundtrip;

@@ -1,0 +1,275 @@
+//! Bad input: a clear message naming the problem, the documented exit code, and a repository
+//! left exactly as it was.
+
+use std::os::unix::fs::FileExt;
+
+use crate::common::*;
+
+/// Runs `args` against the repository and checks exit code, message and unchanged state.
+fn refused(env: &Env, args: &[&str], code: i32, message: &str) -> Run {
+    let before = env.state();
+    let r = env.run(args);
+    assert_eq!(
+        r.code, code,
+        "sbk {args:?}: expected exit {code}, got {}: {}",
+        r.code, r.stderr
+    );
+    assert!(
+        r.stderr.contains(message),
+        "sbk {args:?}: message {:?} lacks {message:?}",
+        r.stderr
+    );
+    assert!(env.state() == before, "sbk {args:?} changed the repository");
+    r
+}
+
+#[test]
+fn repository_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    // No repository given at all.
+    let r = sbk().args(["snapshots"]).output().unwrap();
+    assert_eq!(r.status.code(), Some(10));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--repo"));
+    // A directory that is not a repository, and one that does not exist.
+    for p in [dir.path().to_path_buf(), dir.path().join("missing")] {
+        let r = sbk()
+            .arg("--repo")
+            .arg(&p)
+            .args(["snapshots"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            r.status.code(),
+            Some(10),
+            "{}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        assert!(String::from_utf8_lossy(&r.stderr).contains("not an sbk repository"));
+    }
+    // SBK_REPO works in place of --repo.
+    let env = Env::new();
+    let r = sbk()
+        .env("SBK_REPO", &env.repo)
+        .args(["snapshots", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(0));
+    // init over an existing repository or a non-empty directory.
+    refused(&env, &["init"], 13, "already holds an sbk repository");
+    std::fs::write(dir.path().join("x"), b"x").unwrap();
+    let r = sbk()
+        .arg("--repo")
+        .arg(dir.path())
+        .args(["init"])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(13));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("not empty"));
+    assert!(!dir.path().join("config").exists());
+}
+
+#[test]
+fn bad_arguments() {
+    let env = Env::new();
+    refused(
+        &env,
+        &["backup", "--threads", "0", "/dev/null"],
+        2,
+        "threads",
+    );
+    let fresh = tempfile::tempdir().unwrap();
+    for size in ["1000", "8M", "32K", "abc"] {
+        let r = sbk()
+            .arg("--repo")
+            .arg(fresh.path().join("r"))
+            .args(["init", "--chunk-size", size])
+            .output()
+            .unwrap();
+        assert_eq!(
+            r.status.code(),
+            Some(2),
+            "chunk size {size}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        assert!(!fresh.path().join("r").join("config").exists());
+    }
+    refused(&env, &["backup"], 2, "SOURCE");
+    refused(&env, &["restore", "latest"], 2, "TARGET");
+}
+
+#[test]
+fn bad_sources() {
+    let env = Env::new();
+    let dir = env.path("a-directory");
+    std::fs::create_dir(&dir).unwrap();
+    refused(
+        &env,
+        &["backup", dir.to_str().unwrap()],
+        1,
+        "is a directory",
+    );
+    refused(
+        &env,
+        &["backup", env.path("missing").to_str().unwrap()],
+        1,
+        "No such file",
+    );
+    refused(&env, &["backup", "/dev/null"], 1, "character device");
+    // One good and one bad source: the good one is saved, exit code 3.
+    let good = env.path("good");
+    std::fs::write(&good, random(100_000, 1)).unwrap();
+    let r = env.run(&["backup", good.to_str().unwrap(), dir.to_str().unwrap()]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("1 of 2 sources"), "{}", r.stderr);
+}
+
+#[test]
+fn unknown_and_ambiguous_snapshots() {
+    let env = Env::new();
+    let src = env.path("img");
+    refused(
+        &env,
+        &["restore", "latest", env.path("o").to_str().unwrap()],
+        11,
+        "no snapshot matches",
+    );
+    let mut ids: Vec<String> = Vec::new();
+    // Back up until two snapshot ids share their first hex digit (at most 17 tries).
+    let prefix = loop {
+        std::fs::write(&src, random(5000, ids.len() as u64)).unwrap();
+        let id = env.backup(&src, &[])["snapshot"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        if let Some(other) = ids.iter().find(|o| o[..1] == id[..1]) {
+            break other[..1].to_owned();
+        }
+        ids.push(id);
+    };
+    let out = env.path("out");
+    refused(
+        &env,
+        &["restore", &prefix, out.to_str().unwrap()],
+        11,
+        "ambiguous",
+    );
+    refused(
+        &env,
+        &["restore", "0123456789abcdef0123", out.to_str().unwrap()],
+        11,
+        "no snapshot matches",
+    );
+    refused(
+        &env,
+        &["restore", "not-hex", out.to_str().unwrap()],
+        11,
+        "no snapshot matches",
+    );
+    assert!(!out.exists());
+    // A unique prefix works.
+    env.restore(&ids[0][..12], &out, &[]);
+    // An existing non-empty target needs --force.
+    let r = refused(
+        &env,
+        &["restore", &ids[0], out.to_str().unwrap()],
+        13,
+        "--force",
+    );
+    assert!(r.stderr.contains("not empty"));
+    env.restore(&ids[0], &out, &["--force"]);
+}
+
+#[test]
+fn corrupted_config() {
+    let env = Env::new();
+    let config = env.repo.join("config");
+    let mut bytes = std::fs::read(&config).unwrap();
+    bytes[40] ^= 1;
+    std::fs::write(&config, &bytes).unwrap();
+    refused(&env, &["snapshots"], 12, "corrupt config");
+    // A repository from a newer sbk says so.
+    bytes[40] ^= 1;
+    bytes[8] = 9;
+    std::fs::write(&config, &bytes).unwrap();
+    refused(&env, &["snapshots"], 12, "unsupported format version 9");
+}
+
+#[test]
+fn damaged_packs_fail_the_restore_loudly() {
+    let env = Env::new();
+    let src = env.path("img");
+    std::fs::write(&src, random(6 << 20, 4)).unwrap();
+    let id = env.backup(&src, &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let pack = env.packs().into_iter().next().unwrap();
+    let pack_name = pack.file_name().unwrap().to_str().unwrap().to_owned();
+    let original = std::fs::read(&pack).unwrap();
+    let out = env.path("out");
+
+    // A flipped byte inside a blob: the chunk fails verification; the error names chunk and pack.
+    let f = std::fs::File::options().write(true).open(&pack).unwrap();
+    f.write_all_at(&[original[1 << 20] ^ 0xff], 1 << 20)
+        .unwrap();
+    let r = refused(
+        &env,
+        &["restore", &id, out.to_str().unwrap()],
+        12,
+        "is corrupt",
+    );
+    assert!(
+        r.stderr.contains("chunk") && r.stderr.contains(&pack_name),
+        "{}",
+        r.stderr
+    );
+    assert!(!out.exists(), "no partial restore is left behind");
+    let r = refused(&env, &["restore", &id, "-"], 12, &pack_name);
+    assert!(r.stdout.len() < 6 << 20);
+
+    // A truncated pack.
+    std::fs::write(&pack, &original[..original.len() / 2]).unwrap();
+    refused(
+        &env,
+        &["restore", &id, out.to_str().unwrap()],
+        12,
+        &pack_name,
+    );
+    assert!(!out.exists());
+
+    // A missing pack.
+    std::fs::remove_file(&pack).unwrap();
+    refused(
+        &env,
+        &["restore", &id, out.to_str().unwrap()],
+        12,
+        "is missing",
+    );
+
+    // Put it back: everything restores again.
+    std::fs::write(&pack, &original).unwrap();
+    env.restore(&id, &out, &[]);
+    assert_same(&src, &out);
+}
+
+#[test]
+fn deleted_index_is_rebuilt_from_packs() {
+    let env = Env::new();
+    let src = env.path("img");
+    std::fs::write(&src, random(3 << 20, 8)).unwrap();
+    let id = env.backup(&src, &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::remove_dir_all(env.repo.join("index")).unwrap();
+    let out = env.path("out");
+    let r = env.run(&["restore", &id, out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("rebuilt"), "{}", r.stderr);
+    assert_same(&src, &out);
+    assert_eq!(
+        env.backup(&src, &[])["new_bytes"],
+        0,
+        "the rebuilt index dedups"
+    );
+}

@@ -1,0 +1,201 @@
+//! Helpers shared by the scenarios: a temporary repository, the binary, data generators.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// A temporary directory holding a repository (`repo/`) and whatever a test puts beside it.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub repo: PathBuf,
+}
+
+/// Result of one `sbk` run.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    /// Asserts success and returns stdout parsed as JSON.
+    pub fn json(&self) -> Value {
+        assert_eq!(self.code, 0, "sbk failed: {}", self.stderr);
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("bad JSON {e}: {}", self.stdout))
+    }
+}
+
+/// The `sbk` binary, with no repository in its environment.
+pub fn sbk() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sbk"));
+    c.env_remove("SBK_REPO");
+    c
+}
+
+impl Env {
+    /// A fresh repository with the given `init` arguments (small chunks make many of them).
+    pub fn with_init(args: &[&str]) -> Env {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let repo = dir.path().join("repo");
+        let env = Env { dir, repo };
+        let r = env.run(&[&["init"], args].concat());
+        assert_eq!(r.code, 0, "init failed: {}", r.stderr);
+        env
+    }
+
+    /// A fresh repository with 64 KiB chunks.
+    pub fn new() -> Env {
+        Env::with_init(&["--chunk-size", "64K"])
+    }
+
+    /// A path inside the temporary directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs `sbk --repo REPO ARGS…`.
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run::from(
+            sbk()
+                .arg("--repo")
+                .arg(&self.repo)
+                .args(args)
+                .output()
+                .expect("sbk runs"),
+        )
+    }
+
+    /// Backs up `source` and returns the JSON record of its snapshot.
+    pub fn backup(&self, source: &Path, extra: &[&str]) -> Value {
+        let r = self.run(&[&["backup", "--json", source.to_str().unwrap()], extra].concat());
+        r.json()[0].clone()
+    }
+
+    /// Restores `snapshot` to `target`, asserting success.
+    pub fn restore(&self, snapshot: &str, target: &Path, extra: &[&str]) {
+        let r = self.run(&[&["restore", snapshot, target.to_str().unwrap()], extra].concat());
+        assert_eq!(r.code, 0, "restore failed: {}", r.stderr);
+    }
+
+    /// Every file of the repository except the index cache, with its bytes: two equal states
+    /// mean a command changed nothing.
+    pub fn state(&self) -> BTreeMap<PathBuf, Vec<u8>> {
+        fn walk(dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    if p.file_name().unwrap() != "index" {
+                        walk(&p, out);
+                    }
+                } else {
+                    out.insert(p.clone(), std::fs::read(&p).unwrap());
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk(&self.repo, &mut out);
+        out
+    }
+
+    /// Pack files, sealed (`.tmp` = false) or being written (true), by name only.
+    pub fn pack_files(&self, tmp: bool) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for d in std::fs::read_dir(self.repo.join("packs")).unwrap() {
+            for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+                let p = f.unwrap().path();
+                if p.extension().is_some_and(|e| e == "tmp") == tmp {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    /// Sealed pack files.
+    pub fn packs(&self) -> Vec<PathBuf> {
+        self.pack_files(false)
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), fast enough for hundreds of MiB.
+pub fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Data that compresses and dedups well: a short pattern repeated with a counter.
+pub fn repetitive(len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 64);
+    let mut i = 0u64;
+    while out.len() < len {
+        out.extend_from_slice(
+            format!("block {:08} of a repetitive test image\n", i / 100).as_bytes(),
+        );
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// True when this process may use losetup and mount (root, and the tools present).
+pub fn can_use_devices() -> Result<(), String> {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_owned())
+        });
+    if uid.as_deref() != Some("0") {
+        return Err("not running as root".into());
+    }
+    if Command::new("losetup").arg("--version").output().is_err() {
+        return Err("losetup is not installed".into());
+    }
+    Ok(())
+}
+
+/// Runs a shell command, asserting success, and returns its stdout.
+pub fn sh(cmd: &str) -> String {
+    let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+/// Asserts that two files hold the same bytes, naming the first difference.
+pub fn assert_same(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert_eq!(
+        x.len(),
+        y.len(),
+        "{} and {} differ in length",
+        a.display(),
+        b.display()
+    );
+    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!("{} and {} differ at byte {i}", a.display(), b.display());
+    }
+}

@@ -1,0 +1,67 @@
+//! A backup killed with SIGKILL leaves no snapshot and no damage.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+#[test]
+fn killed_backup_leaves_no_snapshot_and_no_damage() {
+    let env = Env::new();
+    let first = env.path("first");
+    std::fs::write(&first, random(8 << 20, 1)).unwrap();
+    let kept = env.backup(&first, &[]);
+
+    let big = env.path("big");
+    std::fs::write(&big, random(300 << 20, 2)).unwrap();
+    // Kill at different moments: as soon as a pack is being written, and after 1 and 2 sealed.
+    for sealed_before_kill in [0, 1, 2] {
+        let packs_before = env.packs().len();
+        let mut child = sbk()
+            .arg("--repo")
+            .arg(&env.repo)
+            .args(["backup", big.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let tmp = !env.pack_files(true).is_empty();
+            let sealed = env.packs().len() - packs_before;
+            if (sealed_before_kill == 0 && tmp)
+                || (sealed_before_kill > 0 && sealed >= sealed_before_kill)
+            {
+                break;
+            }
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "backup finished before it could be killed"
+            );
+            assert!(Instant::now() < deadline, "no pack appeared");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child.kill().unwrap(); // SIGKILL
+        let status = child.wait().unwrap();
+        assert!(
+            !status.success(),
+            "the backup was killed mid-way (kill #{sealed_before_kill}: {status:?})"
+        );
+
+        let list = env.run(&["snapshots", "--json"]).json();
+        assert_eq!(
+            list.as_array().unwrap().len(),
+            1,
+            "no partial snapshot after kill #{sealed_before_kill}: {list}"
+        );
+        let out = env.path("out");
+        let _ = std::fs::remove_file(&out);
+        env.restore(kept["snapshot"].as_str().unwrap(), &out, &[]);
+        assert_same(&first, &out);
+    }
+    // The next backup works and restores.
+    let snap = env.backup(&big, &[]);
+    let out = env.path("big.out");
+    env.restore(snap["snapshot"].as_str().unwrap(), &out, &[]);
+    assert_same(&big, &out);
+}
