@@ -94,7 +94,7 @@ impl ChunkerParams {
                 "maximum chunk size {max} is out of range"
             )));
         }
-        if zero_min == 0 || zero_min as usize % ZERO_BLOCK != 0 {
+        if zero_min == 0 || !(zero_min as usize).is_multiple_of(ZERO_BLOCK) {
             return Err(ParamsError(format!(
                 "zero-run minimum {zero_min} must be a positive multiple of {ZERO_BLOCK}"
             )));

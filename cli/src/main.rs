@@ -68,7 +68,7 @@ fn main() -> ExitCode {
         Command::Restore(a) => commands::restore::run(&ctx, a),
     };
     match result {
-        Ok(code) => code.into(),
+        Ok(code) => code,
         Err(e) => {
             let code = exit::classify(&e);
             ctx.out.error(&e, code);

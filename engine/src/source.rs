@@ -93,7 +93,7 @@ impl Source {
         };
         if kind == SourceKind::BlockDevice && fallback.is_none() {
             let lbs = sys::logical_block_size(&file).map_err(open_err)?;
-            if u64::from(lbs) > ALIGN || ALIGN % u64::from(lbs.max(1)) != 0 {
+            if u64::from(lbs) > ALIGN || !ALIGN.is_multiple_of(u64::from(lbs.max(1))) {
                 fallback = Some(format!("logical block size {lbs} does not divide {ALIGN}"));
             }
         }

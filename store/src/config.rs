@@ -108,7 +108,7 @@ impl RepoConfig {
     /// Checks the ranges the store relies on (the chunker checks its own parameters).
     pub fn validate(&self) -> Result<(), DecodeError> {
         if self.segment_size == 0
-            || self.segment_size % 4096 != 0
+            || !self.segment_size.is_multiple_of(4096)
             || self.segment_size > MAX_SEGMENT
             || self.segment_size < u64::from(self.chunk_max)
         {
