@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: sbk against a raw O_DIRECT read of the same disk image, in one run.
+#
+#   bash benches/e2e.sh [IMAGE_GIB] [WORKDIR]      (defaults: 4, /var/tmp)
+#
+# Builds the release binary, makes a realistic disk image (an ext4 filesystem filled from the
+# machine's /usr with mke2fs -d; free space stays zero), then measures: an O_DIRECT read of the
+# image (dd), a first backup into a fresh repository, a second backup of the unchanged image, a
+# backup after rewriting ~2% of the image, and a restore to a file (compared with cmp). Each
+# step: wall time, throughput over the image size, ratio to the raw read, and peak RSS
+# (/usr/bin/time). Prints a Markdown table for docs/benchmarks.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+gib=${1:-4}
+base=${2:-/var/tmp}
+for tool in /usr/bin/time mke2fs dd cmp; do
+  command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || { echo "missing $tool (apt-get install time e2fsprogs)" >&2; exit 1; }
+done
+cargo build --release -p sbk >&2
+sbk=$PWD/target/release/sbk
+work=$(mktemp -d "$base/sbk-bench.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+img=$work/disk.img
+size=$((gib << 30))
+
+echo "making a ${gib} GiB ext4 image from /usr ..." >&2
+tree=$work/tree
+mkdir -p "$tree"
+budget=$((size * 55 / 100 / 1024)) # fill about half of the filesystem, in KiB
+for d in /usr/bin /usr/share /usr/include /usr/lib /usr/libexec /usr/local; do
+  [ -d "$d" ] || continue
+  used=$(du -sk "$tree" | cut -f1)
+  [ "$used" -lt "$budget" ] || break
+  cp -a "$d" "$tree/" 2>/dev/null || true
+done
+while [ "$(du -sk "$tree" | cut -f1)" -gt "$budget" ]; do
+  big=$(find "$tree" -type f -size +1M | head -200)
+  [ -n "$big" ] || break
+  echo "$big" | xargs rm -f
+done
+truncate -s "$size" "$img"
+PATH=$PATH:/usr/sbin mke2fs -q -F -t ext4 -d "$tree" "$img"
+rm -rf "$tree"
+
+# measure LABEL BYTES CMD...: runs CMD under /usr/bin/time; prints "label|seconds|rss_kib".
+measure() {
+  local label=$1; shift
+  local out
+  out=$( { /usr/bin/time -f "TIME %e %M" "$@" >/dev/null 2>"$work/stderr"; } 2>&1 ) || true
+  if ! grep -q "^TIME" "$work/stderr"; then cat "$work/stderr" >&2; echo "$label failed" >&2; exit 1; fi
+  local t rss
+  read -r _ t rss < <(grep "^TIME" "$work/stderr" | tail -1)
+  if grep -q "Command exited with non-zero status" "$work/stderr"; then cat "$work/stderr" >&2; echo "$label failed" >&2; exit 1; fi
+  echo "$label|$t|$rss"
+}
+
+results=()
+results+=("$(measure "raw O_DIRECT read (dd bs=16M)" dd if="$img" of=/dev/null bs=16M iflag=direct)")
+export SBK_REPO=$work/repo
+"$sbk" init --quiet
+results+=("$(measure "sbk backup (first)" "$sbk" backup --quiet "$img")")
+results+=("$(measure "sbk backup (unchanged)" "$sbk" backup --quiet "$img")")
+# Rewrite ~2% of the image: 1 MiB of new random data at evenly spread offsets.
+blocks=$((size / 50 >> 20))
+for i in $(seq 0 $((blocks - 1))); do
+  dd if=/dev/urandom of="$img" bs=1M count=1 seek=$((i * (size >> 20) / blocks)) conv=notrunc status=none
+done
+results+=("$(measure "sbk backup (2% changed)" "$sbk" backup --quiet "$img")")
+results+=("$(measure "raw O_DIRECT read (again)" dd if="$img" of=/dev/null bs=16M iflag=direct)")
+results+=("$(measure "sbk restore to file" "$sbk" restore --quiet latest "$work/restored.img")")
+cmp "$img" "$work/restored.img" >&2
+repo_kib=$(du -sk "$work/repo" | cut -f1)
+alloc_kib=$(du -sk "$img" | cut -f1)
+
+raw=$(echo "${results[0]}" | cut -d'|' -f2)
+echo
+echo "Image: ${gib} GiB ext4 ($((alloc_kib / 1024)) MiB allocated), repository after three backups: $((repo_kib / 1024)) MiB."
+echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%d GiB", $2/1048576}' /proc/meminfo), $(uname -r), $(date -u +%Y-%m-%d)."
+echo
+echo "| step | wall time (s) | throughput (MiB/s) | ratio to raw read | peak RSS (MiB) |"
+echo "|---|---:|---:|---:|---:|"
+for r in "${results[@]}"; do
+  IFS='|' read -r label t rss <<<"$r"
+  awk -v l="$label" -v t="$t" -v r="$rss" -v raw="$raw" -v size="$size" 'BEGIN {
+    tp = size / 1048576 / (t > 0 ? t : 0.01); rawtp = size / 1048576 / (raw > 0 ? raw : 0.01);
+    printf "| %s | %.2f | %.0f | %.2fx | %.0f |\n", l, t, tp, tp / rawtp, r / 1024 }'
+done
