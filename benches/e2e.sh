@@ -26,18 +26,11 @@ size=$((gib << 30))
 echo "making a ${gib} GiB ext4 image from /usr ..." >&2
 tree=$work/tree
 mkdir -p "$tree"
-budget=$((size * 55 / 100 / 1024)) # fill about half of the filesystem, in KiB
-for d in /usr/bin /usr/share /usr/include /usr/lib /usr/libexec /usr/local; do
-  [ -d "$d" ] || continue
-  used=$(du -sk "$tree" | cut -f1)
-  [ "$used" -lt "$budget" ] || break
-  cp -a "$d" "$tree/" 2>/dev/null || true
-done
-while [ "$(du -sk "$tree" | cut -f1)" -gt "$budget" ]; do
-  big=$(find "$tree" -type f -size +1M | head -200)
-  [ -n "$big" ] || break
-  echo "$big" | xargs rm -f
-done
+# Fill about half of the filesystem with the machine's files, in /usr's order.
+budget=$((size * 50 / 100))
+{ find /usr/bin /usr/share /usr/include /usr/lib -xdev -type f -printf '%s %p\n' 2>/dev/null || true; } |
+  awk -v b="$budget" '{ s += $1; if (s > b) exit; sub(/^[0-9]+ /, ""); print }' >"$work/files" || true
+tar -cf - -T "$work/files" 2>/dev/null | tar -xf - -C "$tree" || true
 truncate -s "$size" "$img"
 PATH=$PATH:/usr/sbin mke2fs -q -F -t ext4 -d "$tree" "$img"
 rm -rf "$tree"

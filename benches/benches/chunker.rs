@@ -18,18 +18,33 @@ fn chunker(c: &mut Criterion) {
     let p = params();
     let mut g = c.benchmark_group("chunker");
     g.throughput(Throughput::Bytes(SEGMENT as u64));
-    for (name, data) in [("random", random(SEGMENT, 1)), ("text", text_like(SEGMENT, 2)), ("mixed", mixed(SEGMENT, 3))] {
-        g.bench_function(format!("segment/{name}"), |b| b.iter(|| split_segment(black_box(&data), &p)));
+    for (name, data) in [
+        ("random", random(SEGMENT, 1)),
+        ("text", text_like(SEGMENT, 2)),
+        ("mixed", mixed(SEGMENT, 3)),
+    ] {
+        g.bench_function(format!("segment/{name}"), |b| {
+            b.iter(|| split_segment(black_box(&data), &p))
+        });
     }
     let data = random(SEGMENT, 1);
     let mut dst = vec![0u8; SEGMENT];
-    g.bench_function("baseline/memcpy", |b| b.iter(|| dst.copy_from_slice(black_box(&data))));
+    g.bench_function("baseline/memcpy", |b| {
+        b.iter(|| dst.copy_from_slice(black_box(&data)))
+    });
     g.finish();
 
     let segments: Vec<Vec<u8>> = (0..8).map(|i| mixed(SEGMENT, i)).collect();
     let mut g = c.benchmark_group("chunker-parallel");
     g.throughput(Throughput::Bytes((segments.len() * SEGMENT) as u64));
-    g.bench_function("segments/mixed", |b| b.iter(|| segments.par_iter().map(|s| split_segment(s, &p).len()).sum::<usize>()));
+    g.bench_function("segments/mixed", |b| {
+        b.iter(|| {
+            segments
+                .par_iter()
+                .map(|s| split_segment(s, &p).len())
+                .sum::<usize>()
+        })
+    });
     g.finish();
 }
 
@@ -37,9 +52,13 @@ fn zero_detector(c: &mut Criterion) {
     let zeros = vec![0u8; SEGMENT];
     let mut g = c.benchmark_group("zero-detect");
     g.throughput(Throughput::Bytes(SEGMENT as u64));
-    g.bench_function("blocks/zeros", |b| b.iter(|| black_box(&zeros).chunks(ZERO_BLOCK).all(is_zero)));
+    g.bench_function("blocks/zeros", |b| {
+        b.iter(|| black_box(&zeros).chunks(ZERO_BLOCK).all(is_zero))
+    });
     let mut dst = vec![1u8; SEGMENT];
-    g.bench_function("baseline/memcpy", |b| b.iter(|| dst.copy_from_slice(black_box(&zeros))));
+    g.bench_function("baseline/memcpy", |b| {
+        b.iter(|| dst.copy_from_slice(black_box(&zeros)))
+    });
     g.finish();
 }
 

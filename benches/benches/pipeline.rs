@@ -8,17 +8,25 @@ use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sbk_benches::mixed;
-use sbk_engine::{backup, restore, BackupOptions, NoProgress, RestoreOptions, RestoreTarget, Source};
+use sbk_engine::{
+    backup, restore, BackupOptions, NoProgress, RestoreOptions, RestoreTarget, Source,
+};
 use sbk_store::{InitOptions, Repository};
 
 const IMAGE: usize = 256 << 20;
 
 fn threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 fn opts() -> BackupOptions {
-    BackupOptions { threads: threads(), host: "bench".into(), tags: vec![] }
+    BackupOptions {
+        threads: threads(),
+        host: "bench".into(),
+        tags: vec![],
+    }
 }
 
 /// Reads the whole file through O_DIRECT in segment-sized reads: the raw baseline.
@@ -30,7 +38,10 @@ fn raw_read(path: &Path) -> u64 {
     let mut off = 0;
     while off < size {
         let len = (size - off).min(16 << 20);
-        total += s.read_segment(off..off + len, &mut buf).expect("the read works").unwrap_or(0);
+        total += s
+            .read_segment(off..off + len, &mut buf)
+            .expect("the read works")
+            .unwrap_or(0);
         off += len;
     }
     total
@@ -54,23 +65,38 @@ fn pipeline(c: &mut Criterion) {
                 Repository::init(&repo, InitOptions::default()).expect("init works");
                 Repository::open(&repo).expect("open works")
             },
-            |repo| backup(&repo, std::slice::from_ref(&image), &opts(), &NoProgress).expect("backup runs"),
+            |repo| {
+                backup(&repo, std::slice::from_ref(&image), &opts(), &NoProgress)
+                    .expect("backup runs")
+            },
         )
     });
 
     let repo_path = dir.path().join("repo-warm");
     Repository::init(&repo_path, InitOptions::default()).expect("init works");
     let repo = Repository::open(&repo_path).expect("open works");
-    let first = backup(&repo, std::slice::from_ref(&image), &opts(), &NoProgress).expect("backup runs");
+    let first =
+        backup(&repo, std::slice::from_ref(&image), &opts(), &NoProgress).expect("backup runs");
     let snapshot = first[0].as_ref().expect("the backup succeeds").snapshot;
-    g.bench_function("backup/unchanged", |b| b.iter(|| backup(&repo, std::slice::from_ref(&image), &opts(), &NoProgress)));
+    g.bench_function("backup/unchanged", |b| {
+        b.iter(|| backup(&repo, std::slice::from_ref(&image), &opts(), &NoProgress))
+    });
 
     let out = dir.path().join("restored");
     g.bench_function("restore/file", |b| {
         b.iter(|| {
             let _ = std::fs::remove_file(&out);
-            restore(&repo, &snapshot, &RestoreTarget::Path(out.clone()), &RestoreOptions { threads: threads(), force: true }, &NoProgress)
-                .expect("restore works")
+            restore(
+                &repo,
+                &snapshot,
+                &RestoreTarget::Path(out.clone()),
+                &RestoreOptions {
+                    threads: threads(),
+                    force: true,
+                },
+                &NoProgress,
+            )
+            .expect("restore works")
         })
     });
     g.finish();

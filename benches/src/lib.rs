@@ -19,8 +19,8 @@ pub fn random(len: usize, seed: u64) -> Vec<u8> {
 /// Compressible, text-like bytes: words drawn from a small vocabulary by a seeded generator.
 pub fn text_like(len: usize, seed: u64) -> Vec<u8> {
     const WORDS: [&str; 16] = [
-        "block", "device", "snapshot", "the", "of", "and", "backup", "chunk", "a", "storage", "data", "restore", "volume",
-        "to", "in", "is",
+        "block", "device", "snapshot", "the", "of", "and", "backup", "chunk", "a", "storage",
+        "data", "restore", "volume", "to", "in", "is",
     ];
     let noise = random(len / 4 + 8, seed);
     let mut out = Vec::with_capacity(len + 16);
@@ -35,15 +35,15 @@ pub fn text_like(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// Disk-like bytes: in every 4 MiB, 1.5 MiB random, 1.5 MiB text and 1 MiB of zeros.
+/// Disk-like bytes: in every MiB, 384 KiB random, 384 KiB text and 256 KiB of zeros.
 pub fn mixed(len: usize, seed: u64) -> Vec<u8> {
-    const STRIPE: usize = 4 << 20;
+    const STRIPE: usize = 1 << 20;
     let mut out = Vec::with_capacity(len + STRIPE);
     let mut i = 0;
     while out.len() < len {
-        out.extend_from_slice(&random(3 << 19, seed + i));
-        out.extend_from_slice(&text_like(3 << 19, seed + i));
-        out.resize(out.len() + (1 << 20), 0);
+        out.extend_from_slice(&random(3 << 17, seed + i));
+        out.extend_from_slice(&text_like(3 << 17, seed + i));
+        out.resize(out.len() + (1 << 18), 0);
         i += 1;
     }
     out.truncate(len);
