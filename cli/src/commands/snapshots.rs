@@ -71,7 +71,14 @@ pub fn run(ctx: &Context, _args: Args) -> Result<ExitCode> {
             }
         }
     }
-    ctx.out.info(&format!("{} snapshots", all.len()), false);
+    ctx.out.info(
+        &format!(
+            "{} snapshot{}",
+            all.len(),
+            if all.len() == 1 { "" } else { "s" }
+        ),
+        false,
+    );
     ctx.out.json(&serde_json::Value::Array(json), false);
     Ok(if damaged { Exit::Damaged } else { Exit::Ok }.into())
 }

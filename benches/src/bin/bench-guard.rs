@@ -1,0 +1,75 @@
+//! Regression guard for the hot path, run by CI after `cargo bench -- --quick`.
+//!
+//! Reads criterion's estimates (target/criterion/…/new/estimates.json) and checks each stage's
+//! throughput as a ratio to the raw baseline measured in the same run, in the same group (a
+//! memcpy of the same bytes, or an O_DIRECT read of the same file). Absolute times are never
+//! compared: machines are shared and noisy. Each floor is about a third of the ratio measured
+//! when it was set (docs/benchmarks.md), so only a real regression trips it.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// (group, stage, baseline, floor of stage throughput / baseline throughput)
+const GUARDS: &[(&str, &str, &str, f64)] = &[
+    ("chunker", "segment_mixed", "baseline_memcpy", 0.05),
+    ("chunker", "segment_random", "baseline_memcpy", 0.04),
+    ("zero-detect", "blocks_zeros", "baseline_memcpy", 0.5),
+    ("chunk", "blake3-keyed_random", "baseline_memcpy", 0.04),
+    ("chunk", "zstd3-compress_text", "baseline_memcpy", 0.003),
+    ("chunk", "zstd-decompress_text", "baseline_memcpy", 0.01),
+    ("pipeline", "backup_first", "baseline_odirect-read", 0.15),
+    ("pipeline", "backup_unchanged", "baseline_odirect-read", 0.3),
+    ("pipeline", "restore_file", "baseline_odirect-read", 0.25),
+];
+
+/// Mean time per iteration in nanoseconds, from criterion's estimates.
+fn mean_ns(dir: &Path, group: &str, bench: &str) -> Result<f64, String> {
+    let path = dir
+        .join(group)
+        .join(bench)
+        .join("new")
+        .join("estimates.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    v["mean"]["point_estimate"]
+        .as_f64()
+        .ok_or_else(|| format!("{}: no mean estimate", path.display()))
+}
+
+fn main() -> ExitCode {
+    let dir = std::env::args_os()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/criterion"));
+    let mut failed = 0;
+    println!(
+        "{:<12} {:<24} {:>8} {:>8}  verdict",
+        "group", "stage", "ratio", "floor"
+    );
+    for &(group, stage, baseline, floor) in GUARDS {
+        // Every bench of a group has the same byte count, so the throughput ratio is the
+        // inverse ratio of the times.
+        match (mean_ns(&dir, group, stage), mean_ns(&dir, group, baseline)) {
+            (Ok(t), Ok(b)) => {
+                let ratio = b / t;
+                let ok = ratio >= floor;
+                println!(
+                    "{group:<12} {stage:<24} {ratio:>8.3} {floor:>8.3}  {}",
+                    if ok { "ok" } else { "REGRESSION" }
+                );
+                failed += usize::from(!ok);
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                println!("{group:<12} {stage:<24} missing: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!("bench-guard: {failed} stage(s) below their floor or missing");
+        return ExitCode::FAILURE;
+    }
+    println!("bench-guard: every stage is above its floor");
+    ExitCode::SUCCESS
+}
