@@ -25,4 +25,7 @@ pub use id::{ChunkId, PackId, SnapshotId};
 pub use index::{Index, IndexEntry, INDEX_ENTRY_LEN};
 pub use manifest::{decode_tree, encode_tree, BackupFigures, Extent, Manifest};
 pub use pack::{read_range, read_trailer, split_blob, PackEntry, PackWriter};
-pub use repo::{fsync_dir, write_atomic, InitOptions, RebuildReport, Repository};
+pub use repo::{
+    fsync_dir, write_atomic, InitOptions, RebuildReport, Repository, DEFAULT_CHUNK_AVG,
+    DEFAULT_ZSTD_LEVEL,
+};

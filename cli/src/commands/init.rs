@@ -17,11 +17,11 @@ use crate::output::{bytes, parse_size};
 pub struct Args {
     /// Average chunk size: a power of two from 64K to 4M. Larger chunks mean less metadata and
     /// faster backups; smaller chunks find more duplicate data.
-    #[arg(long, default_value = "1M", value_parser = parse_size, value_name = "SIZE")]
+    #[arg(long, default_value_t = u64::from(sbk_store::DEFAULT_CHUNK_AVG), value_parser = parse_size, value_name = "SIZE")]
     chunk_size: u64,
 
     /// zstd compression level for new chunks (1 = fastest, 19 = smallest).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=19), value_name = "LEVEL")]
+    #[arg(long, default_value_t = sbk_store::DEFAULT_ZSTD_LEVEL, value_parser = clap::value_parser!(u32).range(1..=19), value_name = "LEVEL")]
     compression_level: u32,
 }
 
