@@ -1,10 +1,18 @@
-//! The per-chunk stages: keyed BLAKE3 ids, zstd compression and decompression, beside a memcpy.
+//! The per-chunk stages: keyed BLAKE3 ids, zstd compression and decompression, beside a memcpy;
+//! pack writing beside a plain write+fsync of the same bytes; index lookups (hits and misses)
+//! beside the same lookups in an in-memory hash set.
 // criterion_group! generates public functions that cannot carry docs.
 #![allow(missing_docs)]
 
+use std::collections::HashSet;
+use std::io::Write;
+
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use sbk_benches::{mixed, random, text_like};
-use sbk_store::{decode_blob_into, encode_blob, BlobKind, ChunkId};
+use sbk_store::{
+    decode_blob_into, encode_blob, BlobKind, ChunkId, Compression, InitOptions, PackEntry, PackId,
+    PackWriter, Repository,
+};
 
 const CHUNK: usize = 1 << 20;
 
@@ -44,5 +52,106 @@ fn stages(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, stages);
+fn pack_writing(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let repo = dir.path().join("repo");
+    Repository::init(&repo, InitOptions::default()).expect("init works");
+    let blobs: Vec<_> = (0..32u8)
+        .map(|i| {
+            encode_blob(
+                ChunkId([i; 32]),
+                BlobKind::Data,
+                &mixed(1 << 20, u64::from(i)),
+                1,
+            )
+            .expect("compression works")
+        })
+        .collect();
+    let bytes: Vec<u8> = blobs
+        .iter()
+        .flat_map(|b| b.header.encode().into_iter().chain(b.data.iter().copied()))
+        .collect();
+    let mut g = c.benchmark_group("pack");
+    g.throughput(Throughput::Bytes(bytes.len() as u64));
+    g.sample_size(10);
+    g.bench_function("write-and-seal", |b| {
+        b.iter(|| {
+            let mut w = PackWriter::create(&repo).expect("a pack is created");
+            for blob in &blobs {
+                w.add(blob).expect("the blob is written");
+            }
+            let (id, _) = w.finish().expect("the pack is sealed");
+            let hex = id.to_hex();
+            std::fs::remove_file(repo.join("packs").join(&hex[..2]).join(hex))
+                .expect("the pack is removed");
+        })
+    });
+    let raw = dir.path().join("raw");
+    g.bench_function("baseline_write-fsync", |b| {
+        b.iter(|| {
+            let mut f = std::fs::File::create(&raw).expect("a file is created");
+            f.write_all(&bytes).expect("the bytes are written");
+            f.sync_all().expect("fsync works");
+        })
+    });
+    g.finish();
+}
+
+fn index_lookups(c: &mut Criterion) {
+    const ENTRIES: u32 = 200_000;
+    const LOOKUPS: usize = 1000;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("repo");
+    Repository::init(&path, InitOptions::default()).expect("init works");
+    let repo = Repository::open(&path).expect("open works");
+    let id = |i: u32| ChunkId(*blake3::hash(&i.to_le_bytes()).as_bytes());
+    let entries: Vec<PackEntry> = (0..ENTRIES)
+        .map(|i| PackEntry {
+            id: id(i),
+            kind: BlobKind::Data,
+            compression: Compression::Zstd,
+            offset: 16 + u64::from(i) * 100,
+            stored_len: 60,
+            raw_len: 100,
+        })
+        .collect();
+    for chunk in entries.chunks(10_000) {
+        repo.index()
+            .insert_pack(PackId([chunk[0].id.0[0]; 16]), chunk)
+            .expect("the index takes the entries");
+    }
+    repo.index().flush().expect("the index flushes");
+    let hits: Vec<ChunkId> = (0..LOOKUPS as u32).map(|i| id(i * 197 % ENTRIES)).collect();
+    let misses: Vec<ChunkId> = (0..LOOKUPS as u32).map(|i| id(ENTRIES + i)).collect();
+    let set: HashSet<ChunkId> = entries.iter().map(|e| e.id).collect();
+    let mut g = c.benchmark_group("index");
+    g.throughput(Throughput::Elements(LOOKUPS as u64));
+    g.bench_function("lookup_hit", |b| {
+        b.iter(|| {
+            hits.iter()
+                .filter(|i| repo.index().contains(i).expect("lookup works"))
+                .count()
+        })
+    });
+    g.bench_function("lookup_miss", |b| {
+        b.iter(|| {
+            misses
+                .iter()
+                .filter(|i| repo.index().contains(i).expect("lookup works"))
+                .count()
+        })
+    });
+    g.bench_function("baseline_hashset", |b| {
+        b.iter(|| {
+            hits.iter()
+                .chain(&misses)
+                .step_by(2)
+                .filter(|i| set.contains(*i))
+                .count()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, stages, pack_writing, index_lookups);
 criterion_main!(benches);

@@ -239,12 +239,12 @@ fn backup_one(
         ));
     }
 
-    // A segment queued and one being chunked per worker, plus the one being read: enough to keep
-    // every worker busy, and the whole of the pipeline's buffer memory.
+    // One segment being chunked per worker, one queued and one being read: enough to keep every
+    // worker busy, and the whole of the pipeline's buffer memory (measured: docs/benchmarks.md).
     let threads = opts.threads.max(1);
-    let buffers = 2 * threads + 1;
+    let buffers = threads + 2;
     let (seg_tx, seg_rx) = bounded::<Result<Segment>>(threads);
-    let (out_tx, out_rx) = bounded::<Result<ChunkedSegment>>(threads);
+    let (out_tx, out_rx) = bounded::<Result<ChunkedSegment>>(1);
     let (buf_tx, buf_rx) = bounded::<MmapMut>(buffers);
     let cancel = AtomicBool::new(false);
     let claimed = Mutex::new(HashSet::<ChunkId>::new());

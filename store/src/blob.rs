@@ -162,7 +162,7 @@ pub struct EncodedBlob {
 thread_local! {
     // A zstd context per thread and level: creating one costs more than compressing a small
     // chunk, and the backup workers compress millions of chunks.
-    static COMPRESSOR: RefCell<Option<(u32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static COMPRESSOR: RefCell<Option<(u32, zstd::bulk::Compressor<'static>, Vec<u8>)>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
@@ -173,18 +173,26 @@ pub fn encode_blob(
     raw: &[u8],
     level: u32,
 ) -> std::io::Result<EncodedBlob> {
-    let compressed = COMPRESSOR.with(|cell| -> std::io::Result<Vec<u8>> {
+    // Compress into a per-thread buffer sized for the worst case, then keep an exact-size copy:
+    // a blob waiting in the pipeline then holds its compressed size, not its raw size.
+    let compressed = COMPRESSOR.with(|cell| -> std::io::Result<Option<Vec<u8>>> {
         let mut slot = cell.borrow_mut();
-        if slot.as_ref().map(|(l, _)| *l) != Some(level) {
-            *slot = Some((level, zstd::bulk::Compressor::new(level as i32)?));
+        if slot.as_ref().map(|(l, _, _)| *l) != Some(level) {
+            *slot = Some((
+                level,
+                zstd::bulk::Compressor::new(level as i32)?,
+                Vec::new(),
+            ));
         }
-        let (_, c) = slot.as_mut().expect("just filled above");
-        c.compress(raw)
+        let (_, c, buf) = slot.as_mut().expect("just filled above");
+        buf.clear();
+        buf.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        let n = c.compress_to_buffer(raw, buf)?;
+        Ok((n < raw.len()).then(|| buf[..n].to_vec()))
     })?;
-    let (compression, data) = if compressed.len() < raw.len() {
-        (Compression::Zstd, compressed)
-    } else {
-        (Compression::None, raw.to_vec())
+    let (compression, data) = match compressed {
+        Some(c) => (Compression::Zstd, c),
+        None => (Compression::None, raw.to_vec()),
     };
     Ok(EncodedBlob {
         header: BlobHeader {

@@ -78,7 +78,7 @@ impl Index {
         // buys little and would dominate the backup's memory.
         let db = sled::Config::new()
             .path(path)
-            .cache_capacity(32 << 20)
+            .cache_capacity(8 << 20)
             .open()
             .map_err(|e| Self::error(path, e))?;
         Ok(Index {
