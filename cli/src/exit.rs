@@ -27,6 +27,8 @@ pub enum Exit {
     Refused = 13,
     /// The filesystem holding the repository or target is full.
     NoSpace = 14,
+    /// Another process holds a conflicting lock on the repository.
+    Locked = 15,
 }
 
 impl From<Exit> for ExitCode {
@@ -69,6 +71,7 @@ pub fn store_exit(e: &StoreError) -> Exit {
         | StoreError::BlobMissing(_)
         | StoreError::PackMissing { .. } => Exit::Damaged,
         StoreError::InitRefused { .. } => Exit::Refused,
+        StoreError::Locked { .. } => Exit::Locked,
         StoreError::InvalidParameter(_) => Exit::Usage,
         _ => Exit::Error,
     }

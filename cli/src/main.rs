@@ -46,6 +46,9 @@ enum Command {
     Backup(commands::backup::Args),
     Snapshots(commands::snapshots::Args),
     Restore(commands::restore::Args),
+    Verify(commands::verify::Args),
+    Repair(commands::repair::Args),
+    Unlock(commands::unlock::Args),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +69,9 @@ fn main() -> ExitCode {
         Command::Backup(a) => commands::backup::run(&ctx, a),
         Command::Snapshots(a) => commands::snapshots::run(&ctx, a),
         Command::Restore(a) => commands::restore::run(&ctx, a),
+        Command::Verify(a) => commands::verify::run(&ctx, a),
+        Command::Repair(a) => commands::repair::run(&ctx, a),
+        Command::Unlock(a) => commands::unlock::run(&ctx, a),
     };
     match result {
         Ok(code) => code,

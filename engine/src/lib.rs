@@ -8,9 +8,11 @@ mod progress;
 mod restore;
 mod source;
 mod sys;
+mod verify;
 
 pub use backup::{backup, chunker_params, BackupOptions, BackupOutcome};
 pub use error::{EngineError, Result};
 pub use progress::{NoProgress, Progress};
 pub use restore::{load_extents, restore, RestoreOptions, RestoreStats, RestoreTarget};
 pub use source::{Source, SourceKind, ALIGN};
+pub use verify::{verify, Problem, ReadData, VerifyOptions, VerifyReport};

@@ -111,6 +111,14 @@ pub enum StoreError {
         /// How many snapshots it matches.
         count: usize,
     },
+    /// Another process holds a conflicting lock.
+    #[error("the repository is locked: {holder} ({path}); if that process is gone, `sbk unlock` removes stale locks")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+        /// Who holds it.
+        holder: String,
+    },
     /// Parameters given to `init` are out of range.
     #[error("invalid parameter: {0}")]
     InvalidParameter(String),

@@ -88,18 +88,18 @@ impl Index {
     }
 
     fn error(path: &Path, e: sled::Error) -> StoreError {
-        let detail = match &e {
-            sled::Error::Io(io)
-                if io.kind() == std::io::ErrorKind::WouldBlock
-                    || io.to_string().contains("lock") =>
-            {
-                format!("in use by another sbk process ({io})")
+        match e {
+            // sled holds an exclusive flock on its database while it is open.
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                StoreError::Locked {
+                    path: path.to_owned(),
+                    holder: "another sbk process has the index open".into(),
+                }
             }
-            _ => e.to_string(),
-        };
-        StoreError::Index {
-            path: path.to_owned(),
-            detail,
+            e => StoreError::Index {
+                path: path.to_owned(),
+                detail: e.to_string(),
+            },
         }
     }
 
@@ -150,6 +150,39 @@ impl Index {
             .flush()
             .map(|_| ())
             .map_err(|e| Self::error(&self.path, e))
+    }
+
+    /// Removes blobs from the index (one atomic batch).
+    pub fn remove(&self, ids: &[ChunkId]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for id in ids {
+            batch.remove(&id.0);
+        }
+        self.db
+            .apply_batch(batch)
+            .map_err(|e| Self::error(&self.path, e))
+    }
+
+    /// Removes every entry (before a rebuild from the packs).
+    pub fn clear(&self) -> Result<()> {
+        self.db.clear().map_err(|e| Self::error(&self.path, e))
+    }
+
+    /// Every entry, in id order; an entry that does not decode is an error item.
+    pub fn iter(&self) -> impl Iterator<Item = Result<IndexEntry>> + '_ {
+        self.db.iter().map(move |kv| {
+            let (k, v) = kv.map_err(|e| Self::error(&self.path, e))?;
+            let corrupt = |source| StoreError::Corrupt {
+                path: self.path.clone(),
+                what: "index entry",
+                source,
+            };
+            let id: [u8; 32] = k
+                .as_ref()
+                .try_into()
+                .map_err(|_| corrupt(invalid("index key", format!("{} bytes", k.len()))))?;
+            IndexEntry::decode(ChunkId(id), &v).map_err(corrupt)
+        })
     }
 
     /// Number of indexed blobs.

@@ -11,6 +11,7 @@ mod config;
 mod error;
 mod id;
 mod index;
+mod lock;
 mod manifest;
 mod pack;
 mod repo;
@@ -23,8 +24,9 @@ pub use config::{RepoConfig, CONFIG_LEN, FORMAT_VERSION};
 pub use error::{DecodeError, Result, StoreError};
 pub use id::{ChunkId, PackId, SnapshotId};
 pub use index::{Index, IndexEntry, INDEX_ENTRY_LEN};
+pub use lock::{host_name, list_locks, FoundLock, Lock, LockInfo, LockKind, LEASE_SECS};
 pub use manifest::{decode_tree, encode_tree, BackupFigures, Extent, Manifest};
-pub use pack::{read_range, read_trailer, split_blob, PackEntry, PackWriter};
+pub use pack::{check_blob_header, read_range, read_trailer, split_blob, PackEntry, PackWriter};
 pub use repo::{
     fsync_dir, write_atomic, InitOptions, RebuildReport, Repository, DEFAULT_CHUNK_AVG,
     DEFAULT_ZSTD_LEVEL,

@@ -323,9 +323,8 @@ pub fn read_range(file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> Resu
     })
 }
 
-/// Checks the header at the start of `bytes` (a blob read from a pack) against `entry` and
-/// returns the stored bytes that follow it.
-pub fn split_blob<'a>(bytes: &'a [u8], entry: &PackEntry, path: &Path) -> Result<&'a [u8]> {
+/// Checks the blob header at the start of `bytes` against what the trailer or index says.
+pub fn check_blob_header(bytes: &[u8], entry: &PackEntry, path: &Path) -> Result<BlobHeader> {
     let corrupt = |source| StoreError::Corrupt {
         path: path.to_owned(),
         what: "blob header",
@@ -346,13 +345,23 @@ pub fn split_blob<'a>(bytes: &'a [u8], entry: &PackEntry, path: &Path) -> Result
             ),
         )));
     }
+    Ok(header)
+}
+
+/// Checks the header at the start of `bytes` (a blob read from a pack) against `entry` and
+/// returns the stored bytes that follow it.
+pub fn split_blob<'a>(bytes: &'a [u8], entry: &PackEntry, path: &Path) -> Result<&'a [u8]> {
+    check_blob_header(bytes, entry, path)?;
+    let end = BLOB_HEADER_LEN + entry.stored_len as usize;
     bytes
-        .get(BLOB_HEADER_LEN..BLOB_HEADER_LEN + entry.stored_len as usize)
-        .ok_or_else(|| {
-            corrupt(DecodeError::Truncated {
-                needed: BLOB_HEADER_LEN + entry.stored_len as usize,
+        .get(BLOB_HEADER_LEN..end)
+        .ok_or_else(|| StoreError::Corrupt {
+            path: path.to_owned(),
+            what: "blob",
+            source: DecodeError::Truncated {
+                needed: end,
                 available: bytes.len(),
-            })
+            },
         })
 }
 

@@ -183,6 +183,7 @@ impl Repository {
         }
         fsync_dir(&path.join("packs"))?;
         mkdir(path.join("snapshots"))?;
+        mkdir(path.join("locks"))?;
         Index::open(&path.join("index"))?.flush()?;
         // The config is written last: its presence is what makes the directory a repository,
         // so a crash during init leaves a directory that init can be told to use again.
@@ -233,6 +234,7 @@ impl Repository {
     }
 
     /// Reads every pack trailer and indexes its blobs. Damaged packs are reported, not fatal.
+    /// Entries already in the index stay; see [`Index::clear`] for a rebuild from scratch.
     pub fn rebuild_index(&self) -> Result<RebuildReport> {
         let mut report = RebuildReport::default();
         for (id, path) in self.list_packs()? {

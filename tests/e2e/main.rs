@@ -6,4 +6,5 @@ mod common;
 mod dedup;
 mod devices;
 mod interrupt;
+mod maintenance;
 mod roundtrip;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use sbk_engine::{BackupOptions, BackupOutcome, EngineError};
+use sbk_store::{Lock, LockKind};
 
 use super::Context;
 use crate::exit::{engine_exit, Exit};
@@ -29,14 +30,6 @@ pub struct Args {
     /// Host name recorded in the snapshots [default: this machine's].
     #[arg(long, value_name = "HOST")]
     host: Option<String>,
-}
-
-fn this_host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "localhost".into())
 }
 
 fn describe(o: &BackupOutcome) -> (String, serde_json::Value) {
@@ -83,9 +76,10 @@ fn describe(o: &BackupOutcome) -> (String, serde_json::Value) {
 /// Runs `sbk backup`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let repo = ctx.open_repo()?;
+    let _lock = Lock::acquire(repo.path(), LockKind::Shared, "backup")?;
     let opts = BackupOptions {
         threads: ctx.threads,
-        host: args.host.unwrap_or_else(this_host),
+        host: args.host.unwrap_or_else(sbk_store::host_name),
         tags: args.tags,
     };
     let progress = ctx.out.progress();

@@ -2,8 +2,11 @@
 
 pub mod backup;
 pub mod init;
+pub mod repair;
 pub mod restore;
 pub mod snapshots;
+pub mod unlock;
+pub mod verify;
 
 use std::path::PathBuf;
 

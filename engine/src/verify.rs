@@ -1,0 +1,347 @@
+//! `verify`: proves that what the repository holds can be restored.
+//!
+//! The structural check (always) decodes every manifest and segment tree, checks that every
+//! referenced blob is indexed in a pack that exists and whose trailer lists it where the index
+//! says, that every pack trailer agrees with the blob headers in the pack and with the index, and
+//! that no index entry points at a missing pack. With `read_data`, the blobs of all packs (or a
+//! subset) are read, decompressed and re-hashed. Every problem names the object and the snapshots
+//! it affects.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use sbk_store::{
+    check_blob_header, read_range, read_trailer, split_blob, ChunkId, Extent, PackEntry, PackId,
+    Repository, SnapshotId, BLOB_HEADER_LEN,
+};
+
+use crate::error::{EngineError, Result};
+use crate::progress::Progress;
+
+/// Which packs `verify` reads in full.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ReadData {
+    /// None: structure only.
+    None,
+    /// Every pack.
+    All,
+    /// A random sample of about this percentage of the packs.
+    Percent(f64),
+    /// Part `n` of `m` (1-based) of the packs in id order: run n = 1..m in turn to cover all.
+    Part {
+        /// This part, 1..=m.
+        n: u32,
+        /// Number of parts.
+        m: u32,
+    },
+}
+
+/// What to verify.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// Snapshots to check (all when empty).
+    pub snapshots: Vec<SnapshotId>,
+    /// How much data to read back.
+    pub read_data: ReadData,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+/// One problem found.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    /// What is wrong, naming the object (pack, chunk, snapshot, index entry).
+    pub what: String,
+    /// The snapshots it affects.
+    pub snapshots: Vec<SnapshotId>,
+}
+
+/// The outcome of `verify`.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    /// Snapshots checked.
+    pub snapshots: usize,
+    /// Packs checked structurally.
+    pub packs: usize,
+    /// Packs whose data was read back.
+    pub packs_read: usize,
+    /// Bytes of pack data read back.
+    pub bytes_read: u64,
+    /// Blobs decompressed and re-hashed.
+    pub blobs_read: u64,
+    /// Everything found wrong.
+    pub problems: Vec<Problem>,
+    /// Wall time in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// Which snapshots refer to each blob, as indices into a snapshot list.
+struct References {
+    snapshots: Vec<SnapshotId>,
+    by_blob: HashMap<ChunkId, Vec<u32>>,
+}
+
+impl References {
+    fn affected<'a>(&self, ids: impl IntoIterator<Item = &'a ChunkId>) -> Vec<SnapshotId> {
+        let set: BTreeSet<u32> = ids
+            .into_iter()
+            .filter_map(|id| self.by_blob.get(id))
+            .flatten()
+            .copied()
+            .collect();
+        set.into_iter()
+            .map(|i| self.snapshots[i as usize])
+            .collect()
+    }
+}
+
+/// Runs `verify`.
+pub fn verify(
+    repo: &Repository,
+    opts: &VerifyOptions,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
+    let started = Instant::now();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads.max(1))
+        .build()
+        .map_err(|e| EngineError::ThreadPool(e.to_string()))?;
+    let mut report = pool.install(|| verify_in_pool(repo, opts, progress))?;
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+fn verify_in_pool(
+    repo: &Repository,
+    opts: &VerifyOptions,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
+    let mut report = VerifyReport::default();
+    let mut problems = Vec::new();
+    let wanted: HashSet<SnapshotId> = opts.snapshots.iter().copied().collect();
+
+    // Manifests and trees: what each snapshot refers to.
+    let mut refs = References {
+        snapshots: Vec::new(),
+        by_blob: HashMap::new(),
+    };
+    for (id, manifest) in repo.snapshots()? {
+        if !wanted.is_empty() && !wanted.contains(&id) {
+            continue;
+        }
+        let manifest = match manifest {
+            Ok(m) => m,
+            Err(e) => {
+                problems.push(Problem {
+                    what: format!("snapshot {id}: {e}"),
+                    snapshots: vec![id],
+                });
+                continue;
+            }
+        };
+        let index = refs.snapshots.len() as u32;
+        refs.snapshots.push(id);
+        let trees: Vec<_> = manifest
+            .trees
+            .par_iter()
+            .enumerate()
+            .map(|(i, tree)| (tree, repo.load_tree(tree, manifest.segment_len(i))))
+            .collect();
+        for (tree, extents) in trees {
+            refs.by_blob.entry(*tree).or_default().push(index);
+            match extents {
+                Ok(extents) => {
+                    for x in extents {
+                        if let Extent::Data { id: chunk, .. } = x {
+                            let users = refs.by_blob.entry(chunk).or_default();
+                            if users.last() != Some(&index) {
+                                users.push(index);
+                            }
+                        }
+                    }
+                }
+                Err(e) => problems.push(Problem {
+                    what: format!("segment tree {tree}: {e}"),
+                    snapshots: vec![id],
+                }),
+            }
+        }
+    }
+    report.snapshots = refs.snapshots.len();
+    if let Some(r) = repo.rebuilt() {
+        problems.push(Problem {
+            what: format!(
+                "the index was missing; it was rebuilt from {} packs ({} blobs)",
+                r.packs, r.blobs
+            ),
+            snapshots: Vec::new(),
+        });
+    }
+
+    // The index, by pack.
+    let mut by_pack: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
+    for entry in repo.index().iter() {
+        match entry {
+            Ok(e) => by_pack.entry(e.pack).or_default().push(e.entry),
+            Err(e) => problems.push(Problem {
+                what: e.to_string(),
+                snapshots: Vec::new(),
+            }),
+        }
+    }
+    let indexed: HashSet<ChunkId> = by_pack.values().flatten().map(|e| e.id).collect();
+    let mut missing: Vec<&ChunkId> = refs
+        .by_blob
+        .keys()
+        .filter(|id| !indexed.contains(id))
+        .collect();
+    missing.sort();
+    for id in missing {
+        problems.push(Problem {
+            what: format!("chunk {id} is referenced but not in the index (missing data, or run `sbk repair index`)"),
+            snapshots: refs.affected([id]),
+        });
+    }
+
+    // Packs: trailer against headers and index.
+    let packs = repo.list_packs()?;
+    report.packs = packs.len();
+    let on_disk: HashSet<PackId> = packs.iter().map(|(id, _)| *id).collect();
+    for (pack, entries) in &by_pack {
+        if !on_disk.contains(pack) {
+            problems.push(Problem {
+                what: format!(
+                    "pack {pack} is missing, but the index names it for {} blobs",
+                    entries.len()
+                ),
+                snapshots: refs.affected(entries.iter().map(|e| &e.id)),
+            });
+        }
+    }
+    progress.start(0, "packs", packs.len() as u64);
+    let selected = select(&packs, opts.read_data);
+    let checked: Vec<(Vec<Problem>, u64, u64)> = packs
+        .par_iter()
+        .map(|(pack, path)| {
+            let indexed = by_pack.get(pack).map(Vec::as_slice).unwrap_or(&[]);
+            let r = check_pack(repo, *pack, path, indexed, selected.contains(pack), &refs);
+            progress.advance(0, 1);
+            r
+        })
+        .collect();
+    progress.finish(0);
+    for (p, bytes, blobs) in checked {
+        problems.extend(p);
+        report.bytes_read += bytes;
+        report.blobs_read += blobs;
+    }
+    report.packs_read = selected.len();
+    report.problems = problems;
+    Ok(report)
+}
+
+/// The packs whose data `read` asks for.
+fn select(packs: &[(PackId, std::path::PathBuf)], read: ReadData) -> HashSet<PackId> {
+    match read {
+        ReadData::None => HashSet::new(),
+        ReadData::All => packs.iter().map(|(id, _)| *id).collect(),
+        ReadData::Part { n, m } => packs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| (*i as u32) % m == n - 1)
+            .map(|(_, (id, _))| *id)
+            .collect(),
+        // Pack ids are random: taking those whose first bytes fall under the threshold is a random
+        // sample, and a different one each time a fresh threshold offset is used.
+        ReadData::Percent(p) => {
+            let offset = u32::from_le_bytes(
+                sbk_store::PackId::random()
+                    .map(|id| [id.0[0], id.0[1], id.0[2], id.0[3]])
+                    .unwrap_or([0; 4]),
+            );
+            let threshold = (p.clamp(0.0, 100.0) / 100.0 * f64::from(u32::MAX)) as u32;
+            packs
+                .iter()
+                .filter(|(id, _)| {
+                    u32::from_le_bytes([id.0[0], id.0[1], id.0[2], id.0[3]]).wrapping_sub(offset)
+                        <= threshold
+                })
+                .map(|(id, _)| *id)
+                .collect()
+        }
+    }
+}
+
+/// Checks one pack: its trailer, each blob header, agreement with the index, and (when `read`)
+/// every blob's contents. Returns the problems, bytes read and blobs re-hashed.
+fn check_pack(
+    repo: &Repository,
+    pack: PackId,
+    path: &std::path::Path,
+    indexed: &[PackEntry],
+    read: bool,
+    refs: &References,
+) -> (Vec<Problem>, u64, u64) {
+    let mut problems = Vec::new();
+    let in_pack = |ids: &mut dyn Iterator<Item = &ChunkId>| refs.affected(ids.collect::<Vec<_>>());
+    let trailer = match read_trailer(path, pack) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.push(Problem {
+                what: format!("pack {pack}: {e}"),
+                snapshots: in_pack(&mut indexed.iter().map(|e| &e.id)),
+            });
+            return (problems, 0, 0);
+        }
+    };
+    let by_id: HashMap<ChunkId, &PackEntry> = trailer.iter().map(|e| (e.id, e)).collect();
+    for e in indexed {
+        if by_id.get(&e.id).is_none_or(|t| *t != e) {
+            problems.push(Problem {
+                what: format!("index entry of chunk {} points at pack {pack} offset {}, which the pack's trailer does not list", e.id, e.offset),
+                snapshots: refs.affected([&e.id]),
+            });
+        }
+    }
+    let file = match repo.open_pack(pack) {
+        Ok(f) => f,
+        Err(e) => {
+            problems.push(Problem {
+                what: format!("pack {pack}: {e}"),
+                snapshots: in_pack(&mut trailer.iter().map(|e| &e.id)),
+            });
+            return (problems, 0, 0);
+        }
+    };
+    let (mut bytes, mut blobs) = (0u64, 0u64);
+    let mut buf = Vec::new();
+    let mut raw = Vec::new();
+    for e in &trailer {
+        let len = if read {
+            BLOB_HEADER_LEN + e.stored_len as usize
+        } else {
+            BLOB_HEADER_LEN
+        };
+        buf.resize(len, 0);
+        let result = read_range(&file, path, e.offset, &mut buf).and_then(|()| {
+            if read {
+                let stored = split_blob(&buf, e, path)?;
+                raw.resize(e.raw_len as usize, 0);
+                repo.decode_verified(pack, e, stored, &mut raw)?;
+                bytes += len as u64;
+                blobs += 1;
+            } else {
+                check_blob_header(&buf, e, path)?;
+            }
+            Ok(())
+        });
+        if let Err(err) = result {
+            problems.push(Problem {
+                what: format!("chunk {} in pack {pack}: {err}", e.id),
+                snapshots: refs.affected([&e.id]),
+            });
+        }
+    }
+    (problems, bytes, blobs)
+}

@@ -1,0 +1,232 @@
+//! verify, repair index, locks and unlock.
+
+use std::os::unix::fs::FileExt;
+
+use serde_json::Value;
+
+use crate::common::*;
+
+/// Two snapshots sharing some data; returns (env, ids).
+fn two_snapshots() -> (Env, Vec<String>) {
+    let env = Env::new();
+    let (a, b) = (env.path("a"), env.path("b"));
+    let shared = random(3 << 20, 1);
+    std::fs::write(&a, [shared.clone(), random(2 << 20, 2)].concat()).unwrap();
+    std::fs::write(&b, [shared, random(2 << 20, 3)].concat()).unwrap();
+    let ids = [&a, &b]
+        .iter()
+        .map(|p| env.backup(p, &[])["snapshot"].as_str().unwrap().to_owned())
+        .collect();
+    (env, ids)
+}
+
+fn verify(env: &Env, extra: &[&str]) -> (i32, Value, String) {
+    let r = env.run(&[&["verify", "--json"], extra].concat());
+    let v = serde_json::from_str(&r.stdout).unwrap_or(Value::Null);
+    (r.code, v, r.stderr)
+}
+
+/// The problems verify reported, and every snapshot they name.
+fn problems(v: &Value) -> (Vec<String>, Vec<String>) {
+    let list = v["problems"].as_array().cloned().unwrap_or_default();
+    let what = list
+        .iter()
+        .map(|p| p["problem"].as_str().unwrap().to_owned())
+        .collect();
+    let snaps = list
+        .iter()
+        .flat_map(|p| p["snapshots"].as_array().cloned().unwrap_or_default())
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
+    (what, snaps)
+}
+
+#[test]
+fn verify_passes_on_a_healthy_repository_and_reads_everything() {
+    let (env, _) = two_snapshots();
+    let (code, v, err) = verify(&env, &["--read-data"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(v["snapshots"], 2);
+    assert!(v["blobs_read"].as_u64().unwrap() > 20);
+    assert!(v["problems"].as_array().unwrap().is_empty());
+    // Subsets: the parts together read every pack once.
+    let packs = v["packs"].as_u64().unwrap();
+    let parts: u64 = (1..=3)
+        .map(|n| {
+            verify(&env, &["--read-data-subset", &format!("{n}/3")]).1["packs_read"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(parts, packs);
+    assert_eq!(
+        verify(&env, &["--read-data-subset", "100%"]).1["packs_read"]
+            .as_u64()
+            .unwrap(),
+        packs
+    );
+    let r = env.run(&["verify", "--read-data-subset", "0/3"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+}
+
+#[test]
+fn verify_catches_each_injected_fault_and_names_the_snapshots() {
+    let (env, ids) = two_snapshots();
+    let pack = env.packs().into_iter().next().unwrap();
+    let pack_name = pack.file_name().unwrap().to_str().unwrap().to_owned();
+    let original = std::fs::read(&pack).unwrap();
+    let restore_pack = || std::fs::write(&pack, &original).unwrap();
+
+    // A flipped byte inside a blob: found by --read-data, with the chunk, pack and snapshots.
+    std::fs::File::options()
+        .write(true)
+        .open(&pack)
+        .unwrap()
+        .write_all_at(&[original[100_000] ^ 1], 100_000)
+        .unwrap();
+    let (code, v, _) = verify(&env, &["--read-data"]);
+    let (what, snaps) = problems(&v);
+    assert_eq!(code, 12);
+    assert!(
+        what.iter()
+            .any(|w| w.contains("chunk") && w.contains(&pack_name) && w.contains("corrupt")),
+        "{what:?}"
+    );
+    assert!(
+        !snaps.is_empty() && snaps.iter().all(|s| ids.contains(s)),
+        "{snaps:?}"
+    );
+    restore_pack();
+
+    // A truncated pack.
+    std::fs::write(&pack, &original[..original.len() - 100]).unwrap();
+    let (code, v, _) = verify(&env, &[]);
+    let (what, snaps) = problems(&v);
+    assert_eq!(code, 12);
+    assert!(what.iter().any(|w| w.contains(&pack_name)), "{what:?}");
+    assert!(!snaps.is_empty());
+    restore_pack();
+
+    // A missing pack.
+    std::fs::remove_file(&pack).unwrap();
+    let (code, v, _) = verify(&env, &[]);
+    let (what, snaps) = problems(&v);
+    assert_eq!(code, 12);
+    assert!(
+        what.iter()
+            .any(|w| w.contains(&pack_name) && w.contains("missing")),
+        "{what:?}"
+    );
+    assert!(!snaps.is_empty());
+    restore_pack();
+    assert_eq!(verify(&env, &["--read-data"]).0, 0, "healthy again");
+
+    // A corrupt manifest.
+    let manifest = env.repo.join("snapshots").join(&ids[1]);
+    let m = std::fs::read(&manifest).unwrap();
+    std::fs::write(&manifest, &m[..m.len() - 1]).unwrap();
+    let (code, v, _) = verify(&env, &[]);
+    let (what, snaps) = problems(&v);
+    assert_eq!(code, 12);
+    assert!(what.iter().any(|w| w.contains(&ids[1])), "{what:?}");
+    assert_eq!(snaps, vec![ids[1].clone()]);
+    std::fs::write(&manifest, &m).unwrap();
+
+    // An index entry that points at the wrong offset.
+    {
+        let repo = sbk_store::Repository::open(&env.repo).unwrap();
+        let e = repo.index().iter().next().unwrap().unwrap();
+        let mut moved = e.entry;
+        moved.offset += 1;
+        repo.index().insert_pack(e.pack, &[moved]).unwrap();
+        repo.index().flush().unwrap();
+    }
+    let (code, v, _) = verify(&env, &[]);
+    let (what, snaps) = problems(&v);
+    assert_eq!(code, 12);
+    assert!(
+        what.iter()
+            .any(|w| w.contains("index entry") && w.contains("does not list")),
+        "{what:?}"
+    );
+    assert!(!snaps.is_empty());
+    // repair index puts it right.
+    let r = env.run(&["repair", "index"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(verify(&env, &["--read-data"]).0, 0);
+
+    // A deleted index is rebuilt, and verify says so.
+    std::fs::remove_dir_all(env.repo.join("index")).unwrap();
+    let (code, v, _) = verify(&env, &[]);
+    assert_eq!(code, 12);
+    assert!(problems(&v)
+        .0
+        .iter()
+        .any(|w| w.contains("index was missing")));
+    assert_eq!(verify(&env, &["--read-data"]).0, 0);
+}
+
+#[test]
+fn repair_index_then_restore_and_verify() {
+    let (env, ids) = two_snapshots();
+    std::fs::remove_dir_all(env.repo.join("index")).unwrap();
+    std::fs::create_dir(env.repo.join("index")).unwrap(); // an empty index, not a missing one
+    let r = env.run(&["restore", &ids[0], env.path("x").to_str().unwrap()]);
+    assert_eq!(
+        r.code, 12,
+        "chunks are missing from an empty index: {}",
+        r.stderr
+    );
+    let r = env.run(&["repair", "index", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert!(v["blobs"].as_u64().unwrap() > 20);
+    env.restore(&ids[0], &env.path("a.out"), &[]);
+    assert_same(&env.path("a"), &env.path("a.out"));
+    assert_eq!(verify(&env, &["--read-data"]).0, 0);
+}
+
+#[test]
+fn locks_exclude_and_stale_locks_are_removed() {
+    let env = Env::new();
+    let src = env.path("img");
+    std::fs::write(&src, random(100_000, 1)).unwrap();
+    let locks = env.repo.join("locks");
+    // A live exclusive lock (held, as far as anyone can tell, by this test process).
+    let live = sbk_store::LockInfo {
+        kind: sbk_store::LockKind::Exclusive,
+        host: sbk_store::host_name(),
+        pid: std::process::id(),
+        time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64,
+        purpose: "prune".into(),
+    };
+    std::fs::write(locks.join("live"), live.encode()).unwrap();
+    let r = env.run(&["backup", src.to_str().unwrap()]);
+    assert_eq!(r.code, 15, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("locked") && r.stderr.contains("prune"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(env.run(&["unlock"]).code, 0);
+    assert!(locks.join("live").exists(), "a live lock is kept");
+    // The same lock of a process that is gone is stale: it does not block, and unlock removes it.
+    let dead = sbk_store::LockInfo {
+        pid: u32::MAX - 7,
+        ..live
+    };
+    std::fs::write(locks.join("live"), dead.encode()).unwrap();
+    std::fs::write(locks.join("junk"), b"not a lock").unwrap();
+    assert_eq!(env.run(&["backup", src.to_str().unwrap()]).code, 0);
+    let r = env.run(&["unlock", "--json"]);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["removed"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(
+        std::fs::read_dir(&locks).unwrap().count(),
+        0,
+        "the backup released its own lock"
+    );
+}
