@@ -84,6 +84,7 @@ pub fn engine_exit(e: &EngineError) -> Exit {
     }
     match e {
         EngineError::Store(s) => store_exit(s),
+        EngineError::Unsafe(_) => Exit::Damaged,
         EngineError::TargetExists { .. }
         | EngineError::TargetTooSmall { .. }
         | EngineError::TargetUnusable { .. } => Exit::Refused,

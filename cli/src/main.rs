@@ -46,7 +46,10 @@ enum Command {
     Backup(commands::backup::Args),
     Snapshots(commands::snapshots::Args),
     Restore(commands::restore::Args),
+    Forget(commands::forget::Args),
+    Prune(commands::prune::Args),
     Verify(commands::verify::Args),
+    Stats(commands::stats::Args),
     Repair(commands::repair::Args),
     Unlock(commands::unlock::Args),
 }
@@ -69,7 +72,10 @@ fn main() -> ExitCode {
         Command::Backup(a) => commands::backup::run(&ctx, a),
         Command::Snapshots(a) => commands::snapshots::run(&ctx, a),
         Command::Restore(a) => commands::restore::run(&ctx, a),
+        Command::Forget(a) => commands::forget::run(&ctx, a),
+        Command::Prune(a) => commands::prune::run(&ctx, a),
         Command::Verify(a) => commands::verify::run(&ctx, a),
+        Command::Stats(a) => commands::stats::run(&ctx, a),
         Command::Repair(a) => commands::repair::run(&ctx, a),
         Command::Unlock(a) => commands::unlock::run(&ctx, a),
     };

@@ -218,9 +218,9 @@ fn backup_one(
     progress: &dyn Progress,
 ) -> Result<BackupOutcome> {
     let started = Instant::now();
-    let time = std::time::SystemTime::now()
+    let time_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
+        .map(|d| d.as_nanos() as i64)
         .unwrap_or(0);
     let repo = session.repo;
     let mut source = Source::open(path)?;
@@ -310,7 +310,7 @@ fn backup_one(
     figures.duration_ms = started.elapsed().as_millis() as u64;
     let parent = latest_of(repo, &opts.host, &label)?;
     let manifest = Manifest {
-        time,
+        time_ns,
         source: label,
         host: opts.host.clone(),
         tags: opts.tags.clone(),

@@ -51,6 +51,10 @@ pub enum EngineError {
         /// Where it ended.
         found: u64,
     },
+    /// An operation refused to go on because it could lose data (prune over a damaged
+    /// repository, say).
+    #[error("refusing to continue: {0}")]
+    Unsafe(String),
     /// The worker thread pool could not be started.
     #[error("cannot start worker threads: {0}")]
     ThreadPool(String),

@@ -5,14 +5,20 @@
 mod backup;
 mod error;
 mod progress;
+mod prune;
 mod restore;
+mod retention;
 mod source;
+mod stats;
 mod sys;
 mod verify;
 
 pub use backup::{backup, chunker_params, BackupOptions, BackupOutcome};
 pub use error::{EngineError, Result};
 pub use progress::{NoProgress, Progress};
+pub use prune::{prune, used_blobs, PruneOptions, PruneReport};
 pub use restore::{load_extents, restore, RestoreOptions, RestoreStats, RestoreTarget};
+pub use retention::{apply as apply_retention, Candidate, Policy, Verdict};
 pub use source::{Source, SourceKind, ALIGN};
+pub use stats::{stats, RepoStats, SnapshotStats};
 pub use verify::{verify, Problem, ReadData, VerifyOptions, VerifyReport};

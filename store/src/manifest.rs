@@ -37,8 +37,9 @@ pub struct BackupFigures {
 /// One snapshot: a backup of one source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
-    /// When the backup started: seconds since the Unix epoch.
-    pub time: i64,
+    /// When the backup started: nanoseconds since the Unix epoch (so that snapshots taken within
+    /// one second still sort in the order they were taken).
+    pub time_ns: i64,
     /// The source as given (a device or image path).
     pub source: String,
     /// The host the backup was made for.
@@ -63,7 +64,7 @@ impl Manifest {
         let mut e = Encoder::default();
         e.bytes(MANIFEST_MAGIC)
             .u32(MANIFEST_VERSION)
-            .i64(self.time)
+            .i64(self.time_ns)
             .u64(self.size)
             .u64(self.segment_size)
             .str(&self.source)
@@ -102,7 +103,7 @@ impl Manifest {
         let body = split_checksum(bytes)?;
         let mut d = Decoder::new(body);
         d.bytes(12)?; // magic and version, read above
-        let time = d.i64()?;
+        let time_ns = d.i64()?;
         let size = d.u64()?;
         let segment_size = d.u64()?;
         let source = d.str("source")?;
@@ -146,7 +147,7 @@ impl Manifest {
             .map(|_| d.array().map(ChunkId))
             .collect::<Result<_, _>>()?;
         Ok(Manifest {
-            time,
+            time_ns,
             source,
             host,
             tags,
@@ -277,7 +278,7 @@ mod tests {
             .prop_map(|(time, source, host, tags, size, parent, f)| {
                 let segment_size = 1 << 24;
                 Manifest {
-                    time,
+                    time_ns: time,
                     source,
                     host,
                     tags,

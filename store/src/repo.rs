@@ -395,6 +395,56 @@ impl Repository {
         Ok(id)
     }
 
+    /// Removes a snapshot's manifest (its data stays until prune). The directory is fsynced so
+    /// that a forgotten snapshot does not come back after a power loss.
+    pub fn remove_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        let path = self.snapshot_path(id);
+        fs::remove_file(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::SnapshotNotFound(id.to_hex()),
+            _ => StoreError::io(&path, e),
+        })?;
+        fsync_dir(&self.path.join("snapshots"))
+    }
+
+    /// Removes a sealed pack. The caller must first have removed from the index every entry
+    /// that points into it (see docs/design.md, "prune").
+    pub fn remove_pack(&self, id: PackId) -> Result<u64> {
+        let path = self.pack_path(id);
+        let len = fs::metadata(&path)
+            .map_err(|e| StoreError::io(&path, e))?
+            .len();
+        self.open_packs
+            .lock()
+            .expect("no thread panics holding this lock")
+            .remove(&id);
+        fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+        fsync_dir(path.parent().expect("pack path has a parent"))?;
+        Ok(len)
+    }
+
+    /// Removes leftovers of interrupted writes: `.tmp` packs and manifests. Only safe while no
+    /// other process writes to the repository (under an exclusive lock). Returns bytes freed.
+    pub fn remove_leftovers(&self) -> Result<u64> {
+        let mut freed = 0;
+        let mut dirs: Vec<PathBuf> = (0..=255u8)
+            .map(|i| self.path.join("packs").join(to_hex(&[i])))
+            .collect();
+        dirs.push(self.path.join("snapshots"));
+        for dir in dirs {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries {
+                let path = entry.map_err(|e| StoreError::io(&dir, e))?.path();
+                if path.extension().is_some_and(|e| e == "tmp") {
+                    freed += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                    fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+                }
+            }
+        }
+        Ok(freed)
+    }
+
     /// Ids of every snapshot, sorted.
     pub fn snapshot_ids(&self) -> Result<Vec<SnapshotId>> {
         let dir = self.path.join("snapshots");
@@ -438,7 +488,7 @@ impl Repository {
             .into_iter()
             .map(|id| (id, self.load_manifest(&id)))
             .collect();
-        all.sort_by_key(|(id, m)| (m.as_ref().map(|m| m.time).unwrap_or(i64::MIN), *id));
+        all.sort_by_key(|(id, m)| (m.as_ref().map(|m| m.time_ns).unwrap_or(i64::MIN), *id));
         Ok(all)
     }
 

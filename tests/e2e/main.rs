@@ -7,4 +7,5 @@ mod dedup;
 mod devices;
 mod interrupt;
 mod maintenance;
+mod retention_prune;
 mod roundtrip;

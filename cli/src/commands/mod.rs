@@ -1,10 +1,13 @@
 //! One module per command: an `Args` struct (clap derive) and a `run` function.
 
 pub mod backup;
+pub mod forget;
 pub mod init;
+pub mod prune;
 pub mod repair;
 pub mod restore;
 pub mod snapshots;
+pub mod stats;
 pub mod unlock;
 pub mod verify;
 

@@ -12,9 +12,9 @@ use crate::output::bytes;
 #[derive(clap::Args, Debug)]
 pub struct Args {}
 
-/// Formats a Unix time as RFC 3339 in UTC.
-pub fn time(t: i64) -> String {
-    let st = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64);
+/// Formats a time in nanoseconds since the Unix epoch as RFC 3339 in UTC, to the second.
+pub fn time(ns: i64) -> String {
+    let st = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns.max(0) as u64);
     humantime::format_rfc3339_seconds(st).to_string()
 }
 
@@ -45,7 +45,7 @@ pub fn run(ctx: &Context, _args: Args) -> Result<ExitCode> {
                     &format!(
                         "{:<8}  {:<20}  {:<12}  {:>10}  {}{}",
                         &id.to_hex()[..8],
-                        time(m.time),
+                        time(m.time_ns),
                         m.host,
                         bytes(m.size),
                         m.source,
@@ -55,7 +55,7 @@ pub fn run(ctx: &Context, _args: Args) -> Result<ExitCode> {
                 );
                 json.push(serde_json::json!({
                     "id": id.to_hex(),
-                    "time": time(m.time),
+                    "time": time(m.time_ns),
                     "host": m.host,
                     "source": m.source,
                     "size": m.size,

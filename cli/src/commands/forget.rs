@@ -1,0 +1,187 @@
+//! `sbk forget`: remove snapshots by id or by a retention policy.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use sbk_engine::{Candidate, Policy};
+use sbk_store::{Lock, LockKind};
+
+use super::snapshots::time;
+use super::Context;
+use crate::exit::{Exit, ExitWith};
+
+/// Remove snapshots, by id or by a retention policy.
+///
+/// A policy is evaluated per (host, source) group, newest first: `--keep-last N` keeps the N
+/// newest; `--keep-daily N` the newest of each of the N most recent days with a snapshot (and so
+/// on for hourly, weekly (ISO weeks), monthly, yearly; times in UTC); `--keep-tag T` every
+/// snapshot tagged T. A snapshot is kept when any rule keeps it, and the output says which.
+/// A policy that would remove every snapshot of a group is refused: name the snapshots to do
+/// that. Forgetting is cheap; the space comes back with `sbk prune` (or `--prune`).
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Snapshots to remove (full ids, unique prefixes or `latest`).
+    #[arg(value_name = "SNAPSHOT", conflicts_with_all = ["keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly", "keep_tag", "host", "source"])]
+    snapshots: Vec<String>,
+    /// Keep the N newest snapshots of each group.
+    #[arg(long, value_name = "N")]
+    keep_last: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent hours.
+    #[arg(long, value_name = "N")]
+    keep_hourly: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent days.
+    #[arg(long, value_name = "N")]
+    keep_daily: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent ISO weeks.
+    #[arg(long, value_name = "N")]
+    keep_weekly: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent months.
+    #[arg(long, value_name = "N")]
+    keep_monthly: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent years.
+    #[arg(long, value_name = "N")]
+    keep_yearly: Option<u32>,
+    /// Keep every snapshot with this tag (repeatable).
+    #[arg(long, value_name = "TAG")]
+    keep_tag: Vec<String>,
+    /// Apply the policy only to snapshots of this host.
+    #[arg(long, value_name = "HOST")]
+    host: Option<String>,
+    /// Apply the policy only to snapshots of this source.
+    #[arg(long, value_name = "SOURCE")]
+    source: Option<String>,
+    /// Say what would be removed; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Run prune afterwards.
+    #[arg(long)]
+    prune: bool,
+    /// With --prune: repack a pack once more than this percentage of it is unused.
+    #[arg(long, default_value_t = 5.0, value_name = "PERCENT", requires = "prune", value_parser = super::prune::parse_percent)]
+    max_unused: f64,
+}
+
+/// Runs `sbk forget`.
+pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
+    let repo = ctx.open_repo()?;
+    let lock = Lock::acquire(repo.path(), LockKind::Shared, "forget")?;
+    let policy = Policy {
+        last: args.keep_last,
+        hourly: args.keep_hourly,
+        daily: args.keep_daily,
+        weekly: args.keep_weekly,
+        monthly: args.keep_monthly,
+        yearly: args.keep_yearly,
+        tags: args.keep_tag.clone(),
+    };
+    let all = repo.snapshots()?;
+    let describe =
+        |id: &sbk_store::SnapshotId| match all.iter().find(|(i, _)| i == id).map(|(_, m)| m) {
+            Some(Ok(m)) => format!(
+                "{} {} {} {}",
+                &id.to_hex()[..8],
+                time(m.time_ns),
+                m.host,
+                m.source
+            ),
+            _ => id.to_hex()[..8].to_owned(),
+        };
+    // (id, reasons to keep it: empty = remove)
+    let verdicts: Vec<(sbk_store::SnapshotId, Vec<String>)> = if !args.snapshots.is_empty() {
+        args.snapshots
+            .iter()
+            .map(|s| repo.resolve_snapshot(s).map(|id| (id, Vec::new())))
+            .collect::<Result<_, _>>()?
+    } else if policy.is_empty() {
+        return Err(ExitWith(
+            Exit::Usage,
+            "name the snapshots to forget, or give a policy (--keep-last, --keep-daily, …)".into(),
+        )
+        .into());
+    } else {
+        let candidates: Vec<Candidate> = all
+            .iter()
+            .filter_map(|(id, m)| m.as_ref().ok().map(|m| (id, m)))
+            .filter(|(_, m)| {
+                args.host.as_ref().is_none_or(|h| *h == m.host)
+                    && args.source.as_ref().is_none_or(|s| *s == m.source)
+            })
+            .map(|(id, m)| Candidate {
+                id: *id,
+                time_ns: m.time_ns,
+                host: m.host.clone(),
+                source: m.source.clone(),
+                tags: m.tags.clone(),
+            })
+            .collect();
+        let verdicts = sbk_engine::apply_retention(&policy, &candidates);
+        let mut groups: std::collections::BTreeMap<_, bool> = std::collections::BTreeMap::new();
+        for v in &verdicts {
+            *groups.entry(v.group.clone()).or_default() |= !v.reasons.is_empty();
+        }
+        if let Some(((host, source), _)) = groups.iter().find(|(_, kept)| !**kept) {
+            return Err(ExitWith(
+                Exit::Refused,
+                format!("the policy keeps no snapshot of host {host:?}, source {source:?}; to remove them all, name them"),
+            )
+            .into());
+        }
+        verdicts.into_iter().map(|v| (v.id, v.reasons)).collect()
+    };
+    let mut json = Vec::new();
+    let mut removed = 0;
+    for (id, reasons) in &verdicts {
+        if reasons.is_empty() {
+            ctx.out.info(
+                &format!(
+                    "{} {}",
+                    if args.dry_run {
+                        "would remove"
+                    } else {
+                        "remove"
+                    },
+                    describe(id)
+                ),
+                false,
+            );
+            if !args.dry_run {
+                repo.remove_snapshot(id)?;
+            }
+            removed += 1;
+        } else {
+            ctx.out.info(
+                &format!("keep   {}  ({})", describe(id), reasons.join(", ")),
+                false,
+            );
+        }
+        json.push(serde_json::json!({"snapshot": id.to_hex(), "keep": !reasons.is_empty(), "reasons": reasons}));
+    }
+    ctx.out.info(
+        &format!(
+            "{} {removed} snapshots, kept {}",
+            if args.dry_run {
+                "would remove"
+            } else {
+                "removed"
+            },
+            verdicts.len() - removed
+        ),
+        false,
+    );
+    ctx.out.json(
+        &serde_json::json!({"dry_run": args.dry_run, "snapshots": json}),
+        false,
+    );
+    drop(lock);
+    if args.prune && !args.dry_run {
+        super::prune::prune_repo(
+            ctx,
+            &repo,
+            &super::prune::Args {
+                max_unused: args.max_unused,
+                dry_run: false,
+            },
+        )?;
+    }
+    Ok(Exit::Ok.into())
+}

@@ -1,0 +1,99 @@
+//! `sbk prune`: reclaim the space of data no snapshot refers to.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use sbk_engine::{PruneOptions, PruneReport};
+use sbk_store::{Lock, LockKind};
+
+use super::Context;
+use crate::exit::Exit;
+use crate::output::bytes;
+
+/// Remove data that no snapshot refers to.
+///
+/// Deletes packs whose blobs are all unused and repacks those whose unused share exceeds
+/// `--max-unused`. Blobs that stay are copied into new packs, which are made durable and indexed
+/// before anything old is deleted, so an interrupted prune loses nothing. Takes an exclusive lock:
+/// it waits for no one and refuses while another sbk process uses the repository.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Repack a pack once more than this percentage of it is unused.
+    #[arg(long, default_value_t = 5.0, value_name = "PERCENT", value_parser = parse_percent)]
+    pub max_unused: f64,
+
+    /// Say what would be done; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Parses a percentage from 0 to 100 (a trailing `%` is allowed).
+pub fn parse_percent(s: &str) -> Result<f64, String> {
+    let p: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage"))?;
+    if (0.0..=100.0).contains(&p) {
+        Ok(p)
+    } else {
+        Err(format!("{s:?}: the percentage must be between 0 and 100"))
+    }
+}
+
+/// Prunes an open repository (the caller has no lock; this takes the exclusive one).
+pub fn prune_repo(ctx: &Context, repo: &sbk_store::Repository, args: &Args) -> Result<PruneReport> {
+    let _lock = Lock::acquire(repo.path(), LockKind::Exclusive, "prune")?;
+    let report = sbk_engine::prune(
+        repo,
+        &PruneOptions {
+            max_unused_percent: args.max_unused,
+            dry_run: args.dry_run,
+            threads: ctx.threads,
+        },
+        &ctx.out.progress(),
+    )?;
+    let verb = if args.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    ctx.out.info(
+        &format!(
+            "{verb} {} of {} packs and repack {} ({} of used data into {} new packs), dropping {} unused blobs: {} reclaimed of {} in {:.1} s",
+            report.packs_deleted,
+            report.packs,
+            report.packs_repacked,
+            bytes(report.bytes_repacked),
+            report.packs_written,
+            report.blobs_dropped,
+            bytes(report.bytes_reclaimed),
+            bytes(report.bytes_before),
+            report.duration_ms as f64 / 1000.0
+        ),
+        false,
+    );
+    ctx.out.json(
+        &serde_json::json!({
+            "dry_run": args.dry_run,
+            "packs": report.packs,
+            "packs_deleted": report.packs_deleted,
+            "packs_repacked": report.packs_repacked,
+            "packs_written": report.packs_written,
+            "blobs_dropped": report.blobs_dropped,
+            "bytes_repacked": report.bytes_repacked,
+            "bytes_removed": report.bytes_removed,
+            "bytes_reclaimed": report.bytes_reclaimed,
+            "bytes_before": report.bytes_before,
+            "duration_ms": report.duration_ms,
+        }),
+        false,
+    );
+    Ok(report)
+}
+
+/// Runs `sbk prune`.
+pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
+    let repo = ctx.open_repo()?;
+    prune_repo(ctx, &repo, &args)?;
+    Ok(Exit::Ok.into())
+}

@@ -1,0 +1,128 @@
+//! `stats`: sizes and ratios of the repository and of each snapshot.
+
+use std::collections::{HashMap, HashSet};
+
+use rayon::prelude::*;
+use sbk_store::{ChunkId, Extent, Repository, SnapshotId, BLOB_HEADER_LEN};
+
+use crate::error::Result;
+
+/// Figures of one snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotStats {
+    /// The snapshot.
+    pub id: SnapshotId,
+    /// Logical size (the source's size).
+    pub size: u64,
+    /// Bytes in data extents (the rest are zero extents).
+    pub data_bytes: u64,
+    /// Distinct chunks it refers to.
+    pub chunks: u64,
+    /// Raw bytes of its distinct chunks.
+    pub chunk_bytes: u64,
+    /// Raw bytes of the chunks no other snapshot refers to: what forgetting it would free.
+    pub unique_bytes: u64,
+    /// Stored (compressed) bytes of those chunks.
+    pub unique_stored: u64,
+}
+
+/// Figures of the repository (or of the selected snapshots).
+#[derive(Debug, Clone, Default)]
+pub struct RepoStats {
+    /// Snapshots counted.
+    pub snapshots: u64,
+    /// Sum of their logical sizes.
+    pub logical: u64,
+    /// Sum of their data extents.
+    pub data_bytes: u64,
+    /// Distinct chunks they refer to.
+    pub chunks: u64,
+    /// Raw bytes of those chunks.
+    pub chunk_bytes: u64,
+    /// Stored bytes of those chunks, headers included.
+    pub stored_bytes: u64,
+    /// Bytes of all pack files on disk.
+    pub pack_bytes: u64,
+}
+
+impl RepoStats {
+    /// Data referenced per byte of distinct chunk data.
+    pub fn dedup_ratio(&self) -> f64 {
+        self.data_bytes as f64 / self.chunk_bytes.max(1) as f64
+    }
+    /// Raw bytes per stored byte.
+    pub fn compression_ratio(&self) -> f64 {
+        self.chunk_bytes as f64 / self.stored_bytes.max(1) as f64
+    }
+}
+
+/// Computes the figures for `selected` snapshots (all when empty). "Unique" is always relative
+/// to every snapshot in the repository.
+pub fn stats(
+    repo: &Repository,
+    selected: &[SnapshotId],
+) -> Result<(RepoStats, Vec<SnapshotStats>)> {
+    let mut per: Vec<(SnapshotStats, HashSet<ChunkId>)> = Vec::new();
+    let mut users: HashMap<ChunkId, u32> = HashMap::new();
+    for (id, manifest) in repo.snapshots()? {
+        let manifest = manifest?;
+        let trees: Vec<Vec<Extent>> = manifest
+            .trees
+            .par_iter()
+            .enumerate()
+            .map(|(i, t)| repo.load_tree(t, manifest.segment_len(i)))
+            .collect::<Result<_, _>>()?;
+        let mut s = SnapshotStats {
+            id,
+            size: manifest.size,
+            data_bytes: 0,
+            chunks: 0,
+            chunk_bytes: 0,
+            unique_bytes: 0,
+            unique_stored: 0,
+        };
+        let mut chunks = HashSet::new();
+        for x in trees.into_iter().flatten() {
+            if let Extent::Data { id, len } = x {
+                s.data_bytes += u64::from(len);
+                if chunks.insert(id) {
+                    s.chunk_bytes += u64::from(len);
+                }
+            }
+        }
+        for c in &chunks {
+            *users.entry(*c).or_default() += 1;
+        }
+        s.chunks = chunks.len() as u64;
+        per.push((s, chunks));
+    }
+    let mut repo_stats = RepoStats::default();
+    let mut counted = HashSet::new();
+    let mut out = Vec::new();
+    for (mut s, chunks) in per {
+        if !selected.is_empty() && !selected.contains(&s.id) {
+            continue;
+        }
+        for c in &chunks {
+            let entry = repo.locate(c)?.entry;
+            let stored = BLOB_HEADER_LEN as u64 + u64::from(entry.stored_len);
+            if users[c] == 1 {
+                s.unique_bytes += u64::from(entry.raw_len);
+                s.unique_stored += stored;
+            }
+            if counted.insert(*c) {
+                repo_stats.chunk_bytes += u64::from(entry.raw_len);
+                repo_stats.stored_bytes += stored;
+            }
+        }
+        repo_stats.snapshots += 1;
+        repo_stats.logical += s.size;
+        repo_stats.data_bytes += s.data_bytes;
+        out.push(s);
+    }
+    repo_stats.chunks = counted.len() as u64;
+    for (_, path) in repo.list_packs()? {
+        repo_stats.pack_bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    }
+    Ok((repo_stats, out))
+}

@@ -1,0 +1,298 @@
+//! forget (by id and by policy), prune and stats.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::*;
+
+fn json(r: &Run) -> Value {
+    r.json()
+}
+
+fn snapshot_ids(env: &Env) -> Vec<String> {
+    json(&env.run(&["snapshots", "--json"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn pack_bytes(env: &Env) -> u64 {
+    env.packs()
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum()
+}
+
+/// Every snapshot restores to the bytes recorded for it, and verify --read-data passes.
+fn check_all(env: &Env, expected: &std::collections::HashMap<String, Vec<u8>>) {
+    for id in snapshot_ids(env) {
+        let out = env.path("check.out");
+        let _ = std::fs::remove_file(&out);
+        env.restore(&id, &out, &[]);
+        assert!(
+            std::fs::read(&out).unwrap() == expected[&id],
+            "snapshot {id} restores differently"
+        );
+    }
+    let r = env.run(&["verify", "--read-data"]);
+    assert_eq!(r.code, 0, "verify: {}{}", r.stdout, r.stderr);
+}
+
+#[test]
+fn forget_by_id_and_by_policy() {
+    let env = Env::new();
+    let src = env.path("img");
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        std::fs::write(&src, random(200_000, i)).unwrap();
+        let tag = if i == 1 { "monthly" } else { "nightly" };
+        ids.push(
+            env.backup(&src, &["--tag", tag])["snapshot"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    // Bad input first: nothing changes.
+    let before = env.state();
+    for (args, code) in [
+        (vec!["forget"], 2),
+        (vec!["forget", &ids[0][..10], "--keep-last", "1"], 2),
+        (vec!["forget", "--keep-last", "-1"], 2),
+        (vec!["forget", "--keep-tag", "no-such-tag"], 13),
+        (vec!["forget", "ffffffffffff"], 11),
+    ] {
+        let r = env.run(&args);
+        assert_eq!(r.code, code, "{args:?}: {}", r.stderr);
+        assert!(!r.stderr.is_empty());
+    }
+    assert!(env.state() == before);
+
+    // A dry run says what it would do and does nothing.
+    let r = json(&env.run(&[
+        "forget",
+        "--json",
+        "--keep-last",
+        "2",
+        "--keep-tag",
+        "monthly",
+        "--dry-run",
+    ]));
+    let removed: Vec<&str> = r["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["keep"] == false)
+        .map(|s| s["snapshot"].as_str().unwrap())
+        .collect();
+    assert_eq!(removed.len(), 2);
+    assert!(env.state() == before);
+    // For real, with reasons.
+    let r = env.run(&["forget", "--keep-last", "2", "--keep-tag", "monthly"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("last 1") && r.stdout.contains("tag monthly"),
+        "{}",
+        r.stdout
+    );
+    let left = snapshot_ids(&env);
+    assert_eq!(left.len(), 3);
+    assert!(left.contains(&ids[1]) && left.contains(&ids[3]) && left.contains(&ids[4]));
+    // By id.
+    assert_eq!(env.run(&["forget", &ids[3][..12]]).code, 0);
+    assert_eq!(snapshot_ids(&env).len(), 2);
+}
+
+#[test]
+fn prune_reclaims_space_and_keeps_every_remaining_snapshot_whole() {
+    // A seeded random sequence of backups of a mutating image, forgets and prunes; after each
+    // prune, every remaining snapshot restores byte-identical and verify --read-data passes.
+    for seed in [1u64, 2, 3] {
+        let env = Env::new();
+        let src = env.path("img");
+        let mut image = random(6 << 20, seed);
+        let mut expected = std::collections::HashMap::new();
+        let mut rng = seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for _ in 0..8 {
+            match next(4) {
+                0 | 1 => {
+                    // Mutate a few MiB-sized regions and back up.
+                    for _ in 0..1 + next(3) {
+                        let at = next(image.len() as u64 - (1 << 20)) as usize;
+                        image[at..at + (1 << 20)].copy_from_slice(&random(1 << 20, next(1 << 30)));
+                    }
+                    std::fs::write(&src, &image).unwrap();
+                    let id = env.backup(&src, &[])["snapshot"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned();
+                    expected.insert(id, image.clone());
+                }
+                2 => {
+                    let ids = snapshot_ids(&env);
+                    if ids.len() > 1 {
+                        let victim = &ids[next(ids.len() as u64) as usize];
+                        assert_eq!(env.run(&["forget", victim]).code, 0);
+                    }
+                }
+                _ => {
+                    let r = env.run(&["prune", "--max-unused", "0"]);
+                    assert_eq!(r.code, 0, "{}", r.stderr);
+                    check_all(&env, &expected);
+                }
+            }
+        }
+        // Forgetting snapshots with unique data and pruning shrinks the repository.
+        let ids = snapshot_ids(&env);
+        let before = pack_bytes(&env);
+        for id in &ids[..ids.len().saturating_sub(1)] {
+            assert_eq!(env.run(&["forget", id]).code, 0);
+        }
+        let r = json(&env.run(&["prune", "--json"]));
+        check_all(&env, &expected);
+        if ids.len() > 1 {
+            assert!(
+                pack_bytes(&env) < before,
+                "seed {seed}: {before} -> {} ({r})",
+                pack_bytes(&env)
+            );
+            assert!(r["bytes_reclaimed"].as_u64().unwrap() > 0);
+        }
+    }
+}
+
+#[test]
+fn prune_dry_run_changes_nothing_and_prune_respects_locks() {
+    let env = Env::new();
+    let src = env.path("img");
+    std::fs::write(&src, random(3 << 20, 1)).unwrap();
+    let first = env.backup(&src, &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::write(&src, random(3 << 20, 2)).unwrap();
+    env.backup(&src, &[]);
+    assert_eq!(env.run(&["forget", &first]).code, 0);
+    let before = env.state();
+    let r = json(&env.run(&["prune", "--dry-run", "--json"]));
+    assert!(
+        r["packs_deleted"].as_u64().unwrap() + r["packs_repacked"].as_u64().unwrap() > 0,
+        "{r}"
+    );
+    assert!(env.state() == before, "a dry run changes nothing");
+    // A live shared lock (a backup running elsewhere) keeps prune out.
+    let lock = sbk_store::LockInfo {
+        kind: sbk_store::LockKind::Shared,
+        host: sbk_store::host_name(),
+        pid: std::process::id(),
+        time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64,
+        purpose: "backup".into(),
+    };
+    std::fs::write(env.repo.join("locks").join("other"), lock.encode()).unwrap();
+    let before = env.state();
+    let r = env.run(&["prune"]);
+    assert_eq!(r.code, 15, "{}", r.stderr);
+    assert!(r.stderr.contains("backup"), "{}", r.stderr);
+    assert!(env.state() == before);
+}
+
+#[test]
+fn prune_killed_at_many_points_loses_nothing() {
+    let base = Env::new();
+    let src = base.path("img");
+    let mut expected = std::collections::HashMap::new();
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let data = random(24 << 20, 10 + i);
+        std::fs::write(&src, &data).unwrap();
+        let id = base.backup(&src, &[])["snapshot"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        expected.insert(id.clone(), data);
+        ids.push(id);
+    }
+    for id in [&ids[0], &ids[2]] {
+        assert_eq!(base.run(&["forget", id]).code, 0);
+    }
+    let mut interrupted = 0;
+    for delay_ms in [0u64, 5, 15, 30, 60, 120, 250] {
+        // A fresh copy of the repository for each kill point.
+        let env = Env::new();
+        std::fs::remove_dir_all(&env.repo).unwrap();
+        sh(&format!(
+            "cp -a {} {}",
+            base.repo.display(),
+            env.repo.display()
+        ));
+        let mut child = sbk()
+            .arg("--repo")
+            .arg(&env.repo)
+            .args(["prune", "--max-unused", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            interrupted += 1;
+        }
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        // Whatever the kill interrupted: stale locks go, the repository verifies, the remaining
+        // snapshots restore, and a new prune finishes the job.
+        assert_eq!(env.run(&["unlock"]).code, 0);
+        check_all(&env, &expected);
+        assert_eq!(env.run(&["prune", "--max-unused", "0"]).code, 0);
+        check_all(&env, &expected);
+    }
+    assert!(
+        interrupted >= 4,
+        "only {interrupted} kills landed while prune ran"
+    );
+}
+
+#[test]
+fn stats_report_unique_bytes_and_ratios() {
+    let env = Env::new();
+    let src = env.path("img");
+    let shared = random(2 << 20, 1);
+    std::fs::write(&src, [shared.clone(), random(1 << 20, 2)].concat()).unwrap();
+    let a = env.backup(&src, &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::write(&src, [shared, random(1 << 20, 3)].concat()).unwrap();
+    env.backup(&src, &[]);
+    let r = json(&env.run(&["stats", "--json"]));
+    assert_eq!(r["snapshots"], 2);
+    assert_eq!(r["logical_bytes"], 6 << 20);
+    let dedup = r["dedup_ratio"].as_f64().unwrap();
+    assert!(
+        dedup > 1.3 && dedup < 1.7,
+        "6 MiB referenced, about 4 MiB distinct: {dedup}"
+    );
+    let per = r["per_snapshot"].as_array().unwrap();
+    for s in per {
+        let unique = s["unique_bytes"].as_u64().unwrap();
+        assert!(
+            unique > (1 << 20) - (256 << 10) && unique < (1 << 20) + (512 << 10),
+            "about 1 MiB unique: {s}"
+        );
+    }
+    let one = json(&env.run(&["stats", "--json", &a[..8]]));
+    assert_eq!(one["snapshots"], 1);
+}
