@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use sbk_store::{
-    read_trailer, split_blob, ChunkId, EncodedBlob, Extent, PackEntry, PackId, PackWriter,
+    read_trailer, split_blob, ChunkId, EncodedBlob, Extent, Index, PackEntry, PackId, PackWriter,
     Repository, BLOB_HEADER_LEN,
 };
 
@@ -217,21 +217,27 @@ pub fn prune(
     repo.index().flush()?;
     progress.finish(0);
 
-    // 2. Drop the index entries that still point into the packs about to go, and flush.
-    let old: HashSet<PackId> = delete
+    // 2. Drop the old packs from every index slot (ours and those of other processes, none of
+    //    which runs: we hold the exclusive lock), and flush, so no backup can find their blobs.
+    let old: Vec<PackId> = delete
         .iter()
         .map(|(p, _)| *p)
         .chain(repack.iter().map(|(p, _, _)| *p))
         .collect();
-    let mut stale = Vec::new();
-    for entry in repo.index().iter() {
-        let entry = entry?;
-        if old.contains(&entry.pack) {
-            stale.push(entry.entry.id);
-        }
+    for pack in &old {
+        repo.index().forget_pack(*pack)?;
     }
-    repo.index().remove(&stale)?;
     repo.index().flush()?;
+    for slot in Index::slots(&repo.path().join("index"))? {
+        if slot == repo.index().path() {
+            continue;
+        }
+        let other = Index::open(&slot)?;
+        for pack in &old {
+            other.forget_pack(*pack)?;
+        }
+        other.flush()?;
+    }
 
     // 3. Only now delete the old packs, and the leftovers of interrupted writes.
     for pack in &old {

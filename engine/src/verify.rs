@@ -169,13 +169,23 @@ fn verify_in_pool(
         }
     }
     report.snapshots = refs.snapshots.len();
-    if let Some(r) = repo.rebuilt() {
+    let caught_up = repo.index_report();
+    if caught_up.was_missing {
         problems.push(Problem {
             what: format!(
                 "the index was missing; it was rebuilt from {} packs ({} blobs)",
-                r.packs, r.blobs
+                caught_up.packs, caught_up.blobs
             ),
             snapshots: Vec::new(),
+        });
+    }
+    for (pack, ids) in &caught_up.vanished {
+        problems.push(Problem {
+            what: format!(
+                "pack {pack} is missing (the index knew {} blobs in it)",
+                ids.len()
+            ),
+            snapshots: refs.affected(ids),
         });
     }
 

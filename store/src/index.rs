@@ -65,11 +65,17 @@ impl IndexEntry {
     }
 }
 
-/// The sled-backed index of a repository.
+/// The sled-backed index of a repository: one cache slot (see [`Index::open_slot`]).
 pub struct Index {
     db: sled::Db,
+    /// Pack id -> the ids of the blobs this slot indexed from it, so that a pack that goes away
+    /// can be forgotten without scanning the whole index.
+    packs: sled::Tree,
     path: PathBuf,
 }
+
+/// Most cache slots an index directory may hold (one per concurrent sbk process).
+pub const MAX_SLOTS: usize = 16;
 
 impl Index {
     /// Opens (or creates) the index database at `path`.
@@ -81,19 +87,101 @@ impl Index {
             .cache_capacity(8 << 20)
             .open()
             .map_err(|e| Self::error(path, e))?;
+        let packs = db.open_tree("packs").map_err(|e| Self::error(path, e))?;
         Ok(Index {
             db,
+            packs,
             path: path.to_owned(),
         })
     }
 
+    /// Opens the first cache slot (`dir/0`, `dir/1`, …) that no other process holds. sled locks
+    /// its database for one process; each concurrent sbk process gets a slot of its own, which
+    /// [`crate::Repository::open`] brings up to date with the packs.
+    pub fn open_slot(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        for slot in 0..MAX_SLOTS {
+            match Index::open(&dir.join(slot.to_string())) {
+                Err(StoreError::Locked { .. }) => continue,
+                other => return other,
+            }
+        }
+        Err(StoreError::Locked {
+            path: dir.to_owned(),
+            holder: format!("all {MAX_SLOTS} index slots are in use by other sbk processes"),
+        })
+    }
+
+    /// Every slot directory under `dir`.
+    pub fn slots(dir: &Path) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for slot in 0..MAX_SLOTS {
+            let p = dir.join(slot.to_string());
+            if p.exists() {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The packs this slot has indexed.
+    pub fn packs(&self) -> Result<std::collections::HashSet<PackId>> {
+        self.packs
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k.map_err(|e| Self::error(&self.path, e))?;
+                let id: [u8; 16] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    what: "index pack record",
+                    source: invalid("pack id", format!("{} bytes", k.len())),
+                })?;
+                Ok(PackId(id))
+            })
+            .collect()
+    }
+
+    /// Removes a pack from this slot: the entries that point into it, then its record. Returns
+    /// the ids of the blobs the slot knew in it.
+    pub fn forget_pack(&self, pack: PackId) -> Result<Vec<ChunkId>> {
+        let Some(v) = self
+            .packs
+            .get(pack.0)
+            .map_err(|e| Self::error(&self.path, e))?
+        else {
+            return Ok(Vec::new());
+        };
+        let ids: Vec<ChunkId> = v
+            .chunks_exact(32)
+            .map(|c| ChunkId(c.try_into().expect("chunks of 32")))
+            .collect();
+        let mut batch = sled::Batch::default();
+        for id in &ids {
+            // Another pack may hold the current copy of this blob: leave that entry alone.
+            if self.get(id)?.is_some_and(|e| e.pack == pack) {
+                batch.remove(&id.0);
+            }
+        }
+        self.db
+            .apply_batch(batch)
+            .map_err(|e| Self::error(&self.path, e))?;
+        self.packs
+            .remove(pack.0)
+            .map_err(|e| Self::error(&self.path, e))?;
+        Ok(ids)
+    }
+
     fn error(path: &Path, e: sled::Error) -> StoreError {
         match e {
-            // sled holds an exclusive flock on its database while it is open.
-            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+            // sled holds an exclusive flock on its database while it is open; it reports a held
+            // lock as an `Other` I/O error whose text says so (sled 0.34, config.rs).
+            sled::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("could not acquire lock") =>
+            {
                 StoreError::Locked {
                     path: path.to_owned(),
-                    holder: "another sbk process has the index open".into(),
+                    holder: "another sbk process has this index slot open".into(),
                 }
             }
             e => StoreError::Index {
@@ -126,9 +214,11 @@ impl Index {
             .map_err(|e| Self::error(&self.path, e))
     }
 
-    /// Adds every blob of a sealed pack, in one atomic batch.
+    /// Adds every blob of a sealed pack, in one atomic batch, then records the pack. A crash
+    /// in between leaves the pack unrecorded, and the next open indexes it again (idempotent).
     pub fn insert_pack(&self, pack: PackId, entries: &[PackEntry]) -> Result<()> {
         let mut batch = sled::Batch::default();
+        let mut ids = Vec::with_capacity(entries.len() * 32);
         for entry in entries {
             batch.insert(
                 &entry.id.0,
@@ -138,13 +228,26 @@ impl Index {
                 }
                 .encode(),
             );
+            ids.extend_from_slice(&entry.id.0);
         }
         self.db
             .apply_batch(batch)
-            .map_err(|e| Self::error(&self.path, e))
+            .map_err(|e| Self::error(&self.path, e))?;
+        let mut known = self
+            .packs
+            .get(pack.0)
+            .map_err(|e| Self::error(&self.path, e))?
+            .map(|v| v.to_vec())
+            .unwrap_or_default();
+        known.extend_from_slice(&ids);
+        self.packs
+            .insert(pack.0, known)
+            .map_err(|e| Self::error(&self.path, e))?;
+        Ok(())
     }
 
     /// Makes every insert so far durable. Called before a snapshot that relies on them is written.
+    /// (`Db::flush` covers every tree of the database.)
     pub fn flush(&self) -> Result<()> {
         self.db
             .flush()
@@ -163,9 +266,10 @@ impl Index {
             .map_err(|e| Self::error(&self.path, e))
     }
 
-    /// Removes every entry (before a rebuild from the packs).
+    /// Removes every entry and pack record (before a rebuild from the packs).
     pub fn clear(&self) -> Result<()> {
-        self.db.clear().map_err(|e| Self::error(&self.path, e))
+        self.db.clear().map_err(|e| Self::error(&self.path, e))?;
+        self.packs.clear().map_err(|e| Self::error(&self.path, e))
     }
 
     /// Every entry, in id order; an entry that does not decode is an error item.
@@ -183,6 +287,11 @@ impl Index {
                 .map_err(|_| corrupt(invalid("index key", format!("{} bytes", k.len()))))?;
             IndexEntry::decode(ChunkId(id), &v).map_err(corrupt)
         })
+    }
+
+    /// The slot's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Number of indexed blobs.
@@ -216,5 +325,32 @@ mod tests {
         fn garbage_is_an_error_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = IndexEntry::decode(ChunkId([0; 32]), &bytes);
         }
+    }
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::*;
+
+    #[test]
+    fn forget_pack_removes_only_entries_still_pointing_into_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open_slot(dir.path()).unwrap();
+        let entry = |n: u8| PackEntry {
+            id: ChunkId([n; 32]),
+            kind: BlobKind::Data,
+            compression: Compression::None,
+            offset: 16,
+            stored_len: 1,
+            raw_len: 1,
+        };
+        let (old, new) = (PackId([1; 16]), PackId([2; 16]));
+        index.insert_pack(old, &[entry(1), entry(2)]).unwrap();
+        index.insert_pack(new, &[entry(2)]).unwrap(); // blob 2 moved to the new pack
+        assert_eq!(index.packs().unwrap().len(), 2);
+        assert_eq!(index.forget_pack(old).unwrap().len(), 2);
+        assert!(index.get(&ChunkId([1; 32])).unwrap().is_none());
+        assert_eq!(index.get(&ChunkId([2; 32])).unwrap().unwrap().pack, new);
+        assert_eq!(index.packs().unwrap(), [new].into_iter().collect());
     }
 }

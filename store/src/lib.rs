@@ -23,7 +23,7 @@ pub use blob::{
 pub use config::{RepoConfig, CONFIG_LEN, FORMAT_VERSION};
 pub use error::{DecodeError, Result, StoreError};
 pub use id::{ChunkId, PackId, SnapshotId};
-pub use index::{Index, IndexEntry, INDEX_ENTRY_LEN};
+pub use index::{Index, IndexEntry, INDEX_ENTRY_LEN, MAX_SLOTS};
 pub use lock::{host_name, list_locks, FoundLock, Lock, LockInfo, LockKind, LEASE_SECS};
 pub use manifest::{decode_tree, encode_tree, BackupFigures, Extent, Manifest};
 pub use pack::{check_blob_header, read_range, read_trailer, split_blob, PackEntry, PackWriter};

@@ -49,15 +49,20 @@ impl Default for InitOptions {
     }
 }
 
-/// What rebuilding the index found.
+/// What bringing the index up to date with the packs found.
 #[derive(Debug, Clone, Default)]
 pub struct RebuildReport {
-    /// Packs whose trailers were read.
+    /// Packs whose trailers were read (packs new to this index slot).
     pub packs: usize,
     /// Blobs indexed.
     pub blobs: usize,
-    /// Packs that could not be read, with the reason.
+    /// Packs that could not be read, with the reason (left out, tried again next time).
     pub damaged: Vec<(PathBuf, String)>,
+    /// Packs the index knew that are gone, with the blobs it knew in them (now dropped from the
+    /// index, so that no backup refers to them).
+    pub vanished: Vec<(PackId, Vec<ChunkId>)>,
+    /// True when the index directory was missing altogether.
+    pub was_missing: bool,
 }
 
 /// An open repository.
@@ -65,7 +70,7 @@ pub struct Repository {
     path: PathBuf,
     config: RepoConfig,
     index: Index,
-    rebuilt: Option<RebuildReport>,
+    caught_up: RebuildReport,
     open_packs: Mutex<HashMap<PackId, Arc<File>>>,
 }
 
@@ -184,15 +189,17 @@ impl Repository {
         fsync_dir(&path.join("packs"))?;
         mkdir(path.join("snapshots"))?;
         mkdir(path.join("locks"))?;
-        Index::open(&path.join("index"))?.flush()?;
+        Index::open_slot(&path.join("index"))?.flush()?;
         // The config is written last: its presence is what makes the directory a repository,
         // so a crash during init leaves a directory that init can be told to use again.
         write_atomic(&path.join("config"), &config.encode())?;
         Ok(config)
     }
 
-    /// Opens the repository at `path`. When the index directory is missing it is rebuilt from
-    /// the packs first (see [`Repository::rebuilt`]).
+    /// Opens the repository at `path`, with a free index cache slot brought up to date with the
+    /// packs: packs the slot does not know are indexed from their trailers (all of them when the
+    /// index was deleted, or for a new slot), and packs it knew that are gone are dropped from it
+    /// (see [`Repository::index_report`]).
     pub fn open(path: &Path) -> Result<Self> {
         let config_path = path.join("config");
         let bytes = match fs::read(&config_path) {
@@ -212,32 +219,34 @@ impl Repository {
             what: "config",
             source,
         })?;
-        let index_path = path.join("index");
-        let rebuild = !index_path.exists();
-        let index = Index::open(&index_path)?;
+        let index_dir = path.join("index");
+        let was_missing = !index_dir.exists();
+        let index = Index::open_slot(&index_dir)?;
         let mut repo = Repository {
             path: path.to_owned(),
             config,
             index,
-            rebuilt: None,
+            caught_up: RebuildReport::default(),
             open_packs: Mutex::new(HashMap::new()),
         };
-        if rebuild {
-            repo.rebuilt = Some(repo.rebuild_index()?);
-        }
+        repo.caught_up = repo.catch_up_index()?;
+        repo.caught_up.was_missing = was_missing;
         Ok(repo)
     }
 
-    /// The report of the index rebuild done by [`Repository::open`], if one was needed.
-    pub fn rebuilt(&self) -> Option<&RebuildReport> {
-        self.rebuilt.as_ref()
+    /// What opening the repository did to bring the index up to date.
+    pub fn index_report(&self) -> &RebuildReport {
+        &self.caught_up
     }
 
-    /// Reads every pack trailer and indexes its blobs. Damaged packs are reported, not fatal.
-    /// Entries already in the index stay; see [`Index::clear`] for a rebuild from scratch.
-    pub fn rebuild_index(&self) -> Result<RebuildReport> {
+    /// Indexes the packs the index slot does not know, and drops the ones it knows that are gone.
+    pub fn catch_up_index(&self) -> Result<RebuildReport> {
         let mut report = RebuildReport::default();
-        for (id, path) in self.list_packs()? {
+        let known = self.index.packs()?;
+        let on_disk = self.list_packs()?;
+        let present: std::collections::HashSet<PackId> =
+            on_disk.iter().map(|(id, _)| *id).collect();
+        for (id, path) in on_disk.into_iter().filter(|(id, _)| !known.contains(id)) {
             match read_trailer(&path, id) {
                 Ok(entries) => {
                     self.index.insert_pack(id, &entries)?;
@@ -247,8 +256,25 @@ impl Repository {
                 Err(e) => report.damaged.push((path, e.to_string())),
             }
         }
-        self.index.flush()?;
+        let mut gone: Vec<PackId> = known
+            .into_iter()
+            .filter(|id| !present.contains(id))
+            .collect();
+        gone.sort();
+        for id in gone {
+            let ids = self.index.forget_pack(id)?;
+            report.vanished.push((id, ids));
+        }
+        if report.packs > 0 || !report.vanished.is_empty() {
+            self.index.flush()?;
+        }
         Ok(report)
+    }
+
+    /// Clears the index slot and indexes every pack again.
+    pub fn rebuild_index(&self) -> Result<RebuildReport> {
+        self.index.clear()?;
+        self.catch_up_index()
     }
 
     /// Every sealed pack: (id, path). Temporary files of unfinished packs are skipped.
@@ -406,8 +432,8 @@ impl Repository {
         fsync_dir(&self.path.join("snapshots"))
     }
 
-    /// Removes a sealed pack. The caller must first have removed from the index every entry
-    /// that points into it (see docs/design.md, "prune").
+    /// Removes a sealed pack. The caller must first have removed it from every index slot
+    /// (see docs/design.md, "prune"), so that no backup can find its blobs any more.
     pub fn remove_pack(&self, id: PackId) -> Result<u64> {
         let path = self.pack_path(id);
         let len = fs::metadata(&path)

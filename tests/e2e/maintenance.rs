@@ -169,14 +169,18 @@ fn verify_catches_each_injected_fault_and_names_the_snapshots() {
 #[test]
 fn repair_index_then_restore_and_verify() {
     let (env, ids) = two_snapshots();
-    std::fs::remove_dir_all(env.repo.join("index")).unwrap();
-    std::fs::create_dir(env.repo.join("index")).unwrap(); // an empty index, not a missing one
-    let r = env.run(&["restore", &ids[0], env.path("x").to_str().unwrap()]);
-    assert_eq!(
-        r.code, 12,
-        "chunks are missing from an empty index: {}",
-        r.stderr
-    );
+    // A damaged index slot: an entry moved to a wrong offset.
+    {
+        let repo = sbk_store::Repository::open(&env.repo).unwrap();
+        let e = repo.index().iter().next().unwrap().unwrap();
+        let moved = sbk_store::PackEntry {
+            offset: e.entry.offset + 48,
+            ..e.entry
+        };
+        repo.index().insert_pack(e.pack, &[moved]).unwrap();
+        repo.index().flush().unwrap();
+    }
+    assert_eq!(verify(&env, &[]).0, 12);
     let r = env.run(&["repair", "index", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v: Value = serde_json::from_str(&r.stdout).unwrap();
@@ -184,6 +188,11 @@ fn repair_index_then_restore_and_verify() {
     env.restore(&ids[0], &env.path("a.out"), &[]);
     assert_same(&env.path("a"), &env.path("a.out"));
     assert_eq!(verify(&env, &["--read-data"]).0, 0);
+    // An emptied index (a new, empty slot directory) heals itself from the packs on open.
+    std::fs::remove_dir_all(env.repo.join("index")).unwrap();
+    std::fs::create_dir(env.repo.join("index")).unwrap();
+    env.restore(&ids[1], &env.path("b.out"), &[]);
+    assert_same(&env.path("b"), &env.path("b.out"));
 }
 
 #[test]
@@ -228,5 +237,58 @@ fn locks_exclude_and_stale_locks_are_removed() {
         std::fs::read_dir(&locks).unwrap().count(),
         0,
         "the backup released its own lock"
+    );
+}
+
+#[test]
+fn concurrent_backups_from_two_processes_and_prune_during_a_backup() {
+    let env = Env::new();
+    let (a, b) = (env.path("a"), env.path("b"));
+    std::fs::write(&a, random(120 << 20, 21)).unwrap();
+    std::fs::write(&b, random(120 << 20, 22)).unwrap();
+    let spawn = |src: &std::path::Path| {
+        sbk()
+            .arg("--repo")
+            .arg(&env.repo)
+            .args(["backup", "--json", src.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (pa, pb) = (spawn(&a), spawn(&b));
+    // While both run, prune is refused: they hold shared locks.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_dir(env.repo.join("locks")).unwrap().count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backups never took their locks"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let r = env.run(&["prune"]);
+    assert_eq!(r.code, 15, "prune during backups: {}", r.stderr);
+    assert!(r.stderr.contains("backup"), "{}", r.stderr);
+    let (oa, ob) = (
+        pa.wait_with_output().unwrap(),
+        pb.wait_with_output().unwrap(),
+    );
+    assert!(
+        oa.status.success() && ob.status.success(),
+        "{} {}",
+        String::from_utf8_lossy(&oa.stderr),
+        String::from_utf8_lossy(&ob.stderr)
+    );
+    for (src, out) in [(&a, oa), (&b, ob)] {
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let restored = env.path("restored");
+        let _ = std::fs::remove_file(&restored);
+        env.restore(v[0]["snapshot"].as_str().unwrap(), &restored, &[]);
+        assert_same(src, &restored);
+    }
+    assert_eq!(verify(&env, &["--read-data"]).0, 0);
+    assert!(
+        env.repo.join("index").join("1").exists(),
+        "the second process used a second index slot"
     );
 }

@@ -41,20 +41,22 @@ impl Context {
         })
     }
 
-    /// Opens the repository, saying so when its index had to be rebuilt.
+    /// Opens the repository, saying what bringing its index up to date found.
     pub fn open_repo(&self) -> Result<Repository> {
         let repo = Repository::open(self.repo_path()?)?;
-        if let Some(r) = repo.rebuilt() {
+        let r = repo.index_report();
+        if r.was_missing {
             self.out.notice(&format!(
                 "the index was missing and has been rebuilt from {} packs ({} blobs)",
                 r.packs, r.blobs
             ));
-            for (path, why) in &r.damaged {
-                self.out.notice(&format!(
-                    "{}: skipped while rebuilding the index: {why}",
-                    path.display()
-                ));
-            }
+        }
+        for (path, why) in &r.damaged {
+            self.out
+                .notice(&format!("{}: cannot be indexed: {why}", path.display()));
+        }
+        for (pack, ids) in &r.vanished {
+            self.out.notice(&format!("pack {pack} is missing: the index knew {} blobs in it; run `sbk verify` to see which snapshots are affected", ids.len()));
         }
         Ok(repo)
     }

@@ -29,8 +29,15 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let What::Index = args.what;
     let repo = ctx.open_repo()?;
     let _lock = Lock::acquire(repo.path(), LockKind::Exclusive, "repair index")?;
-    repo.index().clear()?;
     let report = repo.rebuild_index()?;
+    // Other index slots are caches of other processes, none of which runs now (we hold the
+    // exclusive lock): drop them rather than trust them; they are rebuilt when next needed.
+    for slot in sbk_store::Index::slots(&repo.path().join("index"))? {
+        if slot != repo.index().path() {
+            std::fs::remove_dir_all(&slot)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", slot.display()))?;
+        }
+    }
     for (path, why) in &report.damaged {
         eprintln!("sbk: problem: {}: {why}", path.display());
     }
