@@ -62,7 +62,21 @@ results+=("$(measure "sbk backup (2% changed)" "$sbk" backup --quiet "$img")")
 results+=("$(measure "raw O_DIRECT read (again)" dd if="$img" of=/dev/null bs=16M iflag=direct)")
 results+=("$(measure "sbk restore to file" "$sbk" restore --quiet latest "$work/restored.img")")
 cmp "$img" "$work/restored.img" >&2
+rm -f "$work/restored.img"
 repo_kib=$(du -sk "$work/repo" | cut -f1)
+
+# Maintenance: verify --read-data against an O_DIRECT read of the same packs; then forget the
+# first two snapshots and prune.
+pack_bytes=$(find "$work/repo/packs" -type f -printf '%s\n' | awk '{s += $1} END {print s}')
+maint=()
+# GNU find substitutes {} inside an argument: one dd per pack.
+maint+=("$(measure "raw O_DIRECT read of the packs" find "$work/repo/packs" -type f -exec dd if={} of=/dev/null bs=16M iflag=direct status=none \;)")
+maint+=("$(measure "sbk verify --read-data" "$sbk" verify --quiet --read-data)")
+ids=$("$sbk" snapshots --json | tr ',' '\n' | sed -n 's/.*"id":"\([0-9a-f]*\)".*/\1/p' | head -2)
+"$sbk" forget --quiet $ids
+before_kib=$(du -sk "$work/repo/packs" | cut -f1)
+maint+=("$(measure "sbk prune (after forgetting 2 of 3 snapshots)" "$sbk" prune --quiet)")
+after_kib=$(du -sk "$work/repo/packs" | cut -f1)
 alloc_kib=$(du -sk "$img" | cut -f1)
 
 raw=$(echo "${results[0]}" | cut -d'|' -f2)
@@ -78,3 +92,17 @@ for r in "${results[@]}"; do
     tp = size / 1048576 / (t > 0 ? t : 0.01); rawtp = size / 1048576 / (raw > 0 ? raw : 0.01);
     printf "| %s | %.2f | %.0f | %.2fx | %.0f |\n", l, t, tp, tp / rawtp, r / 1024 }'
 done
+echo
+echo "Maintenance, over the $((pack_bytes >> 20)) MiB of packs after the three backups:"
+echo
+echo "| step | wall time (s) | throughput over the packs (MiB/s) | ratio to raw read of the packs | peak RSS (MiB) |"
+echo "|---|---:|---:|---:|---:|"
+rawp=$(echo "${maint[0]}" | cut -d'|' -f2)
+for r in "${maint[@]}"; do
+  IFS='|' read -r label t rss <<<"$r"
+  awk -v l="$label" -v t="$t" -v r="$rss" -v raw="$rawp" -v size="$pack_bytes" 'BEGIN {
+    tp = size / 1048576 / (t > 0 ? t : 0.01); rawtp = size / 1048576 / (raw > 0 ? raw : 0.01);
+    printf "| %s | %.2f | %.0f | %.2fx | %.0f |\n", l, t, tp, tp / rawtp, r / 1024 }'
+done
+echo
+echo "Prune reclaimed $(((before_kib - after_kib) / 1024)) MiB: packs went from $((before_kib / 1024)) MiB to $((after_kib / 1024)) MiB."

@@ -97,6 +97,10 @@ pub fn prune(
         .num_threads(opts.threads.max(1))
         .build()
         .map_err(|e| EngineError::ThreadPool(e.to_string()))?;
+    // The index slot was brought up to date when the repository was opened, before the caller
+    // took the exclusive lock: a backup may have sealed packs since. Catch up again now that no
+    // one else writes.
+    repo.catch_up_index()?;
     let used = pool.install(|| used_blobs(repo))?;
     let mut report = PruneReport::default();
 

@@ -126,7 +126,12 @@ fn verify_in_pool(
         snapshots: Vec::new(),
         by_blob: HashMap::new(),
     };
-    for (id, manifest) in repo.snapshots()? {
+    // Catch the index up with packs sealed since the repository was opened, after listing the
+    // manifests: a snapshot's packs are sealed before its manifest is written, so every pack a
+    // listed snapshot needs is seen.
+    let manifests = repo.snapshots()?;
+    let late = repo.catch_up_index()?;
+    for (id, manifest) in manifests {
         if !wanted.is_empty() && !wanted.contains(&id) {
             continue;
         }
@@ -179,7 +184,8 @@ fn verify_in_pool(
             snapshots: Vec::new(),
         });
     }
-    for (pack, ids) in &caught_up.vanished {
+
+    for (pack, ids) in caught_up.vanished.iter().chain(&late.vanished) {
         problems.push(Problem {
             what: format!(
                 "pack {pack} is missing (the index knew {} blobs in it)",

@@ -162,6 +162,23 @@ pub fn list_locks(repo: &Path) -> Result<Vec<FoundLock>> {
     Ok(out)
 }
 
+/// The first live lock other than `ours` that conflicts with taking one of `kind`.
+fn conflicting(
+    repo: &Path,
+    ours: &Path,
+    kind: LockKind,
+    host: &str,
+) -> Result<Option<(PathBuf, LockInfo)>> {
+    Ok(list_locks(repo)?.into_iter().find_map(|other| {
+        if other.path == ours {
+            return None;
+        }
+        let o = other.info.ok()?;
+        let conflicts = kind == LockKind::Exclusive || o.kind == LockKind::Exclusive;
+        (conflicts && o.stale(host, now()).is_none()).then_some((other.path, o))
+    }))
+}
+
 /// A held lock; released (its file removed) on drop.
 pub struct Lock {
     path: PathBuf,
@@ -189,32 +206,34 @@ impl Lock {
         };
         let name = to_hex(&crate::id::random_bytes::<16>().map_err(|e| StoreError::io(&dir, e))?);
         let path = dir.join(&name);
-        crate::write_atomic(&path, &info.encode())?;
-        let conflict = list_locks(repo)?.into_iter().find_map(|other| {
-            if other.path == path {
-                return None;
-            }
-            let o = other.info.as_ref().ok()?;
-            let conflicts = kind == LockKind::Exclusive || o.kind == LockKind::Exclusive;
-            (conflicts && o.stale(&host, now()).is_none()).then(|| (other.path.clone(), o.clone()))
-        });
-        if let Some((other, o)) = conflict {
+        // Two processes that take conflicting locks at the same moment both see each other and
+        // both back off; a few retries at growing intervals let the one that can go on, go on.
+        let mut attempt = 0;
+        loop {
+            crate::write_atomic(&path, &info.encode())?;
+            let Some((other, o)) = conflicting(repo, &path, kind, &host)? else {
+                break;
+            };
             let _ = fs::remove_file(&path);
-            return Err(StoreError::Locked {
-                path: other,
-                holder: format!(
-                    "{} lock of process {} on {} ({}), taken at {}",
-                    if o.kind == LockKind::Exclusive {
-                        "an exclusive"
-                    } else {
-                        "a shared"
-                    },
-                    o.pid,
-                    o.host,
-                    o.purpose,
-                    o.time
-                ),
-            });
+            attempt += 1;
+            if attempt == 4 {
+                return Err(StoreError::Locked {
+                    path: other,
+                    holder: format!(
+                        "{} lock of process {} on {} ({}), taken at {}",
+                        if o.kind == LockKind::Exclusive {
+                            "an exclusive"
+                        } else {
+                            "a shared"
+                        },
+                        o.pid,
+                        o.host,
+                        o.purpose,
+                        o.time
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(25 << attempt));
         }
         let stop = Arc::new(AtomicBool::new(false));
         let refresher = {

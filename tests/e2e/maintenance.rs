@@ -244,8 +244,8 @@ fn locks_exclude_and_stale_locks_are_removed() {
 fn concurrent_backups_from_two_processes_and_prune_during_a_backup() {
     let env = Env::new();
     let (a, b) = (env.path("a"), env.path("b"));
-    std::fs::write(&a, random(120 << 20, 21)).unwrap();
-    std::fs::write(&b, random(120 << 20, 22)).unwrap();
+    std::fs::write(&a, random(300 << 20, 21)).unwrap();
+    std::fs::write(&b, random(300 << 20, 22)).unwrap();
     let spawn = |src: &std::path::Path| {
         sbk()
             .arg("--repo")
@@ -259,7 +259,19 @@ fn concurrent_backups_from_two_processes_and_prune_during_a_backup() {
     let (pa, pb) = (spawn(&a), spawn(&b));
     // While both run, prune is refused: they hold shared locks.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while std::fs::read_dir(env.repo.join("locks")).unwrap().count() < 2 {
+    let held = || {
+        std::fs::read_dir(env.repo.join("locks"))
+            .unwrap()
+            .filter(|e| {
+                !e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with('.')
+            })
+            .count()
+    };
+    while held() < 2 {
         assert!(
             std::time::Instant::now() < deadline,
             "the backups never took their locks"

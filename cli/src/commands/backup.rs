@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use sbk_engine::{BackupOptions, BackupOutcome, EngineError};
-use sbk_store::{Lock, LockKind};
+use sbk_store::LockKind;
 
 use super::Context;
 use crate::exit::{engine_exit, Exit};
@@ -75,8 +75,7 @@ fn describe(o: &BackupOutcome) -> (String, serde_json::Value) {
 
 /// Runs `sbk backup`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    let repo = ctx.open_repo()?;
-    let _lock = Lock::acquire(repo.path(), LockKind::Shared, "backup")?;
+    let (repo, _lock) = ctx.open_locked(LockKind::Shared, "backup")?;
     let opts = BackupOptions {
         threads: ctx.threads,
         host: args.host.unwrap_or_else(sbk_store::host_name),

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use sbk_engine::{Candidate, Policy};
-use sbk_store::{Lock, LockKind};
+use sbk_store::LockKind;
 
 use super::snapshots::time;
 use super::Context;
@@ -63,8 +63,7 @@ pub struct Args {
 
 /// Runs `sbk forget`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    let repo = ctx.open_repo()?;
-    let lock = Lock::acquire(repo.path(), LockKind::Shared, "forget")?;
+    let (repo, lock) = ctx.open_locked(LockKind::Shared, "forget")?;
     let policy = Policy {
         last: args.keep_last,
         hourly: args.keep_hourly,

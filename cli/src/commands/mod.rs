@@ -14,7 +14,7 @@ pub mod verify;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use sbk_store::Repository;
+use sbk_store::{Lock, LockKind, Repository};
 
 use crate::exit::{Exit, ExitWith};
 use crate::output::Output;
@@ -59,5 +59,14 @@ impl Context {
             self.out.notice(&format!("pack {pack} is missing: the index knew {} blobs in it; run `sbk verify` to see which snapshots are affected", ids.len()));
         }
         Ok(repo)
+    }
+
+    /// Opens the repository and takes a lock on it. The index is brought up to date once more
+    /// after the lock is held: another process may have sealed packs since the open.
+    pub fn open_locked(&self, kind: LockKind, purpose: &str) -> Result<(Repository, Lock)> {
+        let repo = self.open_repo()?;
+        let lock = Lock::acquire(repo.path(), kind, purpose)?;
+        repo.catch_up_index()?;
+        Ok((repo, lock))
     }
 }

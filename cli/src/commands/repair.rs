@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Result;
-use sbk_store::{Lock, LockKind};
+use sbk_store::LockKind;
 
 use super::Context;
 use crate::exit::Exit;
@@ -27,8 +27,7 @@ enum What {
 /// Runs `sbk repair`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let What::Index = args.what;
-    let repo = ctx.open_repo()?;
-    let _lock = Lock::acquire(repo.path(), LockKind::Exclusive, "repair index")?;
+    let (repo, _lock) = ctx.open_locked(LockKind::Exclusive, "repair index")?;
     let report = repo.rebuild_index()?;
     // Other index slots are caches of other processes, none of which runs now (we hold the
     // exclusive lock): drop them rather than trust them; they are rebuilt when next needed.

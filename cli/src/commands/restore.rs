@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use sbk_engine::{RestoreOptions, RestoreTarget};
-use sbk_store::{Lock, LockKind};
+use sbk_store::LockKind;
 
 use super::Context;
 use crate::exit::Exit;
@@ -34,8 +34,7 @@ pub struct Args {
 
 /// Runs `sbk restore`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    let repo = ctx.open_repo()?;
-    let _lock = Lock::acquire(repo.path(), LockKind::Shared, "restore")?;
+    let (repo, _lock) = ctx.open_locked(LockKind::Shared, "restore")?;
     let id = repo.resolve_snapshot(&args.snapshot)?;
     let to_stdout = args.target.as_os_str() == "-";
     let target = if to_stdout {

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use sbk_engine::{ReadData, VerifyOptions};
-use sbk_store::{Lock, LockKind};
+use sbk_store::LockKind;
 
 use super::Context;
 use crate::exit::Exit;
@@ -61,8 +61,7 @@ fn parse_subset(s: &str) -> Result<ReadData, String> {
 
 /// Runs `sbk verify`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    let repo = ctx.open_repo()?;
-    let _lock = Lock::acquire(repo.path(), LockKind::Shared, "verify")?;
+    let (repo, _lock) = ctx.open_locked(LockKind::Shared, "verify")?;
     let snapshots = args
         .snapshots
         .iter()
