@@ -10,8 +10,10 @@ use sbk_chunker::{is_zero, split_segment, ChunkerParams, ZERO_BLOCK};
 
 const SEGMENT: usize = 16 << 20;
 
+/// The repository's default chunker parameters (the seed is per repository; any will do).
 fn params() -> ChunkerParams {
-    ChunkerParams::for_average(1 << 20, 0x5eed).expect("the default parameters are valid")
+    ChunkerParams::for_average(sbk_store::DEFAULT_CHUNK_AVG, 0x5eed)
+        .expect("the default parameters are valid")
 }
 
 fn chunker(c: &mut Criterion) {

@@ -11,10 +11,11 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughpu
 use sbk_benches::{mixed, random, text_like};
 use sbk_store::{
     decode_blob_into, encode_blob, BlobKind, ChunkId, Compression, InitOptions, PackEntry, PackId,
-    PackWriter, Repository,
+    PackWriter, Repository, DEFAULT_ZSTD_LEVEL,
 };
 
-const CHUNK: usize = 1 << 20;
+/// The repository's default average chunk size.
+const CHUNK: usize = sbk_store::DEFAULT_CHUNK_AVG as usize;
 
 fn stages(c: &mut Criterion) {
     let key = [7u8; 32];
@@ -28,14 +29,19 @@ fn stages(c: &mut Criterion) {
         g.bench_function(format!("blake3-keyed/{name}"), |b| {
             b.iter(|| blake3::keyed_hash(&key, black_box(&data)))
         });
-        g.bench_function(format!("zstd3-compress/{name}"), |b| {
+        g.bench_function(format!("zstd-compress/{name}"), |b| {
             b.iter(|| {
-                encode_blob(ChunkId([0; 32]), BlobKind::Data, black_box(&data), 3)
-                    .expect("compression works")
+                encode_blob(
+                    ChunkId([0; 32]),
+                    BlobKind::Data,
+                    black_box(&data),
+                    DEFAULT_ZSTD_LEVEL,
+                )
+                .expect("compression works")
             })
         });
-        let blob =
-            encode_blob(ChunkId([0; 32]), BlobKind::Data, &data, 3).expect("compression works");
+        let blob = encode_blob(ChunkId([0; 32]), BlobKind::Data, &data, DEFAULT_ZSTD_LEVEL)
+            .expect("compression works");
         let mut out = vec![0u8; CHUNK];
         g.bench_function(format!("zstd-decompress/{name}"), |b| {
             b.iter(|| {

@@ -29,6 +29,8 @@ pub enum Exit {
     NoSpace = 14,
     /// Another process holds a conflicting lock on the repository.
     Locked = 15,
+    /// The repository (or one of its files) has a format version this sbk does not read.
+    NewerFormat = 16,
 }
 
 impl From<Exit> for ExitCode {
@@ -64,6 +66,10 @@ pub fn store_exit(e: &StoreError) -> Exit {
         return Exit::NoSpace;
     }
     match e {
+        StoreError::Corrupt {
+            source: sbk_store::DecodeError::UnsupportedVersion(_),
+            ..
+        } => Exit::NewerFormat,
         StoreError::NotARepository { .. } => Exit::NoRepository,
         StoreError::SnapshotNotFound(_) | StoreError::AmbiguousSnapshot { .. } => Exit::NoSnapshot,
         StoreError::Corrupt { .. }

@@ -71,6 +71,9 @@ struct Packer {
     current: Option<PackWriter>,
     /// Ids written by this run, sealed or in `current`: another source need not write them again.
     written: HashSet<ChunkId>,
+    /// Set once a pack write or seal failed: the open pack's contents are then unknown, so
+    /// nothing written in this run may be relied on any more, by any source.
+    failed: bool,
 }
 
 /// State shared by the pipelines of all sources backed up in one run.
@@ -82,16 +85,34 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    /// Appends blobs to the open pack, sealing it when it reaches the target size. Returns the
-    /// bytes written (blobs another source already wrote are skipped).
-    fn store(&self, blobs: &[EncodedBlob]) -> Result<u64> {
-        let mut packer = self
+    fn packer(&self) -> Result<std::sync::MutexGuard<'_, Packer>> {
+        let packer = self
             .packer
             .lock()
             .expect("no thread panics holding the packer");
+        if packer.failed {
+            return Err(EngineError::Unsafe(
+                "an earlier pack write of this run failed; no snapshot can rely on it".into(),
+            ));
+        }
+        Ok(packer)
+    }
+
+    /// Appends blobs to the open pack, sealing it when it reaches the target size. Returns the
+    /// bytes written (blobs another source already wrote are skipped).
+    fn store(&self, blobs: &[EncodedBlob]) -> Result<u64> {
+        let mut packer = self.packer()?;
+        let result = self.store_locked(&mut packer, blobs);
+        if result.is_err() {
+            Self::fail(&mut packer);
+        }
+        result
+    }
+
+    fn store_locked(&self, packer: &mut Packer, blobs: &[EncodedBlob]) -> Result<u64> {
         let mut written = 0;
         for blob in blobs {
-            if !packer.written.insert(blob.header.id) {
+            if packer.written.contains(&blob.header.id) {
                 continue;
             }
             if packer.current.is_none() {
@@ -99,12 +120,22 @@ impl Session<'_> {
             }
             let pack = packer.current.as_mut().expect("created above");
             pack.add(blob)?;
+            // Only once it is in the pack may another source skip it.
+            packer.written.insert(blob.header.id);
             written += (BLOB_HEADER_LEN + blob.data.len()) as u64;
             if pack.len() >= self.repo.config().pack_target {
-                self.seal_current(&mut packer)?;
+                self.seal_current(packer)?;
             }
         }
         Ok(written)
+    }
+
+    /// A write or seal failed: drop the open pack and refuse everything from now on.
+    fn fail(packer: &mut Packer) {
+        packer.failed = true;
+        if let Some(pack) = packer.current.take() {
+            pack.abandon();
+        }
     }
 
     fn seal_current(&self, packer: &mut Packer) -> Result<()> {
@@ -119,28 +150,12 @@ impl Session<'_> {
     /// Seals the open pack and flushes the index: afterwards every blob stored so far is durable
     /// and indexed, and a manifest may refer to it.
     fn seal(&self) -> Result<()> {
-        let mut packer = self
-            .packer
-            .lock()
-            .expect("no thread panics holding the packer");
-        self.seal_current(&mut packer)?;
-        self.repo.index().flush()?;
-        Ok(())
-    }
-
-    /// After the last source: seal what is left, or drop it when sealing fails (a full disk).
-    fn close(self) -> Result<()> {
-        let result = self.seal();
+        let mut packer = self.packer()?;
+        let result = self
+            .seal_current(&mut packer)
+            .and_then(|()| Ok(self.repo.index().flush()?));
         if result.is_err() {
-            if let Some(pack) = self
-                .packer
-                .into_inner()
-                .expect("no thread panics holding the packer")
-                .current
-                .take()
-            {
-                pack.abandon();
-            }
+            Self::fail(&mut packer);
         }
         result
     }
@@ -167,6 +182,7 @@ pub fn backup(
         packer: Mutex::new(Packer {
             current: None,
             written: HashSet::new(),
+            failed: false,
         }),
     };
     let results = std::thread::scope(|s| {
@@ -183,12 +199,20 @@ pub fn backup(
             .map(|h| h.join().expect("backup threads do not panic"))
             .collect()
     });
-    if let Err(e) = session.close() {
-        // Every snapshot written sealed its own blobs first; what is lost here is data that no
-        // snapshot refers to, which the next backup writes again.
-        progress.notice(&format!(
-            "sealing the last pack failed: {e}; no snapshot depends on it"
-        ));
+    // After a failed write the open pack was already dropped and every source reported it.
+    let failed = session
+        .packer
+        .lock()
+        .expect("no thread panics holding the packer")
+        .failed;
+    if !failed {
+        if let Err(e) = session.seal() {
+            // Every snapshot written sealed its own blobs first; what is lost here is data that
+            // no snapshot refers to, which the next backup writes again.
+            progress.notice(&format!(
+                "sealing the last pack failed: {e}; no snapshot depends on it"
+            ));
+        }
     }
     Ok(results)
 }

@@ -100,7 +100,10 @@ impl EngineError {
     pub fn is_no_space(&self) -> bool {
         match self {
             EngineError::Store(e) => e.is_no_space(),
-            EngineError::Target { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
+            EngineError::Target { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSPC) | Some(libc::EDQUOT)
+            ),
             _ => false,
         }
     }

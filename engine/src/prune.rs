@@ -221,8 +221,7 @@ pub fn prune(
     repo.index().flush()?;
     progress.finish(0);
 
-    // 2. Drop the old packs from every index slot (ours and those of other processes, none of
-    //    which runs: we hold the exclusive lock), and flush, so no backup can find their blobs.
+    // 2. Drop the old packs from our index slot, and flush, so no backup can find their blobs.
     let old: Vec<PackId> = delete
         .iter()
         .map(|(p, _)| *p)
@@ -232,15 +231,15 @@ pub fn prune(
         repo.index().forget_pack(*pack)?;
     }
     repo.index().flush()?;
+    // Other slots may name another copy of a blob (a chunk two concurrent backups both stored),
+    // so forgetting packs in them could leave a live blob unindexed there. They are caches of
+    // processes that cannot be running (we hold the exclusive lock): drop them; they are rebuilt
+    // from the packs when next needed.
     for slot in Index::slots(&repo.path().join("index"))? {
-        if slot == repo.index().path() {
-            continue;
+        if slot != repo.index().path() {
+            std::fs::remove_dir_all(&slot)
+                .map_err(|e| EngineError::Store(sbk_store::StoreError::io(&slot, e)))?;
         }
-        let other = Index::open(&slot)?;
-        for pack in &old {
-            other.forget_pack(*pack)?;
-        }
-        other.flush()?;
     }
 
     // 3. Only now delete the old packs, and the leftovers of interrupted writes.

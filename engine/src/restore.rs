@@ -216,7 +216,11 @@ impl Output {
                 target_err(e)
             })?;
         }
-        let direct = open(&write_path, true, false).ok();
+        // O_DIRECT only splits chunks on 4096-byte bounds: with larger pages a direct write and a
+        // buffered edge could share a page, which older kernels do not keep coherent.
+        let direct = (sys::page_size() == ALIGN as usize)
+            .then(|| open(&write_path, true, false).ok())
+            .flatten();
         Ok(Output {
             path: path.to_owned(),
             write_path,

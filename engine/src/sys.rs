@@ -92,3 +92,14 @@ pub fn drop_cache(f: &File, offset: u64, len: u64) {
         );
     }
 }
+
+/// The memory page size.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf takes an integer name and touches no memory of ours.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as usize
+    } else {
+        4096
+    }
+}

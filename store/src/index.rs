@@ -184,6 +184,10 @@ impl Index {
                     holder: "another sbk process has this index slot open".into(),
                 }
             }
+            sled::Error::Io(io) => StoreError::Io {
+                path: path.to_owned(),
+                source: io,
+            },
             e => StoreError::Index {
                 path: path.to_owned(),
                 detail: e.to_string(),
@@ -214,11 +218,18 @@ impl Index {
             .map_err(|e| Self::error(&self.path, e))
     }
 
-    /// Adds every blob of a sealed pack, in one atomic batch, then records the pack. A crash
-    /// in between leaves the pack unrecorded, and the next open indexes it again (idempotent).
+    /// Records a sealed pack, then adds its blobs in one atomic batch. sled recovers a prefix of
+    /// its operations, so a crash leaves the record without the entries at worst: the pack's
+    /// blobs are then simply unknown (a backup stores them again, prune sweeps the pack) and never
+    /// entries without a record, which `forget_pack` could not find.
     pub fn insert_pack(&self, pack: PackId, entries: &[PackEntry]) -> Result<()> {
         let mut batch = sled::Batch::default();
-        let mut ids = Vec::with_capacity(entries.len() * 32);
+        let mut known = self
+            .packs
+            .get(pack.0)
+            .map_err(|e| Self::error(&self.path, e))?
+            .map(|v| v.to_vec())
+            .unwrap_or_default();
         for entry in entries {
             batch.insert(
                 &entry.id.0,
@@ -228,20 +239,13 @@ impl Index {
                 }
                 .encode(),
             );
-            ids.extend_from_slice(&entry.id.0);
+            known.extend_from_slice(&entry.id.0);
         }
-        self.db
-            .apply_batch(batch)
-            .map_err(|e| Self::error(&self.path, e))?;
-        let mut known = self
-            .packs
-            .get(pack.0)
-            .map_err(|e| Self::error(&self.path, e))?
-            .map(|v| v.to_vec())
-            .unwrap_or_default();
-        known.extend_from_slice(&ids);
         self.packs
             .insert(pack.0, known)
+            .map_err(|e| Self::error(&self.path, e))?;
+        self.db
+            .apply_batch(batch)
             .map_err(|e| Self::error(&self.path, e))?;
         Ok(())
     }

@@ -173,7 +173,15 @@ fn conflicting(
         if other.path == ours {
             return None;
         }
-        let o = other.info.ok()?;
+        // A lock file that does not decode (from a newer sbk, or damaged) may stand for anything:
+        // it conflicts with everything until `sbk unlock` removes it.
+        let o = other.info.unwrap_or_else(|e| LockInfo {
+            kind: LockKind::Exclusive,
+            host: "?".into(),
+            pid: 0,
+            time: now(),
+            purpose: format!("unreadable lock file: {e}"),
+        });
         let conflicts = kind == LockKind::Exclusive || o.kind == LockKind::Exclusive;
         (conflicts && o.stale(host, now()).is_none()).then_some((other.path, o))
     }))

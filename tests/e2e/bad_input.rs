@@ -191,7 +191,7 @@ fn corrupted_config() {
     bytes[40] ^= 1;
     bytes[8] = 9;
     std::fs::write(&config, &bytes).unwrap();
-    refused(&env, &["snapshots"], 12, "unsupported format version 9");
+    refused(&env, &["snapshots"], 16, "unsupported format version 9");
 }
 
 #[test]

@@ -228,11 +228,20 @@ fn locks_exclude_and_stale_locks_are_removed() {
         ..live
     };
     std::fs::write(locks.join("live"), dead.encode()).unwrap();
+    assert_eq!(
+        env.run(&["backup", src.to_str().unwrap()]).code,
+        0,
+        "a stale lock does not block"
+    );
+    // An unreadable lock file might be anything: it blocks until unlock removes it.
     std::fs::write(locks.join("junk"), b"not a lock").unwrap();
-    assert_eq!(env.run(&["backup", src.to_str().unwrap()]).code, 0);
+    let r = env.run(&["backup", src.to_str().unwrap()]);
+    assert_eq!(r.code, 15, "{}", r.stderr);
+    assert!(r.stderr.contains("unreadable lock file"), "{}", r.stderr);
     let r = env.run(&["unlock", "--json"]);
     let v: Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["removed"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(env.run(&["backup", src.to_str().unwrap()]).code, 0);
     assert_eq!(
         std::fs::read_dir(&locks).unwrap().count(),
         0,

@@ -15,7 +15,7 @@ const GUARDS: &[(&str, &str, &str, f64)] = &[
     ("chunker", "segment_random", "baseline_memcpy", 0.04),
     ("zero-detect", "blocks_zeros", "baseline_memcpy", 0.5),
     ("chunk", "blake3-keyed_random", "baseline_memcpy", 0.04),
-    ("chunk", "zstd3-compress_text", "baseline_memcpy", 0.003),
+    ("chunk", "zstd-compress_text", "baseline_memcpy", 0.003),
     ("chunk", "zstd-decompress_text", "baseline_memcpy", 0.01),
     ("pack", "write-and-seal", "baseline_write-fsync", 0.3),
     ("index", "lookup_hit", "baseline_hashset", 0.002),
