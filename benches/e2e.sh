@@ -75,8 +75,10 @@ maint+=("$(measure "sbk verify --read-data" "$sbk" verify --quiet --read-data)")
 ids=$("$sbk" snapshots --json | tr ',' '\n' | sed -n 's/.*"id":"\([0-9a-f]*\)".*/\1/p' | head -2)
 "$sbk" forget --quiet $ids
 before_kib=$(du -sk "$work/repo/packs" | cut -f1)
-maint+=("$(measure "sbk prune (after forgetting 2 of 3 snapshots)" "$sbk" prune --quiet)")
+maint+=("$(measure "sbk prune (default --max-unused 5)" "$sbk" prune --quiet)")
 after_kib=$(du -sk "$work/repo/packs" | cut -f1)
+maint+=("$(measure "sbk prune --max-unused 0" "$sbk" prune --quiet --max-unused 0)")
+after0_kib=$(du -sk "$work/repo/packs" | cut -f1)
 alloc_kib=$(du -sk "$img" | cut -f1)
 
 raw=$(echo "${results[0]}" | cut -d'|' -f2)
@@ -105,4 +107,4 @@ for r in "${maint[@]}"; do
     printf "| %s | %.2f | %.0f | %.2fx | %.0f |\n", l, t, tp, tp / rawtp, r / 1024 }'
 done
 echo
-echo "Prune reclaimed $(((before_kib - after_kib) / 1024)) MiB: packs went from $((before_kib / 1024)) MiB to $((after_kib / 1024)) MiB."
+echo "After forgetting the first two of the three snapshots, packs went from $((before_kib / 1024)) MiB to $((after_kib / 1024)) MiB with the default prune (packs less than 5% unused are left alone), and to $((after0_kib / 1024)) MiB with --max-unused 0."
