@@ -204,6 +204,63 @@ fn chunk_data(
     }));
 }
 
+/// Checks the invariants every caller of [`split_segment`] relies on: the spans are contiguous,
+/// non-empty, cover `data` exactly, data chunks are at most `params.max` long, and zero spans start
+/// on a [`ZERO_BLOCK`] and hold only zeros. Used by the tests and the fuzz target.
+pub fn check_spans(data: &[u8], params: &ChunkerParams, spans: &[Span]) -> Result<(), String> {
+    let mut pos = 0;
+    for (i, s) in spans.iter().enumerate() {
+        let (offset, len) = match *s {
+            Span::Zero { offset, len } => {
+                if offset % ZERO_BLOCK != 0 {
+                    return Err(format!("zero span {i} starts off a block at {offset}"));
+                }
+                if !is_zero(&data[offset..offset + len]) {
+                    return Err(format!("zero span {i} holds data"));
+                }
+                (offset, len)
+            }
+            Span::Data { offset, len } => {
+                if len > params.max as usize {
+                    return Err(format!("chunk {i} is {len} bytes, over the maximum"));
+                }
+                (offset, len)
+            }
+        };
+        if offset != pos || len == 0 {
+            return Err(format!(
+                "span {i} at {offset}+{len} does not continue at {pos}"
+            ));
+        }
+        pos += len;
+    }
+    if pos != data.len() {
+        return Err(format!("spans cover {pos} of {} bytes", data.len()));
+    }
+    Ok(())
+}
+
+/// Fuzz entry point: chunks `data` with small parameters and checks [`check_spans`] and
+/// determinism. Panics on a violation (that is what the fuzzer looks for).
+pub fn fuzz_split(data: &[u8]) {
+    let params = ChunkerParams {
+        min: 256,
+        avg: 1024,
+        max: 4096,
+        seed: 1,
+        zero_min: 8192,
+    };
+    let spans = split_segment(data, &params);
+    if let Err(e) = check_spans(data, &params, &spans) {
+        panic!("{e}");
+    }
+    assert_eq!(
+        spans,
+        split_segment(data, &params),
+        "chunking is deterministic"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,27 +289,10 @@ mod tests {
             .collect()
     }
 
-    /// Checks the invariants every caller relies on, returning the spans.
+    /// Splits and checks the invariants, returning the spans.
     fn check_invariants(data: &[u8], p: &ChunkerParams) -> Vec<Span> {
         let spans = split_segment(data, p);
-        let mut pos = 0;
-        for (i, s) in spans.iter().enumerate() {
-            let (offset, len) = match *s {
-                Span::Zero { offset, len } => {
-                    assert!(data[offset..offset + len].iter().all(|&b| b == 0));
-                    assert_eq!(offset % ZERO_BLOCK, 0, "zero runs start on a block");
-                    (offset, len)
-                }
-                Span::Data { offset, len } => {
-                    assert!(len <= p.max as usize, "chunk {i} longer than max");
-                    (offset, len)
-                }
-            };
-            assert_eq!(offset, pos, "spans are contiguous");
-            assert!(len > 0);
-            pos += len;
-        }
-        assert_eq!(pos, data.len(), "spans cover the segment");
+        check_spans(data, p, &spans).unwrap();
         spans
     }
 

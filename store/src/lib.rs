@@ -9,6 +9,7 @@ mod blob;
 mod codec;
 mod config;
 mod error;
+pub mod fuzz;
 mod id;
 mod index;
 mod lock;

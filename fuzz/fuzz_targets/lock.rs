@@ -1,0 +1,3 @@
+//! Fuzzes the lock decoder through sbk_store::fuzz::lock (never a panic; what decodes re-encodes).
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| sbk_store::fuzz::lock(data));
