@@ -19,6 +19,6 @@ pub use progress::{NoProgress, Progress};
 pub use prune::{prune, used_blobs, PruneOptions, PruneReport};
 pub use restore::{load_extents, restore, RestoreOptions, RestoreStats, RestoreTarget};
 pub use retention::{apply as apply_retention, Candidate, Policy, Verdict};
-pub use source::{Source, SourceKind, ALIGN};
+pub use source::{Source, SourceKind, ALIGN, FAULT_EIO_ENV};
 pub use stats::{stats, RepoStats, SnapshotStats};
 pub use verify::{verify, Problem, ReadData, VerifyOptions, VerifyReport};

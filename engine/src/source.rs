@@ -40,7 +40,15 @@ pub struct Source {
     size: u64,
     /// Why O_DIRECT is not in use, when it is not.
     fallback: Option<String>,
+    /// Test hook: reads past this offset fail with EIO (see [`FAULT_EIO_ENV`]).
+    fail_after: Option<u64>,
 }
+
+/// Test hook for fault-injection tests: when this environment variable holds a byte offset, every
+/// read of a source that reaches past it fails with EIO, as a failing disk would. Used by the
+/// end-to-end tests because device-mapper's `error` target and FUSE are not available on every
+/// test machine; it changes nothing when unset.
+pub const FAULT_EIO_ENV: &str = "SBK_TEST_SOURCE_EIO_AFTER";
 
 fn open_file(path: &Path, direct: bool) -> io::Result<File> {
     let mut o = File::options();
@@ -103,6 +111,9 @@ impl Source {
             kind,
             size,
             fallback: None,
+            fail_after: std::env::var(FAULT_EIO_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok()),
         };
         if let Some(reason) = fallback {
             source.use_buffered(reason)?;
@@ -172,6 +183,16 @@ impl Source {
     /// Returns the bytes read (short only at the end of the source). Falls back to buffered
     /// reads, once, when the kernel refuses O_DIRECT on the first read.
     pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        if self
+            .fail_after
+            .is_some_and(|at| offset + buf.len() as u64 > at)
+        {
+            return Err(EngineError::SourceRead {
+                path: self.path.clone(),
+                offset,
+                source: io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
         let mut done = 0;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {

@@ -20,7 +20,8 @@ pub struct Run {
 }
 
 impl Run {
-    fn from(o: Output) -> Run {
+    /// Collects a finished `sbk` process.
+    pub fn from_output(o: Output) -> Run {
         Run {
             code: o.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -66,7 +67,7 @@ impl Env {
 
     /// Runs `sbk --repo REPO ARGS…`.
     pub fn run(&self, args: &[&str]) -> Run {
-        Run::from(
+        Run::from_output(
             sbk()
                 .arg("--repo")
                 .arg(&self.repo)
