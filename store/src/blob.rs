@@ -102,7 +102,7 @@ impl BlobHeader {
         let mut d = Decoder::new(body);
         let kind = BlobKind::from_u8(d.u8()?)?;
         let compression = Compression::from_u8(d.u8()?)?;
-        let _reserved = d.u16()?;
+        crate::codec::reserved(d.u16()?.into(), "blob header reserved")?;
         let h = BlobHeader {
             kind,
             compression,
@@ -274,6 +274,17 @@ mod tests {
             let mut out = vec![0u8; raw_len];
             let _ = decode_blob_into(Compression::Zstd, &stored, &mut out);
         }
+    }
+
+    /// Found by the blob_header fuzz target: a header with its reserved bytes set (and a matching
+    /// checksum) decoded, and would have lost them on re-encoding.
+    #[test]
+    fn nonzero_reserved_bytes_are_rejected() {
+        let crash = include_bytes!("../../fuzz/corpus/blob_header/regression-reserved");
+        assert!(matches!(
+            BlobHeader::decode(crash),
+            Err(DecodeError::Invalid { .. })
+        ));
     }
 
     #[test]

@@ -162,6 +162,18 @@ impl<'a> Decoder<'a> {
     }
 }
 
+/// Checks that a reserved field is zero: anything else was written by a format this build does
+/// not know, or is damage, and must not be silently dropped (it would not survive re-encoding).
+pub fn reserved(value: u64, field: &'static str) -> Result<(), DecodeError> {
+    if value != 0 {
+        return Err(invalid(
+            field,
+            format!("reserved, must be 0, holds {value}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Shorthand for a [`DecodeError::Invalid`].
 pub fn invalid(field: &'static str, detail: impl Into<String>) -> DecodeError {
     DecodeError::Invalid {

@@ -47,7 +47,7 @@ impl IndexEntry {
         }
         let kind = BlobKind::from_u8(d.u8()?)?;
         let compression = Compression::from_u8(d.u8()?)?;
-        let _reserved = d.u8()?;
+        crate::codec::reserved(d.u8()?.into(), "index entry reserved")?;
         let pack = PackId(d.array()?);
         let entry = PackEntry {
             id,

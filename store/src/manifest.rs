@@ -217,7 +217,8 @@ pub fn decode_tree(bytes: &[u8], segment_len: u64) -> Result<Vec<Extent>, Decode
     if version != TREE_VERSION {
         return Err(DecodeError::UnsupportedVersion(version.into()));
     }
-    let _reserved = (d.u8()?, d.u16()?);
+    crate::codec::reserved(d.u8()?.into(), "tree reserved")?;
+    crate::codec::reserved(d.u16()?.into(), "tree reserved")?;
     let n = d.u32()? as usize;
     // Each extent takes at least 5 bytes: a count beyond that is a lie, not an allocation.
     let mut out = Vec::with_capacity(n.min(d.remaining() / 5));

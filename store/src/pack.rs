@@ -60,7 +60,7 @@ impl PackEntry {
         let id = ChunkId(d.array()?);
         let kind = BlobKind::from_u8(d.u8()?)?;
         let compression = Compression::from_u8(d.u8()?)?;
-        let _reserved = d.u16()?;
+        crate::codec::reserved(d.u16()?.into(), "trailer entry reserved")?;
         Ok(PackEntry {
             id,
             kind,
