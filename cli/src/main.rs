@@ -33,7 +33,7 @@ pub struct Cli {
     quiet: bool,
 
     /// Worker threads [default: the number of CPUs].
-    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, global = true, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
 
     #[command(subcommand)]

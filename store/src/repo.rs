@@ -119,6 +119,13 @@ fn random<const N: usize>(path: &Path) -> Result<[u8; N]> {
 impl Repository {
     /// Creates a repository at `path` (a new or empty directory, made mode 0700).
     pub fn init(path: &Path, opts: InitOptions) -> Result<RepoConfig> {
+        // Parameters first: a bad one is the operator's typo, whatever the directory holds.
+        let avg = opts.chunk_avg;
+        if !avg.is_power_of_two() || !(64 << 10..=4 << 20).contains(&avg) {
+            return Err(StoreError::InvalidParameter(format!(
+                "chunk size {avg} must be a power of two from 64 KiB to 4 MiB"
+            )));
+        }
         let io = |p: &Path, e| StoreError::io(p, e);
         match fs::read_dir(path) {
             Ok(mut entries) => {
@@ -150,12 +157,6 @@ impl Repository {
             Err(e) => return Err(io(path, e)),
         }
         fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(|e| io(path, e))?;
-        let avg = opts.chunk_avg;
-        if !avg.is_power_of_two() || !(64 << 10..=4 << 20).contains(&avg) {
-            return Err(StoreError::InvalidParameter(format!(
-                "chunk size {avg} must be a power of two from 64 KiB to 4 MiB"
-            )));
-        }
         let chunk_max = avg * 4;
         let config = RepoConfig {
             version: FORMAT_VERSION,

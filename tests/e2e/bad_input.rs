@@ -273,3 +273,188 @@ fn deleted_index_is_rebuilt_from_packs() {
         "the rebuilt index dedups"
     );
 }
+
+/// Every command and flag against bad input: (arguments, exit code, words the message must hold).
+/// `{afile}`, `{adir}`, `{missing}`, `{id}` are replaced by a regular file, a directory, a path
+/// that does not exist, and the id of the repository's one snapshot.
+#[test]
+fn bad_input_table() {
+    let env = Env::new();
+    let afile = env.path("afile");
+    std::fs::write(&afile, random(10_000, 1)).unwrap();
+    let adir = env.path("adir");
+    std::fs::create_dir(&adir).unwrap();
+    let missing = env.path("missing");
+    let id = env.backup(&afile, &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["init"], 13, "already holds an sbk repository"),
+        (&["init", "--chunk-size", "3000"], 2, "power of two"),
+        (&["init", "--chunk-size", "8M"], 2, "power of two"),
+        (&["init", "--chunk-size", "32K"], 2, "power of two"),
+        (&["init", "--chunk-size", "lots"], 2, "not a size"),
+        (
+            &["init", "--compression-level", "0"],
+            2,
+            "compression-level",
+        ),
+        (
+            &["init", "--compression-level", "20"],
+            2,
+            "compression-level",
+        ),
+        (&["backup"], 2, "SOURCE"),
+        (&["backup", "{adir}"], 1, "is a directory"),
+        (&["backup", "{missing}"], 1, "No such file"),
+        (&["backup", "/dev/null"], 1, "character device"),
+        (&["backup", "--threads", "0", "{afile}"], 2, "threads"),
+        (&["backup", "--threads", "-3", "{afile}"], 2, "threads"),
+        (&["backup", "--threads", "100000", "{afile}"], 2, "threads"),
+        (&["backup", "--bogus", "{afile}"], 2, "--bogus"),
+        (&["restore"], 2, "SNAPSHOT"),
+        (&["restore", "{id}"], 2, "TARGET"),
+        (
+            &["restore", "ffffffff", "{missing}"],
+            11,
+            "no snapshot matches",
+        ),
+        (&["restore", "{id}", "{adir}"], 13, "is a directory"),
+        (&["restore", "{id}", "{afile}"], 13, "--force"),
+        (&["restore", "{id}", "{missing}/sub/out"], 1, "No such file"),
+        (&["snapshots", "extra"], 2, "extra"),
+        (&["forget"], 2, "name the snapshots"),
+        (&["forget", "--keep-last", "-1"], 2, "keep-last"),
+        (&["forget", "--keep-daily", "many"], 2, "keep-daily"),
+        (
+            &["forget", "{id}", "--keep-last", "1"],
+            2,
+            "cannot be used with",
+        ),
+        (&["forget", "ffffffff"], 11, "no snapshot matches"),
+        (
+            &["forget", "--keep-tag", "nothing-has-this"],
+            13,
+            "keeps no snapshot",
+        ),
+        (&["forget", "--max-unused", "3"], 2, "--prune"),
+        (&["prune", "--max-unused", "150"], 2, "between 0 and 100"),
+        (&["prune", "--max-unused", "x"], 2, "not a percentage"),
+        (
+            &["verify", "--read-data", "--read-data-subset", "5%"],
+            2,
+            "cannot be used with",
+        ),
+        (&["verify", "--read-data-subset", "0%"], 2, "percentage"),
+        (&["verify", "--read-data-subset", "101%"], 2, "percentage"),
+        (&["verify", "--read-data-subset", "4/3"], 2, "1 <= n <= m"),
+        (&["verify", "--read-data-subset", "1/0"], 2, "1 <= n <= m"),
+        (&["verify", "ffffffff"], 11, "no snapshot matches"),
+        (&["stats", "ffffffff"], 11, "no snapshot matches"),
+        (&["repair"], 2, "index"),
+        (&["frobnicate"], 2, "frobnicate"),
+    ];
+    for (args, code, words) in cases {
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| {
+                a.replace("{afile}", afile.to_str().unwrap())
+                    .replace("{adir}", adir.to_str().unwrap())
+                    .replace("{missing}", missing.to_str().unwrap())
+                    .replace("{id}", &id)
+            })
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(&env, &args, *code, words);
+    }
+    // A file where the repository directory is expected, and a directory that is not one.
+    for repo in [&afile, &adir] {
+        let r = sbk()
+            .arg("--repo")
+            .arg(repo)
+            .args(["snapshots"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            r.status.code(),
+            Some(10),
+            "{}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        assert!(String::from_utf8_lossy(&r.stderr).contains("not an sbk repository"));
+    }
+    let r = sbk()
+        .arg("--repo")
+        .arg(&afile)
+        .args(["init"])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(13));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("is a file"));
+}
+
+#[test]
+fn permission_denied_on_repository_and_source() {
+    if let Err(why) = can_use_devices() {
+        println!("SKIPPED permission_denied_on_repository_and_source: {why}");
+        return;
+    }
+    // Root reads everything: run sbk as the unprivileged user `nobody` through setpriv.
+    if std::process::Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("SKIPPED permission_denied_on_repository_and_source: setpriv is not installed");
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("img");
+    std::fs::write(&src, random(10_000, 1)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let o = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                env!("CARGO_BIN_EXE_sbk"),
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let before = env.state();
+    // The repository is mode 0700, owned by root.
+    let (code, err) = as_nobody(&["--repo", env.repo.to_str().unwrap(), "snapshots"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("Permission denied") && err.contains("config"),
+        "{err}"
+    );
+    // A readable repository but an unreadable source: make the repository nobody's.
+    sh(&format!("chown -R 65534:65534 {}", env.repo.display()));
+    sh(&format!("chmod 0600 {}", src.display()));
+    std::fs::set_permissions(
+        env.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let (code, err) = as_nobody(&[
+        "--repo",
+        env.repo.to_str().unwrap(),
+        "backup",
+        src.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("Permission denied") && err.contains("img"),
+        "{err}"
+    );
+    sh(&format!("chown -R 0:0 {}", env.repo.display()));
+    assert!(env.state() == before, "nothing changed");
+}

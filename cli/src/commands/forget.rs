@@ -24,22 +24,22 @@ pub struct Args {
     #[arg(value_name = "SNAPSHOT", conflicts_with_all = ["keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly", "keep_tag", "host", "source"])]
     snapshots: Vec<String>,
     /// Keep the N newest snapshots of each group.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     keep_last: Option<u32>,
     /// Keep the newest snapshot of each of the N most recent hours.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     keep_hourly: Option<u32>,
     /// Keep the newest snapshot of each of the N most recent days.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     keep_daily: Option<u32>,
     /// Keep the newest snapshot of each of the N most recent ISO weeks.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     keep_weekly: Option<u32>,
     /// Keep the newest snapshot of each of the N most recent months.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     keep_monthly: Option<u32>,
     /// Keep the newest snapshot of each of the N most recent years.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     keep_yearly: Option<u32>,
     /// Keep every snapshot with this tag (repeatable).
     #[arg(long, value_name = "TAG")]
