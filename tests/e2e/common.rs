@@ -200,3 +200,30 @@ pub fn assert_same(a: &Path, b: &Path) {
         panic!("{} and {} differ at byte {i}", a.display(), b.display());
     }
 }
+
+/// A lock that looks live: held, as far as anyone can tell, by this test process.
+pub fn live_lock(kind: sbk_store::LockKind, purpose: &str) -> sbk_store::LockInfo {
+    sbk_store::LockInfo {
+        kind,
+        host: sbk_store::host_name(),
+        pid: std::process::id(),
+        time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64,
+        purpose: purpose.into(),
+    }
+}
+
+/// Starts `sbk --repo REPO backup SOURCE` with its output discarded.
+pub fn spawn_backup(repo: &Path, source: &Path) -> std::process::Child {
+    sbk()
+        .arg("--repo")
+        .arg(repo)
+        .arg("backup")
+        .arg(source)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}

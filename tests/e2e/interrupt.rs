@@ -1,6 +1,5 @@
 //! A backup killed with SIGKILL leaves no snapshot and no damage.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -17,14 +16,7 @@ fn killed_backup_leaves_no_snapshot_and_no_damage() {
     // Kill at different moments: as soon as a pack is being written, and after 1 and 2 sealed.
     for sealed_before_kill in [0, 1, 2] {
         let packs_before = env.packs().len();
-        let mut child = sbk()
-            .arg("--repo")
-            .arg(&env.repo)
-            .args(["backup", big.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_backup(&env.repo, &big);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let tmp = !env.pack_files(true).is_empty();
@@ -67,14 +59,7 @@ fn killed_backup_leaves_no_snapshot_and_no_damage() {
     }
     // And at fixed delays from the start, wherever they land (opening, reading, sealing, indexing).
     for delay_ms in [1u64, 10, 40, 120, 300] {
-        let mut child = sbk()
-            .arg("--repo")
-            .arg(&env.repo)
-            .args(["backup", big.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_backup(&env.repo, &big);
         std::thread::sleep(Duration::from_millis(delay_ms));
         let _ = child.kill();
         let status = child.wait().unwrap();

@@ -202,16 +202,7 @@ fn locks_exclude_and_stale_locks_are_removed() {
     std::fs::write(&src, random(100_000, 1)).unwrap();
     let locks = env.repo.join("locks");
     // A live exclusive lock (held, as far as anyone can tell, by this test process).
-    let live = sbk_store::LockInfo {
-        kind: sbk_store::LockKind::Exclusive,
-        host: sbk_store::host_name(),
-        pid: std::process::id(),
-        time: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64,
-        purpose: "prune".into(),
-    };
+    let live = live_lock(sbk_store::LockKind::Exclusive, "prune");
     std::fs::write(locks.join("live"), live.encode()).unwrap();
     let r = env.run(&["backup", src.to_str().unwrap()]);
     assert_eq!(r.code, 15, "{}", r.stderr);

@@ -191,16 +191,7 @@ fn prune_dry_run_changes_nothing_and_prune_respects_locks() {
     );
     assert!(env.state() == before, "a dry run changes nothing");
     // A live shared lock (a backup running elsewhere) keeps prune out.
-    let lock = sbk_store::LockInfo {
-        kind: sbk_store::LockKind::Shared,
-        host: sbk_store::host_name(),
-        pid: std::process::id(),
-        time: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64,
-        purpose: "backup".into(),
-    };
+    let lock = live_lock(sbk_store::LockKind::Shared, "backup");
     std::fs::write(env.repo.join("locks").join("other"), lock.encode()).unwrap();
     let before = env.state();
     let r = env.run(&["prune"]);

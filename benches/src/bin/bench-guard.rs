@@ -18,7 +18,9 @@ const GUARDS: &[(&str, &str, &str, f64)] = &[
     ("chunk", "zstd-compress_text", "baseline_memcpy", 0.003),
     ("chunk", "zstd-decompress_text", "baseline_memcpy", 0.01),
     ("pack", "write-and-seal", "baseline_write-fsync", 0.3),
-    ("index", "lookup_hit", "baseline_hashset", 0.002),
+    // Hits swing between 0.7 and 15 µs from run to run as the working set crosses sled's 8 MiB
+    // cache (docs/benchmarks.md): the floor only catches a collapse beyond that.
+    ("index", "lookup_hit", "baseline_hashset", 0.0003),
     ("index", "lookup_miss", "baseline_hashset", 0.002),
     ("pipeline", "backup_first", "baseline_odirect-read", 0.15),
     ("pipeline", "backup_unchanged", "baseline_odirect-read", 0.3),
