@@ -6,6 +6,31 @@ use serde_json::Value;
 
 use crate::common::*;
 
+/// Waits until no process (this one included: sled lets go of its lock from a background thread
+/// after the database is dropped) holds an index slot, so that the next command opens slot 0,
+/// the one a test has just altered.
+fn wait_for_index_slots(env: &Env) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for slot in sbk_store::Index::slots(&env.repo.join("index")).unwrap() {
+        let db = slot.join("db");
+        while !std::process::Command::new("flock")
+            .arg("-n")
+            .arg(&db)
+            .arg("true")
+            .status()
+            .unwrap()
+            .success()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} stays locked",
+                db.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
 /// Two snapshots sharing some data; returns (env, ids).
 fn two_snapshots() -> (Env, Vec<String>) {
     let env = Env::new();
@@ -141,6 +166,7 @@ fn verify_catches_each_injected_fault_and_names_the_snapshots() {
         repo.index().insert_pack(e.pack, &[moved]).unwrap();
         repo.index().flush().unwrap();
     }
+    wait_for_index_slots(&env);
     let (code, v, _) = verify(&env, &[]);
     let (what, snaps) = problems(&v);
     assert_eq!(code, 12);
@@ -180,6 +206,7 @@ fn repair_index_then_restore_and_verify() {
         repo.index().insert_pack(e.pack, &[moved]).unwrap();
         repo.index().flush().unwrap();
     }
+    wait_for_index_slots(&env);
     assert_eq!(verify(&env, &[]).0, 12);
     let r = env.run(&["repair", "index", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
