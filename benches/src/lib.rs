@@ -1,6 +1,6 @@
-//! Seeded data generators shared by sbk's criterion benches, so every bench measures the same
-//! bytes every run: random (incompressible, no duplicates), text-like (compressible), and mixed
-//! (disk-like: data, text and runs of zeros).
+//! Seeded data generators shared by sbk's criterion benches and end-to-end tests, so that they
+//! measure the same bytes every run: random (incompressible, no duplicates), text-like
+//! (compressible), and mixed (disk-like: data, text and runs of zeros).
 
 /// Incompressible pseudo-random bytes (xorshift64), deterministic for a seed.
 pub fn random(len: usize, seed: u64) -> Vec<u8> {

@@ -129,19 +129,8 @@ impl Env {
     }
 }
 
-/// Deterministic pseudo-random bytes (xorshift), fast enough for hundreds of MiB.
-pub fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+/// Deterministic pseudo-random bytes, shared with the benches.
+pub use sbk_benches::random;
 
 /// Data that compresses and dedups well: a short pattern repeated with a counter.
 pub fn repetitive(len: usize) -> Vec<u8> {

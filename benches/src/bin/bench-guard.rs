@@ -60,7 +60,7 @@ fn main() -> ExitCode {
                 let ratio = b / t;
                 let ok = ratio >= floor;
                 println!(
-                    "{group:<12} {stage:<24} {ratio:>8.3} {floor:>8.3}  {}",
+                    "{group:<12} {stage:<24} {ratio:>8.4} {floor:>8.4}  {}",
                     if ok { "ok" } else { "REGRESSION" }
                 );
                 failed += usize::from(!ok);
