@@ -81,30 +81,31 @@ maint+=("$(measure "sbk prune --max-unused 0" "$sbk" prune --quiet --max-unused 
 after0_kib=$(du -sk "$work/repo/packs" | cut -f1)
 alloc_kib=$(du -sk "$img" | cut -f1)
 
-raw=$(echo "${results[0]}" | cut -d'|' -f2)
+# rows BYTES RESULT...: table rows from "label|seconds|rss_kib" results; throughput over BYTES, and
+# the ratio to the first result (the raw read).
+rows() {
+  local bytes=$1; shift
+  local raw
+  raw=$(echo "$1" | cut -d'|' -f2)
+  echo "|---|---:|---:|---:|---:|"
+  for r in "$@"; do
+    IFS='|' read -r label t rss <<<"$r"
+    awk -v l="$label" -v t="$t" -v r="$rss" -v raw="$raw" -v size="$bytes" 'BEGIN {
+      tp = size / 1048576 / (t > 0 ? t : 0.01); rawtp = size / 1048576 / (raw > 0 ? raw : 0.01);
+      printf "| %s | %.2f | %.0f | %.2fx | %.0f |\n", l, t, tp, tp / rawtp, r / 1024 }'
+  done
+}
+
 echo
 echo "Image: ${gib} GiB ext4 ($((alloc_kib / 1024)) MiB allocated), repository after three backups: $((repo_kib / 1024)) MiB."
 echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%d GiB", $2/1048576}' /proc/meminfo), $(uname -r), $(date -u +%Y-%m-%d)."
 echo
 echo "| step | wall time (s) | throughput (MiB/s) | ratio to raw read | peak RSS (MiB) |"
-echo "|---|---:|---:|---:|---:|"
-for r in "${results[@]}"; do
-  IFS='|' read -r label t rss <<<"$r"
-  awk -v l="$label" -v t="$t" -v r="$rss" -v raw="$raw" -v size="$size" 'BEGIN {
-    tp = size / 1048576 / (t > 0 ? t : 0.01); rawtp = size / 1048576 / (raw > 0 ? raw : 0.01);
-    printf "| %s | %.2f | %.0f | %.2fx | %.0f |\n", l, t, tp, tp / rawtp, r / 1024 }'
-done
+rows "$size" "${results[@]}"
 echo
 echo "Maintenance, over the $((pack_bytes >> 20)) MiB of packs after the three backups:"
 echo
 echo "| step | wall time (s) | throughput over the packs (MiB/s) | ratio to raw read of the packs | peak RSS (MiB) |"
-echo "|---|---:|---:|---:|---:|"
-rawp=$(echo "${maint[0]}" | cut -d'|' -f2)
-for r in "${maint[@]}"; do
-  IFS='|' read -r label t rss <<<"$r"
-  awk -v l="$label" -v t="$t" -v r="$rss" -v raw="$rawp" -v size="$pack_bytes" 'BEGIN {
-    tp = size / 1048576 / (t > 0 ? t : 0.01); rawtp = size / 1048576 / (raw > 0 ? raw : 0.01);
-    printf "| %s | %.2f | %.0f | %.2fx | %.0f |\n", l, t, tp, tp / rawtp, r / 1024 }'
-done
+rows "$pack_bytes" "${maint[@]}"
 echo
 echo "After forgetting the first two of the three snapshots, packs went from $((before_kib / 1024)) MiB to $((after_kib / 1024)) MiB with the default prune (packs less than 5% unused are left alone), and to $((after0_kib / 1024)) MiB with --max-unused 0."

@@ -26,6 +26,7 @@ use sbk_store::{
 };
 
 use crate::error::{EngineError, Result};
+use crate::pool::worker_pool;
 use crate::progress::Progress;
 use crate::source::{align_up, Source};
 
@@ -170,11 +171,7 @@ pub fn backup(
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<Vec<Result<BackupOutcome>>> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads.max(1))
-        .thread_name(|i| format!("sbk-backup-{i}"))
-        .build()
-        .map_err(|e| EngineError::ThreadPool(e.to_string()))?;
+    let pool = worker_pool(opts.threads, "backup")?;
     let session = Session {
         repo,
         params: chunker_params(repo)?,

@@ -4,6 +4,7 @@
 
 mod backup;
 mod error;
+mod pool;
 mod progress;
 mod prune;
 mod restore;

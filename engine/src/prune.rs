@@ -11,13 +11,13 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use rayon::prelude::*;
 use sbk_store::{
     read_trailer, split_blob, ChunkId, EncodedBlob, Extent, Index, PackEntry, PackId, PackWriter,
     Repository, BLOB_HEADER_LEN,
 };
 
 use crate::error::{EngineError, Result};
+use crate::pool::{snapshot_trees, worker_pool};
 use crate::progress::Progress;
 
 /// How to prune.
@@ -66,17 +66,11 @@ pub fn used_blobs(repo: &Repository) -> Result<HashSet<ChunkId>> {
                 "snapshot {id} cannot be read ({e}); prune needs every snapshot intact"
             ))
         })?;
-        let trees: Vec<Vec<Extent>> = manifest
-            .trees
-            .par_iter()
-            .enumerate()
-            .map(|(i, t)| repo.load_tree(t, manifest.segment_len(i)))
-            .collect::<Result<_, _>>()
-            .map_err(|e| {
-                EngineError::Unsafe(format!(
-                    "snapshot {id}: {e}; prune needs every snapshot intact"
-                ))
-            })?;
+        let trees = snapshot_trees(repo, &manifest).map_err(|e| {
+            EngineError::Unsafe(format!(
+                "snapshot {id}: {e}; prune needs every snapshot intact"
+            ))
+        })?;
         used.extend(manifest.trees.iter().copied());
         used.extend(trees.into_iter().flatten().filter_map(|x| match x {
             Extent::Data { id, .. } => Some(id),
@@ -93,10 +87,7 @@ pub fn prune(
     progress: &dyn Progress,
 ) -> Result<PruneReport> {
     let started = Instant::now();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads.max(1))
-        .build()
-        .map_err(|e| EngineError::ThreadPool(e.to_string()))?;
+    let pool = worker_pool(opts.threads, "prune")?;
     // The index slot was brought up to date when the repository was opened, before the caller
     // took the exclusive lock: a backup may have sealed packs since. Catch up again now that no
     // one else writes.

@@ -22,6 +22,7 @@ use sbk_store::{
 };
 
 use crate::error::{EngineError, Result};
+use crate::pool::{snapshot_trees, worker_pool};
 use crate::progress::Progress;
 use crate::source::{align_down, align_up, ALIGN};
 use crate::sys;
@@ -68,15 +69,7 @@ const BATCH_GAP: u64 = 256 << 10;
 
 /// Loads the extent list of a snapshot, with the offset of each extent.
 pub fn load_extents(repo: &Repository, manifest: &Manifest) -> Result<Vec<(u64, Extent)>> {
-    let trees: Vec<Vec<Extent>> = manifest
-        .trees
-        .par_iter()
-        .enumerate()
-        .map(|(i, id)| {
-            repo.load_tree(id, manifest.segment_len(i))
-                .map_err(EngineError::from)
-        })
-        .collect::<Result<_>>()?;
+    let trees = snapshot_trees(repo, manifest)?;
     let mut out = Vec::with_capacity(trees.iter().map(Vec::len).sum());
     let mut offset = 0u64;
     for x in trees.into_iter().flatten() {
@@ -96,11 +89,7 @@ pub fn restore(
 ) -> Result<RestoreStats> {
     let started = Instant::now();
     let manifest = repo.load_manifest(id)?;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads.max(1))
-        .thread_name(|i| format!("sbk-restore-{i}"))
-        .build()
-        .map_err(|e| EngineError::ThreadPool(e.to_string()))?;
+    let pool = worker_pool(opts.threads, "restore")?;
     let mut stats = pool.install(|| -> Result<RestoreStats> {
         let extents = load_extents(repo, &manifest)?;
         match target {

@@ -2,10 +2,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use rayon::prelude::*;
 use sbk_store::{ChunkId, Extent, Repository, SnapshotId, BLOB_HEADER_LEN};
 
 use crate::error::Result;
+use crate::pool::snapshot_trees;
 
 /// Figures of one snapshot.
 #[derive(Debug, Clone)]
@@ -66,12 +66,7 @@ pub fn stats(
     let mut users: HashMap<ChunkId, u32> = HashMap::new();
     for (id, manifest) in repo.snapshots()? {
         let manifest = manifest?;
-        let trees: Vec<Vec<Extent>> = manifest
-            .trees
-            .par_iter()
-            .enumerate()
-            .map(|(i, t)| repo.load_tree(t, manifest.segment_len(i)))
-            .collect::<Result<_, _>>()?;
+        let trees = snapshot_trees(repo, &manifest)?;
         let mut s = SnapshotStats {
             id,
             size: manifest.size,

@@ -16,7 +16,8 @@ use sbk_store::{
     Repository, SnapshotId, BLOB_HEADER_LEN,
 };
 
-use crate::error::{EngineError, Result};
+use crate::error::Result;
+use crate::pool::worker_pool;
 use crate::progress::Progress;
 
 /// Which packs `verify` reads in full.
@@ -103,10 +104,7 @@ pub fn verify(
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
     let started = Instant::now();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads.max(1))
-        .build()
-        .map_err(|e| EngineError::ThreadPool(e.to_string()))?;
+    let pool = worker_pool(opts.threads, "verify")?;
     let mut report = pool.install(|| verify_in_pool(repo, opts, progress))?;
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
