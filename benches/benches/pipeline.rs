@@ -11,7 +11,7 @@ use sbk_benches::mixed;
 use sbk_engine::{
     backup, restore, BackupOptions, NoProgress, RestoreOptions, RestoreTarget, Source,
 };
-use sbk_store::{InitOptions, Repository};
+use sbk_store::{CacheLocation, InitOptions, Repository};
 
 const IMAGE: usize = 256 << 20;
 
@@ -62,8 +62,8 @@ fn pipeline(c: &mut Criterion) {
             || {
                 let repo = dir.path().join(format!("repo-{}", std::process::id()));
                 let _ = std::fs::remove_dir_all(&repo);
-                Repository::init(&repo, InitOptions::default()).expect("init works");
-                Repository::open(&repo).expect("open works")
+                Repository::init_local(&repo, InitOptions::default()).expect("init works");
+                Repository::open_local(&repo, &CacheLocation::Temporary).expect("open works")
             },
             |repo| {
                 backup(&repo, std::slice::from_ref(&image), &opts(), &NoProgress)
@@ -73,8 +73,8 @@ fn pipeline(c: &mut Criterion) {
     });
 
     let repo_path = dir.path().join("repo-warm");
-    Repository::init(&repo_path, InitOptions::default()).expect("init works");
-    let repo = Repository::open(&repo_path).expect("open works");
+    Repository::init_local(&repo_path, InitOptions::default()).expect("init works");
+    let repo = Repository::open_local(&repo_path, &CacheLocation::Temporary).expect("open works");
     let first =
         backup(&repo, std::slice::from_ref(&image), &opts(), &NoProgress).expect("backup runs");
     let snapshot = first[0].as_ref().expect("the backup succeeds").snapshot;

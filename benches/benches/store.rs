@@ -1,6 +1,7 @@
 //! The per-chunk stages: keyed BLAKE3 ids, zstd compression and decompression, beside a memcpy;
-//! pack writing beside a plain write+fsync of the same bytes; index lookups (hits and misses)
-//! beside the same lookups in an in-memory hash set.
+//! pack writing beside a plain write+fsync of the same bytes; opening the index cold (building
+//! the cache table from index files) and warm; index lookups (hits and misses) beside the same
+//! lookups in an in-memory hash set.
 // criterion_group! generates public functions that cannot carry docs.
 #![allow(missing_docs)]
 
@@ -10,8 +11,8 @@ use std::io::Write;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use sbk_benches::{mixed, random, text_like};
 use sbk_store::{
-    decode_blob_into, encode_blob, BlobKind, ChunkId, Compression, InitOptions, PackEntry, PackId,
-    PackWriter, Repository, DEFAULT_ZSTD_LEVEL,
+    decode_blob_into, encode_blob, Backend, BlobKind, CacheLocation, ChunkId, Compression,
+    InitOptions, Kind, LocalBackend, PackEntry, PackId, PackWriter, Repository, DEFAULT_ZSTD_LEVEL,
 };
 
 /// The repository's default average chunk size.
@@ -61,7 +62,8 @@ fn stages(c: &mut Criterion) {
 fn pack_writing(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let repo = dir.path().join("repo");
-    Repository::init(&repo, InitOptions::default()).expect("init works");
+    let backend = LocalBackend::new(&repo);
+    Repository::init(&backend, InitOptions::default()).expect("init works");
     let blobs: Vec<_> = (0..32u8)
         .map(|i| {
             encode_blob(
@@ -82,13 +84,13 @@ fn pack_writing(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("write-and-seal", |b| {
         b.iter(|| {
-            let mut w = PackWriter::create(&repo).expect("a pack is created");
+            let mut w = PackWriter::create(&backend).expect("a pack is created");
             for blob in &blobs {
                 w.add(blob).expect("the blob is written");
             }
             let (id, _) = w.finish().expect("the pack is sealed");
-            let hex = id.to_hex();
-            std::fs::remove_file(repo.join("packs").join(&hex[..2]).join(hex))
+            backend
+                .delete(Kind::Pack, &id.to_hex())
                 .expect("the pack is removed");
         })
     });
@@ -108,8 +110,7 @@ fn index_lookups(c: &mut Criterion) {
     const LOOKUPS: usize = 1000;
     let dir = tempfile::tempdir().expect("a temporary directory");
     let path = dir.path().join("repo");
-    Repository::init(&path, InitOptions::default()).expect("init works");
-    let repo = Repository::open(&path).expect("open works");
+    Repository::init_local(&path, InitOptions::default()).expect("init works");
     let id = |i: u32| ChunkId(*blake3::hash(&i.to_le_bytes()).as_bytes());
     let entries: Vec<PackEntry> = (0..ENTRIES)
         .map(|i| PackEntry {
@@ -121,31 +122,41 @@ fn index_lookups(c: &mut Criterion) {
             raw_len: 100,
         })
         .collect();
-    for chunk in entries.chunks(10_000) {
-        repo.index()
-            .insert_pack(PackId([chunk[0].id.0[0]; 16]), chunk)
-            .expect("the index takes the entries");
+    {
+        // Index files as backups write them: one per run, 20 runs.
+        let writer = Repository::open_local(&path, &CacheLocation::Temporary).expect("opens");
+        for chunk in entries.chunks(10_000) {
+            writer
+                .write_index_file(vec![(PackId([chunk[0].id.0[0]; 16]), chunk.to_vec())])
+                .expect("the index file is written");
+        }
     }
-    repo.index().flush().expect("the index flushes");
+    // Cold: a new process builds its cache table from the index files; warm: it reuses it.
+    let cache = CacheLocation::Dir(dir.path().join("cache"));
+    let mut g = c.benchmark_group("index");
+    g.sample_size(10);
+    g.bench_function("open_cold", |b| {
+        b.iter(|| {
+            let _ = std::fs::remove_dir_all(dir.path().join("cache"));
+            Repository::open_local(&path, &cache).expect("opens")
+        })
+    });
+    g.bench_function("open_warm", |b| {
+        b.iter(|| Repository::open_local(&path, &cache).expect("opens"))
+    });
+    g.finish();
+    let repo = Repository::open_local(&path, &cache).expect("opens");
+    let index = repo.index().expect("loaded");
     let hits: Vec<ChunkId> = (0..LOOKUPS as u32).map(|i| id(i * 197 % ENTRIES)).collect();
     let misses: Vec<ChunkId> = (0..LOOKUPS as u32).map(|i| id(ENTRIES + i)).collect();
     let set: HashSet<ChunkId> = entries.iter().map(|e| e.id).collect();
     let mut g = c.benchmark_group("index");
     g.throughput(Throughput::Elements(LOOKUPS as u64));
     g.bench_function("lookup_hit", |b| {
-        b.iter(|| {
-            hits.iter()
-                .filter(|i| repo.index().contains(i).expect("lookup works"))
-                .count()
-        })
+        b.iter(|| hits.iter().filter(|i| index.contains(i)).count())
     });
     g.bench_function("lookup_miss", |b| {
-        b.iter(|| {
-            misses
-                .iter()
-                .filter(|i| repo.index().contains(i).expect("lookup works"))
-                .count()
-        })
+        b.iter(|| misses.iter().filter(|i| index.contains(i)).count())
     });
     g.bench_function("baseline_hashset", |b| {
         b.iter(|| {

@@ -383,3 +383,55 @@ mod tests {
         }
     }
 }
+
+/// Cut-point test vectors (docs/format.md, "chunker"): a compatible writer must cut exactly
+/// here, or its chunks would not dedup against sbk's.
+#[cfg(test)]
+mod vectors {
+    use super::*;
+
+    /// 1 MiB from xorshift64 (x ^= x << 13; x ^= x >> 7; x ^= x << 17; low byte; x starts at
+    /// 0x5eed | 1), a 256 KiB zero run at 512 KiB, chunked with the smallest sbk average.
+    fn input() -> Vec<u8> {
+        let mut x: u64 = 0x5eed | 1;
+        let mut data: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        data[512 << 10..768 << 10].fill(0);
+        data
+    }
+
+    #[test]
+    fn cut_points_are_pinned() {
+        let p = ChunkerParams::for_average(MIN_AVERAGE, 0x0123_4567_89ab_cdef).unwrap();
+        let spans = split_segment(&input(), &p);
+        let got: Vec<(char, usize, usize)> = spans
+            .iter()
+            .map(|s| match *s {
+                Span::Zero { offset, len } => ('z', offset, len),
+                Span::Data { offset, len } => ('d', offset, len),
+            })
+            .collect();
+        assert_eq!(got, EXPECTED);
+    }
+
+    const EXPECTED: &[(char, usize, usize)] = &[
+        ('d', 0, 74961),
+        ('d', 74961, 51282),
+        ('d', 126243, 78918),
+        ('d', 205161, 40696),
+        ('d', 245857, 90985),
+        ('d', 336842, 74968),
+        ('d', 411810, 105386),
+        ('d', 517196, 7092),
+        ('z', 524288, 262144),
+        ('d', 786432, 82341),
+        ('d', 868773, 131419),
+        ('d', 1000192, 48384),
+    ];
+}

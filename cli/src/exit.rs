@@ -27,10 +27,12 @@ pub enum Exit {
     Refused = 13,
     /// The filesystem holding the repository or target is full.
     NoSpace = 14,
-    /// Another process holds a conflicting lock on the repository.
+    /// Another process holds a conflicting lock on the repository, or the lock this command
+    /// held was lost while it ran.
     Locked = 15,
-    /// The repository (or one of its files) has a format version this sbk does not read.
-    NewerFormat = 16,
+    /// The repository (or one of its objects) has a format this sbk cannot read, older or
+    /// newer, or needs a feature it does not implement.
+    Format = 16,
 }
 
 impl From<Exit> for ExitCode {
@@ -67,17 +69,23 @@ pub fn store_exit(e: &StoreError) -> Exit {
     }
     match e {
         StoreError::Corrupt {
-            source: sbk_store::DecodeError::UnsupportedVersion(_),
+            source:
+                sbk_store::DecodeError::UnsupportedVersion(_)
+                | sbk_store::DecodeError::UnsupportedFeature(_),
             ..
-        } => Exit::NewerFormat,
+        }
+        | StoreError::UnsupportedFormat { .. }
+        | StoreError::UnsupportedFeature { .. } => Exit::Format,
         StoreError::NotARepository { .. } => Exit::NoRepository,
         StoreError::SnapshotNotFound(_) | StoreError::AmbiguousSnapshot { .. } => Exit::NoSnapshot,
         StoreError::Corrupt { .. }
         | StoreError::BlobCorrupt { .. }
         | StoreError::BlobMissing(_)
-        | StoreError::PackMissing { .. } => Exit::Damaged,
+        | StoreError::PackMissing { .. }
+        | StoreError::ObjectMissing { .. }
+        | StoreError::ShortObject { .. } => Exit::Damaged,
         StoreError::InitRefused { .. } => Exit::Refused,
-        StoreError::Locked { .. } => Exit::Locked,
+        StoreError::Locked { .. } | StoreError::LeaseLost(_) => Exit::Locked,
         StoreError::InvalidParameter(_) => Exit::Usage,
         _ => Exit::Error,
     }

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use sbk_store::CacheLocation;
 
 /// sbk: deduplicating disk-to-disk backup of block devices and disk images.
 ///
@@ -31,6 +32,17 @@ pub struct Cli {
     /// Print nothing but errors.
     #[arg(long, short = 'q', global = true)]
     quiet: bool,
+
+    /// Directory of the local index cache, one folder per repository inside it [default:
+    /// $XDG_CACHE_HOME/sbk, else ~/.cache/sbk]. The cache is never needed for correctness: one
+    /// that is missing, stale or damaged is rebuilt from the repository.
+    #[arg(long, global = true, env = "SBK_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+
+    /// Keep no cache between runs: build the index cache in a temporary directory removed at
+    /// exit (reads every index file of the repository on each run).
+    #[arg(long, global = true, conflicts_with = "cache_dir")]
+    no_cache: bool,
 
     /// Worker threads [default: the number of CPUs].
     #[arg(long, global = true, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -54,6 +66,18 @@ enum Command {
     Unlock(commands::unlock::Args),
 }
 
+/// `$XDG_CACHE_HOME/sbk`, else `~/.cache/sbk`; none without a home (a temporary cache then).
+fn default_cache_dir() -> Option<PathBuf> {
+    let nonempty = |v: &str| {
+        std::env::var_os(v)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    };
+    nonempty("XDG_CACHE_HOME")
+        .or_else(|| nonempty("HOME").map(|h| h.join(".cache")))
+        .map(|d| d.join("sbk"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let out = output::Output::new(cli.json, cli.quiet);
@@ -62,10 +86,19 @@ fn main() -> ExitCode {
             .map(|n| n.get())
             .unwrap_or(1)
     });
+    let cache = if cli.no_cache {
+        CacheLocation::Temporary
+    } else {
+        match cli.cache_dir.or_else(default_cache_dir) {
+            Some(dir) => CacheLocation::Dir(dir),
+            None => CacheLocation::Temporary,
+        }
+    };
     let ctx = commands::Context {
         repo: cli.repo,
         threads,
         out,
+        cache,
     };
     let result = match cli.command {
         Command::Init(a) => commands::init::run(&ctx, a),

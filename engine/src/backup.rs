@@ -1,19 +1,21 @@
 //! The backup pipeline.
 //!
 //! ```text
-//! reader thread ──segments──▶ rayon workers ──chunked, hashed, compressed──▶ writer (this thread)
-//!  O_DIRECT, by extents      zero runs, FastCDC,                            packs, index,
-//!  into pooled buffers       BLAKE3, dedup, zstd                            trees, manifest
+//! reader thread ──segments──▶ rayon workers ──chunked, hashed, compressed──▶ writer ──▶ uploaders
+//!  O_DIRECT, by extents      zero runs, FastCDC,                            packs,     seal packs,
+//!  into pooled buffers       BLAKE3, dedup, zstd                            trees      index files
 //! ```
 //!
-//! Channels are bounded and segment buffers come from a fixed pool, so memory is bounded by the
-//! pipeline depth, never by the source size. Segments are chunked independently, so the chunk
-//! list does not depend on the thread count.
+//! Channels are bounded and segment buffers come from one pool shared by every source of the
+//! run, so memory is bounded by the pipeline depth, never by the source size. Full packs are
+//! sealed by uploader threads off the critical path; an index file names them every
+//! [`INDEX_EVERY`] packs and before each manifest. Segments are chunked independently, so the
+//! chunk list does not depend on the thread count.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -22,7 +24,7 @@ use rayon::iter::{ParallelBridge, ParallelIterator};
 use sbk_chunker::{split_segment, ChunkerParams, Span};
 use sbk_store::{
     encode_blob, encode_tree, BackupFigures, BlobKind, ChunkId, EncodedBlob, Extent, Manifest,
-    PackWriter, Repository, SnapshotId, StoreError, BLOB_HEADER_LEN,
+    PackEntry, PackId, PackWriter, Repository, SnapshotId, StoreError, BLOB_HEADER_LEN,
 };
 
 use crate::error::{EngineError, Result};
@@ -67,15 +69,29 @@ pub fn chunker_params(repo: &Repository) -> Result<ChunkerParams> {
     Ok(p)
 }
 
-/// Blobs shared by all sources of one run: the open pack and what this run has written.
+/// The pack being filled, shared by all sources of one run.
 struct Packer {
     current: Option<PackWriter>,
-    /// Ids written by this run, sealed or in `current`: another source need not write them again.
-    written: HashSet<ChunkId>,
-    /// Set once a pack write or seal failed: the open pack's contents are then unknown, so
-    /// nothing written in this run may be relied on any more, by any source.
-    failed: bool,
 }
+
+/// What this run has written that the index does not know yet.
+#[derive(Default)]
+struct Unindexed {
+    /// Ids in packs being filled, uploaded or sealed but not yet named by an index file:
+    /// another source need not write them again. Bounded by [`INDEX_EVERY`] packs.
+    written: HashSet<ChunkId>,
+    /// Sealed, durable packs waiting for an index file.
+    sealed: Vec<(PackId, Vec<PackEntry>)>,
+}
+
+/// An index file is written once this many packs are sealed (and before every manifest), so
+/// that the run's in-memory set of unindexed blobs stays bounded: 64 packs of 32 MiB.
+const INDEX_EVERY: usize = 64;
+/// Packs handed to the uploaders and not yet sealed: while they seal (fsync, or an upload),
+/// chunking goes on.
+const UPLOAD_QUEUE: usize = 2;
+/// Uploader threads: a couple of seals in flight hide the latency of one.
+const UPLOADERS: usize = 2;
 
 /// State shared by the pipelines of all sources backed up in one run.
 struct Session<'a> {
@@ -83,29 +99,66 @@ struct Session<'a> {
     params: ChunkerParams,
     pool: rayon::ThreadPool,
     packer: Mutex<Packer>,
+    unindexed: Mutex<Unindexed>,
+    /// Sealed packs go to the uploaders through this queue; `None` once the run is over.
+    uploads: Mutex<Option<Sender<PackWriter>>>,
+    /// Packs handed over and not yet sealed (or failed).
+    in_flight: Mutex<usize>,
+    sealed_cv: Condvar,
+    /// Set once a pack write, seal or index write failed: what this run wrote is then not
+    /// known to be durable, so no further snapshot of this run may rely on any of it.
+    failed: AtomicBool,
+    /// Segment buffers shared by every source: at most `buffers` exist at once.
+    buf_tx: Sender<MmapMut>,
+    buf_rx: Receiver<MmapMut>,
+    buffers: usize,
+    allocated: AtomicUsize,
+    /// Sources being read at once; more wait their turn (a thread pair each).
+    running: Mutex<usize>,
+    running_cv: Condvar,
 }
 
+/// Sources backed up at once: each has a reader and a writer thread; the workers are shared.
+const MAX_CONCURRENT_SOURCES: usize = 4;
+
 impl Session<'_> {
-    fn packer(&self) -> Result<std::sync::MutexGuard<'_, Packer>> {
-        let packer = self
+    fn check(&self) -> Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(EngineError::Unsafe(
+                "an earlier pack or index write of this run failed; no snapshot can rely on it"
+                    .into(),
+            ));
+        }
+        Ok(self.repo.check_lease()?)
+    }
+
+    fn fail(&self) {
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// True when `id` is already stored or being stored by this run.
+    fn written(&self, id: &ChunkId) -> bool {
+        self.unindexed
+            .lock()
+            .expect("no thread panics holding this")
+            .written
+            .contains(id)
+    }
+
+    /// Appends blobs to the open pack, handing it to the uploaders when it reaches the pack
+    /// size. Returns the bytes written (blobs another source already wrote are skipped).
+    fn store(&self, blobs: &[EncodedBlob]) -> Result<u64> {
+        self.check()?;
+        let mut packer = self
             .packer
             .lock()
             .expect("no thread panics holding the packer");
-        if packer.failed {
-            return Err(EngineError::Unsafe(
-                "an earlier pack write of this run failed; no snapshot can rely on it".into(),
-            ));
-        }
-        Ok(packer)
-    }
-
-    /// Appends blobs to the open pack, sealing it when it reaches the target size. Returns the
-    /// bytes written (blobs another source already wrote are skipped).
-    fn store(&self, blobs: &[EncodedBlob]) -> Result<u64> {
-        let mut packer = self.packer()?;
         let result = self.store_locked(&mut packer, blobs);
         if result.is_err() {
-            Self::fail(&mut packer);
+            self.fail();
+            if let Some(pack) = packer.current.take() {
+                pack.abandon();
+            }
         }
         result
     }
@@ -113,52 +166,171 @@ impl Session<'_> {
     fn store_locked(&self, packer: &mut Packer, blobs: &[EncodedBlob]) -> Result<u64> {
         let mut written = 0;
         for blob in blobs {
-            if packer.written.contains(&blob.header.id) {
+            if !self
+                .unindexed
+                .lock()
+                .expect("no thread panics holding this")
+                .written
+                .insert(blob.header.id)
+            {
                 continue;
             }
             if packer.current.is_none() {
-                packer.current = Some(PackWriter::create(self.repo.path())?);
+                packer.current = Some(self.repo.new_pack()?);
             }
             let pack = packer.current.as_mut().expect("created above");
             pack.add(blob)?;
-            // Only once it is in the pack may another source skip it.
-            packer.written.insert(blob.header.id);
             written += (BLOB_HEADER_LEN + blob.data.len()) as u64;
-            if pack.len() >= self.repo.config().pack_target {
-                self.seal_current(packer)?;
+            if pack.len() >= self.repo.config().pack_size {
+                self.hand_over(packer.current.take().expect("present"))?;
             }
         }
         Ok(written)
     }
 
-    /// A write or seal failed: drop the open pack and refuse everything from now on.
-    fn fail(packer: &mut Packer) {
-        packer.failed = true;
-        if let Some(pack) = packer.current.take() {
-            pack.abandon();
-        }
-    }
-
-    fn seal_current(&self, packer: &mut Packer) -> Result<()> {
-        if let Some(pack) = packer.current.take() {
-            // The pack is durable (file and directory fsynced) before the index names it.
-            let (id, entries) = pack.finish()?;
-            self.repo.index().insert_pack(id, &entries)?;
+    /// Queues a full pack for sealing; blocks while the queue is full (back-pressure).
+    fn hand_over(&self, pack: PackWriter) -> Result<()> {
+        *self
+            .in_flight
+            .lock()
+            .expect("no thread panics holding this") += 1;
+        let sent = self
+            .uploads
+            .lock()
+            .expect("no thread panics holding this")
+            .clone()
+            .map(|tx| tx.send(pack).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            self.upload_done();
+            self.fail();
+            return Err(EngineError::Unsafe("the pack uploaders stopped".into()));
         }
         Ok(())
     }
 
-    /// Seals the open pack and flushes the index: afterwards every blob stored so far is durable
-    /// and indexed, and a manifest may refer to it.
-    fn seal(&self) -> Result<()> {
-        let mut packer = self.packer()?;
-        let result = self
-            .seal_current(&mut packer)
-            .and_then(|()| Ok(self.repo.index().flush()?));
-        if result.is_err() {
-            Self::fail(&mut packer);
+    fn upload_done(&self) {
+        *self
+            .in_flight
+            .lock()
+            .expect("no thread panics holding this") -= 1;
+        self.sealed_cv.notify_all();
+    }
+
+    /// An uploader: seals packs (trailer, durable, named) and writes an index file every
+    /// [`INDEX_EVERY`] packs.
+    fn upload(&self, rx: Receiver<PackWriter>) {
+        for pack in rx {
+            let r = pack.finish().map_err(EngineError::from).and_then(|sealed| {
+                let full = {
+                    let mut u = self
+                        .unindexed
+                        .lock()
+                        .expect("no thread panics holding this");
+                    u.sealed.push(sealed);
+                    u.sealed.len() >= INDEX_EVERY
+                };
+                if full {
+                    self.write_index()?;
+                }
+                Ok(())
+            });
+            if r.is_err() {
+                self.fail();
+            }
+            self.upload_done();
         }
-        result
+    }
+
+    /// Names the sealed packs in an index file, then forgets them from the unindexed set (the
+    /// index knows them now).
+    fn write_index(&self) -> Result<()> {
+        let sealed = std::mem::take(
+            &mut self
+                .unindexed
+                .lock()
+                .expect("no thread panics holding this")
+                .sealed,
+        );
+        if sealed.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<ChunkId> = sealed
+            .iter()
+            .flat_map(|(_, e)| e.iter().map(|e| e.id))
+            .collect();
+        self.repo.write_index_file(sealed)?;
+        let mut u = self
+            .unindexed
+            .lock()
+            .expect("no thread panics holding this");
+        for id in ids {
+            u.written.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// Seals the open pack, waits for every pack in flight, and names them all in an index
+    /// file: afterwards every blob stored so far is durable and indexed, and a manifest may
+    /// refer to it.
+    fn seal(&self) -> Result<()> {
+        self.check()?;
+        let current = self
+            .packer
+            .lock()
+            .expect("no thread panics holding the packer")
+            .current
+            .take();
+        if let Some(pack) = current {
+            self.hand_over(pack)?;
+        }
+        let mut n = self
+            .in_flight
+            .lock()
+            .expect("no thread panics holding this");
+        while *n > 0 {
+            n = self
+                .sealed_cv
+                .wait(n)
+                .expect("no thread panics holding this");
+        }
+        drop(n);
+        self.check()?;
+        let r = self.write_index();
+        if r.is_err() {
+            self.fail();
+        }
+        r
+    }
+
+    /// A segment buffer from the shared pool: a returned one, a new one while fewer than the
+    /// pool's size exist, else the next one returned.
+    fn buffer(&self, seg_size: u64) -> std::io::Result<Option<MmapMut>> {
+        if let Ok(b) = self.buf_rx.try_recv() {
+            return Ok(Some(b));
+        }
+        if self.allocated.fetch_add(1, Ordering::AcqRel) < self.buffers {
+            return MmapMut::map_anon(align_up(seg_size) as usize).map(Some);
+        }
+        self.allocated.fetch_sub(1, Ordering::AcqRel);
+        Ok(self.buf_rx.recv().ok())
+    }
+
+    /// Waits for a turn to back up a source.
+    fn start_source(&self) {
+        let mut n = self.running.lock().expect("no thread panics holding this");
+        while *n >= MAX_CONCURRENT_SOURCES {
+            n = self
+                .running_cv
+                .wait(n)
+                .expect("no thread panics holding this");
+        }
+        *n += 1;
+    }
+
+    fn end_source(&self) {
+        *self.running.lock().expect("no thread panics holding this") -= 1;
+        self.running_cv.notify_one();
     }
 }
 
@@ -172,46 +344,80 @@ pub fn backup(
     progress: &dyn Progress,
 ) -> Result<Vec<Result<BackupOutcome>>> {
     let pool = worker_pool(opts.threads, "backup")?;
+    // One segment being chunked per worker, one queued and one being read: enough to keep every
+    // worker busy, and the whole of the pipeline's buffer memory (measured: docs/benchmarks.md).
+    let buffers = opts.threads.max(1) + 2;
+    let (buf_tx, buf_rx) = bounded::<MmapMut>(buffers);
+    let (up_tx, up_rx) = bounded::<PackWriter>(UPLOAD_QUEUE);
     let session = Session {
         repo,
         params: chunker_params(repo)?,
         pool,
-        packer: Mutex::new(Packer {
-            current: None,
-            written: HashSet::new(),
-            failed: false,
-        }),
+        packer: Mutex::new(Packer { current: None }),
+        unindexed: Mutex::new(Unindexed::default()),
+        uploads: Mutex::new(Some(up_tx)),
+        in_flight: Mutex::new(0),
+        sealed_cv: Condvar::new(),
+        failed: AtomicBool::new(false),
+        buf_tx,
+        buf_rx,
+        buffers,
+        allocated: AtomicUsize::new(0),
+        running: Mutex::new(0),
+        running_cv: Condvar::new(),
     };
     let results = std::thread::scope(|s| {
+        let session = &session;
+        for i in 0..UPLOADERS {
+            let rx = up_rx.clone();
+            if let Err(e) = std::thread::Builder::new()
+                .name(format!("sbk-upload-{i}"))
+                .spawn_scoped(s, move || session.upload(rx))
+            {
+                // Closing the queue lets the uploaders already started end.
+                session
+                    .uploads
+                    .lock()
+                    .expect("no thread panics holding this")
+                    .take();
+                return Err(EngineError::ThreadPool(e.to_string()));
+            }
+        }
+        drop(up_rx);
         let handles: Vec<_> = sources
             .iter()
             .enumerate()
             .map(|(task, path)| {
-                let session = &session;
-                s.spawn(move || backup_one(session, task, path, opts, progress))
+                s.spawn(move || {
+                    session.start_source();
+                    let r = backup_one(session, task, path, opts, progress);
+                    session.end_source();
+                    r
+                })
             })
             .collect();
-        handles
+        let results: Vec<_> = handles
             .into_iter()
             .map(|h| h.join().expect("backup threads do not panic"))
-            .collect()
-    });
-    // After a failed write the open pack was already dropped and every source reported it.
-    let failed = session
-        .packer
-        .lock()
-        .expect("no thread panics holding the packer")
-        .failed;
-    if !failed {
-        if let Err(e) = session.seal() {
-            // Every snapshot written sealed its own blobs first; what is lost here is data that
-            // no snapshot refers to, which the next backup writes again.
-            progress.notice(&format!(
-                "sealing the last pack failed: {e}; no snapshot depends on it"
-            ));
+            .collect();
+        if !session.failed.load(Ordering::Acquire) {
+            if let Err(e) = session.seal() {
+                // Every snapshot written sealed its own blobs first; what is lost here is data
+                // that no snapshot refers to, which the next backup writes again.
+                progress.notice(&format!(
+                    "sealing the last pack failed: {e}; no snapshot depends on it"
+                ));
+            }
         }
-    }
-    Ok(results)
+        // Closing the queue ends the uploaders.
+        session
+            .uploads
+            .lock()
+            .expect("no thread panics holding this")
+            .take();
+        Ok(results)
+    });
+    results
 }
 
 /// A segment read from the source; `buf` is `None` for a segment that is one hole.
@@ -260,28 +466,16 @@ fn backup_one(
         ));
     }
 
-    // One segment being chunked per worker, one queued and one being read: enough to keep every
-    // worker busy, and the whole of the pipeline's buffer memory (measured: docs/benchmarks.md).
     let threads = opts.threads.max(1);
-    let buffers = threads + 2;
     let (seg_tx, seg_rx) = bounded::<Result<Segment>>(threads);
     let (out_tx, out_rx) = bounded::<Result<ChunkedSegment>>(1);
-    let (buf_tx, buf_rx) = bounded::<MmapMut>(buffers);
     let cancel = AtomicBool::new(false);
     let claimed = Mutex::new(HashSet::<ChunkId>::new());
 
     let result = std::thread::scope(|s| {
         let cancel = &cancel;
         let reader = s.spawn(move || {
-            read_segments(
-                &mut source,
-                seg_size,
-                segments,
-                buffers,
-                &buf_rx,
-                &seg_tx,
-                cancel,
-            )
+            read_segments(session, &mut source, seg_size, segments, &seg_tx, cancel)
         });
         let claimed = &claimed;
         s.spawn(move || {
@@ -293,7 +487,7 @@ fn backup_one(
                         let chunked = seg.and_then(|mut seg| {
                             let r = chunk_segment(session, claimed, &seg);
                             if let Some(buf) = seg.buf.take() {
-                                let _ = buf_tx.send(buf);
+                                let _ = session.buf_tx.send(buf);
                             }
                             r
                         });
@@ -301,7 +495,7 @@ fn backup_one(
                     })
             })
         });
-        let written = write_segments(session, task, &out_rx, segments, progress, cancel);
+        let written = write_segments(session, claimed, task, &out_rx, segments, progress, cancel);
         if written.is_err() {
             cancel.store(true, Ordering::Relaxed);
             for _ in out_rx.iter() {} // drain, so that workers and reader can finish
@@ -340,6 +534,7 @@ fn backup_one(
         parent,
         figures,
         trees,
+        extensions: Vec::new(),
     };
     let snapshot = repo.write_manifest(&manifest)?;
     Ok(BackupOutcome {
@@ -369,16 +564,14 @@ fn latest_of(
 /// The reader: segments in order into pooled, aligned buffers. Returns why O_DIRECT was
 /// abandoned if that happened during the reads.
 fn read_segments(
+    session: &Session<'_>,
     source: &mut Source,
     seg_size: u64,
     segments: u64,
-    pool_size: usize,
-    returned: &Receiver<MmapMut>,
     out: &Sender<Result<Segment>>,
     cancel: &AtomicBool,
 ) -> Option<String> {
     let had_fallback = source.fallback().is_some();
-    let mut allocated = 0;
     let mut spare = None; // a buffer left unused by a segment that was all hole
     for index in 0..segments {
         if cancel.load(Ordering::Relaxed) {
@@ -386,26 +579,21 @@ fn read_segments(
         }
         let start = index * seg_size;
         let len = (source.size() - start).min(seg_size);
-        let buf = match spare.take().map(Ok).unwrap_or_else(|| returned.try_recv()) {
-            Ok(b) => b,
-            Err(_) if allocated < pool_size => {
-                allocated += 1;
-                match MmapMut::map_anon(align_up(seg_size) as usize) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let _ = out.send(Err(EngineError::SourceRead {
-                            path: source.path().to_owned(),
-                            offset: start,
-                            source: e,
-                        }));
-                        break;
-                    }
-                }
+        let buf = match spare
+            .take()
+            .map(|b| Ok(Some(b)))
+            .unwrap_or_else(|| session.buffer(seg_size))
+        {
+            Ok(Some(b)) => b,
+            Ok(None) => break,
+            Err(e) => {
+                let _ = out.send(Err(EngineError::SourceRead {
+                    path: source.path().to_owned(),
+                    offset: start,
+                    source: e,
+                }));
+                break;
             }
-            Err(_) => match returned.recv() {
-                Ok(b) => b,
-                Err(_) => break,
-            },
         };
         let mut buf = buf;
         let seg = match source.read_segment(start..start + len, &mut buf) {
@@ -430,6 +618,9 @@ fn read_segments(
         if out.send(seg).is_err() || failed {
             break;
         }
+    }
+    if let Some(b) = spare {
+        let _ = session.buf_tx.send(b);
     }
     if had_fallback {
         None
@@ -462,6 +653,7 @@ fn chunk_segment(
         });
     };
     let data = &buf[..seg.len];
+    let index = repo.index()?;
     let spans = split_segment(data, &session.params);
     let mut extents = Vec::with_capacity(spans.len());
     let mut blobs = Vec::new();
@@ -479,14 +671,15 @@ fn chunk_segment(
                     id,
                     len: len as u32,
                 });
-                if !repo.index().contains(&id)?
+                if !index.contains(&id)
+                    && !session.written(&id)
                     && claimed
                         .lock()
                         .expect("no thread panics holding this lock")
                         .insert(id)
                 {
                     let blob = encode_blob(id, BlobKind::Data, bytes, repo.config().zstd_level)
-                        .map_err(|e| EngineError::Store(StoreError::io(repo.path(), e)))?;
+                        .map_err(|e| EngineError::Store(StoreError::io("zstd", e)))?;
                     figures.new_chunks += 1;
                     figures.new_raw += len as u64;
                     blobs.push(blob);
@@ -506,6 +699,7 @@ fn chunk_segment(
 /// The writer: stores new blobs, and turns segments, in order, into tree blobs.
 fn write_segments(
     session: &Session<'_>,
+    claimed: &Mutex<HashSet<ChunkId>>,
     task: usize,
     chunked: &Receiver<Result<ChunkedSegment>>,
     segments: u64,
@@ -520,6 +714,14 @@ fn write_segments(
     for seg in chunked.iter() {
         let seg = seg?;
         figures.new_stored += session.store(&seg.blobs)?;
+        // Stored: the run's unindexed set knows them now, which keeps `claimed` as small as
+        // the segments in flight.
+        {
+            let mut claimed = claimed.lock().expect("no thread panics holding this lock");
+            for b in &seg.blobs {
+                claimed.remove(&b.header.id);
+            }
+        }
         let f = &seg.figures;
         figures.bytes_read += f.bytes_read;
         figures.bytes_zero += f.bytes_zero;
@@ -531,9 +733,9 @@ fn write_segments(
         while let Some(extents) = pending.remove(&(trees.len() as u64)) {
             let raw = encode_tree(&extents);
             let id = repo.blob_id(&raw);
-            if !repo.index().contains(&id)? && tree_ids.insert(id) {
+            if !repo.index()?.contains(&id) && !session.written(&id) && tree_ids.insert(id) {
                 let blob = encode_blob(id, BlobKind::Tree, &raw, repo.config().zstd_level)
-                    .map_err(|e| StoreError::io(repo.path(), e))?;
+                    .map_err(|e| StoreError::io("zstd", e))?;
                 figures.new_stored += session.store(std::slice::from_ref(&blob))?;
             }
             trees.push(id);

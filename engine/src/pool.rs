@@ -14,16 +14,16 @@ pub fn worker_pool(threads: usize, what: &'static str) -> Result<rayon::ThreadPo
         .map_err(|e| EngineError::ThreadPool(e.to_string()))
 }
 
-/// Reads and decodes every segment tree of a snapshot, in parallel on the current pool, in
-/// segment order. Fails on the first tree that cannot be read.
+/// Reads and decodes segment trees `segments` of a snapshot, in parallel on the current pool,
+/// in segment order. Fails on the first tree that cannot be read.
 pub fn snapshot_trees(
     repo: &Repository,
     manifest: &Manifest,
+    segments: std::ops::Range<usize>,
 ) -> Result<Vec<Vec<Extent>>, StoreError> {
-    manifest
-        .trees
+    manifest.trees[segments.clone()]
         .par_iter()
-        .enumerate()
-        .map(|(i, tree)| repo.load_tree(tree, manifest.segment_len(i)))
+        .zip(segments)
+        .map(|(tree, i)| repo.load_tree(tree, manifest.segment_len(i)))
         .collect()
 }

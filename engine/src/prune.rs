@@ -1,24 +1,26 @@
 //! `prune`: mark and sweep. Removes the packs that hold only blobs no snapshot refers to, and
 //! repacks those whose unused share exceeds a threshold.
 //!
-//! Ordering (docs/design.md, "prune"): blobs that stay are copied into new packs, which are sealed
-//! (fsynced, renamed, directory fsynced) and indexed, and the index flushed, before anything old is
-//! touched; then the index entries that point into the old packs are removed and flushed; only then
-//! are the old pack files deleted. A crash at any point leaves every snapshot restorable: at worst
-//! extra packs or stale index entries for blobs no snapshot needs. Prune runs under an exclusive
-//! lock (taken by the caller), so no backup can refer to a blob while it is being swept.
+//! Ordering (docs/design.md, "prune"): blobs that stay are copied into new packs, which are
+//! sealed (durable) first; then new index files naming every surviving and new pack are written,
+//! and only then are the old index files removed; only then are the old packs deleted. A crash at
+//! any point leaves every snapshot restorable: at worst extra packs (named by no index file, swept
+//! by the next prune) or index files naming a blob twice. Prune runs under an exclusive lock
+//! (taken by the caller), so no backup can refer to a blob while it is being swept.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use sbk_store::{
-    read_trailer, split_blob, ChunkId, EncodedBlob, Extent, Index, PackEntry, PackId, PackWriter,
+    check_blob_header, split_blob, ChunkId, EncodedBlob, Extent, PackEntry, PackId, PackWriter,
     Repository, BLOB_HEADER_LEN,
 };
 
 use crate::error::{EngineError, Result};
 use crate::pool::{snapshot_trees, worker_pool};
 use crate::progress::Progress;
+use crate::repair::replace_index_files;
+use crate::restore::windows;
 
 /// How to prune.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +40,12 @@ pub struct PruneReport {
     pub packs: usize,
     /// Packs deleted because nothing in them is used.
     pub packs_deleted: usize,
+    /// Packs deleted because no index file names them (left by a backup that died).
+    pub packs_unindexed: usize,
+    /// Index files before.
+    pub index_files_before: usize,
+    /// Index files written (the index is rewritten whenever packs go, or there are many files).
+    pub index_files_written: usize,
     /// Packs rewritten because too much of them is unused.
     pub packs_repacked: usize,
     /// New packs written by the repack.
@@ -66,19 +74,25 @@ pub fn used_blobs(repo: &Repository) -> Result<HashSet<ChunkId>> {
                 "snapshot {id} cannot be read ({e}); prune needs every snapshot intact"
             ))
         })?;
-        let trees = snapshot_trees(repo, &manifest).map_err(|e| {
-            EngineError::Unsafe(format!(
-                "snapshot {id}: {e}; prune needs every snapshot intact"
-            ))
-        })?;
         used.extend(manifest.trees.iter().copied());
-        used.extend(trees.into_iter().flatten().filter_map(|x| match x {
-            Extent::Data { id, .. } => Some(id),
-            Extent::Zero { .. } => None,
-        }));
+        for segments in windows(&manifest) {
+            let trees = snapshot_trees(repo, &manifest, segments).map_err(|e| {
+                EngineError::Unsafe(format!(
+                    "snapshot {id}: {e}; prune needs every snapshot intact"
+                ))
+            })?;
+            used.extend(trees.into_iter().flatten().filter_map(|x| match x {
+                Extent::Data { id, .. } => Some(id),
+                Extent::Zero { .. } => None,
+            }));
+        }
     }
     Ok(used)
 }
+
+/// Prune merges the index files whenever there are more than this many, even if it deletes
+/// nothing (each backup run writes at least one).
+const MERGE_INDEX_FILES_AT: usize = 16;
 
 /// Runs prune. The caller holds an exclusive lock.
 pub fn prune(
@@ -88,47 +102,73 @@ pub fn prune(
 ) -> Result<PruneReport> {
     let started = Instant::now();
     let pool = worker_pool(opts.threads, "prune")?;
-    // The index slot was brought up to date when the repository was opened, before the caller
-    // took the exclusive lock: a backup may have sealed packs since. Catch up again now that no
-    // one else writes.
-    repo.catch_up_index()?;
-    let used = pool.install(|| used_blobs(repo))?;
     let mut report = PruneReport::default();
 
-    // Where the index says each used blob lives; a used blob missing from the index could be in
-    // any pack, so nothing may be deleted until the index is repaired.
-    let mut live_in: HashMap<PackId, Vec<ChunkId>> = HashMap::new();
-    for id in &used {
-        let e = repo.index().get(id)?.ok_or_else(|| {
+    // What the index files say each pack holds: the repository's own truth, not the cache. A
+    // damaged index file could hide where a used blob lives, so prune stops on one.
+    let files = repo.index_files()?;
+    report.index_files_before = files.len();
+    let mut indexed: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
+    for f in &files {
+        let file = repo.read_index_file(f).map_err(|e| {
             EngineError::Unsafe(format!(
-                "chunk {id} is used but not in the index; run `sbk repair index` first"
+                "{e}; prune needs every index file intact: run `sbk repair index` first"
             ))
         })?;
-        live_in.entry(e.pack).or_default().push(*id);
+        for (pack, entries) in file.packs {
+            let known = indexed.entry(pack).or_default();
+            let seen: HashSet<ChunkId> = known.iter().map(|e| e.id).collect();
+            known.extend(entries.into_iter().filter(|e| !seen.contains(&e.id)));
+        }
+    }
+    let sizes: HashMap<PackId, u64> = repo.list_packs()?.into_iter().collect();
+    report.packs = sizes.len();
+    report.bytes_before = sizes.values().sum();
+
+    let used = pool.install(|| used_blobs(repo))?;
+
+    // One existing pack for each used blob; a used blob in no existing pack means the index
+    // files or the packs are damaged, and nothing may be deleted until that is repaired.
+    let mut home: HashMap<ChunkId, PackId> = HashMap::new();
+    let mut by_id: Vec<(&PackId, &Vec<PackEntry>)> = indexed.iter().collect();
+    by_id.sort_by_key(|(p, _)| **p);
+    for (pack, entries) in &by_id {
+        if sizes.contains_key(pack) {
+            for e in entries.iter() {
+                if used.contains(&e.id) {
+                    home.entry(e.id).or_insert(**pack);
+                }
+            }
+        }
+    }
+    if let Some(id) = used.iter().find(|id| !home.contains_key(id)) {
+        return Err(EngineError::Unsafe(format!(
+            "chunk {id} is used but no index file names an existing pack holding it; run `sbk verify`, then `sbk repair index`"
+        )));
+    }
+    let mut live_in: HashMap<PackId, HashSet<ChunkId>> = HashMap::new();
+    for (id, pack) in &home {
+        live_in.entry(*pack).or_default().insert(*id);
     }
 
-    // Sweep plan, pack by pack, from the trailers (the truth about what each pack holds).
-    let packs = repo.list_packs()?;
-    report.packs = packs.len();
-    // (pack, its size) to delete; (pack, its size, the blobs that stay) to repack.
+    // Sweep plan, pack by pack.
     let mut delete: Vec<(PackId, u64)> = Vec::new();
     let mut repack: Vec<(PackId, u64, Vec<PackEntry>)> = Vec::new();
-    for (pack, path) in &packs {
-        let entries = read_trailer(path, *pack).map_err(|e| {
-            EngineError::Unsafe(format!(
-                "{e}; prune leaves damaged packs alone: run `sbk verify`"
-            ))
-        })?;
-        let size = std::fs::metadata(path)
-            .map_err(|e| EngineError::Store(sbk_store::StoreError::io(path, e)))?
-            .len();
-        report.bytes_before += size;
-        let live: HashSet<&ChunkId> = live_in
-            .get(pack)
-            .map(|v| v.iter().collect())
-            .unwrap_or_default();
-        let (keep, drop): (Vec<PackEntry>, Vec<PackEntry>) =
-            entries.into_iter().partition(|e| live.contains(&e.id));
+    let mut survivors: Vec<(PackId, Vec<PackEntry>)> = Vec::new();
+    let mut ids: Vec<(&PackId, &u64)> = sizes.iter().collect();
+    ids.sort();
+    for (pack, &size) in ids {
+        let Some(entries) = indexed.get(pack) else {
+            // Named by no index file: left by a backup that died before indexing it. Under the
+            // exclusive lock no backup is writing, so nothing can still come to refer to it.
+            report.packs_unindexed += 1;
+            delete.push((*pack, size));
+            continue;
+        };
+        let live = live_in.get(pack);
+        let (keep, drop): (Vec<PackEntry>, Vec<PackEntry>) = entries
+            .iter()
+            .partition(|e| live.is_some_and(|l| l.contains(&e.id)));
         if keep.is_empty() {
             report.blobs_dropped += drop.len();
             delete.push((*pack, size));
@@ -143,10 +183,15 @@ pub fn prune(
             report.blobs_dropped += drop.len();
             report.bytes_repacked += live_bytes;
             repack.push((*pack, size, keep));
+        } else {
+            survivors.push((*pack, entries.clone()));
         }
     }
-    report.packs_deleted = delete.len();
+    report.packs_deleted = delete.len() - report.packs_unindexed;
     report.packs_repacked = repack.len();
+    let changes = !delete.is_empty() || !repack.is_empty();
+    let rewrite_index =
+        changes || files.len() > MERGE_INDEX_FILES_AT || indexed.len() > survivors.len();
     if opts.dry_run {
         report.bytes_removed = delete
             .iter()
@@ -158,84 +203,62 @@ pub fn prune(
         return Ok(report);
     }
 
-    // 1. Copy the blobs that stay into new packs; seal and index them; flush the index.
+    // 1. Copy the blobs that stay into new packs, verified, and seal them (durable).
     progress.start(0, "repack", report.bytes_repacked);
     let mut writer: Option<PackWriter> = None;
     let mut written = 0u64;
-    let seal = |w: PackWriter, written: &mut u64| -> Result<()> {
-        let (id, entries) = w.finish()?;
-        repo.index().insert_pack(id, &entries)?;
-        *written += std::fs::metadata(repo.pack_path(id))
-            .map(|m| m.len())
-            .unwrap_or(0);
+    let mut new_packs: Vec<(PackId, Vec<PackEntry>)> = Vec::new();
+    let mut seal = |w: PackWriter, new_packs: &mut Vec<_>| -> Result<()> {
+        written += w.len();
+        new_packs.push(w.finish()?);
         Ok(())
     };
     for (pack, _, keep) in &repack {
-        let file = repo.open_pack(*pack)?;
-        let path = repo.pack_path(*pack);
         let mut raw = Vec::new();
         for e in keep {
             let mut buf = vec![0u8; BLOB_HEADER_LEN + e.stored_len as usize];
-            sbk_store::read_range(&file, &path, e.offset, &mut buf)?;
-            let stored = split_blob(&buf, e, &path)?;
+            repo.read_pack(*pack, e.offset, &mut buf)?;
+            let stored = split_blob(&buf, e, *pack)?;
             // Verified before it is copied: prune never spreads a damaged blob.
             raw.resize(e.raw_len as usize, 0);
             repo.decode_verified(*pack, e, stored, &mut raw)?;
-            let header =
-                sbk_store::BlobHeader::decode(&buf[..BLOB_HEADER_LEN]).map_err(|source| {
-                    sbk_store::StoreError::Corrupt {
-                        path: path.clone(),
-                        what: "blob header",
-                        source,
-                    }
-                })?;
+            let header = check_blob_header(&buf, e, *pack)?;
             let blob = EncodedBlob {
                 header,
                 data: stored.to_vec(),
             };
             let w = match writer.as_mut() {
                 Some(w) => w,
-                None => writer.insert(PackWriter::create(repo.path())?),
+                None => writer.insert(repo.new_pack()?),
             };
             w.add(&blob)?;
             progress.advance(0, (BLOB_HEADER_LEN + blob.data.len()) as u64);
-            if w.len() >= repo.config().pack_target {
-                seal(writer.take().expect("just used"), &mut written)?;
-                report.packs_written += 1;
+            if w.len() >= repo.config().pack_size {
+                seal(writer.take().expect("just used"), &mut new_packs)?;
             }
         }
     }
     if let Some(w) = writer.take() {
-        seal(w, &mut written)?;
-        report.packs_written += 1;
+        seal(w, &mut new_packs)?;
     }
-    repo.index().flush()?;
+    report.packs_written = new_packs.len();
     progress.finish(0);
 
-    // 2. Drop the old packs from our index slot, and flush, so no backup can find their blobs.
-    let old: Vec<PackId> = delete
-        .iter()
-        .map(|(p, _)| *p)
-        .chain(repack.iter().map(|(p, _, _)| *p))
-        .collect();
-    for pack in &old {
-        repo.index().forget_pack(*pack)?;
-    }
-    repo.index().flush()?;
-    // Other slots may name another copy of a blob (a chunk two concurrent backups both stored),
-    // so forgetting packs in them could leave a live blob unindexed there. They are caches of
-    // processes that cannot be running (we hold the exclusive lock): drop them; they are rebuilt
-    // from the packs when next needed.
-    for slot in Index::slots(&repo.path().join("index"))? {
-        if slot != repo.index().path() {
-            std::fs::remove_dir_all(&slot)
-                .map_err(|e| EngineError::Store(sbk_store::StoreError::io(&slot, e)))?;
-        }
+    // 2. New index files naming the surviving and new packs, then the old index files go: from
+    //    here on no process can find a blob in an old pack.
+    if rewrite_index {
+        let mut all = survivors;
+        all.extend(new_packs);
+        report.index_files_written = replace_index_files(repo, &all, &files)?.0;
     }
 
     // 3. Only now delete the old packs, and the leftovers of interrupted writes.
-    for pack in &old {
-        report.bytes_removed += repo.remove_pack(*pack)?;
+    for (pack, size) in delete
+        .iter()
+        .copied()
+        .chain(repack.iter().map(|(p, size, _)| (*p, *size)))
+    {
+        report.bytes_removed += repo.remove_pack(pack, size)?;
     }
     report.bytes_removed += repo.remove_leftovers()?;
     report.bytes_reclaimed = report.bytes_removed.saturating_sub(written);

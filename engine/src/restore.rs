@@ -17,8 +17,7 @@ use std::time::Instant;
 use memmap2::MmapMut;
 use rayon::prelude::*;
 use sbk_store::{
-    read_range, split_blob, BlobKind, Extent, Manifest, PackEntry, PackId, Repository, SnapshotId,
-    StoreError,
+    split_blob, BlobKind, Extent, Manifest, PackEntry, PackId, Repository, SnapshotId, StoreError,
 };
 
 use crate::error::{EngineError, Result};
@@ -67,16 +66,33 @@ const BATCH_BYTES: u64 = 8 << 20;
 /// Blobs closer than this in a pack are read together, the gap read and skipped.
 const BATCH_GAP: u64 = 256 << 10;
 
-/// Loads the extent list of a snapshot, with the offset of each extent.
-pub fn load_extents(repo: &Repository, manifest: &Manifest) -> Result<Vec<(u64, Extent)>> {
-    let trees = snapshot_trees(repo, manifest)?;
+/// Segments restored at once: their extent lists and chunk map are all a restore holds in
+/// memory (1 GiB of image at 16 MiB segments), whatever the snapshot's size. A chunk used in
+/// two windows is read twice.
+const WINDOW_SEGMENTS: usize = 64;
+
+/// Loads the extent list of segments `segments` of a snapshot, with the offset of each extent.
+pub fn load_extents(
+    repo: &Repository,
+    manifest: &Manifest,
+    segments: std::ops::Range<usize>,
+) -> Result<Vec<(u64, Extent)>> {
+    let trees = snapshot_trees(repo, manifest, segments.clone())?;
     let mut out = Vec::with_capacity(trees.iter().map(Vec::len).sum());
-    let mut offset = 0u64;
+    let mut offset = segments.start as u64 * manifest.segment_size;
     for x in trees.into_iter().flatten() {
         out.push((offset, x));
         offset += u64::from(x.len());
     }
     Ok(out)
+}
+
+/// The snapshot's segments in windows of [`WINDOW_SEGMENTS`].
+pub(crate) fn windows(manifest: &Manifest) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let n = manifest.trees.len();
+    (0..n)
+        .step_by(WINDOW_SEGMENTS)
+        .map(move |s| s..(s + WINDOW_SEGMENTS).min(n))
 }
 
 /// Restores snapshot `id` to `target`.
@@ -91,13 +107,21 @@ pub fn restore(
     let manifest = repo.load_manifest(id)?;
     let pool = worker_pool(opts.threads, "restore")?;
     let mut stats = pool.install(|| -> Result<RestoreStats> {
-        let extents = load_extents(repo, &manifest)?;
         match target {
-            RestoreTarget::Stdout => restore_stream(repo, &manifest, &extents, progress),
+            RestoreTarget::Stdout => restore_stream(repo, &manifest, progress),
             RestoreTarget::Path(path) => {
                 let out = Output::open(path, manifest.size, opts.force)?;
                 progress.start(0, &path.to_string_lossy(), manifest.size);
-                let r = restore_positioned(repo, &extents, &out, progress)
+                let r = windows(&manifest)
+                    .try_fold(RestoreStats::default(), |mut total, w| {
+                        let extents = load_extents(repo, &manifest, w)?;
+                        let s = restore_positioned(repo, &extents, &out, progress)?;
+                        total.data_bytes += s.data_bytes;
+                        total.zero_bytes += s.zero_bytes;
+                        total.chunks += s.chunks;
+                        total.direct_io = s.direct_io;
+                        Ok(total)
+                    })
                     .and_then(|s| out.commit().map(|()| s));
                 progress.finish(0);
                 if r.is_err() {
@@ -271,7 +295,9 @@ impl Output {
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
-            sbk_store::fsync_dir(dir)?;
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| self.err(e))?;
         }
         Ok(())
     }
@@ -440,15 +466,13 @@ fn restore_batch(
     b: &mut Buffers,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let path = repo.pack_path(batch.pack);
-    let file = repo.open_pack(batch.pack)?;
     let base = batch.blobs[0].0.offset;
     let end = batch.blobs.last().expect("batches are never empty").0.end();
     b.read.resize((end - base) as usize, 0);
-    read_range(&file, &path, base, &mut b.read)?;
+    repo.read_pack(batch.pack, base, &mut b.read)?;
     for (entry, offsets) in &batch.blobs {
         let blob = &b.read[(entry.offset - base) as usize..(entry.end() - base) as usize];
-        let stored = split_blob(blob, entry, &path)?;
+        let stored = split_blob(blob, entry, batch.pack)?;
         let len = entry.raw_len as usize;
         let slot = b.run.slot(offsets[0], len, out, progress)?;
         // Verified before it can be written: a damaged chunk never reaches the target.
@@ -491,7 +515,6 @@ fn write_zeros(out: &Output, zeros: &[(u64, u64)], progress: &dyn Progress) -> R
 fn restore_stream(
     repo: &Repository,
     manifest: &Manifest,
-    extents: &[(u64, Extent)],
     progress: &dyn Progress,
 ) -> Result<RestoreStats> {
     const WINDOW: u64 = 64 << 20;
@@ -504,44 +527,47 @@ fn restore_stream(
     let mut w = stdout.lock();
     let zeros = vec![0u8; 1 << 20];
     progress.start(0, "stdout", manifest.size);
-    let mut rest = extents;
-    while !rest.is_empty() {
-        let mut n = 0;
-        let mut bytes = 0;
-        while n < rest.len() && (n == 0 || bytes < WINDOW) {
-            bytes += u64::from(rest[n].1.len());
-            n += 1;
-        }
-        let (window, tail) = rest.split_at(n);
-        rest = tail;
-        let chunks: Vec<Option<Vec<u8>>> = window
-            .par_iter()
-            .map(|(_, x)| match x {
-                Extent::Data { id, .. } => repo
-                    .read_blob(id, BlobKind::Data)
-                    .map(Some)
-                    .map_err(EngineError::from),
-                Extent::Zero { .. } => Ok(None),
-            })
-            .collect::<Result<_>>()?;
-        for ((_, x), data) in window.iter().zip(chunks) {
-            match data {
-                Some(d) => {
-                    w.write_all(&d).map_err(stdout_err)?;
-                    stats.data_bytes += d.len() as u64;
-                    stats.chunks += 1;
-                }
-                None => {
-                    let mut left = x.len() as usize;
-                    while left > 0 {
-                        let k = left.min(zeros.len());
-                        w.write_all(&zeros[..k]).map_err(stdout_err)?;
-                        left -= k;
-                    }
-                    stats.zero_bytes += u64::from(x.len());
-                }
+    for segments in windows(manifest) {
+        let extents = load_extents(repo, manifest, segments)?;
+        let mut rest = &extents[..];
+        while !rest.is_empty() {
+            let mut n = 0;
+            let mut bytes = 0;
+            while n < rest.len() && (n == 0 || bytes < WINDOW) {
+                bytes += u64::from(rest[n].1.len());
+                n += 1;
             }
-            progress.advance(0, u64::from(x.len()));
+            let (window, tail) = rest.split_at(n);
+            rest = tail;
+            let chunks: Vec<Option<Vec<u8>>> = window
+                .par_iter()
+                .map(|(_, x)| match x {
+                    Extent::Data { id, .. } => repo
+                        .read_blob(id, BlobKind::Data)
+                        .map(Some)
+                        .map_err(EngineError::from),
+                    Extent::Zero { .. } => Ok(None),
+                })
+                .collect::<Result<_>>()?;
+            for ((_, x), data) in window.iter().zip(chunks) {
+                match data {
+                    Some(d) => {
+                        w.write_all(&d).map_err(stdout_err)?;
+                        stats.data_bytes += d.len() as u64;
+                        stats.chunks += 1;
+                    }
+                    None => {
+                        let mut left = x.len() as usize;
+                        while left > 0 {
+                            let k = left.min(zeros.len());
+                            w.write_all(&zeros[..k]).map_err(stdout_err)?;
+                            left -= k;
+                        }
+                        stats.zero_bytes += u64::from(x.len());
+                    }
+                }
+                progress.advance(0, u64::from(x.len()));
+            }
         }
     }
     w.flush().map_err(stdout_err)?;

@@ -6,6 +6,7 @@ use sbk_store::{ChunkId, Extent, Repository, SnapshotId, BLOB_HEADER_LEN};
 
 use crate::error::Result;
 use crate::pool::snapshot_trees;
+use crate::restore::windows;
 
 /// Figures of one snapshot.
 #[derive(Debug, Clone)]
@@ -66,7 +67,6 @@ pub fn stats(
     let mut users: HashMap<ChunkId, u32> = HashMap::new();
     for (id, manifest) in repo.snapshots()? {
         let manifest = manifest?;
-        let trees = snapshot_trees(repo, &manifest)?;
         let mut s = SnapshotStats {
             id,
             size: manifest.size,
@@ -77,11 +77,16 @@ pub fn stats(
             unique_stored: 0,
         };
         let mut chunks = HashSet::new();
-        for x in trees.into_iter().flatten() {
-            if let Extent::Data { id, len } = x {
-                s.data_bytes += u64::from(len);
-                if chunks.insert(id) {
-                    s.chunk_bytes += u64::from(len);
+        for segments in windows(&manifest) {
+            for x in snapshot_trees(repo, &manifest, segments)?
+                .into_iter()
+                .flatten()
+            {
+                if let Extent::Data { id, len } = x {
+                    s.data_bytes += u64::from(len);
+                    if chunks.insert(id) {
+                        s.chunk_bytes += u64::from(len);
+                    }
                 }
             }
         }
@@ -116,8 +121,6 @@ pub fn stats(
         out.push(s);
     }
     repo_stats.chunks = counted.len() as u64;
-    for (_, path) in repo.list_packs()? {
-        repo_stats.pack_bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-    }
+    repo_stats.pack_bytes = repo.list_packs()?.iter().map(|(_, size)| size).sum();
     Ok((repo_stats, out))
 }

@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use sbk_store::{
-    check_blob_header, read_range, read_trailer, split_blob, ChunkId, Extent, PackEntry, PackId,
-    Repository, SnapshotId, BLOB_HEADER_LEN,
+    check_blob_header, split_blob, ChunkId, Extent, PackEntry, PackId, Repository, SnapshotId,
+    BLOB_HEADER_LEN,
 };
 
 use crate::error::Result;
@@ -65,6 +65,8 @@ pub struct VerifyReport {
     pub snapshots: usize,
     /// Packs checked structurally.
     pub packs: usize,
+    /// Packs no index file names (left by an interrupted backup; prune removes them).
+    pub packs_unindexed: usize,
     /// Packs whose data was read back.
     pub packs_read: usize,
     /// Bytes of pack data read back.
@@ -124,11 +126,9 @@ fn verify_in_pool(
         snapshots: Vec::new(),
         by_blob: HashMap::new(),
     };
-    // Catch the index up with packs sealed since the repository was opened, after listing the
-    // manifests: a snapshot's packs are sealed before its manifest is written, so every pack a
-    // listed snapshot needs is seen.
+    // The index files are read after listing the manifests: a snapshot's index file is written
+    // before its manifest, so every blob a listed snapshot needs is named.
     let manifests = repo.snapshots()?;
-    let late = repo.catch_up_index()?;
     for (id, manifest) in manifests {
         if !wanted.is_empty() && !wanted.contains(&id) {
             continue;
@@ -172,34 +172,19 @@ fn verify_in_pool(
         }
     }
     report.snapshots = refs.snapshots.len();
-    let caught_up = repo.index_report();
-    if caught_up.was_missing {
-        problems.push(Problem {
-            what: format!(
-                "the index was missing; it was rebuilt from {} packs ({} blobs)",
-                caught_up.packs, caught_up.blobs
-            ),
-            snapshots: Vec::new(),
-        });
-    }
 
-    for (pack, ids) in caught_up.vanished.iter().chain(&late.vanished) {
-        problems.push(Problem {
-            what: format!(
-                "pack {pack} is missing (the index knew {} blobs in it)",
-                ids.len()
-            ),
-            snapshots: refs.affected(ids),
-        });
-    }
-
-    // The index, by pack.
+    // The index, by pack, from the index files themselves (the repository's truth, not the
+    // local cache).
     let mut by_pack: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
-    for entry in repo.index().iter() {
-        match entry {
-            Ok(e) => by_pack.entry(e.pack).or_default().push(e.entry),
+    for f in repo.index_files()? {
+        match repo.read_index_file(&f) {
+            Ok(file) => {
+                for (pack, entries) in file.packs {
+                    by_pack.entry(pack).or_default().extend(entries);
+                }
+            }
             Err(e) => problems.push(Problem {
-                what: e.to_string(),
+                what: format!("index file {f}: {e} (run `sbk repair index`)"),
                 snapshots: Vec::new(),
             }),
         }
@@ -222,6 +207,11 @@ fn verify_in_pool(
     let packs = repo.list_packs()?;
     report.packs = packs.len();
     let on_disk: HashSet<PackId> = packs.iter().map(|(id, _)| *id).collect();
+    let unindexed = packs
+        .iter()
+        .filter(|(id, _)| !by_pack.contains_key(id))
+        .count();
+    report.packs_unindexed = unindexed;
     for (pack, entries) in &by_pack {
         if !on_disk.contains(pack) {
             problems.push(Problem {
@@ -237,9 +227,9 @@ fn verify_in_pool(
     let selected = select(&packs, opts.read_data);
     let checked: Vec<(Vec<Problem>, u64, u64)> = packs
         .par_iter()
-        .map(|(pack, path)| {
+        .map(|(pack, _)| {
             let indexed = by_pack.get(pack).map(Vec::as_slice).unwrap_or(&[]);
-            let r = check_pack(repo, *pack, path, indexed, selected.contains(pack), &refs);
+            let r = check_pack(repo, *pack, indexed, selected.contains(pack), &refs);
             progress.advance(0, 1);
             r
         })
@@ -256,7 +246,7 @@ fn verify_in_pool(
 }
 
 /// The packs whose data `read` asks for.
-fn select(packs: &[(PackId, std::path::PathBuf)], read: ReadData) -> HashSet<PackId> {
+fn select(packs: &[(PackId, u64)], read: ReadData) -> HashSet<PackId> {
     match read {
         ReadData::None => HashSet::new(),
         ReadData::All => packs.iter().map(|(id, _)| *id).collect(),
@@ -292,14 +282,13 @@ fn select(packs: &[(PackId, std::path::PathBuf)], read: ReadData) -> HashSet<Pac
 fn check_pack(
     repo: &Repository,
     pack: PackId,
-    path: &std::path::Path,
     indexed: &[PackEntry],
     read: bool,
     refs: &References,
 ) -> (Vec<Problem>, u64, u64) {
     let mut problems = Vec::new();
     let in_pack = |ids: &mut dyn Iterator<Item = &ChunkId>| refs.affected(ids.collect::<Vec<_>>());
-    let trailer = match read_trailer(path, pack) {
+    let trailer = match repo.read_trailer(pack) {
         Ok(t) => t,
         Err(e) => {
             problems.push(Problem {
@@ -318,16 +307,6 @@ fn check_pack(
             });
         }
     }
-    let file = match repo.open_pack(pack) {
-        Ok(f) => f,
-        Err(e) => {
-            problems.push(Problem {
-                what: format!("pack {pack}: {e}"),
-                snapshots: in_pack(&mut trailer.iter().map(|e| &e.id)),
-            });
-            return (problems, 0, 0);
-        }
-    };
     let (mut bytes, mut blobs) = (0u64, 0u64);
     let mut buf = Vec::new();
     let mut raw = Vec::new();
@@ -338,15 +317,15 @@ fn check_pack(
             BLOB_HEADER_LEN
         };
         buf.resize(len, 0);
-        let result = read_range(&file, path, e.offset, &mut buf).and_then(|()| {
+        let result = repo.read_pack(pack, e.offset, &mut buf).and_then(|()| {
             if read {
-                let stored = split_blob(&buf, e, path)?;
+                let stored = split_blob(&buf, e, pack)?;
                 raw.resize(e.raw_len as usize, 0);
                 repo.decode_verified(pack, e, stored, &mut raw)?;
                 bytes += len as u64;
                 blobs += 1;
             } else {
-                check_blob_header(&buf, e, path)?;
+                check_blob_header(&buf, e, pack)?;
             }
             Ok(())
         });

@@ -181,3 +181,67 @@ pub fn invalid(field: &'static str, detail: impl Into<String>) -> DecodeError {
         detail: detail.into(),
     }
 }
+
+/// An optional field of a manifest or index file: a tagged value that a reader which does not
+/// know the tag skips, unless the writer marked it required (docs/format.md, "extensions").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extension {
+    /// What the value is; tags are assigned in docs/format.md.
+    pub tag: u16,
+    /// A reader that does not know the tag must refuse the structure instead of skipping it.
+    pub required: bool,
+    /// The value.
+    pub value: Vec<u8>,
+}
+
+/// Largest value an extension may carry.
+pub const MAX_EXTENSION: usize = 1 << 20;
+
+/// Extension tags this build understands. None yet: format v2 reserves the mechanism so that
+/// later work adds fields without another format break.
+const KNOWN_TAGS: &[u16] = &[];
+
+impl Encoder {
+    /// Appends an extension list: a u16 count, then per extension u16 tag, u16 flags (bit 0:
+    /// required, other bits reserved), u32 length and the value.
+    pub fn extensions(&mut self, exts: &[Extension]) -> &mut Self {
+        self.u16(exts.len() as u16);
+        for x in exts {
+            self.u16(x.tag)
+                .u16(u16::from(x.required))
+                .u32(x.value.len() as u32)
+                .bytes(&x.value);
+        }
+        self
+    }
+}
+
+impl Decoder<'_> {
+    /// Reads an extension list, refusing a required extension this build does not know.
+    pub fn extensions(&mut self) -> Result<Vec<Extension>, DecodeError> {
+        let n = self.u16()?;
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let tag = self.u16()?;
+            let flags = self.u16()?;
+            reserved(u64::from(flags & !1), "extension flags")?;
+            let len = self.u32()? as usize;
+            if len > MAX_EXTENSION {
+                return Err(invalid("extension length", format!("{len} bytes")));
+            }
+            let value = self.bytes(len)?.to_vec();
+            let required = flags & 1 == 1;
+            if required && !KNOWN_TAGS.contains(&tag) {
+                return Err(DecodeError::UnsupportedFeature(format!(
+                    "required extension {tag}"
+                )));
+            }
+            out.push(Extension {
+                tag,
+                required,
+                value,
+            });
+        }
+        Ok(out)
+    }
+}

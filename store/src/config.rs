@@ -6,9 +6,14 @@ use crate::error::DecodeError;
 /// Magic at the start of the config file. Do not change: it identifies sbk repositories.
 pub const CONFIG_MAGIC: &[u8; 8] = b"SBKREPO\0";
 /// The repository format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Encoded size of a config file in bytes (fixed).
-pub const CONFIG_LEN: usize = 8 + 4 + 16 + 32 + 4 * 3 + 8 + 4 + 8 + 8 + 4 + 8 + 16;
+pub const CONFIG_LEN: usize = 8 + 4 + 16 + 32 + 4 * 3 + 8 + 4 + 8 + 8 + 4 + 8 + 8 + 8 + 16 + 16;
+
+/// Required feature bits this build implements. A repository whose config sets a required bit
+/// outside this mask is refused: reading it without the feature would be wrong (encrypted blobs
+/// read as plain ones, say). None are defined yet.
+pub const KNOWN_REQUIRED_FEATURES: u64 = 0;
 
 /// Largest segment sbk accepts; tree blobs store extent lengths as `u32`.
 pub const MAX_SEGMENT: u64 = 1 << 30;
@@ -34,12 +39,16 @@ pub struct RepoConfig {
     pub zero_min: u32,
     /// Sources are cut into aligned segments of this size, chunked independently.
     pub segment_size: u64,
-    /// Packs are closed once they reach this size.
-    pub pack_target: u64,
+    /// Packs are closed once they reach this size (1 MiB..1 GiB).
+    pub pack_size: u64,
     /// zstd level for new blobs.
     pub zstd_level: u32,
     /// Creation time, seconds since the Unix epoch.
     pub created: i64,
+    /// Features a reader must implement to use the repository (docs/format.md, "features").
+    pub features_required: u64,
+    /// Features a reader may ignore.
+    pub features_optional: u64,
 }
 
 impl RepoConfig {
@@ -56,9 +65,12 @@ impl RepoConfig {
             .u64(self.chunk_seed)
             .u32(self.zero_min)
             .u64(self.segment_size)
-            .u64(self.pack_target)
+            .u64(self.pack_size)
             .u32(self.zstd_level)
-            .i64(self.created);
+            .i64(self.created)
+            .u64(self.features_required)
+            .u64(self.features_optional)
+            .bytes(&[0; 16]);
         e.finish_with_checksum()
     }
 
@@ -96,11 +108,22 @@ impl RepoConfig {
             chunk_seed: d.u64()?,
             zero_min: d.u32()?,
             segment_size: d.u64()?,
-            pack_target: d.u64()?,
+            pack_size: d.u64()?,
             zstd_level: d.u32()?,
             created: d.i64()?,
+            features_required: d.u64()?,
+            features_optional: d.u64()?,
         };
+        for b in d.bytes(16)? {
+            crate::codec::reserved(u64::from(*b), "config reserved")?;
+        }
         d.end("config")?;
+        let unknown = c.features_required & !KNOWN_REQUIRED_FEATURES;
+        if unknown != 0 {
+            return Err(DecodeError::UnsupportedFeature(format!(
+                "required features {unknown:#x}"
+            )));
+        }
         c.validate()?;
         Ok(c)
     }
@@ -120,10 +143,10 @@ impl RepoConfig {
                 ),
             ));
         }
-        if !(1 << 20..=1 << 30).contains(&self.pack_target) {
+        if !(1 << 20..=1 << 30).contains(&self.pack_size) {
             return Err(invalid(
-                "pack_target",
-                format!("{} is outside 1 MiB..1 GiB", self.pack_target),
+                "pack_size",
+                format!("{} is outside 1 MiB..1 GiB", self.pack_size),
             ));
         }
         if !(1..=19).contains(&self.zstd_level) {
@@ -152,9 +175,11 @@ pub(crate) mod tests {
             chunk_seed: 42,
             zero_min: 64 << 10,
             segment_size: 16 << 20,
-            pack_target: 32 << 20,
+            pack_size: 32 << 20,
             zstd_level: 3,
             created: 1_700_000_000,
+            features_required: 0,
+            features_optional: 0,
         }
     }
 
@@ -169,10 +194,39 @@ pub(crate) mod tests {
     #[test]
     fn newer_version_is_reported_as_such() {
         let mut bytes = sample().encode();
-        bytes[8] = 2;
+        bytes[8] = 3;
         assert_eq!(
             RepoConfig::decode(&bytes),
-            Err(DecodeError::UnsupportedVersion(2))
+            Err(DecodeError::UnsupportedVersion(3))
+        );
+        bytes[8] = 1;
+        assert_eq!(
+            RepoConfig::decode(&bytes),
+            Err(DecodeError::UnsupportedVersion(1))
+        );
+    }
+
+    #[test]
+    fn unknown_required_features_are_refused_and_optional_ones_kept() {
+        let mut c = sample();
+        c.features_required = 1 << 5;
+        assert!(matches!(
+            RepoConfig::decode(&c.encode()),
+            Err(DecodeError::UnsupportedFeature(_))
+        ));
+        let mut c = sample();
+        c.features_optional = 1 << 5;
+        assert_eq!(RepoConfig::decode(&c.encode()).unwrap(), c);
+    }
+
+    /// docs/format.md, "config": the test vector there is the hex of these bytes.
+    #[test]
+    fn test_vector() {
+        let bytes = sample().encode();
+        assert_eq!(crate::id::to_hex(&bytes[..12]), "53424b5245504f0002000000");
+        assert_eq!(
+            crate::id::to_hex(&bytes[bytes.len() - 16..]),
+            crate::id::to_hex(&crate::codec::checksum(&bytes[..bytes.len() - 16]))
         );
     }
 

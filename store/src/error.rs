@@ -8,6 +8,7 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::backend::Kind;
 use crate::id::{ChunkId, PackId};
 
 /// Why bytes read from disk could not be decoded.
@@ -31,6 +32,10 @@ pub enum DecodeError {
     /// A format version this build does not read.
     #[error("unsupported format version {0}")]
     UnsupportedVersion(u32),
+    /// The structure needs a feature this build does not implement (a required feature bit or
+    /// extension written by a newer sbk).
+    #[error("needs {0}, which this sbk does not support")]
+    UnsupportedFeature(String),
     /// The stored checksum does not match the bytes.
     #[error("checksum mismatch: stored {expected}, computed {got}")]
     ChecksumMismatch {
@@ -119,17 +124,72 @@ pub enum StoreError {
         /// Who holds it.
         holder: String,
     },
+    /// A repository object is not there.
+    #[error("{kind} {name} is missing")]
+    ObjectMissing {
+        /// Its kind.
+        kind: Kind,
+        /// Its name.
+        name: String,
+    },
+    /// A repository object is shorter than a read needed.
+    #[error("{kind} {name} is truncated: {size} bytes, a read needed {needed}")]
+    ShortObject {
+        /// Its kind.
+        kind: Kind,
+        /// Its name.
+        name: String,
+        /// Bytes the read needed (offset plus length).
+        needed: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// The repository (or one of its objects) has a format this build does not read.
+    #[error("{location}: {what} has format version {found}, which this sbk ({ours}) cannot read; it reads format {supported}{hint}")]
+    UnsupportedFormat {
+        /// The repository.
+        location: String,
+        /// What carries the version (the repository config, a manifest…).
+        what: &'static str,
+        /// The version found.
+        found: u32,
+        /// The version this build reads.
+        supported: u32,
+        /// This build's version.
+        ours: &'static str,
+        /// Which sbk reads the version found, when known.
+        hint: String,
+    },
+    /// The repository needs a feature this build does not implement.
+    #[error("{location}: the repository needs {detail}; this sbk ({ours}) cannot use it (a newer sbk can)")]
+    UnsupportedFeature {
+        /// The repository.
+        location: String,
+        /// Which feature.
+        detail: String,
+        /// This build's version.
+        ours: &'static str,
+    },
+    /// The lock this operation holds could not be kept (its refresh failed or it was removed),
+    /// so the operation was stopped before the lock could expire under it.
+    #[error(
+        "the repository lock was lost: {0}; the operation was stopped so that nothing relies on it"
+    )]
+    LeaseLost(String),
+    /// The index cache could not be used even after a rebuild.
+    #[error("index cache {path}: {detail}")]
+    Cache {
+        /// The cache file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The index was used before it was loaded (a bug in the caller).
+    #[error("the index was used before it was loaded")]
+    IndexNotLoaded,
     /// Parameters given to `init` are out of range.
     #[error("invalid parameter: {0}")]
     InvalidParameter(String),
-    /// The index database failed.
-    #[error("index {path}: {detail}")]
-    Index {
-        /// The index directory.
-        path: PathBuf,
-        /// sled's description.
-        detail: String,
-    },
     /// An operating-system error on a path.
     #[error("{path}: {source}")]
     Io {
@@ -147,6 +207,16 @@ impl StoreError {
             path: path.into(),
             source,
         }
+    }
+
+    /// True when the error says stored bytes are damaged (as opposed to unreachable).
+    pub fn is_corrupt(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Corrupt { .. }
+                | StoreError::BlobCorrupt { .. }
+                | StoreError::ShortObject { .. }
+        )
     }
 
     /// True when the error is a full filesystem (ENOSPC or EDQUOT).

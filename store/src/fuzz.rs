@@ -5,8 +5,8 @@
 
 use crate::blob::{decode_blob_into, BlobHeader, Compression};
 use crate::config::RepoConfig;
-use crate::id::{ChunkId, PackId};
-use crate::index::IndexEntry;
+use crate::id::PackId;
+use crate::index::file::IndexFile;
 use crate::lock::LockInfo;
 use crate::manifest::{decode_tree, encode_tree, Manifest};
 
@@ -37,11 +37,16 @@ pub fn pack_trailer(data: &[u8]) {
     let _ = decode_trailer(data, entries_offset, pack);
 }
 
-/// Index value: decodes, and re-encodes to its bytes when it decodes.
-pub fn index_entry(data: &[u8]) {
-    if let Ok(e) = IndexEntry::decode(ChunkId([0; 32]), data) {
-        assert_eq!(e.encode(), data);
+/// Index file: decodes, and re-encodes to its bytes when it decodes.
+pub fn index_file(data: &[u8]) {
+    if let Ok(f) = IndexFile::decode(data) {
+        assert_eq!(f.encode(), data);
     }
+}
+
+/// Cache table header: decodes without panicking (the body is checked by its hash).
+pub fn cache_table(data: &[u8]) {
+    let _ = crate::index::table::TableHeader::decode(data);
 }
 
 /// Manifest: decodes, and re-encodes to its bytes when it decodes.

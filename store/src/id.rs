@@ -84,6 +84,12 @@ hex_id!(
     32
 );
 
+hex_id!(
+    /// Identifies an index file: unkeyed BLAKE3 of its bytes.
+    IndexId,
+    32
+);
+
 /// `N` bytes from the operating system's random source.
 pub fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
     let mut b = [0u8; N];

@@ -1,30 +1,50 @@
-//! Repository locks: files in `locks/` that say who uses the repository and how.
+//! Repository locks: lock objects that say who uses the repository and how.
 //!
-//! Backups and restores take a shared lock; prune and repair take an exclusive one. A lock is a
-//! small file naming its host, process and time ("lock file" in docs/format.md). Taking a lock is
-//! create-then-check: write our file, then look at the others; on a conflict, remove ours and
-//! fail. Two processes racing both see each other and both back off, which is safe. A lock is
-//! stale when its process is gone (same host) or its lease ran out (any host; a holder refreshes
-//! its lock while it lives).
+//! Backups, restores and verify take a shared lock; prune and repair take an exclusive one. A
+//! lock object names its host, process, time, lease and purpose ("lock object" in
+//! docs/format.md), no paths. Taking a lock is create-then-check: write our object (a
+//! conditional create), then look at the others; on a conflict, remove ours and retry a few
+//! times. Two processes racing both see each other and both back off, which is safe. A lock is
+//! stale when its process is gone (same host) or its lease ran out (any host).
+//!
+//! A holder refreshes its lock while it lives. A refresh that fails, or that finds its lock
+//! removed, marks the lease lost *before* the lease can run out; the repository then refuses
+//! every further operation of the holder ([`crate::StoreError::LeaseLost`]), so nothing it does
+//! can rely on a lock that others may already consider expired.
 
-use std::fs;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use crate::backend::{Backend, Kind};
 use crate::codec::{invalid, split_checksum, Decoder, Encoder};
 use crate::error::{DecodeError, Result, StoreError};
 use crate::id::to_hex;
 
-/// Magic of a lock file. Do not change.
+/// Magic of a lock object. Do not change.
 pub const LOCK_MAGIC: &[u8; 8] = b"SBKLOCK\0";
-/// Lock file format version.
-pub const LOCK_VERSION: u32 = 1;
-/// A lock not refreshed for this long is stale, whoever holds it.
-pub const LEASE_SECS: i64 = 30 * 60;
-/// How often a holder rewrites its lock's time.
-const REFRESH: Duration = Duration::from_secs(5 * 60);
+/// Lock object format version.
+pub const LOCK_VERSION: u32 = 2;
+
+/// How often a holder refreshes its lock and how long a lock lives unrefreshed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockTiming {
+    /// Interval between refreshes.
+    pub refresh: Duration,
+    /// A lock not refreshed for this long is stale, whoever holds it.
+    pub lease: Duration,
+}
+
+impl Default for LockTiming {
+    /// Refresh every 5 minutes, a 30-minute lease: six refreshes may fail in a row (a storage
+    /// hiccup) before the holder gives up, long before the lease runs out.
+    fn default() -> Self {
+        LockTiming {
+            refresh: Duration::from_secs(5 * 60),
+            lease: Duration::from_secs(30 * 60),
+        }
+    }
+}
 
 /// What a lock allows others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +56,7 @@ pub enum LockKind {
     Exclusive = 2,
 }
 
-/// The contents of a lock file.
+/// The contents of a lock object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockInfo {
     /// Shared or exclusive.
@@ -47,12 +67,14 @@ pub struct LockInfo {
     pub pid: u32,
     /// When the lock was taken or last refreshed (seconds since the Unix epoch).
     pub time: i64,
+    /// Seconds after `time` at which the lock is stale.
+    pub lease_secs: u32,
     /// What the holder is doing (the command).
     pub purpose: String,
 }
 
 impl LockInfo {
-    /// Encodes a lock file.
+    /// Encodes a lock object.
     pub fn encode(&self) -> Vec<u8> {
         let mut e = Encoder::default();
         e.bytes(LOCK_MAGIC)
@@ -60,12 +82,13 @@ impl LockInfo {
             .u8(self.kind as u8)
             .u32(self.pid)
             .i64(self.time)
+            .u32(self.lease_secs)
             .str(&self.host)
             .str(&self.purpose);
         e.finish_with_checksum()
     }
 
-    /// Decodes a lock file.
+    /// Decodes a lock object.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut d = Decoder::new(bytes);
         d.magic(LOCK_MAGIC)?;
@@ -85,6 +108,7 @@ impl LockInfo {
             kind,
             pid: d.u32()?,
             time: d.i64()?,
+            lease_secs: d.u32()?,
             host: d.str("host")?,
             purpose: d.str("purpose")?,
         };
@@ -94,31 +118,32 @@ impl LockInfo {
 
     /// Why this lock is stale, seen from `host` at time `now`; `None` while it is live.
     pub fn stale(&self, host: &str, now: i64) -> Option<String> {
-        if self.host == host && !Path::new(&format!("/proc/{}", self.pid)).exists() {
+        if self.host == host && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists() {
             return Some(format!("process {} no longer exists on {host}", self.pid));
         }
-        if now - self.time > LEASE_SECS {
+        if now.saturating_sub(self.time) > i64::from(self.lease_secs) {
             return Some(format!(
-                "not refreshed for {} s (lease {LEASE_SECS} s)",
-                now - self.time
+                "not refreshed for {} s (lease {} s)",
+                now - self.time,
+                self.lease_secs
             ));
         }
         None
     }
 }
 
-/// A lock found in `locks/`.
+/// A lock found in the repository.
 #[derive(Debug)]
 pub struct FoundLock {
-    /// The lock file.
-    pub path: PathBuf,
+    /// The lock object's name.
+    pub name: String,
     /// Its contents, or why they could not be read.
     pub info: Result<LockInfo, DecodeError>,
 }
 
 /// This machine's host name.
 pub fn host_name() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
         .ok()
         .filter(|s| !s.is_empty())
@@ -132,31 +157,17 @@ pub(crate) fn now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Every lock file of the repository at `repo`.
-pub fn list_locks(repo: &Path) -> Result<Vec<FoundLock>> {
-    let dir = repo.join("locks");
-    let entries = match fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(StoreError::io(&dir, e)),
-    };
+/// Every lock object of a repository. Needs nothing but the lock objects.
+pub fn list_locks(backend: &dyn Backend) -> Result<Vec<FoundLock>> {
     let mut out = Vec::new();
-    for entry in entries {
-        let path = entry.map_err(|e| StoreError::io(&dir, e))?.path();
-        if path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'))
-        {
-            continue; // being written
-        }
-        match fs::read(&path) {
+    for o in backend.list(Kind::Lock)? {
+        match backend.read(Kind::Lock, &o.name) {
             Ok(bytes) => out.push(FoundLock {
                 info: LockInfo::decode(&bytes),
-                path,
+                name: o.name,
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // released meanwhile
-            Err(e) => return Err(StoreError::io(&path, e)),
+            Err(StoreError::ObjectMissing { .. }) => {} // released meanwhile
+            Err(e) => return Err(e),
         }
     }
     Ok(out)
@@ -164,69 +175,102 @@ pub fn list_locks(repo: &Path) -> Result<Vec<FoundLock>> {
 
 /// The first live lock other than `ours` that conflicts with taking one of `kind`.
 fn conflicting(
-    repo: &Path,
-    ours: &Path,
+    backend: &dyn Backend,
+    ours: &str,
     kind: LockKind,
     host: &str,
-) -> Result<Option<(PathBuf, LockInfo)>> {
-    Ok(list_locks(repo)?.into_iter().find_map(|other| {
-        if other.path == ours {
+) -> Result<Option<(String, LockInfo)>> {
+    Ok(list_locks(backend)?.into_iter().find_map(|other| {
+        if other.name == ours {
             return None;
         }
-        // A lock file that does not decode (from a newer sbk, or damaged) may stand for anything:
-        // it conflicts with everything until `sbk unlock` removes it.
+        // A lock object that does not decode (from a newer sbk, or damaged) may stand for
+        // anything: it conflicts with everything until `sbk unlock` removes it.
         let o = other.info.unwrap_or_else(|e| LockInfo {
             kind: LockKind::Exclusive,
             host: "?".into(),
             pid: 0,
             time: now(),
-            purpose: format!("unreadable lock file: {e}"),
+            lease_secs: 0,
+            purpose: format!("unreadable lock object: {e}"),
         });
         let conflicts = kind == LockKind::Exclusive || o.kind == LockKind::Exclusive;
-        (conflicts && o.stale(host, now()).is_none()).then_some((other.path, o))
+        (conflicts && o.stale(host, now()).is_none()).then_some((other.name, o))
     }))
 }
 
-/// A held lock; released (its file removed) on drop.
+/// Whether the holder of a repository still holds its lock; shared by the lock's refresher and
+/// the repository, which checks it before every operation.
+#[derive(Debug, Default)]
+pub struct Lease {
+    lost: AtomicBool,
+    why: Mutex<String>,
+}
+
+impl Lease {
+    /// Fails once the lease is lost.
+    pub fn check(&self) -> Result<()> {
+        if self.lost.load(Ordering::Acquire) {
+            return Err(StoreError::LeaseLost(
+                self.why
+                    .lock()
+                    .expect("no thread panics holding this")
+                    .clone(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn lose(&self, why: String) {
+        *self.why.lock().expect("no thread panics holding this") = why;
+        self.lost.store(true, Ordering::Release);
+    }
+}
+
+/// A held lock; released (its object removed) on drop.
 pub struct Lock {
-    path: PathBuf,
+    backend: Arc<dyn Backend>,
+    name: String,
     stop: Arc<AtomicBool>,
     refresher: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Lock {
-    /// Takes a lock of `kind` on the repository at `repo`, or fails naming the holder of a
-    /// conflicting live lock.
-    pub fn acquire(repo: &Path, kind: LockKind, purpose: &str) -> Result<Lock> {
-        let dir = repo.join("locks");
-        match fs::create_dir(&dir) {
-            Ok(()) => crate::fsync_dir(repo)?,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(StoreError::io(&dir, e)),
-        }
+    /// Takes a lock of `kind`, or fails naming the holder of a conflicting live lock. From now
+    /// on the lock is refreshed every `timing.refresh`; if that fails, `lease` is marked lost.
+    pub fn acquire(
+        backend: Arc<dyn Backend>,
+        lease: Arc<Lease>,
+        kind: LockKind,
+        purpose: &str,
+        timing: LockTiming,
+    ) -> Result<Lock> {
         let host = host_name();
-        let info = LockInfo {
+        let mut info = LockInfo {
             kind,
             host: host.clone(),
             pid: std::process::id(),
             time: now(),
+            lease_secs: timing.lease.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
             purpose: purpose.to_owned(),
         };
-        let name = to_hex(&crate::id::random_bytes::<16>().map_err(|e| StoreError::io(&dir, e))?);
-        let path = dir.join(&name);
+        let name = to_hex(
+            &crate::id::random_bytes::<16>().map_err(|e| StoreError::io(backend.location(), e))?,
+        );
         // Two processes that take conflicting locks at the same moment both see each other and
         // both back off; a few retries at growing intervals let the one that can go on, go on.
         let mut attempt = 0;
         loop {
-            crate::write_atomic(&path, &info.encode())?;
-            let Some((other, o)) = conflicting(repo, &path, kind, &host)? else {
+            info.time = now();
+            backend.write_once(Kind::Lock, &name, &info.encode())?;
+            let Some((other, o)) = conflicting(backend.as_ref(), &name, kind, &host)? else {
                 break;
             };
-            let _ = fs::remove_file(&path);
+            let _ = backend.delete(Kind::Lock, &name);
             attempt += 1;
             if attempt == 4 {
                 return Err(StoreError::Locked {
-                    path: other,
+                    path: crate::pack::object_path(Kind::Lock, &other),
                     holder: format!(
                         "{} lock of process {} on {} ({}), taken at {}",
                         if o.kind == LockKind::Exclusive {
@@ -245,27 +289,67 @@ impl Lock {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let refresher = {
-            let (stop, path) = (stop.clone(), path.clone());
+            let (stop, backend, name) = (stop.clone(), backend.clone(), name.clone());
             std::thread::Builder::new()
                 .name("sbk-lock".into())
-                .spawn(move || {
-                    let mut info = info;
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::park_timeout(REFRESH);
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        info.time = now();
-                        let _ = crate::write_atomic(&path, &info.encode());
-                    }
-                })
-                .ok()
+                .spawn(move || refresh_loop(&*backend, &name, info, timing, &stop, &lease))
+                .map_err(|e| StoreError::io("lock refresher thread", e))?
         };
         Ok(Lock {
-            path,
+            backend,
+            name,
             stop,
-            refresher,
+            refresher: Some(refresher),
         })
+    }
+
+    /// The lock object's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Refreshes the lock until `stop`; marks the lease lost when the lock is gone, or when no
+/// refresh has succeeded for half the lease (retrying every quarter interval meanwhile), which
+/// leaves the other half for the operation to notice and stop.
+fn refresh_loop(
+    backend: &dyn Backend,
+    name: &str,
+    mut info: LockInfo,
+    timing: LockTiming,
+    stop: &AtomicBool,
+    lease: &Lease,
+) {
+    let mut last_ok = Instant::now();
+    let mut wait = timing.refresh;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::park_timeout(wait);
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        info.time = now();
+        match backend.replace(Kind::Lock, name, &info.encode()) {
+            Ok(()) => {
+                last_ok = Instant::now();
+                wait = timing.refresh;
+            }
+            Err(StoreError::ObjectMissing { .. }) => {
+                lease.lose(format!(
+                    "lock {name} was removed by someone else (sbk unlock on another host?)"
+                ));
+                break;
+            }
+            Err(e) => {
+                if last_ok.elapsed() >= timing.lease / 2 {
+                    lease.lose(format!(
+                        "refreshing lock {name} failed for {} s: {e}",
+                        last_ok.elapsed().as_secs()
+                    ));
+                    break;
+                }
+                wait = timing.refresh / 4;
+            }
+        }
     }
 }
 
@@ -276,50 +360,70 @@ impl Drop for Lock {
             t.thread().unpark();
             let _ = t.join();
         }
-        let _ = fs::remove_file(&self.path);
+        let _ = self.backend.delete(Kind::Lock, &self.name);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::LocalBackend;
     use proptest::prelude::*;
+
+    fn backend() -> (tempfile::TempDir, Arc<dyn Backend>) {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(&dir.path().join("r"));
+        b.create().unwrap();
+        (dir, Arc::new(b))
+    }
+
+    fn take(b: &Arc<dyn Backend>, kind: LockKind) -> Result<Lock> {
+        Lock::acquire(
+            b.clone(),
+            Arc::default(),
+            kind,
+            "test",
+            LockTiming::default(),
+        )
+    }
 
     #[test]
     fn shared_locks_coexist_and_exclusive_excludes() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = Lock::acquire(dir.path(), LockKind::Shared, "backup").unwrap();
-        let b = Lock::acquire(dir.path(), LockKind::Shared, "backup").unwrap();
-        let e = Lock::acquire(dir.path(), LockKind::Exclusive, "prune");
-        assert!(matches!(e, Err(StoreError::Locked { .. })));
-        drop((a, b));
-        let e = Lock::acquire(dir.path(), LockKind::Exclusive, "prune").unwrap();
-        assert!(Lock::acquire(dir.path(), LockKind::Shared, "backup").is_err());
+        let (_dir, b) = backend();
+        let x = take(&b, LockKind::Shared).unwrap();
+        let y = take(&b, LockKind::Shared).unwrap();
+        assert!(matches!(
+            take(&b, LockKind::Exclusive),
+            Err(StoreError::Locked { .. })
+        ));
+        drop((x, y));
+        let e = take(&b, LockKind::Exclusive).unwrap();
+        assert!(take(&b, LockKind::Shared).is_err());
         drop(e);
         assert!(
-            list_locks(dir.path()).unwrap().is_empty(),
+            list_locks(b.as_ref()).unwrap().is_empty(),
             "locks are removed on drop"
         );
     }
 
     #[test]
-    fn locks_of_dead_processes_are_stale() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("locks")).unwrap();
+    fn locks_of_dead_processes_and_past_their_lease_are_stale() {
+        let (_dir, b) = backend();
         let dead = LockInfo {
             kind: LockKind::Exclusive,
             host: host_name(),
             pid: u32::MAX - 1,
             time: now(),
+            lease_secs: 1800,
             purpose: "prune".into(),
         };
-        std::fs::write(dir.path().join("locks").join("x"), dead.encode()).unwrap();
+        b.write_once(Kind::Lock, "x", &dead.encode()).unwrap();
         assert!(dead.stale(&host_name(), now()).is_some());
         // A stale exclusive lock does not block.
-        drop(Lock::acquire(dir.path(), LockKind::Shared, "backup").unwrap());
+        drop(take(&b, LockKind::Shared).unwrap());
         let old = LockInfo {
             host: "elsewhere".into(),
-            time: now() - LEASE_SECS - 1,
+            time: now() - 1801,
             ..dead
         };
         assert!(old.stale(&host_name(), now()).is_some());
@@ -327,10 +431,29 @@ mod tests {
         assert!(fresh.stale(&host_name(), now()).is_none());
     }
 
+    #[test]
+    fn a_removed_lock_loses_the_lease_before_it_expires() {
+        let (_dir, b) = backend();
+        let lease = Arc::new(Lease::default());
+        let timing = LockTiming {
+            refresh: Duration::from_millis(50),
+            lease: Duration::from_secs(2),
+        };
+        let lock = Lock::acquire(b.clone(), lease.clone(), LockKind::Shared, "t", timing).unwrap();
+        lease.check().unwrap();
+        b.delete(Kind::Lock, lock.name()).unwrap();
+        let started = Instant::now();
+        while lease.check().is_ok() {
+            assert!(started.elapsed() < timing.lease, "lease not lost in time");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(matches!(lease.check(), Err(StoreError::LeaseLost(_))));
+    }
+
     proptest! {
         #[test]
-        fn lock_round_trip(pid in any::<u32>(), time in any::<i64>(), host in ".{0,30}", purpose in ".{0,30}") {
-            let l = LockInfo { kind: LockKind::Shared, host, pid, time, purpose };
+        fn lock_round_trip(pid in any::<u32>(), time in any::<i64>(), lease_secs in any::<u32>(), host in ".{0,30}", purpose in ".{0,30}") {
+            let l = LockInfo { kind: LockKind::Shared, host, pid, time, lease_secs, purpose };
             prop_assert_eq!(LockInfo::decode(&l.encode()).unwrap(), l);
         }
 

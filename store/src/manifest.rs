@@ -4,14 +4,14 @@
 //! ids of its segment trees. A segment tree is the ordered extent list of one segment, stored as a
 //! blob like any chunk, so that an unchanged segment costs no new metadata in the next backup.
 
-use crate::codec::{invalid, split_checksum, Decoder, Encoder};
+use crate::codec::{invalid, split_checksum, Decoder, Encoder, Extension};
 use crate::error::DecodeError;
 use crate::id::{ChunkId, SnapshotId};
 
 /// Magic of a manifest. Do not change.
 pub const MANIFEST_MAGIC: &[u8; 8] = b"SBKSNAP\0";
 /// Manifest format version.
-pub const MANIFEST_VERSION: u32 = 1;
+pub const MANIFEST_VERSION: u32 = 2;
 /// Segment tree format version (first byte of a tree blob).
 pub const TREE_VERSION: u8 = 1;
 
@@ -56,6 +56,8 @@ pub struct Manifest {
     pub figures: BackupFigures,
     /// One segment tree id per segment, in order.
     pub trees: Vec<ChunkId>,
+    /// Optional fields (docs/format.md, "extensions"); none are defined yet.
+    pub extensions: Vec<Extension>,
 }
 
 impl Manifest {
@@ -89,6 +91,7 @@ impl Manifest {
         for t in &self.trees {
             e.bytes(&t.0);
         }
+        e.extensions(&self.extensions);
         e.finish_with_checksum()
     }
 
@@ -137,7 +140,7 @@ impl Manifest {
                 format!("{ntrees} trees for {size} bytes in segments of {segment_size}"),
             ));
         }
-        if d.remaining() != ntrees * 32 {
+        if d.remaining() < ntrees * 32 {
             return Err(invalid(
                 "tree list",
                 format!("{} bytes for {ntrees} ids", d.remaining()),
@@ -146,6 +149,8 @@ impl Manifest {
         let trees = (0..ntrees)
             .map(|_| d.array().map(ChunkId))
             .collect::<Result<_, _>>()?;
+        let extensions = d.extensions()?;
+        d.end("manifest")?;
         Ok(Manifest {
             time_ns,
             source,
@@ -156,6 +161,7 @@ impl Manifest {
             parent,
             figures,
             trees,
+            extensions,
         })
     }
 
@@ -298,6 +304,15 @@ mod tests {
                     trees: (0..(size % (1 << 30)).div_ceil(segment_size))
                         .map(|i| ChunkId([i as u8; 32]))
                         .collect(),
+                    extensions: if time % 2 == 0 {
+                        Vec::new()
+                    } else {
+                        vec![Extension {
+                            tag: 3,
+                            required: false,
+                            value: vec![1, 2, 3],
+                        }]
+                    },
                 }
             })
     }

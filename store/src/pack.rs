@@ -5,11 +5,9 @@
 //! be rebuilt from the trailers alone; a pack whose trailer is lost can still be walked blob by
 //! blob from the header. Byte layout: docs/format.md, "pack".
 
-use std::fs::{self, File};
-use std::io::{BufWriter, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::backend::{Backend, Kind, Staged};
 use crate::blob::{BlobHeader, BlobKind, Compression, EncodedBlob, BLOB_HEADER_LEN};
 use crate::codec::{invalid, Decoder, Encoder};
 use crate::error::{DecodeError, Result, StoreError};
@@ -46,7 +44,7 @@ pub struct PackEntry {
 }
 
 impl PackEntry {
-    fn encode(&self, e: &mut Encoder) {
+    pub(crate) fn encode(&self, e: &mut Encoder) {
         e.bytes(&self.id.0)
             .u8(self.kind as u8)
             .u8(self.compression as u8)
@@ -56,7 +54,7 @@ impl PackEntry {
             .u32(self.raw_len);
     }
 
-    fn decode(d: &mut Decoder<'_>) -> Result<Self, DecodeError> {
+    pub(crate) fn decode(d: &mut Decoder<'_>) -> Result<Self, DecodeError> {
         let id = ChunkId(d.array()?);
         let kind = BlobKind::from_u8(d.u8()?)?;
         let compression = Compression::from_u8(d.u8()?)?;
@@ -169,47 +167,37 @@ pub fn decode_trailer(
     Ok(entries)
 }
 
-/// Path of a pack inside the repository: `packs/<first 2 hex digits>/<32 hex digits>`.
-pub fn pack_path(repo: &Path, id: PackId) -> PathBuf {
-    let hex = id.to_hex();
-    repo.join("packs").join(&hex[..2]).join(hex)
+/// How messages name an object: its kind's folder and its name (`packs/1f2e…`).
+pub(crate) fn object_path(kind: Kind, name: &str) -> PathBuf {
+    Path::new(kind.dir()).join(name)
+}
+
+fn pack_label(pack: PackId) -> PathBuf {
+    object_path(Kind::Pack, &pack.to_hex())
 }
 
 /// Appends blobs to a new pack, then seals it durably.
 ///
-/// The pack is written under a `.tmp` name and renamed into place only once it is complete and
-/// fsynced, so a pack under its final name is always whole; a crash leaves at most a `.tmp`.
+/// The pack is staged ([`Backend::stage`]): nothing is visible under its name until
+/// [`PackWriter::finish`] has made it whole and durable; a crash leaves at most a temporary
+/// object, and an abandoned writer removes its own.
 pub struct PackWriter {
     id: PackId,
-    tmp_path: PathBuf,
-    final_path: PathBuf,
-    out: BufWriter<File>,
-    offset: u64,
+    out: Box<dyn Staged>,
     entries: Vec<PackEntry>,
 }
 
 impl PackWriter {
-    /// Creates a new pack in the repository at `repo`.
-    pub fn create(repo: &Path) -> Result<Self> {
-        let id = PackId::random().map_err(|e| StoreError::io(repo, e))?;
-        let final_path = pack_path(repo, id);
-        let tmp_path = final_path.with_extension("tmp");
-        let file = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&tmp_path)
-            .map_err(|e| StoreError::io(&tmp_path, e))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
+    /// Starts a new pack with a random id.
+    pub fn create(backend: &dyn Backend) -> Result<Self> {
+        let id = PackId::random().map_err(|e| StoreError::io(backend.location(), e))?;
+        let mut out = backend.stage(Kind::Pack, &id.to_hex())?;
         let mut header = Encoder::default();
         header.bytes(PACK_MAGIC).u32(PACK_VERSION).u32(0);
-        out.write_all(&header.buf)
-            .map_err(|e| StoreError::io(&tmp_path, e))?;
+        out.write(&header.buf)?;
         Ok(PackWriter {
             id,
-            tmp_path,
-            final_path,
             out,
-            offset: PACK_HEADER_LEN,
             entries: Vec::new(),
         })
     }
@@ -221,7 +209,7 @@ impl PackWriter {
 
     /// Bytes written so far.
     pub fn len(&self) -> u64 {
-        self.offset
+        self.out.len()
     }
 
     /// True when no blob has been added.
@@ -232,53 +220,44 @@ impl PackWriter {
     /// Appends a blob.
     pub fn add(&mut self, blob: &EncodedBlob) -> Result<()> {
         let h = &blob.header;
-        self.out
-            .write_all(&h.encode())
-            .and_then(|()| self.out.write_all(&blob.data))
-            .map_err(|e| StoreError::io(&self.tmp_path, e))?;
+        let offset = self.out.len();
+        self.out.write(&h.encode())?;
+        self.out.write(&blob.data)?;
         self.entries.push(PackEntry {
             id: h.id,
             kind: h.kind,
             compression: h.compression,
-            offset: self.offset,
+            offset,
             stored_len: h.stored_len,
             raw_len: h.raw_len,
         });
-        self.offset += (BLOB_HEADER_LEN + blob.data.len()) as u64;
         Ok(())
     }
 
-    /// Writes the trailer, makes the pack durable and gives it its final name. Returns the id
-    /// and the entries, which the caller may now put in the index.
+    /// Writes the trailer and makes the pack durable under its name. Returns the id and the
+    /// entries, which an index file may now name.
     pub fn finish(mut self) -> Result<(PackId, Vec<PackEntry>)> {
-        let trailer = encode_trailer(self.id, self.offset, &self.entries);
-        let path = self.tmp_path.clone();
-        let io = |e| StoreError::io(&path, e);
-        self.out.write_all(&trailer).map_err(io)?;
-        let file = self.out.into_inner().map_err(|e| io(e.into_error()))?;
-        // The data must be on disk before the name says the pack is complete…
-        file.sync_all().map_err(io)?;
-        fs::rename(&self.tmp_path, &self.final_path).map_err(io)?;
-        // …and the rename itself must be durable before the index may refer to the pack.
-        crate::fsync_dir(self.final_path.parent().expect("pack path has a parent"))?;
+        let trailer = encode_trailer(self.id, self.out.len(), &self.entries);
+        self.out.write(&trailer)?;
+        self.out.finish()?;
         Ok((self.id, self.entries))
     }
 
-    /// Abandons the pack, removing its temporary file.
+    /// Abandons the pack, removing what was written of it.
     pub fn abandon(self) {
-        let _ = fs::remove_file(&self.tmp_path);
+        drop(self)
     }
 }
 
-/// Reads and checks the trailer of the pack file at `path`, whose name says it is `pack`.
-pub fn read_trailer(path: &Path, pack: PackId) -> Result<Vec<PackEntry>> {
+/// Reads and checks the trailer of `pack`.
+pub fn read_trailer(backend: &dyn Backend, pack: PackId) -> Result<Vec<PackEntry>> {
+    let name = pack.to_hex();
     let corrupt = |source| StoreError::Corrupt {
-        path: path.to_owned(),
+        path: pack_label(pack),
         what: "pack trailer",
         source,
     };
-    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
-    let len = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
+    let len = backend.size(Kind::Pack, &name)?;
     if len < PACK_HEADER_LEN + FOOTER_LEN as u64 {
         return Err(corrupt(DecodeError::Truncated {
             needed: PACK_HEADER_LEN as usize + FOOTER_LEN,
@@ -286,47 +265,27 @@ pub fn read_trailer(path: &Path, pack: PackId) -> Result<Vec<PackEntry>> {
         }));
     }
     let mut footer = [0u8; FOOTER_LEN];
-    file.read_exact_at(&mut footer, len - FOOTER_LEN as u64)
-        .map_err(|e| StoreError::io(path, e))?;
+    backend.read_at(Kind::Pack, &name, len - FOOTER_LEN as u64, &mut footer)?;
     let (_, entries_offset, _) = decode_footer(&footer, len).map_err(corrupt)?;
     let mut trailer = vec![0u8; (len - entries_offset) as usize];
-    file.read_exact_at(&mut trailer, entries_offset)
-        .map_err(|e| StoreError::io(path, e))?;
+    backend.read_at(Kind::Pack, &name, entries_offset, &mut trailer)?;
     decode_trailer(&trailer, entries_offset, pack).map_err(corrupt)
 }
 
-/// Reads the header and stored bytes of the blob at `entry` from an open pack file, and checks
-/// that the header agrees with what the caller expected.
-pub fn read_blob(file: &File, path: &Path, entry: &PackEntry) -> Result<Vec<u8>> {
+/// Reads the header and stored bytes of the blob at `entry` of `pack`, checks that the header
+/// agrees with what the caller expected, and returns the stored bytes.
+pub fn read_blob(backend: &dyn Backend, pack: PackId, entry: &PackEntry) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; BLOB_HEADER_LEN + entry.stored_len as usize];
-    read_range(file, path, entry.offset, &mut buf)?;
-    split_blob(&buf, entry, path)?;
+    backend.read_at(Kind::Pack, &pack.to_hex(), entry.offset, &mut buf)?;
+    split_blob(&buf, entry, pack)?;
     buf.drain(..BLOB_HEADER_LEN);
     Ok(buf)
 }
 
-/// Fills `buf` from `offset` of a pack; a pack that ends too early is reported as truncated.
-pub fn read_range(file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
-    file.read_exact_at(buf, offset).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            StoreError::Corrupt {
-                path: path.to_owned(),
-                what: "pack",
-                source: DecodeError::Truncated {
-                    needed: (offset + buf.len() as u64) as usize,
-                    available: file.metadata().map(|m| m.len() as usize).unwrap_or(0),
-                },
-            }
-        } else {
-            StoreError::io(path, e)
-        }
-    })
-}
-
 /// Checks the blob header at the start of `bytes` against what the trailer or index says.
-pub fn check_blob_header(bytes: &[u8], entry: &PackEntry, path: &Path) -> Result<BlobHeader> {
+pub fn check_blob_header(bytes: &[u8], entry: &PackEntry, pack: PackId) -> Result<BlobHeader> {
     let corrupt = |source| StoreError::Corrupt {
-        path: path.to_owned(),
+        path: pack_label(pack),
         what: "blob header",
         source,
     };
@@ -350,13 +309,13 @@ pub fn check_blob_header(bytes: &[u8], entry: &PackEntry, path: &Path) -> Result
 
 /// Checks the header at the start of `bytes` (a blob read from a pack) against `entry` and
 /// returns the stored bytes that follow it.
-pub fn split_blob<'a>(bytes: &'a [u8], entry: &PackEntry, path: &Path) -> Result<&'a [u8]> {
-    check_blob_header(bytes, entry, path)?;
+pub fn split_blob<'a>(bytes: &'a [u8], entry: &PackEntry, pack: PackId) -> Result<&'a [u8]> {
+    check_blob_header(bytes, entry, pack)?;
     let end = BLOB_HEADER_LEN + entry.stored_len as usize;
     bytes
         .get(BLOB_HEADER_LEN..end)
         .ok_or_else(|| StoreError::Corrupt {
-            path: path.to_owned(),
+            path: pack_label(pack),
             what: "blob",
             source: DecodeError::Truncated {
                 needed: end,
@@ -373,8 +332,9 @@ mod tests {
     #[test]
     fn write_then_read_back() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("packs")).unwrap();
-        let mut w = PackWriter::create_in_test(dir.path());
+        let b = crate::backend::LocalBackend::new(&dir.path().join("r"));
+        b.create().unwrap();
+        let mut w = PackWriter::create(&b).unwrap();
         let blobs: Vec<_> = (0..5u8)
             .map(|i| {
                 encode_blob(
@@ -386,37 +346,29 @@ mod tests {
                 .unwrap()
             })
             .collect();
-        for b in &blobs {
-            w.add(b).unwrap();
+        for blob in &blobs {
+            w.add(blob).unwrap();
         }
         let (id, entries) = w.finish().unwrap();
-        let path = pack_path(dir.path(), id);
-        assert_eq!(read_trailer(&path, id).unwrap(), entries);
-        let file = File::open(&path).unwrap();
-        for (e, b) in entries.iter().zip(&blobs) {
-            assert_eq!(read_blob(&file, &path, e).unwrap(), b.data);
+        assert_eq!(read_trailer(&b, id).unwrap(), entries);
+        for (e, blob) in entries.iter().zip(&blobs) {
+            assert_eq!(read_blob(&b, id, e).unwrap(), blob.data);
         }
-        // A pack opened under another id is refused.
-        assert!(read_trailer(&path, PackId([9; 16])).is_err());
         // Truncation anywhere is a typed error.
+        let path = b.path_of(Kind::Pack, &id.to_hex());
         let bytes = std::fs::read(&path).unwrap();
         for cut in [0, 10, bytes.len() / 2, bytes.len() - 1] {
             std::fs::write(&path, &bytes[..cut]).unwrap();
             assert!(
-                matches!(read_trailer(&path, id), Err(StoreError::Corrupt { .. })),
+                matches!(read_trailer(&b, id), Err(StoreError::Corrupt { .. })),
                 "cut at {cut}"
             );
         }
-    }
-
-    impl PackWriter {
-        /// Pack directories are created by init; a bare test directory needs them made.
-        fn create_in_test(repo: &Path) -> Self {
-            for i in 0..=255u8 {
-                let _ = std::fs::create_dir(repo.join("packs").join(crate::id::to_hex(&[i])));
-            }
-            PackWriter::create(repo).unwrap()
-        }
+        // A pack renamed to another id is refused.
+        std::fs::write(&path, &bytes).unwrap();
+        let other = PackId([9; 16]);
+        std::fs::rename(&path, b.path_of(Kind::Pack, &other.to_hex())).unwrap();
+        assert!(read_trailer(&b, other).is_err());
     }
 
     #[test]

@@ -1,26 +1,19 @@
-//! The repository: a directory holding a config, packs, an index and snapshot manifests.
-//!
-//! ```text
-//! config                     immutable after init (docs/format.md, "config")
-//! packs/<2 hex>/<32 hex>     sealed pack files; <…>.tmp while being written
-//! index/                     sled database: chunk id -> pack, offset, lengths (a cache)
-//! snapshots/<64 hex>         manifests, named by the BLAKE3 hash of their bytes
-//! ```
+//! The repository: a config, packs, index files, snapshot manifests and locks, all objects of a
+//! [`Backend`] (docs/format.md, "objects"). Nothing here touches a path.
 
-use std::collections::HashMap;
-use std::fs::{self, File};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
+use std::sync::{Arc, OnceLock};
 
+use crate::backend::{Backend, Kind, Written};
 use crate::blob::{decode_blob_into, BlobKind};
 use crate::config::{RepoConfig, FORMAT_VERSION};
 use crate::error::{DecodeError, Result, StoreError};
-use crate::id::{to_hex, ChunkId, PackId, SnapshotId};
-use crate::index::{Index, IndexEntry};
+use crate::id::{ChunkId, IndexId, PackId, SnapshotId};
+use crate::index::file::IndexFile;
+use crate::index::{read_index_file, CacheLocation, Index, IndexEntry, IndexReport};
+use crate::lock::{Lease, Lock, LockKind, LockTiming};
 use crate::manifest::{decode_tree, Extent, Manifest};
-use crate::pack::{pack_path, read_blob, read_trailer, PackEntry};
+use crate::pack::{object_path, read_blob, read_trailer, PackEntry, PackWriter};
 
 /// What `init` may choose; everything else is derived or random.
 #[derive(Debug, Clone, Copy)]
@@ -29,6 +22,8 @@ pub struct InitOptions {
     pub chunk_avg: u32,
     /// zstd level, 1..=19.
     pub zstd_level: u32,
+    /// Packs are closed once they reach this size (1 MiB..1 GiB).
+    pub pack_size: u64,
 }
 
 /// Default average chunk size. Chosen by measurement (docs/benchmarks.md, "Choosing the
@@ -40,69 +35,36 @@ pub const DEFAULT_CHUNK_AVG: u32 = 256 << 10;
 /// bytes on a disk image (docs/benchmarks.md).
 pub const DEFAULT_ZSTD_LEVEL: u32 = 1;
 
+/// Default pack size: large enough that a TiB is 32 Ki objects, small enough that a pack is
+/// written in well under a second.
+pub const DEFAULT_PACK_SIZE: u64 = 32 << 20;
+
+/// The sbk release that wrote each older repository format, for messages.
+fn reader_of(version: u32) -> String {
+    match version {
+        1 => "; format 1 was written and is read by sbk 0.1".into(),
+        v if v > FORMAT_VERSION => "; a newer sbk wrote it".into(),
+        _ => String::new(),
+    }
+}
+
 impl Default for InitOptions {
     fn default() -> Self {
         InitOptions {
             chunk_avg: DEFAULT_CHUNK_AVG,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+            pack_size: DEFAULT_PACK_SIZE,
         }
     }
 }
 
-/// What bringing the index up to date with the packs found.
-#[derive(Debug, Clone, Default)]
-pub struct RebuildReport {
-    /// Packs whose trailers were read (packs new to this index slot).
-    pub packs: usize,
-    /// Blobs indexed.
-    pub blobs: usize,
-    /// Packs that could not be read, with the reason (left out, tried again next time).
-    pub damaged: Vec<(PathBuf, String)>,
-    /// Packs the index knew that are gone, with the blobs it knew in them (now dropped from the
-    /// index, so that no backup refers to them).
-    pub vanished: Vec<(PackId, Vec<ChunkId>)>,
-    /// True when the index directory was missing altogether.
-    pub was_missing: bool,
-}
-
 /// An open repository.
 pub struct Repository {
-    path: PathBuf,
+    backend: Arc<dyn Backend>,
     config: RepoConfig,
-    index: Index,
-    caught_up: RebuildReport,
-    open_packs: Mutex<HashMap<PackId, Arc<File>>>,
-}
-
-/// Fsyncs a directory, so that entries created, renamed or removed in it survive a power loss.
-pub fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| StoreError::io(dir, e))
-}
-
-/// Writes `bytes` to `path` atomically: a temporary name in the same directory, fsync, rename,
-/// fsync of the directory. Readers see the old state or the whole new file, never a part.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .expect("atomic writes target a file in a directory");
-    let name = path
-        .file_name()
-        .expect("atomic writes target a named file")
-        .to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let io = |e| StoreError::io(&tmp, e);
-    let mut f = File::options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)?;
-    fsync_dir(dir)
+    config_hash: [u8; 32],
+    index: OnceLock<Index>,
+    lease: Arc<Lease>,
 }
 
 fn now_unix() -> i64 {
@@ -112,201 +74,165 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
-fn random<const N: usize>(path: &Path) -> Result<[u8; N]> {
-    crate::id::random_bytes().map_err(|e| StoreError::io(path, e))
-}
-
 impl Repository {
-    /// Creates a repository at `path` (a new or empty directory, made mode 0700).
-    pub fn init(path: &Path, opts: InitOptions) -> Result<RepoConfig> {
-        // Parameters first: a bad one is the operator's typo, whatever the directory holds.
+    /// Creates a repository in an empty place.
+    pub fn init(backend: &dyn Backend, opts: InitOptions) -> Result<RepoConfig> {
+        // Parameters first: a bad one is the operator's typo, whatever the place holds.
         let avg = opts.chunk_avg;
         if !avg.is_power_of_two() || !(64 << 10..=4 << 20).contains(&avg) {
             return Err(StoreError::InvalidParameter(format!(
                 "chunk size {avg} must be a power of two from 64 KiB to 4 MiB"
             )));
         }
-        let io = |p: &Path, e| StoreError::io(p, e);
-        match fs::read_dir(path) {
-            Ok(mut entries) => {
-                if path.join("config").exists() {
-                    return Err(StoreError::InitRefused {
-                        path: path.to_owned(),
-                        reason: "it already holds an sbk repository".into(),
-                    });
-                }
-                if entries.next().is_some() {
-                    return Err(StoreError::InitRefused {
-                        path: path.to_owned(),
-                        reason: "the directory is not empty".into(),
-                    });
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::DirBuilder::new()
-                    .mode(0o700)
-                    .create(path)
-                    .map_err(|e| io(path, e))?;
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
-                return Err(StoreError::InitRefused {
-                    path: path.to_owned(),
-                    reason: "it is a file, not a directory".into(),
-                })
-            }
-            Err(e) => return Err(io(path, e)),
+        if !(1 << 20..=1 << 30).contains(&opts.pack_size) {
+            return Err(StoreError::InvalidParameter(format!(
+                "pack size {} must be from 1 MiB to 1 GiB",
+                opts.pack_size
+            )));
         }
-        fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(|e| io(path, e))?;
+        let io = |e| StoreError::io(backend.location(), e);
         let chunk_max = avg * 4;
         let config = RepoConfig {
             version: FORMAT_VERSION,
-            repo_id: random(path)?,
-            chunk_key: random(path)?,
+            repo_id: crate::id::random_bytes().map_err(io)?,
+            chunk_key: crate::id::random_bytes().map_err(io)?,
             chunk_min: avg / 4,
             chunk_avg: avg,
             chunk_max,
-            chunk_seed: u64::from_le_bytes(random(path)?),
+            chunk_seed: u64::from_le_bytes(crate::id::random_bytes().map_err(io)?),
             zero_min: 64 << 10,
             // Segments hold several maximal chunks, so the cut forced at each segment start
             // costs little dedup; 16 MiB keeps the pipeline's buffers small.
             segment_size: (16u64 << 20).max(4 * u64::from(chunk_max)),
-            pack_target: 32 << 20,
+            pack_size: opts.pack_size,
             zstd_level: opts.zstd_level,
             created: now_unix(),
+            features_required: 0,
+            features_optional: 0,
         };
         config
             .validate()
             .map_err(|e| StoreError::InvalidParameter(e.to_string()))?;
-        let mkdir = |p: PathBuf| {
-            fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&p)
-                .map_err(|e| io(&p, e))
-        };
-        mkdir(path.join("packs"))?;
-        for i in 0..=255u8 {
-            mkdir(path.join("packs").join(to_hex(&[i])))?;
+        backend.create()?;
+        // The config is written last: its presence is what makes the place a repository, so a
+        // crash during init leaves a place that init can be told to use again.
+        if backend.write_once(Kind::Config, "config", &config.encode())? == Written::AlreadyThere {
+            return Err(StoreError::InitRefused {
+                path: backend.location().into(),
+                reason: "it already holds an sbk repository".into(),
+            });
         }
-        fsync_dir(&path.join("packs"))?;
-        mkdir(path.join("snapshots"))?;
-        mkdir(path.join("locks"))?;
-        Index::open_slot(&path.join("index"))?.flush()?;
-        // The config is written last: its presence is what makes the directory a repository,
-        // so a crash during init leaves a directory that init can be told to use again.
-        write_atomic(&path.join("config"), &config.encode())?;
         Ok(config)
     }
 
-    /// Opens the repository at `path`, with a free index cache slot brought up to date with the
-    /// packs: packs the slot does not know are indexed from their trailers (all of them when the
-    /// index was deleted, or for a new slot), and packs it knew that are gone are dropped from it
-    /// (see [`Repository::index_report`]).
-    pub fn open(path: &Path) -> Result<Self> {
-        let config_path = path.join("config");
-        let bytes = match fs::read(&config_path) {
+    /// Opens the repository: reads and checks its config. The index is not loaded (see
+    /// [`Repository::load_index`]): listing snapshots or removing locks needs none.
+    pub fn open(backend: Arc<dyn Backend>) -> Result<Self> {
+        let bytes = match backend.read(Kind::Config, "config") {
             Ok(b) => b,
-            Err(e)
-                if matches!(e.kind(), std::io::ErrorKind::NotFound)
-                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
-            {
+            Err(StoreError::ObjectMissing { .. }) => {
                 return Err(StoreError::NotARepository {
-                    path: path.to_owned(),
+                    path: backend.location().into(),
                 })
             }
-            Err(e) => return Err(StoreError::io(&config_path, e)),
+            Err(e) => return Err(e),
         };
-        let config = RepoConfig::decode(&bytes).map_err(|source| StoreError::Corrupt {
-            path: config_path,
-            what: "config",
-            source,
+        let config = RepoConfig::decode(&bytes).map_err(|source| match source {
+            DecodeError::UnsupportedVersion(found) => StoreError::UnsupportedFormat {
+                location: backend.location(),
+                what: "the repository",
+                found,
+                supported: FORMAT_VERSION,
+                ours: env!("CARGO_PKG_VERSION"),
+                hint: reader_of(found),
+            },
+            DecodeError::UnsupportedFeature(detail) => StoreError::UnsupportedFeature {
+                location: backend.location(),
+                detail,
+                ours: env!("CARGO_PKG_VERSION"),
+            },
+            source => StoreError::Corrupt {
+                path: "config".into(),
+                what: "config",
+                source,
+            },
         })?;
-        let index_dir = path.join("index");
-        let was_missing = !index_dir.exists();
-        let index = Index::open_slot(&index_dir)?;
-        let mut repo = Repository {
-            path: path.to_owned(),
+        Ok(Repository {
+            config_hash: *blake3::hash(&bytes).as_bytes(),
+            backend,
             config,
-            index,
-            caught_up: RebuildReport::default(),
-            open_packs: Mutex::new(HashMap::new()),
-        };
-        repo.caught_up = repo.catch_up_index()?;
-        repo.caught_up.was_missing = was_missing;
+            index: OnceLock::new(),
+            lease: Arc::default(),
+        })
+    }
+
+    /// Creates a repository in a local directory (a new or empty one, made mode 0700).
+    pub fn init_local(path: &std::path::Path, opts: InitOptions) -> Result<RepoConfig> {
+        Self::init(&crate::backend::LocalBackend::new(path), opts)
+    }
+
+    /// Opens the repository in a local directory and loads its index through `cache`: what a
+    /// program that only reads and writes one local repository needs.
+    pub fn open_local(path: &std::path::Path, cache: &CacheLocation) -> Result<Self> {
+        let repo = Self::open(Arc::new(crate::backend::LocalBackend::new(path)))?;
+        repo.load_index(cache)?;
         Ok(repo)
     }
 
-    /// What opening the repository did to bring the index up to date.
-    pub fn index_report(&self) -> &RebuildReport {
-        &self.caught_up
+    /// The backend, once the lease is known to hold: every repository operation goes through
+    /// here, so an operation whose lock was lost stops at its next step.
+    fn b(&self) -> Result<&dyn Backend> {
+        self.lease.check()?;
+        Ok(self.backend.as_ref())
     }
 
-    /// Indexes the packs the index slot does not know, and drops the ones it knows that are gone.
-    pub fn catch_up_index(&self) -> Result<RebuildReport> {
-        let mut report = RebuildReport::default();
-        let known = self.index.packs()?;
-        let on_disk = self.list_packs()?;
-        let present: std::collections::HashSet<PackId> =
-            on_disk.iter().map(|(id, _)| *id).collect();
-        for (id, path) in on_disk.into_iter().filter(|(id, _)| !known.contains(id)) {
-            match read_trailer(&path, id) {
-                Ok(entries) => {
-                    self.index.insert_pack(id, &entries)?;
-                    report.packs += 1;
-                    report.blobs += entries.len();
-                }
-                Err(e) => report.damaged.push((path, e.to_string())),
-            }
+    /// The backend, shared (for locks).
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Where the repository is, for messages.
+    pub fn location(&self) -> String {
+        self.backend.location()
+    }
+
+    /// Takes a lock on the repository. If the lock is lost while held, every later operation
+    /// of this repository fails with [`StoreError::LeaseLost`].
+    pub fn lock(&self, kind: LockKind, purpose: &str, timing: LockTiming) -> Result<Lock> {
+        self.lease.check()?;
+        Lock::acquire(
+            self.backend.clone(),
+            self.lease.clone(),
+            kind,
+            purpose,
+            timing,
+        )
+    }
+
+    /// Fails once the lock this process holds is lost.
+    pub fn check_lease(&self) -> Result<()> {
+        self.lease.check()
+    }
+
+    /// Loads the index through the cache at `cache`, bringing it up to date with the index
+    /// files. Call it after taking the lock: the cache is written here.
+    pub fn load_index(&self, cache: &CacheLocation) -> Result<IndexReport> {
+        if self.index.get().is_some() {
+            return self.refresh_index();
         }
-        let mut gone: Vec<PackId> = known
-            .into_iter()
-            .filter(|id| !present.contains(id))
-            .collect();
-        gone.sort();
-        for id in gone {
-            let ids = self.index.forget_pack(id)?;
-            report.vanished.push((id, ids));
-        }
-        if report.packs > 0 || !report.vanished.is_empty() {
-            self.index.flush()?;
-        }
+        let (index, report) = Index::open(self.b()?, cache, self.config.repo_id, self.config_hash)?;
+        let _ = self.index.set(index);
         Ok(report)
     }
 
-    /// Clears the index slot and indexes every pack again.
-    pub fn rebuild_index(&self) -> Result<RebuildReport> {
-        self.index.clear()?;
-        self.catch_up_index()
+    /// Brings the loaded index up to date with index files written since it was loaded.
+    pub fn refresh_index(&self) -> Result<IndexReport> {
+        self.index()?.refresh(self.b()?)
     }
 
-    /// Every sealed pack: (id, path). Temporary files of unfinished packs are skipped.
-    pub fn list_packs(&self) -> Result<Vec<(PackId, PathBuf)>> {
-        let mut out = Vec::new();
-        let packs = self.path.join("packs");
-        for i in 0..=255u8 {
-            let dir = packs.join(to_hex(&[i]));
-            let entries = match fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(StoreError::io(&dir, e)),
-            };
-            for entry in entries {
-                let entry = entry.map_err(|e| StoreError::io(&dir, e))?;
-                if let Some(id) = entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|n| n.parse::<PackId>().ok())
-                {
-                    out.push((id, entry.path()));
-                }
-            }
-        }
-        out.sort();
-        Ok(out)
-    }
-
-    /// The repository directory.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The index (see [`Repository::load_index`]).
+    pub fn index(&self) -> Result<&Index> {
+        self.index.get().ok_or(StoreError::IndexNotLoaded)
     }
 
     /// The repository config.
@@ -314,46 +240,78 @@ impl Repository {
         &self.config
     }
 
-    /// The index.
-    pub fn index(&self) -> &Index {
-        &self.index
-    }
-
     /// The id of a blob with these raw bytes: BLAKE3 keyed with the repository's key.
     pub fn blob_id(&self, raw: &[u8]) -> ChunkId {
         ChunkId(*blake3::keyed_hash(&self.config.chunk_key, raw).as_bytes())
     }
 
-    /// Path of a pack.
-    pub fn pack_path(&self, id: PackId) -> PathBuf {
-        pack_path(&self.path, id)
-    }
-
     /// Looks a blob up in the index, failing when it is not there.
     pub fn locate(&self, id: &ChunkId) -> Result<IndexEntry> {
-        self.index.get(id)?.ok_or(StoreError::BlobMissing(*id))
+        self.index()?.get(id).ok_or(StoreError::BlobMissing(*id))
     }
 
-    /// An open handle on a pack, shared between threads (positioned reads need no seeking).
-    pub fn open_pack(&self, id: PackId) -> Result<Arc<File>> {
-        let mut open = self
-            .open_packs
-            .lock()
-            .expect("no thread panics holding this lock");
-        if let Some(f) = open.get(&id) {
-            return Ok(f.clone());
-        }
-        let path = self.pack_path(id);
-        let f = Arc::new(File::open(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => StoreError::PackMissing {
-                pack: id,
-                path: path.clone(),
-            },
-            _ => StoreError::io(&path, e),
-        })?);
-        open.insert(id, f.clone());
-        Ok(f)
+    // ---- packs -------------------------------------------------------------------------------
+
+    /// Starts a new pack.
+    pub fn new_pack(&self) -> Result<PackWriter> {
+        PackWriter::create(self.b()?)
     }
+
+    /// Every sealed pack with its size, sorted by id.
+    pub fn list_packs(&self) -> Result<Vec<(PackId, u64)>> {
+        Ok(self
+            .b()?
+            .list(Kind::Pack)?
+            .into_iter()
+            .filter_map(|o| o.name.parse().ok().map(|id| (id, o.size)))
+            .collect())
+    }
+
+    /// Reads and checks a pack's trailer.
+    pub fn read_trailer(&self, pack: PackId) -> Result<Vec<PackEntry>> {
+        read_trailer(self.b()?, pack).map_err(|e| match e {
+            StoreError::ObjectMissing { .. } => StoreError::PackMissing {
+                pack,
+                path: object_path(Kind::Pack, &pack.to_hex()),
+            },
+            e => e,
+        })
+    }
+
+    /// Fills `buf` from `offset` of a pack.
+    pub fn read_pack(&self, pack: PackId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.b()?
+            .read_at(Kind::Pack, &pack.to_hex(), offset, buf)
+            .map_err(|e| match e {
+                StoreError::ObjectMissing { .. } => StoreError::PackMissing {
+                    pack,
+                    path: object_path(Kind::Pack, &pack.to_hex()),
+                },
+                StoreError::ShortObject { needed, size, .. } => StoreError::Corrupt {
+                    path: object_path(Kind::Pack, &pack.to_hex()),
+                    what: "pack",
+                    source: DecodeError::Truncated {
+                        needed: needed as usize,
+                        available: size as usize,
+                    },
+                },
+                e => e,
+            })
+    }
+
+    /// Removes a pack; returns its size. The caller must first have removed it from the index
+    /// files (see docs/design.md, "prune"), so that no backup can find its blobs any more.
+    pub fn remove_pack(&self, id: PackId, size: u64) -> Result<u64> {
+        self.b()?.delete(Kind::Pack, &id.to_hex())?;
+        Ok(size)
+    }
+
+    /// Removes leftovers of interrupted writes. Only safe under an exclusive lock.
+    pub fn remove_leftovers(&self) -> Result<u64> {
+        self.b()?.remove_leftovers()
+    }
+
+    // ---- blobs -------------------------------------------------------------------------------
 
     /// Decodes the stored bytes of a blob into `out` (exactly `raw_len` long) and checks that
     /// they hash to the blob's id. Nothing unverified ever leaves this function.
@@ -392,8 +350,13 @@ impl Repository {
                 detail: format!("is a {:?} blob, expected {kind:?}", entry.kind),
             });
         }
-        let file = self.open_pack(pack)?;
-        let stored = read_blob(&file, &self.pack_path(pack), &entry)?;
+        let stored = read_blob(self.b()?, pack, &entry).map_err(|e| match e {
+            StoreError::ObjectMissing { .. } => StoreError::PackMissing {
+                pack,
+                path: object_path(Kind::Pack, &pack.to_hex()),
+            },
+            e => e,
+        })?;
         let mut out = vec![0u8; entry.raw_len as usize];
         self.decode_verified(pack, &entry, &stored, &mut out)?;
         Ok((pack, out))
@@ -409,92 +372,85 @@ impl Repository {
         })
     }
 
-    fn snapshot_path(&self, id: &SnapshotId) -> PathBuf {
-        self.path.join("snapshots").join(id.to_hex())
-    }
+    // ---- index files -------------------------------------------------------------------------
 
-    /// Writes a manifest atomically and returns its id. The caller must have made every blob it
-    /// refers to durable and indexed first (see docs/design.md, "write ordering").
-    pub fn write_manifest(&self, manifest: &Manifest) -> Result<SnapshotId> {
-        let bytes = manifest.encode();
-        let id = SnapshotId(*blake3::hash(&bytes).as_bytes());
-        write_atomic(&self.snapshot_path(&id), &bytes)?;
+    /// Writes an index file naming `packs` (which must be durable already) and adds it to the
+    /// loaded index. Returns its id.
+    pub fn write_index_file(&self, packs: Vec<(PackId, Vec<PackEntry>)>) -> Result<IndexId> {
+        let file = IndexFile {
+            packs,
+            extensions: Vec::new(),
+        };
+        let bytes = file.encode();
+        let id = IndexFile::id_of(&bytes);
+        self.b()?.write_once(Kind::Index, &id.to_hex(), &bytes)?;
+        if let Some(index) = self.index.get() {
+            index.add(id, &file)?;
+        }
         Ok(id)
     }
 
-    /// Removes a snapshot's manifest (its data stays until prune). The directory is fsynced so
-    /// that a forgotten snapshot does not come back after a power loss.
+    /// Every index file in the repository.
+    pub fn index_files(&self) -> Result<BTreeSet<IndexId>> {
+        Ok(self
+            .b()?
+            .list(Kind::Index)?
+            .into_iter()
+            .filter_map(|o| o.name.parse().ok())
+            .collect())
+    }
+
+    /// Reads one index file.
+    pub fn read_index_file(&self, id: &IndexId) -> Result<IndexFile> {
+        read_index_file(self.b()?, id)
+    }
+
+    /// Removes an index file (prune and repair, under an exclusive lock, once the index files
+    /// that replace it are written).
+    pub fn remove_index_file(&self, id: &IndexId) -> Result<()> {
+        self.b()?.delete(Kind::Index, &id.to_hex())
+    }
+
+    // ---- snapshots ---------------------------------------------------------------------------
+
+    /// Writes a manifest and returns its id. The caller must have made every blob it refers
+    /// to durable and named in an index file first (docs/design.md, "write ordering").
+    pub fn write_manifest(&self, manifest: &Manifest) -> Result<SnapshotId> {
+        let bytes = manifest.encode();
+        let id = SnapshotId(*blake3::hash(&bytes).as_bytes());
+        self.b()?.write_once(Kind::Snapshot, &id.to_hex(), &bytes)?;
+        Ok(id)
+    }
+
+    /// Removes a snapshot's manifest (its data stays until prune).
     pub fn remove_snapshot(&self, id: &SnapshotId) -> Result<()> {
-        let path = self.snapshot_path(id);
-        fs::remove_file(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => StoreError::SnapshotNotFound(id.to_hex()),
-            _ => StoreError::io(&path, e),
-        })?;
-        fsync_dir(&self.path.join("snapshots"))
-    }
-
-    /// Removes a sealed pack. The caller must first have removed it from every index slot
-    /// (see docs/design.md, "prune"), so that no backup can find its blobs any more.
-    pub fn remove_pack(&self, id: PackId) -> Result<u64> {
-        let path = self.pack_path(id);
-        let len = fs::metadata(&path)
-            .map_err(|e| StoreError::io(&path, e))?
-            .len();
-        self.open_packs
-            .lock()
-            .expect("no thread panics holding this lock")
-            .remove(&id);
-        fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
-        fsync_dir(path.parent().expect("pack path has a parent"))?;
-        Ok(len)
-    }
-
-    /// Removes leftovers of interrupted writes: `.tmp` packs and manifests. Only safe while no
-    /// other process writes to the repository (under an exclusive lock). Returns bytes freed.
-    pub fn remove_leftovers(&self) -> Result<u64> {
-        let mut freed = 0;
-        let mut dirs: Vec<PathBuf> = (0..=255u8)
-            .map(|i| self.path.join("packs").join(to_hex(&[i])))
-            .collect();
-        dirs.push(self.path.join("snapshots"));
-        for dir in dirs {
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries {
-                let path = entry.map_err(|e| StoreError::io(&dir, e))?.path();
-                if path.extension().is_some_and(|e| e == "tmp") {
-                    freed += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                    fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
-                }
-            }
-        }
-        Ok(freed)
+        self.b()?
+            .delete(Kind::Snapshot, &id.to_hex())
+            .map_err(|e| match e {
+                StoreError::ObjectMissing { .. } => StoreError::SnapshotNotFound(id.to_hex()),
+                e => e,
+            })
     }
 
     /// Ids of every snapshot, sorted.
     pub fn snapshot_ids(&self) -> Result<Vec<SnapshotId>> {
-        let dir = self.path.join("snapshots");
-        let mut ids = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(|e| StoreError::io(&dir, e))? {
-            let entry = entry.map_err(|e| StoreError::io(&dir, e))?;
-            if let Some(id) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
-                ids.push(id);
-            }
-        }
-        ids.sort();
-        Ok(ids)
+        Ok(self
+            .b()?
+            .list(Kind::Snapshot)?
+            .into_iter()
+            .filter_map(|o| o.name.parse().ok())
+            .collect())
     }
 
     /// Loads a manifest, checking that its bytes still hash to its id.
     pub fn load_manifest(&self, id: &SnapshotId) -> Result<Manifest> {
-        let path = self.snapshot_path(id);
-        let bytes = fs::read(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => StoreError::SnapshotNotFound(id.to_hex()),
-            _ => StoreError::io(&path, e),
+        let name = id.to_hex();
+        let bytes = self.b()?.read(Kind::Snapshot, &name).map_err(|e| match e {
+            StoreError::ObjectMissing { .. } => StoreError::SnapshotNotFound(name.clone()),
+            e => e,
         })?;
         let corrupt = |source| StoreError::Corrupt {
-            path: path.clone(),
+            path: object_path(Kind::Snapshot, &name),
             what: "snapshot manifest",
             source,
         };
@@ -502,7 +458,7 @@ impl Repository {
         if got.as_bytes() != &id.0 {
             return Err(corrupt(DecodeError::ChecksumMismatch {
                 got: got.to_hex().to_string(),
-                expected: id.to_hex(),
+                expected: name.clone(),
             }));
         }
         Manifest::decode(&bytes).map_err(corrupt)

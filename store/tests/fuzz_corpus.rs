@@ -25,7 +25,8 @@ fn replay_corpora() {
     replay("config", sbk_store::fuzz::config);
     replay("blob_header", sbk_store::fuzz::blob_header);
     replay("pack_trailer", sbk_store::fuzz::pack_trailer);
-    replay("index_entry", sbk_store::fuzz::index_entry);
+    replay("index_file", sbk_store::fuzz::index_file);
+    replay("cache_table", sbk_store::fuzz::cache_table);
     replay("manifest", sbk_store::fuzz::manifest);
     replay("tree", sbk_store::fuzz::tree);
     replay("blob_frame", sbk_store::fuzz::blob_frame);

@@ -193,7 +193,50 @@ fn corrupted_config() {
     bytes[40] ^= 1;
     bytes[8] = 9;
     std::fs::write(&config, &bytes).unwrap();
-    refused(&env, &["snapshots"], 16, "unsupported format version 9");
+    refused(&env, &["snapshots"], 16, "has format version 9");
+    refused(&env, &["backup", "/dev/null"], 16, "a newer sbk wrote it");
+    // A required feature this sbk does not know (a newer sbk's encryption, say): exit 16 too;
+    // an optional one is ignored.
+    bytes[8] = 2;
+    let mut c = sbk_store::RepoConfig::decode(&bytes).unwrap();
+    c.features_required = 1 << 7;
+    std::fs::write(&config, c.encode()).unwrap();
+    refused(&env, &["snapshots"], 16, "required features 0x80");
+    c.features_required = 0;
+    c.features_optional = 1 << 7;
+    std::fs::write(&config, c.encode()).unwrap();
+    assert_eq!(env.run(&["snapshots"]).code, 0);
+}
+
+/// A repository written by sbk 0.1 (format 1, committed as a fixture) is refused with exit 16 by
+/// every command, naming its version and what reads it, and is left as it was.
+#[test]
+fn format_1_repository_is_refused() {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/v1-repo");
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env {
+        repo: dir.path().join("v1"),
+        dir,
+    };
+    sh(&format!(
+        "cp -r {} {}",
+        fixture.display(),
+        env.repo.display()
+    ));
+    for args in [
+        &["snapshots"][..],
+        &["restore", "latest", "/tmp/never-written"],
+        &["backup", "/dev/null"],
+        &["verify"],
+        &["prune"],
+        &["repair", "index"],
+        &["unlock"],
+    ] {
+        let r = refused(&env, args, 16, "format version 1");
+        assert!(r.stderr.contains("sbk 0.1"), "{}", r.stderr);
+    }
+    assert!(!std::path::Path::new("/tmp/never-written").exists());
 }
 
 #[test]
@@ -255,7 +298,7 @@ fn damaged_packs_fail_the_restore_loudly() {
 }
 
 #[test]
-fn deleted_index_is_rebuilt_from_packs() {
+fn deleted_index_files_are_rebuilt_from_packs() {
     let env = Env::new();
     let src = env.path("img");
     std::fs::write(&src, random(3 << 20, 8)).unwrap();
@@ -266,8 +309,13 @@ fn deleted_index_is_rebuilt_from_packs() {
     std::fs::remove_dir_all(env.repo.join("index")).unwrap();
     let out = env.path("out");
     let r = env.run(&["restore", &id, out.to_str().unwrap()]);
+    assert_eq!(r.code, 12, "{}", r.stderr);
+    assert!(r.stderr.contains("repair index"), "{}", r.stderr);
+    assert!(!out.exists(), "no partial restore");
+    let r = env.run(&["repair", "index"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stderr.contains("rebuilt"), "{}", r.stderr);
+    assert!(r.stdout.contains("rebuilt"), "{}", r.stdout);
+    env.restore(&id, &out, &[]);
     assert_same(&src, &out);
     assert_eq!(
         env.backup(&src, &[])["new_bytes"],

@@ -37,10 +37,14 @@ impl Run {
     }
 }
 
-/// The `sbk` binary, with no repository in its environment.
+/// The `sbk` binary, with no repository in its environment and no cache directory of the
+/// user's (a command that does not set one uses a temporary cache).
 pub fn sbk() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sbk"));
-    c.env_remove("SBK_REPO");
+    c.env_remove("SBK_REPO")
+        .env_remove("SBK_CACHE_DIR")
+        .env_remove("SBK_TEST_FAULT")
+        .env("XDG_CACHE_HOME", std::env::temp_dir().join("sbk-e2e-cache"));
     c
 }
 
@@ -65,16 +69,30 @@ impl Env {
         self.dir.path().join(name)
     }
 
+    /// The index cache directory every command of this environment uses.
+    pub fn cache(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
+    /// `sbk --repo REPO`, with this environment's cache directory.
+    pub fn cmd(&self) -> Command {
+        let mut c = sbk();
+        c.arg("--repo")
+            .arg(&self.repo)
+            .env("SBK_CACHE_DIR", self.cache());
+        c
+    }
+
     /// Runs `sbk --repo REPO ARGS…`.
     pub fn run(&self, args: &[&str]) -> Run {
-        Run::from_output(
-            sbk()
-                .arg("--repo")
-                .arg(&self.repo)
-                .args(args)
-                .output()
-                .expect("sbk runs"),
-        )
+        Run::from_output(self.cmd().args(args).output().expect("sbk runs"))
+    }
+
+    /// Opens the repository in this process, with its index loaded (through a temporary
+    /// cache, so that the test's own cache directory is left as the commands left it).
+    pub fn open(&self) -> sbk_store::Repository {
+        sbk_store::Repository::open_local(&self.repo, &sbk_store::CacheLocation::Temporary)
+            .expect("the repository opens")
     }
 
     /// Backs up `source` and returns the JSON record of its snapshot.
@@ -89,16 +107,14 @@ impl Env {
         assert_eq!(r.code, 0, "restore failed: {}", r.stderr);
     }
 
-    /// Every file of the repository except the index cache, with its bytes: two equal states
-    /// mean a command changed nothing.
+    /// Every file of the repository with its bytes: two equal states mean a command changed
+    /// nothing.
     pub fn state(&self) -> BTreeMap<PathBuf, Vec<u8>> {
         fn walk(dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
             for e in std::fs::read_dir(dir).unwrap() {
                 let p = e.unwrap().path();
                 if p.is_dir() {
-                    if p.file_name().unwrap() != "index" {
-                        walk(&p, out);
-                    }
+                    walk(&p, out);
                 } else {
                     out.insert(p.clone(), std::fs::read(&p).unwrap());
                 }
@@ -196,6 +212,7 @@ pub fn live_lock(kind: sbk_store::LockKind, purpose: &str) -> sbk_store::LockInf
         kind,
         host: sbk_store::host_name(),
         pid: std::process::id(),
+        lease_secs: 1800,
         time: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -204,11 +221,13 @@ pub fn live_lock(kind: sbk_store::LockKind, purpose: &str) -> sbk_store::LockInf
     }
 }
 
-/// Starts `sbk --repo REPO backup SOURCE` with its output discarded.
+/// Starts `sbk --repo REPO backup SOURCE` with its output discarded (and a cache directory
+/// beside the repository).
 pub fn spawn_backup(repo: &Path, source: &Path) -> std::process::Child {
     sbk()
         .arg("--repo")
         .arg(repo)
+        .env("SBK_CACHE_DIR", repo.with_file_name("cache"))
         .arg("backup")
         .arg(source)
         .stdout(std::process::Stdio::null())

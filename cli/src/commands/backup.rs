@@ -75,7 +75,7 @@ fn describe(o: &BackupOutcome) -> (String, serde_json::Value) {
 
 /// Runs `sbk backup`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    let (repo, _lock) = ctx.open_locked(LockKind::Shared, "backup")?;
+    let (repo, _lock) = ctx.open_locked(LockKind::Shared, "backup", true)?;
     let opts = BackupOptions {
         threads: ctx.threads,
         host: args.host.unwrap_or_else(sbk_store::host_name),

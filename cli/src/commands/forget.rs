@@ -63,7 +63,7 @@ pub struct Args {
 
 /// Runs `sbk forget`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    let (repo, lock) = ctx.open_locked(LockKind::Shared, "forget")?;
+    let (repo, lock) = ctx.open_locked(LockKind::Shared, "forget", false)?;
     let policy = Policy {
         last: args.keep_last,
         hourly: args.keep_hourly,

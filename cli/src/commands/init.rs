@@ -23,6 +23,11 @@ pub struct Args {
     /// zstd compression level for new chunks (1 = fastest, 19 = smallest).
     #[arg(long, default_value_t = sbk_store::DEFAULT_ZSTD_LEVEL, value_parser = clap::value_parser!(u32).range(1..=19), value_name = "LEVEL")]
     compression_level: u32,
+
+    /// Pack size: packs are closed once they reach it, from 1M to 1G. Larger packs mean fewer
+    /// objects (object storage bills per request); smaller ones less to rewrite in prune.
+    #[arg(long, default_value_t = sbk_store::DEFAULT_PACK_SIZE, value_parser = parse_size, value_name = "SIZE")]
+    pack_size: u64,
 }
 
 /// Runs `sbk init`.
@@ -30,19 +35,22 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let path = ctx.repo_path()?;
     let chunk_avg = u32::try_from(args.chunk_size).unwrap_or(u32::MAX);
     let config = Repository::init(
-        path,
+        ctx.backend()?.as_ref(),
         InitOptions {
             chunk_avg,
             zstd_level: args.compression_level,
+            pack_size: args.pack_size,
         },
     )?;
     ctx.out.info(
         &format!(
-            "created sbk repository {} (id {}): chunks of {} on average, segments of {}, zstd level {}",
+            "created sbk repository {} (id {}, format {}): chunks of {} on average, segments of {}, packs of {}, zstd level {}",
             path.display(),
             sbk_store::PackId(config.repo_id),
+            config.version,
             bytes(u64::from(config.chunk_avg)),
             bytes(config.segment_size),
+            bytes(config.pack_size),
             config.zstd_level
         ),
         false,
@@ -56,6 +64,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             "chunk_avg": config.chunk_avg,
             "chunk_max": config.chunk_max,
             "segment_size": config.segment_size,
+            "pack_size": config.pack_size,
             "zstd_level": config.zstd_level,
         }),
         false,

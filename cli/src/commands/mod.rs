@@ -12,12 +12,23 @@ pub mod unlock;
 pub mod verify;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Result;
-use sbk_store::{Lock, LockKind, Repository};
+use sbk_store::{
+    Backend, CacheLocation, FaultMode, FaultyBackend, LocalBackend, Lock, LockKind, LockTiming,
+    Repository, FAULT_ENV,
+};
 
 use crate::exit::{Exit, ExitWith};
 use crate::output::Output;
+
+/// Test-only: lock refresh interval in milliseconds (default 5 minutes), so that a test of a
+/// failing refresh takes seconds.
+pub const LOCK_REFRESH_ENV: &str = "SBK_TEST_LOCK_REFRESH_MS";
+/// Test-only: lock lease in seconds (default 30 minutes).
+pub const LOCK_LEASE_ENV: &str = "SBK_TEST_LOCK_LEASE_SECS";
 
 /// What every command gets from the global options.
 pub struct Context {
@@ -27,6 +38,8 @@ pub struct Context {
     pub threads: usize,
     /// Where results go.
     pub out: Output,
+    /// `--cache-dir` / `--no-cache`.
+    pub cache: CacheLocation,
 }
 
 impl Context {
@@ -41,32 +54,79 @@ impl Context {
         })
     }
 
-    /// Opens the repository, saying what bringing its index up to date found.
-    pub fn open_repo(&self) -> Result<Repository> {
-        let repo = Repository::open(self.repo_path()?)?;
-        let r = repo.index_report();
-        if r.was_missing {
-            self.out.notice(&format!(
-                "the index was missing and has been rebuilt from {} packs ({} blobs)",
-                r.packs, r.blobs
-            ));
-        }
-        for (path, why) in &r.damaged {
-            self.out
-                .notice(&format!("{}: cannot be indexed: {why}", path.display()));
-        }
-        for (pack, ids) in &r.vanished {
-            self.out.notice(&format!("pack {pack} is missing: the index knew {} blobs in it; run `sbk verify` to see which snapshots are affected", ids.len()));
-        }
-        Ok(repo)
+    /// The backend of the repository (with a fault injected when the test-only
+    /// `SBK_TEST_FAULT` asks for one).
+    pub fn backend(&self) -> Result<Arc<dyn Backend>> {
+        let local: Arc<dyn Backend> = Arc::new(LocalBackend::new(self.repo_path()?));
+        Ok(
+            match std::env::var(FAULT_ENV)
+                .ok()
+                .as_deref()
+                .map(FaultMode::parse)
+            {
+                None => local,
+                Some(Some((mode, at))) => Arc::new(FaultyBackend::new(local, mode, at)),
+                Some(None) => {
+                    return Err(ExitWith(
+                        Exit::Usage,
+                        format!("{FAULT_ENV} must be fail:N or crash:N (N from 1)"),
+                    )
+                    .into())
+                }
+            },
+        )
     }
 
-    /// Opens the repository and takes a lock on it. The index is brought up to date once more
-    /// after the lock is held: another process may have sealed packs since the open.
-    pub fn open_locked(&self, kind: LockKind, purpose: &str) -> Result<(Repository, Lock)> {
+    /// Lock timing: the defaults, unless the test-only variables set them.
+    fn lock_timing() -> LockTiming {
+        let env = |v| std::env::var(v).ok().and_then(|s| s.parse::<u64>().ok());
+        let mut t = LockTiming::default();
+        if let Some(ms) = env(LOCK_REFRESH_ENV) {
+            t.refresh = Duration::from_millis(ms.max(1));
+        }
+        if let Some(s) = env(LOCK_LEASE_ENV) {
+            t.lease = Duration::from_secs(s.max(1));
+        }
+        t
+    }
+
+    /// Opens the repository (its config only: no index, no lock).
+    pub fn open_repo(&self) -> Result<Repository> {
+        Ok(Repository::open(self.backend()?)?)
+    }
+
+    /// Loads the index through the cache, saying what that found.
+    pub fn load_index(&self, repo: &Repository) -> Result<()> {
+        let r = repo.load_index(&self.cache)?;
+        for n in &r.notices {
+            self.out.notice(n);
+        }
+        for (id, why) in &r.damaged {
+            self.out.notice(&format!(
+                "index file {id} cannot be read: {why}; its packs are not used for dedup (run `sbk verify`, then `sbk repair index`)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes a lock on an open repository.
+    pub fn lock(&self, repo: &Repository, kind: LockKind, purpose: &str) -> Result<Lock> {
+        Ok(repo.lock(kind, purpose, Self::lock_timing())?)
+    }
+
+    /// Opens the repository, takes a lock, then (if asked) loads the index: nothing is written
+    /// to the repository or the cache before the lock is held.
+    pub fn open_locked(
+        &self,
+        kind: LockKind,
+        purpose: &str,
+        with_index: bool,
+    ) -> Result<(Repository, Lock)> {
         let repo = self.open_repo()?;
-        let lock = Lock::acquire(repo.path(), kind, purpose)?;
-        repo.catch_up_index()?;
+        let lock = self.lock(&repo, kind, purpose)?;
+        if with_index {
+            self.load_index(&repo)?;
+        }
         Ok((repo, lock))
     }
 }

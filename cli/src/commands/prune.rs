@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use sbk_engine::{PruneOptions, PruneReport};
-use sbk_store::{Lock, LockKind};
+use sbk_store::LockKind;
 
 use super::Context;
 use crate::exit::Exit;
@@ -42,7 +42,10 @@ pub fn parse_percent(s: &str) -> Result<f64, String> {
 
 /// Prunes an open repository (the caller has no lock; this takes the exclusive one).
 pub fn prune_repo(ctx: &Context, repo: &sbk_store::Repository, args: &Args) -> Result<PruneReport> {
-    let _lock = Lock::acquire(repo.path(), LockKind::Exclusive, "prune")?;
+    let _lock = ctx.lock(repo, LockKind::Exclusive, "prune")?;
+    // The index locates the segment trees; what prune keeps and deletes is decided from the
+    // index files themselves.
+    ctx.load_index(repo)?;
     let report = sbk_engine::prune(
         repo,
         &PruneOptions {
@@ -59,9 +62,10 @@ pub fn prune_repo(ctx: &Context, repo: &sbk_store::Repository, args: &Args) -> R
     };
     ctx.out.info(
         &format!(
-            "{verb} {} of {} packs and repack {} ({} of used data into {} new packs), dropping {} unused blobs: {} reclaimed of {} in {:.1} s",
-            report.packs_deleted,
+            "{verb} {} of {} packs ({} named by no index file) and repack {} ({} of used data into {} new packs), dropping {} unused blobs: {} reclaimed of {} in {:.1} s",
+            report.packs_deleted + report.packs_unindexed,
             report.packs,
+            report.packs_unindexed,
             report.packs_repacked,
             bytes(report.bytes_repacked),
             report.packs_written,
@@ -77,6 +81,9 @@ pub fn prune_repo(ctx: &Context, repo: &sbk_store::Repository, args: &Args) -> R
             "dry_run": args.dry_run,
             "packs": report.packs,
             "packs_deleted": report.packs_deleted,
+            "packs_unindexed": report.packs_unindexed,
+            "index_files_before": report.index_files_before,
+            "index_files_written": report.index_files_written,
             "packs_repacked": report.packs_repacked,
             "packs_written": report.packs_written,
             "blobs_dropped": report.blobs_dropped,

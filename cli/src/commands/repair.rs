@@ -19,32 +19,29 @@ pub struct Args {
 enum What {
     /// Rebuild the index from the pack trailers (after it was deleted or damaged).
     ///
-    /// The index is a cache: every pack describes its own blobs, so nothing is lost. Takes an
-    /// exclusive lock. Packs that cannot be read are reported (exit code 12) and left alone.
+    /// Every pack describes its own blobs in its trailer, so nothing is lost: new index files
+    /// are written from the trailers, then the old ones are removed. Needs only the packs (no
+    /// cache). Takes an exclusive lock. Packs that cannot be read are reported (exit code 12)
+    /// and left alone.
     Index,
 }
 
 /// Runs `sbk repair`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let What::Index = args.what;
-    let (repo, _lock) = ctx.open_locked(LockKind::Exclusive, "repair index")?;
-    let report = repo.rebuild_index()?;
-    // Other index slots are caches of other processes, none of which runs now (we hold the
-    // exclusive lock): drop them rather than trust them; they are rebuilt when next needed.
-    for slot in sbk_store::Index::slots(&repo.path().join("index"))? {
-        if slot != repo.index().path() {
-            std::fs::remove_dir_all(&slot)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", slot.display()))?;
-        }
-    }
-    for (path, why) in &report.damaged {
-        eprintln!("sbk: problem: {}: {why}", path.display());
+    // Needs only the packs: no index, no cache.
+    let (repo, _lock) = ctx.open_locked(LockKind::Exclusive, "repair index", false)?;
+    let report = sbk_engine::repair_index(&repo, ctx.threads, &ctx.out.progress())?;
+    for (pack, why) in &report.damaged {
+        eprintln!("sbk: problem: pack {pack}: {why}");
     }
     ctx.out.info(
         &format!(
-            "rebuilt the index from {} packs: {} blobs; {} damaged packs skipped",
+            "rebuilt the index from {} packs: {} blobs in {} index files ({} replaced); {} damaged packs skipped",
             report.packs,
             report.blobs,
+            report.index_files_written,
+            report.index_files_removed,
             report.damaged.len()
         ),
         false,
@@ -53,7 +50,9 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         &serde_json::json!({
             "packs": report.packs,
             "blobs": report.blobs,
-            "damaged": report.damaged.iter().map(|(p, why)| serde_json::json!({"pack": p, "problem": why})).collect::<Vec<_>>(),
+            "index_files_written": report.index_files_written,
+            "index_files_removed": report.index_files_removed,
+            "damaged": report.damaged.iter().map(|(p, why)| serde_json::json!({"pack": p.to_hex(), "problem": why})).collect::<Vec<_>>(),
         }),
         false,
     );

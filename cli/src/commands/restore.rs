@@ -34,7 +34,7 @@ pub struct Args {
 
 /// Runs `sbk restore`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    let (repo, _lock) = ctx.open_locked(LockKind::Shared, "restore")?;
+    let (repo, _lock) = ctx.open_locked(LockKind::Shared, "restore", true)?;
     let id = repo.resolve_snapshot(&args.snapshot)?;
     let to_stdout = args.target.as_os_str() == "-";
     let target = if to_stdout {

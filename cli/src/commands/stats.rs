@@ -19,7 +19,7 @@ pub struct Args {
 
 /// Runs `sbk stats`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    let repo = ctx.open_repo()?;
+    let (repo, _lock) = ctx.open_locked(sbk_store::LockKind::Shared, "stats", true)?;
     let selected = args
         .snapshots
         .iter()

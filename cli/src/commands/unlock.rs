@@ -3,54 +3,54 @@
 use std::process::ExitCode;
 
 use anyhow::Result;
-use sbk_store::{host_name, list_locks};
+use sbk_store::{host_name, list_locks, Kind, StoreError};
 
 use super::Context;
 use crate::exit::Exit;
 
 /// Remove stale locks: those of processes that no longer exist on this host, those not
-/// refreshed within their lease (30 minutes), and unreadable lock files. Live locks are listed
+/// refreshed within their lease (30 minutes by default), and unreadable lock files. Live locks are listed
 /// and kept.
 #[derive(clap::Args, Debug)]
 pub struct Args {}
 
 /// Runs `sbk unlock`.
 pub fn run(ctx: &Context, _args: Args) -> Result<ExitCode> {
+    // Needs only the lock objects: no index, no cache, no config beyond knowing the
+    // repository is there.
     let repo = ctx.open_repo()?;
+    let backend = repo.backend();
     let host = host_name();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     let (mut removed, mut kept) = (Vec::new(), Vec::new());
-    for lock in list_locks(repo.path())? {
+    for lock in list_locks(backend.as_ref())? {
         let why = match &lock.info {
             Ok(info) => info.stale(&host, now),
             Err(e) => Some(format!("unreadable lock file: {e}")),
         };
         match why {
             Some(why) => {
-                std::fs::remove_file(&lock.path)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", lock.path.display()))?;
-                ctx.out.info(
-                    &format!("removed stale lock {}: {why}", lock.path.display()),
-                    false,
-                );
-                removed.push(serde_json::json!({"lock": lock.path, "reason": why}));
+                match backend.delete(Kind::Lock, &lock.name) {
+                    Ok(()) | Err(StoreError::ObjectMissing { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                ctx.out
+                    .info(&format!("removed stale lock {}: {why}", lock.name), false);
+                removed.push(serde_json::json!({"lock": lock.name, "reason": why}));
             }
             None => {
                 let info = lock.info.as_ref().expect("a live lock decoded");
                 ctx.out.info(
                     &format!(
                         "kept live lock {}: process {} on {} ({})",
-                        lock.path.display(),
-                        info.pid,
-                        info.host,
-                        info.purpose
+                        lock.name, info.pid, info.host, info.purpose
                     ),
                     false,
                 );
-                kept.push(serde_json::json!({"lock": lock.path, "pid": info.pid, "host": info.host, "purpose": info.purpose}));
+                kept.push(serde_json::json!({"lock": lock.name, "pid": info.pid, "host": info.host, "purpose": info.purpose}));
             }
         }
     }

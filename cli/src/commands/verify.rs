@@ -61,7 +61,7 @@ fn parse_subset(s: &str) -> Result<ReadData, String> {
 
 /// Runs `sbk verify`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    let (repo, _lock) = ctx.open_locked(LockKind::Shared, "verify")?;
+    let (repo, _lock) = ctx.open_locked(LockKind::Shared, "verify", true)?;
     let snapshots = args
         .snapshots
         .iter()

@@ -1,0 +1,528 @@
+//! The local backend: a repository directory on a filesystem.
+//!
+//! ```text
+//! config                     the config object
+//! keys/<name>                key objects
+//! packs/<2 hex>/<name>       packs, fanned out so that no directory grows too large
+//! index/<name>  snapshots/<name>  locks/<name>
+//! ```
+//!
+//! Durability discipline (the crash model: the process can die at any instruction, the machine
+//! can lose power): an object is written under a temporary name, fsynced, then given its name,
+//! then its directory is fsynced. A name therefore always holds a whole, durable object.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{BufWriter, ErrorKind, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::{Backend, Kind, ObjectInfo, Staged, Written};
+use crate::error::{Result, StoreError};
+use crate::id::to_hex;
+
+/// A repository in a local directory.
+pub struct LocalBackend {
+    root: PathBuf,
+    handles: Mutex<Handles>,
+}
+
+/// A bounded set of open pack handles, least recently used evicted first, so that reading a
+/// repository of any number of packs works under a low open-file limit.
+struct Handles {
+    open: HashMap<PathBuf, (Arc<File>, u64)>,
+    tick: u64,
+    capacity: usize,
+}
+
+impl Handles {
+    fn get(&mut self, path: &Path) -> Option<Arc<File>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.open.get_mut(path).map(|(f, t)| {
+            *t = tick;
+            f.clone()
+        })
+    }
+
+    fn put(&mut self, path: PathBuf, file: Arc<File>) {
+        if self.open.len() >= self.capacity {
+            if let Some(oldest) = self
+                .open
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(p, _)| p.clone())
+            {
+                self.open.remove(&oldest);
+            }
+        }
+        self.tick += 1;
+        self.open.insert(path, (file, self.tick));
+    }
+}
+
+/// How many pack handles to keep open: a quarter of the soft open-file limit, so that sources,
+/// targets, cache files and the rest of the process always have room, between 2 and 128.
+fn handle_capacity() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct, which `lim` is.
+    #[allow(unsafe_code)]
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    let soft = if ok { lim.rlim_cur } else { 1024 };
+    (soft / 4).clamp(2, 128) as usize
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io(dir, e))
+}
+
+fn tmp_name(name: &str) -> Result<String> {
+    let r = crate::id::random_bytes::<8>().map_err(|e| StoreError::io(name, e))?;
+    Ok(format!(".{name}.{}.tmp", to_hex(&r)))
+}
+
+fn is_tmp(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".tmp")
+}
+
+impl LocalBackend {
+    /// The repository at `root` (which need not exist yet: see [`Backend::create`]).
+    pub fn new(root: &Path) -> Self {
+        LocalBackend {
+            root: root.to_owned(),
+            handles: Mutex::new(Handles {
+                open: HashMap::new(),
+                tick: 0,
+                capacity: handle_capacity(),
+            }),
+        }
+    }
+
+    /// The repository directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of objects of `kind` named `name`.
+    fn dir_of(&self, kind: Kind, name: &str) -> PathBuf {
+        match kind {
+            Kind::Config => self.root.clone(),
+            Kind::Pack => self
+                .root
+                .join(kind.dir())
+                .join(name.get(..2).unwrap_or("00")),
+            _ => self.root.join(kind.dir()),
+        }
+    }
+
+    /// The file of an object.
+    pub fn path_of(&self, kind: Kind, name: &str) -> PathBuf {
+        self.dir_of(kind, name).join(name)
+    }
+
+    fn missing(kind: Kind, name: &str, path: &Path, e: std::io::Error) -> StoreError {
+        if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) {
+            StoreError::ObjectMissing {
+                kind,
+                name: name.to_owned(),
+            }
+        } else {
+            StoreError::io(path, e)
+        }
+    }
+
+    fn handle(&self, kind: Kind, name: &str) -> Result<Arc<File>> {
+        let path = self.path_of(kind, name);
+        let mut handles = self.handles.lock().expect("no thread panics holding this");
+        if let Some(f) = handles.get(&path) {
+            return Ok(f);
+        }
+        let f = Arc::new(File::open(&path).map_err(|e| Self::missing(kind, name, &path, e))?);
+        handles.put(path, f.clone());
+        Ok(f)
+    }
+
+    /// Creates a new temporary file in `dir`, making the directory again if someone removed it
+    /// (an operator who deleted `index/` by hand must still be able to run `repair index`).
+    fn create_tmp(dir: &Path, name: &str) -> Result<(PathBuf, File)> {
+        let tmp = dir.join(tmp_name(name)?);
+        let open = || File::options().write(true).create_new(true).open(&tmp);
+        let f = match open() {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|e| StoreError::io(dir, e))?;
+                open()
+            }
+            r => r,
+        }
+        .map_err(|e| StoreError::io(&tmp, e))?;
+        Ok((tmp, f))
+    }
+
+    /// Writes `bytes` to a fresh temporary file in `dir` and makes it durable.
+    fn durable_tmp(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
+        let (tmp, mut f) = Self::create_tmp(dir, name)?;
+        let io = |e| StoreError::io(&tmp, e);
+        // The bytes must be on disk before any name says the object is there.
+        if let Err(e) = f.write_all(bytes).and_then(|()| f.sync_all()) {
+            let _ = fs::remove_file(&tmp);
+            return Err(io(e));
+        }
+        Ok(tmp)
+    }
+}
+
+fn mkdir(p: &Path) -> Result<()> {
+    match fs::DirBuilder::new().mode(0o700).create(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::io(p, e)),
+    }
+}
+
+impl Backend for LocalBackend {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn create(&self) -> Result<()> {
+        let path = &self.root;
+        match fs::read_dir(path) {
+            Ok(mut entries) => {
+                if path.join("config").exists() {
+                    return Err(StoreError::InitRefused {
+                        path: path.to_owned(),
+                        reason: "it already holds an sbk repository".into(),
+                    });
+                }
+                if entries.next().is_some() {
+                    return Err(StoreError::InitRefused {
+                        path: path.to_owned(),
+                        reason: "the directory is not empty".into(),
+                    });
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => mkdir(path)?,
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                return Err(StoreError::InitRefused {
+                    path: path.to_owned(),
+                    reason: "it is a file, not a directory".into(),
+                })
+            }
+            Err(e) => return Err(StoreError::io(path, e)),
+        }
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+            .map_err(|e| StoreError::io(path, e))?;
+        for kind in [
+            Kind::Key,
+            Kind::Pack,
+            Kind::Index,
+            Kind::Snapshot,
+            Kind::Lock,
+        ] {
+            mkdir(&path.join(kind.dir()))?;
+        }
+        let packs = path.join(Kind::Pack.dir());
+        for i in 0..=255u8 {
+            mkdir(&packs.join(to_hex(&[i])))?;
+        }
+        // The folders must survive a power loss before the config (written last, by the caller)
+        // says the directory is a repository.
+        fsync_dir(&packs)?;
+        fsync_dir(path)
+    }
+
+    fn list(&self, kind: Kind) -> Result<Vec<ObjectInfo>> {
+        let dirs: Vec<PathBuf> = match kind {
+            Kind::Pack => (0..=255u8)
+                .map(|i| self.root.join(kind.dir()).join(to_hex(&[i])))
+                .collect(),
+            Kind::Config => {
+                return Ok(match fs::metadata(self.root.join("config")) {
+                    Ok(m) => vec![ObjectInfo {
+                        name: "config".into(),
+                        size: m.len(),
+                    }],
+                    Err(_) => Vec::new(),
+                })
+            }
+            _ => vec![self.root.join(kind.dir())],
+        };
+        let mut out = Vec::new();
+        for dir in dirs {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::io(&dir, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| StoreError::io(&dir, e))?;
+                let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
+                if is_tmp(&name) {
+                    continue;
+                }
+                match entry.metadata() {
+                    Ok(m) if m.is_file() => out.push(ObjectInfo {
+                        name,
+                        size: m.len(),
+                    }),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => {} // deleted meanwhile
+                    Err(e) => return Err(StoreError::io(entry.path(), e)),
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn read(&self, kind: Kind, name: &str) -> Result<Vec<u8>> {
+        let path = self.path_of(kind, name);
+        fs::read(&path).map_err(|e| Self::missing(kind, name, &path, e))
+    }
+
+    fn read_at(&self, kind: Kind, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let file = self.handle(kind, name)?;
+        file.read_exact_at(buf, offset).map_err(|e| {
+            if e.kind() == ErrorKind::UnexpectedEof {
+                StoreError::ShortObject {
+                    kind,
+                    name: name.to_owned(),
+                    needed: offset + buf.len() as u64,
+                    size: file.metadata().map(|m| m.len()).unwrap_or(0),
+                }
+            } else {
+                StoreError::io(self.path_of(kind, name), e)
+            }
+        })
+    }
+
+    fn size(&self, kind: Kind, name: &str) -> Result<u64> {
+        let path = self.path_of(kind, name);
+        fs::metadata(&path)
+            .map(|m| m.len())
+            .map_err(|e| Self::missing(kind, name, &path, e))
+    }
+
+    fn write_once(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<Written> {
+        let dir = self.dir_of(kind, name);
+        let tmp = Self::durable_tmp(&dir, name, bytes)?;
+        let path = dir.join(name);
+        // A hard link, unlike a rename, fails when the name exists: the conditional create that
+        // lets two writers race for a name safely.
+        let linked = fs::hard_link(&tmp, &path);
+        let _ = fs::remove_file(&tmp);
+        let written = match linked {
+            Ok(()) => Written::Created,
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Written::AlreadyThere,
+            Err(e) => return Err(StoreError::io(&path, e)),
+        };
+        // The new name must be durable before anything that relies on the object is written.
+        fsync_dir(&dir)?;
+        Ok(written)
+    }
+
+    fn stage(&self, kind: Kind, name: &str) -> Result<Box<dyn Staged>> {
+        let dir = self.dir_of(kind, name);
+        let (tmp, file) = Self::create_tmp(&dir, name)?;
+        Ok(Box::new(LocalStaged {
+            out: Some(BufWriter::with_capacity(1 << 20, file)),
+            path: dir.join(name),
+            tmp,
+            dir,
+            len: 0,
+        }))
+    }
+
+    fn replace(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<()> {
+        let path = self.path_of(kind, name);
+        fs::metadata(&path).map_err(|e| Self::missing(kind, name, &path, e))?;
+        let dir = self.dir_of(kind, name);
+        let tmp = Self::durable_tmp(&dir, name, bytes)?;
+        fs::rename(&tmp, &path).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            StoreError::io(&path, e)
+        })?;
+        fsync_dir(&dir)
+    }
+
+    fn delete(&self, kind: Kind, name: &str) -> Result<()> {
+        let path = self.path_of(kind, name);
+        self.handles
+            .lock()
+            .expect("no thread panics holding this")
+            .open
+            .remove(&path);
+        fs::remove_file(&path).map_err(|e| Self::missing(kind, name, &path, e))?;
+        // A deleted snapshot or index file must not come back after a power loss.
+        fsync_dir(&self.dir_of(kind, name))
+    }
+
+    fn remove_leftovers(&self) -> Result<u64> {
+        let mut dirs: Vec<PathBuf> = (0..=255u8)
+            .map(|i| self.root.join(Kind::Pack.dir()).join(to_hex(&[i])))
+            .collect();
+        for kind in [Kind::Key, Kind::Index, Kind::Snapshot, Kind::Lock] {
+            dirs.push(self.root.join(kind.dir()));
+        }
+        dirs.push(self.root.clone());
+        let mut freed = 0;
+        for dir in dirs {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| StoreError::io(&dir, e))?;
+                if entry.file_name().to_str().is_some_and(is_tmp) {
+                    freed += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                    match fs::remove_file(entry.path()) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == ErrorKind::NotFound => {}
+                        Err(e) => return Err(StoreError::io(entry.path(), e)),
+                    }
+                }
+            }
+        }
+        Ok(freed)
+    }
+}
+
+/// A pack being written to a temporary file beside its final name.
+struct LocalStaged {
+    out: Option<BufWriter<File>>,
+    tmp: PathBuf,
+    path: PathBuf,
+    dir: PathBuf,
+    len: u64,
+}
+
+impl Staged for LocalStaged {
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let out = self.out.as_mut().expect("present until finish");
+        out.write_all(bytes)
+            .map_err(|e| StoreError::io(&self.tmp, e))?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        let io = |e| StoreError::io(&self.tmp, e);
+        let out = self.out.take().expect("present until finish");
+        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        // The data must be on disk before the name says the object is complete…
+        file.sync_all().map_err(io)?;
+        fs::rename(&self.tmp, &self.path).map_err(io)?;
+        // …and the rename itself must be durable before an index file may name the object.
+        fsync_dir(&self.dir)
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+impl Drop for LocalStaged {
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            // Not finished: abandoned, so the temporary file goes.
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_round_trip_and_names_are_written_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(&dir.path().join("r"));
+        b.create().unwrap();
+        assert!(matches!(
+            b.create(),
+            Ok(()) | Err(StoreError::InitRefused { .. })
+        ));
+        assert_eq!(
+            b.write_once(Kind::Index, "aa", b"one").unwrap(),
+            Written::Created
+        );
+        assert_eq!(
+            b.write_once(Kind::Index, "aa", b"two").unwrap(),
+            Written::AlreadyThere
+        );
+        assert_eq!(b.read(Kind::Index, "aa").unwrap(), b"one");
+        let mut s = b.stage(Kind::Pack, "abcd").unwrap();
+        s.write(b"hello ").unwrap();
+        s.write(b"world").unwrap();
+        assert!(
+            b.list(Kind::Pack).unwrap().is_empty(),
+            "staged objects are invisible"
+        );
+        s.finish().unwrap();
+        let mut buf = [0u8; 5];
+        b.read_at(Kind::Pack, "abcd", 6, &mut buf).unwrap();
+        assert_eq!(&buf, b"world");
+        assert!(matches!(
+            b.read_at(Kind::Pack, "abcd", 8, &mut buf),
+            Err(StoreError::ShortObject { .. })
+        ));
+        assert_eq!(
+            b.list(Kind::Pack).unwrap(),
+            vec![ObjectInfo {
+                name: "abcd".into(),
+                size: 11
+            }]
+        );
+        drop(b.stage(Kind::Pack, "ab00").unwrap());
+        assert_eq!(
+            b.remove_leftovers().unwrap(),
+            0,
+            "a dropped stage cleans up"
+        );
+        assert!(matches!(
+            b.replace(Kind::Lock, "l", b"x"),
+            Err(StoreError::ObjectMissing { .. })
+        ));
+        b.write_once(Kind::Lock, "l", b"x").unwrap();
+        b.replace(Kind::Lock, "l", b"y").unwrap();
+        assert_eq!(b.read(Kind::Lock, "l").unwrap(), b"y");
+        b.delete(Kind::Lock, "l").unwrap();
+        assert!(matches!(
+            b.delete(Kind::Lock, "l"),
+            Err(StoreError::ObjectMissing { .. })
+        ));
+    }
+
+    #[test]
+    fn more_packs_than_handles_can_be_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(&dir.path().join("r"));
+        b.create().unwrap();
+        b.handles.lock().unwrap().capacity = 3;
+        for i in 0..10u8 {
+            b.write_once(Kind::Pack, &format!("{i:02x}ff"), &[i; 4])
+                .unwrap();
+        }
+        for round in 0..2 {
+            for i in 0..10u8 {
+                let mut buf = [0u8; 1];
+                b.read_at(Kind::Pack, &format!("{i:02x}ff"), 3, &mut buf)
+                    .unwrap();
+                assert_eq!(buf[0], i, "round {round}");
+            }
+        }
+        assert!(b.handles.lock().unwrap().open.len() <= 3);
+    }
+}

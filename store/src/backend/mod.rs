@@ -1,0 +1,140 @@
+//! Storage backends: the repository as objects named by (kind, name), never by path.
+//!
+//! Everything above this module reads and writes repository data only through [`Backend`], so
+//! that a repository can live on a local disk ([`LocalBackend`]) or on object storage, and so
+//! that faults can be injected exactly ([`FaultyBackend`]). The contract of each method is the
+//! one an object store can keep: whole objects appear atomically, a name is written once (except
+//! lock objects, which are replaced by their owner), and a byte range can be read.
+
+mod fault;
+mod local;
+
+use std::fmt;
+
+pub use fault::{FaultMode, FaultyBackend, FAULT_ENV};
+pub use local::LocalBackend;
+
+use crate::error::Result;
+
+/// What an object is; each kind lives in its own namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// The repository config (one object, named `config`).
+    Config,
+    /// Key objects (encryption; reserved by format v2, not written yet).
+    Key,
+    /// Pack files.
+    Pack,
+    /// Index files: blob -> pack, offset, length, for a set of packs.
+    Index,
+    /// Snapshot manifests.
+    Snapshot,
+    /// Lock objects.
+    Lock,
+}
+
+impl Kind {
+    /// The kind's folder (local) or key prefix (object storage).
+    pub fn dir(self) -> &'static str {
+        match self {
+            Kind::Config => "",
+            Kind::Key => "keys",
+            Kind::Pack => "packs",
+            Kind::Index => "index",
+            Kind::Snapshot => "snapshots",
+            Kind::Lock => "locks",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Config => "config",
+            Kind::Key => "key",
+            Kind::Pack => "pack",
+            Kind::Index => "index file",
+            Kind::Snapshot => "snapshot",
+            Kind::Lock => "lock",
+        })
+    }
+}
+
+/// One object as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ObjectInfo {
+    /// Its name within its kind.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// What `write_once` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// The object was created.
+    Created,
+    /// An object of that name was already there and was left alone. For content-addressed
+    /// names this is success; for a lock it means the name is taken.
+    AlreadyThere,
+}
+
+/// An object being written piece by piece (a pack). Nothing is visible under its name until
+/// [`Staged::finish`] returns; dropping it without finishing removes what was written.
+pub trait Staged: Send {
+    /// Appends bytes.
+    fn write(&mut self, bytes: &[u8]) -> Result<()>;
+    /// Makes the object durable and visible under its name, atomically.
+    fn finish(self: Box<Self>) -> Result<()>;
+    /// Bytes written so far.
+    fn len(&self) -> u64;
+    /// True before the first byte.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A place that holds a repository's objects.
+///
+/// Implementations are shared by every thread of a process; each method is one operation whose
+/// failure leaves the objects as they were (a partly written object is never visible).
+pub trait Backend: Send + Sync {
+    /// Where the repository is, for messages (a directory, a URL).
+    fn location(&self) -> String;
+
+    /// Prepares an empty place for a new repository, refusing one that holds anything.
+    fn create(&self) -> Result<()>;
+
+    /// Every object of a kind, sorted by name. Objects being written are not listed.
+    fn list(&self, kind: Kind) -> Result<Vec<ObjectInfo>>;
+
+    /// A whole object. A missing one is [`crate::StoreError::ObjectMissing`].
+    fn read(&self, kind: Kind, name: &str) -> Result<Vec<u8>>;
+
+    /// Fills `buf` from `offset` of an object; an object that ends too early is
+    /// [`crate::StoreError::ShortObject`].
+    fn read_at(&self, kind: Kind, name: &str, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Size of an object.
+    fn size(&self, kind: Kind, name: &str) -> Result<u64>;
+
+    /// Creates an object atomically and durably, unless one of that name exists (conditional
+    /// create: two writers racing for a name cannot both win).
+    fn write_once(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<Written>;
+
+    /// Starts writing an object piece by piece (see [`Staged`]).
+    fn stage(&self, kind: Kind, name: &str) -> Result<Box<dyn Staged>>;
+
+    /// Replaces an existing object atomically and durably; fails with
+    /// [`crate::StoreError::ObjectMissing`] if it is gone (a refreshed lock that someone
+    /// removed must not come back).
+    fn replace(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<()>;
+
+    /// Deletes an object durably. Deleting a missing object is
+    /// [`crate::StoreError::ObjectMissing`].
+    fn delete(&self, kind: Kind, name: &str) -> Result<()>;
+
+    /// Removes what interrupted writes left behind (temporary objects). Only safe while no other
+    /// process writes (under an exclusive lock). Returns bytes freed.
+    fn remove_leftovers(&self) -> Result<u64>;
+}

@@ -1,0 +1,465 @@
+//! Locating blobs: the index files in the repository, and the local cache in front of them.
+//!
+//! The repository's index files ([`IndexFile`]) say which blob is in which pack. Reading all of
+//! them for every lookup would be slow and reading them into memory unbounded, so each process
+//! looks blobs up in a cache: an immutable, memory-mapped [`table`] merged from the index files
+//! it has seen, plus a small in-memory overlay of the ones that appeared since (folded into a new
+//! table once it grows). The cache lives outside the repository and is never needed for
+//! correctness: it is checked against the repository's set of index files on every open, and
+//! one that is missing, damaged or stale is rebuilt from the index files with a notice.
+
+pub mod file;
+pub mod table;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use crate::backend::{Backend, Kind};
+use crate::error::{Result, StoreError};
+use crate::id::{ChunkId, IndexId, PackId};
+use crate::pack::PackEntry;
+use file::IndexFile;
+use table::{write_table, Table, TableError};
+
+/// Where a blob lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// The pack holding it.
+    pub pack: PackId,
+    /// The blob as the pack trailer lists it.
+    pub entry: PackEntry,
+}
+
+/// Where the index cache is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheLocation {
+    /// In this directory (one folder per repository id inside it, mode 0700).
+    Dir(PathBuf),
+    /// In a temporary directory removed when the process ends (`--no-cache`).
+    Temporary,
+}
+
+/// The overlay is folded into a new table once it holds this many entries: about 5 MiB of
+/// memory, and one table rewrite per 16 GiB of new data at 256 KiB chunks.
+const FOLD_AT: usize = 1 << 16;
+
+struct State {
+    table: Option<Table>,
+    table_files: HashSet<IndexId>,
+    overlay: HashMap<ChunkId, IndexEntry>,
+    overlay_files: HashSet<IndexId>,
+}
+
+/// The index of a repository as this process sees it: lookups by blob id.
+pub struct Index {
+    dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    repo_id: [u8; 16],
+    config_hash: [u8; 32],
+    state: RwLock<State>,
+}
+
+/// What bringing the index up to date with the repository found; each item is one notice.
+#[derive(Debug, Clone, Default)]
+pub struct IndexReport {
+    /// Things the operator should know (a cache rebuilt, and why).
+    pub notices: Vec<String>,
+    /// Index files that could not be read, with the reason.
+    pub damaged: Vec<(IndexId, String)>,
+    /// Index files read from the repository.
+    pub files_read: usize,
+}
+
+fn make_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+fn table_name(files: &BTreeSet<IndexId>) -> String {
+    let mut h = blake3::Hasher::new();
+    for f in files {
+        h.update(&f.0);
+    }
+    format!("{}.tbl", &h.finalize().to_hex()[..32])
+}
+
+impl Index {
+    /// Opens the cache for a repository and brings it up to date with the repository's index
+    /// files.
+    pub(crate) fn open(
+        backend: &dyn Backend,
+        location: &CacheLocation,
+        repo_id: [u8; 16],
+        config_hash: [u8; 32],
+    ) -> Result<(Index, IndexReport)> {
+        let mut report = IndexReport::default();
+        let temp = || {
+            tempfile::Builder::new()
+                .prefix("sbk-cache-")
+                .tempdir()
+                .map_err(|e| StoreError::io(std::env::temp_dir(), e))
+        };
+        let (dir, temp_dir) = match location {
+            CacheLocation::Dir(base) => {
+                let dir = base.join(crate::id::to_hex(&repo_id));
+                match make_private_dir(&dir) {
+                    Ok(()) => (dir, None),
+                    Err(e) => {
+                        report.notices.push(format!(
+                            "index cache: cannot use {}: {e}; using a temporary cache for this run",
+                            dir.display()
+                        ));
+                        let t = temp()?;
+                        (t.path().to_owned(), Some(t))
+                    }
+                }
+            }
+            CacheLocation::Temporary => {
+                let t = temp()?;
+                (t.path().to_owned(), Some(t))
+            }
+        };
+        let index = Index {
+            dir,
+            _temp: temp_dir,
+            repo_id,
+            config_hash,
+            state: RwLock::new(State {
+                table: None,
+                table_files: HashSet::new(),
+                overlay: HashMap::new(),
+                overlay_files: HashSet::new(),
+            }),
+        };
+        let current = Self::current_files(backend)?;
+        index.pick_table(&current, &mut report);
+        index.sync_with(backend, current, &mut report)?;
+        Ok((index, report))
+    }
+
+    fn current_files(backend: &dyn Backend) -> Result<BTreeSet<IndexId>> {
+        Ok(backend
+            .list(Kind::Index)?
+            .into_iter()
+            .filter_map(|o| o.name.parse().ok())
+            .collect())
+    }
+
+    /// The tables in the cache folder.
+    fn tables(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e == "tbl"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Chooses the best usable table: built for this repository and config, from index files
+    /// that all still exist, intact. Damaged and stale tables are removed.
+    fn pick_table(&self, current: &BTreeSet<IndexId>, report: &mut IndexReport) {
+        let mut candidates = Vec::new();
+        let mut stale = 0;
+        for path in self.tables() {
+            match Table::peek(&path) {
+                Ok((h, files))
+                    if h.repo_id == self.repo_id && h.config_hash == self.config_hash =>
+                {
+                    if files.iter().all(|f| current.contains(f)) {
+                        candidates.push((files.len(), path));
+                    } else {
+                        stale += 1;
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+                Ok(_) => {
+                    stale += 1;
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(TableError::Bad(e)) => {
+                    report.notices.push(format!(
+                        "index cache: {} is damaged ({e}); rebuilding it from the repository's index files",
+                        path.display()
+                    ));
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(TableError::Io(e)) => report.notices.push(format!(
+                    "index cache: {} cannot be read ({e}); not using it",
+                    path.display()
+                )),
+            }
+        }
+        if stale > 0 && candidates.is_empty() {
+            report.notices.push(
+                "index cache: stale (index files it was built from are gone: prune or repair ran, here or on another host, or the repository was restored from an older copy); rebuilding it".into(),
+            );
+        }
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
+        for (_, path) in candidates {
+            match Table::open(&path) {
+                Ok(t) => {
+                    let mut st = self.state.write().expect("no thread panics holding this");
+                    st.table_files = t.files().collect();
+                    st.table = Some(t);
+                    return;
+                }
+                Err(e) => {
+                    report.notices.push(format!(
+                        "index cache: {} is damaged ({e}); rebuilding it from the repository's index files",
+                        path.display()
+                    ));
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+    }
+
+    /// Brings the index up to date with the repository: index files that appeared are read;
+    /// if any the cache knows has gone (prune ran), the cache is rebuilt from scratch, so no
+    /// lookup can name a pack that prune removed.
+    pub fn refresh(&self, backend: &dyn Backend) -> Result<IndexReport> {
+        let mut report = IndexReport::default();
+        let current = Self::current_files(backend)?;
+        self.sync_with(backend, current, &mut report)?;
+        Ok(report)
+    }
+
+    fn sync_with(
+        &self,
+        backend: &dyn Backend,
+        current: BTreeSet<IndexId>,
+        report: &mut IndexReport,
+    ) -> Result<()> {
+        let mut st = self.state.write().expect("no thread panics holding this");
+        let gone = st
+            .table_files
+            .iter()
+            .chain(&st.overlay_files)
+            .any(|f| !current.contains(f));
+        if gone {
+            report.notices.push(
+                "index cache: index files were removed while this process ran (prune or repair); rebuilding it".into(),
+            );
+            st.table = None;
+            st.table_files.clear();
+            st.overlay.clear();
+            st.overlay_files.clear();
+        }
+        let had_table = st.table.is_some();
+        let new: Vec<IndexId> = current
+            .iter()
+            .filter(|f| !st.table_files.contains(f) && !st.overlay_files.contains(f))
+            .copied()
+            .collect();
+        for id in new {
+            match read_index_file(backend, &id) {
+                Ok(file) => {
+                    report.files_read += 1;
+                    Self::add_locked(&mut st, id, &file);
+                }
+                Err(e) if e.is_corrupt() => {
+                    report.damaged.push((id, e.to_string()));
+                }
+                Err(StoreError::ObjectMissing { .. }) => {} // removed meanwhile
+                Err(e) => return Err(e),
+            }
+        }
+        if (!had_table && !st.overlay.is_empty()) || st.overlay.len() >= FOLD_AT {
+            self.fold(&mut st)?;
+        }
+        Ok(())
+    }
+
+    fn add_locked(st: &mut State, id: IndexId, file: &IndexFile) {
+        for (pack, entries) in &file.packs {
+            for e in entries {
+                // A blob stored twice (two writers at once) is found through either copy; the
+                // first one seen is kept.
+                if st.table.as_ref().is_none_or(|t| t.get(&e.id).is_none()) {
+                    st.overlay.entry(e.id).or_insert(IndexEntry {
+                        pack: *pack,
+                        entry: *e,
+                    });
+                }
+            }
+        }
+        st.overlay_files.insert(id);
+    }
+
+    /// Adds an index file this process has just written to the repository.
+    pub(crate) fn add(&self, id: IndexId, file: &IndexFile) -> Result<()> {
+        let mut st = self.state.write().expect("no thread panics holding this");
+        Self::add_locked(&mut st, id, file);
+        if st.overlay.len() >= FOLD_AT {
+            self.fold(&mut st)?;
+        }
+        Ok(())
+    }
+
+    /// Merges the table and the overlay into a new table, and uses it from now on.
+    fn fold(&self, st: &mut State) -> Result<()> {
+        let files: BTreeSet<IndexId> = st
+            .table_files
+            .iter()
+            .chain(&st.overlay_files)
+            .copied()
+            .collect();
+        let mut packs: Vec<PackId> = st
+            .table
+            .as_ref()
+            .map(|t| t.packs().to_vec())
+            .unwrap_or_default();
+        let mut number: HashMap<PackId, u32> = packs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (*p, i as u32))
+            .collect();
+        let mut added: Vec<IndexEntry> = st.overlay.values().copied().collect();
+        added.sort_by_key(|e| e.entry.id);
+        for e in &added {
+            number.entry(e.pack).or_insert_with(|| {
+                packs.push(e.pack);
+                (packs.len() - 1) as u32
+            });
+        }
+        let old = st.table.as_ref();
+        let max = old.map_or(0, |t| t.len()) + added.len();
+        let merged = Merge {
+            a: old.map(|t| t.iter()).into_iter().flatten().peekable(),
+            b: added.iter().copied().peekable(),
+        }
+        .map(|e| (e.entry.id, number[&e.pack], e.entry));
+        let files_vec: Vec<IndexId> = files.iter().copied().collect();
+        let path = self.dir.join(table_name(&files));
+        write_table(
+            &path,
+            self.repo_id,
+            self.config_hash,
+            &files_vec,
+            &packs,
+            merged,
+            max as u64,
+        )
+        .map_err(|e| StoreError::io(&path, e))?;
+        let table = Table::open(&path).map_err(|e| StoreError::Cache {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        // Tables built from fewer index files are superseded; another process that still maps
+        // one keeps its mapping (the file lives until it is unmapped).
+        for other in self.tables() {
+            if other != path {
+                if let Ok((_, f)) = Table::peek(&other) {
+                    if f.iter().all(|x| files.contains(x)) {
+                        let _ = std::fs::remove_file(&other);
+                    }
+                }
+            }
+        }
+        st.table = Some(table);
+        st.table_files = files.into_iter().collect();
+        st.overlay.clear();
+        st.overlay_files.clear();
+        Ok(())
+    }
+
+    /// Looks up a blob.
+    pub fn get(&self, id: &ChunkId) -> Option<IndexEntry> {
+        let st = self.state.read().expect("no thread panics holding this");
+        st.overlay
+            .get(id)
+            .copied()
+            .or_else(|| st.table.as_ref().and_then(|t| t.get(id)))
+    }
+
+    /// True when the blob is indexed.
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// The index files this index was built from.
+    pub fn files(&self) -> BTreeSet<IndexId> {
+        let st = self.state.read().expect("no thread panics holding this");
+        st.table_files
+            .iter()
+            .chain(&st.overlay_files)
+            .copied()
+            .collect()
+    }
+
+    /// Calls `f` with every entry (one per blob id).
+    pub fn for_each(&self, mut f: impl FnMut(IndexEntry)) {
+        let st = self.state.read().expect("no thread panics holding this");
+        st.overlay.values().copied().for_each(&mut f);
+        if let Some(t) = &st.table {
+            t.iter()
+                .filter(|e| !st.overlay.contains_key(&e.entry.id))
+                .for_each(f);
+        }
+    }
+
+    /// Number of indexed blobs.
+    pub fn len(&self) -> usize {
+        let st = self.state.read().expect("no thread panics holding this");
+        st.overlay.len() + st.table.as_ref().map_or(0, |t| t.len())
+    }
+
+    /// True when nothing is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The folder holding this repository's cache.
+    pub fn cache_dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Reads and decodes one index file, checking that its bytes still hash to its name.
+pub(crate) fn read_index_file(backend: &dyn Backend, id: &IndexId) -> Result<IndexFile> {
+    let name = id.to_hex();
+    let bytes = backend.read(Kind::Index, &name)?;
+    let corrupt = |source| StoreError::Corrupt {
+        path: PathBuf::from(format!("index/{name}")),
+        what: "index file",
+        source,
+    };
+    let got = IndexFile::id_of(&bytes);
+    if got != *id {
+        return Err(corrupt(crate::error::DecodeError::ChecksumMismatch {
+            got: got.to_hex(),
+            expected: name.clone(),
+        }));
+    }
+    IndexFile::decode(&bytes).map_err(corrupt)
+}
+
+/// Merges two id-sorted entry streams, keeping the first of equal ids.
+struct Merge<A: Iterator<Item = IndexEntry>, B: Iterator<Item = IndexEntry>> {
+    a: std::iter::Peekable<A>,
+    b: std::iter::Peekable<B>,
+}
+
+impl<A: Iterator<Item = IndexEntry>, B: Iterator<Item = IndexEntry>> Iterator for Merge<A, B> {
+    type Item = IndexEntry;
+    fn next(&mut self) -> Option<IndexEntry> {
+        match (self.a.peek(), self.b.peek()) {
+            (Some(x), Some(y)) => match x.entry.id.cmp(&y.entry.id) {
+                std::cmp::Ordering::Less => self.a.next(),
+                std::cmp::Ordering::Greater => self.b.next(),
+                std::cmp::Ordering::Equal => {
+                    self.b.next();
+                    self.a.next()
+                }
+            },
+            (Some(_), None) => self.a.next(),
+            (None, _) => self.b.next(),
+        }
+    }
+}
