@@ -40,8 +40,8 @@ pub struct Cli {
     cache_dir: Option<PathBuf>,
 
     /// Keep no cache between runs: build the index cache in a temporary directory removed at
-    /// exit (reads every index file of the repository on each run).
-    #[arg(long, global = true, conflicts_with = "cache_dir")]
+    /// exit (reads every index file of the repository on each run). Overrides --cache-dir.
+    #[arg(long, global = true)]
     no_cache: bool,
 
     /// Worker threads [default: the number of CPUs].

@@ -450,6 +450,34 @@ mod tests {
         assert!(matches!(lease.check(), Err(StoreError::LeaseLost(_))));
     }
 
+    #[test]
+    fn refreshes_that_keep_failing_lose_the_lease_within_half_of_it() {
+        let (_dir, local) = backend();
+        // Operation 1 (taking the lock) works; every refresh after it fails with EIO.
+        let b: Arc<dyn Backend> = Arc::new(crate::backend::FaultyBackend::new(
+            local,
+            crate::backend::FaultMode::Fail,
+            2,
+        ));
+        let lease = Arc::new(Lease::default());
+        let timing = LockTiming {
+            refresh: Duration::from_millis(40),
+            lease: Duration::from_secs(2),
+        };
+        let started = Instant::now();
+        let _lock = Lock::acquire(b, lease.clone(), LockKind::Shared, "t", timing).unwrap();
+        while lease.check().is_ok() {
+            assert!(started.elapsed() < timing.lease, "lease not lost in time");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            started.elapsed() >= timing.lease / 2,
+            "a few failed refreshes are retried first"
+        );
+        let e = lease.check().unwrap_err().to_string();
+        assert!(e.contains("injected fault"), "{e}");
+    }
+
     proptest! {
         #[test]
         fn lock_round_trip(pid in any::<u32>(), time in any::<i64>(), lease_secs in any::<u32>(), host in ".{0,30}", purpose in ".{0,30}") {

@@ -8,5 +8,6 @@ mod devices;
 mod faults;
 mod interrupt;
 mod maintenance;
+mod repository;
 mod retention_prune;
 mod roundtrip;

@@ -249,15 +249,14 @@ fn locks_exclude_and_stale_locks_are_removed() {
 }
 
 #[test]
-fn concurrent_backups_from_two_processes_and_prune_during_a_backup() {
+fn concurrent_backups_from_two_processes_with_one_cache_and_prune_during_a_backup() {
     let env = Env::new();
     let (a, b) = (env.path("a"), env.path("b"));
     std::fs::write(&a, random(300 << 20, 21)).unwrap();
     std::fs::write(&b, random(300 << 20, 22)).unwrap();
+    // Both processes share one cache directory on this host.
     let spawn = |src: &std::path::Path| {
-        sbk()
-            .arg("--repo")
-            .arg(&env.repo)
+        env.cmd()
             .args(["backup", "--json", src.to_str().unwrap()])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
