@@ -2,6 +2,8 @@
 # End-to-end benchmark: sbk against a raw O_DIRECT read of the same disk image, in one run.
 #
 #   bash benches/e2e.sh [IMAGE_GIB] [WORKDIR]      (defaults: 4, /var/tmp)
+#   SBK_BEFORE=/path/to/older/sbk bash benches/e2e.sh ...   also measures an older build's first
+#                                                          backup and restore, in the same run
 #
 # Builds the release binary, makes a realistic disk image (an ext4 filesystem filled from the
 # machine's /usr with mke2fs -d; free space stays zero), then measures: an O_DIRECT read of the
@@ -49,9 +51,24 @@ measure() {
 
 results=()
 results+=("$(measure "raw O_DIRECT read (dd bs=16M)" dd if="$img" of=/dev/null bs=16M iflag=direct)")
+if [ -n "${SBK_BEFORE:-}" ]; then
+  # The older build, on the pristine image, into its own repository; its restore comes right
+  # after so that both see the same page-cache state as the ones below.
+  "$SBK_BEFORE" init --quiet --repo "$work/repo-before"
+  results+=("$(measure "before: sbk backup (first)" "$SBK_BEFORE" backup --quiet --repo "$work/repo-before" "$img")")
+  results+=("$(measure "before: sbk restore to file" "$SBK_BEFORE" restore --quiet --repo "$work/repo-before" latest "$work/restored.img")")
+  rm -rf "$work/restored.img" "$work/repo-before"
+fi
 export SBK_REPO=$work/repo
+export SBK_CACHE_DIR=$work/cache
 "$sbk" init --quiet
 results+=("$(measure "sbk backup (first)" "$sbk" backup --quiet "$img")")
+# Memory per worker thread: the same first backup with 1 and 4 threads, into fresh repositories.
+for t in 1 4; do
+  "$sbk" init --quiet --repo "$work/repo-t$t"
+  results+=("$(measure "sbk backup (first, --threads $t)" "$sbk" backup --quiet --threads $t --repo "$work/repo-t$t" "$img")")
+  rm -rf "$work/repo-t$t"
+done
 results+=("$(measure "sbk backup (unchanged)" "$sbk" backup --quiet "$img")")
 # Rewrite ~2% of the image: 1 MiB of new random data at evenly spread offsets.
 blocks=$((size / 50 >> 20))
@@ -63,6 +80,9 @@ results+=("$(measure "raw O_DIRECT read (again)" dd if="$img" of=/dev/null bs=16
 results+=("$(measure "sbk restore to file" "$sbk" restore --quiet latest "$work/restored.img")")
 cmp "$img" "$work/restored.img" >&2
 rm -f "$work/restored.img"
+# The cache gone (a new host): the next backup rebuilds it from the index files.
+rm -rf "$work/cache"
+results+=("$(measure "sbk backup (unchanged, no cache)" "$sbk" backup --quiet "$img")")
 repo_kib=$(du -sk "$work/repo" | cut -f1)
 
 # Maintenance: verify --read-data against an O_DIRECT read of the same packs; then forget the
@@ -97,15 +117,15 @@ rows() {
 }
 
 echo
-echo "Image: ${gib} GiB ext4 ($((alloc_kib / 1024)) MiB allocated), repository after three backups: $((repo_kib / 1024)) MiB."
+echo "Image: ${gib} GiB ext4 ($((alloc_kib / 1024)) MiB allocated), repository after the backups: $((repo_kib / 1024)) MiB."
 echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%d GiB", $2/1048576}' /proc/meminfo), $(uname -r), $(date -u +%Y-%m-%d)."
 echo
 echo "| step | wall time (s) | throughput (MiB/s) | ratio to raw read | peak RSS (MiB) |"
 rows "$size" "${results[@]}"
 echo
-echo "Maintenance, over the $((pack_bytes >> 20)) MiB of packs after the three backups:"
+echo "Maintenance, over the $((pack_bytes >> 20)) MiB of packs after the backups:"
 echo
 echo "| step | wall time (s) | throughput over the packs (MiB/s) | ratio to raw read of the packs | peak RSS (MiB) |"
 rows "$pack_bytes" "${maint[@]}"
 echo
-echo "After forgetting the first two of the three snapshots, packs went from $((before_kib / 1024)) MiB to $((after_kib / 1024)) MiB with the default prune (packs less than 5% unused are left alone), and to $((after0_kib / 1024)) MiB with --max-unused 0."
+echo "After forgetting the first two of the four snapshots, packs went from $((before_kib / 1024)) MiB to $((after_kib / 1024)) MiB with the default prune (packs less than 5% unused are left alone), and to $((after0_kib / 1024)) MiB with --max-unused 0."

@@ -64,8 +64,7 @@ pub fn chunker_params(repo: &Repository) -> Result<ChunkerParams> {
         seed: c.chunk_seed,
         zero_min: c.zero_min,
     };
-    p.validate()
-        .map_err(|e| EngineError::ChunkerParams(e.to_string()))?;
+    p.validate()?;
     Ok(p)
 }
 
@@ -380,7 +379,7 @@ pub fn backup(
                     .lock()
                     .expect("no thread panics holding this")
                     .take();
-                return Err(EngineError::ThreadPool(e.to_string()));
+                return Err(EngineError::Thread(e));
             }
         }
         drop(up_rx);

@@ -57,10 +57,13 @@ pub enum EngineError {
     Unsafe(String),
     /// The worker thread pool could not be started.
     #[error("cannot start worker threads: {0}")]
-    ThreadPool(String),
+    ThreadPool(#[from] rayon::ThreadPoolBuildError),
+    /// A thread of the pipeline could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(#[source] io::Error),
     /// The repository's chunker parameters are out of range.
     #[error("repository chunker parameters: {0}")]
-    ChunkerParams(String),
+    ChunkerParams(#[from] sbk_chunker::ParamsError),
     /// The restore target exists and holds data.
     #[error("{path}: target exists and is not empty (use --force to overwrite it)")]
     TargetExists {

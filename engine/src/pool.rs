@@ -11,7 +11,7 @@ pub fn worker_pool(threads: usize, what: &'static str) -> Result<rayon::ThreadPo
         .num_threads(threads.max(1))
         .thread_name(move |i| format!("sbk-{what}-{i}"))
         .build()
-        .map_err(|e| EngineError::ThreadPool(e.to_string()))
+        .map_err(EngineError::from)
 }
 
 /// Reads and decodes segment trees `segments` of a snapshot, in parallel on the current pool,

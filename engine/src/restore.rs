@@ -67,9 +67,10 @@ const BATCH_BYTES: u64 = 8 << 20;
 const BATCH_GAP: u64 = 256 << 10;
 
 /// Segments restored at once: their extent lists and chunk map are all a restore holds in
-/// memory (1 GiB of image at 16 MiB segments), whatever the snapshot's size. A chunk used in
-/// two windows is read twice.
-const WINDOW_SEGMENTS: usize = 64;
+/// memory, whatever the snapshot's size: 16 GiB of image at 16 MiB segments, about 64 Ki
+/// extents, a few MiB. A chunk used in two windows is read twice. (Windows of 64 segments
+/// measured 10-15% slower restores: the workers idle at every window's end.)
+const WINDOW_SEGMENTS: usize = 1024;
 
 /// Loads the extent list of segments `segments` of a snapshot, with the offset of each extent.
 pub fn load_extents(

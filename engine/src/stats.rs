@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sbk_store::{ChunkId, Extent, Repository, SnapshotId, BLOB_HEADER_LEN};
+use sbk_store::{ChunkId, Extent, Manifest, Repository, SnapshotId, BLOB_HEADER_LEN};
 
 use crate::error::Result;
 use crate::pool::snapshot_trees;
@@ -57,60 +57,78 @@ impl RepoStats {
     }
 }
 
+/// A snapshot's figures that need no index, and its distinct chunks.
+fn snapshot_chunks(
+    repo: &Repository,
+    id: SnapshotId,
+    manifest: &Manifest,
+) -> Result<(SnapshotStats, HashSet<ChunkId>)> {
+    let mut s = SnapshotStats {
+        id,
+        size: manifest.size,
+        data_bytes: 0,
+        chunks: 0,
+        chunk_bytes: 0,
+        unique_bytes: 0,
+        unique_stored: 0,
+    };
+    let mut chunks = HashSet::new();
+    for segments in windows(manifest) {
+        for x in snapshot_trees(repo, manifest, segments)?
+            .into_iter()
+            .flatten()
+        {
+            if let Extent::Data { id, len } = x {
+                s.data_bytes += u64::from(len);
+                if chunks.insert(id) {
+                    s.chunk_bytes += u64::from(len);
+                }
+            }
+        }
+    }
+    s.chunks = chunks.len() as u64;
+    Ok((s, chunks))
+}
+
 /// Computes the figures for `selected` snapshots (all when empty). "Unique" is always relative
 /// to every snapshot in the repository.
+///
+/// Memory: one counter per distinct chunk of the repository, and one snapshot's chunk set at a
+/// time (each snapshot's trees are read twice: once to count users, once for its figures).
 pub fn stats(
     repo: &Repository,
     selected: &[SnapshotId],
 ) -> Result<(RepoStats, Vec<SnapshotStats>)> {
-    let mut per: Vec<(SnapshotStats, HashSet<ChunkId>)> = Vec::new();
-    let mut users: HashMap<ChunkId, u32> = HashMap::new();
-    for (id, manifest) in repo.snapshots()? {
-        let manifest = manifest?;
-        let mut s = SnapshotStats {
-            id,
-            size: manifest.size,
-            data_bytes: 0,
-            chunks: 0,
-            chunk_bytes: 0,
-            unique_bytes: 0,
-            unique_stored: 0,
-        };
-        let mut chunks = HashSet::new();
-        for segments in windows(&manifest) {
-            for x in snapshot_trees(repo, &manifest, segments)?
-                .into_iter()
-                .flatten()
-            {
-                if let Extent::Data { id, len } = x {
-                    s.data_bytes += u64::from(len);
-                    if chunks.insert(id) {
-                        s.chunk_bytes += u64::from(len);
-                    }
-                }
-            }
+    let snapshots: Vec<(SnapshotId, Manifest)> = repo
+        .snapshots()?
+        .into_iter()
+        .map(|(id, m)| m.map(|m| (id, m)))
+        .collect::<Result<_, _>>()?;
+    // How many snapshots use each chunk, and whether the repository figures counted it yet.
+    let mut users: HashMap<ChunkId, (u32, bool)> = HashMap::new();
+    for (id, manifest) in &snapshots {
+        for c in snapshot_chunks(repo, *id, manifest)?.1 {
+            users.entry(c).or_default().0 += 1;
         }
-        for c in &chunks {
-            *users.entry(*c).or_default() += 1;
-        }
-        s.chunks = chunks.len() as u64;
-        per.push((s, chunks));
     }
     let mut repo_stats = RepoStats::default();
-    let mut counted = HashSet::new();
     let mut out = Vec::new();
-    for (mut s, chunks) in per {
-        if !selected.is_empty() && !selected.contains(&s.id) {
+    for (id, manifest) in &snapshots {
+        if !selected.is_empty() && !selected.contains(id) {
             continue;
         }
+        let (mut s, chunks) = snapshot_chunks(repo, *id, manifest)?;
         for c in &chunks {
             let entry = repo.locate(c)?.entry;
             let stored = BLOB_HEADER_LEN as u64 + u64::from(entry.stored_len);
-            if users[c] == 1 {
+            let (n, counted) = users.get_mut(c).expect("counted in the first pass");
+            if *n == 1 {
                 s.unique_bytes += u64::from(entry.raw_len);
                 s.unique_stored += stored;
             }
-            if counted.insert(*c) {
+            if !*counted {
+                *counted = true;
+                repo_stats.chunks += 1;
                 repo_stats.chunk_bytes += u64::from(entry.raw_len);
                 repo_stats.stored_bytes += stored;
             }
@@ -120,7 +138,6 @@ pub fn stats(
         repo_stats.data_bytes += s.data_bytes;
         out.push(s);
     }
-    repo_stats.chunks = counted.len() as u64;
     repo_stats.pack_bytes = repo.list_packs()?.iter().map(|(_, size)| size).sum();
     Ok((repo_stats, out))
 }

@@ -176,14 +176,6 @@ pub enum StoreError {
         "the repository lock was lost: {0}; the operation was stopped so that nothing relies on it"
     )]
     LeaseLost(String),
-    /// The index cache could not be used even after a rebuild.
-    #[error("index cache {path}: {detail}")]
-    Cache {
-        /// The cache file.
-        path: PathBuf,
-        /// What is wrong.
-        detail: String,
-    },
     /// The index was used before it was loaded (a bug in the caller).
     #[error("the index was used before it was loaded")]
     IndexNotLoaded,

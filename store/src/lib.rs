@@ -22,15 +22,14 @@ mod repo;
 pub use backend::{Backend, FaultMode, FaultyBackend, Kind, LocalBackend, FAULT_ENV};
 pub use blob::{
     decode_blob_into, encode_blob, BlobHeader, BlobKind, Compression, EncodedBlob, BLOB_HEADER_LEN,
-    MAX_BLOB,
 };
 pub use codec::Extension;
-pub use config::{RepoConfig, CONFIG_LEN, FORMAT_VERSION};
+pub use config::RepoConfig;
 pub use error::{DecodeError, Result, StoreError};
 pub use id::{ChunkId, IndexId, PackId, SnapshotId};
 pub use index::file::IndexFile;
 pub use index::{CacheLocation, Index, IndexEntry, IndexReport};
-pub use lock::{host_name, list_locks, FoundLock, Lease, Lock, LockInfo, LockKind, LockTiming};
-pub use manifest::{decode_tree, encode_tree, BackupFigures, Extent, Manifest};
+pub use lock::{host_name, list_locks, FoundLock, Lock, LockInfo, LockKind, LockTiming};
+pub use manifest::{encode_tree, BackupFigures, Extent, Manifest};
 pub use pack::{check_blob_header, split_blob, PackEntry, PackWriter};
 pub use repo::{InitOptions, Repository, DEFAULT_CHUNK_AVG, DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL};

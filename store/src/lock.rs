@@ -202,14 +202,14 @@ fn conflicting(
 /// Whether the holder of a repository still holds its lock; shared by the lock's refresher and
 /// the repository, which checks it before every operation.
 #[derive(Debug, Default)]
-pub struct Lease {
+pub(crate) struct Lease {
     lost: AtomicBool,
     why: Mutex<String>,
 }
 
 impl Lease {
     /// Fails once the lease is lost.
-    pub fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         if self.lost.load(Ordering::Acquire) {
             return Err(StoreError::LeaseLost(
                 self.why
@@ -238,7 +238,8 @@ pub struct Lock {
 impl Lock {
     /// Takes a lock of `kind`, or fails naming the holder of a conflicting live lock. From now
     /// on the lock is refreshed every `timing.refresh`; if that fails, `lease` is marked lost.
-    pub fn acquire(
+    /// (Through [`crate::Repository::lock`], which checks the lease before every operation.)
+    pub(crate) fn acquire(
         backend: Arc<dyn Backend>,
         lease: Arc<Lease>,
         kind: LockKind,

@@ -347,9 +347,13 @@ impl Index {
             max as u64,
         )
         .map_err(|e| StoreError::io(&path, e))?;
-        let table = Table::open(&path).map_err(|e| StoreError::Cache {
-            path: path.clone(),
-            detail: e.to_string(),
+        let table = Table::open(&path).map_err(|e| match e {
+            TableError::Io(source) => StoreError::io(&path, source),
+            TableError::Bad(source) => StoreError::Corrupt {
+                path: path.clone(),
+                what: "index cache table",
+                source,
+            },
         })?;
         // Tables built from fewer index files are superseded; another process that still maps
         // one keeps its mapping (the file lives until it is unmapped).
