@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -115,6 +115,21 @@ struct Session<'a> {
     /// Sources being read at once; more wait their turn (a thread pair each).
     running: Mutex<usize>,
     running_cv: Condvar,
+    /// Segments of every source go to the workers through this one queue, so that no source
+    /// can hold the workers while another holds the shared buffers; `None` once the run is over.
+    work: Mutex<Option<Sender<Work>>>,
+    /// Held while an index file is written: a `seal` that finds nothing left to index must not
+    /// return while another thread is still writing the index file that names its packs.
+    indexing: Mutex<()>,
+}
+
+/// A segment for the workers, with where its result goes.
+struct Work {
+    seg: Result<Segment>,
+    /// The source's ids being stored by a worker or the writer and not yet in a pack.
+    claimed: Arc<Mutex<HashSet<ChunkId>>>,
+    /// The source's writer.
+    out: Sender<Result<ChunkedSegment>>,
 }
 
 /// Sources backed up at once: each has a reader and a writer thread; the workers are shared.
@@ -242,8 +257,18 @@ impl Session<'_> {
     }
 
     /// Names the sealed packs in an index file, then forgets them from the unindexed set (the
-    /// index knows them now).
+    /// index knows them now). A failure poisons the run before the index lock is released, so
+    /// that a `seal` waiting for it sees the failure.
     fn write_index(&self) -> Result<()> {
+        let _indexing = self.indexing.lock().expect("no thread panics holding this");
+        let r = self.write_index_locked();
+        if r.is_err() {
+            self.fail();
+        }
+        r
+    }
+
+    fn write_index_locked(&self) -> Result<()> {
         let sealed = std::mem::take(
             &mut self
                 .unindexed
@@ -348,6 +373,7 @@ pub fn backup(
     let buffers = opts.threads.max(1) + 2;
     let (buf_tx, buf_rx) = bounded::<MmapMut>(buffers);
     let (up_tx, up_rx) = bounded::<PackWriter>(UPLOAD_QUEUE);
+    let (work_tx, work_rx) = bounded::<Work>(opts.threads.max(1));
     let session = Session {
         repo,
         params: chunker_params(repo)?,
@@ -364,6 +390,8 @@ pub fn backup(
         allocated: AtomicUsize::new(0),
         running: Mutex::new(0),
         running_cv: Condvar::new(),
+        work: Mutex::new(Some(work_tx)),
+        indexing: Mutex::new(()),
     };
     let results = std::thread::scope(|s| {
         let session = &session;
@@ -383,6 +411,22 @@ pub fn backup(
             }
         }
         drop(up_rx);
+        // The workers: every source's segments, in whatever order they come.
+        s.spawn(move || {
+            session.pool.install(|| {
+                work_rx.into_iter().par_bridge().for_each(|w| {
+                    let Work { seg, claimed, out } = w;
+                    let chunked = seg.and_then(|mut seg| {
+                        let r = chunk_segment(session, &claimed, &seg);
+                        if let Some(buf) = seg.buf.take() {
+                            let _ = session.buf_tx.send(buf);
+                        }
+                        r
+                    });
+                    let _ = out.send(chunked);
+                })
+            })
+        });
         let handles: Vec<_> = sources
             .iter()
             .enumerate()
@@ -408,7 +452,12 @@ pub fn backup(
                 ));
             }
         }
-        // Closing the queue ends the uploaders.
+        // Closing the queues ends the workers and the uploaders.
+        session
+            .work
+            .lock()
+            .expect("no thread panics holding this")
+            .take();
         session
             .uploads
             .lock()
@@ -465,36 +514,35 @@ fn backup_one(
         ));
     }
 
-    let threads = opts.threads.max(1);
-    let (seg_tx, seg_rx) = bounded::<Result<Segment>>(threads);
     let (out_tx, out_rx) = bounded::<Result<ChunkedSegment>>(1);
     let cancel = AtomicBool::new(false);
-    let claimed = Mutex::new(HashSet::<ChunkId>::new());
+    let claimed = Arc::new(Mutex::new(HashSet::<ChunkId>::new()));
+    let work = session
+        .work
+        .lock()
+        .expect("no thread panics holding this")
+        .clone()
+        .ok_or_else(|| EngineError::Unsafe("the backup run is over".into()))?;
 
     let result = std::thread::scope(|s| {
         let cancel = &cancel;
-        let reader = s.spawn(move || {
-            read_segments(session, &mut source, seg_size, segments, &seg_tx, cancel)
-        });
-        let claimed = &claimed;
-        s.spawn(move || {
-            session.pool.install(|| {
-                seg_rx
-                    .into_iter()
-                    .par_bridge()
-                    .for_each_with(out_tx, |out, seg| {
-                        let chunked = seg.and_then(|mut seg| {
-                            let r = chunk_segment(session, claimed, &seg);
-                            if let Some(buf) = seg.buf.take() {
-                                let _ = session.buf_tx.send(buf);
-                            }
-                            r
-                        });
-                        let _ = out.send(chunked);
+        let reader = {
+            let claimed = claimed.clone();
+            s.spawn(move || {
+                // The reader owns this source's result sender; the workers hold clones while
+                // they chunk its segments, so the writer sees the end once both are done.
+                let send = |seg| {
+                    work.send(Work {
+                        seg,
+                        claimed: claimed.clone(),
+                        out: out_tx.clone(),
                     })
+                    .is_ok()
+                };
+                read_segments(session, &mut source, seg_size, segments, &send, cancel)
             })
-        });
-        let written = write_segments(session, claimed, task, &out_rx, segments, progress, cancel);
+        };
+        let written = write_segments(session, &claimed, task, &out_rx, segments, progress, cancel);
         if written.is_err() {
             cancel.store(true, Ordering::Relaxed);
             for _ in out_rx.iter() {} // drain, so that workers and reader can finish
@@ -567,7 +615,7 @@ fn read_segments(
     source: &mut Source,
     seg_size: u64,
     segments: u64,
-    out: &Sender<Result<Segment>>,
+    send: &dyn Fn(Result<Segment>) -> bool,
     cancel: &AtomicBool,
 ) -> Option<String> {
     let had_fallback = source.fallback().is_some();
@@ -586,7 +634,7 @@ fn read_segments(
             Ok(Some(b)) => b,
             Ok(None) => break,
             Err(e) => {
-                let _ = out.send(Err(EngineError::SourceRead {
+                send(Err(EngineError::SourceRead {
                     path: source.path().to_owned(),
                     offset: start,
                     source: e,
@@ -614,7 +662,7 @@ fn read_segments(
             Err(e) => Err(e),
         };
         let failed = seg.is_err();
-        if out.send(seg).is_err() || failed {
+        if !send(seg) || failed {
             break;
         }
     }

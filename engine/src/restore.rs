@@ -106,6 +106,9 @@ pub fn restore(
 ) -> Result<RestoreStats> {
     let started = Instant::now();
     let manifest = repo.load_manifest(id)?;
+    // The snapshot may be newer than the loaded index (its backup finished since): its index
+    // file was written before its manifest, so a refresh now knows every blob it needs.
+    repo.refresh_index()?;
     let pool = worker_pool(opts.threads, "restore")?;
     let mut stats = pool.install(|| -> Result<RestoreStats> {
         match target {

@@ -104,6 +104,8 @@ pub fn stats(
         .into_iter()
         .map(|(id, m)| m.map(|m| (id, m)))
         .collect::<Result<_, _>>()?;
+    // Index files of snapshots written since the index was loaded (their backups finished).
+    repo.refresh_index()?;
     // How many snapshots use each chunk, and whether the repository figures counted it yet.
     let mut users: HashMap<ChunkId, (u32, bool)> = HashMap::new();
     for (id, manifest) in &snapshots {

@@ -126,9 +126,11 @@ fn verify_in_pool(
         snapshots: Vec::new(),
         by_blob: HashMap::new(),
     };
-    // The index files are read after listing the manifests: a snapshot's index file is written
-    // before its manifest, so every blob a listed snapshot needs is named.
+    // The index is brought up to date after listing the manifests: a snapshot's index file is
+    // written before its manifest, so every blob a listed snapshot needs is then known (a
+    // backup may have finished since the index was loaded).
     let manifests = repo.snapshots()?;
+    repo.refresh_index()?;
     for (id, manifest) in manifests {
         if !wanted.is_empty() && !wanted.contains(&id) {
             continue;

@@ -121,10 +121,10 @@ impl LockInfo {
         if self.host == host && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists() {
             return Some(format!("process {} no longer exists on {host}", self.pid));
         }
-        if now.saturating_sub(self.time) > i64::from(self.lease_secs) {
+        let age = now.saturating_sub(self.time);
+        if age > i64::from(self.lease_secs) {
             return Some(format!(
-                "not refreshed for {} s (lease {} s)",
-                now - self.time,
+                "not refreshed for {age} s (lease {} s)",
                 self.lease_secs
             ));
         }
@@ -205,25 +205,49 @@ fn conflicting(
 pub(crate) struct Lease {
     lost: AtomicBool,
     why: Mutex<String>,
+    /// Half a lease after the last successful refresh: past it the lease counts as lost even if
+    /// the refresh is still hanging (a storage that never answers must not keep us going).
+    deadline: Mutex<Option<Instant>>,
 }
 
 impl Lease {
     /// Fails once the lease is lost.
     pub(crate) fn check(&self) -> Result<()> {
-        if self.lost.load(Ordering::Acquire) {
-            return Err(StoreError::LeaseLost(
-                self.why
-                    .lock()
-                    .expect("no thread panics holding this")
-                    .clone(),
-            ));
+        if !self.lost.load(Ordering::Acquire) {
+            let deadline = *self.deadline.lock().expect("no thread panics holding this");
+            match deadline {
+                Some(d) if Instant::now() > d => self.lose(
+                    "no refresh of the lock succeeded for half its lease (the storage does not answer)"
+                        .into(),
+                ),
+                _ => return Ok(()),
+            }
         }
-        Ok(())
+        Err(StoreError::LeaseLost(
+            self.why
+                .lock()
+                .expect("no thread panics holding this")
+                .clone(),
+        ))
+    }
+
+    /// A refresh (or the lock itself) succeeded now.
+    fn renewed(&self, lease: Duration) {
+        *self.deadline.lock().expect("no thread panics holding this") =
+            Some(Instant::now() + lease / 2);
+    }
+
+    /// The lock was released: nothing to lose any more.
+    fn released(&self) {
+        *self.deadline.lock().expect("no thread panics holding this") = None;
     }
 
     fn lose(&self, why: String) {
-        *self.why.lock().expect("no thread panics holding this") = why;
-        self.lost.store(true, Ordering::Release);
+        let mut w = self.why.lock().expect("no thread panics holding this");
+        if !self.lost.load(Ordering::Acquire) {
+            *w = why;
+            self.lost.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -233,6 +257,7 @@ pub struct Lock {
     name: String,
     stop: Arc<AtomicBool>,
     refresher: Option<std::thread::JoinHandle<()>>,
+    lease: Arc<Lease>,
 }
 
 impl Lock {
@@ -264,7 +289,11 @@ impl Lock {
         loop {
             info.time = now();
             backend.write_once(Kind::Lock, &name, &info.encode())?;
-            let Some((other, o)) = conflicting(backend.as_ref(), &name, kind, &host)? else {
+            let found = conflicting(backend.as_ref(), &name, kind, &host);
+            let Some((other, o)) = found.inspect_err(|_| {
+                let _ = backend.delete(Kind::Lock, &name);
+            })?
+            else {
                 break;
             };
             let _ = backend.delete(Kind::Lock, &name);
@@ -288,19 +317,29 @@ impl Lock {
             }
             std::thread::sleep(Duration::from_millis(25 << attempt));
         }
+        lease.renewed(timing.lease);
         let stop = Arc::new(AtomicBool::new(false));
         let refresher = {
-            let (stop, backend, name) = (stop.clone(), backend.clone(), name.clone());
+            let (stop, backend, name, lease) =
+                (stop.clone(), backend.clone(), name.clone(), lease.clone());
             std::thread::Builder::new()
                 .name("sbk-lock".into())
                 .spawn(move || refresh_loop(&*backend, &name, info, timing, &stop, &lease))
-                .map_err(|e| StoreError::io("lock refresher thread", e))?
+        };
+        let refresher = match refresher {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = backend.delete(Kind::Lock, &name);
+                lease.released();
+                return Err(StoreError::io("lock refresher thread", e));
+            }
         };
         Ok(Lock {
             backend,
             name,
             stop,
             refresher: Some(refresher),
+            lease,
         })
     }
 
@@ -332,6 +371,7 @@ fn refresh_loop(
         match backend.replace(Kind::Lock, name, &info.encode()) {
             Ok(()) => {
                 last_ok = Instant::now();
+                lease.renewed(timing.lease);
                 wait = timing.refresh;
             }
             Err(StoreError::ObjectMissing { .. }) => {
@@ -362,6 +402,7 @@ impl Drop for Lock {
             let _ = t.join();
         }
         let _ = self.backend.delete(Kind::Lock, &self.name);
+        self.lease.released();
     }
 }
 
@@ -475,8 +516,10 @@ mod tests {
             started.elapsed() >= timing.lease / 2,
             "a few failed refreshes are retried first"
         );
+        // Lost by the refresher (which names the injected fault) or by the deadline that
+        // covers a refresh that hangs; both at half the lease.
         let e = lease.check().unwrap_err().to_string();
-        assert!(e.contains("injected fault"), "{e}");
+        assert!(e.contains("refresh"), "{e}");
     }
 
     proptest! {

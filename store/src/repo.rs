@@ -385,7 +385,7 @@ impl Repository {
         let id = IndexFile::id_of(&bytes);
         self.b()?.write_once(Kind::Index, &id.to_hex(), &bytes)?;
         if let Some(index) = self.index.get() {
-            index.add(id, &file)?;
+            index.add(id, &file);
         }
         Ok(id)
     }

@@ -380,3 +380,42 @@ fn a_crash_or_an_error_at_any_operation_of_backup_or_prune_loses_nothing() {
     assert!(env.packs().len() < packs_before, "prune finished its work");
     check_consistent(&env, &sources, "after the last prune");
 }
+
+/// More sources than workers and buffers: every source's segments go to the shared workers, so
+/// none can starve the others of the shared buffers (a deadlock, were each source to have its
+/// own workers). Each restores byte for byte.
+#[test]
+fn more_sources_than_threads_share_workers_and_buffers() {
+    let env = Env::new();
+    let srcs: Vec<_> = (0..5u64)
+        .map(|i| {
+            let p = env.path(&format!("src{i}"));
+            std::fs::write(&p, random((40 << 20) + i as usize * 4097, 60 + i)).unwrap();
+            p
+        })
+        .collect();
+    let mut cmd = env.cmd();
+    cmd.args(["backup", "--json", "--threads", "1"]).args(&srcs);
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("a backup of 5 sources with 1 thread did not finish: deadlock");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)));
+    for (i, src) in srcs.iter().enumerate() {
+        let out = env.path("out");
+        let _ = std::fs::remove_file(&out);
+        env.restore(v[i]["snapshot"].as_str().unwrap(), &out, &[]);
+        assert_same(src, &out);
+    }
+}

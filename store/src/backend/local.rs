@@ -181,6 +181,33 @@ impl LocalBackend {
     }
 }
 
+/// `renameat2(RENAME_NOREPLACE)`: a rename that fails with EEXIST when `to` exists.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(ErrorKind::InvalidInput))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: both are valid NUL-terminated paths that outlive the call; renameat2 only reads
+    // them.
+    #[allow(unsafe_code)]
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn mkdir(p: &Path) -> Result<()> {
     match fs::DirBuilder::new().mode(0o700).create(p) {
         Ok(()) => Ok(()),
@@ -321,7 +348,19 @@ impl Backend for LocalBackend {
         let path = dir.join(name);
         // A hard link, unlike a rename, fails when the name exists: the conditional create that
         // lets two writers race for a name safely.
-        let linked = fs::hard_link(&tmp, &path);
+        let linked = match fs::hard_link(&tmp, &path) {
+            // Filesystems without hard links (exFAT, some FUSE and CIFS mounts): a rename
+            // that refuses to replace does the same.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EPERM | libc::EOPNOTSUPP | libc::EMLINK)
+                ) =>
+            {
+                rename_noreplace(&tmp, &path)
+            }
+            r => r,
+        };
         let _ = fs::remove_file(&tmp);
         let written = match linked {
             Ok(()) => Written::Created,
@@ -346,6 +385,9 @@ impl Backend for LocalBackend {
     }
 
     fn replace(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<()> {
+        // The existence check and the rename are two steps: an `unlock` that removes the lock
+        // in the microseconds between them is undone. A local filesystem has no compare-and-
+        // swap on a name; object storage's If-Match closes the window.
         let path = self.path_of(kind, name);
         fs::metadata(&path).map_err(|e| Self::missing(kind, name, &path, e))?;
         let dir = self.dir_of(kind, name);
@@ -417,12 +459,18 @@ impl Staged for LocalStaged {
     }
 
     fn finish(mut self: Box<Self>) -> Result<()> {
-        let io = |e| StoreError::io(&self.tmp, e);
         let out = self.out.take().expect("present until finish");
-        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
-        // The data must be on disk before the name says the object is complete…
-        file.sync_all().map_err(io)?;
-        fs::rename(&self.tmp, &self.path).map_err(io)?;
+        let named = out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            // The data must be on disk before the name says the object is complete…
+            .and_then(|file| file.sync_all())
+            .and_then(|()| fs::rename(&self.tmp, &self.path));
+        if let Err(e) = named {
+            // A seal that failed (a full disk) leaves nothing behind.
+            let _ = fs::remove_file(&self.tmp);
+            return Err(StoreError::io(&self.tmp, e));
+        }
         // …and the rename itself must be durable before an index file may name the object.
         fsync_dir(&self.dir)
     }

@@ -41,15 +41,24 @@ pub enum CacheLocation {
     Temporary,
 }
 
-/// The overlay is folded into a new table once it holds this many entries: about 5 MiB of
-/// memory, and one table rewrite per 16 GiB of new data at 256 KiB chunks.
+/// The overlay is folded into a new table once it holds this many entries (about 5 MiB of
+/// memory, one table rewrite per 16 GiB of new data at 256 KiB chunks), or a quarter of the
+/// table's, whichever is more: rebuilding a large cache from scratch then rewrites each entry
+/// about five times, not once per fold.
 const FOLD_AT: usize = 1 << 16;
+
+fn fold_due(st: &State) -> bool {
+    !st.fold_failed && st.overlay.len() >= FOLD_AT.max(st.table.as_ref().map_or(0, |t| t.len() / 4))
+}
 
 struct State {
     table: Option<Table>,
     table_files: HashSet<IndexId>,
     overlay: HashMap<ChunkId, IndexEntry>,
     overlay_files: HashSet<IndexId>,
+    /// Set when a table could not be written (a full or read-only cache disk): the overlay then
+    /// simply grows for the rest of the run rather than failing a command over a cache.
+    fold_failed: bool,
 }
 
 /// The index of a repository as this process sees it: lookups by blob id.
@@ -134,6 +143,7 @@ impl Index {
                 table_files: HashSet::new(),
                 overlay: HashMap::new(),
                 overlay_files: HashSet::new(),
+                fold_failed: false,
             }),
         };
         let current = Self::current_files(backend)?;
@@ -251,7 +261,6 @@ impl Index {
             st.overlay.clear();
             st.overlay_files.clear();
         }
-        let had_table = st.table.is_some();
         let new: Vec<IndexId> = current
             .iter()
             .filter(|f| !st.table_files.contains(f) && !st.overlay_files.contains(f))
@@ -262,6 +271,10 @@ impl Index {
                 Ok(file) => {
                     report.files_read += 1;
                     Self::add_locked(&mut st, id, &file);
+                    // Folding as it goes keeps a rebuild from holding the whole index in memory.
+                    if fold_due(&st) {
+                        self.try_fold(&mut st, report);
+                    }
                 }
                 Err(e) if e.is_corrupt() => {
                     report.damaged.push((id, e.to_string()));
@@ -270,10 +283,23 @@ impl Index {
                 Err(e) => return Err(e),
             }
         }
-        if (!had_table && !st.overlay.is_empty()) || st.overlay.len() >= FOLD_AT {
-            self.fold(&mut st)?;
+        let first = st.table.is_none() && !st.overlay.is_empty() && !st.fold_failed;
+        if first || fold_due(&st) {
+            self.try_fold(&mut st, report);
         }
         Ok(())
+    }
+
+    /// Folds, and on failure says so and goes on with the overlay: a cache never stands in the
+    /// way.
+    fn try_fold(&self, st: &mut State, report: &mut IndexReport) {
+        if let Err(e) = self.fold(st) {
+            st.fold_failed = true;
+            report.notices.push(format!(
+                "index cache: cannot write a table in {}: {e}; going on with the index in memory",
+                self.dir.display()
+            ));
+        }
     }
 
     fn add_locked(st: &mut State, id: IndexId, file: &IndexFile) {
@@ -293,13 +319,15 @@ impl Index {
     }
 
     /// Adds an index file this process has just written to the repository.
-    pub(crate) fn add(&self, id: IndexId, file: &IndexFile) -> Result<()> {
+    pub(crate) fn add(&self, id: IndexId, file: &IndexFile) {
         let mut st = self.state.write().expect("no thread panics holding this");
         Self::add_locked(&mut st, id, file);
-        if st.overlay.len() >= FOLD_AT {
-            self.fold(&mut st)?;
+        if fold_due(&st) {
+            // A failure was already reported as a notice where the index was loaded, or is
+            // not worth failing a backup over: the overlay keeps the entries.
+            let mut ignored = IndexReport::default();
+            self.try_fold(&mut st, &mut ignored);
         }
-        Ok(())
     }
 
     /// Merges the table and the overlay into a new table, and uses it from now on.

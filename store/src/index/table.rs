@@ -174,7 +174,13 @@ impl Table {
     /// Reads just the header and the list of index files of the table at `path`: enough to
     /// choose between tables without checking each in full.
     pub fn peek(path: &Path) -> Result<(TableHeader, Vec<IndexId>), TableError> {
-        let mut f = File::open(path).map_err(TableError::Io)?;
+        Self::peek_file(&mut File::open(path).map_err(TableError::Io)?)
+    }
+
+    fn peek_file(f: &mut File) -> Result<(TableHeader, Vec<IndexId>), TableError> {
+        use std::io::Seek;
+        f.seek(std::io::SeekFrom::Start(0))
+            .map_err(TableError::Io)?;
         let mut head = vec![0u8; TABLE_HEADER_LEN];
         f.read_exact(&mut head).map_err(|e| match e.kind() {
             std::io::ErrorKind::UnexpectedEof => TableError::Bad(DecodeError::Truncated {
@@ -204,8 +210,12 @@ impl Table {
     /// reads through the page cache (not the mapping), so only the pages lookups touch count
     /// towards the process's memory.
     pub fn open(path: &Path) -> Result<Table, TableError> {
-        let (header, _) = Self::peek(path)?;
+        // One handle throughout: another process may rename a new table over this name.
         let mut f = File::open(path).map_err(TableError::Io)?;
+        let (header, _) = Self::peek_file(&mut f)?;
+        use std::io::Seek;
+        f.seek(std::io::SeekFrom::Start(0))
+            .map_err(TableError::Io)?;
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut head = [0u8; TABLE_HEADER_LEN];
