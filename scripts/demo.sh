@@ -32,10 +32,15 @@ fi
 echo "sample image: $img ($(du -h --apparent-size "$img" | cut -f1) apparent, $(du -h "$img" | cut -f1) allocated)"
 
 export SBK_REPO=$work/repo
+# The repository is encrypted (the default); its password comes from SBK_PASSWORD here. On a
+# terminal without it, sbk asks; a real job uses --password-file or --password-command.
+export SBK_PASSWORD=${SBK_PASSWORD:-demo password, not a secret}
+export SBK_CACHE_DIR=$work/cache
 "$sbk" init
 "$sbk" backup "$img" --tag demo
 "$sbk" backup "$img" --tag demo-again
 "$sbk" snapshots
 "$sbk" restore latest "$work/restored.img"
+"$sbk" key list
 cmp "$img" "$work/restored.img"
 echo "OK: the restored image is byte-identical to the source"

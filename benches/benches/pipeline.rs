@@ -63,7 +63,7 @@ fn pipeline(c: &mut Criterion) {
                 let repo = dir.path().join(format!("repo-{}", std::process::id()));
                 let _ = std::fs::remove_dir_all(&repo);
                 Repository::init_local(&repo, InitOptions::default()).expect("init works");
-                Repository::open_local(&repo, &CacheLocation::Temporary).expect("open works")
+                Repository::open_local(&repo, &CacheLocation::Temporary, None).expect("open works")
             },
             |repo| {
                 backup(&repo, std::slice::from_ref(&image), &opts(), &NoProgress)
@@ -74,7 +74,8 @@ fn pipeline(c: &mut Criterion) {
 
     let repo_path = dir.path().join("repo-warm");
     Repository::init_local(&repo_path, InitOptions::default()).expect("init works");
-    let repo = Repository::open_local(&repo_path, &CacheLocation::Temporary).expect("open works");
+    let repo =
+        Repository::open_local(&repo_path, &CacheLocation::Temporary, None).expect("open works");
     let first =
         backup(&repo, std::slice::from_ref(&image), &opts(), &NoProgress).expect("backup runs");
     let snapshot = first[0].as_ref().expect("the backup succeeds").snapshot;

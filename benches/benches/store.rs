@@ -11,8 +11,8 @@ use std::io::Write;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use sbk_benches::{mixed, random, text_like};
 use sbk_store::{
-    decode_blob_into, encode_blob, Backend, BlobKind, CacheLocation, ChunkId, Compression,
-    InitOptions, Kind, LocalBackend, PackEntry, PackId, PackWriter, Repository, DEFAULT_ZSTD_LEVEL,
+    decode_blob_into, encode_blob, BlobKind, CacheLocation, ChunkId, Compression, InitOptions,
+    Kind, PackEntry, PackId, Repository, DEFAULT_ZSTD_LEVEL,
 };
 
 /// The repository's default average chunk size.
@@ -62,8 +62,8 @@ fn stages(c: &mut Criterion) {
 fn pack_writing(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let repo = dir.path().join("repo");
-    let backend = LocalBackend::new(&repo);
-    Repository::init(&backend, InitOptions::default()).expect("init works");
+    Repository::init_local(&repo, InitOptions::default()).expect("init works");
+    let repo = Repository::open_local(&repo, &CacheLocation::Temporary, None).expect("opens");
     let blobs: Vec<_> = (0..32u8)
         .map(|i| {
             encode_blob(
@@ -84,12 +84,12 @@ fn pack_writing(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("write-and-seal", |b| {
         b.iter(|| {
-            let mut w = PackWriter::create(&backend).expect("a pack is created");
+            let mut w = repo.new_pack().expect("a pack is created");
             for blob in &blobs {
                 w.add(blob).expect("the blob is written");
             }
             let (id, _) = w.finish().expect("the pack is sealed");
-            backend
+            repo.backend()
                 .delete(Kind::Pack, &id.to_hex())
                 .expect("the pack is removed");
         })
@@ -124,7 +124,7 @@ fn index_lookups(c: &mut Criterion) {
         .collect();
     {
         // Index files as backups write them: one per run, 20 runs.
-        let writer = Repository::open_local(&path, &CacheLocation::Temporary).expect("opens");
+        let writer = Repository::open_local(&path, &CacheLocation::Temporary, None).expect("opens");
         for chunk in entries.chunks(10_000) {
             writer
                 .write_index_file(vec![(PackId([chunk[0].id.0[0]; 16]), chunk.to_vec())])
@@ -138,14 +138,14 @@ fn index_lookups(c: &mut Criterion) {
     g.bench_function("open_cold", |b| {
         b.iter(|| {
             let _ = std::fs::remove_dir_all(dir.path().join("cache"));
-            Repository::open_local(&path, &cache).expect("opens")
+            Repository::open_local(&path, &cache, None).expect("opens")
         })
     });
     g.bench_function("open_warm", |b| {
-        b.iter(|| Repository::open_local(&path, &cache).expect("opens"))
+        b.iter(|| Repository::open_local(&path, &cache, None).expect("opens"))
     });
     g.finish();
-    let repo = Repository::open_local(&path, &cache).expect("opens");
+    let repo = Repository::open_local(&path, &cache, None).expect("opens");
     let index = repo.index().expect("loaded");
     let hits: Vec<ChunkId> = (0..LOOKUPS as u32).map(|i| id(i * 197 % ENTRIES)).collect();
     let misses: Vec<ChunkId> = (0..LOOKUPS as u32).map(|i| id(ENTRIES + i)).collect();

@@ -33,6 +33,8 @@ pub enum Exit {
     /// The repository (or one of its objects) has a format this sbk cannot read, older or
     /// newer, or needs a feature it does not implement.
     Format = 16,
+    /// A wrong password (no key of the repository opens with it), or none given.
+    WrongPassword = 19,
 }
 
 impl From<Exit> for ExitCode {
@@ -84,7 +86,10 @@ pub fn store_exit(e: &StoreError) -> Exit {
         | StoreError::PackMissing { .. }
         | StoreError::ObjectMissing { .. }
         | StoreError::ShortObject { .. } => Exit::Damaged,
-        StoreError::InitRefused { .. } => Exit::Refused,
+        StoreError::InitRefused { .. } | StoreError::KeyRefused(_) | StoreError::NotEncrypted => {
+            Exit::Refused
+        }
+        StoreError::WrongPassword { .. } | StoreError::NoPassword(_) => Exit::WrongPassword,
         StoreError::Locked { .. } | StoreError::LeaseLost(_) => Exit::Locked,
         StoreError::InvalidParameter(_) => Exit::Usage,
         _ => Exit::Error,

@@ -6,6 +6,7 @@
 mod commands;
 mod exit;
 mod output;
+mod password;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +45,15 @@ pub struct Cli {
     #[arg(long, global = true)]
     no_cache: bool,
 
+    /// Read the repository password from the first line of FILE (SBK_PASSWORD, if set, comes
+    /// first; on a terminal sbk asks when none is given).
+    #[arg(long, global = true, env = "SBK_PASSWORD_FILE", value_name = "FILE")]
+    password_file: Option<PathBuf>,
+
+    /// Run CMD with `sh -c` and read the password from the first line of its output.
+    #[arg(long, global = true, env = "SBK_PASSWORD_COMMAND", value_name = "CMD")]
+    password_command: Option<String>,
+
     /// Worker threads [default: the number of CPUs].
     #[arg(long, global = true, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
@@ -64,6 +74,7 @@ enum Command {
     Stats(commands::stats::Args),
     Repair(commands::repair::Args),
     Unlock(commands::unlock::Args),
+    Key(commands::key::Args),
 }
 
 /// `$XDG_CACHE_HOME/sbk`, else `~/.cache/sbk`; none without a home (a temporary cache then).
@@ -99,6 +110,10 @@ fn main() -> ExitCode {
         threads,
         out,
         cache,
+        password: password::PasswordSource {
+            file: cli.password_file,
+            command: cli.password_command,
+        },
     };
     let result = match cli.command {
         Command::Init(a) => commands::init::run(&ctx, a),
@@ -111,6 +126,7 @@ fn main() -> ExitCode {
         Command::Stats(a) => commands::stats::run(&ctx, a),
         Command::Repair(a) => commands::repair::run(&ctx, a),
         Command::Unlock(a) => commands::unlock::run(&ctx, a),
+        Command::Key(a) => commands::key::run(&ctx, a),
     };
     match result {
         Ok(code) => code,

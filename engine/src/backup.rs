@@ -23,8 +23,8 @@ use memmap2::MmapMut;
 use rayon::iter::{ParallelBridge, ParallelIterator};
 use sbk_chunker::{split_segment, ChunkerParams, Span};
 use sbk_store::{
-    encode_blob, encode_tree, BackupFigures, BlobKind, ChunkId, EncodedBlob, Extent, Manifest,
-    PackEntry, PackId, PackWriter, Repository, SnapshotId, StoreError, BLOB_HEADER_LEN,
+    encode_tree, BackupFigures, BlobKind, ChunkId, EncodedBlob, Extent, Manifest, PackEntry,
+    PackId, PackWriter, Repository, SnapshotId, StoreError, BLOB_HEADER_LEN,
 };
 
 use crate::error::{EngineError, Result};
@@ -725,8 +725,7 @@ fn chunk_segment(
                         .expect("no thread panics holding this lock")
                         .insert(id)
                 {
-                    let blob = encode_blob(id, BlobKind::Data, bytes, repo.config().zstd_level)
-                        .map_err(|e| EngineError::Store(StoreError::io("zstd", e)))?;
+                    let blob = repo.encode_blob(id, BlobKind::Data, bytes)?;
                     figures.new_chunks += 1;
                     figures.new_raw += len as u64;
                     blobs.push(blob);
@@ -781,8 +780,7 @@ fn write_segments(
             let raw = encode_tree(&extents);
             let id = repo.blob_id(&raw);
             if !repo.index()?.contains(&id) && !session.written(&id) && tree_ids.insert(id) {
-                let blob = encode_blob(id, BlobKind::Tree, &raw, repo.config().zstd_level)
-                    .map_err(|e| StoreError::io("zstd", e))?;
+                let blob = repo.encode_blob(id, BlobKind::Tree, &raw)?;
                 figures.new_stored += session.store(std::slice::from_ref(&blob))?;
             }
             trees.push(id);

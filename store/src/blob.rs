@@ -68,6 +68,9 @@ pub struct BlobHeader {
     pub raw_len: u32,
     /// The blob's id.
     pub id: ChunkId,
+    /// The stored bytes are sealed (an encrypted repository): nonce, ciphertext of the
+    /// compressed or raw bytes, tag.
+    pub sealed: bool,
 }
 
 impl BlobHeader {
@@ -76,7 +79,8 @@ impl BlobHeader {
         let mut e = Encoder::default();
         e.u8(self.kind as u8)
             .u8(self.compression as u8)
-            .u16(0)
+            .u8(u8::from(self.sealed))
+            .u8(0)
             .u32(self.stored_len)
             .u32(self.raw_len)
             .bytes(&self.id.0);
@@ -102,13 +106,19 @@ impl BlobHeader {
         let mut d = Decoder::new(body);
         let kind = BlobKind::from_u8(d.u8()?)?;
         let compression = Compression::from_u8(d.u8()?)?;
-        crate::codec::reserved(d.u16()?.into(), "blob header reserved")?;
+        let sealed = match d.u8()? {
+            0 => false,
+            1 => true,
+            v => return Err(invalid("blob flags", format!("{v}"))),
+        };
+        crate::codec::reserved(d.u8()?.into(), "blob header reserved")?;
         let h = BlobHeader {
             kind,
             compression,
             stored_len: d.u32()?,
             raw_len: d.u32()?,
             id: ChunkId(d.array()?),
+            sealed,
         };
         h.check_lengths()?;
         Ok(h)
@@ -122,13 +132,20 @@ impl BlobHeader {
                 format!("{} exceeds {MAX_BLOB}", self.raw_len),
             ));
         }
-        if self.compression == Compression::None && self.stored_len != self.raw_len {
+        let overhead = if self.sealed {
+            crate::crypto::SEAL_OVERHEAD as u64
+        } else {
+            0
+        };
+        if self.compression == Compression::None
+            && u64::from(self.stored_len) != u64::from(self.raw_len) + overhead
+        {
             return Err(invalid(
                 "stored_len",
                 "differs from raw_len in an uncompressed blob",
             ));
         }
-        if self.stored_len as u64 > zstd_bound(self.raw_len) {
+        if self.stored_len as u64 > zstd_bound(self.raw_len) + overhead {
             return Err(invalid(
                 "stored_len",
                 format!("{} too large for raw_len {}", self.stored_len, self.raw_len),
@@ -201,6 +218,7 @@ pub fn encode_blob(
             stored_len: data.len() as u32,
             raw_len: raw.len() as u32,
             id,
+            sealed: false,
         },
         data,
     })

@@ -12,8 +12,8 @@ pub const CONFIG_LEN: usize = 8 + 4 + 16 + 32 + 4 * 3 + 8 + 4 + 8 + 8 + 4 + 8 + 
 
 /// Required feature bits this build implements. A repository whose config sets a required bit
 /// outside this mask is refused: reading it without the feature would be wrong (encrypted blobs
-/// read as plain ones, say). None are defined yet.
-pub const KNOWN_REQUIRED_FEATURES: u64 = 0;
+/// read as plain ones, say).
+pub const KNOWN_REQUIRED_FEATURES: u64 = crate::crypto::FEATURE_ENCRYPTED;
 
 /// Largest segment sbk accepts; tree blobs store extent lengths as `u32`.
 pub const MAX_SEGMENT: u64 = 1 << 30;
@@ -49,6 +49,9 @@ pub struct RepoConfig {
     pub features_required: u64,
     /// Features a reader may ignore.
     pub features_optional: u64,
+    /// With [`crate::crypto::FEATURE_ENCRYPTED`]: the config's authentication tag under the
+    /// master key (of bytes 0..128), checked once the repository is unlocked; else zero.
+    pub mac: [u8; 16],
 }
 
 impl RepoConfig {
@@ -70,7 +73,7 @@ impl RepoConfig {
             .i64(self.created)
             .u64(self.features_required)
             .u64(self.features_optional)
-            .bytes(&[0; 16]);
+            .bytes(&self.mac);
         e.finish_with_checksum()
     }
 
@@ -113,9 +116,10 @@ impl RepoConfig {
             created: d.i64()?,
             features_required: d.u64()?,
             features_optional: d.u64()?,
+            mac: d.array()?,
         };
-        for b in d.bytes(16)? {
-            crate::codec::reserved(u64::from(*b), "config reserved")?;
+        if c.features_required & crate::crypto::FEATURE_ENCRYPTED == 0 && c.mac != [0; 16] {
+            return Err(invalid("config reserved", "must be 0 without encryption"));
         }
         d.end("config")?;
         let unknown = c.features_required & !KNOWN_REQUIRED_FEATURES;
@@ -180,6 +184,7 @@ pub(crate) mod tests {
             created: 1_700_000_000,
             features_required: 0,
             features_optional: 0,
+            mac: [0; 16],
         }
     }
 
@@ -213,6 +218,12 @@ pub(crate) mod tests {
         assert!(matches!(
             RepoConfig::decode(&c.encode()),
             Err(DecodeError::UnsupportedFeature(_))
+        ));
+        let mut c = sample();
+        c.mac = [1; 16];
+        assert!(matches!(
+            RepoConfig::decode(&c.encode()),
+            Err(DecodeError::Invalid { .. })
         ));
         let mut c = sample();
         c.features_optional = 1 << 5;

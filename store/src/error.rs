@@ -36,6 +36,9 @@ pub enum DecodeError {
     /// extension written by a newer sbk).
     #[error("needs {0}, which this sbk does not support")]
     UnsupportedFeature(String),
+    /// Sealed bytes do not authenticate: changed, truncated, or sealed for something else.
+    #[error("authentication failed (the bytes were changed, or belong elsewhere)")]
+    AuthenticationFailed,
     /// The stored checksum does not match the bytes.
     #[error("checksum mismatch: stored {expected}, computed {got}")]
     ChecksumMismatch {
@@ -176,6 +179,23 @@ pub enum StoreError {
         "the repository lock was lost: {0}; the operation was stopped so that nothing relies on it"
     )]
     LeaseLost(String),
+    /// No key object opens with the password given.
+    #[error("wrong password: no key of the repository opens with it ({tried} tried{})", if *damaged > 0 { format!(", {damaged} damaged key objects skipped") } else { String::new() })]
+    WrongPassword {
+        /// Key objects tried.
+        tried: usize,
+        /// Key objects that could not be read.
+        damaged: usize,
+    },
+    /// The repository is encrypted and no password was available.
+    #[error("no password: {0}; give one with SBK_PASSWORD, --password-file FILE or --password-command CMD, or run on a terminal to be asked")]
+    NoPassword(String),
+    /// A key operation on a repository that is not encrypted.
+    #[error("the repository is not encrypted: it has no keys")]
+    NotEncrypted,
+    /// A key operation that would lock everyone out, or pull the key from under itself.
+    #[error("refusing to remove the key: {0}")]
+    KeyRefused(String),
     /// The index was used before it was loaded (a bug in the caller).
     #[error("the index was used before it was loaded")]
     IndexNotLoaded,

@@ -28,13 +28,15 @@ pub fn blob_header(data: &[u8]) {
 /// their own footer says the entries start, so that every check after the footer is reached.
 pub fn pack_trailer(data: &[u8]) {
     use crate::pack::{decode_trailer, FOOTER_LEN};
+    let plain = crate::crypto::Crypto::Plain;
     let Some(footer) = data.len().checked_sub(FOOTER_LEN).map(|at| &data[at..]) else {
-        let _ = decode_trailer(data, 16, PackId([0; 16]));
+        let _ = decode_trailer(data, 16, PackId([0; 16]), &plain);
         return;
     };
     let entries_offset = u64::from_le_bytes(footer[16..24].try_into().expect("eight bytes"));
     let pack = PackId(footer[24..40].try_into().expect("sixteen bytes"));
-    let _ = decode_trailer(data, entries_offset, pack);
+    let _ = decode_trailer(data, entries_offset, pack, &plain);
+    let _ = decode_trailer(data, entries_offset, pack, &fuzz_crypto());
 }
 
 /// Index file: decodes, and re-encodes to its bytes when it decodes.
@@ -82,5 +84,29 @@ pub fn blob_frame(data: &[u8]) {
 pub fn lock(data: &[u8]) {
     if let Ok(l) = LockInfo::decode(data) {
         assert_eq!(l.encode(), data);
+    }
+}
+
+/// The fixed master key the fuzz entry points open sealed bytes with.
+fn fuzz_crypto() -> crate::crypto::Crypto {
+    crate::crypto::Crypto::sealed(crate::crypto::MasterKey {
+        enc: [0x5b; 32],
+        chunk: [0x5c; 32],
+    })
+}
+
+/// Sealed object: opened under a fixed key in every context (never a panic).
+pub fn sealed(data: &[u8]) {
+    use crate::crypto::Context;
+    let c = fuzz_crypto();
+    let id = crate::id::ChunkId([1; 32]);
+    let _ = c.open(Context::Blob(crate::blob::BlobKind::Data, &id), data);
+    let _ = c.open(Context::Object(crate::backend::Kind::Snapshot), data);
+}
+
+/// Key object: decodes, and re-encodes to its bytes when it decodes (the KDF is not run).
+pub fn key(data: &[u8]) {
+    if let Ok(k) = crate::key::KeyObject::decode(data) {
+        assert_eq!(k.encode(), data);
     }
 }

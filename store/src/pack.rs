@@ -7,9 +7,12 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use crate::backend::{Backend, Kind, Staged};
 use crate::blob::{BlobHeader, BlobKind, Compression, EncodedBlob, BLOB_HEADER_LEN};
 use crate::codec::{invalid, Decoder, Encoder};
+use crate::crypto::{Context, Crypto};
 use crate::error::{DecodeError, Result, StoreError};
 use crate::id::{ChunkId, PackId};
 
@@ -75,22 +78,35 @@ impl PackEntry {
     }
 }
 
-/// Encodes the trailer and footer of a pack whose blobs end at `entries_offset`.
-pub fn encode_trailer(pack: PackId, entries_offset: u64, entries: &[PackEntry]) -> Vec<u8> {
-    let mut e = Encoder::default();
+/// Encodes the trailer and footer of a pack whose blobs end at `entries_offset`; the entries are
+/// sealed in an encrypted repository.
+pub fn encode_trailer(
+    pack: PackId,
+    entries_offset: u64,
+    entries: &[PackEntry],
+    crypto: &Crypto,
+) -> std::io::Result<Vec<u8>> {
+    let mut plain = Encoder::default();
     for entry in entries {
-        entry.encode(&mut e);
+        entry.encode(&mut plain);
     }
+    let mut e = Encoder::default();
+    e.bytes(&crypto.seal(Context::Trailer(&pack), &plain.buf)?);
     e.bytes(FOOTER_MAGIC)
         .u32(PACK_VERSION)
         .u32(entries.len() as u32)
         .u64(entries_offset)
         .bytes(&pack.0);
-    e.finish_with_checksum()
+    Ok(e.finish_with_checksum())
 }
 
-/// Decodes a pack's footer from its last [`FOOTER_LEN`] bytes: (entry count, entries offset, pack id).
-pub fn decode_footer(footer: &[u8], pack_len: u64) -> Result<(u32, u64, PackId), DecodeError> {
+/// Decodes a pack's footer from its last [`FOOTER_LEN`] bytes: (entry count, entries offset, pack
+/// id). `overhead` is what sealing adds to the entries (0 unencrypted).
+pub fn decode_footer(
+    footer: &[u8],
+    pack_len: u64,
+    overhead: usize,
+) -> Result<(u32, u64, PackId), DecodeError> {
     let mut d = Decoder::new(footer);
     d.magic(FOOTER_MAGIC)?;
     let version = d.u32()?;
@@ -103,7 +119,7 @@ pub fn decode_footer(footer: &[u8], pack_len: u64) -> Result<(u32, u64, PackId),
     let expected = (count as u64)
         .checked_mul(TRAILER_ENTRY_LEN as u64)
         .and_then(|n| n.checked_add(entries_offset))
-        .and_then(|n| n.checked_add(FOOTER_LEN as u64));
+        .and_then(|n| n.checked_add((FOOTER_LEN + overhead) as u64));
     if entries_offset < PACK_HEADER_LEN || expected != Some(pack_len) {
         return Err(invalid(
             "trailer",
@@ -120,6 +136,7 @@ pub fn decode_trailer(
     trailer: &[u8],
     entries_offset: u64,
     pack: PackId,
+    crypto: &Crypto,
 ) -> Result<Vec<PackEntry>, DecodeError> {
     let body = crate::codec::split_checksum(trailer)?;
     let footer_start = body
@@ -132,6 +149,7 @@ pub fn decode_trailer(
     let (count, offset, id) = decode_footer(
         &trailer[footer_start..],
         entries_offset + trailer.len() as u64,
+        crypto.overhead(),
     )?;
     if id != pack {
         return Err(invalid("pack id", format!("trailer names pack {id}")));
@@ -142,7 +160,8 @@ pub fn decode_trailer(
             format!("{offset}, expected {entries_offset}"),
         ));
     }
-    let mut d = Decoder::new(&body[..footer_start]);
+    let plain = crypto.open(Context::Trailer(&pack), &body[..footer_start])?;
+    let mut d = Decoder::new(&plain);
     let mut entries = Vec::with_capacity(count as usize);
     let mut next_free = PACK_HEADER_LEN;
     for _ in 0..count {
@@ -185,11 +204,12 @@ pub struct PackWriter {
     id: PackId,
     out: Box<dyn Staged>,
     entries: Vec<PackEntry>,
+    crypto: Arc<Crypto>,
 }
 
 impl PackWriter {
-    /// Starts a new pack with a random id.
-    pub fn create(backend: &dyn Backend) -> Result<Self> {
+    /// Starts a new pack with a random id; its trailer will be sealed with `crypto`.
+    pub fn create(backend: &dyn Backend, crypto: Arc<Crypto>) -> Result<Self> {
         let id = PackId::random().map_err(|e| StoreError::io(backend.location(), e))?;
         let mut out = backend.stage(Kind::Pack, &id.to_hex())?;
         let mut header = Encoder::default();
@@ -199,6 +219,7 @@ impl PackWriter {
             id,
             out,
             entries: Vec::new(),
+            crypto,
         })
     }
 
@@ -237,7 +258,8 @@ impl PackWriter {
     /// Writes the trailer and makes the pack durable under its name. Returns the id and the
     /// entries, which an index file may now name.
     pub fn finish(mut self) -> Result<(PackId, Vec<PackEntry>)> {
-        let trailer = encode_trailer(self.id, self.out.len(), &self.entries);
+        let trailer = encode_trailer(self.id, self.out.len(), &self.entries, &self.crypto)
+            .map_err(|e| StoreError::io("pack trailer", e))?;
         self.out.write(&trailer)?;
         self.out.finish()?;
         Ok((self.id, self.entries))
@@ -250,7 +272,11 @@ impl PackWriter {
 }
 
 /// Reads and checks the trailer of `pack`.
-pub fn read_trailer(backend: &dyn Backend, pack: PackId) -> Result<Vec<PackEntry>> {
+pub fn read_trailer(
+    backend: &dyn Backend,
+    pack: PackId,
+    crypto: &Crypto,
+) -> Result<Vec<PackEntry>> {
     let name = pack.to_hex();
     let corrupt = |source| StoreError::Corrupt {
         path: pack_label(pack),
@@ -266,10 +292,10 @@ pub fn read_trailer(backend: &dyn Backend, pack: PackId) -> Result<Vec<PackEntry
     }
     let mut footer = [0u8; FOOTER_LEN];
     backend.read_at(Kind::Pack, &name, len - FOOTER_LEN as u64, &mut footer)?;
-    let (_, entries_offset, _) = decode_footer(&footer, len).map_err(corrupt)?;
+    let (_, entries_offset, _) = decode_footer(&footer, len, crypto.overhead()).map_err(corrupt)?;
     let mut trailer = vec![0u8; (len - entries_offset) as usize];
     backend.read_at(Kind::Pack, &name, entries_offset, &mut trailer)?;
-    decode_trailer(&trailer, entries_offset, pack).map_err(corrupt)
+    decode_trailer(&trailer, entries_offset, pack, crypto).map_err(corrupt)
 }
 
 /// Reads the header and stored bytes of the blob at `entry` of `pack`, checks that the header
@@ -334,7 +360,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = crate::backend::LocalBackend::new(&dir.path().join("r"));
         b.create().unwrap();
-        let mut w = PackWriter::create(&b).unwrap();
+        let mut w = PackWriter::create(&b, Arc::new(Crypto::Plain)).unwrap();
         let blobs: Vec<_> = (0..5u8)
             .map(|i| {
                 encode_blob(
@@ -350,7 +376,7 @@ mod tests {
             w.add(blob).unwrap();
         }
         let (id, entries) = w.finish().unwrap();
-        assert_eq!(read_trailer(&b, id).unwrap(), entries);
+        assert_eq!(read_trailer(&b, id, &Crypto::Plain).unwrap(), entries);
         for (e, blob) in entries.iter().zip(&blobs) {
             assert_eq!(read_blob(&b, id, e).unwrap(), blob.data);
         }
@@ -360,7 +386,10 @@ mod tests {
         for cut in [0, 10, bytes.len() / 2, bytes.len() - 1] {
             std::fs::write(&path, &bytes[..cut]).unwrap();
             assert!(
-                matches!(read_trailer(&b, id), Err(StoreError::Corrupt { .. })),
+                matches!(
+                    read_trailer(&b, id, &Crypto::Plain),
+                    Err(StoreError::Corrupt { .. })
+                ),
                 "cut at {cut}"
             );
         }
@@ -368,7 +397,7 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let other = PackId([9; 16]);
         std::fs::rename(&path, b.path_of(Kind::Pack, &other.to_hex())).unwrap();
-        assert!(read_trailer(&b, other).is_err());
+        assert!(read_trailer(&b, other, &Crypto::Plain).is_err());
     }
 
     #[test]
@@ -383,15 +412,23 @@ mod tests {
             raw_len: 10,
         };
         let entries_offset = e.end();
-        let t = encode_trailer(pack, entries_offset, &[e]);
-        assert_eq!(decode_trailer(&t, entries_offset, pack).unwrap(), vec![e]);
-        for i in 0..t.len() {
-            let mut bad = t.clone();
-            bad[i] ^= 0x40;
-            assert!(
-                decode_trailer(&bad, entries_offset, pack).is_err(),
-                "flip at {i}"
+        for crypto in [
+            Crypto::Plain,
+            Crypto::sealed(crate::crypto::MasterKey::random().unwrap()),
+        ] {
+            let t = encode_trailer(pack, entries_offset, &[e], &crypto).unwrap();
+            assert_eq!(
+                decode_trailer(&t, entries_offset, pack, &crypto).unwrap(),
+                vec![e]
             );
+            for i in 0..t.len() {
+                let mut bad = t.clone();
+                bad[i] ^= 0x40;
+                assert!(
+                    decode_trailer(&bad, entries_offset, pack, &crypto).is_err(),
+                    "flip at {i}"
+                );
+            }
         }
     }
 }

@@ -5,18 +5,20 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 
 use crate::backend::{Backend, Kind, Written};
-use crate::blob::{decode_blob_into, BlobKind};
+use crate::blob::{decode_blob_into, encode_blob, BlobKind, EncodedBlob};
 use crate::config::{RepoConfig, FORMAT_VERSION};
+use crate::crypto::{Context, Crypto, MasterKey, FEATURE_ENCRYPTED};
 use crate::error::{DecodeError, Result, StoreError};
 use crate::id::{ChunkId, IndexId, PackId, SnapshotId};
 use crate::index::file::IndexFile;
 use crate::index::{read_index_file, CacheLocation, Index, IndexEntry, IndexReport};
+use crate::key::{KdfParams, KeyObject};
 use crate::lock::{Lease, Lock, LockKind, LockTiming};
 use crate::manifest::{decode_tree, Extent, Manifest};
 use crate::pack::{object_path, read_blob, read_trailer, PackEntry, PackWriter};
 
 /// What `init` may choose; everything else is derived or random.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct InitOptions {
     /// Average chunk size (a power of two, 64 KiB..4 MiB).
     pub chunk_avg: u32,
@@ -24,6 +26,8 @@ pub struct InitOptions {
     pub zstd_level: u32,
     /// Packs are closed once they reach this size (1 MiB..1 GiB).
     pub pack_size: u64,
+    /// Encrypt the repository with a key object for this password, or not at all (`None`).
+    pub encryption: Option<(String, KdfParams)>,
 }
 
 /// Default average chunk size. Chosen by measurement (docs/benchmarks.md, "Choosing the
@@ -48,23 +52,53 @@ fn reader_of(version: u32) -> String {
     }
 }
 
+impl std::fmt::Debug for InitOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        f.debug_struct("InitOptions")
+            .field("chunk_avg", &self.chunk_avg)
+            .field("zstd_level", &self.zstd_level)
+            .field("pack_size", &self.pack_size)
+            .field("encryption", &self.encryption.as_ref().map(|(_, kdf)| kdf))
+            .finish()
+    }
+}
+
 impl Default for InitOptions {
+    /// Unencrypted: a library caller (a bench, a test) chooses encryption explicitly; the
+    /// command line encrypts by default.
     fn default() -> Self {
         InitOptions {
             chunk_avg: DEFAULT_CHUNK_AVG,
             zstd_level: DEFAULT_ZSTD_LEVEL,
             pack_size: DEFAULT_PACK_SIZE,
+            encryption: None,
         }
     }
 }
 
-/// An open repository.
+/// An open repository (unlocked, when it is encrypted).
 pub struct Repository {
     backend: Arc<dyn Backend>,
     config: RepoConfig,
     config_hash: [u8; 32],
     index: OnceLock<Index>,
     lease: Arc<Lease>,
+    crypto: Arc<Crypto>,
+    chunk_key: [u8; 32],
+    /// The key object that opened the repository.
+    key_name: Option<String>,
+}
+
+/// A key object as `key list` shows it.
+#[derive(Debug, Clone)]
+pub struct KeyInfo {
+    /// The key object's name.
+    pub name: String,
+    /// Its contents, or why they could not be read.
+    pub key: std::result::Result<KeyObject, DecodeError>,
+    /// True for the key that opened the repository.
+    pub current: bool,
 }
 
 fn now_unix() -> i64 {
@@ -92,10 +126,18 @@ impl Repository {
         }
         let io = |e| StoreError::io(backend.location(), e);
         let chunk_max = avg * 4;
-        let config = RepoConfig {
+        let master = match &opts.encryption {
+            Some(_) => Some(MasterKey::random().map_err(io)?),
+            None => None,
+        };
+        let mut config = RepoConfig {
             version: FORMAT_VERSION,
             repo_id: crate::id::random_bytes().map_err(io)?,
-            chunk_key: crate::id::random_bytes().map_err(io)?,
+            // Encrypted, the chunk-id key is part of the master key, never stored in the clear.
+            chunk_key: match master {
+                Some(_) => [0; 32],
+                None => crate::id::random_bytes().map_err(io)?,
+            },
             chunk_min: avg / 4,
             chunk_avg: avg,
             chunk_max,
@@ -107,13 +149,41 @@ impl Repository {
             pack_size: opts.pack_size,
             zstd_level: opts.zstd_level,
             created: now_unix(),
-            features_required: 0,
+            features_required: if master.is_some() {
+                FEATURE_ENCRYPTED
+            } else {
+                0
+            },
             features_optional: 0,
+            mac: [0; 16],
         };
         config
             .validate()
             .map_err(|e| StoreError::InvalidParameter(e.to_string()))?;
-        backend.create()?;
+        if let (Some(master), Some((password, kdf))) = (&master, &opts.encryption) {
+            kdf.check()
+                .map_err(|e| StoreError::InvalidParameter(e.to_string()))?;
+            let crypto = Crypto::sealed(master.clone());
+            config.mac = crypto
+                .config_mac(&config.encode()[..CONFIG_MAC_AT])
+                .expect("sealed crypto has a mac");
+            backend.create()?;
+            // The key object before the config: a crash in between leaves a directory that is
+            // not a repository yet, which init refuses only because it is not empty.
+            let key = KeyObject::wrap(
+                master,
+                password.as_bytes(),
+                *kdf,
+                &config.repo_id,
+                &crate::lock::host_name(),
+                now_unix(),
+            )
+            .map_err(io)?;
+            let name = crate::id::to_hex(&crate::id::random_bytes::<16>().map_err(io)?);
+            backend.write_once(Kind::Key, &name, &key.encode())?;
+        } else {
+            backend.create()?;
+        }
         // The config is written last: its presence is what makes the place a repository, so a
         // crash during init leaves a place that init can be told to use again.
         if backend.write_once(Kind::Config, "config", &config.encode())? == Written::AlreadyThere {
@@ -125,9 +195,9 @@ impl Repository {
         Ok(config)
     }
 
-    /// Opens the repository: reads and checks its config. The index is not loaded (see
-    /// [`Repository::load_index`]): listing snapshots or removing locks needs none.
-    pub fn open(backend: Arc<dyn Backend>) -> Result<Self> {
+    /// Reads and checks the config of the repository at `backend`, without any key: enough
+    /// to know that a repository is there, its format, and whether it is encrypted.
+    pub fn read_config(backend: &dyn Backend) -> Result<(RepoConfig, Vec<u8>)> {
         let bytes = match backend.read(Kind::Config, "config") {
             Ok(b) => b,
             Err(StoreError::ObjectMissing { .. }) => {
@@ -157,13 +227,145 @@ impl Repository {
                 source,
             },
         })?;
+        Ok((config, bytes))
+    }
+
+    /// Opens the repository: reads and checks its config and, when it is encrypted, unlocks
+    /// it with the password `password` gives (asked only then). The index is not loaded (see
+    /// [`Repository::load_index`]): listing snapshots or removing locks needs none.
+    pub fn open(
+        backend: Arc<dyn Backend>,
+        password: &mut dyn FnMut() -> Result<String>,
+    ) -> Result<Self> {
+        let (config, bytes) = Self::read_config(backend.as_ref())?;
+        let encrypted = config.features_required & FEATURE_ENCRYPTED != 0;
+        let keys = backend.list(Kind::Key)?;
+        let (crypto, chunk_key, key_name) = if encrypted {
+            let password = password()?;
+            let (name, master) = unlock(backend.as_ref(), &keys, &config, password.as_bytes())?;
+            let crypto = Crypto::sealed(master);
+            // The config is authenticated by the master key: any changed byte is caught here.
+            if crypto.config_mac(&bytes[..CONFIG_MAC_AT]) != Some(config.mac) {
+                return Err(StoreError::Corrupt {
+                    path: "config".into(),
+                    what: "config",
+                    source: DecodeError::AuthenticationFailed,
+                });
+            }
+            let chunk_key = *crypto.chunk_key().expect("sealed crypto has a chunk key");
+            (crypto, chunk_key, Some(name))
+        } else {
+            if !keys.is_empty() {
+                // Key objects in an unencrypted repository: the config was replaced by one
+                // that would make this sbk write plaintext into an encrypted repository.
+                return Err(StoreError::Corrupt {
+                    path: "config".into(),
+                    what: "config",
+                    source: DecodeError::Invalid {
+                        field: "features",
+                        detail: format!(
+                            "says the repository is not encrypted, but it holds {} key objects",
+                            keys.len()
+                        ),
+                    },
+                });
+            }
+            (Crypto::Plain, config.chunk_key, None)
+        };
         Ok(Repository {
             config_hash: *blake3::hash(&bytes).as_bytes(),
             backend,
             config,
             index: OnceLock::new(),
             lease: Arc::default(),
+            crypto: Arc::new(crypto),
+            chunk_key,
+            key_name,
         })
+    }
+
+    /// True when the repository is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.crypto.is_sealed()
+    }
+
+    /// Every key object, with the one that opened the repository marked.
+    pub fn keys(&self) -> Result<Vec<KeyInfo>> {
+        let b = self.b()?;
+        let mut out = Vec::new();
+        for o in b.list(Kind::Key)? {
+            let key = match b.read(Kind::Key, &o.name) {
+                Ok(bytes) => KeyObject::decode(&bytes),
+                Err(StoreError::ObjectMissing { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            out.push(KeyInfo {
+                current: self.key_name.as_deref() == Some(o.name.as_str()),
+                name: o.name,
+                key,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Adds a key object for `password`: the same master key, wrapped again.
+    pub fn add_key(&self, password: &str, kdf: KdfParams) -> Result<String> {
+        let Crypto::Sealed { key: master, .. } = self.crypto.as_ref() else {
+            return Err(StoreError::NotEncrypted);
+        };
+        kdf.check()
+            .map_err(|e| StoreError::InvalidParameter(e.to_string()))?;
+        let io = |e| StoreError::io("key", e);
+        let key = KeyObject::wrap(
+            master,
+            password.as_bytes(),
+            kdf,
+            &self.config.repo_id,
+            &crate::lock::host_name(),
+            now_unix(),
+        )
+        .map_err(io)?;
+        let name = crate::id::to_hex(&crate::id::random_bytes::<16>().map_err(io)?);
+        self.b()?.write_once(Kind::Key, &name, &key.encode())?;
+        Ok(name)
+    }
+
+    /// Removes a key object. The last readable one, and the one that opened the repository,
+    /// are refused (change its password instead).
+    pub fn remove_key(&self, name: &str) -> Result<()> {
+        let keys = self.keys()?;
+        let Some(target) = keys.iter().find(|k| k.name == name) else {
+            return Err(StoreError::ObjectMissing {
+                kind: Kind::Key,
+                name: name.to_owned(),
+            });
+        };
+        if target.current {
+            return Err(StoreError::KeyRefused(
+                "it is the key this command was opened with; use `sbk key passwd` to change its password".into(),
+            ));
+        }
+        if keys
+            .iter()
+            .filter(|k| k.key.is_ok() && k.name != name)
+            .count()
+            == 0
+        {
+            return Err(StoreError::KeyRefused(
+                "it is the last readable key: without it nobody could open the repository".into(),
+            ));
+        }
+        self.b()?.delete(Kind::Key, name)
+    }
+
+    /// Changes the password of the key that opened the repository: a new key object first,
+    /// then the old one removed (a crash in between leaves both, never neither).
+    pub fn change_password(&self, password: &str, kdf: KdfParams) -> Result<String> {
+        let new = self.add_key(password, kdf)?;
+        if let Some(old) = &self.key_name {
+            self.b()?.delete(Kind::Key, old)?;
+        }
+        Ok(new)
     }
 
     /// Creates a repository in a local directory (a new or empty one, made mode 0700).
@@ -171,10 +373,20 @@ impl Repository {
         Self::init(&crate::backend::LocalBackend::new(path), opts)
     }
 
-    /// Opens the repository in a local directory and loads its index through `cache`: what a
-    /// program that only reads and writes one local repository needs.
-    pub fn open_local(path: &std::path::Path, cache: &CacheLocation) -> Result<Self> {
-        let repo = Self::open(Arc::new(crate::backend::LocalBackend::new(path)))?;
+    /// Opens the repository in a local directory (with `password` if it is encrypted) and loads
+    /// its index through `cache`: what a program that only reads and writes one local
+    /// repository needs.
+    pub fn open_local(
+        path: &std::path::Path,
+        cache: &CacheLocation,
+        password: Option<&str>,
+    ) -> Result<Self> {
+        let mut ask = || {
+            password
+                .map(str::to_owned)
+                .ok_or_else(|| StoreError::NoPassword("the repository is encrypted".into()))
+        };
+        let repo = Self::open(Arc::new(crate::backend::LocalBackend::new(path)), &mut ask)?;
         repo.load_index(cache)?;
         Ok(repo)
     }
@@ -220,7 +432,13 @@ impl Repository {
         if self.index.get().is_some() {
             return self.refresh_index();
         }
-        let (index, report) = Index::open(self.b()?, cache, self.config.repo_id, self.config_hash)?;
+        let (index, report) = Index::open(
+            self.b()?,
+            cache,
+            self.config.repo_id,
+            self.config_hash,
+            self.crypto.clone(),
+        )?;
         let _ = self.index.set(index);
         Ok(report)
     }
@@ -242,7 +460,7 @@ impl Repository {
 
     /// The id of a blob with these raw bytes: BLAKE3 keyed with the repository's key.
     pub fn blob_id(&self, raw: &[u8]) -> ChunkId {
-        ChunkId(*blake3::keyed_hash(&self.config.chunk_key, raw).as_bytes())
+        ChunkId(*blake3::keyed_hash(&self.chunk_key, raw).as_bytes())
     }
 
     /// Looks a blob up in the index, failing when it is not there.
@@ -254,7 +472,7 @@ impl Repository {
 
     /// Starts a new pack.
     pub fn new_pack(&self) -> Result<PackWriter> {
-        PackWriter::create(self.b()?)
+        PackWriter::create(self.b()?, self.crypto.clone())
     }
 
     /// Every sealed pack with its size, sorted by id.
@@ -269,7 +487,7 @@ impl Repository {
 
     /// Reads and checks a pack's trailer.
     pub fn read_trailer(&self, pack: PackId) -> Result<Vec<PackEntry>> {
-        read_trailer(self.b()?, pack).map_err(|e| match e {
+        read_trailer(self.b()?, pack, &self.crypto).map_err(|e| match e {
             StoreError::ObjectMissing { .. } => StoreError::PackMissing {
                 pack,
                 path: object_path(Kind::Pack, &pack.to_hex()),
@@ -327,12 +545,38 @@ impl Repository {
             pack,
             detail,
         };
+        let opened;
+        let stored = if self.crypto.is_sealed() {
+            opened = self
+                .crypto
+                .open(Context::Blob(entry.kind, &entry.id), stored)
+                .map_err(|e| corrupt(e.to_string()))?;
+            &opened[..]
+        } else {
+            stored
+        };
         decode_blob_into(entry.compression, stored, out).map_err(|e| corrupt(e.to_string()))?;
         let got = self.blob_id(out);
         if got != entry.id {
             return Err(corrupt(format!("contents hash to {got}")));
         }
         Ok(())
+    }
+
+    /// A blob of these raw bytes, ready for a pack: compressed at the repository's level
+    /// (kept raw when that does not help) and, encrypted, sealed to its kind and id.
+    pub fn encode_blob(&self, id: ChunkId, kind: BlobKind, raw: &[u8]) -> Result<EncodedBlob> {
+        let io = |e| StoreError::io("blob", e);
+        let mut blob = encode_blob(id, kind, raw, self.config.zstd_level).map_err(io)?;
+        if self.crypto.is_sealed() {
+            blob.data = self
+                .crypto
+                .seal(Context::Blob(kind, &id), &blob.data)
+                .map_err(io)?;
+            blob.header.stored_len = blob.data.len() as u32;
+            blob.header.sealed = true;
+        }
+        Ok(blob)
     }
 
     /// Reads, decompresses and verifies one blob of the expected kind.
@@ -381,7 +625,10 @@ impl Repository {
             packs,
             extensions: Vec::new(),
         };
-        let bytes = file.encode();
+        let bytes = self
+            .crypto
+            .seal(Context::Object(Kind::Index), &file.encode())
+            .map_err(|e| StoreError::io("index file", e))?;
         let id = IndexFile::id_of(&bytes);
         self.b()?.write_once(Kind::Index, &id.to_hex(), &bytes)?;
         if let Some(index) = self.index.get() {
@@ -402,7 +649,7 @@ impl Repository {
 
     /// Reads one index file.
     pub fn read_index_file(&self, id: &IndexId) -> Result<IndexFile> {
-        read_index_file(self.b()?, id)
+        read_index_file(self.b()?, id, &self.crypto)
     }
 
     /// Removes an index file (prune and repair, under an exclusive lock, once the index files
@@ -416,7 +663,10 @@ impl Repository {
     /// Writes a manifest and returns its id. The caller must have made every blob it refers
     /// to durable and named in an index file first (docs/design.md, "write ordering").
     pub fn write_manifest(&self, manifest: &Manifest) -> Result<SnapshotId> {
-        let bytes = manifest.encode();
+        let bytes = self
+            .crypto
+            .seal(Context::Object(Kind::Snapshot), &manifest.encode())
+            .map_err(|e| StoreError::io("manifest", e))?;
         let id = SnapshotId(*blake3::hash(&bytes).as_bytes());
         self.b()?.write_once(Kind::Snapshot, &id.to_hex(), &bytes)?;
         Ok(id)
@@ -461,7 +711,11 @@ impl Repository {
                 expected: name.clone(),
             }));
         }
-        Manifest::decode(&bytes).map_err(corrupt)
+        let plain = self
+            .crypto
+            .open(Context::Object(Kind::Snapshot), &bytes)
+            .map_err(corrupt)?;
+        Manifest::decode(&plain).map_err(corrupt)
     }
 
     /// Every snapshot with its manifest (or the error that kept it from loading), oldest first.
@@ -504,4 +758,60 @@ impl Repository {
             }),
         }
     }
+}
+
+/// The config's bytes its authentication tag covers: everything before the tag.
+const CONFIG_MAC_AT: usize = 128;
+
+/// Tries `password` on every key object: the master key of the first that opens, and its name.
+fn unlock(
+    backend: &dyn Backend,
+    keys: &[crate::backend::ObjectInfo],
+    config: &RepoConfig,
+    password: &[u8],
+) -> Result<(String, MasterKey)> {
+    let mut damaged = Vec::new();
+    let mut tried = 0;
+    for o in keys {
+        let key = match backend.read(Kind::Key, &o.name) {
+            Ok(bytes) => KeyObject::decode(&bytes),
+            Err(StoreError::ObjectMissing { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        match key {
+            Ok(k) => {
+                tried += 1;
+                let master = k.unwrap_with(password, &config.repo_id).map_err(|source| {
+                    StoreError::Corrupt {
+                        path: crate::pack::object_path(Kind::Key, &o.name),
+                        what: "key object",
+                        source,
+                    }
+                })?;
+                if let Some(m) = master {
+                    return Ok((o.name.clone(), m));
+                }
+            }
+            Err(source) => damaged.push(StoreError::Corrupt {
+                path: crate::pack::object_path(Kind::Key, &o.name),
+                what: "key object",
+                source,
+            }),
+        }
+    }
+    if tried == 0 {
+        // No key object could even be read: damage, not a wrong password.
+        return Err(damaged.into_iter().next().unwrap_or(StoreError::Corrupt {
+            path: "keys".into(),
+            what: "key objects",
+            source: DecodeError::Invalid {
+                field: "keys",
+                detail: "the repository is encrypted but holds no key object".into(),
+            },
+        }));
+    }
+    Err(StoreError::WrongPassword {
+        tried,
+        damaged: damaged.len(),
+    })
 }

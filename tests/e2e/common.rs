@@ -37,13 +37,28 @@ impl Run {
     }
 }
 
+/// The password of every test repository.
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// True when the suite runs against encrypted repositories: the default. `SBK_E2E_ENCRYPTION=none`
+/// runs the same scenarios against unencrypted ones (scripts/test.sh runs both).
+pub fn encrypted() -> bool {
+    std::env::var("SBK_E2E_ENCRYPTION").as_deref() != Ok("none")
+}
+
 /// The `sbk` binary, with no repository in its environment and no cache directory of the
-/// user's (a command that does not set one uses a temporary cache).
+/// user's (a command that does not set one uses a temporary cache), the test password, and the
+/// test-only key derivation that costs nothing.
 pub fn sbk() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sbk"));
     c.env_remove("SBK_REPO")
         .env_remove("SBK_CACHE_DIR")
         .env_remove("SBK_TEST_FAULT")
+        .env_remove("SBK_PASSWORD_FILE")
+        .env_remove("SBK_PASSWORD_COMMAND")
+        .env_remove("SBK_NEW_PASSWORD")
+        .env("SBK_PASSWORD", PASSWORD)
+        .env("SBK_TEST_KDF", "weak")
         .env("XDG_CACHE_HOME", std::env::temp_dir().join("sbk-e2e-cache"));
     c
 }
@@ -54,7 +69,12 @@ impl Env {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let repo = dir.path().join("repo");
         let env = Env { dir, repo };
-        let r = env.run(&[&["init"], args].concat());
+        let mode: &[&str] = if encrypted() || args.contains(&"--encryption") {
+            &[]
+        } else {
+            &["--encryption", "none"]
+        };
+        let r = env.run(&[&["init"], mode, args].concat());
         assert_eq!(r.code, 0, "init failed: {}", r.stderr);
         env
     }
@@ -91,8 +111,12 @@ impl Env {
     /// Opens the repository in this process, with its index loaded (through a temporary
     /// cache, so that the test's own cache directory is left as the commands left it).
     pub fn open(&self) -> sbk_store::Repository {
-        sbk_store::Repository::open_local(&self.repo, &sbk_store::CacheLocation::Temporary)
-            .expect("the repository opens")
+        sbk_store::Repository::open_local(
+            &self.repo,
+            &sbk_store::CacheLocation::Temporary,
+            Some(PASSWORD),
+        )
+        .expect("the repository opens")
     }
 
     /// Backs up `source` and returns the JSON record of its snapshot.

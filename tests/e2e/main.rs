@@ -5,6 +5,7 @@ mod bad_input;
 mod common;
 mod dedup;
 mod devices;
+mod encryption;
 mod faults;
 mod interrupt;
 mod maintenance;

@@ -28,23 +28,63 @@ pub struct Args {
     /// objects (object storage bills per request); smaller ones less to rewrite in prune.
     #[arg(long, default_value_t = sbk_store::DEFAULT_PACK_SIZE, value_parser = parse_size, value_name = "SIZE")]
     pack_size: u64,
+
+    /// `repokey` (the default): every blob, pack trailer, index file and manifest is encrypted
+    /// and authenticated (XChaCha20-Poly1305) under a random master key, stored wrapped by a
+    /// key derived from your password (Argon2id). `none`: nothing is encrypted; anyone who can
+    /// read the repository can read the disks in it.
+    #[arg(long, default_value = "repokey", value_name = "MODE", value_parser = ["repokey", "none"])]
+    encryption: String,
+}
+
+/// Test-only: `SBK_TEST_KDF=weak` makes key derivation cost nothing, so that tests do not
+/// spend half a second per command. It protects no password: never set it elsewhere.
+pub const TEST_KDF_ENV: &str = "SBK_TEST_KDF";
+
+/// The Argon2id parameters for new keys: the default, or the weak test profile.
+pub fn kdf_params() -> sbk_store::KdfParams {
+    if std::env::var(TEST_KDF_ENV).as_deref() == Ok("weak") {
+        sbk_store::KdfParams::weak()
+    } else {
+        sbk_store::KdfParams::default()
+    }
 }
 
 /// Runs `sbk init`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let path = ctx.repo_path()?;
     let chunk_avg = u32::try_from(args.chunk_size).unwrap_or(u32::MAX);
+    let encryption = if args.encryption == "none" {
+        ctx.out.notice(
+            "the repository will not be encrypted: anyone who can read it can read every disk backed up into it",
+        );
+        None
+    } else {
+        // The repository's first password: from the usual sources, else asked twice.
+        let given = std::env::var_os("SBK_PASSWORD").is_some()
+            || ctx.password.file.is_some()
+            || ctx.password.command.is_some();
+        let password = if given {
+            ctx.password.get()?
+        } else {
+            crate::password::PasswordSource::new_password(None)?
+        };
+        Some((password, kdf_params()))
+    };
     let config = Repository::init(
         ctx.backend()?.as_ref(),
         InitOptions {
             chunk_avg,
             zstd_level: args.compression_level,
             pack_size: args.pack_size,
+            encryption,
         },
     )?;
+    let encrypted = config.features_required & 1 != 0;
     ctx.out.info(
         &format!(
-            "created sbk repository {} (id {}, format {}): chunks of {} on average, segments of {}, packs of {}, zstd level {}",
+            "created {} sbk repository {} (id {}, format {}): chunks of {} on average, segments of {}, packs of {}, zstd level {}",
+            if encrypted { "encrypted" } else { "unencrypted" },
             path.display(),
             sbk_store::PackId(config.repo_id),
             config.version,
@@ -65,6 +105,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             "chunk_max": config.chunk_max,
             "segment_size": config.segment_size,
             "pack_size": config.pack_size,
+            "encrypted": encrypted,
             "zstd_level": config.zstd_level,
         }),
         false,

@@ -3,6 +3,7 @@
 pub mod backup;
 pub mod forget;
 pub mod init;
+pub mod key;
 pub mod prune;
 pub mod repair;
 pub mod restore;
@@ -23,6 +24,7 @@ use sbk_store::{
 
 use crate::exit::{Exit, ExitWith};
 use crate::output::Output;
+use crate::password::PasswordSource;
 
 /// Test-only: lock refresh interval in milliseconds (default 5 minutes), so that a test of a
 /// failing refresh takes seconds.
@@ -40,6 +42,8 @@ pub struct Context {
     pub out: Output,
     /// `--cache-dir` / `--no-cache`.
     pub cache: CacheLocation,
+    /// Where the repository password comes from.
+    pub password: PasswordSource,
 }
 
 impl Context {
@@ -90,9 +94,12 @@ impl Context {
         t
     }
 
-    /// Opens the repository (its config only: no index, no lock).
+    /// Opens the repository (its config, and its key when it is encrypted: no index, no
+    /// lock).
     pub fn open_repo(&self) -> Result<Repository> {
-        Ok(Repository::open(self.backend()?)?)
+        Ok(Repository::open(self.backend()?, &mut || {
+            self.password.get()
+        })?)
     }
 
     /// Loads the index through the cache, saying what that found.

@@ -16,10 +16,10 @@ pub struct Args {}
 
 /// Runs `sbk unlock`.
 pub fn run(ctx: &Context, _args: Args) -> Result<ExitCode> {
-    // Needs only the lock objects: no index, no cache, no config beyond knowing the
-    // repository is there.
-    let repo = ctx.open_repo()?;
-    let backend = repo.backend();
+    // Needs only the lock objects: no password, no index, no cache; the config only to know
+    // that a repository is there and of a format this sbk reads.
+    let backend = ctx.backend()?;
+    sbk_store::Repository::read_config(backend.as_ref())?;
     let host = host_name();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -14,9 +14,10 @@ pub mod table;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use crate::backend::{Backend, Kind};
+use crate::crypto::Crypto;
 use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, IndexId, PackId};
 use crate::pack::PackEntry;
@@ -67,6 +68,7 @@ pub struct Index {
     _temp: Option<tempfile::TempDir>,
     repo_id: [u8; 16],
     config_hash: [u8; 32],
+    crypto: Arc<Crypto>,
     state: RwLock<State>,
 }
 
@@ -105,6 +107,7 @@ impl Index {
         location: &CacheLocation,
         repo_id: [u8; 16],
         config_hash: [u8; 32],
+        crypto: Arc<Crypto>,
     ) -> Result<(Index, IndexReport)> {
         let mut report = IndexReport::default();
         let temp = || {
@@ -138,6 +141,7 @@ impl Index {
             _temp: temp_dir,
             repo_id,
             config_hash,
+            crypto,
             state: RwLock::new(State {
                 table: None,
                 table_files: HashSet::new(),
@@ -267,7 +271,7 @@ impl Index {
             .copied()
             .collect();
         for id in new {
-            match read_index_file(backend, &id) {
+            match read_index_file(backend, &id, &self.crypto) {
                 Ok(file) => {
                     report.files_read += 1;
                     Self::add_locked(&mut st, id, &file);
@@ -453,8 +457,12 @@ impl Index {
     }
 }
 
-/// Reads and decodes one index file, checking that its bytes still hash to its name.
-pub(crate) fn read_index_file(backend: &dyn Backend, id: &IndexId) -> Result<IndexFile> {
+/// Reads, opens and decodes one index file, checking that its bytes still hash to its name.
+pub(crate) fn read_index_file(
+    backend: &dyn Backend,
+    id: &IndexId,
+    crypto: &Crypto,
+) -> Result<IndexFile> {
     let name = id.to_hex();
     let bytes = backend.read(Kind::Index, &name)?;
     let corrupt = |source| StoreError::Corrupt {
@@ -469,7 +477,10 @@ pub(crate) fn read_index_file(backend: &dyn Backend, id: &IndexId) -> Result<Ind
             expected: name.clone(),
         }));
     }
-    IndexFile::decode(&bytes).map_err(corrupt)
+    let plain = crypto
+        .open(crate::crypto::Context::Object(Kind::Index), &bytes)
+        .map_err(corrupt)?;
+    IndexFile::decode(&plain).map_err(corrupt)
 }
 
 /// Merges two id-sorted entry streams, keeping the first of equal ids.

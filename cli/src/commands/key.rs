@@ -1,0 +1,122 @@
+//! `sbk key`: the key objects of an encrypted repository.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use super::Context;
+use crate::exit::Exit;
+use crate::password::PasswordSource;
+
+/// Manage the passwords of an encrypted repository.
+///
+/// A repository has a random master key, stored wrapped by each of its keys: one per password
+/// (one per operator or data mover host). These commands add, remove and rewrap keys; they
+/// never change the master key itself. If a master key may have leaked, copy the snapshots into
+/// a new repository (which has a new master key) and retire the old one.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum What {
+    /// List the keys: id, host and time it was made, KDF parameters; `*` marks the one the
+    /// password given opens.
+    List,
+    /// Add a key for another password (SBK_NEW_PASSWORD, --new-password-file, or asked).
+    Add(NewPassword),
+    /// Remove a key. The last key, and the one the given password opens, are refused.
+    Remove {
+        /// The key's id (as `key list` shows it; a unique prefix will do).
+        id: String,
+    },
+    /// Change the password of the key the given password opens (a new key, then the old one
+    /// removed).
+    Passwd(NewPassword),
+}
+
+#[derive(clap::Args, Debug)]
+struct NewPassword {
+    /// Read the new password from the first line of FILE.
+    #[arg(long, value_name = "FILE")]
+    new_password_file: Option<PathBuf>,
+}
+
+/// Runs `sbk key`.
+pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
+    let repo = ctx.open_repo()?;
+    if !repo.is_encrypted() {
+        return Err(sbk_store::StoreError::NotEncrypted.into());
+    }
+    match args.what {
+        What::List => {
+            let keys = repo.keys()?;
+            let mut json = Vec::new();
+            for k in &keys {
+                let mark = if k.current { "*" } else { " " };
+                match &k.key {
+                    Ok(key) => {
+                        let made =
+                            super::snapshots::time(key.created.saturating_mul(1_000_000_000));
+                        ctx.out.info(
+                            &format!(
+                                "{mark} {}  {}  {}  argon2id m={} KiB t={} p={}",
+                                &k.name[..8],
+                                made,
+                                key.host,
+                                key.kdf.m_kib,
+                                key.kdf.t,
+                                key.kdf.p
+                            ),
+                            false,
+                        );
+                        json.push(serde_json::json!({"id": k.name, "current": k.current, "host": key.host, "created": made, "kdf": {"algorithm": "argon2id", "m_kib": key.kdf.m_kib, "t": key.kdf.t, "p": key.kdf.p}}));
+                    }
+                    Err(e) => {
+                        ctx.out
+                            .info(&format!("{mark} {}  damaged: {e}", &k.name[..8]), false);
+                        json.push(serde_json::json!({"id": k.name, "current": k.current, "damaged": e.to_string()}));
+                    }
+                }
+            }
+            ctx.out.json(&serde_json::Value::Array(json), false);
+        }
+        What::Add(n) => {
+            let password = PasswordSource::new_password(n.new_password_file.as_ref())?;
+            let id = repo.add_key(&password, super::init::kdf_params())?;
+            ctx.out.info(&format!("added key {}", &id[..8]), false);
+            ctx.out.json(&serde_json::json!({"added": id}), false);
+        }
+        What::Remove { id } => {
+            let keys = repo.keys()?;
+            let matches: Vec<_> = keys.iter().filter(|k| k.name.starts_with(&id)).collect();
+            let name = match matches.as_slice() {
+                [one] => one.name.clone(),
+                [] => anyhow::bail!(crate::exit::ExitWith(
+                    Exit::Refused,
+                    format!("no key matches {id:?}")
+                )),
+                _ => anyhow::bail!(crate::exit::ExitWith(
+                    Exit::Refused,
+                    format!("key prefix {id:?} is ambiguous")
+                )),
+            };
+            repo.remove_key(&name)?;
+            ctx.out.info(&format!("removed key {}", &name[..8]), false);
+            ctx.out.json(&serde_json::json!({"removed": name}), false);
+        }
+        What::Passwd(n) => {
+            let password = PasswordSource::new_password(n.new_password_file.as_ref())?;
+            let id = repo.change_password(&password, super::init::kdf_params())?;
+            ctx.out.info(
+                &format!("changed the password: new key {}", &id[..8]),
+                false,
+            );
+            ctx.out.json(&serde_json::json!({"added": id}), false);
+        }
+    }
+    Ok(Exit::Ok.into())
+}

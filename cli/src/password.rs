@@ -1,0 +1,106 @@
+//! Where passwords come from, as restic users know it: `SBK_PASSWORD`, `--password-file FILE`
+//! (`SBK_PASSWORD_FILE`), `--password-command CMD` (`SBK_PASSWORD_COMMAND`), else a prompt
+//! without echo when standard input is a terminal. With none of them: a clear error, never a
+//! hang. New passwords (init, `key add`, `key passwd`): `SBK_NEW_PASSWORD`,
+//! `--new-password-file FILE`, or a prompt asked twice.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::Command;
+
+use sbk_store::StoreError;
+
+/// The password options of the command line.
+#[derive(Debug, Clone, Default)]
+pub struct PasswordSource {
+    /// `--password-file` / `SBK_PASSWORD_FILE`.
+    pub file: Option<PathBuf>,
+    /// `--password-command` / `SBK_PASSWORD_COMMAND`.
+    pub command: Option<String>,
+}
+
+/// The first line of `text`, without its line end (a password file or command's output).
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or("").to_owned()
+}
+
+impl PasswordSource {
+    /// The password of the repository.
+    pub fn get(&self) -> Result<String, StoreError> {
+        if let Ok(p) = std::env::var("SBK_PASSWORD") {
+            return Ok(p);
+        }
+        if let Some(file) = &self.file {
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                StoreError::NoPassword(format!(
+                    "cannot read the password file {}: {e}",
+                    file.display()
+                ))
+            })?;
+            return Ok(first_line(&text));
+        }
+        if let Some(cmd) = &self.command {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .map_err(|e| {
+                    StoreError::NoPassword(format!("cannot run the password command: {e}"))
+                })?;
+            if !out.status.success() {
+                return Err(StoreError::NoPassword(format!(
+                    "the password command failed ({})",
+                    out.status
+                )));
+            }
+            return Ok(first_line(&String::from_utf8_lossy(&out.stdout)));
+        }
+        if std::io::stdin().is_terminal() {
+            return rpassword::prompt_password("repository password: ").map_err(|e| {
+                StoreError::NoPassword(format!("cannot read it from the terminal: {e}"))
+            });
+        }
+        Err(StoreError::NoPassword(
+            "the repository is encrypted and no password was given".into(),
+        ))
+    }
+
+    /// A new password (for a new repository or a new key): `SBK_NEW_PASSWORD`, `new_file`, or
+    /// asked twice on the terminal.
+    pub fn new_password(new_file: Option<&PathBuf>) -> Result<String, StoreError> {
+        if let Ok(p) = std::env::var("SBK_NEW_PASSWORD") {
+            return Ok(p);
+        }
+        if let Some(file) = new_file {
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                StoreError::NoPassword(format!(
+                    "cannot read the new password file {}: {e}",
+                    file.display()
+                ))
+            })?;
+            return Ok(first_line(&text));
+        }
+        if std::io::stdin().is_terminal() {
+            let read = |prompt| {
+                rpassword::prompt_password(prompt).map_err(|e| {
+                    StoreError::NoPassword(format!("cannot read it from the terminal: {e}"))
+                })
+            };
+            let a = read("new password: ")?;
+            if a.is_empty() {
+                return Err(StoreError::NoPassword(
+                    "an empty password protects nothing".into(),
+                ));
+            }
+            if read("new password again: ")? != a {
+                return Err(StoreError::NoPassword("the two passwords differ".into()));
+            }
+            return Ok(a);
+        }
+        Err(StoreError::NoPassword(
+            "no new password given (SBK_NEW_PASSWORD, --new-password-file FILE, or a terminal)"
+                .into(),
+        ))
+    }
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite: every crate's tests, with the end-to-end scenarios against encrypted
+# repositories (the default), then the end-to-end scenarios again against unencrypted ones.
+# Installs what the scenarios need when run as root on a fresh machine (loop devices, mkfs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+command -v losetup >/dev/null 2>&1 || need+=(util-linux)
+command -v mount >/dev/null 2>&1 || need+=(mount)
+command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.ext4 ] || need+=(e2fsprogs)
+if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && apt-get install -y -qq "${need[@]}"
+fi
+echo "== cargo test --workspace (end-to-end scenarios on encrypted repositories)"
+cargo test --workspace
+echo "== end-to-end scenarios on unencrypted repositories"
+SBK_E2E_ENCRYPTION=none cargo test -p sbk --test e2e

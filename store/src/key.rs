@@ -1,0 +1,270 @@
+//! Key objects: the master key, wrapped by a key derived from a password with Argon2id.
+//!
+//! A repository has one key object per password (per operator or data mover): `keys/<32 hex>`.
+//! Each holds its own Argon2id parameters and salt, the master key sealed with
+//! XChaCha20-Poly1305 under the derived key, and a plain checksum, so that a damaged key object
+//! (exit 12) is told apart from a wrong password (exit 19). Adding or removing a key object, or
+//! changing a password, rewraps the master key; it never changes it. Byte layout:
+//! docs/format.md, "key object".
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use zeroize::Zeroize;
+
+use crate::codec::{invalid, split_checksum, Decoder, Encoder};
+use crate::crypto::MasterKey;
+use crate::error::DecodeError;
+
+/// Magic of a key object. Do not change.
+pub const KEY_MAGIC: &[u8; 8] = b"SBKKEY\0\0";
+/// Key object format version.
+pub const KEY_VERSION: u32 = 1;
+/// KDF identifier: Argon2id, version 0x13.
+const KDF_ARGON2ID: u32 = 1;
+/// Most memory a key object may ask the KDF for (2 GiB): a forged key object must not be able
+/// to make an unlock allocate without bound.
+const MAX_M_KIB: u32 = 2 << 20;
+
+/// Argon2id parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KdfParams {
+    /// Memory in KiB.
+    pub m_kib: u32,
+    /// Passes.
+    pub t: u32,
+    /// Lanes.
+    pub p: u32,
+}
+
+impl Default for KdfParams {
+    /// 64 MiB and 12 passes: about 0.5 s on the machines sbk is measured on (docs/benchmarks.md,
+    /// "Encryption"), so that guessing passwords costs an attacker 0.5 s and 64 MiB a guess.
+    fn default() -> Self {
+        KdfParams {
+            m_kib: 64 << 10,
+            t: 12,
+            p: 1,
+        }
+    }
+}
+
+impl KdfParams {
+    /// A profile that costs nothing, for tests only (the CLI offers it only through a variable
+    /// documented as test-only): it protects no password.
+    pub fn weak() -> Self {
+        KdfParams {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        }
+    }
+
+    /// Checks the parameters' bounds.
+    pub(crate) fn check(&self) -> Result<argon2::Params, DecodeError> {
+        if self.m_kib > MAX_M_KIB || self.t == 0 || self.t > 1000 || self.p == 0 || self.p > 16 {
+            return Err(invalid(
+                "kdf parameters",
+                format!("m {} KiB, t {}, p {}", self.m_kib, self.t, self.p),
+            ));
+        }
+        argon2::Params::new(self.m_kib, self.t, self.p, Some(32))
+            .map_err(|e| invalid("kdf parameters", e.to_string()))
+    }
+
+    /// The key `password` and `salt` derive.
+    pub fn derive(&self, password: &[u8], salt: &[u8; 16]) -> Result<[u8; 32], DecodeError> {
+        let argon = argon2::Argon2::new(
+            argon2::Algorithm::Argon2id,
+            argon2::Version::V0x13,
+            self.check()?,
+        );
+        let mut out = [0u8; 32];
+        argon
+            .hash_password_into(password, salt, &mut out)
+            .map_err(|e| invalid("kdf", e.to_string()))?;
+        Ok(out)
+    }
+}
+
+/// A key object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyObject {
+    /// How the wrapping key is derived from the password.
+    pub kdf: KdfParams,
+    /// Argon2id salt.
+    pub salt: [u8; 16],
+    /// Nonce of the wrapping.
+    pub nonce: [u8; 24],
+    /// The master key (64 bytes) sealed under the derived key: 80 bytes.
+    pub wrapped: Vec<u8>,
+    /// When it was made (seconds since the Unix epoch).
+    pub created: i64,
+    /// The host it was made on (informational, for `key list`).
+    pub host: String,
+}
+
+/// Associated data of the wrapping: binds it to the repository and to the key's parameters.
+fn aad(repo_id: &[u8; 16], kdf: &KdfParams, salt: &[u8; 16]) -> Vec<u8> {
+    let mut e = Encoder::default();
+    e.bytes(b"sbk key")
+        .bytes(repo_id)
+        .u32(KDF_ARGON2ID)
+        .u32(kdf.m_kib)
+        .u32(kdf.t)
+        .u32(kdf.p)
+        .bytes(salt);
+    e.buf
+}
+
+impl KeyObject {
+    /// Wraps `master` under `password`.
+    pub fn wrap(
+        master: &MasterKey,
+        password: &[u8],
+        kdf: KdfParams,
+        repo_id: &[u8; 16],
+        host: &str,
+        created: i64,
+    ) -> std::io::Result<Self> {
+        let salt: [u8; 16] = crate::id::random_bytes()?;
+        let nonce: [u8; 24] = crate::id::random_bytes()?;
+        let mut kek = kdf
+            .derive(password, &salt)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        let mut plain = master.to_bytes();
+        let wrapped = XChaCha20Poly1305::new(&kek.into())
+            .encrypt(
+                &XNonce::from(nonce),
+                Payload {
+                    msg: &plain,
+                    aad: &aad(repo_id, &kdf, &salt),
+                },
+            )
+            .map_err(|_| std::io::Error::other("wrapping failed"));
+        kek.zeroize();
+        plain.zeroize();
+        Ok(KeyObject {
+            kdf,
+            salt,
+            nonce,
+            wrapped: wrapped?,
+            created,
+            host: host.to_owned(),
+        })
+    }
+
+    /// The master key, if `password` is this key's. `None` is a wrong password (the object
+    /// itself was checked when it was decoded).
+    pub fn unwrap_with(
+        &self,
+        password: &[u8],
+        repo_id: &[u8; 16],
+    ) -> Result<Option<MasterKey>, DecodeError> {
+        let mut kek = self.kdf.derive(password, &self.salt)?;
+        let plain = XChaCha20Poly1305::new(&kek.into()).decrypt(
+            &XNonce::from(self.nonce),
+            Payload {
+                msg: &self.wrapped,
+                aad: &aad(repo_id, &self.kdf, &self.salt),
+            },
+        );
+        kek.zeroize();
+        Ok(plain.ok().and_then(|mut p| {
+            let m = MasterKey::from_bytes(&p);
+            p.zeroize();
+            m
+        }))
+    }
+
+    /// Encodes the key object.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Encoder::default();
+        e.bytes(KEY_MAGIC)
+            .u32(KEY_VERSION)
+            .u32(KDF_ARGON2ID)
+            .u32(self.kdf.m_kib)
+            .u32(self.kdf.t)
+            .u32(self.kdf.p)
+            .bytes(&self.salt)
+            .bytes(&self.nonce)
+            .bytes(&self.wrapped)
+            .i64(self.created)
+            .str(&self.host);
+        e.finish_with_checksum()
+    }
+
+    /// Decodes and checks a key object (checksum, version, parameter bounds).
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut d = Decoder::new(bytes);
+        d.magic(KEY_MAGIC)?;
+        let version = d.u32()?;
+        if version != KEY_VERSION {
+            return Err(DecodeError::UnsupportedVersion(version));
+        }
+        let body = split_checksum(bytes)?;
+        let mut d = Decoder::new(body);
+        d.bytes(12)?;
+        let kdf_id = d.u32()?;
+        if kdf_id != KDF_ARGON2ID {
+            return Err(DecodeError::UnsupportedFeature(format!(
+                "key derivation {kdf_id}"
+            )));
+        }
+        let kdf = KdfParams {
+            m_kib: d.u32()?,
+            t: d.u32()?,
+            p: d.u32()?,
+        };
+        kdf.check()?;
+        let k = KeyObject {
+            kdf,
+            salt: d.array()?,
+            nonce: d.array()?,
+            wrapped: d.bytes(64 + 16)?.to_vec(),
+            created: d.i64()?,
+            host: d.str("host")?,
+        };
+        d.end("key object")?;
+        Ok(k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn wrap_unwrap_and_wrong_password() {
+        let m = MasterKey::random().unwrap();
+        let k = KeyObject::wrap(&m, b"pw", KdfParams::weak(), &[1; 16], "host", 7).unwrap();
+        let k = KeyObject::decode(&k.encode()).unwrap();
+        let got = k.unwrap_with(b"pw", &[1; 16]).unwrap().unwrap();
+        assert_eq!(got.to_bytes(), m.to_bytes());
+        assert!(k.unwrap_with(b"pW", &[1; 16]).unwrap().is_none());
+        // The same key object under another repository's id does not open.
+        assert!(k.unwrap_with(b"pw", &[2; 16]).unwrap().is_none());
+        // A damaged key object is a decode error, not a wrong password.
+        let bytes = k.encode();
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x20;
+            assert!(KeyObject::decode(&bad).is_err(), "flip at {i}");
+        }
+    }
+
+    #[test]
+    fn forged_parameters_are_refused_before_any_allocation() {
+        let m = MasterKey::random().unwrap();
+        let mut k = KeyObject::wrap(&m, b"pw", KdfParams::weak(), &[1; 16], "h", 0).unwrap();
+        k.kdf.m_kib = u32::MAX;
+        assert!(KeyObject::decode(&k.encode()).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = KeyObject::decode(&bytes);
+        }
+    }
+}
