@@ -13,7 +13,7 @@
 //! and AES-256-GCM under per-object keys seal 256 KiB chunks at 1.17 and 1.25 GiB/s; within 7%,
 //! XChaCha20-Poly1305 needs no per-object key derivation to make random nonces safe.
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use zeroize::Zeroize;
 
@@ -180,19 +180,14 @@ impl Crypto {
         match self {
             Crypto::Plain => Ok(plain.to_vec()),
             Crypto::Sealed { aead, .. } => {
-                let aad = ctx.aad();
-                let ct = aead
-                    .encrypt(
-                        &XNonce::from(nonce),
-                        Payload {
-                            msg: plain,
-                            aad: &aad,
-                        },
-                    )
-                    .map_err(|_| std::io::Error::other("sealing failed"))?;
-                let mut out = Vec::with_capacity(24 + ct.len());
+                // One copy of the plaintext, encrypted where it lies.
+                let mut out = Vec::with_capacity(plain.len() + SEAL_OVERHEAD);
                 out.extend_from_slice(&nonce);
-                out.extend_from_slice(&ct);
+                out.extend_from_slice(plain);
+                let tag = aead
+                    .encrypt_in_place_detached(&XNonce::from(nonce), &ctx.aad(), &mut out[24..])
+                    .map_err(|_| std::io::Error::other("sealing failed"))?;
+                out.extend_from_slice(&tag);
                 Ok(out)
             }
         }
