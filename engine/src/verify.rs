@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use sbk_store::{
-    check_blob_header, split_blob, ChunkId, Extent, PackEntry, PackId, Repository, SnapshotId,
+    check_blob_header, split_blob_mut, ChunkId, Extent, PackEntry, PackId, Repository, SnapshotId,
     BLOB_HEADER_LEN,
 };
 
@@ -321,7 +321,7 @@ fn check_pack(
         buf.resize(len, 0);
         let result = repo.read_pack(pack, e.offset, &mut buf).and_then(|()| {
             if read {
-                let stored = split_blob(&buf, e, pack)?;
+                let stored = split_blob_mut(&mut buf, e, pack)?;
                 raw.resize(e.raw_len as usize, 0);
                 repo.decode_verified(pack, e, stored, &mut raw)?;
                 bytes += len as u64;

@@ -336,18 +336,35 @@ pub fn check_blob_header(bytes: &[u8], entry: &PackEntry, pack: PackId) -> Resul
 /// Checks the header at the start of `bytes` (a blob read from a pack) against `entry` and
 /// returns the stored bytes that follow it.
 pub fn split_blob<'a>(bytes: &'a [u8], entry: &PackEntry, pack: PackId) -> Result<&'a [u8]> {
+    let range = stored_range(bytes, entry, pack)?;
+    Ok(&bytes[range])
+}
+
+/// [`split_blob`], mutable: sealed bytes are opened where they lie.
+pub fn split_blob_mut<'a>(
+    bytes: &'a mut [u8],
+    entry: &PackEntry,
+    pack: PackId,
+) -> Result<&'a mut [u8]> {
+    let range = stored_range(bytes, entry, pack)?;
+    Ok(&mut bytes[range])
+}
+
+/// Where the stored bytes are, after a header that agrees with `entry`.
+fn stored_range(bytes: &[u8], entry: &PackEntry, pack: PackId) -> Result<std::ops::Range<usize>> {
     check_blob_header(bytes, entry, pack)?;
     let end = BLOB_HEADER_LEN + entry.stored_len as usize;
-    bytes
-        .get(BLOB_HEADER_LEN..end)
-        .ok_or_else(|| StoreError::Corrupt {
+    if bytes.len() < end {
+        return Err(StoreError::Corrupt {
             path: pack_label(pack),
             what: "blob",
             source: DecodeError::Truncated {
                 needed: end,
                 available: bytes.len(),
             },
-        })
+        });
+    }
+    Ok(BLOB_HEADER_LEN..end)
 }
 
 #[cfg(test)]

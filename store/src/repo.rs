@@ -532,12 +532,13 @@ impl Repository {
     // ---- blobs -------------------------------------------------------------------------------
 
     /// Decodes the stored bytes of a blob into `out` (exactly `raw_len` long) and checks that
-    /// they hash to the blob's id. Nothing unverified ever leaves this function.
+    /// they hash to the blob's id. Nothing unverified ever leaves this function. Sealed bytes
+    /// are opened in place: `stored` holds plaintext afterwards.
     pub fn decode_verified(
         &self,
         pack: PackId,
         entry: &PackEntry,
-        stored: &[u8],
+        stored: &mut [u8],
         out: &mut [u8],
     ) -> Result<()> {
         let corrupt = |detail: String| StoreError::BlobCorrupt {
@@ -545,16 +546,10 @@ impl Repository {
             pack,
             detail,
         };
-        let opened;
-        let stored = if self.crypto.is_sealed() {
-            opened = self
-                .crypto
-                .open(Context::Blob(entry.kind, &entry.id), stored)
-                .map_err(|e| corrupt(e.to_string()))?;
-            &opened[..]
-        } else {
-            stored
-        };
+        let stored = self
+            .crypto
+            .open_in_place(Context::Blob(entry.kind, &entry.id), stored)
+            .map_err(|e| corrupt(e.to_string()))?;
         decode_blob_into(entry.compression, stored, out).map_err(|e| corrupt(e.to_string()))?;
         let got = self.blob_id(out);
         if got != entry.id {
@@ -594,7 +589,7 @@ impl Repository {
                 detail: format!("is a {:?} blob, expected {kind:?}", entry.kind),
             });
         }
-        let stored = read_blob(self.b()?, pack, &entry).map_err(|e| match e {
+        let mut stored = read_blob(self.b()?, pack, &entry).map_err(|e| match e {
             StoreError::ObjectMissing { .. } => StoreError::PackMissing {
                 pack,
                 path: object_path(Kind::Pack, &pack.to_hex()),
@@ -602,7 +597,7 @@ impl Repository {
             e => e,
         })?;
         let mut out = vec![0u8; entry.raw_len as usize];
-        self.decode_verified(pack, &entry, &stored, &mut out)?;
+        self.decode_verified(pack, &entry, &mut stored, &mut out)?;
         Ok((pack, out))
     }
 
