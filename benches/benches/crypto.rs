@@ -93,6 +93,55 @@ fn aead(c: &mut Criterion) {
             .expect("opens")
         })
     });
+    // ring's AES-256-GCM (assembly, AES-NI/VAES and CLMUL), under a key derived per object.
+    g.bench_function("ring_aes256gcm_derived_key_seal", |b| {
+        b.iter(|| {
+            let key = blake3::keyed_hash(&master, &[5u8; 24]);
+            let k = ring::aead::LessSafeKey::new(
+                ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, key.as_bytes())
+                    .expect("a 32-byte key"),
+            );
+            let mut buf = black_box(&data).clone();
+            let tag = k
+                .seal_in_place_separate_tag(
+                    ring::aead::Nonce::assume_unique_for_key([0u8; 12]),
+                    ring::aead::Aad::from(&aad),
+                    &mut buf,
+                )
+                .expect("seals");
+            (buf, tag)
+        })
+    });
+    let ring_sealed = {
+        let k = ring::aead::LessSafeKey::new(
+            ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, key.as_bytes()).expect("key"),
+        );
+        let mut buf = data.clone();
+        k.seal_in_place_append_tag(
+            ring::aead::Nonce::assume_unique_for_key([0u8; 12]),
+            ring::aead::Aad::from(&aad),
+            &mut buf,
+        )
+        .expect("seals");
+        buf
+    };
+    g.bench_function("ring_aes256gcm_derived_key_open", |b| {
+        b.iter(|| {
+            let key = blake3::keyed_hash(&master, &[5u8; 24]);
+            let k = ring::aead::LessSafeKey::new(
+                ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, key.as_bytes())
+                    .expect("a 32-byte key"),
+            );
+            let mut buf = black_box(&ring_sealed).clone();
+            k.open_in_place(
+                ring::aead::Nonce::assume_unique_for_key([0u8; 12]),
+                ring::aead::Aad::from(&aad),
+                &mut buf,
+            )
+            .expect("opens")
+            .len()
+        })
+    });
     let mut dst = vec![0u8; CHUNK];
     g.bench_function("baseline_memcpy", |b| {
         b.iter(|| dst.copy_from_slice(black_box(&data)))

@@ -1,14 +1,13 @@
 //! Key objects: the master key, wrapped by a key derived from a password with Argon2id.
 //!
 //! A repository has one key object per password (per operator or data mover): `keys/<32 hex>`.
-//! Each holds its own Argon2id parameters and salt, the master key sealed with
-//! XChaCha20-Poly1305 under the derived key, and a plain checksum, so that a damaged key object
+//! Each holds its own Argon2id parameters and salt, the master key sealed (AES-256-GCM under a
+//! key derived from the password-derived key and a random salt, as every sealed object) and a
+//! plain checksum, so that a damaged key object
 //! (exit 12) is told apart from a wrong password (exit 19). Adding or removing a key object, or
 //! changing a password, rewraps the master key; it never changes it. Byte layout:
 //! docs/format.md, "key object".
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use zeroize::Zeroize;
 
 use crate::codec::{invalid, split_checksum, Decoder, Encoder};
@@ -93,9 +92,9 @@ pub struct KeyObject {
     pub kdf: KdfParams,
     /// Argon2id salt.
     pub salt: [u8; 16],
-    /// Nonce of the wrapping.
+    /// Salt of the wrapping's AES-256-GCM key (derived from the password-derived key).
     pub nonce: [u8; 24],
-    /// The master key (64 bytes) sealed under the derived key: 80 bytes.
+    /// The master key (64 bytes) encrypted, and its 16-byte tag: 80 bytes.
     pub wrapped: Vec<u8>,
     /// When it was made (seconds since the Unix epoch).
     pub created: i64,
@@ -132,22 +131,17 @@ impl KeyObject {
             .derive(password, &salt)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let mut plain = master.to_bytes();
-        let wrapped = XChaCha20Poly1305::new(&kek.into())
-            .encrypt(
-                &XNonce::from(nonce),
-                Payload {
-                    msg: &plain,
-                    aad: &aad(repo_id, &kdf, &salt),
-                },
-            )
-            .map_err(|_| std::io::Error::other("wrapping failed"));
+        let sealed = crate::crypto::seal_under(&kek, nonce, &aad(repo_id, &kdf, &salt), &plain);
         kek.zeroize();
         plain.zeroize();
+        let mut sealed = sealed?;
+        // The object stores its salt in the nonce field; the rest is ciphertext and tag.
+        let wrapped = sealed.split_off(24);
         Ok(KeyObject {
             kdf,
             salt,
             nonce,
-            wrapped: wrapped?,
+            wrapped,
             created,
             host: host.to_owned(),
         })
@@ -161,19 +155,16 @@ impl KeyObject {
         repo_id: &[u8; 16],
     ) -> Result<Option<MasterKey>, DecodeError> {
         let mut kek = self.kdf.derive(password, &self.salt)?;
-        let plain = XChaCha20Poly1305::new(&kek.into()).decrypt(
-            &XNonce::from(self.nonce),
-            Payload {
-                msg: &self.wrapped,
-                aad: &aad(repo_id, &self.kdf, &self.salt),
-            },
-        );
+        let mut sealed = Vec::with_capacity(24 + self.wrapped.len());
+        sealed.extend_from_slice(&self.nonce);
+        sealed.extend_from_slice(&self.wrapped);
+        let master =
+            crate::crypto::open_under(&kek, &aad(repo_id, &self.kdf, &self.salt), &mut sealed)
+                .ok()
+                .and_then(MasterKey::from_bytes);
         kek.zeroize();
-        Ok(plain.ok().and_then(|mut p| {
-            let m = MasterKey::from_bytes(&p);
-            p.zeroize();
-            m
-        }))
+        sealed.zeroize();
+        Ok(master)
     }
 
     /// Encodes the key object.

@@ -30,9 +30,9 @@ pub struct Args {
     pack_size: u64,
 
     /// `repokey` (the default): every blob, pack trailer, index file and manifest is encrypted
-    /// and authenticated (XChaCha20-Poly1305) under a random master key, stored wrapped by a
-    /// key derived from your password (Argon2id). `none`: nothing is encrypted; anyone who can
-    /// read the repository can read the disks in it.
+    /// and authenticated (AES-256-GCM, a key per object derived from a random master key, which
+    /// is stored wrapped by a key derived from your password with Argon2id). `none`: nothing is
+    /// encrypted; anyone who can read the repository can read the disks in it.
     #[arg(long, default_value = "repokey", value_name = "MODE", value_parser = ["repokey", "none"])]
     encryption: String,
 }
