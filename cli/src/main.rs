@@ -47,11 +47,23 @@ pub struct Cli {
 
     /// Read the repository password from the first line of FILE (SBK_PASSWORD, if set, comes
     /// first; on a terminal sbk asks when none is given).
-    #[arg(long, global = true, env = "SBK_PASSWORD_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "SBK_PASSWORD_FILE",
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
     password_file: Option<PathBuf>,
 
     /// Run CMD with `sh -c` and read the password from the first line of its output.
-    #[arg(long, global = true, env = "SBK_PASSWORD_COMMAND", value_name = "CMD")]
+    #[arg(
+        long,
+        global = true,
+        env = "SBK_PASSWORD_COMMAND",
+        hide_env_values = true,
+        value_name = "CMD"
+    )]
     password_command: Option<String>,
 
     /// Worker threads [default: the number of CPUs].

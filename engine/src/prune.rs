@@ -12,8 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use sbk_store::{
-    check_blob_header, split_blob, split_blob_mut, ChunkId, EncodedBlob, Extent, PackEntry, PackId,
-    PackWriter, Repository, BLOB_HEADER_LEN,
+    ChunkId, EncodedBlob, Extent, PackEntry, PackId, PackWriter, Repository, BLOB_HEADER_LEN,
 };
 
 use crate::error::{EngineError, Result};
@@ -218,16 +217,16 @@ pub fn prune(
         for e in keep {
             let mut buf = vec![0u8; BLOB_HEADER_LEN + e.stored_len as usize];
             repo.read_pack(*pack, e.offset, &mut buf)?;
-            let header = check_blob_header(&buf, e, *pack)?;
+            let header = repo.check_blob_header(&buf, e, *pack)?;
             // Copied as stored (sealed, when encrypted: the associated data binds a blob to
             // its id, not its pack), before verifying opens it in place…
             let blob = EncodedBlob {
                 header,
-                data: split_blob(&buf, e, *pack)?.to_vec(),
+                data: repo.split_blob(&buf, e, *pack)?.to_vec(),
             };
             // …and verified before it is written: prune never spreads a damaged blob.
             raw.resize(e.raw_len as usize, 0);
-            repo.decode_verified(*pack, e, split_blob_mut(&mut buf, e, *pack)?, &mut raw)?;
+            repo.decode_verified(*pack, e, repo.split_blob_mut(&mut buf, e, *pack)?, &mut raw)?;
             let w = match writer.as_mut() {
                 Some(w) => w,
                 None => writer.insert(repo.new_pack()?),

@@ -17,8 +17,7 @@ use std::time::Instant;
 use memmap2::MmapMut;
 use rayon::prelude::*;
 use sbk_store::{
-    split_blob_mut, BlobKind, Extent, Manifest, PackEntry, PackId, Repository, SnapshotId,
-    StoreError,
+    BlobKind, Extent, Manifest, PackEntry, PackId, Repository, SnapshotId, StoreError,
 };
 
 use crate::error::{EngineError, Result};
@@ -477,7 +476,7 @@ fn restore_batch(
     repo.read_pack(batch.pack, base, &mut b.read)?;
     for (entry, offsets) in &batch.blobs {
         let blob = &mut b.read[(entry.offset - base) as usize..(entry.end() - base) as usize];
-        let stored = split_blob_mut(blob, entry, batch.pack)?;
+        let stored = repo.split_blob_mut(blob, entry, batch.pack)?;
         let len = entry.raw_len as usize;
         let slot = b.run.slot(offsets[0], len, out, progress)?;
         // Verified before it can be written: a damaged chunk never reaches the target.

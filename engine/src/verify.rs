@@ -11,10 +11,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Instant;
 
 use rayon::prelude::*;
-use sbk_store::{
-    check_blob_header, split_blob_mut, ChunkId, Extent, PackEntry, PackId, Repository, SnapshotId,
-    BLOB_HEADER_LEN,
-};
+use sbk_store::{ChunkId, Extent, PackEntry, PackId, Repository, SnapshotId, BLOB_HEADER_LEN};
 
 use crate::error::Result;
 use crate::pool::worker_pool;
@@ -321,13 +318,13 @@ fn check_pack(
         buf.resize(len, 0);
         let result = repo.read_pack(pack, e.offset, &mut buf).and_then(|()| {
             if read {
-                let stored = split_blob_mut(&mut buf, e, pack)?;
+                let stored = repo.split_blob_mut(&mut buf, e, pack)?;
                 raw.resize(e.raw_len as usize, 0);
                 repo.decode_verified(pack, e, stored, &mut raw)?;
                 bytes += len as u64;
                 blobs += 1;
             } else {
-                check_blob_header(&buf, e, pack)?;
+                repo.check_blob_header(&buf, e, pack)?;
             }
             Ok(())
         });

@@ -96,14 +96,14 @@ pub struct KeyObject {
     pub nonce: [u8; 24],
     /// The master key (64 bytes) encrypted, and its 16-byte tag: 80 bytes.
     pub wrapped: Vec<u8>,
-    /// When it was made (seconds since the Unix epoch).
+    /// When it was made (seconds since the Unix epoch). Part of the associated data, so it
+    /// cannot be changed without the password. (No host name: the repository keeps none in the
+    /// clear.)
     pub created: i64,
-    /// The host it was made on (informational, for `key list`).
-    pub host: String,
 }
 
 /// Associated data of the wrapping: binds it to the repository and to the key's parameters.
-fn aad(repo_id: &[u8; 16], kdf: &KdfParams, salt: &[u8; 16]) -> Vec<u8> {
+fn aad(repo_id: &[u8; 16], kdf: &KdfParams, salt: &[u8; 16], created: i64) -> Vec<u8> {
     let mut e = Encoder::default();
     e.bytes(b"sbk key")
         .bytes(repo_id)
@@ -111,7 +111,8 @@ fn aad(repo_id: &[u8; 16], kdf: &KdfParams, salt: &[u8; 16]) -> Vec<u8> {
         .u32(kdf.m_kib)
         .u32(kdf.t)
         .u32(kdf.p)
-        .bytes(salt);
+        .bytes(salt)
+        .i64(created);
     e.buf
 }
 
@@ -122,7 +123,6 @@ impl KeyObject {
         password: &[u8],
         kdf: KdfParams,
         repo_id: &[u8; 16],
-        host: &str,
         created: i64,
     ) -> std::io::Result<Self> {
         let salt: [u8; 16] = crate::id::random_bytes()?;
@@ -131,7 +131,8 @@ impl KeyObject {
             .derive(password, &salt)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let mut plain = master.to_bytes();
-        let sealed = crate::crypto::seal_under(&kek, nonce, &aad(repo_id, &kdf, &salt), &plain);
+        let sealed =
+            crate::crypto::seal_under(&kek, nonce, &aad(repo_id, &kdf, &salt, created), &plain);
         kek.zeroize();
         plain.zeroize();
         let mut sealed = sealed?;
@@ -143,7 +144,6 @@ impl KeyObject {
             nonce,
             wrapped,
             created,
-            host: host.to_owned(),
         })
     }
 
@@ -158,10 +158,10 @@ impl KeyObject {
         let mut sealed = Vec::with_capacity(24 + self.wrapped.len());
         sealed.extend_from_slice(&self.nonce);
         sealed.extend_from_slice(&self.wrapped);
-        let master =
-            crate::crypto::open_under(&kek, &aad(repo_id, &self.kdf, &self.salt), &mut sealed)
-                .ok()
-                .and_then(MasterKey::from_bytes);
+        let aad = aad(repo_id, &self.kdf, &self.salt, self.created);
+        let master = crate::crypto::open_under(&kek, &aad, &mut sealed)
+            .ok()
+            .and_then(MasterKey::from_bytes);
         kek.zeroize();
         sealed.zeroize();
         Ok(master)
@@ -179,22 +179,20 @@ impl KeyObject {
             .bytes(&self.salt)
             .bytes(&self.nonce)
             .bytes(&self.wrapped)
-            .i64(self.created)
-            .str(&self.host);
+            .i64(self.created);
         e.finish_with_checksum()
     }
 
     /// Decodes and checks a key object (checksum, version, parameter bounds).
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut d = Decoder::new(bytes);
+        // The checksum first: a damaged version field is damage (exit 12), not a newer format.
+        let body = split_checksum(bytes)?;
+        let mut d = Decoder::new(body);
         d.magic(KEY_MAGIC)?;
         let version = d.u32()?;
         if version != KEY_VERSION {
             return Err(DecodeError::UnsupportedVersion(version));
         }
-        let body = split_checksum(bytes)?;
-        let mut d = Decoder::new(body);
-        d.bytes(12)?;
         let kdf_id = d.u32()?;
         if kdf_id != KDF_ARGON2ID {
             return Err(DecodeError::UnsupportedFeature(format!(
@@ -213,7 +211,6 @@ impl KeyObject {
             nonce: d.array()?,
             wrapped: d.bytes(64 + 16)?.to_vec(),
             created: d.i64()?,
-            host: d.str("host")?,
         };
         d.end("key object")?;
         Ok(k)
@@ -228,7 +225,7 @@ mod tests {
     #[test]
     fn wrap_unwrap_and_wrong_password() {
         let m = MasterKey::random().unwrap();
-        let k = KeyObject::wrap(&m, b"pw", KdfParams::weak(), &[1; 16], "host", 7).unwrap();
+        let k = KeyObject::wrap(&m, b"pw", KdfParams::weak(), &[1; 16], 7).unwrap();
         let k = KeyObject::decode(&k.encode()).unwrap();
         let got = k.unwrap_with(b"pw", &[1; 16]).unwrap().unwrap();
         assert_eq!(got.to_bytes(), m.to_bytes());
@@ -240,14 +237,24 @@ mod tests {
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 0x20;
-            assert!(KeyObject::decode(&bad).is_err(), "flip at {i}");
+            assert!(
+                matches!(
+                    KeyObject::decode(&bad),
+                    Err(DecodeError::ChecksumMismatch { .. })
+                ),
+                "flip at {i}"
+            );
         }
+        // Its creation time is authenticated too.
+        let mut moved = k.clone();
+        moved.created += 1;
+        assert!(moved.unwrap_with(b"pw", &[1; 16]).unwrap().is_none());
     }
 
     #[test]
     fn forged_parameters_are_refused_before_any_allocation() {
         let m = MasterKey::random().unwrap();
-        let mut k = KeyObject::wrap(&m, b"pw", KdfParams::weak(), &[1; 16], "h", 0).unwrap();
+        let mut k = KeyObject::wrap(&m, b"pw", KdfParams::weak(), &[1; 16], 0).unwrap();
         k.kdf.m_kib = u32::MAX;
         assert!(KeyObject::decode(&k.encode()).is_err());
     }

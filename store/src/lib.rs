@@ -34,5 +34,5 @@ pub use index::{CacheLocation, Index, IndexEntry, IndexReport};
 pub use key::{KdfParams, KeyObject};
 pub use lock::{host_name, list_locks, FoundLock, Lock, LockInfo, LockKind, LockTiming};
 pub use manifest::{encode_tree, BackupFigures, Extent, Manifest};
-pub use pack::{check_blob_header, split_blob, split_blob_mut, PackEntry, PackWriter};
+pub use pack::{PackEntry, PackWriter};
 pub use repo::{InitOptions, Repository, DEFAULT_CHUNK_AVG, DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL};

@@ -238,9 +238,18 @@ impl PackWriter {
         self.entries.is_empty()
     }
 
-    /// Appends a blob.
+    /// Appends a blob, which must be sealed exactly when the repository is encrypted: a plain
+    /// blob never enters an encrypted repository.
     pub fn add(&mut self, blob: &EncodedBlob) -> Result<()> {
         let h = &blob.header;
+        if h.sealed != self.crypto.is_sealed() {
+            return Err(StoreError::InvalidParameter(format!(
+                "blob {} is {}sealed, the repository is {}encrypted",
+                h.id,
+                if h.sealed { "" } else { "not " },
+                if self.crypto.is_sealed() { "" } else { "not " }
+            )));
+        }
         let offset = self.out.len();
         self.out.write(&h.encode())?;
         self.out.write(&blob.data)?;
@@ -300,16 +309,28 @@ pub fn read_trailer(
 
 /// Reads the header and stored bytes of the blob at `entry` of `pack`, checks that the header
 /// agrees with what the caller expected, and returns the stored bytes.
-pub fn read_blob(backend: &dyn Backend, pack: PackId, entry: &PackEntry) -> Result<Vec<u8>> {
+pub fn read_blob(
+    backend: &dyn Backend,
+    pack: PackId,
+    entry: &PackEntry,
+    sealed: bool,
+) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; BLOB_HEADER_LEN + entry.stored_len as usize];
     backend.read_at(Kind::Pack, &pack.to_hex(), entry.offset, &mut buf)?;
-    split_blob(&buf, entry, pack)?;
+    split_blob(&buf, entry, pack, sealed)?;
     buf.drain(..BLOB_HEADER_LEN);
     Ok(buf)
 }
 
-/// Checks the blob header at the start of `bytes` against what the trailer or index says.
-pub fn check_blob_header(bytes: &[u8], entry: &PackEntry, pack: PackId) -> Result<BlobHeader> {
+/// Checks the blob header at the start of `bytes` against what the trailer or index says, and
+/// that it is sealed exactly when the repository is encrypted (a blob that claims to be plain
+/// in an encrypted repository would bypass authentication).
+pub(crate) fn check_blob_header(
+    bytes: &[u8],
+    entry: &PackEntry,
+    pack: PackId,
+    sealed: bool,
+) -> Result<BlobHeader> {
     let corrupt = |source| StoreError::Corrupt {
         path: pack_label(pack),
         what: "blob header",
@@ -321,6 +342,7 @@ pub fn check_blob_header(bytes: &[u8], entry: &PackEntry, pack: PackId) -> Resul
         || header.raw_len != entry.raw_len
         || header.compression != entry.compression
         || header.kind != entry.kind
+        || header.sealed != sealed
     {
         return Err(corrupt(invalid(
             "blob header",
@@ -335,24 +357,35 @@ pub fn check_blob_header(bytes: &[u8], entry: &PackEntry, pack: PackId) -> Resul
 
 /// Checks the header at the start of `bytes` (a blob read from a pack) against `entry` and
 /// returns the stored bytes that follow it.
-pub fn split_blob<'a>(bytes: &'a [u8], entry: &PackEntry, pack: PackId) -> Result<&'a [u8]> {
-    let range = stored_range(bytes, entry, pack)?;
+pub(crate) fn split_blob<'a>(
+    bytes: &'a [u8],
+    entry: &PackEntry,
+    pack: PackId,
+    sealed: bool,
+) -> Result<&'a [u8]> {
+    let range = stored_range(bytes, entry, pack, sealed)?;
     Ok(&bytes[range])
 }
 
 /// [`split_blob`], mutable: sealed bytes are opened where they lie.
-pub fn split_blob_mut<'a>(
+pub(crate) fn split_blob_mut<'a>(
     bytes: &'a mut [u8],
     entry: &PackEntry,
     pack: PackId,
+    sealed: bool,
 ) -> Result<&'a mut [u8]> {
-    let range = stored_range(bytes, entry, pack)?;
+    let range = stored_range(bytes, entry, pack, sealed)?;
     Ok(&mut bytes[range])
 }
 
 /// Where the stored bytes are, after a header that agrees with `entry`.
-fn stored_range(bytes: &[u8], entry: &PackEntry, pack: PackId) -> Result<std::ops::Range<usize>> {
-    check_blob_header(bytes, entry, pack)?;
+fn stored_range(
+    bytes: &[u8],
+    entry: &PackEntry,
+    pack: PackId,
+    sealed: bool,
+) -> Result<std::ops::Range<usize>> {
+    check_blob_header(bytes, entry, pack, sealed)?;
     let end = BLOB_HEADER_LEN + entry.stored_len as usize;
     if bytes.len() < end {
         return Err(StoreError::Corrupt {
@@ -395,7 +428,7 @@ mod tests {
         let (id, entries) = w.finish().unwrap();
         assert_eq!(read_trailer(&b, id, &Crypto::Plain).unwrap(), entries);
         for (e, blob) in entries.iter().zip(&blobs) {
-            assert_eq!(read_blob(&b, id, e).unwrap(), blob.data);
+            assert_eq!(read_blob(&b, id, e, false).unwrap(), blob.data);
         }
         // Truncation anywhere is a typed error.
         let path = b.path_of(Kind::Pack, &id.to_hex());

@@ -90,6 +90,13 @@ pub struct Repository {
     key_name: Option<String>,
 }
 
+impl Drop for Repository {
+    fn drop(&mut self) {
+        // A copy of the secret chunk-id key when encrypted.
+        zeroize::Zeroize::zeroize(&mut self.chunk_key);
+    }
+}
+
 /// A key object as `key list` shows it.
 #[derive(Debug, Clone)]
 pub struct KeyInfo {
@@ -175,7 +182,6 @@ impl Repository {
                 password.as_bytes(),
                 *kdf,
                 &config.repo_id,
-                &crate::lock::host_name(),
                 now_unix(),
             )
             .map_err(io)?;
@@ -245,7 +251,15 @@ impl Repository {
             let (name, master) = unlock(backend.as_ref(), &keys, &config, password.as_bytes())?;
             let crypto = Crypto::sealed(master);
             // The config is authenticated by the master key: any changed byte is caught here.
-            if crypto.config_mac(&bytes[..CONFIG_MAC_AT]) != Some(config.mac) {
+            let mac = crypto
+                .config_mac(&bytes[..CONFIG_MAC_AT])
+                .unwrap_or_default();
+            // Compared without an early exit: no timing tells how much of a forged tag matched.
+            let differ = mac
+                .iter()
+                .zip(&config.mac)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            if differ != 0 {
                 return Err(StoreError::Corrupt {
                     path: "config".into(),
                     what: "config",
@@ -321,7 +335,6 @@ impl Repository {
             password.as_bytes(),
             kdf,
             &self.config.repo_id,
-            &crate::lock::host_name(),
             now_unix(),
         )
         .map_err(io)?;
@@ -558,6 +571,37 @@ impl Repository {
         Ok(())
     }
 
+    /// Checks the blob header at the start of `bytes` (read from `pack`) against `entry`, and
+    /// that it is sealed exactly when the repository is encrypted.
+    pub fn check_blob_header(
+        &self,
+        bytes: &[u8],
+        entry: &PackEntry,
+        pack: PackId,
+    ) -> Result<crate::blob::BlobHeader> {
+        crate::pack::check_blob_header(bytes, entry, pack, self.crypto.is_sealed())
+    }
+
+    /// The stored bytes of a blob read from `pack` with its header, once the header checks.
+    pub fn split_blob<'a>(
+        &self,
+        bytes: &'a [u8],
+        entry: &PackEntry,
+        pack: PackId,
+    ) -> Result<&'a [u8]> {
+        crate::pack::split_blob(bytes, entry, pack, self.crypto.is_sealed())
+    }
+
+    /// [`Repository::split_blob`], mutable (for [`Repository::decode_verified`]).
+    pub fn split_blob_mut<'a>(
+        &self,
+        bytes: &'a mut [u8],
+        entry: &PackEntry,
+        pack: PackId,
+    ) -> Result<&'a mut [u8]> {
+        crate::pack::split_blob_mut(bytes, entry, pack, self.crypto.is_sealed())
+    }
+
     /// A blob of these raw bytes, ready for a pack: compressed at the repository's level
     /// (kept raw when that does not help) and, encrypted, sealed to its kind and id.
     pub fn encode_blob(&self, id: ChunkId, kind: BlobKind, raw: &[u8]) -> Result<EncodedBlob> {
@@ -589,13 +633,14 @@ impl Repository {
                 detail: format!("is a {:?} blob, expected {kind:?}", entry.kind),
             });
         }
-        let mut stored = read_blob(self.b()?, pack, &entry).map_err(|e| match e {
-            StoreError::ObjectMissing { .. } => StoreError::PackMissing {
-                pack,
-                path: object_path(Kind::Pack, &pack.to_hex()),
-            },
-            e => e,
-        })?;
+        let mut stored =
+            read_blob(self.b()?, pack, &entry, self.crypto.is_sealed()).map_err(|e| match e {
+                StoreError::ObjectMissing { .. } => StoreError::PackMissing {
+                    pack,
+                    path: object_path(Kind::Pack, &pack.to_hex()),
+                },
+                e => e,
+            })?;
         let mut out = vec![0u8; entry.raw_len as usize];
         self.decode_verified(pack, &entry, &mut stored, &mut out)?;
         Ok((pack, out))

@@ -41,6 +41,15 @@ pub struct Args {
 /// spend half a second per command. It protects no password: never set it elsewhere.
 pub const TEST_KDF_ENV: &str = "SBK_TEST_KDF";
 
+/// Says so when the weak test profile is in force: a key made with it protects nothing.
+pub fn warn_weak_kdf(ctx: &Context) {
+    if std::env::var(TEST_KDF_ENV).as_deref() == Ok("weak") {
+        ctx.out.notice(&format!(
+            "{TEST_KDF_ENV}=weak: the new key is derived with the test-only profile and protects no password"
+        ));
+    }
+}
+
 /// The Argon2id parameters for new keys: the default, or the weak test profile.
 pub fn kdf_params() -> sbk_store::KdfParams {
     if std::env::var(TEST_KDF_ENV).as_deref() == Ok("weak") {
@@ -69,6 +78,13 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         } else {
             crate::password::PasswordSource::new_password(None)?
         };
+        if password.is_empty() {
+            return Err(sbk_store::StoreError::NoPassword(
+                "an empty password protects nothing".into(),
+            )
+            .into());
+        }
+        warn_weak_kdf(ctx);
         Some((password, kdf_params()))
     };
     let config = Repository::init(

@@ -45,12 +45,23 @@ struct NewPassword {
     new_password_file: Option<PathBuf>,
 }
 
+/// The first 8 characters of a key id (the whole name if it is shorter: a stray file).
+fn short(name: &str) -> &str {
+    name.get(..8).unwrap_or(name)
+}
+
 /// Runs `sbk key`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let repo = ctx.open_repo()?;
     if !repo.is_encrypted() {
         return Err(sbk_store::StoreError::NotEncrypted.into());
     }
+    // Changing keys takes the repository to itself: two `key remove`s racing could otherwise
+    // each remove the other's key and leave none.
+    let _lock = match args.what {
+        What::List => None,
+        _ => Some(ctx.lock(&repo, sbk_store::LockKind::Exclusive, "key")?),
+    };
     match args.what {
         What::List => {
             let keys = repo.keys()?;
@@ -63,17 +74,16 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                             super::snapshots::time(key.created.saturating_mul(1_000_000_000));
                         ctx.out.info(
                             &format!(
-                                "{mark} {}  {}  {}  argon2id m={} KiB t={} p={}",
-                                &k.name[..8],
+                                "{mark} {}  {}  argon2id m={} KiB t={} p={}",
+                                short(&k.name),
                                 made,
-                                key.host,
                                 key.kdf.m_kib,
                                 key.kdf.t,
                                 key.kdf.p
                             ),
                             false,
                         );
-                        json.push(serde_json::json!({"id": k.name, "current": k.current, "host": key.host, "created": made, "kdf": {"algorithm": "argon2id", "m_kib": key.kdf.m_kib, "t": key.kdf.t, "p": key.kdf.p}}));
+                        json.push(serde_json::json!({"id": k.name, "current": k.current, "created": made, "kdf": {"algorithm": "argon2id", "m_kib": key.kdf.m_kib, "t": key.kdf.t, "p": key.kdf.p}}));
                     }
                     Err(e) => {
                         ctx.out
@@ -86,8 +96,9 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         }
         What::Add(n) => {
             let password = PasswordSource::new_password(n.new_password_file.as_ref())?;
+            super::init::warn_weak_kdf(ctx);
             let id = repo.add_key(&password, super::init::kdf_params())?;
-            ctx.out.info(&format!("added key {}", &id[..8]), false);
+            ctx.out.info(&format!("added key {}", short(&id)), false);
             ctx.out.json(&serde_json::json!({"added": id}), false);
         }
         What::Remove { id } => {
@@ -105,11 +116,13 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                 )),
             };
             repo.remove_key(&name)?;
-            ctx.out.info(&format!("removed key {}", &name[..8]), false);
+            ctx.out
+                .info(&format!("removed key {}", short(&name)), false);
             ctx.out.json(&serde_json::json!({"removed": name}), false);
         }
         What::Passwd(n) => {
             let password = PasswordSource::new_password(n.new_password_file.as_ref())?;
+            super::init::warn_weak_kdf(ctx);
             let id = repo.change_password(&password, super::init::kdf_params())?;
             ctx.out.info(
                 &format!("changed the password: new key {}", &id[..8]),
