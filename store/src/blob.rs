@@ -133,7 +133,7 @@ impl BlobHeader {
             ));
         }
         let overhead = if self.sealed {
-            crate::crypto::SEAL_OVERHEAD as u64
+            crate::codec::SEAL_OVERHEAD as u64
         } else {
             0
         };

@@ -5,6 +5,11 @@
 
 use crate::error::DecodeError;
 
+/// Bytes sealing adds to an object in an encrypted repository: a 24-byte salt and a 16-byte
+/// tag (docs/format.md, "Encryption"). Here, below both the blob header's length checks and the
+/// crypto module that seals.
+pub const SEAL_OVERHEAD: usize = 24 + 16;
+
 /// Checksum of on-disk structures: the first 16 bytes of an unkeyed BLAKE3 hash.
 pub fn checksum(bytes: &[u8]) -> [u8; 16] {
     let h = blake3::hash(bytes);

@@ -27,8 +27,7 @@ use crate::id::{ChunkId, PackId};
 
 /// Required feature bit: objects are sealed (this module).
 pub const FEATURE_ENCRYPTED: u64 = 1;
-/// Bytes sealing adds: the salt and the tag.
-pub const SEAL_OVERHEAD: usize = 24 + 16;
+pub use crate::codec::SEAL_OVERHEAD;
 
 /// The AES-256-GCM key of one sealed object: BLAKE3 keyed with `key`, of `salt`.
 fn object_key(key: &[u8; 32], salt: &[u8]) -> LessSafeKey {

@@ -8,8 +8,8 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::backend::Kind;
 use crate::id::{ChunkId, PackId};
+use crate::kind::Kind;
 
 /// Why bytes read from disk could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

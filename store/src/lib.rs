@@ -16,6 +16,7 @@ pub mod fuzz;
 mod id;
 mod index;
 mod key;
+mod kind;
 mod lock;
 mod manifest;
 mod pack;
