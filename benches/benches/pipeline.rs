@@ -26,6 +26,9 @@ fn opts() -> BackupOptions {
         threads: threads(),
         host: "bench".into(),
         tags: vec![],
+        source_name: None,
+        cbt_token: None,
+        changed: None,
     }
 }
 

@@ -105,6 +105,7 @@ pub fn engine_exit(e: &EngineError) -> Exit {
         EngineError::Store(s) => store_exit(s),
         EngineError::Unsafe(_) => Exit::Damaged,
         EngineError::TargetExists { .. }
+        | EngineError::ParentUnusable(_)
         | EngineError::TargetTooSmall { .. }
         | EngineError::TargetUnusable { .. } => Exit::Refused,
         _ => Exit::Error,

@@ -12,7 +12,7 @@
 //! [`INDEX_EVERY`] packs and before each manifest. Segments are chunked independently, so the
 //! chunk list does not depend on the thread count.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -23,10 +23,11 @@ use memmap2::MmapMut;
 use rayon::iter::{ParallelBridge, ParallelIterator};
 use sbk_chunker::{split_segment, ChunkerParams, Span};
 use sbk_store::{
-    encode_tree, BackupFigures, BlobKind, ChunkId, EncodedBlob, Extent, Manifest, PackEntry,
-    PackId, PackWriter, Repository, SnapshotId, StoreError, BLOB_HEADER_LEN,
+    encode_tree, BackupFigures, BlobKind, ChangedBlocks, ChunkId, EncodedBlob, Extent, Manifest,
+    PackEntry, PackId, PackWriter, Repository, SnapshotId, StoreError, BLOB_HEADER_LEN,
 };
 
+use crate::changed::ChangedList;
 use crate::error::{EngineError, Result};
 use crate::pool::worker_pool;
 use crate::progress::Progress;
@@ -41,6 +42,27 @@ pub struct BackupOptions {
     pub host: String,
     /// Tags recorded in the snapshots.
     pub tags: Vec<String>,
+    /// The source's identity recorded in the snapshot, instead of its canonical path (one
+    /// source only): storage snapshots get a new device path every night.
+    pub source_name: Option<String>,
+    /// This run's storage-side snapshot id (`--cbt-token`), recorded for the next run's list.
+    pub cbt_token: Option<String>,
+    /// Back up from a changed-block list (one source only).
+    pub changed: Option<ChangedOptions>,
+}
+
+/// An incremental backup from a changed-block list.
+#[derive(Debug, Clone)]
+pub struct ChangedOptions {
+    /// The byte ranges that changed since the parent.
+    pub list: ChangedList,
+    /// The parent; default: the newest snapshot of the host and source (or, with `since`, the
+    /// newest one carrying that token).
+    pub parent: Option<SnapshotId>,
+    /// The storage-side state the list starts from (`--cbt-since`).
+    pub since: Option<String>,
+    /// Percentage of unchanged segments re-read to check the list (at least one segment).
+    pub verify_percent: f64,
 }
 
 /// A finished backup of one source.
@@ -468,21 +490,32 @@ pub fn backup(
     results
 }
 
-/// A segment read from the source; `buf` is `None` for a segment that is one hole.
+/// A segment read from the source; `buf` is `None` for a segment that is one hole, or one whose
+/// tree is reused from the parent unread (`reuse`).
 struct Segment {
     index: u64,
     len: usize,
     buf: Option<MmapMut>,
     read: u64,
+    reuse: Option<ChunkId>,
 }
 
-/// A segment after chunking: its extents and the blobs it adds.
+/// A segment after chunking: its extents (or the parent's tree, reused) and the blobs it adds.
 struct ChunkedSegment {
     index: u64,
     len: usize,
     extents: Vec<Extent>,
+    reuse: Option<ChunkId>,
     blobs: Vec<EncodedBlob>,
     figures: BackupFigures,
+}
+
+/// What a run reads: for each segment, the parent's tree to reuse unread, if any; and the
+/// segments re-read to check the list, with the tree the parent has for them.
+#[derive(Default)]
+struct Plan {
+    reuse: Vec<Option<ChunkId>>,
+    check: HashMap<u64, ChunkId>,
 }
 
 fn backup_one(
@@ -499,10 +532,13 @@ fn backup_one(
         .unwrap_or(0);
     let repo = session.repo;
     let mut source = Source::open(path)?;
-    let label = std::fs::canonicalize(path)
-        .unwrap_or_else(|_| path.to_owned())
-        .to_string_lossy()
-        .into_owned();
+    let label = match &opts.source_name {
+        Some(name) => name.clone(),
+        None => std::fs::canonicalize(path)
+            .unwrap_or_else(|_| path.to_owned())
+            .to_string_lossy()
+            .into_owned(),
+    };
     let size = source.size();
     let seg_size = repo.config().segment_size;
     let segments = size.div_ceil(seg_size);
@@ -514,6 +550,225 @@ fn backup_one(
         ));
     }
 
+    // Incremental: choose the parent and plan which segments to reuse unread. The lock was
+    // taken before this (by the caller), so prune cannot take the parent's trees meanwhile.
+    let mut info = None;
+    let mut plan = Plan::default();
+    let mut chosen = None;
+    if let Some(c) = &opts.changed {
+        let parent = choose_parent(repo, &opts.host, &label, c)?;
+        chosen = parent.as_ref().map(|(id, _)| *id);
+        let mut i = ChangedBlocks {
+            since: c.since.clone(),
+            incremental: true,
+            trusted: true,
+            ..Default::default()
+        };
+        match &parent {
+            Some((pid, pm)) => {
+                if pm.segment_size != seg_size {
+                    return Err(EngineError::ParentUnusable(format!(
+                        "parent {pid} was cut into segments of {} bytes, this repository cuts {seg_size}",
+                        pm.segment_size
+                    )));
+                }
+                plan = plan_reuse(pm, &c.list, size, seg_size, c.verify_percent);
+            }
+            None => {
+                progress.notice(&format!(
+                    "{label}: no parent snapshot to apply the changed-block list to: reading everything"
+                ));
+                i.incremental = false;
+            }
+        }
+        info = Some(i);
+    }
+    let reused_bytes = |plan: &Plan| -> u64 {
+        plan.reuse
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.is_some())
+            .map(|(i, _)| (size - i as u64 * seg_size).min(seg_size))
+            .sum()
+    };
+
+    let mut run = run_pipeline(session, task, &mut source, &plan, progress)?;
+    if run.lied {
+        // The list missed a change: the snapshot must not rely on it. Read everything.
+        progress.notice(&format!(
+            "{label}: THE CHANGED-BLOCK LIST IS WRONG: a segment it calls unchanged differs from the parent; reading the whole source instead"
+        ));
+        source = Source::open(path)?;
+        let full = Plan {
+            reuse: vec![None; segments as usize],
+            check: HashMap::new(),
+        };
+        run = run_pipeline(session, task, &mut source, &full, progress)?;
+        plan = full;
+        if let Some(i) = &mut info {
+            i.trusted = false;
+        }
+    }
+    progress.finish(task);
+    let Run {
+        trees,
+        mut figures,
+        fallback: read_fallback,
+        ..
+    } = run;
+    if trees.len() as u64 != segments {
+        // Cannot happen: the reader stops early only with an error, which reached the writer.
+        // But a manifest that does not cover its source must never be written.
+        return Err(EngineError::SourceShrank {
+            path: path.to_owned(),
+            expected: size,
+            found: trees.len() as u64 * seg_size,
+        });
+    }
+    if let Some(why) = &read_fallback {
+        progress.notice(&format!(
+            "{label}: reading without O_DIRECT: {why}; buffered reads with posix_fadvise(DONTNEED)"
+        ));
+    }
+
+    // Ordering: every blob durable and indexed, then the manifest that refers to them.
+    session.seal()?;
+    figures.duration_ms = started.elapsed().as_millis() as u64;
+    let parent = match chosen {
+        Some(id) => Some(id),
+        None => latest_of(repo, &opts.host, &label)?,
+    };
+    let mut manifest = Manifest {
+        time_ns,
+        source: label,
+        host: opts.host.clone(),
+        tags: opts.tags.clone(),
+        size,
+        segment_size: seg_size,
+        parent,
+        figures,
+        trees,
+        extensions: Vec::new(),
+    };
+    if info.is_some() || opts.cbt_token.is_some() {
+        let mut i = info.unwrap_or_default();
+        i.token = opts.cbt_token.clone();
+        let reused = plan.reuse.iter().filter(|t| t.is_some()).count() as u64;
+        i.segments_reused = reused;
+        i.segments_read = segments - reused;
+        i.bytes_skipped = reused_bytes(&plan);
+        manifest.set_changed_blocks(&i);
+    }
+    let snapshot = repo.write_manifest(&manifest)?;
+    Ok(BackupOutcome {
+        snapshot,
+        manifest,
+        fallback: open_fallback.or(read_fallback),
+    })
+}
+
+/// The parent of an incremental: the one named, the newest carrying the `since` token, or the
+/// newest of the host and source.
+fn choose_parent(
+    repo: &Repository,
+    host: &str,
+    source: &str,
+    c: &ChangedOptions,
+) -> Result<Option<(SnapshotId, Manifest)>> {
+    if let Some(id) = c.parent {
+        return Ok(Some((id, repo.load_manifest(&id)?)));
+    }
+    let all = repo.snapshots()?;
+    let mine = all.into_iter().rev().filter_map(|(id, m)| {
+        m.ok()
+            .filter(|m| m.host == host && m.source == source)
+            .map(|m| (id, m))
+    });
+    match &c.since {
+        Some(since) => {
+            let found = mine.into_iter().find(|(_, m)| {
+                m.changed_blocks()
+                    .and_then(|r| r.ok())
+                    .and_then(|i| i.token)
+                    .as_deref()
+                    == Some(since.as_str())
+            });
+            match found {
+                Some(p) => Ok(Some(p)),
+                None => Err(EngineError::ParentUnusable(format!(
+                    "no snapshot of {source} on {host} carries the token {since:?} the list starts from; back up in full (without --changed-blocks) to start a new chain"
+                ))),
+            }
+        }
+        None => Ok(mine.into_iter().next()),
+    }
+}
+
+/// Which segments to reuse from `parent`: those of the same length that no changed range
+/// touches; and a random sample of them (`percent`, at least one) to re-read and compare.
+fn plan_reuse(
+    parent: &Manifest,
+    list: &ChangedList,
+    size: u64,
+    seg_size: u64,
+    percent: f64,
+) -> Plan {
+    let segments = size.div_ceil(seg_size);
+    let touched: HashSet<u64> = list.segments(seg_size).into_iter().collect();
+    let len = |i: u64| (size - i * seg_size).min(seg_size);
+    let mut reuse: Vec<Option<ChunkId>> = (0..segments)
+        .map(|i| {
+            let same_shape =
+                (i as usize) < parent.trees.len() && parent.segment_len(i as usize) == len(i);
+            (same_shape && !touched.contains(&i)).then(|| parent.trees[i as usize])
+        })
+        .collect();
+    let reusable: Vec<u64> = (0..segments)
+        .filter(|i| reuse[*i as usize].is_some())
+        .collect();
+    let mut check = HashMap::new();
+    if !reusable.is_empty() && percent > 0.0 {
+        let k =
+            ((reusable.len() as f64 * percent / 100.0).ceil() as usize).clamp(1, reusable.len());
+        // A random sample, so that a list that lies cannot know which segments are checked.
+        let mut seed = u64::from_le_bytes(
+            sbk_store::PackId::random()
+                .map(|p| p.0[..8].try_into().expect("eight bytes"))
+                .unwrap_or([7; 8]),
+        ) | 1;
+        let mut pool = reusable;
+        for j in 0..k {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let pick = j + (seed % (pool.len() - j) as u64) as usize;
+            pool.swap(j, pick);
+            let i = pool[j];
+            check.insert(i, reuse[i as usize].take().expect("reusable"));
+        }
+    }
+    Plan { reuse, check }
+}
+
+/// What one pass of the pipeline over a source produced.
+struct Run {
+    trees: Vec<ChunkId>,
+    figures: BackupFigures,
+    fallback: Option<String>,
+    /// A re-read segment's tree differed from the parent's: the changed-block list is wrong.
+    lied: bool,
+}
+
+/// Reads, chunks and stores one source by `plan`.
+fn run_pipeline(
+    session: &Session<'_>,
+    task: usize,
+    source: &mut Source,
+    plan: &Plan,
+    progress: &dyn Progress,
+) -> Result<Run> {
+    let seg_size = session.repo.config().segment_size;
+    let segments = source.size().div_ceil(seg_size);
     let (out_tx, out_rx) = bounded::<Result<ChunkedSegment>>(1);
     let cancel = AtomicBool::new(false);
     let claimed = Arc::new(Mutex::new(HashSet::<ChunkId>::new()));
@@ -539,7 +794,15 @@ fn backup_one(
                     })
                     .is_ok()
                 };
-                read_segments(session, &mut source, seg_size, segments, &send, cancel)
+                read_segments(
+                    session,
+                    source,
+                    seg_size,
+                    segments,
+                    &plan.reuse,
+                    &send,
+                    cancel,
+                )
             })
         };
         let written = write_segments(session, &claimed, task, &out_rx, segments, progress, cancel);
@@ -550,44 +813,16 @@ fn backup_one(
         let fallback = reader.join().expect("the reader does not panic");
         written.map(|w| (w, fallback))
     });
-    progress.finish(task);
-    let ((trees, mut figures), read_fallback) = result?;
-    if trees.len() as u64 != segments {
-        // Cannot happen: the reader stops early only with an error, which reached the writer.
-        // But a manifest that does not cover its source must never be written.
-        return Err(EngineError::SourceShrank {
-            path: path.to_owned(),
-            expected: size,
-            found: trees.len() as u64 * seg_size,
-        });
-    }
-    if let Some(why) = &read_fallback {
-        progress.notice(&format!(
-            "{label}: reading without O_DIRECT: {why}; buffered reads with posix_fadvise(DONTNEED)"
-        ));
-    }
-
-    // Ordering: every blob durable and indexed, then the manifest that refers to them.
-    session.seal()?;
-    figures.duration_ms = started.elapsed().as_millis() as u64;
-    let parent = latest_of(repo, &opts.host, &label)?;
-    let manifest = Manifest {
-        time_ns,
-        source: label,
-        host: opts.host.clone(),
-        tags: opts.tags.clone(),
-        size,
-        segment_size: seg_size,
-        parent,
-        figures,
+    let ((trees, figures), fallback) = result?;
+    let lied = plan
+        .check
+        .iter()
+        .any(|(i, expected)| trees.get(*i as usize).is_some_and(|t| t != expected));
+    Ok(Run {
         trees,
-        extensions: Vec::new(),
-    };
-    let snapshot = repo.write_manifest(&manifest)?;
-    Ok(BackupOutcome {
-        snapshot,
-        manifest,
-        fallback: open_fallback.or(read_fallback),
+        figures,
+        fallback,
+        lied,
     })
 }
 
@@ -610,11 +845,13 @@ fn latest_of(
 
 /// The reader: segments in order into pooled, aligned buffers. Returns why O_DIRECT was
 /// abandoned if that happened during the reads.
+#[allow(clippy::too_many_arguments)]
 fn read_segments(
     session: &Session<'_>,
     source: &mut Source,
     seg_size: u64,
     segments: u64,
+    reuse: &[Option<ChunkId>],
     send: &dyn Fn(Result<Segment>) -> bool,
     cancel: &AtomicBool,
 ) -> Option<String> {
@@ -626,6 +863,20 @@ fn read_segments(
         }
         let start = index * seg_size;
         let len = (source.size() - start).min(seg_size);
+        if let Some(tree) = reuse.get(index as usize).copied().flatten() {
+            // Unchanged since the parent: its tree is reused, nothing is read.
+            let seg = Segment {
+                index,
+                len: len as usize,
+                buf: None,
+                read: 0,
+                reuse: Some(tree),
+            };
+            if !send(Ok(seg)) {
+                break;
+            }
+            continue;
+        }
         let buf = match spare
             .take()
             .map(|b| Ok(Some(b)))
@@ -649,6 +900,7 @@ fn read_segments(
                 len: len as usize,
                 read,
                 buf: Some(buf),
+                reuse: None,
             }),
             Ok(None) => {
                 spare = Some(buf);
@@ -657,6 +909,7 @@ fn read_segments(
                     len: len as usize,
                     read: 0,
                     buf: None,
+                    reuse: None,
                 })
             }
             Err(e) => Err(e),
@@ -687,6 +940,16 @@ fn chunk_segment(
         bytes_read: seg.read,
         ..Default::default()
     };
+    if let Some(tree) = seg.reuse {
+        return Ok(ChunkedSegment {
+            index: seg.index,
+            len: seg.len,
+            extents: Vec::new(),
+            reuse: Some(tree),
+            blobs: Vec::new(),
+            figures,
+        });
+    }
     let Some(buf) = &seg.buf else {
         figures.bytes_zero = seg.len as u64;
         return Ok(ChunkedSegment {
@@ -695,6 +958,7 @@ fn chunk_segment(
             extents: vec![Extent::Zero {
                 len: seg.len as u32,
             }],
+            reuse: None,
             blobs: Vec::new(),
             figures,
         });
@@ -737,6 +1001,7 @@ fn chunk_segment(
         index: seg.index,
         len: seg.len,
         extents,
+        reuse: None,
         blobs,
         figures,
     })
@@ -775,8 +1040,12 @@ fn write_segments(
         figures.chunks += f.chunks;
         figures.new_chunks += f.new_chunks;
         progress.advance(task, seg.len as u64);
-        pending.insert(seg.index, seg.extents);
-        while let Some(extents) = pending.remove(&(trees.len() as u64)) {
+        pending.insert(seg.index, (seg.reuse, seg.extents));
+        while let Some((reuse, extents)) = pending.remove(&(trees.len() as u64)) {
+            if let Some(tree) = reuse {
+                trees.push(tree);
+                continue;
+            }
             let raw = encode_tree(&extents);
             let id = repo.blob_id(&raw);
             if !repo.index()?.contains(&id) && !session.written(&id) && tree_ids.insert(id) {

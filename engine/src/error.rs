@@ -51,6 +51,10 @@ pub enum EngineError {
         /// Where it ended.
         found: u64,
     },
+    /// The parent of an incremental backup cannot be used (another segment size, no snapshot
+    /// carrying the token the list starts from).
+    #[error("cannot back up incrementally: {0}")]
+    ParentUnusable(String),
     /// An operation refused to go on because it could lose data (prune over a damaged
     /// repository, say).
     #[error("refusing to continue: {0}")]

@@ -3,6 +3,7 @@
 //! reports progress through [`Progress`].
 
 mod backup;
+mod changed;
 mod error;
 mod pool;
 mod progress;
@@ -15,7 +16,8 @@ mod stats;
 mod sys;
 mod verify;
 
-pub use backup::{backup, chunker_params, BackupOptions, BackupOutcome};
+pub use backup::{backup, chunker_params, BackupOptions, BackupOutcome, ChangedOptions};
+pub use changed::{fuzz_changed_list, ChangedList, ListError};
 pub use error::{EngineError, Result};
 pub use progress::{NoProgress, Progress};
 pub use prune::{prune, used_blobs, PruneOptions, PruneReport};

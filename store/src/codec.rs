@@ -202,9 +202,9 @@ pub struct Extension {
 /// Largest value an extension may carry.
 pub const MAX_EXTENSION: usize = 1 << 20;
 
-/// Extension tags this build understands. None yet: format v2 reserves the mechanism so that
-/// later work adds fields without another format break.
-const KNOWN_TAGS: &[u16] = &[];
+/// Extension tags this build understands (docs/format.md, "extensions"): 1, the changed-block
+/// record of a manifest. A required extension with another tag is refused.
+const KNOWN_TAGS: &[u16] = &[crate::manifest::EXT_CHANGED_BLOCKS];
 
 impl Encoder {
     /// Appends an extension list: a u16 count, then per extension u16 tag, u16 flags (bit 0:

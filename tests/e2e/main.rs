@@ -2,6 +2,7 @@
 //! filesystems. One binary, a module per topic (see ../README.md in docs for what each covers).
 
 mod bad_input;
+mod changed_blocks;
 mod common;
 mod dedup;
 mod devices;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use sbk_engine::{BackupOptions, BackupOutcome, EngineError};
+use sbk_engine::{BackupOptions, BackupOutcome, ChangedOptions, EngineError};
 use sbk_store::LockKind;
 
 use super::Context;
@@ -30,6 +30,45 @@ pub struct Args {
     /// Host name recorded in the snapshots [default: this machine's].
     #[arg(long, value_name = "HOST")]
     host: Option<String>,
+
+    /// Record NAME as the snapshot's source instead of the canonical path (one SOURCE only).
+    /// Storage snapshots get a new device path every night; retention and parent lookup go by
+    /// this name.
+    #[arg(long, value_name = "NAME")]
+    source_name: Option<String>,
+
+    /// Read only what a changed-block list says changed since the parent snapshot (one SOURCE
+    /// only; `-` reads the list from stdin). Formats, told apart by content: `rbd diff --format
+    /// json`, LVM `thin_delta` XML (default or --verbose), or lines of `OFFSET LENGTH` (decimal or
+    /// 0x hex). Unchanged segments reuse the parent's trees unread; the snapshot is exact.
+    #[arg(long, value_name = "FILE")]
+    changed_blocks: Option<PathBuf>,
+
+    /// The parent the list is relative to [default: the newest snapshot of this host and source,
+    /// or with --cbt-since the newest carrying that token].
+    #[arg(long, value_name = "SNAPSHOT", requires = "changed_blocks")]
+    parent: Option<String>,
+
+    /// Record this run's storage-side snapshot id (an rbd snap id, a thin device id, a VMware
+    /// changeId), so that a later --cbt-since can name it.
+    #[arg(long, value_name = "TOKEN")]
+    cbt_token: Option<String>,
+
+    /// The storage-side state the list starts from: the parent is the newest snapshot of the
+    /// source carrying this token, and none is a refusal.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        requires = "changed_blocks",
+        conflicts_with = "parent"
+    )]
+    cbt_since: Option<String>,
+
+    /// Re-read this percentage of the segments the list calls unchanged (at least one) and
+    /// compare them with the parent: a list that lies is caught, reported, and the source is
+    /// read in full.
+    #[arg(long, value_name = "PCT", default_value_t = 1.0, value_parser = super::prune::parse_percent, requires = "changed_blocks")]
+    verify_unchanged: f64,
 }
 
 fn describe(o: &BackupOutcome) -> (String, serde_json::Value) {
@@ -69,17 +108,74 @@ fn describe(o: &BackupOutcome) -> (String, serde_json::Value) {
         "throughput_bytes_per_sec": rate_num(m.size, f.duration_ms),
         "direct_io": o.fallback.is_none(),
         "parent": m.parent.map(|p| p.to_hex()),
+        "changed_blocks": m.changed_blocks().and_then(|r| r.ok()).map(|c| serde_json::json!({
+            "incremental": c.incremental,
+            "trusted": c.trusted,
+            "token": c.token,
+            "since": c.since,
+            "segments_read": c.segments_read,
+            "segments_reused": c.segments_reused,
+            "bytes_skipped": c.bytes_skipped,
+        })),
     });
     (line, json)
 }
 
 /// Runs `sbk backup`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
+    if (args.changed_blocks.is_some() || args.source_name.is_some()) && args.sources.len() != 1 {
+        anyhow::bail!(crate::exit::ExitWith(
+            Exit::Usage,
+            "--changed-blocks and --source-name take exactly one SOURCE".into()
+        ));
+    }
+    // The list is read (and checked) before anything else: a malformed one changes nothing.
+    let list = match &args.changed_blocks {
+        None => None,
+        Some(file) => {
+            let bytes = if file.as_os_str() == "-" {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut b).map_err(|e| {
+                    anyhow::anyhow!("reading the changed-block list from stdin: {e}")
+                })?;
+                b
+            } else {
+                std::fs::read(file).map_err(|e| {
+                    crate::exit::ExitWith(
+                        Exit::Usage,
+                        format!(
+                            "{}: cannot read the changed-block list: {e}",
+                            file.display()
+                        ),
+                    )
+                })?
+            };
+            Some(sbk_engine::ChangedList::parse(&bytes).map_err(|e| {
+                crate::exit::ExitWith(Exit::Usage, format!("{}: {e}", file.display()))
+            })?)
+        }
+    };
+    // The lock is taken before the parent is chosen: prune cannot take its trees meanwhile.
     let (repo, _lock) = ctx.open_locked(LockKind::Shared, "backup", true)?;
+    let changed = match list {
+        None => None,
+        Some(list) => Some(ChangedOptions {
+            list,
+            parent: match &args.parent {
+                Some(p) => Some(repo.resolve_snapshot(p)?),
+                None => None,
+            },
+            since: args.cbt_since.clone(),
+            verify_percent: args.verify_unchanged,
+        }),
+    };
     let opts = BackupOptions {
         threads: ctx.threads,
         host: args.host.unwrap_or_else(sbk_store::host_name),
         tags: args.tags,
+        source_name: args.source_name,
+        cbt_token: args.cbt_token,
+        changed,
     };
     let progress = ctx.out.progress();
     let results = sbk_engine::backup(&repo, &args.sources, &opts, &progress)?;

@@ -41,6 +41,18 @@ pub fn run(ctx: &Context, _args: Args) -> Result<ExitCode> {
                 } else {
                     format!(" [{}]", m.tags.join(", "))
                 };
+                let cbt = m.changed_blocks().and_then(|r| r.ok());
+                let tags = match &cbt {
+                    Some(c) if c.incremental && c.trusted => format!(
+                        "{tags} (incremental: {} of {} segments read)",
+                        c.segments_read,
+                        c.segments_read + c.segments_reused
+                    ),
+                    Some(c) if c.incremental => {
+                        format!("{tags} (changed-block list was wrong: read in full)")
+                    }
+                    _ => tags,
+                };
                 ctx.out.info(
                     &format!(
                         "{:<8}  {:<20}  {:<12}  {:>10}  {}{}",
@@ -61,6 +73,15 @@ pub fn run(ctx: &Context, _args: Args) -> Result<ExitCode> {
                     "size": m.size,
                     "tags": m.tags,
                     "parent": m.parent.map(|p| p.to_hex()),
+                    "changed_blocks": cbt.map(|c| serde_json::json!({
+                        "incremental": c.incremental,
+                        "trusted": c.trusted,
+                        "token": c.token,
+                        "since": c.since,
+                        "segments_read": c.segments_read,
+                        "segments_reused": c.segments_reused,
+                        "bytes_skipped": c.bytes_skipped,
+                    })),
                 }));
             }
             Err(e) => {
