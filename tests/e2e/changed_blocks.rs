@@ -164,6 +164,17 @@ fn incrementals_from_every_list_format_are_exact() {
     assert_eq!(inc["bytes_read"].as_u64().unwrap(), SEG as u64);
     restores_to(&env, inc, &v3);
     assert_eq!(d3.len(), data.len());
+    // snapshots and stats say how it was made.
+    let list = env.run(&["snapshots", "--json"]).json();
+    let last = list.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["changed_blocks"]["segments_read"], 1, "{last}");
+    let stats = env.run(&["stats", "--json"]).json();
+    let per = stats["per_snapshot"].as_array().unwrap();
+    let mine = per
+        .iter()
+        .find(|s| s["snapshot"] == inc["snapshot"])
+        .unwrap();
+    assert_eq!(mine["incremental"]["segments_reused"], 3, "{mine}");
 }
 
 #[test]

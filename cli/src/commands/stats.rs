@@ -26,10 +26,31 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         .map(|s| repo.resolve_snapshot(s))
         .collect::<Result<Vec<_>, _>>()?;
     let (r, per) = sbk_engine::stats(&repo, &selected)?;
+    // How each snapshot was made: from a changed-block list, how much of it was read.
+    let made = |id: &sbk_store::SnapshotId| {
+        repo.load_manifest(id)
+            .ok()
+            .and_then(|m| m.changed_blocks())
+            .and_then(|r| r.ok())
+            .filter(|c| c.incremental)
+    };
     for s in &per {
+        let how = match made(&s.id) {
+            Some(c) => format!(
+                "; incremental: {} of {} segments read{}",
+                c.segments_read,
+                c.segments_read + c.segments_reused,
+                if c.trusted {
+                    ""
+                } else {
+                    " (list was wrong: read in full)"
+                }
+            ),
+            None => String::new(),
+        };
         ctx.out.info(
             &format!(
-                "{}  size {}, data {}, {} chunks ({}), unique to it {} ({} stored)",
+                "{}  size {}, data {}, {} chunks ({}), unique to it {} ({} stored){how}",
                 &s.id.to_hex()[..8],
                 bytes(s.size),
                 bytes(s.data_bytes),
@@ -75,6 +96,12 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                 "chunk_bytes": s.chunk_bytes,
                 "unique_bytes": s.unique_bytes,
                 "unique_stored_bytes": s.unique_stored,
+                "incremental": made(&s.id).map(|c| serde_json::json!({
+                    "trusted": c.trusted,
+                    "segments_read": c.segments_read,
+                    "segments_reused": c.segments_reused,
+                    "bytes_skipped": c.bytes_skipped,
+                })),
             })).collect::<Vec<_>>(),
         }),
         false,
