@@ -61,7 +61,8 @@ pub struct ChangedOptions {
     pub parent: Option<SnapshotId>,
     /// The storage-side state the list starts from (`--cbt-since`).
     pub since: Option<String>,
-    /// Percentage of unchanged segments re-read to check the list (at least one segment).
+    /// Percentage of unchanged segments re-read to check the list; at least one segment is
+    /// always checked.
     pub verify_percent: f64,
 }
 
@@ -389,6 +390,11 @@ pub fn backup(
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<Vec<Result<BackupOutcome>>> {
+    if sources.len() != 1 && (opts.changed.is_some() || opts.source_name.is_some()) {
+        return Err(EngineError::ParentUnusable(
+            "a changed-block list and a source name apply to exactly one source".into(),
+        ));
+    }
     let pool = worker_pool(opts.threads, "backup")?;
     // One segment being chunked per worker, one queued and one being read: enough to keep every
     // worker busy, and the whole of the pipeline's buffer memory (measured: docs/benchmarks.md).
@@ -566,13 +572,19 @@ fn backup_one(
         };
         match &parent {
             Some((pid, pm)) => {
+                if pm.host != opts.host || pm.source != label {
+                    return Err(EngineError::ParentUnusable(format!(
+                        "parent {pid} is a snapshot of {} on {}, not of {label} on {}",
+                        pm.source, pm.host, opts.host
+                    )));
+                }
                 if pm.segment_size != seg_size {
                     return Err(EngineError::ParentUnusable(format!(
                         "parent {pid} was cut into segments of {} bytes, this repository cuts {seg_size}",
                         pm.segment_size
                     )));
                 }
-                plan = plan_reuse(pm, &c.list, size, seg_size, c.verify_percent);
+                plan = plan_reuse(repo, pm, &c.list, size, seg_size, c.verify_percent)?;
             }
             None => {
                 progress.notice(&format!(
@@ -599,6 +611,13 @@ fn backup_one(
             "{label}: THE CHANGED-BLOCK LIST IS WRONG: a segment it calls unchanged differs from the parent; reading the whole source instead"
         ));
         source = Source::open(path)?;
+        if source.size() != size {
+            return Err(EngineError::SourceShrank {
+                path: path.to_owned(),
+                expected: size,
+                found: source.size(),
+            });
+        }
         let full = Plan {
             reuse: vec![None; segments as usize],
             check: HashMap::new(),
@@ -705,29 +724,34 @@ fn choose_parent(
 }
 
 /// Which segments to reuse from `parent`: those of the same length that no changed range
-/// touches; and a random sample of them (`percent`, at least one) to re-read and compare.
+/// touches and whose tree the index knows; and a random sample of them (`percent`, at least
+/// one) to re-read and compare.
 fn plan_reuse(
+    repo: &Repository,
     parent: &Manifest,
     list: &ChangedList,
     size: u64,
     seg_size: u64,
     percent: f64,
-) -> Plan {
+) -> Result<Plan> {
     let segments = size.div_ceil(seg_size);
-    let touched: HashSet<u64> = list.segments(seg_size).into_iter().collect();
+    let touched = list.segments(seg_size, segments);
     let len = |i: u64| (size - i * seg_size).min(seg_size);
+    let index = repo.index()?;
     let mut reuse: Vec<Option<ChunkId>> = (0..segments)
         .map(|i| {
             let same_shape =
                 (i as usize) < parent.trees.len() && parent.segment_len(i as usize) == len(i);
-            (same_shape && !touched.contains(&i)).then(|| parent.trees[i as usize])
+            // A tree the index does not know (a damaged parent) is read, never referred to.
+            (same_shape && !touched[i as usize] && index.contains(&parent.trees[i as usize]))
+                .then(|| parent.trees[i as usize])
         })
         .collect();
     let reusable: Vec<u64> = (0..segments)
         .filter(|i| reuse[*i as usize].is_some())
         .collect();
     let mut check = HashMap::new();
-    if !reusable.is_empty() && percent > 0.0 {
+    if !reusable.is_empty() {
         let k =
             ((reusable.len() as f64 * percent / 100.0).ceil() as usize).clamp(1, reusable.len());
         // A random sample, so that a list that lies cannot know which segments are checked.
@@ -747,7 +771,7 @@ fn plan_reuse(
             check.insert(i, reuse[i as usize].take().expect("reusable"));
         }
     }
-    Plan { reuse, check }
+    Ok(Plan { reuse, check })
 }
 
 /// What one pass of the pipeline over a source produced.

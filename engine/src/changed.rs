@@ -38,6 +38,15 @@ impl ChangedList {
     /// Reads a list in any of the three formats.
     pub fn parse(bytes: &[u8]) -> Result<ChangedList, ListError> {
         let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
+        if first.is_none() {
+            // An empty list is more often a tool that failed in a pipe than a disk where nothing
+            // changed; a list that means "nothing" says so (`[]`, or a `#` comment line).
+            return Err(ListError {
+                format: "text",
+                place: "byte 0".into(),
+                what: "the list is empty (if nothing changed, write a comment line such as \"# nothing changed\")".into(),
+            });
+        }
         let (format, ranges) = match first {
             Some(b'[') => ("rbd-json", rbd_json(bytes)?),
             Some(b'<') => ("thin-delta", thin_delta(bytes)?),
@@ -54,17 +63,19 @@ impl ChangedList {
         self.ranges.iter().map(|r| r.end - r.start).sum()
     }
 
-    /// The segments (of `seg_size` bytes) any changed range touches, as a sorted list.
-    pub fn segments(&self, seg_size: u64) -> Vec<u64> {
-        let mut out: Vec<u64> = Vec::new();
+    /// Which of a source's `count` segments (of `seg_size` bytes) a changed range touches.
+    /// Ranges past the end of the source touch nothing (a shrunk source's tail is read anyway).
+    pub fn segments(&self, seg_size: u64, count: u64) -> Vec<bool> {
+        let mut touched = vec![false; count as usize];
         for r in &self.ranges {
-            for s in r.start / seg_size..=(r.end - 1) / seg_size {
-                if out.last() != Some(&s) {
-                    out.push(s);
-                }
+            let first = r.start / seg_size;
+            if first >= count {
+                break;
             }
+            let last = ((r.end - 1) / seg_size).min(count - 1);
+            touched[first as usize..=last as usize].fill(true);
         }
-        out
+        touched
     }
 }
 
@@ -235,6 +246,26 @@ fn thin_delta(bytes: &[u8]) -> Result<Vec<Range<u64>>, ListError> {
         what: "not UTF-8".into(),
     })?;
     let tags = tags(text)?;
+    if let Some(t) = tags.iter().find(|t| {
+        !matches!(
+            t.name,
+            "superblock" | "diff" | "different" | "right_only" | "left_only" | "same" | "range"
+        )
+    }) {
+        return Err(ListError {
+            format: "thin-delta",
+            place: format!("byte {}", t.at),
+            what: format!("unknown element <{}>", t.name),
+        });
+    }
+    if !text.contains("</superblock>") {
+        // Cut off (a thin_delta that died mid-way): ranges after the cut would be missing.
+        return Err(ListError {
+            format: "thin-delta",
+            place: format!("byte {}", text.len()),
+            what: "the list ends before </superblock>: it is incomplete".into(),
+        });
+    }
     let attr = |t: &Tag<'_>, key: &str| -> Result<u64, ListError> {
         let v = t
             .attrs
@@ -310,7 +341,7 @@ fn thin_delta(bytes: &[u8]) -> Result<Vec<Range<u64>>, ListError> {
 pub fn fuzz_changed_list(data: &[u8]) {
     if let Ok(l) = ChangedList::parse(data) {
         assert!(l.ranges.windows(2).all(|w| w[0].end < w[1].start));
-        let _ = l.segments(1 << 24);
+        let _ = l.segments(1 << 24, 1 << 16);
     }
 }
 
@@ -327,7 +358,12 @@ mod tests {
         .unwrap();
         assert_eq!(l.format, "rbd-json");
         assert_eq!(l.ranges, vec![0..4106, 1048576..1114112]);
-        assert_eq!(l.segments(1 << 20), vec![0, 1]);
+        assert_eq!(l.segments(1 << 20, 3), vec![true, true, false]);
+        assert_eq!(
+            l.segments(1 << 20, 1),
+            vec![true],
+            "ranges past the end touch nothing"
+        );
         let e =
             ChangedList::parse(b"[{\"offset\":1,\"length\":2,\"exists\":\"maybe\"}]").unwrap_err();
         assert!(e.to_string().contains("entry 1"), "{e}");
@@ -365,10 +401,28 @@ mod tests {
             ChangedList::parse(b"<diff><different begin=\"0\" length=\"1\"/></diff>").unwrap_err();
         assert!(e.to_string().contains("superblock"), "{e}");
         let e = ChangedList::parse(
-            b"<superblock data_block_size=\"128\"><different begin=\"x\" length=\"1\"/>",
+            b"<superblock data_block_size=\"128\"><different begin=\"x\" length=\"1\"/></superblock>",
         )
         .unwrap_err();
         assert!(e.to_string().contains("byte 34"), "{e}");
+        // Cut off, or with an element thin_delta does not write: refused.
+        assert!(ChangedList::parse(&default[..default.len() - 40]).is_err());
+        let cut = &default[..default.len() - "</superblock>".len()];
+        assert!(ChangedList::parse(cut)
+            .unwrap_err()
+            .to_string()
+            .contains("incomplete"));
+        let e = ChangedList::parse(
+            b"<superblock data_block_size=\"128\"><diferent begin=\"1\" length=\"1\"/></superblock>",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown element"), "{e}");
+        // Empty input is refused; a list that says nothing changed is fine.
+        assert!(ChangedList::parse(b"  \n").is_err());
+        assert!(ChangedList::parse(b"# nothing changed\n")
+            .unwrap()
+            .ranges
+            .is_empty());
     }
 
     #[test]
@@ -387,7 +441,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn text_lists_round_trip_to_merged_ranges(ranges in proptest::collection::vec((0u64..1 << 40, 1u64..1 << 30), 0..40)) {
+        fn text_lists_round_trip_to_merged_ranges(ranges in proptest::collection::vec((0u64..1 << 40, 1u64..1 << 30), 1..40)) {
             let text: String = ranges.iter().map(|(o, l)| format!("{o} {l}\n")).collect();
             let l = ChangedList::parse(text.as_bytes()).unwrap();
             // Sorted, disjoint, and covering exactly the union of the input.

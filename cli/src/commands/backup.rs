@@ -64,9 +64,9 @@ pub struct Args {
     )]
     cbt_since: Option<String>,
 
-    /// Re-read this percentage of the segments the list calls unchanged (at least one) and
-    /// compare them with the parent: a list that lies is caught, reported, and the source is
-    /// read in full.
+    /// Re-read this percentage of the segments the list calls unchanged (always at least one,
+    /// so 0 means one) and compare them with the parent: a list that lies is caught, reported,
+    /// and the source is read in full.
     #[arg(long, value_name = "PCT", default_value_t = 1.0, value_parser = super::prune::parse_percent, requires = "changed_blocks")]
     verify_unchanged: f64,
 }
