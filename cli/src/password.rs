@@ -24,6 +24,14 @@ fn first_line(text: &str) -> String {
     text.lines().next().unwrap_or("").to_owned()
 }
 
+/// The first line of the password file `file`; `what` names it in the error.
+fn read_first_line(file: &std::path::Path, what: &str) -> Result<String, StoreError> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        StoreError::NoPassword(format!("cannot read the {what} {}: {e}", file.display()))
+    })?;
+    Ok(first_line(&text))
+}
+
 impl PasswordSource {
     /// The password of the repository.
     pub fn get(&self) -> Result<String, StoreError> {
@@ -31,13 +39,7 @@ impl PasswordSource {
             return Ok(p);
         }
         if let Some(file) = &self.file {
-            let text = std::fs::read_to_string(file).map_err(|e| {
-                StoreError::NoPassword(format!(
-                    "cannot read the password file {}: {e}",
-                    file.display()
-                ))
-            })?;
-            return Ok(first_line(&text));
+            return read_first_line(file, "password file");
         }
         if let Some(cmd) = &self.command {
             let out = Command::new("sh")
@@ -69,38 +71,36 @@ impl PasswordSource {
     /// A new password (for a new repository or a new key): `SBK_NEW_PASSWORD`, `new_file`, or
     /// asked twice on the terminal.
     pub fn new_password(new_file: Option<&PathBuf>) -> Result<String, StoreError> {
-        if let Ok(p) = std::env::var("SBK_NEW_PASSWORD") {
-            return Ok(p);
-        }
-        if let Some(file) = new_file {
-            let text = std::fs::read_to_string(file).map_err(|e| {
-                StoreError::NoPassword(format!(
-                    "cannot read the new password file {}: {e}",
-                    file.display()
-                ))
-            })?;
-            return Ok(first_line(&text));
-        }
-        if std::io::stdin().is_terminal() {
-            let read = |prompt| {
-                rpassword::prompt_password(prompt).map_err(|e| {
-                    StoreError::NoPassword(format!("cannot read it from the terminal: {e}"))
-                })
-            };
-            let a = read("new password: ")?;
-            if a.is_empty() {
-                return Err(StoreError::NoPassword(
-                    "an empty password protects nothing".into(),
-                ));
+        let password = match (std::env::var("SBK_NEW_PASSWORD"), new_file) {
+            (Ok(p), _) => p,
+            (Err(_), Some(file)) => read_first_line(file, "new password file")?,
+            (Err(_), None) if std::io::stdin().is_terminal() => {
+                let read = |prompt| {
+                    rpassword::prompt_password(prompt).map_err(|e| {
+                        StoreError::NoPassword(format!("cannot read it from the terminal: {e}"))
+                    })
+                };
+                let a = read("new password: ")?;
+                if read("new password again: ")? != a {
+                    return Err(StoreError::NoPassword("the two passwords differ".into()));
+                }
+                a
             }
-            if read("new password again: ")? != a {
-                return Err(StoreError::NoPassword("the two passwords differ".into()));
-            }
-            return Ok(a);
-        }
-        Err(StoreError::NoPassword(
-            "no new password given (SBK_NEW_PASSWORD, --new-password-file FILE, or a terminal)"
-                .into(),
-        ))
+            (Err(_), None) => return Err(StoreError::NoPassword(
+                "no new password given (SBK_NEW_PASSWORD, --new-password-file FILE, or a terminal)"
+                    .into(),
+            )),
+        };
+        refuse_empty(password)
     }
+}
+
+/// A new password, unless it is empty: an empty password protects nothing.
+pub fn refuse_empty(password: String) -> Result<String, StoreError> {
+    if password.is_empty() {
+        return Err(StoreError::NoPassword(
+            "an empty password protects nothing".into(),
+        ));
+    }
+    Ok(password)
 }

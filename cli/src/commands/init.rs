@@ -78,12 +78,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         } else {
             crate::password::PasswordSource::new_password(None)?
         };
-        if password.is_empty() {
-            return Err(sbk_store::StoreError::NoPassword(
-                "an empty password protects nothing".into(),
-            )
-            .into());
-        }
+        let password = crate::password::refuse_empty(password)?;
         warn_weak_kdf(ctx);
         Some((password, kdf_params()))
     };
