@@ -143,6 +143,19 @@ impl Progress for Bars {
     }
 }
 
+/// The JSON of a snapshot's changed-block record (backup, snapshots and stats show the same).
+pub fn changed_blocks_json(c: &sbk_store::ChangedBlocks) -> serde_json::Value {
+    serde_json::json!({
+        "incremental": c.incremental,
+        "trusted": c.trusted,
+        "token": c.token,
+        "since": c.since,
+        "segments_read": c.segments_read,
+        "segments_reused": c.segments_reused,
+        "bytes_skipped": c.bytes_skipped,
+    })
+}
+
 /// Bytes for people: "1.50 GiB".
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];

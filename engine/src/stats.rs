@@ -2,7 +2,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sbk_store::{ChunkId, Extent, Manifest, Repository, SnapshotId, BLOB_HEADER_LEN};
+use sbk_store::{
+    ChangedBlocks, ChunkId, Extent, Manifest, Repository, SnapshotId, BLOB_HEADER_LEN,
+};
 
 use crate::error::Result;
 use crate::pool::snapshot_trees;
@@ -25,6 +27,8 @@ pub struct SnapshotStats {
     pub unique_bytes: u64,
     /// Stored (compressed) bytes of those chunks.
     pub unique_stored: u64,
+    /// How it was made, when it was made from a changed-block list.
+    pub incremental: Option<ChangedBlocks>,
 }
 
 /// Figures of the repository (or of the selected snapshots).
@@ -71,6 +75,10 @@ fn snapshot_chunks(
         chunk_bytes: 0,
         unique_bytes: 0,
         unique_stored: 0,
+        incremental: manifest
+            .changed_blocks()
+            .and_then(|r| r.ok())
+            .filter(|c| c.incremental),
     };
     let mut chunks = HashSet::new();
     for segments in windows(manifest) {

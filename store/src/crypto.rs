@@ -215,12 +215,12 @@ impl Crypto {
             Crypto::Plain => [0; 24],
             Crypto::Sealed { .. } => crate::id::random_bytes()?,
         };
-        self.seal_with_nonce(ctx, plain, salt)
+        self.seal_with_salt(ctx, plain, salt)
     }
 
     /// [`Crypto::seal`] with a given salt: for test vectors only (a salt must never repeat
     /// under one master key).
-    fn seal_with_nonce(
+    fn seal_with_salt(
         &self,
         ctx: Context<'_>,
         plain: &[u8],
@@ -313,7 +313,7 @@ mod tests {
         let c = crypto();
         let id = ChunkId([7; 32]);
         let s = c
-            .seal_with_nonce(Context::Blob(BlobKind::Data, &id), b"sbk", [3; 24])
+            .seal_with_salt(Context::Blob(BlobKind::Data, &id), b"sbk", [3; 24])
             .unwrap();
         assert_eq!(crate::id::to_hex(&s), VECTOR);
     }

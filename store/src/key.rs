@@ -93,7 +93,7 @@ pub struct KeyObject {
     /// Argon2id salt.
     pub salt: [u8; 16],
     /// Salt of the wrapping's AES-256-GCM key (derived from the password-derived key).
-    pub nonce: [u8; 24],
+    pub wrap_salt: [u8; 24],
     /// The master key (64 bytes) encrypted, and its 16-byte tag: 80 bytes.
     pub wrapped: Vec<u8>,
     /// When it was made (seconds since the Unix epoch). Part of the associated data, so it
@@ -126,22 +126,23 @@ impl KeyObject {
         created: i64,
     ) -> std::io::Result<Self> {
         let salt: [u8; 16] = crate::id::random_bytes()?;
-        let nonce: [u8; 24] = crate::id::random_bytes()?;
+        let wrap_salt: [u8; 24] = crate::id::random_bytes()?;
         let mut kek = kdf
             .derive(password, &salt)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let mut plain = master.to_bytes();
         let sealed =
-            crate::crypto::seal_under(&kek, nonce, &aad(repo_id, &kdf, &salt, created), &plain);
+            crate::crypto::seal_under(&kek, wrap_salt, &aad(repo_id, &kdf, &salt, created), &plain);
         kek.zeroize();
         plain.zeroize();
         let mut sealed = sealed?;
-        // The object stores its salt in the nonce field; the rest is ciphertext and tag.
+        // The sealed bytes start with the wrap salt, stored in its own field; the rest is
+        // ciphertext and tag.
         let wrapped = sealed.split_off(24);
         Ok(KeyObject {
             kdf,
             salt,
-            nonce,
+            wrap_salt,
             wrapped,
             created,
         })
@@ -156,7 +157,7 @@ impl KeyObject {
     ) -> Result<Option<MasterKey>, DecodeError> {
         let mut kek = self.kdf.derive(password, &self.salt)?;
         let mut sealed = Vec::with_capacity(24 + self.wrapped.len());
-        sealed.extend_from_slice(&self.nonce);
+        sealed.extend_from_slice(&self.wrap_salt);
         sealed.extend_from_slice(&self.wrapped);
         let aad = aad(repo_id, &self.kdf, &self.salt, self.created);
         let master = crate::crypto::open_under(&kek, &aad, &mut sealed)
@@ -177,7 +178,7 @@ impl KeyObject {
             .u32(self.kdf.t)
             .u32(self.kdf.p)
             .bytes(&self.salt)
-            .bytes(&self.nonce)
+            .bytes(&self.wrap_salt)
             .bytes(&self.wrapped)
             .i64(self.created);
         e.finish_with_checksum()
@@ -208,7 +209,7 @@ impl KeyObject {
         let k = KeyObject {
             kdf,
             salt: d.array()?,
-            nonce: d.array()?,
+            wrap_salt: d.array()?,
             wrapped: d.bytes(64 + 16)?.to_vec(),
             created: d.i64()?,
         };

@@ -307,21 +307,6 @@ pub fn read_trailer(
     decode_trailer(&trailer, entries_offset, pack, crypto).map_err(corrupt)
 }
 
-/// Reads the header and stored bytes of the blob at `entry` of `pack`, checks that the header
-/// agrees with what the caller expected, and returns the stored bytes.
-pub fn read_blob(
-    backend: &dyn Backend,
-    pack: PackId,
-    entry: &PackEntry,
-    sealed: bool,
-) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; BLOB_HEADER_LEN + entry.stored_len as usize];
-    backend.read_at(Kind::Pack, &pack.to_hex(), entry.offset, &mut buf)?;
-    split_blob(&buf, entry, pack, sealed)?;
-    buf.drain(..BLOB_HEADER_LEN);
-    Ok(buf)
-}
-
 /// Checks the blob header at the start of `bytes` against what the trailer or index says, and
 /// that it is sealed exactly when the repository is encrypted (a blob that claims to be plain
 /// in an encrypted repository would bypass authentication).
@@ -428,7 +413,10 @@ mod tests {
         let (id, entries) = w.finish().unwrap();
         assert_eq!(read_trailer(&b, id, &Crypto::Plain).unwrap(), entries);
         for (e, blob) in entries.iter().zip(&blobs) {
-            assert_eq!(read_blob(&b, id, e, false).unwrap(), blob.data);
+            let mut buf = vec![0u8; BLOB_HEADER_LEN + e.stored_len as usize];
+            b.read_at(Kind::Pack, &id.to_hex(), e.offset, &mut buf)
+                .unwrap();
+            assert_eq!(split_blob(&buf, e, id, false).unwrap(), blob.data);
         }
         // Truncation anywhere is a typed error.
         let path = b.path_of(Kind::Pack, &id.to_hex());

@@ -15,7 +15,7 @@ use crate::index::{read_index_file, CacheLocation, Index, IndexEntry, IndexRepor
 use crate::key::{KdfParams, KeyObject};
 use crate::lock::{Lease, Lock, LockKind, LockTiming};
 use crate::manifest::{decode_tree, Extent, Manifest};
-use crate::pack::{object_path, read_blob, read_trailer, PackEntry, PackWriter};
+use crate::pack::{object_path, read_trailer, PackEntry, PackWriter};
 
 /// What `init` may choose; everything else is derived or random.
 #[derive(Clone)]
@@ -500,34 +500,14 @@ impl Repository {
 
     /// Reads and checks a pack's trailer.
     pub fn read_trailer(&self, pack: PackId) -> Result<Vec<PackEntry>> {
-        read_trailer(self.b()?, pack, &self.crypto).map_err(|e| match e {
-            StoreError::ObjectMissing { .. } => StoreError::PackMissing {
-                pack,
-                path: object_path(Kind::Pack, &pack.to_hex()),
-            },
-            e => e,
-        })
+        read_trailer(self.b()?, pack, &self.crypto).map_err(|e| pack_error(pack, e))
     }
 
     /// Fills `buf` from `offset` of a pack.
     pub fn read_pack(&self, pack: PackId, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.b()?
             .read_at(Kind::Pack, &pack.to_hex(), offset, buf)
-            .map_err(|e| match e {
-                StoreError::ObjectMissing { .. } => StoreError::PackMissing {
-                    pack,
-                    path: object_path(Kind::Pack, &pack.to_hex()),
-                },
-                StoreError::ShortObject { needed, size, .. } => StoreError::Corrupt {
-                    path: object_path(Kind::Pack, &pack.to_hex()),
-                    what: "pack",
-                    source: DecodeError::Truncated {
-                        needed: needed as usize,
-                        available: size as usize,
-                    },
-                },
-                e => e,
-            })
+            .map_err(|e| pack_error(pack, e))
     }
 
     /// Removes a pack; returns its size. The caller must first have removed it from the index
@@ -633,16 +613,11 @@ impl Repository {
                 detail: format!("is a {:?} blob, expected {kind:?}", entry.kind),
             });
         }
-        let mut stored =
-            read_blob(self.b()?, pack, &entry, self.crypto.is_sealed()).map_err(|e| match e {
-                StoreError::ObjectMissing { .. } => StoreError::PackMissing {
-                    pack,
-                    path: object_path(Kind::Pack, &pack.to_hex()),
-                },
-                e => e,
-            })?;
+        let mut buf = vec![0u8; crate::blob::BLOB_HEADER_LEN + entry.stored_len as usize];
+        self.read_pack(pack, entry.offset, &mut buf)?;
+        let stored = self.split_blob_mut(&mut buf, &entry, pack)?;
         let mut out = vec![0u8; entry.raw_len as usize];
-        self.decode_verified(pack, &entry, &mut stored, &mut out)?;
+        self.decode_verified(pack, &entry, stored, &mut out)?;
         Ok((pack, out))
     }
 
@@ -679,12 +654,7 @@ impl Repository {
 
     /// Every index file in the repository.
     pub fn index_files(&self) -> Result<BTreeSet<IndexId>> {
-        Ok(self
-            .b()?
-            .list(Kind::Index)?
-            .into_iter()
-            .filter_map(|o| o.name.parse().ok())
-            .collect())
+        crate::backend::list_ids(self.b()?, Kind::Index)
     }
 
     /// Reads one index file.
@@ -724,12 +694,7 @@ impl Repository {
 
     /// Ids of every snapshot, sorted.
     pub fn snapshot_ids(&self) -> Result<Vec<SnapshotId>> {
-        Ok(self
-            .b()?
-            .list(Kind::Snapshot)?
-            .into_iter()
-            .filter_map(|o| o.name.parse().ok())
-            .collect())
+        crate::backend::list_ids(self.b()?, Kind::Snapshot)
     }
 
     /// Loads a manifest, checking that its bytes still hash to its id.
@@ -797,6 +762,26 @@ impl Repository {
                 count,
             }),
         }
+    }
+}
+
+/// A pack read's error, said of the pack: missing is `PackMissing`, too short is a truncated
+/// (corrupt) pack.
+fn pack_error(pack: PackId, e: StoreError) -> StoreError {
+    match e {
+        StoreError::ObjectMissing { .. } => StoreError::PackMissing {
+            pack,
+            path: object_path(Kind::Pack, &pack.to_hex()),
+        },
+        StoreError::ShortObject { needed, size, .. } => StoreError::Corrupt {
+            path: object_path(Kind::Pack, &pack.to_hex()),
+            what: "pack",
+            source: DecodeError::Truncated {
+                needed: needed as usize,
+                available: size as usize,
+            },
+        },
+        e => e,
     }
 }
 

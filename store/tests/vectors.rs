@@ -61,7 +61,7 @@ fn key_object_vector() {
             p: 1,
         },
         salt: [0x77; 16],
-        nonce: [0x88; 24],
+        wrap_salt: [0x88; 24],
         wrapped: vec![0x99; 80],
         created: 1_764_000_000,
     };

@@ -169,6 +169,20 @@ impl Env {
     }
 }
 
+/// Every file below `dir`.
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_below(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// Deterministic pseudo-random bytes, shared with the benches.
 pub use sbk_benches::random;
 

@@ -18,20 +18,6 @@ fn encrypted_env() -> Env {
     env
 }
 
-/// Every file below `dir`.
-fn files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(files(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 #[test]
 fn nothing_of_the_source_is_readable_in_the_repository_or_the_cache() {
     let env = encrypted_env();
@@ -62,7 +48,10 @@ fn nothing_of_the_source_is_readable_in_the_repository_or_the_cache() {
         &data[3 << 20..(3 << 20) + 64],
     ];
     let mut checked = 0;
-    for f in files(&env.repo).into_iter().chain(files(&env.cache())) {
+    for f in files_below(&env.repo)
+        .into_iter()
+        .chain(files_below(&env.cache()))
+    {
         let bytes = std::fs::read(&f).unwrap();
         for n in needles {
             assert!(
@@ -100,7 +89,7 @@ fn a_changed_byte_in_any_kind_of_object_is_detected() {
         .as_str()
         .unwrap()
         .to_owned();
-    let one = |dir: &str| files(&env.repo.join(dir)).into_iter().next().unwrap();
+    let one = |dir: &str| files_below(&env.repo.join(dir)).into_iter().next().unwrap();
     // (object, command, what the message must say)
     let cases: Vec<(std::path::PathBuf, Vec<&str>, &str)> = vec![
         (env.repo.join("config"), vec!["snapshots"], "config"),

@@ -232,7 +232,7 @@ fn flipped_bytes_in_every_kind_of_file() {
         std::fs::write(&f, &original).unwrap();
     }
     // The index too: garbage in a slot's files is either healed or reported, never a panic.
-    for entry in walk(&env.repo.join("index")) {
+    for entry in files_below(&env.repo.join("index")) {
         let original = std::fs::read(&entry).unwrap();
         if original.is_empty() {
             continue;
@@ -253,19 +253,6 @@ fn flipped_bytes_in_every_kind_of_file() {
         }
         std::fs::write(&entry, &original).unwrap();
     }
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 #[test]

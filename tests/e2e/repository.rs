@@ -50,20 +50,6 @@ fn many_packs_under_a_low_open_file_limit() {
     assert_same(&src, &out);
 }
 
-/// Every file below `dir`.
-fn files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(files(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 #[test]
 fn a_cache_of_garbage_never_blocks_any_command() {
     let env = Env::new();
@@ -72,7 +58,7 @@ fn a_cache_of_garbage_never_blocks_any_command() {
     let first = env.backup(&src, &[]);
     // A second backup builds a table from the index files (the first had none to build from).
     env.backup(&src, &[]);
-    let cached = files(&env.cache());
+    let cached = files_below(&env.cache());
     assert!(!cached.is_empty(), "the cache holds a table");
     for f in &cached {
         let len = std::fs::metadata(f).unwrap().len() as usize;
@@ -91,7 +77,7 @@ fn a_cache_of_garbage_never_blocks_any_command() {
         r.stderr
     );
     assert_same(&src, &out);
-    for f in files(&env.cache()) {
+    for f in files_below(&env.cache()) {
         let len = std::fs::metadata(&f).unwrap().len() as usize;
         std::fs::write(&f, random(len.max(1), 43)).unwrap();
     }

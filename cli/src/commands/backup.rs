@@ -9,7 +9,7 @@ use sbk_store::LockKind;
 
 use super::Context;
 use crate::exit::{engine_exit, Exit};
-use crate::output::{bytes, rate, rate_num};
+use crate::output::{bytes, changed_blocks_json, rate, rate_num};
 
 /// Back up block devices or disk-image files, one snapshot per source.
 ///
@@ -108,15 +108,7 @@ fn describe(o: &BackupOutcome) -> (String, serde_json::Value) {
         "throughput_bytes_per_sec": rate_num(m.size, f.duration_ms),
         "direct_io": o.fallback.is_none(),
         "parent": m.parent.map(|p| p.to_hex()),
-        "changed_blocks": m.changed_blocks().and_then(|r| r.ok()).map(|c| serde_json::json!({
-            "incremental": c.incremental,
-            "trusted": c.trusted,
-            "token": c.token,
-            "since": c.since,
-            "segments_read": c.segments_read,
-            "segments_reused": c.segments_reused,
-            "bytes_skipped": c.bytes_skipped,
-        })),
+        "changed_blocks": m.changed_blocks().and_then(|r| r.ok()).as_ref().map(changed_blocks_json),
     });
     (line, json)
 }

@@ -73,15 +73,7 @@ pub fn run(ctx: &Context, _args: Args) -> Result<ExitCode> {
                     "size": m.size,
                     "tags": m.tags,
                     "parent": m.parent.map(|p| p.to_hex()),
-                    "changed_blocks": cbt.map(|c| serde_json::json!({
-                        "incremental": c.incremental,
-                        "trusted": c.trusted,
-                        "token": c.token,
-                        "since": c.since,
-                        "segments_read": c.segments_read,
-                        "segments_reused": c.segments_reused,
-                        "bytes_skipped": c.bytes_skipped,
-                    })),
+                    "changed_blocks": cbt.as_ref().map(crate::output::changed_blocks_json),
                 }));
             }
             Err(e) => {

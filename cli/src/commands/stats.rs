@@ -26,16 +26,8 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         .map(|s| repo.resolve_snapshot(s))
         .collect::<Result<Vec<_>, _>>()?;
     let (r, per) = sbk_engine::stats(&repo, &selected)?;
-    // How each snapshot was made: from a changed-block list, how much of it was read.
-    let made = |id: &sbk_store::SnapshotId| {
-        repo.load_manifest(id)
-            .ok()
-            .and_then(|m| m.changed_blocks())
-            .and_then(|r| r.ok())
-            .filter(|c| c.incremental)
-    };
     for s in &per {
-        let how = match made(&s.id) {
+        let how = match &s.incremental {
             Some(c) => format!(
                 "; incremental: {} of {} segments read{}",
                 c.segments_read,
@@ -96,12 +88,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                 "chunk_bytes": s.chunk_bytes,
                 "unique_bytes": s.unique_bytes,
                 "unique_stored_bytes": s.unique_stored,
-                "incremental": made(&s.id).map(|c| serde_json::json!({
-                    "trusted": c.trusted,
-                    "segments_read": c.segments_read,
-                    "segments_reused": c.segments_reused,
-                    "bytes_skipped": c.bytes_skipped,
-                })),
+                "incremental": s.incremental.as_ref().map(crate::output::changed_blocks_json),
             })).collect::<Vec<_>>(),
         }),
         false,

@@ -24,6 +24,18 @@ pub struct ObjectInfo {
     pub size: u64,
 }
 
+/// The objects of a kind whose names parse as ids (anything else in the folder is not ours).
+pub(crate) fn list_ids<T: std::str::FromStr, C: FromIterator<T>>(
+    backend: &dyn Backend,
+    kind: Kind,
+) -> Result<C> {
+    Ok(backend
+        .list(kind)?
+        .into_iter()
+        .filter_map(|o| o.name.parse().ok())
+        .collect())
+}
+
 /// What `write_once` found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {

@@ -157,11 +157,7 @@ impl Index {
     }
 
     fn current_files(backend: &dyn Backend) -> Result<BTreeSet<IndexId>> {
-        Ok(backend
-            .list(Kind::Index)?
-            .into_iter()
-            .filter_map(|o| o.name.parse().ok())
-            .collect())
+        crate::backend::list_ids(backend, Kind::Index)
     }
 
     /// The tables in the cache folder.
