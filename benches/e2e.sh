@@ -197,13 +197,24 @@ if start is not None:
     out.write(f"{start} {off - start}\n")
 PY
 changed_bytes=$(awk '{s += $2} END {print s + 0}' "$work/changed.list")
+# The full re-read goes into a copy of the repository as it is now, so that it stores the same
+# new data as the incremental does (into the repository itself it would store nothing).
+cp -a "$SBK_REPO" "$work/repo-full"
+cp -a "$SBK_CACHE_DIR" "$work/cache-full"
+sync
 cbt=()
 cbt+=("$(measure "raw O_DIRECT read of the changed image" dd if="$img2" of=/dev/null bs=16M iflag=direct)")
+cbt+=("$(measure "raw write of the changed blocks' size (dd conv=fsync)" dd if="$img2" of="$work/floor" bs=1M count=$((changed_bytes >> 20)) conv=fsync)")
+rm -f "$work/floor"
 cbt+=("$(measure "sbk backup --changed-blocks (1% verified)" "$sbk" backup --quiet --source-name cbt-disk --changed-blocks "$work/changed.list" --cbt-since base --cbt-token next "$img2")")
-touched=$("$sbk" snapshots --json | tr '{' '\n' | grep '"source":"cbt-disk"' | tail -1 | sed -n 's/.*"segments_read":\([0-9]*\).*"segments_reused":\([0-9]*\).*/\1 \2/p')
-cbt+=("$(measure "sbk backup, full re-read of the same image" "$sbk" backup --quiet --source-name cbt-disk "$img2")")
+touched=$("$sbk" snapshots --json | tr '{' '\n' | grep '"source":"cbt-disk"' | tail -1 | sed -n 's/.*"bytes_skipped":\([0-9]*\).*"segments_read":\([0-9]*\).*"segments_reused":\([0-9]*\).*/\2 \3, bytes skipped \1/p')
+cbt+=("$(measure "sbk backup, full re-read of the same image" "$sbk" backup --quiet --repo "$work/repo-full" --cache-dir "$work/cache-full" --source-name cbt-disk "$img2")")
+rm -rf "$work/repo-full" "$work/cache-full"
 echo
 echo "Changed-block incremental: $((rewritten >> 20)) MiB of files rewritten in the mounted image; $((changed_bytes >> 20)) MiB in changed 64 KiB blocks; segments read / reused by the incremental: ${touched:-?}."
+inc_t=$(echo "${cbt[2]}" | cut -d'|' -f2)
+full_t=$(echo "${cbt[3]}" | cut -d'|' -f2)
+echo "Incremental / full re-read: $(awk -v a="$inc_t" -v b="$full_t" 'BEGIN { printf "%.1f%%", 100 * a / b }')."
 echo
 echo "| step | wall time (s) | throughput (MiB/s) | ratio to raw read | peak RSS (MiB) |"
 rows "$size" "${cbt[@]}"

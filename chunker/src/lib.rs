@@ -13,6 +13,9 @@ use std::fmt;
 
 use fastcdc::v2020::{FastCDC, Normalization};
 
+mod resplit;
+pub use resplit::{split_changed, Fill, Piece};
+
 /// Zero detection works on blocks of this many bytes, aligned to the segment start. It is the
 /// page and filesystem block size, so zero runs (and so restored holes) fall on block bounds.
 pub const ZERO_BLOCK: usize = 4096;
@@ -130,6 +133,18 @@ impl Span {
         }
     }
 
+    /// Start of the span, relative to the segment.
+    pub fn offset(&self) -> usize {
+        match *self {
+            Span::Zero { offset, .. } | Span::Data { offset, .. } => offset,
+        }
+    }
+
+    /// End of the span (exclusive), relative to the segment.
+    pub fn end(&self) -> usize {
+        self.offset() + self.len()
+    }
+
     /// True for an empty span (never produced by [`split_segment`]).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -152,14 +167,33 @@ pub fn is_zero(block: &[u8]) -> bool {
 /// `params` must have passed [`ChunkerParams::validate`].
 pub fn split_segment(data: &[u8], params: &ChunkerParams) -> Vec<Span> {
     let mut spans = Vec::with_capacity(data.len() / params.avg as usize + 2);
-    let mut data_start = 0; // start of the data stretch not yet chunked
-    let mut pos = 0;
+    split_from(data, 0, params, &mut |span| {
+        spans.push(span);
+        true
+    });
+    spans
+}
+
+/// [`split_segment`] from `start` on, handing each span to `each` in order until it returns
+/// false. `start` must be a span boundary of the whole segment's split (its start, or where
+/// [`split_segment`] ends a span). Blocks stay aligned to the segment start. A zero run that
+/// reaches back over `start` is clipped there: it cannot qualify as a zero span, or `start` would
+/// lie inside one, so its clipped part (shorter) cannot either. Chunks are cut lazily: stopping
+/// early saves the hashing of the rest.
+pub(crate) fn split_from(
+    data: &[u8],
+    start: usize,
+    params: &ChunkerParams,
+    each: &mut dyn FnMut(Span) -> bool,
+) {
+    let mut data_start = start; // start of the data stretch not yet chunked
+    let mut pos = start - start % ZERO_BLOCK;
     while pos < data.len() {
         if !is_zero(&data[pos..(pos + ZERO_BLOCK).min(data.len())]) {
             pos += ZERO_BLOCK;
             continue;
         }
-        let run_start = pos;
+        let run_start = pos.max(start);
         while pos < data.len() && is_zero(&data[pos..(pos + ZERO_BLOCK).min(data.len())]) {
             pos += ZERO_BLOCK;
         }
@@ -167,30 +201,33 @@ pub fn split_segment(data: &[u8], params: &ChunkerParams) -> Vec<Span> {
         if run_end - run_start >= params.zero_min as usize
             || (run_start == 0 && run_end == data.len())
         {
-            chunk_data(data, data_start..run_start, params, &mut spans);
-            spans.push(Span::Zero {
-                offset: run_start,
-                len: run_end - run_start,
-            });
+            if !chunk_data(data, data_start..run_start, params, each)
+                || !each(Span::Zero {
+                    offset: run_start,
+                    len: run_end - run_start,
+                })
+            {
+                return;
+            }
             data_start = run_end;
         }
     }
-    chunk_data(data, data_start..data.len(), params, &mut spans);
-    spans
+    chunk_data(data, data_start..data.len(), params, each);
 }
 
-/// Cuts `data[range]` with FastCDC (restarted at `range.start`) and appends the chunks.
+/// Cuts `data[range]` with FastCDC (restarted at `range.start`) and hands the chunks to `each`;
+/// false when `each` asked to stop.
 fn chunk_data(
     data: &[u8],
     range: std::ops::Range<usize>,
     params: &ChunkerParams,
-    out: &mut Vec<Span>,
-) {
+    each: &mut dyn FnMut(Span) -> bool,
+) -> bool {
     if range.is_empty() {
-        return;
+        return true;
     }
     let base = range.start;
-    let cdc = FastCDC::with_level_and_seed(
+    let mut cdc = FastCDC::with_level_and_seed(
         &data[range],
         params.min,
         params.avg,
@@ -198,10 +235,12 @@ fn chunk_data(
         Normalization::Level1,
         params.seed,
     );
-    out.extend(cdc.map(|c| Span::Data {
-        offset: base + c.offset,
-        len: c.length,
-    }));
+    cdc.all(|c| {
+        each(Span::Data {
+            offset: base + c.offset,
+            len: c.length,
+        })
+    })
 }
 
 /// Checks the invariants every caller of [`split_segment`] relies on: the spans are contiguous,
@@ -240,8 +279,9 @@ pub fn check_spans(data: &[u8], params: &ChunkerParams, spans: &[Span]) -> Resul
     Ok(())
 }
 
-/// Fuzz entry point: chunks `data` with small parameters and checks [`check_spans`] and
-/// determinism. Panics on a violation (that is what the fuzzer looks for).
+/// Fuzz entry point: chunks `data` with small parameters and checks [`check_spans`],
+/// determinism, and that [`split_changed`] after a rewrite of a stretch gives what a full split
+/// gives. Panics on a violation (that is what the fuzzer looks for).
 pub fn fuzz_split(data: &[u8]) {
     let params = ChunkerParams {
         min: 256,
@@ -259,15 +299,47 @@ pub fn fuzz_split(data: &[u8]) {
         split_segment(data, &params),
         "chunking is deterministic"
     );
+    // The same bytes with a stretch rewritten (zeroed where the input's first byte is even):
+    // a re-split against the old spans must equal a full split.
+    let (at, n) = (data.len() / 3, data.len() / 10 + 1);
+    let changed = at..(at + n).min(data.len());
+    let mut new = data.to_vec();
+    for b in &mut new[changed.clone()] {
+        *b = if data.first().is_some_and(|f| f % 2 == 0) {
+            0
+        } else {
+            *b ^ 0x5a
+        };
+    }
+    let mut buf = vec![0u8; new.len().div_ceil(ZERO_BLOCK) * ZERO_BLOCK];
+    let mut fill = |r: std::ops::Range<usize>, b: &mut [u8]| -> Result<(), ()> {
+        b[r.clone()].copy_from_slice(&new[r]);
+        Ok(())
+    };
+    let (pieces, _) = split_changed(
+        &mut buf,
+        new.len(),
+        &params,
+        &spans,
+        std::slice::from_ref(&changed),
+        &mut fill,
+    )
+    .expect("fill does not fail");
+    let resplit: Vec<Span> = pieces.into_iter().map(|p| p.span(&spans)).collect();
+    assert_eq!(
+        resplit,
+        split_segment(&new, &params),
+        "re-split equals a full split"
+    );
 }
 
+/// What the property tests of the crate share.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
+pub(crate) mod testing {
+    use super::ChunkerParams;
 
-    fn params() -> ChunkerParams {
-        // Small sizes so that property tests see many chunks in little data.
+    /// Small sizes so that property tests see many chunks in little data.
+    pub fn params() -> ChunkerParams {
         ChunkerParams {
             min: 1024,
             avg: 4096,
@@ -277,7 +349,8 @@ mod tests {
         }
     }
 
-    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    /// `len` bytes of xorshift64 from `seed`.
+    pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;
         (0..len)
             .map(|_| {
@@ -288,6 +361,13 @@ mod tests {
             })
             .collect()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{params, pseudo_random};
+    use super::*;
+    use proptest::prelude::*;
 
     /// Splits and checks the invariants, returning the spans.
     fn check_invariants(data: &[u8], p: &ChunkerParams) -> Vec<Span> {

@@ -13,6 +13,7 @@
 //! chunk list does not depend on the thread count.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -21,7 +22,7 @@ use std::time::Instant;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use memmap2::MmapMut;
 use rayon::iter::{ParallelBridge, ParallelIterator};
-use sbk_chunker::{split_segment, ChunkerParams, Span};
+use sbk_chunker::{split_changed, split_segment, ChunkerParams, Piece, Span};
 use sbk_store::{
     encode_tree, BackupFigures, BlobKind, ChangedBlocks, ChunkId, EncodedBlob, Extent, Manifest,
     PackEntry, PackId, PackWriter, Repository, SnapshotId, StoreError, BLOB_HEADER_LEN,
@@ -445,7 +446,8 @@ pub fn backup(
                 work_rx.into_iter().par_bridge().for_each(|w| {
                     let Work { seg, claimed, out } = w;
                     let chunked = seg.and_then(|mut seg| {
-                        let r = chunk_segment(session, &claimed, &seg);
+                        let r = read_around(session, &mut seg)
+                            .and_then(|()| chunk_segment(session, &claimed, &seg));
                         if let Some(buf) = seg.buf.take() {
                             let _ = session.buf_tx.send(buf);
                         }
@@ -497,13 +499,38 @@ pub fn backup(
 }
 
 /// A segment read from the source; `buf` is `None` for a segment that is one hole, or one whose
-/// tree is reused from the parent unread (`reuse`).
+/// tree is reused from the parent unread (`reuse`). A segment to be read only around its changes
+/// comes with `around` and an empty buffer: the worker reads it (the re-split decides what to
+/// read, and is as much work per byte as chunking), and fills in `parts`.
 struct Segment {
     index: u64,
     len: usize,
     buf: Option<MmapMut>,
     read: u64,
     reuse: Option<ChunkId>,
+    around: Option<Around>,
+    /// The parent's extents kept unread and the spans cut anew (whose bytes are in `buf`).
+    parts: Option<Vec<Part>>,
+    /// Bytes of the segment that the changed-block list let the reader skip.
+    skipped: u64,
+}
+
+/// What a worker needs to read a segment around its changes.
+struct Around {
+    /// A handle of the source for this segment's reads (the reader keeps reading with its own).
+    source: Source,
+    /// The parent's tree of the segment.
+    tree: ChunkId,
+    /// The changed ranges, relative to the segment.
+    changed: Vec<Range<usize>>,
+}
+
+/// A piece of a segment read only around its changes.
+enum Part {
+    /// The parent's extent, whose bytes did not change.
+    Kept(Extent),
+    /// A span cut anew from bytes read.
+    New(Span),
 }
 
 /// A segment after chunking: its extents (or the parent's tree, reused) and the blobs it adds.
@@ -514,14 +541,17 @@ struct ChunkedSegment {
     reuse: Option<ChunkId>,
     blobs: Vec<EncodedBlob>,
     figures: BackupFigures,
+    skipped: u64,
 }
 
-/// What a run reads: for each segment, the parent's tree to reuse unread, if any; and the
-/// segments re-read to check the list, with the tree the parent has for them.
+/// What a run reads: for each segment, the parent's tree to reuse unread, if any; the segments
+/// re-read to check the list, with the tree the parent has for them; and the changed segments
+/// that are read only around their changes, with the parent's tree and the changed ranges.
 #[derive(Default)]
 struct Plan {
     reuse: Vec<Option<ChunkId>>,
     check: HashMap<u64, ChunkId>,
+    around: HashMap<u64, (ChunkId, Vec<Range<usize>>)>,
 }
 
 fn backup_one(
@@ -595,14 +625,6 @@ fn backup_one(
         }
         info = Some(i);
     }
-    let reused_bytes = |plan: &Plan| -> u64 {
-        plan.reuse
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| t.is_some())
-            .map(|(i, _)| (size - i as u64 * seg_size).min(seg_size))
-            .sum()
-    };
 
     let mut run = run_pipeline(session, task, &mut source, &plan, progress)?;
     if run.lied {
@@ -620,7 +642,7 @@ fn backup_one(
         }
         let full = Plan {
             reuse: vec![None; segments as usize],
-            check: HashMap::new(),
+            ..Plan::default()
         };
         run = run_pipeline(session, task, &mut source, &full, progress)?;
         plan = full;
@@ -633,6 +655,7 @@ fn backup_one(
         trees,
         mut figures,
         fallback: read_fallback,
+        skipped,
         ..
     } = run;
     if trees.len() as u64 != segments {
@@ -675,7 +698,7 @@ fn backup_one(
         let reused = plan.reuse.iter().filter(|t| t.is_some()).count() as u64;
         i.segments_reused = reused;
         i.segments_read = segments - reused;
-        i.bytes_skipped = reused_bytes(&plan);
+        i.bytes_skipped = skipped;
         manifest.set_changed_blocks(&i);
     }
     let snapshot = repo.write_manifest(&manifest)?;
@@ -738,13 +761,26 @@ fn plan_reuse(
     let touched = list.segments(seg_size, segments);
     let len = |i: u64| (size - i * seg_size).min(seg_size);
     let index = repo.index()?;
+    let same_shape =
+        |i: u64| (i as usize) < parent.trees.len() && parent.segment_len(i as usize) == len(i);
     let mut reuse: Vec<Option<ChunkId>> = (0..segments)
         .map(|i| {
-            let same_shape =
-                (i as usize) < parent.trees.len() && parent.segment_len(i as usize) == len(i);
             // A tree the index does not know (a damaged parent) is read, never referred to.
-            (same_shape && !touched[i as usize] && index.contains(&parent.trees[i as usize]))
+            (same_shape(i) && !touched[i as usize] && index.contains(&parent.trees[i as usize]))
                 .then(|| parent.trees[i as usize])
+        })
+        .collect();
+    // A changed segment of the parent's length is read around its changes only.
+    let around = (0..segments)
+        .filter(|&i| {
+            touched[i as usize] && same_shape(i) && index.contains(&parent.trees[i as usize])
+        })
+        .map(|i| {
+            let start = i * seg_size;
+            (
+                i,
+                (parent.trees[i as usize], list.within(start..start + len(i))),
+            )
         })
         .collect();
     let reusable: Vec<u64> = (0..segments)
@@ -771,7 +807,11 @@ fn plan_reuse(
             check.insert(i, reuse[i as usize].take().expect("reusable"));
         }
     }
-    Ok(Plan { reuse, check })
+    Ok(Plan {
+        reuse,
+        check,
+        around,
+    })
 }
 
 /// What one pass of the pipeline over a source produced.
@@ -781,6 +821,8 @@ struct Run {
     fallback: Option<String>,
     /// A re-read segment's tree differed from the parent's: the changed-block list is wrong.
     lied: bool,
+    /// Bytes not read because the changed-block list said they had not changed.
+    skipped: u64,
 }
 
 /// Reads, chunks and stores one source by `plan`.
@@ -818,15 +860,7 @@ fn run_pipeline(
                     })
                     .is_ok()
                 };
-                read_segments(
-                    session,
-                    source,
-                    seg_size,
-                    segments,
-                    &plan.reuse,
-                    &send,
-                    cancel,
-                )
+                read_segments(session, source, seg_size, segments, plan, &send, cancel)
             })
         };
         let written = write_segments(session, &claimed, task, &out_rx, segments, progress, cancel);
@@ -837,7 +871,7 @@ fn run_pipeline(
         let fallback = reader.join().expect("the reader does not panic");
         written.map(|w| (w, fallback))
     });
-    let ((trees, figures), fallback) = result?;
+    let ((trees, figures, skipped), fallback) = result?;
     let lied = plan
         .check
         .iter()
@@ -847,6 +881,7 @@ fn run_pipeline(
         figures,
         fallback,
         lied,
+        skipped,
     })
 }
 
@@ -875,7 +910,7 @@ fn read_segments(
     source: &mut Source,
     seg_size: u64,
     segments: u64,
-    reuse: &[Option<ChunkId>],
+    plan: &Plan,
     send: &dyn Fn(Result<Segment>) -> bool,
     cancel: &AtomicBool,
 ) -> Option<String> {
@@ -887,7 +922,7 @@ fn read_segments(
         }
         let start = index * seg_size;
         let len = (source.size() - start).min(seg_size);
-        if let Some(tree) = reuse.get(index as usize).copied().flatten() {
+        if let Some(tree) = plan.reuse.get(index as usize).copied().flatten() {
             // Unchanged since the parent: its tree is reused, nothing is read.
             let seg = Segment {
                 index,
@@ -895,6 +930,9 @@ fn read_segments(
                 buf: None,
                 read: 0,
                 reuse: Some(tree),
+                around: None,
+                parts: None,
+                skipped: len,
             };
             if !send(Ok(seg)) {
                 break;
@@ -918,6 +956,27 @@ fn read_segments(
             }
         };
         let mut buf = buf;
+        if let Some((tree, changed)) = plan.around.get(&index) {
+            let seg = source.try_clone().map(|source| Segment {
+                index,
+                len: len as usize,
+                read: 0,
+                buf: Some(buf),
+                reuse: None,
+                around: Some(Around {
+                    source,
+                    tree: *tree,
+                    changed: changed.clone(),
+                }),
+                parts: None,
+                skipped: 0,
+            });
+            let failed = seg.is_err();
+            if !send(seg) || failed {
+                break;
+            }
+            continue;
+        }
         let seg = match source.read_segment(start..start + len, &mut buf) {
             Ok(Some(read)) => Ok(Segment {
                 index,
@@ -925,6 +984,9 @@ fn read_segments(
                 read,
                 buf: Some(buf),
                 reuse: None,
+                around: None,
+                parts: None,
+                skipped: 0,
             }),
             Ok(None) => {
                 spare = Some(buf);
@@ -934,6 +996,9 @@ fn read_segments(
                     read: 0,
                     buf: None,
                     reuse: None,
+                    around: None,
+                    parts: None,
+                    skipped: 0,
                 })
             }
             Err(e) => Err(e),
@@ -953,6 +1018,82 @@ fn read_segments(
     }
 }
 
+/// Reads a segment that comes with [`Around`]: only around its changed ranges, re-split against
+/// the parent's tree (see [`split_changed`]), which gives the split a whole read would give. When
+/// the parent's tree cannot be used (unreadable, or naming a chunk the index does not know), the
+/// segment is read whole.
+fn read_around(session: &Session<'_>, seg: &mut Segment) -> Result<()> {
+    let Some(Around {
+        mut source,
+        tree,
+        changed,
+    }) = seg.around.take()
+    else {
+        return Ok(());
+    };
+    let buf = seg
+        .buf
+        .as_mut()
+        .expect("a segment to read around has a buffer");
+    let start = seg.index * session.repo.config().segment_size;
+    let len = seg.len as u64;
+    let Some(parent) = parent_spans(session.repo, &tree, len)? else {
+        match source.read_segment(start..start + len, buf)? {
+            Some(read) => seg.read = read,
+            None => buf[..seg.len].fill(0),
+        }
+        return Ok(());
+    };
+    let spans: Vec<Span> = parent.iter().map(|(span, _)| *span).collect();
+    let mut read = 0;
+    let mut fill = |r: Range<usize>, data: &mut [u8]| -> Result<()> {
+        let at = start + r.start as u64;
+        match source.read_segment(at..start + r.end as u64, &mut data[r.start..])? {
+            Some(n) => read += n,
+            None => data[r].fill(0),
+        }
+        Ok(())
+    };
+    let (pieces, loaded) =
+        split_changed(buf, seg.len, &session.params, &spans, &changed, &mut fill)?;
+    seg.parts = Some(
+        pieces
+            .into_iter()
+            .map(|p| match p {
+                Piece::Kept(k) => Part::Kept(parent[k].1),
+                Piece::New(span) => Part::New(span),
+            })
+            .collect(),
+    );
+    seg.read = read;
+    seg.skipped = len - loaded as u64;
+    Ok(())
+}
+
+/// The parent's segment tree as spans with their extents; `None` when it cannot be used.
+fn parent_spans(
+    repo: &Repository,
+    tree: &ChunkId,
+    len: u64,
+) -> Result<Option<Vec<(Span, Extent)>>> {
+    let Ok(extents) = repo.load_tree(tree, len) else {
+        return Ok(None);
+    };
+    let index = repo.index()?;
+    let mut out = Vec::with_capacity(extents.len());
+    let mut offset = 0;
+    for e in extents {
+        let len = e.len() as usize;
+        out.push(match e {
+            Extent::Zero { .. } => (Span::Zero { offset, len }, e),
+            Extent::Data { id, .. } if index.contains(&id) => (Span::Data { offset, len }, e),
+            Extent::Data { .. } => return Ok(None),
+        });
+        offset += len;
+    }
+    Ok(Some(out))
+}
+
 /// A worker: zero runs and FastCDC chunks, ids, dedup, compression of new blobs.
 fn chunk_segment(
     session: &Session<'_>,
@@ -960,49 +1101,42 @@ fn chunk_segment(
     seg: &Segment,
 ) -> Result<ChunkedSegment> {
     let repo = session.repo;
-    let mut figures = BackupFigures {
-        bytes_read: seg.read,
-        ..Default::default()
+    let mut done = ChunkedSegment {
+        index: seg.index,
+        len: seg.len,
+        extents: Vec::new(),
+        reuse: seg.reuse,
+        blobs: Vec::new(),
+        figures: BackupFigures {
+            bytes_read: seg.read,
+            ..Default::default()
+        },
+        skipped: seg.skipped,
     };
-    if let Some(tree) = seg.reuse {
-        return Ok(ChunkedSegment {
-            index: seg.index,
-            len: seg.len,
-            extents: Vec::new(),
-            reuse: Some(tree),
-            blobs: Vec::new(),
-            figures,
-        });
+    if seg.reuse.is_some() {
+        return Ok(done);
     }
     let Some(buf) = &seg.buf else {
-        figures.bytes_zero = seg.len as u64;
-        return Ok(ChunkedSegment {
-            index: seg.index,
-            len: seg.len,
-            extents: vec![Extent::Zero {
-                len: seg.len as u32,
-            }],
-            reuse: None,
-            blobs: Vec::new(),
-            figures,
+        done.figures.bytes_zero = seg.len as u64;
+        done.extents.push(Extent::Zero {
+            len: seg.len as u32,
         });
+        return Ok(done);
     };
     let data = &buf[..seg.len];
     let index = repo.index()?;
-    let spans = split_segment(data, &session.params);
-    let mut extents = Vec::with_capacity(spans.len());
-    let mut blobs = Vec::new();
-    for span in spans {
+    let add = |span: Span, done: &mut ChunkedSegment| -> Result<()> {
+        let figures = &mut done.figures;
         match span {
             Span::Zero { len, .. } => {
                 figures.bytes_zero += len as u64;
-                extents.push(Extent::Zero { len: len as u32 });
+                done.extents.push(Extent::Zero { len: len as u32 });
             }
             Span::Data { offset, len } => {
                 let bytes = &data[offset..offset + len];
                 let id = repo.blob_id(bytes);
                 figures.chunks += 1;
-                extents.push(Extent::Data {
+                done.extents.push(Extent::Data {
                     id,
                     len: len as u32,
                 });
@@ -1016,19 +1150,28 @@ fn chunk_segment(
                     let blob = repo.encode_blob(id, BlobKind::Data, bytes)?;
                     figures.new_chunks += 1;
                     figures.new_raw += len as u64;
-                    blobs.push(blob);
+                    done.blobs.push(blob);
                 }
             }
         }
+        Ok(())
+    };
+    match &seg.parts {
+        Some(parts) => {
+            for part in parts {
+                match part {
+                    Part::Kept(extent) => done.extents.push(*extent),
+                    Part::New(span) => add(*span, &mut done)?,
+                }
+            }
+        }
+        None => {
+            for span in split_segment(data, &session.params) {
+                add(span, &mut done)?;
+            }
+        }
     }
-    Ok(ChunkedSegment {
-        index: seg.index,
-        len: seg.len,
-        extents,
-        reuse: None,
-        blobs,
-        figures,
-    })
+    Ok(done)
 }
 
 /// The writer: stores new blobs, and turns segments, in order, into tree blobs.
@@ -1040,9 +1183,10 @@ fn write_segments(
     segments: u64,
     progress: &dyn Progress,
     cancel: &AtomicBool,
-) -> Result<(Vec<ChunkId>, BackupFigures)> {
+) -> Result<(Vec<ChunkId>, BackupFigures, u64)> {
     let repo = session.repo;
     let mut figures = BackupFigures::default();
+    let mut skipped = 0;
     let mut trees = Vec::with_capacity(segments as usize);
     let mut pending = BTreeMap::new();
     let mut tree_ids = HashSet::new();
@@ -1063,6 +1207,7 @@ fn write_segments(
         figures.new_raw += f.new_raw;
         figures.chunks += f.chunks;
         figures.new_chunks += f.new_chunks;
+        skipped += seg.skipped;
         progress.advance(task, seg.len as u64);
         pending.insert(seg.index, (seg.reuse, seg.extents));
         while let Some((reuse, extents)) = pending.remove(&(trees.len() as u64)) {
@@ -1082,5 +1227,5 @@ fn write_segments(
             break;
         }
     }
-    Ok((trees, figures))
+    Ok((trees, figures, skipped))
 }

@@ -77,6 +77,19 @@ impl ChangedList {
         }
         touched
     }
+
+    /// The changed ranges inside `segment`, relative to its start.
+    pub fn within(&self, segment: Range<u64>) -> Vec<Range<usize>> {
+        let first = self.ranges.partition_point(|r| r.end <= segment.start);
+        self.ranges[first..]
+            .iter()
+            .take_while(|r| r.start < segment.end)
+            .map(|r| {
+                (r.start.max(segment.start) - segment.start) as usize
+                    ..(r.end.min(segment.end) - segment.start) as usize
+            })
+            .collect()
+    }
 }
 
 fn merge(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
@@ -359,6 +372,10 @@ mod tests {
         assert_eq!(l.format, "rbd-json");
         assert_eq!(l.ranges, vec![0..4106, 1048576..1114112]);
         assert_eq!(l.segments(1 << 20, 3), vec![true, true, false]);
+        assert_eq!(l.within(0..1 << 20), vec![0..4106]);
+        assert_eq!(l.within(1 << 20..2 << 20), vec![0..65536]);
+        assert_eq!(l.within(1_000_000..1_050_000), vec![48576..50000]);
+        assert!(l.within(2 << 20..3 << 20).is_empty());
         assert_eq!(
             l.segments(1 << 20, 1),
             vec![true],

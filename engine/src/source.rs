@@ -130,6 +130,25 @@ impl Source {
         Ok(())
     }
 
+    /// A second handle of the same open source (a duplicated descriptor, O_DIRECT or not as
+    /// this one), for reads from another thread.
+    pub fn try_clone(&self) -> Result<Source> {
+        Ok(Source {
+            file: self
+                .file
+                .try_clone()
+                .map_err(|source| EngineError::SourceOpen {
+                    path: self.path.clone(),
+                    source,
+                })?,
+            path: self.path.clone(),
+            kind: self.kind,
+            size: self.size,
+            fallback: self.fallback.clone(),
+            fail_after: self.fail_after,
+        })
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.size

@@ -161,9 +161,13 @@ fn incrementals_from_every_list_format_are_exact() {
     let inc = &inc[0];
     assert_eq!(inc["changed_blocks"]["segments_read"], 2);
     assert_eq!(inc["changed_blocks"]["segments_reused"], 2);
-    // The changed segment, and the one checked (which may be the short last one).
+    // The one segment checked (which may be the short last one), and of the changed segment
+    // only a chunk or two around the five changed bytes (chunks average 256 KiB, at most 1 MiB).
     let read = inc["bytes_read"].as_u64().unwrap();
-    assert!(read > SEG as u64 && read <= 2 * SEG as u64, "{read}");
+    let around = 4 << 20;
+    assert!(read > 5 && read <= (SEG + around) as u64, "{read}");
+    let skipped = inc["changed_blocks"]["bytes_skipped"].as_u64().unwrap();
+    assert!(skipped >= (2 * SEG - around) as u64, "{skipped}");
     restores_to(&env, inc, &v3);
     assert_eq!(d3.len(), data.len());
     // snapshots and stats say how it was made.
@@ -177,6 +181,67 @@ fn incrementals_from_every_list_format_are_exact() {
         .find(|s| s["snapshot"] == inc["snapshot"])
         .unwrap();
     assert_eq!(mine["incremental"]["segments_reused"], 2, "{mine}");
+}
+
+#[test]
+fn changes_in_and_around_holes_and_zero_runs_are_exact() {
+    // A sparse image: data, a hole, data with a zero run, data. The changed version writes into
+    // the hole, zeroes data between a zero run and a hole (so the runs merge), shortens the
+    // zero run by writing into it, and rewrites bytes with the same bytes (listed, not changed).
+    let env = Env::new();
+    let base = env.path("sparse.img");
+    let len = 2 * SEG;
+    let f = std::fs::File::create(&base).unwrap();
+    f.set_len(len as u64).unwrap();
+    drop(f);
+    let mut data = vec![0u8; len];
+    for (at, n, seed) in [
+        (0, 3 << 20, 1),
+        (6 << 20, 5 << 20, 2),
+        (20 << 20, 4 << 20, 3),
+    ] {
+        data[at..at + n].copy_from_slice(&random(n, seed));
+    }
+    data[8 << 20..(8 << 20) + (512 << 10)].fill(0); // a zero run inside data
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&base).unwrap();
+        for (at, n) in [(0, 3 << 20), (6 << 20, 5 << 20), (20 << 20, 4 << 20)] {
+            f.write_all_at(&data[at..at + n], at as u64).unwrap();
+        }
+    }
+    backup(&env, &base, &[]);
+    let v2 = env.path("sparse2.img");
+    let zeros = vec![0u8; 300_000];
+    let d2 = changed(
+        &data,
+        &[
+            (4 << 20, b"into the hole"),
+            ((11 << 20) - 300_000, &zeros),
+            ((8 << 20) + 200_000, b"into the zero run"),
+            (21 << 20, &data[21 << 20..(21 << 20) + 1000]),
+        ],
+        &v2,
+    );
+    assert_eq!(d2.len(), len);
+    let list = env.path("list");
+    std::fs::write(
+        &list,
+        format!(
+            "{} 13\n{} 300000\n{} 17\n{} 1000\n",
+            4 << 20,
+            (11 << 20) - 300_000,
+            (8 << 20) + 200_000,
+            21 << 20
+        ),
+    )
+    .unwrap();
+    let inc = backup(&env, &v2, &["--changed-blocks", list.to_str().unwrap()]);
+    assert_eq!(inc["changed_blocks"]["trusted"], true, "{inc}");
+    restores_to(&env, &inc, &v2);
+    let whole = backup(&env, &v2, &[]);
+    assert_eq!(whole["new_bytes"], 0, "nothing new after the incremental");
+    assert_eq!(trees(&env, &inc), trees(&env, &whole));
 }
 
 #[test]
