@@ -165,7 +165,7 @@ img2=$work/changed.img
 cp --sparse=always "$img" "$img2"
 mnt=$work/mnt; mkdir -p "$mnt"
 mount -o loop "$img2" "$mnt"
-trap 'umount "$mnt" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'umount "$mnt" 2>/dev/null || true; rm -rf "$work"' EXIT
 budget=$((size / 100))
 # Rewrite whole files of one directory tree (the one with the most files), as an update of
 # one package or database would, up to ~1% of the image.
