@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: every crate's tests, with the end-to-end scenarios against encrypted
 # repositories (the default), then the end-to-end scenarios again against unencrypted ones.
-# Installs what the scenarios need when run as root on a fresh machine (loop devices, mkfs).
+# Installs what the scenarios need when run as root on a fresh machine (loop devices, mkfs, the
+# NBD clients and servers the serve scenarios talk to).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -9,6 +10,9 @@ command -v losetup >/dev/null 2>&1 || need+=(util-linux)
 command -v mount >/dev/null 2>&1 || need+=(mount)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.ext4 ] || need+=(e2fsprogs)
+# NBD peers: qemu-img, qemu-io and qemu-nbd (qemu-utils), nbdinfo and nbdcopy (libnbd-bin).
+command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
+command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${need[@]}"
 fi

@@ -1,16 +1,20 @@
-//! sbk's data movers: sources read through O_DIRECT by extents, and the parallel backup and
-//! restore pipelines. This is the only sbk crate that owns threads; it never prints, and
-//! reports progress through [`Progress`].
+//! sbk's data movers: sources read through O_DIRECT by extents, the parallel backup and restore
+//! pipelines, and snapshots served as NBD exports. With the NBD server's connection threads,
+//! this is the only sbk crate that owns threads; it never prints, and reports progress through
+//! [`Progress`].
 
 mod backup;
 mod changed;
+mod chunk_cache;
 mod error;
+mod overlay;
 mod pool;
 mod progress;
 mod prune;
 mod repair;
 mod restore;
 mod retention;
+mod serve;
 mod source;
 mod stats;
 mod sys;
@@ -18,12 +22,15 @@ mod verify;
 
 pub use backup::{backup, chunker_params, BackupOptions, BackupOutcome, ChangedOptions};
 pub use changed::{fuzz_changed_list, ChangedList, ListError};
+pub use chunk_cache::ChunkCache;
 pub use error::{EngineError, Result};
+pub use overlay::{fuzz_overlay_map, OverlayMap};
 pub use progress::{NoProgress, Progress};
 pub use prune::{prune, used_blobs, PruneOptions, PruneReport};
 pub use repair::{repair_index, RepairReport};
 pub use restore::{load_extents, restore, RestoreOptions, RestoreStats, RestoreTarget};
 pub use retention::{apply as apply_retention, Candidate, Policy, Verdict};
+pub use serve::{OpenGuard, OpenHook, Shared as ServeShared, SnapshotCatalog, SnapshotExport};
 pub use source::{Source, SourceKind, ALIGN, FAULT_EIO_ENV};
 pub use stats::{stats, RepoStats, SnapshotStats};
 pub use verify::{verify, Problem, ReadData, VerifyOptions, VerifyReport};

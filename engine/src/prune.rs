@@ -63,16 +63,33 @@ pub struct PruneReport {
     pub duration_ms: u64,
 }
 
-/// Every blob id the snapshots refer to (trees and data). Fails on any snapshot or tree that
-/// cannot be read: pruning without knowing what a snapshot needs could delete its data.
+/// Every blob id the snapshots refer to (trees and data), those of snapshots pinned by a
+/// server (`sbk serve`) included, forgotten or not. Fails on any snapshot or tree that cannot be
+/// read: pruning without knowing what a snapshot needs could delete its data.
 pub fn used_blobs(repo: &Repository) -> Result<HashSet<ChunkId>> {
     let mut used = HashSet::new();
+    let mut roots = Vec::new();
     for (id, manifest) in repo.snapshots()? {
         let manifest = manifest.map_err(|e| {
             EngineError::Unsafe(format!(
                 "snapshot {id} cannot be read ({e}); prune needs every snapshot intact"
             ))
         })?;
+        roots.push((id, manifest));
+    }
+    // Pins are listed after the snapshots: a server copies a manifest to its pin before it
+    // checks that the snapshot still exists (Repository::pin_snapshot).
+    let pinned = repo.pinned_snapshots().map_err(|e| {
+        EngineError::Unsafe(format!(
+            "a pinned snapshot cannot be read ({e}); prune needs it intact"
+        ))
+    })?;
+    for (id, manifest) in pinned {
+        if !roots.iter().any(|(r, _)| *r == id) {
+            roots.push((id, manifest));
+        }
+    }
+    for (id, manifest) in roots {
         used.extend(manifest.trees.iter().copied());
         for segments in windows(&manifest) {
             let trees = snapshot_trees(repo, &manifest, segments).map_err(|e| {
@@ -261,6 +278,8 @@ pub fn prune(
         report.bytes_removed += repo.remove_pack(pack, size)?;
     }
     report.bytes_removed += repo.remove_leftovers()?;
+    // Pins of servers that are gone protect nothing any more.
+    repo.remove_stale_pins()?;
     report.bytes_reclaimed = report.bytes_removed.saturating_sub(written);
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)

@@ -103,3 +103,21 @@ pub fn page_size() -> usize {
         4096
     }
 }
+
+/// Deallocates `offset..offset + len` of a file, which then reads as zeroes (a trim or write of
+/// zeroes to an overlay costs no space and no writing).
+pub fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate takes plain integers and touches no memory of ours.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -17,6 +17,8 @@ pub enum Kind {
     Snapshot,
     /// Lock objects.
     Lock,
+    /// Pins: copies of the manifests a pin lock's holder serves, named `<lock>.<snapshot>`.
+    Pin,
 }
 
 impl Kind {
@@ -29,6 +31,7 @@ impl Kind {
             Kind::Index => "index",
             Kind::Snapshot => "snapshots",
             Kind::Lock => "locks",
+            Kind::Pin => "pins",
         }
     }
 }
@@ -42,6 +45,7 @@ impl fmt::Display for Kind {
             Kind::Index => "index file",
             Kind::Snapshot => "snapshot",
             Kind::Lock => "lock",
+            Kind::Pin => "pin",
         })
     }
 }

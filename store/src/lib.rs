@@ -33,7 +33,9 @@ pub use id::{ChunkId, IndexId, PackId, SnapshotId};
 pub use index::file::IndexFile;
 pub use index::{CacheLocation, Index, IndexEntry, IndexReport};
 pub use key::{KdfParams, KeyObject};
-pub use lock::{host_name, list_locks, FoundLock, Lock, LockInfo, LockKind, LockTiming};
+pub use lock::{
+    host_name, list_locks, remove_pins, FoundLock, Lock, LockInfo, LockKind, LockTiming,
+};
 pub use manifest::{encode_tree, BackupFigures, ChangedBlocks, Extent, Manifest};
 pub use pack::{PackEntry, PackWriter};
 pub use repo::{InitOptions, Repository, DEFAULT_CHUNK_AVG, DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL};

@@ -23,8 +23,9 @@ use crate::id::to_hex;
 
 /// Magic of a lock object. Do not change.
 pub const LOCK_MAGIC: &[u8; 8] = b"SBKLOCK\0";
-/// Lock object format version.
-pub const LOCK_VERSION: u32 = 2;
+/// Lock object format version: 3 added pin locks (kind 3). A lock of another version is
+/// unreadable, and so conflicts with every lock until `sbk unlock` removes it.
+pub const LOCK_VERSION: u32 = 3;
 
 /// How often a holder refreshes its lock and how long a lock lives unrefreshed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,8 +53,11 @@ impl Default for LockTiming {
 pub enum LockKind {
     /// Others may take shared locks too (backup, restore, verify).
     Shared = 1,
-    /// Nobody else may hold any lock (prune, repair).
+    /// Nobody else may hold any lock but pins (prune, repair).
     Exclusive = 2,
+    /// Conflicts with nothing; keeps the snapshots its holder pinned (their manifests copied
+    /// under `pins/`) from prune, even once forgotten (`sbk serve`, which runs for days).
+    Pin = 3,
 }
 
 /// The contents of a lock object.
@@ -102,6 +106,7 @@ impl LockInfo {
         let kind = match d.u8()? {
             1 => LockKind::Shared,
             2 => LockKind::Exclusive,
+            3 => LockKind::Pin,
             k => return Err(invalid("lock kind", format!("{k}"))),
         };
         let info = LockInfo {
@@ -194,7 +199,9 @@ fn conflicting(
             lease_secs: 0,
             purpose: format!("unreadable lock object: {e}"),
         });
-        let conflicts = kind == LockKind::Exclusive || o.kind == LockKind::Exclusive;
+        // A pin conflicts with nothing: prune keeps what it pins instead of waiting for it.
+        let pin = kind == LockKind::Pin || o.kind == LockKind::Pin;
+        let conflicts = !pin && (kind == LockKind::Exclusive || o.kind == LockKind::Exclusive);
         (conflicts && o.stale(host, now()).is_none()).then_some((other.name, o))
     }))
 }
@@ -303,10 +310,10 @@ impl Lock {
                     path: crate::pack::object_path(Kind::Lock, &other),
                     holder: format!(
                         "{} lock of process {} on {} ({}), taken at {}",
-                        if o.kind == LockKind::Exclusive {
-                            "an exclusive"
-                        } else {
-                            "a shared"
+                        match o.kind {
+                            LockKind::Exclusive => "an exclusive",
+                            LockKind::Shared => "a shared",
+                            LockKind::Pin => "a pin",
                         },
                         o.pid,
                         o.host,
@@ -401,9 +408,27 @@ impl Drop for Lock {
             t.thread().unpark();
             let _ = t.join();
         }
+        // Pins first: a pin whose lock is gone protects nothing and is cleaned by prune anyway.
+        remove_pins(self.backend.as_ref(), &self.name);
         let _ = self.backend.delete(Kind::Lock, &self.name);
         self.lease.released();
     }
+}
+
+/// Removes the pins of lock `name` (best effort).
+pub fn remove_pins(backend: &dyn Backend, name: &str) {
+    if let Ok(pins) = backend.list(Kind::Pin) {
+        for p in pins {
+            if pin_owner(&p.name) == Some(name) {
+                let _ = backend.delete(Kind::Pin, &p.name);
+            }
+        }
+    }
+}
+
+/// The lock a pin object belongs to (its name is `<lock>.<snapshot>`).
+pub(crate) fn pin_owner(pin: &str) -> Option<&str> {
+    pin.split_once('.').map(|(lock, _)| lock)
 }
 
 #[cfg(test)]

@@ -699,28 +699,127 @@ impl Repository {
 
     /// Loads a manifest, checking that its bytes still hash to its id.
     pub fn load_manifest(&self, id: &SnapshotId) -> Result<Manifest> {
+        let bytes = self.manifest_bytes(id)?;
+        self.decode_manifest(id, &bytes, Kind::Snapshot, &id.to_hex())
+    }
+
+    /// A manifest object's bytes, as stored.
+    fn manifest_bytes(&self, id: &SnapshotId) -> Result<Vec<u8>> {
         let name = id.to_hex();
-        let bytes = self.b()?.read(Kind::Snapshot, &name).map_err(|e| match e {
+        self.b()?.read(Kind::Snapshot, &name).map_err(|e| match e {
             StoreError::ObjectMissing { .. } => StoreError::SnapshotNotFound(name.clone()),
             e => e,
-        })?;
+        })
+    }
+
+    /// Checks that manifest bytes (from object `name` of `kind`) hash to `id`, opens and
+    /// decodes them.
+    fn decode_manifest(
+        &self,
+        id: &SnapshotId,
+        bytes: &[u8],
+        kind: Kind,
+        name: &str,
+    ) -> Result<Manifest> {
         let corrupt = |source| StoreError::Corrupt {
-            path: object_path(Kind::Snapshot, &name),
+            path: object_path(kind, name),
             what: "snapshot manifest",
             source,
         };
-        let got = blake3::hash(&bytes);
+        let name = id.to_hex();
+        let got = blake3::hash(bytes);
         if got.as_bytes() != &id.0 {
             return Err(corrupt(DecodeError::ChecksumMismatch {
                 got: got.to_hex().to_string(),
-                expected: name.clone(),
+                expected: name,
             }));
         }
         let plain = self
             .crypto
-            .open(Context::Object(Kind::Snapshot), &bytes)
+            .open(Context::Object(Kind::Snapshot), bytes)
             .map_err(corrupt)?;
         Manifest::decode(&plain).map_err(corrupt)
+    }
+
+    /// Pins snapshot `id` for the holder of pin lock `lock`, so that prune keeps its data even
+    /// once it is forgotten: its manifest is copied to `pins/<lock>.<id>`, then the snapshot is
+    /// checked to still exist. (A prune lists the snapshots before the pins: once the copy is
+    /// written while the snapshot exists, every later prune sees one or the other. A snapshot
+    /// that was gone by then may have lost its data already, and is refused.)
+    pub fn pin_snapshot(&self, lock: &Lock, id: &SnapshotId) -> Result<()> {
+        let bytes = self.manifest_bytes(id)?;
+        let name = format!("{}.{}", lock.name(), id.to_hex());
+        self.b()?.write_once(Kind::Pin, &name, &bytes)?;
+        if let Err(e) = self.manifest_bytes(id) {
+            let _ = self.b()?.delete(Kind::Pin, &name);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Removes the pin of snapshot `id` by the holder of `lock`.
+    pub fn unpin_snapshot(&self, lock: &Lock, id: &SnapshotId) -> Result<()> {
+        match self
+            .b()?
+            .delete(Kind::Pin, &format!("{}.{}", lock.name(), id.to_hex()))
+        {
+            Ok(()) | Err(StoreError::ObjectMissing { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The snapshots that live pin locks pin, with their manifests (from the pins' copies: a
+    /// pinned snapshot may have been forgotten).
+    pub fn pinned_snapshots(&self) -> Result<Vec<(SnapshotId, Manifest)>> {
+        let live = self.live_pin_locks()?;
+        let mut out = Vec::new();
+        for pin in self.b()?.list(Kind::Pin)? {
+            let Some((owner, snap)) = pin.name.split_once('.') else {
+                continue;
+            };
+            if !live.iter().any(|l| l == owner) {
+                continue;
+            }
+            let Ok(id) = snap.parse::<SnapshotId>() else {
+                continue;
+            };
+            let bytes = match self.b()?.read(Kind::Pin, &pin.name) {
+                Ok(b) => b,
+                Err(StoreError::ObjectMissing { .. }) => continue, // unpinned meanwhile
+                Err(e) => return Err(e),
+            };
+            out.push((id, self.decode_manifest(&id, &bytes, Kind::Pin, &pin.name)?));
+        }
+        Ok(out)
+    }
+
+    /// Removes the pins of locks that are gone or stale; returns how many.
+    pub fn remove_stale_pins(&self) -> Result<usize> {
+        let live = self.live_pin_locks()?;
+        let mut removed = 0;
+        for pin in self.b()?.list(Kind::Pin)? {
+            let owner = crate::lock::pin_owner(&pin.name);
+            if !owner.is_some_and(|o| live.iter().any(|l| l == o)) {
+                self.b()?.delete(Kind::Pin, &pin.name)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Names of the pin locks that are live.
+    fn live_pin_locks(&self) -> Result<Vec<String>> {
+        let host = crate::lock::host_name();
+        let now = crate::lock::now();
+        Ok(crate::lock::list_locks(self.b()?)?
+            .into_iter()
+            .filter(|l| {
+                l.info
+                    .as_ref()
+                    .is_ok_and(|i| i.kind == LockKind::Pin && i.stale(&host, now).is_none())
+            })
+            .map(|l| l.name)
+            .collect())
     }
 
     /// Every snapshot with its manifest (or the error that kept it from loading), oldest first.

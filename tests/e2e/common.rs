@@ -273,3 +273,22 @@ pub fn spawn_backup(repo: &Path, source: &Path) -> std::process::Child {
         .spawn()
         .unwrap()
 }
+
+/// Whether the external program `tool` (a real protocol peer: qemu-img, nbdinfo...) is here.
+/// Missing, the test is skipped with a message, except under `CI=true`, where it fails: a
+/// scenario never passes by not running.
+pub fn have_tool(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{tool} is missing (scripts/test.sh installs it)"
+        );
+        eprintln!("skipped: {tool} is not installed");
+    }
+    found
+}

@@ -13,3 +13,4 @@ mod maintenance;
 mod repository;
 mod retention_prune;
 mod roundtrip;
+mod serve;

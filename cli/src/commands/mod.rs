@@ -7,6 +7,7 @@ pub mod key;
 pub mod prune;
 pub mod repair;
 pub mod restore;
+pub mod serve;
 pub mod snapshots;
 pub mod stats;
 pub mod unlock;

@@ -33,6 +33,8 @@ pub fn run(ctx: &Context, _args: Args) -> Result<ExitCode> {
         };
         match why {
             Some(why) => {
+                // The pins of a stale server lock go with it (prune removes them too).
+                sbk_store::remove_pins(backend.as_ref(), &lock.name);
                 match backend.delete(Kind::Lock, &lock.name) {
                     Ok(()) | Err(StoreError::ObjectMissing { .. }) => {}
                     Err(e) => return Err(e.into()),

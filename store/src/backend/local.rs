@@ -255,6 +255,7 @@ impl Backend for LocalBackend {
             Kind::Index,
             Kind::Snapshot,
             Kind::Lock,
+            Kind::Pin,
         ] {
             mkdir(&path.join(kind.dir()))?;
         }
@@ -415,7 +416,13 @@ impl Backend for LocalBackend {
         let mut dirs: Vec<PathBuf> = (0..=255u8)
             .map(|i| self.root.join(Kind::Pack.dir()).join(to_hex(&[i])))
             .collect();
-        for kind in [Kind::Key, Kind::Index, Kind::Snapshot, Kind::Lock] {
+        for kind in [
+            Kind::Key,
+            Kind::Index,
+            Kind::Snapshot,
+            Kind::Lock,
+            Kind::Pin,
+        ] {
             dirs.push(self.root.join(kind.dir()));
         }
         dirs.push(self.root.clone());
