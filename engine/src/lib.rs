@@ -31,6 +31,6 @@ pub use repair::{repair_index, RepairReport};
 pub use restore::{load_extents, restore, RestoreOptions, RestoreStats, RestoreTarget};
 pub use retention::{apply as apply_retention, Candidate, Policy, Verdict};
 pub use serve::{OpenGuard, OpenHook, Shared as ServeShared, SnapshotCatalog, SnapshotExport};
-pub use source::{Source, SourceKind, ALIGN, FAULT_EIO_ENV};
+pub use source::{dirty_ranges, Source, SourceKind, ALIGN, FAULT_EIO_ENV};
 pub use stats::{stats, RepoStats, SnapshotStats};
 pub use verify::{verify, Problem, ReadData, VerifyOptions, VerifyReport};

@@ -1,10 +1,18 @@
-//! Sources: block devices and disk-image files, read through O_DIRECT by data extents.
+//! Sources: block devices and disk-image files, read through O_DIRECT by data extents, and NBD
+//! exports (`nbd://HOST:PORT/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`), read through sbk's NBD
+//! client by their `base:allocation` extents.
 
 use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use sbk_nbd::client::{Client, NbdUri};
+use sbk_nbd::proto::{
+    CONTEXT_BASE_ALLOCATION, CONTEXT_DIRTY_BITMAP, STATE_DIRTY, STATE_HOLE, STATE_ZERO,
+};
 
 use crate::error::{EngineError, Result};
 use crate::sys;
@@ -30,11 +38,20 @@ pub enum SourceKind {
     File,
     /// A block device.
     BlockDevice,
+    /// An NBD export.
+    Nbd,
+}
+
+/// What a source reads from.
+enum Backing {
+    File(File),
+    /// One connection, shared by the clones of the source (reads are pipelined inside it).
+    Nbd(Arc<Mutex<Client>>),
 }
 
 /// An open source, read by positioned reads (so a shared reference could read in parallel).
 pub struct Source {
-    file: File,
+    backing: Backing,
     path: PathBuf,
     kind: SourceKind,
     size: u64,
@@ -63,10 +80,33 @@ impl Source {
     /// Opens a block device or regular file for reading, with O_DIRECT when the filesystem and
     /// device allow it.
     pub fn open(path: &Path) -> Result<Self> {
+        Source::open_with(path, &[])
+    }
+
+    /// [`Source::open`], also selecting the metadata contexts `meta` when `path` is an NBD URI
+    /// (a dirty bitmap's, say).
+    pub fn open_with(path: &Path, meta: &[&str]) -> Result<Self> {
         let open_err = |source| EngineError::SourceOpen {
             path: path.to_owned(),
             source,
         };
+        if let Some(uri) = path.to_str().filter(|s| NbdUri::is_uri(s)) {
+            let uri = NbdUri::parse(uri).map_err(|reason| EngineError::SourceUnusable {
+                path: path.to_owned(),
+                reason,
+            })?;
+            let mut contexts = vec![CONTEXT_BASE_ALLOCATION];
+            contexts.extend_from_slice(meta);
+            let client = Client::connect(&uri, &contexts).map_err(open_err)?;
+            return Ok(Source {
+                size: client.size(),
+                backing: Backing::Nbd(Arc::new(Mutex::new(client))),
+                path: path.to_owned(),
+                kind: SourceKind::Nbd,
+                fallback: None,
+                fail_after: None,
+            });
+        }
         let meta = std::fs::metadata(path).map_err(open_err)?;
         let ft = meta.file_type();
         let kind = if ft.is_file() {
@@ -95,9 +135,10 @@ impl Source {
             ),
             Err(e) => return Err(open_err(e)),
         };
-        let size = match kind {
-            SourceKind::File => meta.len(),
-            SourceKind::BlockDevice => sys::block_device_size(&file).map_err(open_err)?,
+        let size = if kind == SourceKind::File {
+            meta.len()
+        } else {
+            sys::block_device_size(&file).map_err(open_err)?
         };
         if kind == SourceKind::BlockDevice && fallback.is_none() {
             let lbs = sys::logical_block_size(&file).map_err(open_err)?;
@@ -106,7 +147,7 @@ impl Source {
             }
         }
         let mut source = Source {
-            file,
+            backing: Backing::File(file),
             path: path.to_owned(),
             kind,
             size,
@@ -122,25 +163,28 @@ impl Source {
     }
 
     fn use_buffered(&mut self, reason: String) -> Result<()> {
-        self.file = open_file(&self.path, false).map_err(|source| EngineError::SourceOpen {
+        let file = open_file(&self.path, false).map_err(|source| EngineError::SourceOpen {
             path: self.path.clone(),
             source,
         })?;
+        self.backing = Backing::File(file);
         self.fallback = Some(reason);
         Ok(())
     }
 
     /// A second handle of the same open source (a duplicated descriptor, O_DIRECT or not as
-    /// this one), for reads from another thread.
+    /// this one; the same NBD connection), for reads from another thread.
     pub fn try_clone(&self) -> Result<Source> {
         Ok(Source {
-            file: self
-                .file
-                .try_clone()
-                .map_err(|source| EngineError::SourceOpen {
-                    path: self.path.clone(),
-                    source,
-                })?,
+            backing: match &self.backing {
+                Backing::File(f) => {
+                    Backing::File(f.try_clone().map_err(|source| EngineError::SourceOpen {
+                        path: self.path.clone(),
+                        source,
+                    })?)
+                }
+                Backing::Nbd(c) => Backing::Nbd(c.clone()),
+            },
             path: self.path.clone(),
             kind: self.kind,
             size: self.size,
@@ -169,26 +213,36 @@ impl Source {
         self.fallback.as_deref()
     }
 
-    /// The data extents of `range` (holes excluded), clipped to it. A block device is all data.
+    /// The data extents of `range` (holes excluded), clipped to it. A block device is all data;
+    /// an NBD export's holes and zero extents are what `base:allocation` says.
     pub fn data_ranges(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
-        if self.kind == SourceKind::BlockDevice {
-            return Ok(vec![range]);
-        }
+        let start = range.start;
         let err = |source| EngineError::SourceRead {
             path: self.path.clone(),
-            offset: range.start,
+            offset: start,
             source,
+        };
+        let file = match &self.backing {
+            _ if self.kind == SourceKind::BlockDevice => return Ok(vec![range]),
+            Backing::File(f) => f,
+            Backing::Nbd(c) => {
+                let mut c = c.lock().expect("no thread panics holding this");
+                return nbd_extents(&mut c, range, CONTEXT_BASE_ALLOCATION, |flags| {
+                    flags & (STATE_HOLE | STATE_ZERO) == 0
+                })
+                .map_err(err);
+            }
         };
         let mut out = Vec::new();
         let mut pos = range.start;
         while pos < range.end {
-            let Some(data) = sys::seek_data(&self.file, pos).map_err(err)? else {
+            let Some(data) = sys::seek_data(file, pos).map_err(err)? else {
                 break;
             };
             if data >= range.end {
                 break;
             }
-            let hole = sys::seek_hole(&self.file, data)
+            let hole = sys::seek_hole(file, data)
                 .map_err(err)?
                 .unwrap_or(range.end);
             out.push(data..hole.min(range.end));
@@ -212,9 +266,27 @@ impl Source {
                 source: io::Error::from_raw_os_error(libc::EIO),
             });
         }
+        if let Backing::Nbd(c) = &self.backing {
+            // The export ends where it ends: the aligned buffer's tail past it stays zero.
+            let n = (self.size.saturating_sub(offset)).min(buf.len() as u64) as usize;
+            let mut c = c.lock().expect("no thread panics holding this");
+            c.read(offset, &mut buf[..n])
+                .map_err(|source| EngineError::SourceRead {
+                    path: self.path.clone(),
+                    offset,
+                    source,
+                })?;
+            buf[n..].fill(0);
+            return Ok(n);
+        }
         let mut done = 0;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            // Looked up each time: a refused O_DIRECT read replaces the file below.
+            let read = match &self.backing {
+                Backing::File(file) => file.read_at(&mut buf[done..], offset + done as u64),
+                Backing::Nbd(_) => unreachable!("NBD reads return above"),
+            };
+            match read {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -230,8 +302,8 @@ impl Source {
                 }
             }
         }
-        if self.fallback.is_some() {
-            sys::drop_cache(&self.file, offset, done as u64);
+        if let (Some(_), Backing::File(file)) = (&self.fallback, &self.backing) {
+            sys::drop_cache(file, offset, done as u64);
         }
         let expected = (self.size.saturating_sub(offset)).min(buf.len() as u64);
         if (done as u64) < expected {
@@ -278,6 +350,75 @@ impl Source {
         }
         Ok(Some(read))
     }
+}
+
+/// The ranges of `range` whose `context` flags satisfy `wanted`, from an NBD export's block
+/// status (asked again from where each reply ends, as servers may answer short).
+fn nbd_extents(
+    c: &mut Client,
+    range: Range<u64>,
+    context: &str,
+    wanted: impl Fn(u32) -> bool,
+) -> io::Result<Vec<Range<u64>>> {
+    let id = c.context(context).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("the export has no metadata context {context}"),
+        )
+    })?;
+    let mut out: Vec<Range<u64>> = Vec::new();
+    let mut pos = range.start;
+    while pos < range.end {
+        // Block status lengths are 32-bit: ask for at most 1 GiB at a time.
+        let len = (range.end - pos).min(1 << 30) as u32;
+        let mut replies = c.block_status(pos, len)?;
+        let extents = replies.remove(&id).unwrap_or_default();
+        if extents.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("no {context} extents at {pos}"),
+            ));
+        }
+        for (n, flags) in extents {
+            let end = (pos + u64::from(n)).min(range.end);
+            if wanted(flags) {
+                match out.last_mut() {
+                    Some(last) if last.end == pos => last.end = end,
+                    _ => out.push(pos..end),
+                }
+            }
+            pos = end;
+            if pos >= range.end {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The changed ranges an NBD export's QEMU dirty bitmap `name` records (`qemu-nbd -B NAME`), or
+/// `None` when the export has no such bitmap.
+pub fn dirty_ranges(source: &Source, name: &str) -> Result<Option<Vec<Range<u64>>>> {
+    let Backing::Nbd(c) = &source.backing else {
+        return Err(EngineError::SourceUnusable {
+            path: source.path.clone(),
+            reason: "a dirty bitmap is read from an NBD export (nbd://...)".into(),
+        });
+    };
+    let context = format!("{CONTEXT_DIRTY_BITMAP}{name}");
+    let mut c = c.lock().expect("no thread panics holding this");
+    if c.context(&context).is_none() {
+        return Ok(None);
+    }
+    nbd_extents(&mut c, 0..source.size, &context, |flags| {
+        flags & STATE_DIRTY != 0
+    })
+    .map(Some)
+    .map_err(|e| EngineError::SourceRead {
+        path: source.path.clone(),
+        offset: 0,
+        source: e,
+    })
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ mod encryption;
 mod faults;
 mod interrupt;
 mod maintenance;
+mod nbd_source;
 mod repository;
 mod retention_prune;
 mod roundtrip;

@@ -17,9 +17,14 @@ use crate::output::{bytes, changed_blocks_json, rate, rate_num};
 /// and every chunk not yet in the repository is compressed and stored. Several sources are
 /// backed up in parallel. Snapshots are written only once all their data is durable: an
 /// interrupted backup leaves no snapshot behind and the next backup simply runs again.
+///
+/// A SOURCE may also be an NBD export: `nbd://HOST[:PORT]/EXPORT` or
+/// `nbd+unix:///EXPORT?socket=PATH` (a VM disk exported by `qemu-nbd`, say), read by sbk's own
+/// client, holes skipped.
 #[derive(clap::Args, Debug)]
+#[command(group = clap::ArgGroup::new("changes").args(["changed_blocks", "dirty_bitmap"]))]
 pub struct Args {
-    /// Block devices or disk-image files to back up.
+    /// Block devices, disk-image files or NBD URIs to back up.
     #[arg(required = true, value_name = "SOURCE")]
     sources: Vec<PathBuf>,
 
@@ -41,12 +46,23 @@ pub struct Args {
     /// only; `-` reads the list from stdin). Formats, told apart by content: `rbd diff --format
     /// json`, LVM `thin_delta` XML (default or --verbose), or lines of `OFFSET LENGTH` (decimal or
     /// 0x hex). Unchanged segments reuse the parent's trees unread; the snapshot is exact.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "dirty_bitmap")]
     changed_blocks: Option<PathBuf>,
+
+    /// For an NBD source: take the changed-block list from QEMU's dirty bitmap NAME (the
+    /// `qemu:dirty-bitmap:NAME` context of `qemu-nbd -B NAME`), relative to the parent snapshot.
+    /// sbk never clears or changes a bitmap. An export without it is refused (exit 13).
+    #[arg(long, value_name = "NAME")]
+    dirty_bitmap: Option<String>,
+
+    /// With --dirty-bitmap: when the export lacks the bitmap (qemu drops an inconsistent one
+    /// after a crash), read the whole source instead of failing.
+    #[arg(long, requires = "dirty_bitmap")]
+    full_on_bad_bitmap: bool,
 
     /// The parent the list is relative to [default: the newest snapshot of this host and source,
     /// or with --cbt-since the newest carrying that token].
-    #[arg(long, value_name = "SNAPSHOT", requires = "changed_blocks")]
+    #[arg(long, value_name = "SNAPSHOT", requires = "changes")]
     parent: Option<String>,
 
     /// Record this run's storage-side snapshot id (an rbd snap id, a thin device id, a VMware
@@ -59,7 +75,7 @@ pub struct Args {
     #[arg(
         long,
         value_name = "TOKEN",
-        requires = "changed_blocks",
+        requires = "changes",
         conflicts_with = "parent"
     )]
     cbt_since: Option<String>,
@@ -67,7 +83,7 @@ pub struct Args {
     /// Re-read this percentage of the segments the list calls unchanged (always at least one,
     /// so 0 means one) and compare them with the parent: a list that lies is caught, reported,
     /// and the source is read in full.
-    #[arg(long, value_name = "PCT", default_value_t = 1.0, value_parser = super::prune::parse_percent, requires = "changed_blocks")]
+    #[arg(long, value_name = "PCT", default_value_t = 1.0, value_parser = super::prune::parse_percent, requires = "changes")]
     verify_unchanged: f64,
 }
 
@@ -115,10 +131,11 @@ fn describe(o: &BackupOutcome) -> (String, serde_json::Value) {
 
 /// Runs `sbk backup`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    if (args.changed_blocks.is_some() || args.source_name.is_some()) && args.sources.len() != 1 {
+    let one = args.changed_blocks.is_some() || args.dirty_bitmap.is_some();
+    if (one || args.source_name.is_some()) && args.sources.len() != 1 {
         anyhow::bail!(crate::exit::ExitWith(
             Exit::Usage,
-            "--changed-blocks and --source-name take exactly one SOURCE".into()
+            "--changed-blocks, --dirty-bitmap and --source-name take exactly one SOURCE".into()
         ));
     }
     // The list is read (and checked) before anything else: a malformed one changes nothing.
@@ -146,6 +163,10 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                 crate::exit::ExitWith(Exit::Usage, format!("{}: {e}", file.display()))
             })?)
         }
+    };
+    let list = match &args.dirty_bitmap {
+        Some(name) => dirty_list(ctx, &args.sources[0], name, args.full_on_bad_bitmap)?,
+        None => list,
     };
     // The lock is taken before the parent is chosen: prune cannot take its trees meanwhile.
     let (repo, _lock) = ctx.open_locked(LockKind::Shared, "backup", true)?;
@@ -208,4 +229,34 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         );
     }
     Ok(code.into())
+}
+
+/// The changed-block list of QEMU dirty bitmap `name` of NBD source `source`; `None` (a full
+/// read) when the export lacks it and `full_on_bad` says so.
+fn dirty_list(
+    ctx: &Context,
+    source: &std::path::Path,
+    name: &str,
+    full_on_bad: bool,
+) -> Result<Option<sbk_engine::ChangedList>> {
+    let context = format!("{}{name}", sbk_nbd::proto::CONTEXT_DIRTY_BITMAP);
+    let src = sbk_engine::Source::open_with(source, &[&context])?;
+    match sbk_engine::dirty_ranges(&src, name)? {
+        Some(ranges) => Ok(Some(sbk_engine::ChangedList {
+            format: "qemu-dirty-bitmap",
+            ranges,
+        })),
+        None if full_on_bad => {
+            ctx.out.notice(&format!(
+                "{}: the export has no dirty bitmap {name:?}: reading everything (--full-on-bad-bitmap)",
+                source.display()
+            ));
+            Ok(None)
+        }
+        None => Err(EngineError::ParentUnusable(format!(
+            "{} has no dirty bitmap {name:?} (export it with qemu-nbd -B {name}; qemu drops a bitmap left inconsistent by a crash: back up with --full-on-bad-bitmap, or without --dirty-bitmap, to start a new chain)",
+            source.display()
+        ))
+        .into()),
+    }
 }
