@@ -10,7 +10,8 @@
 # image (dd), a first backup into a fresh repository, a second backup of the unchanged image, a
 # backup after rewriting ~2% of the image, and a restore to a file (compared with cmp). Each
 # step: wall time, throughput over the image size, ratio to the raw read, and peak RSS
-# (/usr/bin/time). Prints a Markdown table for docs/benchmarks.md.
+# (/usr/bin/time); then benches/nbd.sh on the same image, and the changed-block section. Prints
+# Markdown for docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gib=${1:-4}
@@ -25,29 +26,9 @@ trap 'rm -rf "$work"' EXIT
 img=$work/disk.img
 size=$((gib << 30))
 
+source benches/lib.sh
 echo "making a ${gib} GiB ext4 image from /usr ..." >&2
-tree=$work/tree
-mkdir -p "$tree"
-# Fill about half of the filesystem with the machine's files, in /usr's order.
-budget=$((size * 50 / 100))
-{ find /usr/bin /usr/share /usr/include /usr/lib -xdev -type f -printf '%s %p\n' 2>/dev/null || true; } |
-  awk -v b="$budget" '{ s += $1; if (s > b) exit; sub(/^[0-9]+ /, ""); print }' >"$work/files" || true
-tar -cf - -T "$work/files" 2>/dev/null | tar -xf - -C "$tree" || true
-truncate -s "$size" "$img"
-PATH=$PATH:/usr/sbin mke2fs -q -F -t ext4 -d "$tree" "$img"
-rm -rf "$tree"
-
-# measure LABEL BYTES CMD...: runs CMD under /usr/bin/time; prints "label|seconds|rss_kib".
-measure() {
-  local label=$1; shift
-  local out
-  out=$( { /usr/bin/time -f "TIME %e %M" "$@" >/dev/null 2>"$work/stderr"; } 2>&1 ) || true
-  if ! grep -q "^TIME" "$work/stderr"; then cat "$work/stderr" >&2; echo "$label failed" >&2; exit 1; fi
-  local t rss
-  read -r _ t rss < <(grep "^TIME" "$work/stderr" | tail -1)
-  if grep -q "Command exited with non-zero status" "$work/stderr"; then cat "$work/stderr" >&2; echo "$label failed" >&2; exit 1; fi
-  echo "$label|$t|$rss"
-}
+make_image "$img" "$size"
 
 results=()
 results+=("$(measure "raw O_DIRECT read (dd bs=16M)" dd if="$img" of=/dev/null bs=16M iflag=direct)")
@@ -119,21 +100,6 @@ maint+=("$(measure "sbk prune --max-unused 0" "$sbk" prune --quiet --max-unused 
 after0_kib=$(du -sk "$work/repo/packs" | cut -f1)
 alloc_kib=$(du -sk "$img" | cut -f1)
 
-# rows BYTES RESULT...: table rows from "label|seconds|rss_kib" results; throughput over BYTES, and
-# the ratio to the first result (the raw read).
-rows() {
-  local bytes=$1; shift
-  local raw
-  raw=$(echo "$1" | cut -d'|' -f2)
-  echo "|---|---:|---:|---:|---:|"
-  for r in "$@"; do
-    IFS='|' read -r label t rss <<<"$r"
-    awk -v l="$label" -v t="$t" -v r="$rss" -v raw="$raw" -v size="$bytes" 'BEGIN {
-      tp = size / 1048576 / (t > 0 ? t : 0.01); rawtp = size / 1048576 / (raw > 0 ? raw : 0.01);
-      printf "| %s | %.2f | %.0f | %.2fx | %.0f |\n", l, t, tp, tp / rawtp, r / 1024 }'
-  done
-}
-
 echo
 echo "Image: ${gib} GiB ext4 ($((alloc_kib / 1024)) MiB allocated), repository after the backups: $((repo_kib / 1024)) MiB."
 echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%d GiB", $2/1048576}' /proc/meminfo), $(uname -r), $(date -u +%Y-%m-%d)."
@@ -150,6 +116,16 @@ echo "verify --read-data of the same image's packs, encrypted ($((enc_first_pack
 echo "Unlock of an encrypted repository with the default Argon2id parameters (sbk snapshots of an empty repository): $(echo "$kdf" | cut -d'|' -f2) s, peak RSS $(( $(echo "$kdf" | cut -d'|' -f3) / 1024 )) MiB."
 echo
 echo "After forgetting the first two of the four snapshots, packs went from $((before_kib / 1024)) MiB to $((after_kib / 1024)) MiB with the default prune (packs less than 5% unused are left alone), and to $((after0_kib / 1024)) MiB with --max-unused 0."
+
+# NBD: sbk serve beside sbk restore, and an nbd:// backup beside a file backup, on the pristine
+# image (benches/nbd.sh; needs nbdcopy and qemu-nbd).
+if command -v nbdcopy >/dev/null 2>&1 && command -v qemu-nbd >/dev/null 2>&1; then
+  echo
+  NBD_IMAGE="$work/pristine.img" bash benches/nbd.sh "$gib" "$base"
+else
+  echo
+  echo "NBD: skipped (needs nbdcopy and qemu-nbd: apt-get install libnbd-bin qemu-utils)."
+fi
 
 # Changed-block incremental: ~1% of the files of the image rewritten through a mounted loop
 # device, the changed 64 KiB blocks found by comparing the images, then a full re-read against
