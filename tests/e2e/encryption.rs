@@ -12,6 +12,7 @@ fn encrypted_env() -> Env {
     let env = Env {
         repo: dir.path().join("repo"),
         dir,
+        vars: Vec::new(),
     };
     let r = env.run(&["init", "--chunk-size", "64K", "--encryption", "repokey"]);
     assert_eq!(r.code, 0, "{}", r.stderr);

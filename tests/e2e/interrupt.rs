@@ -1,4 +1,5 @@
-//! A backup killed with SIGKILL leaves no snapshot and no damage.
+//! A backup killed with SIGKILL leaves no snapshot and no damage; SIGINT and SIGTERM stop backup
+//! and prune cleanly.
 
 use std::time::{Duration, Instant};
 
@@ -64,4 +65,77 @@ fn killed_backup_leaves_no_snapshot_and_no_damage() {
     let out = env.path("big.out");
     env.restore(snap["snapshot"].as_str().unwrap(), &out, &[]);
     assert_same(&big, &out);
+}
+
+/// Sends `sig` (INT or TERM) to a running sbk.
+fn signal(child: &std::process::Child, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+#[test]
+fn sigint_and_sigterm_stop_backup_and_prune_cleanly() {
+    let env = Env::new();
+    let first = env.path("first");
+    std::fs::write(&first, random(8 << 20, 3)).unwrap();
+    env.backup(&first, &[]);
+    let big = env.path("big");
+    std::fs::write(&big, random(300 << 20, 4)).unwrap();
+    for (sig, code) in [("TERM", 143), ("INT", 130)] {
+        let packs_before = env.packs().len();
+        let mut child = spawn_backup(&env.repo, &big);
+        // Once the first pack of this run is sealed, the backup is well under way.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while env.packs().len() == packs_before {
+            assert!(child.try_wait().unwrap().is_none(), "finished too soon");
+            assert!(Instant::now() < deadline, "no pack appeared");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        signal(&child, sig);
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(code), "SIG{sig}");
+        // No snapshot, no lock, no temporary pack left behind.
+        assert_eq!(
+            env.run(&["snapshots", "--json"])
+                .json()
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            files_below(&env.repo.join("locks")).is_empty(),
+            "SIG{sig}: a lock remains"
+        );
+        assert!(
+            env.pack_files(true).is_empty(),
+            "SIG{sig}: a temporary pack remains"
+        );
+        let v = env.run(&["verify", "--read-data"]);
+        assert_eq!(v.code, 0, "{}", v.stderr);
+    }
+    // Prune, stopped wherever the signal lands, leaves a repository that verifies, and the
+    // next prune finishes the job.
+    let r = env.run(&["forget", "--keep-last", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let mut child = env
+        .cmd()
+        .args(["prune", "--max-unused", "0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    signal(&child, "INT");
+    let status = child.wait().unwrap();
+    assert!(matches!(status.code(), Some(0) | Some(130)), "{status:?}");
+    assert!(files_below(&env.repo.join("locks")).is_empty());
+    let v = env.run(&["verify", "--read-data"]);
+    assert_eq!(v.code, 0, "{}", v.stderr);
+    let r = env.run(&["prune", "--max-unused", "0"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
 }

@@ -14,4 +14,5 @@ mod nbd_source;
 mod repository;
 mod retention_prune;
 mod roundtrip;
+mod s3;
 mod serve;

@@ -23,6 +23,8 @@ use sbk_store::{
     Repository, FAULT_ENV,
 };
 
+use sbk_s3::{S3Backend, S3Location};
+
 use crate::exit::{Exit, ExitWith};
 use crate::output::Output;
 use crate::password::PasswordSource;
@@ -62,7 +64,14 @@ impl Context {
     /// The backend of the repository (with a fault injected when the test-only
     /// `SBK_TEST_FAULT` asks for one).
     pub fn backend(&self) -> Result<Arc<dyn Backend>> {
-        let local: Arc<dyn Backend> = Arc::new(LocalBackend::new(self.repo_path()?));
+        let path = self.repo_path()?;
+        let local: Arc<dyn Backend> = match path.to_str().filter(|s| S3Location::is_s3(s)) {
+            Some(s) => {
+                let at = S3Location::parse(s).map_err(|e| ExitWith(Exit::Usage, e))?;
+                Arc::new(S3Backend::new(at)?)
+            }
+            None => Arc::new(LocalBackend::new(path)),
+        };
         Ok(
             match std::env::var(FAULT_ENV)
                 .ok()

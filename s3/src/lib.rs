@@ -1,0 +1,490 @@
+//! sbk's S3 backend: a repository as objects under `s3://BUCKET/PREFIX` on any S3-compatible
+//! object storage (AWS S3, Ceph RGW, MinIO, SeaweedFS), through `object_store`'s S3 client.
+//!
+//! The engine is synchronous; this backend owns the one small tokio runtime that drives the
+//! client (two worker threads), and every [`Backend`] call blocks on it. It is the one place
+//! outside the engine (and the NBD server) that owns threads.
+//!
+//! Names: `PREFIX/config`, `PREFIX/<kind folder>/<name>` (packs are not fanned out into
+//! subfolders: object stores need no directory sharding). Writes of immutable objects are
+//! conditional creates (`If-None-Match: *`); a lock is replaced only while its ETag is still
+//! the one its holder last wrote (`If-Match`), so a lock someone removed never comes back.
+//!
+//! Configuration comes from the environment, as the AWS tools read it: `AWS_ENDPOINT_URL` (any
+//! S3-compatible server; `http://` is allowed when the endpoint says so), `AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` (default `us-east-1`); requests
+//! are path-style. Errors: a missing object is `ObjectMissing`, credentials or permissions the
+//! storage refuses are `StorageDenied`, and a storage that cannot be reached or keeps failing
+//! after bounded retries (backoff, timeouts) is `StorageUnreachable`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
+use object_store::path::Path;
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig, UpdateVersion,
+};
+use sbk_store::backend::{ObjectInfo, Staged, Written};
+use sbk_store::{Backend, Kind, Result, StoreError};
+
+/// Packs up to this size are one PUT; larger ones a multipart upload in parts of this size.
+const PART: usize = 16 << 20;
+
+/// Where a repository is on S3: bucket and key prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Location {
+    /// The bucket.
+    pub bucket: String,
+    /// The key prefix, without leading or trailing `/` (may be empty).
+    pub prefix: String,
+}
+
+impl S3Location {
+    /// Whether `s` names an S3 repository (`s3://…`), as opposed to a directory.
+    pub fn is_s3(s: &str) -> bool {
+        s.starts_with("s3://")
+    }
+
+    /// Parses `s3://BUCKET[/PREFIX]`.
+    pub fn parse(s: &str) -> std::result::Result<S3Location, String> {
+        let rest = s
+            .strip_prefix("s3://")
+            .ok_or_else(|| format!("{s:?} is not an s3://BUCKET/PREFIX location"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(format!("{s:?} names no bucket"));
+        }
+        Ok(S3Location {
+            bucket: bucket.to_owned(),
+            prefix: prefix.trim_matches('/').to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for S3Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "s3://{}/{}", self.bucket, self.prefix)
+    }
+}
+
+/// How to reach the storage; [`S3Config::from_env`] reads what the AWS tools read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Config {
+    /// The endpoint (`AWS_ENDPOINT_URL`); AWS itself when `None`.
+    pub endpoint: Option<String>,
+    /// `AWS_ACCESS_KEY_ID`.
+    pub access_key_id: Option<String>,
+    /// `AWS_SECRET_ACCESS_KEY`.
+    pub secret_access_key: Option<String>,
+    /// `AWS_SESSION_TOKEN`.
+    pub session_token: Option<String>,
+    /// `AWS_REGION` (`us-east-1` when unset).
+    pub region: Option<String>,
+}
+
+impl S3Config {
+    /// The configuration in the environment.
+    pub fn from_env() -> S3Config {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        S3Config {
+            endpoint: var("AWS_ENDPOINT_URL"),
+            access_key_id: var("AWS_ACCESS_KEY_ID"),
+            secret_access_key: var("AWS_SECRET_ACCESS_KEY"),
+            session_token: var("AWS_SESSION_TOKEN"),
+            region: var("AWS_REGION").or_else(|| var("AWS_DEFAULT_REGION")),
+        }
+    }
+}
+
+struct Inner {
+    store: AmazonS3,
+    rt: tokio::runtime::Runtime,
+    at: S3Location,
+}
+
+/// A repository on S3-compatible storage.
+pub struct S3Backend {
+    inner: Arc<Inner>,
+}
+
+impl S3Backend {
+    /// Connects to `at` with the configuration in the environment (nothing is requested yet).
+    pub fn new(at: S3Location) -> Result<S3Backend> {
+        S3Backend::with_config(at, &S3Config::from_env())
+    }
+
+    /// Connects to `at` with `config` (nothing is requested yet).
+    pub fn with_config(at: S3Location, config: &S3Config) -> Result<S3Backend> {
+        // rustls has no crypto provider compiled in but ring: make it the process default
+        // (once; a second install is refused, which is fine).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut b = AmazonS3Builder::new()
+            .with_bucket_name(&at.bucket)
+            .with_virtual_hosted_style_request(false)
+            .with_conditional_put(S3ConditionalPut::ETagMatch)
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig {
+                    init_backoff: Duration::from_millis(100),
+                    max_backoff: Duration::from_secs(5),
+                    base: 2.0,
+                },
+                max_retries: 5,
+                retry_timeout: Duration::from_secs(60),
+            })
+            .with_client_options(
+                ClientOptions::new()
+                    .with_connect_timeout(Duration::from_secs(5))
+                    .with_timeout(Duration::from_secs(120)),
+            );
+        if let Some(e) = &config.endpoint {
+            b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
+        }
+        if let Some(k) = &config.access_key_id {
+            b = b.with_access_key_id(k);
+        }
+        if let Some(s) = &config.secret_access_key {
+            b = b.with_secret_access_key(s);
+        }
+        if let Some(t) = &config.session_token {
+            b = b.with_token(t);
+        }
+        b = b.with_region(config.region.as_deref().unwrap_or("us-east-1"));
+        let store = b.build().map_err(|e| StoreError::StorageDenied {
+            location: at.to_string(),
+            detail: format!("the S3 configuration is unusable: {e}"),
+        })?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("sbk-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::io("the S3 client's runtime", e))?;
+        Ok(S3Backend {
+            inner: Arc::new(Inner { store, rt, at }),
+        })
+    }
+}
+
+impl Inner {
+    fn path(&self, kind: Kind, name: &str) -> Path {
+        let p = &self.at.prefix;
+        let key = match (kind, p.is_empty()) {
+            (Kind::Config, true) => "config".to_owned(),
+            (Kind::Config, false) => format!("{p}/config"),
+            (_, true) => format!("{}/{name}", kind.dir()),
+            (_, false) => format!("{p}/{}/{name}", kind.dir()),
+        };
+        Path::from(key)
+    }
+
+    fn dir(&self, kind: Kind) -> Path {
+        let p = &self.at.prefix;
+        Path::from(if p.is_empty() {
+            kind.dir().to_owned()
+        } else {
+            format!("{p}/{}", kind.dir())
+        })
+    }
+
+    /// Maps a client error on object `name` of `kind` to the store's.
+    fn err(&self, e: object_store::Error, kind: Kind, name: &str) -> StoreError {
+        let location = self.at.to_string();
+        match e {
+            object_store::Error::NotFound { .. } => StoreError::ObjectMissing {
+                kind,
+                name: name.to_owned(),
+            },
+            e => {
+                let detail = e.to_string();
+                let denied = [
+                    "403",
+                    "401",
+                    "AccessDenied",
+                    "InvalidAccessKeyId",
+                    "SignatureDoesNotMatch",
+                    "Unauthenticated",
+                    "PermissionDenied",
+                ];
+                if matches!(
+                    e,
+                    object_store::Error::PermissionDenied { .. }
+                        | object_store::Error::Unauthenticated { .. }
+                ) || denied.iter().any(|d| detail.contains(d))
+                {
+                    StoreError::StorageDenied { location, detail }
+                } else {
+                    StoreError::StorageUnreachable { location, detail }
+                }
+            }
+        }
+    }
+
+    fn put(
+        &self,
+        kind: Kind,
+        name: &str,
+        bytes: &[u8],
+        mode: PutMode,
+    ) -> std::result::Result<(), object_store::Error> {
+        let path = self.path(kind, name);
+        let payload = PutPayload::from(bytes.to_vec());
+        self.rt.block_on(self.store.put_opts(
+            &path,
+            payload,
+            PutOptions {
+                mode,
+                ..Default::default()
+            },
+        ))?;
+        Ok(())
+    }
+
+    fn read(&self, kind: Kind, name: &str) -> Result<Vec<u8>> {
+        let path = self.path(kind, name);
+        self.rt
+            .block_on(async {
+                let r = self.store.get(&path).await?;
+                r.bytes().await
+            })
+            .map(|b| b.to_vec())
+            .map_err(|e| self.err(e, kind, name))
+    }
+
+    /// A conditional create that a retry may have answered with "exists" although the first
+    /// attempt created it: the object is ours when it holds exactly our bytes.
+    fn create(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<Written> {
+        match self.put(kind, name, bytes, PutMode::Create) {
+            Ok(()) => Ok(Written::Created),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => match self.read(kind, name) {
+                Ok(there) if there == bytes => Ok(Written::Created),
+                Ok(_) => Ok(Written::AlreadyThere),
+                Err(StoreError::ObjectMissing { .. }) => Ok(Written::AlreadyThere),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(self.err(e, kind, name)),
+        }
+    }
+}
+
+impl Backend for S3Backend {
+    fn location(&self) -> String {
+        self.inner.at.to_string()
+    }
+
+    fn create(&self) -> Result<()> {
+        let i = &self.inner;
+        let prefix = (!i.at.prefix.is_empty()).then(|| Path::from(i.at.prefix.as_str()));
+        let first =
+            i.rt.block_on(async { i.store.list(prefix.as_ref()).next().await });
+        match first {
+            None => Ok(()),
+            Some(Ok(meta)) => Err(StoreError::InitRefused {
+                path: self.location().into(),
+                reason: format!("the prefix is not empty (it holds {})", meta.location),
+            }),
+            Some(Err(e)) => Err(i.err(e, Kind::Config, "config")),
+        }
+    }
+
+    fn list(&self, kind: Kind) -> Result<Vec<ObjectInfo>> {
+        let i = &self.inner;
+        if kind == Kind::Config {
+            return match self.size(kind, "config") {
+                Ok(size) => Ok(vec![ObjectInfo {
+                    name: "config".into(),
+                    size,
+                }]),
+                Err(StoreError::ObjectMissing { .. }) => Ok(Vec::new()),
+                Err(e) => Err(e),
+            };
+        }
+        let dir = i.dir(kind);
+        let listed: Vec<_> = i.rt.block_on(i.store.list(Some(&dir)).collect());
+        let mut out = Vec::new();
+        for m in listed {
+            let m = m.map_err(|e| i.err(e, kind, ""))?;
+            let Some(name) = m.location.prefix_match(&dir).and_then(|mut parts| {
+                let first = parts.next()?;
+                // Only direct children: anything deeper is not ours.
+                parts.next().is_none().then(|| first.as_ref().to_owned())
+            }) else {
+                continue;
+            };
+            out.push(ObjectInfo { name, size: m.size });
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn read(&self, kind: Kind, name: &str) -> Result<Vec<u8>> {
+        self.inner.read(kind, name)
+    }
+
+    fn read_at(&self, kind: Kind, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let i = &self.inner;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let path = i.path(kind, name);
+        let end = offset + buf.len() as u64;
+        let got = i.rt.block_on(i.store.get_range(&path, offset..end));
+        let short = |size| StoreError::ShortObject {
+            kind,
+            name: name.to_owned(),
+            needed: end,
+            size,
+        };
+        match got {
+            Ok(b) if b.len() == buf.len() => {
+                buf.copy_from_slice(&b);
+                Ok(())
+            }
+            Ok(b) => Err(short(offset + b.len() as u64)),
+            Err(object_store::Error::NotFound { .. }) => Err(StoreError::ObjectMissing {
+                kind,
+                name: name.to_owned(),
+            }),
+            Err(e) => {
+                // A range past the end is refused by the server: say how long the object is.
+                match self.size(kind, name) {
+                    Ok(size) if size < end => Err(short(size)),
+                    _ => Err(i.err(e, kind, name)),
+                }
+            }
+        }
+    }
+
+    fn size(&self, kind: Kind, name: &str) -> Result<u64> {
+        let i = &self.inner;
+        let path = i.path(kind, name);
+        i.rt.block_on(i.store.head(&path))
+            .map(|m| m.size)
+            .map_err(|e| i.err(e, kind, name))
+    }
+
+    fn write_once(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<Written> {
+        self.inner.create(kind, name, bytes)
+    }
+
+    fn stage(&self, kind: Kind, name: &str) -> Result<Box<dyn Staged>> {
+        Ok(Box::new(S3Staged {
+            inner: self.inner.clone(),
+            kind,
+            name: name.to_owned(),
+            buf: Vec::new(),
+        }))
+    }
+
+    fn replace(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<()> {
+        let i = &self.inner;
+        let path = i.path(kind, name);
+        let meta =
+            i.rt.block_on(i.store.head(&path))
+                .map_err(|e| i.err(e, kind, name))?;
+        let mode = PutMode::Update(UpdateVersion {
+            e_tag: meta.e_tag,
+            version: meta.version,
+        });
+        match i.put(kind, name, bytes, mode) {
+            Ok(()) => Ok(()),
+            // Removed (or replaced by someone else) since: never bring it back.
+            Err(
+                object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
+            ) => Err(StoreError::ObjectMissing {
+                kind,
+                name: name.to_owned(),
+            }),
+            Err(e) => Err(i.err(e, kind, name)),
+        }
+    }
+
+    fn delete(&self, kind: Kind, name: &str) -> Result<()> {
+        let i = &self.inner;
+        let path = i.path(kind, name);
+        // S3 answers a delete of a missing key with success, so ask first: callers rely on
+        // hearing that an object was already gone.
+        i.rt.block_on(i.store.head(&path))
+            .map_err(|e| i.err(e, kind, name))?;
+        i.rt.block_on(i.store.delete(&path))
+            .map_err(|e| i.err(e, kind, name))
+    }
+
+    fn remove_leftovers(&self) -> Result<u64> {
+        // Objects appear whole or not at all: nothing half-written is ever listed.
+        Ok(0)
+    }
+}
+
+/// A pack being written: kept in memory, then one conditional PUT, or a multipart upload for
+/// large packs (aborted if it fails).
+struct S3Staged {
+    inner: Arc<Inner>,
+    kind: Kind,
+    name: String,
+    buf: Vec<u8>,
+}
+
+impl Staged for S3Staged {
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        let i = &self.inner;
+        if self.buf.len() <= PART {
+            return match i.create(self.kind, &self.name, &self.buf)? {
+                Written::Created => Ok(()),
+                Written::AlreadyThere => Err(StoreError::StorageUnreachable {
+                    location: i.at.to_string(),
+                    detail: format!("{} {} exists with other bytes", self.kind, self.name),
+                }),
+            };
+        }
+        let path = i.path(self.kind, &self.name);
+        let r: std::result::Result<(), object_store::Error> = i.rt.block_on(async {
+            let mut upload = i.store.put_multipart(&path).await?;
+            for part in self.buf.chunks(PART) {
+                if let Err(e) = upload.put_part(PutPayload::from(part.to_vec())).await {
+                    let _ = upload.abort().await;
+                    return Err(e);
+                }
+            }
+            match upload.complete().await {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    let _ = upload.abort().await;
+                    Err(e)
+                }
+            }
+        });
+        r.map_err(|e| i.err(e, self.kind, &self.name))
+    }
+
+    fn len(&self) -> u64 {
+        self.buf.len() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations() {
+        let l = S3Location::parse("s3://b/some/prefix/").unwrap();
+        assert_eq!(l.bucket, "b");
+        assert_eq!(l.prefix, "some/prefix");
+        assert_eq!(l.to_string(), "s3://b/some/prefix");
+        let l = S3Location::parse("s3://bucket").unwrap();
+        assert_eq!(l.prefix, "");
+        assert!(S3Location::parse("s3:///x").is_err());
+        assert!(S3Location::parse("/srv/repo").is_err());
+    }
+}

