@@ -24,7 +24,13 @@ struct Inner {
     loading: HashMap<ChunkId, Flight>,
     hits: u64,
     misses: u64,
+    /// Buffers of evicted chunks no reader held any more, for the next loads: their memory is
+    /// already mapped, so a load neither zeroes nor faults in fresh pages.
+    spare: Vec<Vec<u8>>,
 }
+
+/// Evicted buffers kept for reuse.
+const SPARE_BUFFERS: usize = 32;
 
 /// The cache.
 pub struct ChunkCache {
@@ -42,11 +48,12 @@ impl ChunkCache {
     }
 
     /// The chunk `id`, from the cache or from `load` (called once however many threads ask at
-    /// once; its error goes to all of them, and is not cached).
+    /// once, with a recycled buffer to fill if there is one; its error goes to all of them, and
+    /// is not cached).
     pub fn get(
         &self,
         id: &ChunkId,
-        load: impl FnOnce() -> Result<Vec<u8>, String>,
+        load: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, String>,
     ) -> Result<Bytes, String> {
         let flight = {
             let mut g = self.inner.lock().expect("no thread panics holding this");
@@ -62,24 +69,27 @@ impl ChunkCache {
             }
             inner.misses += 1;
             match inner.loading.get(id) {
-                Some(f) => Some(f.clone()),
+                Some(f) => Err(f.clone()),
                 None => {
                     inner
                         .loading
                         .insert(*id, Arc::new((Mutex::new(None), Condvar::new())));
-                    None
+                    Ok(inner.spare.pop().unwrap_or_default())
                 }
             }
         };
-        if let Some(f) = flight {
-            let (slot, cv) = &*f;
-            let mut g = slot.lock().expect("no thread panics holding this");
-            while g.is_none() {
-                g = cv.wait(g).expect("no thread panics holding this");
+        let spare = match flight {
+            Ok(spare) => spare,
+            Err(f) => {
+                let (slot, cv) = &*f;
+                let mut g = slot.lock().expect("no thread panics holding this");
+                while g.is_none() {
+                    g = cv.wait(g).expect("no thread panics holding this");
+                }
+                return g.clone().expect("set before notified");
             }
-            return g.clone().expect("set before notified");
-        }
-        let result = load().map(Arc::new);
+        };
+        let result = load(spare).map(Arc::new);
         let mut g = self.inner.lock().expect("no thread panics holding this");
         let f = g
             .loading
@@ -114,6 +124,11 @@ impl ChunkCache {
             };
             if let Some((b, _)) = inner.entries.remove(&victim) {
                 inner.bytes -= b.len() as u64;
+                if inner.spare.len() < SPARE_BUFFERS {
+                    if let Ok(v) = Arc::try_unwrap(b) {
+                        inner.spare.push(v);
+                    }
+                }
             }
         }
     }
@@ -138,15 +153,15 @@ mod tests {
     fn evicts_the_least_recently_used_within_its_bytes() {
         let c = ChunkCache::new(300);
         for n in 0..3 {
-            c.get(&id(n), || Ok(vec![n; 100])).unwrap();
+            c.get(&id(n), |_| Ok(vec![n; 100])).unwrap();
         }
-        c.get(&id(0), || panic!("cached")).unwrap(); // 0 is now the most recent
-        c.get(&id(3), || Ok(vec![3; 100])).unwrap(); // evicts 1
+        c.get(&id(0), |_| panic!("cached")).unwrap(); // 0 is now the most recent
+        c.get(&id(3), |_| Ok(vec![3; 100])).unwrap(); // evicts 1
         assert_eq!(c.figures().0, 300);
-        c.get(&id(0), || panic!("still cached")).unwrap();
-        c.get(&id(2), || panic!("still cached")).unwrap();
+        c.get(&id(0), |_| panic!("still cached")).unwrap();
+        c.get(&id(2), |_| panic!("still cached")).unwrap();
         let loads = AtomicUsize::new(0);
-        c.get(&id(1), || {
+        c.get(&id(1), |_| {
             loads.fetch_add(1, Ordering::Relaxed);
             Ok(vec![1; 100])
         })
@@ -162,7 +177,7 @@ mod tests {
             for _ in 0..8 {
                 s.spawn(|| {
                     let b = c
-                        .get(&id(9), || {
+                        .get(&id(9), |_| {
                             loads.fetch_add(1, Ordering::Relaxed);
                             std::thread::sleep(std::time::Duration::from_millis(50));
                             Ok(vec![9; 10])
@@ -173,7 +188,7 @@ mod tests {
             }
         });
         assert_eq!(loads.load(Ordering::Relaxed), 1);
-        assert!(c.get(&id(7), || Err("damaged".into())).is_err());
-        assert_eq!(*c.get(&id(7), || Ok(vec![7])).unwrap(), vec![7]);
+        assert!(c.get(&id(7), |_| Err("damaged".into())).is_err());
+        assert_eq!(*c.get(&id(7), |_| Ok(vec![7])).unwrap(), vec![7]);
     }
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use sbk_nbd::proto::EIO;
-use sbk_nbd::server::{Export, ExportError, ReadChunk};
+use sbk_nbd::server::{Bytes, Export, ExportError, ReadChunk};
 use sbk_store::SnapshotId;
 
 use crate::sys;
@@ -308,8 +308,9 @@ impl Overlay {
         let mut buf = vec![0u8; len as usize];
         for c in base.read(offset, len)? {
             if let ReadChunk::Data { offset: o, data } = c {
+                let data = data.as_slice();
                 let at = (o - offset) as usize;
-                buf[at..at + data.len()].copy_from_slice(&data);
+                buf[at..at + data.len()].copy_from_slice(data);
             }
         }
         let map = self.map.read().expect("no thread panics holding this");
@@ -368,7 +369,10 @@ impl Export for OverlayExport {
             return self.base.read(offset, len);
         }
         let data = self.overlay.read_into(&*self.base, offset, len)?;
-        Ok(vec![ReadChunk::Data { offset, data }])
+        Ok(vec![ReadChunk::Data {
+            offset,
+            data: Bytes::Owned(data),
+        }])
     }
 
     fn block_status(&self, offset: u64, len: u32) -> Result<Vec<(u32, u32)>, ExportError> {
@@ -452,7 +456,7 @@ mod tests {
             }
             Ok(vec![ReadChunk::Data {
                 offset,
-                data: (offset..offset + u64::from(len)).map(|i| i as u8).collect(),
+                data: Bytes::Owned((offset..offset + u64::from(len)).map(|i| i as u8).collect()),
             }])
         }
         fn block_status(&self, _: u64, len: u32) -> Result<Vec<(u32, u32)>, ExportError> {
@@ -465,7 +469,8 @@ mod tests {
         for c in e.read(0, e.size() as u32).unwrap() {
             match c {
                 ReadChunk::Data { offset, data } => {
-                    out[offset as usize..offset as usize + data.len()].copy_from_slice(&data)
+                    let data = data.as_slice();
+                    out[offset as usize..offset as usize + data.len()].copy_from_slice(data)
                 }
                 ReadChunk::Hole { offset, len } => {
                     out[offset as usize..(offset + u64::from(len)) as usize].fill(0)

@@ -13,7 +13,9 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use sbk_nbd::proto::{EIO, STATE_HOLE, STATE_ZERO};
-use sbk_nbd::server::{Catalog, Export, ExportError, ExportInfo, Log, ReadChunk};
+use sbk_nbd::server::{
+    Bytes as NbdBytes, Catalog, Export, ExportError, ExportInfo, Log, ReadChunk,
+};
 use sbk_store::{BlobKind, ChunkId, Extent, Manifest, Repository, SnapshotId, StoreError};
 
 use crate::chunk_cache::{Bytes, ChunkCache};
@@ -74,10 +76,17 @@ impl Shared {
 
     /// The verified bytes of chunk `id`.
     fn chunk(&self, id: &ChunkId) -> Result<Bytes, String> {
-        self.cache.get(id, || {
-            self.repo
-                .read_blob(id, BlobKind::Data)
-                .map_err(|e| e.to_string())
+        thread_local! {
+            /// Room for stored bytes, reused by every load of this thread.
+            static STORED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        self.cache.get(id, |mut out| {
+            STORED.with_borrow_mut(|stored| {
+                self.repo
+                    .read_blob_with(id, BlobKind::Data, stored, &mut out)
+                    .map_err(|e| e.to_string())
+            })?;
+            Ok(out)
         })
     }
 }
@@ -260,19 +269,12 @@ impl Export for SnapshotExport {
                     }),
                 },
                 Extent::Data { id, .. } => {
+                    // Sent straight from the cached chunk: one reply chunk per piece, no copy.
                     let bytes = self.shared.chunk(&id).map_err(|e| self.failed(e))?;
-                    let piece = &bytes[(from - at) as usize..(to - at) as usize];
-                    match out.last_mut() {
-                        Some(ReadChunk::Data { offset: o, data })
-                            if *o + data.len() as u64 == from =>
-                        {
-                            data.extend_from_slice(piece);
-                        }
-                        _ => out.push(ReadChunk::Data {
-                            offset: from,
-                            data: piece.to_vec(),
-                        }),
-                    }
+                    out.push(ReadChunk::Data {
+                        offset: from,
+                        data: NbdBytes::Shared(bytes, (from - at) as usize..(to - at) as usize),
+                    });
                 }
             }
         }

@@ -17,6 +17,7 @@
 //! storage refuses are `StorageDenied`, and a storage that cannot be reached or keeps failing
 //! after bounded retries (backoff, timeouts) is `StorageUnreachable`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,10 +100,63 @@ impl S3Config {
     }
 }
 
+/// When set, the backend prints how many requests of each kind it sent when it is dropped (for
+/// benches/s3.sh).
+pub const STATS_ENV: &str = "SBK_S3_STATS";
+
+/// Requests sent, by kind (retries inside the client not counted).
+#[derive(Debug, Default)]
+pub struct Requests {
+    /// Whole-object GETs.
+    pub get: AtomicU64,
+    /// Ranged GETs.
+    pub get_range: AtomicU64,
+    /// HEADs.
+    pub head: AtomicU64,
+    /// Single PUTs.
+    pub put: AtomicU64,
+    /// Requests of multipart uploads (create, parts, complete).
+    pub multipart: AtomicU64,
+    /// DELETEs.
+    pub delete: AtomicU64,
+    /// LIST pages.
+    pub list: AtomicU64,
+}
+
+impl Requests {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counts as `kind=n` pairs, for a log line.
+    pub fn summary(&self) -> String {
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "get={} get_range={} head={} put={} multipart={} delete={} list={}",
+            c(&self.get),
+            c(&self.get_range),
+            c(&self.head),
+            c(&self.put),
+            c(&self.multipart),
+            c(&self.delete),
+            c(&self.list)
+        )
+    }
+}
+
 struct Inner {
     store: AmazonS3,
     rt: tokio::runtime::Runtime,
     at: S3Location,
+    requests: Requests,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if std::env::var_os(STATS_ENV).is_some() {
+            eprintln!("sbk: s3 requests: {}", self.requests.summary());
+        }
+    }
 }
 
 /// A repository on S3-compatible storage.
@@ -163,7 +217,12 @@ impl S3Backend {
             .build()
             .map_err(|e| StoreError::io("the S3 client's runtime", e))?;
         Ok(S3Backend {
-            inner: Arc::new(Inner { store, rt, at }),
+            inner: Arc::new(Inner {
+                store,
+                rt,
+                at,
+                requests: Requests::default(),
+            }),
         })
     }
 }
@@ -230,6 +289,7 @@ impl Inner {
         mode: PutMode,
     ) -> std::result::Result<(), object_store::Error> {
         let path = self.path(kind, name);
+        Requests::add(&self.requests.put, 1);
         let payload = PutPayload::from(bytes.to_vec());
         self.rt.block_on(self.store.put_opts(
             &path,
@@ -244,6 +304,7 @@ impl Inner {
 
     fn read(&self, kind: Kind, name: &str) -> Result<Vec<u8>> {
         let path = self.path(kind, name);
+        Requests::add(&self.requests.get, 1);
         self.rt
             .block_on(async {
                 let r = self.store.get(&path).await?;
@@ -280,6 +341,7 @@ impl Backend for S3Backend {
     fn create(&self) -> Result<()> {
         let i = &self.inner;
         let prefix = (!i.at.prefix.is_empty()).then(|| Path::from(i.at.prefix.as_str()));
+        Requests::add(&i.requests.list, 1);
         let first =
             i.rt.block_on(async { i.store.list(prefix.as_ref()).next().await });
         match first {
@@ -306,6 +368,8 @@ impl Backend for S3Backend {
         }
         let dir = i.dir(kind);
         let listed: Vec<_> = i.rt.block_on(i.store.list(Some(&dir)).collect());
+        // A page holds up to 1000 keys.
+        Requests::add(&i.requests.list, 1 + listed.len() as u64 / 1000);
         let mut out = Vec::new();
         for m in listed {
             let m = m.map_err(|e| i.err(e, kind, ""))?;
@@ -333,6 +397,7 @@ impl Backend for S3Backend {
         }
         let path = i.path(kind, name);
         let end = offset + buf.len() as u64;
+        Requests::add(&i.requests.get_range, 1);
         let got = i.rt.block_on(i.store.get_range(&path, offset..end));
         let short = |size| StoreError::ShortObject {
             kind,
@@ -363,9 +428,12 @@ impl Backend for S3Backend {
     fn size(&self, kind: Kind, name: &str) -> Result<u64> {
         let i = &self.inner;
         let path = i.path(kind, name);
-        i.rt.block_on(i.store.head(&path))
-            .map(|m| m.size)
-            .map_err(|e| i.err(e, kind, name))
+        {
+            Requests::add(&i.requests.head, 1);
+            i.rt.block_on(i.store.head(&path))
+        }
+        .map(|m| m.size)
+        .map_err(|e| i.err(e, kind, name))
     }
 
     fn write_once(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<Written> {
@@ -384,9 +452,11 @@ impl Backend for S3Backend {
     fn replace(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<()> {
         let i = &self.inner;
         let path = i.path(kind, name);
-        let meta =
+        let meta = {
+            Requests::add(&i.requests.head, 1);
             i.rt.block_on(i.store.head(&path))
-                .map_err(|e| i.err(e, kind, name))?;
+        }
+        .map_err(|e| i.err(e, kind, name))?;
         let mode = PutMode::Update(UpdateVersion {
             e_tag: meta.e_tag,
             version: meta.version,
@@ -409,10 +479,16 @@ impl Backend for S3Backend {
         let path = i.path(kind, name);
         // S3 answers a delete of a missing key with success, so ask first: callers rely on
         // hearing that an object was already gone.
-        i.rt.block_on(i.store.head(&path))
-            .map_err(|e| i.err(e, kind, name))?;
-        i.rt.block_on(i.store.delete(&path))
-            .map_err(|e| i.err(e, kind, name))
+        {
+            Requests::add(&i.requests.head, 1);
+            i.rt.block_on(i.store.head(&path))
+        }
+        .map_err(|e| i.err(e, kind, name))?;
+        {
+            Requests::add(&i.requests.delete, 1);
+            i.rt.block_on(i.store.delete(&path))
+        }
+        .map_err(|e| i.err(e, kind, name))
     }
 
     fn remove_leftovers(&self) -> Result<u64> {
@@ -448,6 +524,10 @@ impl Staged for S3Staged {
             };
         }
         let path = i.path(self.kind, &self.name);
+        Requests::add(
+            &i.requests.multipart,
+            2 + self.buf.len().div_ceil(PART) as u64,
+        );
         let r: std::result::Result<(), object_store::Error> = i.rt.block_on(async {
             let mut upload = i.store.put_multipart(&path).await?;
             for part in self.buf.chunks(PART) {

@@ -605,6 +605,21 @@ impl Repository {
 
     /// [`Repository::read_blob`], also naming the pack it came from.
     fn read_blob_in(&self, id: &ChunkId, kind: BlobKind) -> Result<(PackId, Vec<u8>)> {
+        let mut out = Vec::new();
+        let pack = self.read_blob_with(id, kind, &mut Vec::new(), &mut out)?;
+        Ok((pack, out))
+    }
+
+    /// [`Repository::read_blob`] into `out`, with `stored` as room for the stored bytes: a
+    /// caller that reads many blobs passes the same buffers again (or recycled ones), which
+    /// saves allocating and zeroing two buffers per blob. Returns the pack it came from.
+    pub fn read_blob_with(
+        &self,
+        id: &ChunkId,
+        kind: BlobKind,
+        stored: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<PackId> {
         let IndexEntry { pack, entry } = self.locate(id)?;
         if entry.kind != kind {
             return Err(StoreError::BlobCorrupt {
@@ -613,12 +628,12 @@ impl Repository {
                 detail: format!("is a {:?} blob, expected {kind:?}", entry.kind),
             });
         }
-        let mut buf = vec![0u8; crate::blob::BLOB_HEADER_LEN + entry.stored_len as usize];
-        self.read_pack(pack, entry.offset, &mut buf)?;
-        let stored = self.split_blob_mut(&mut buf, &entry, pack)?;
-        let mut out = vec![0u8; entry.raw_len as usize];
-        self.decode_verified(pack, &entry, stored, &mut out)?;
-        Ok((pack, out))
+        stored.resize(crate::blob::BLOB_HEADER_LEN + entry.stored_len as usize, 0);
+        self.read_pack(pack, entry.offset, stored)?;
+        let data = self.split_blob_mut(stored, &entry, pack)?;
+        out.resize(entry.raw_len as usize, 0);
+        self.decode_verified(pack, &entry, data, out)?;
+        Ok(pack)
     }
 
     /// Reads a segment tree and decodes its extents, which must cover `segment_len` bytes.

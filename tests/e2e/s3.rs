@@ -328,3 +328,43 @@ fn a_killed_backup_loses_nothing_and_the_next_one_works() {
     let r = env.run(&["verify", "--read-data"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
+
+#[test]
+fn sigint_during_a_backup_to_s3_leaves_no_lock_and_no_snapshot() {
+    let Some(weed) = Weed::start() else { return };
+    let env = weed.env("sigint");
+    let img = env.path("img");
+    std::fs::write(&img, random(160 << 20, 11)).unwrap();
+    let b = weed.backend("sigint");
+    let mut child = env
+        .cmd()
+        .args(["backup", img.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Under way: a lock is held and a first pack is stored.
+    let started = Instant::now();
+    while b.list(Kind::Pack).unwrap().is_empty() {
+        assert!(child.try_wait().unwrap().is_none(), "finished too soon");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no pack appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ok = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    assert!(b.list(Kind::Lock).unwrap().is_empty(), "a lock remains");
+    assert!(
+        b.list(Kind::Snapshot).unwrap().is_empty(),
+        "a snapshot was written"
+    );
+    let r = env.run(&["verify", "--read-data"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
