@@ -131,6 +131,8 @@ struct Session<'a> {
     /// Set once a pack write, seal or index write failed: what this run wrote is then not
     /// known to be durable, so no further snapshot of this run may rely on any of it.
     failed: AtomicBool,
+    /// What made an uploader fail, for the first `check` that notices.
+    upload_error: Mutex<Option<EngineError>>,
     /// Segment buffers shared by every source: at most `buffers` exist at once.
     buf_tx: Sender<MmapMut>,
     buf_rx: Receiver<MmapMut>,
@@ -162,6 +164,16 @@ const MAX_CONCURRENT_SOURCES: usize = 4;
 impl Session<'_> {
     fn check(&self) -> Result<()> {
         if self.failed.load(Ordering::Acquire) {
+            // The first to notice reports what an uploader ran into (a storage gone, say),
+            // so that the exit code says it; the others, that the run is poisoned.
+            let first = self
+                .upload_error
+                .lock()
+                .expect("no thread panics holding this")
+                .take();
+            if let Some(e) = first {
+                return Err(e);
+            }
             return Err(EngineError::Unsafe(
                 "an earlier pack or index write of this run failed; no snapshot can rely on it"
                     .into(),
@@ -273,7 +285,11 @@ impl Session<'_> {
                 }
                 Ok(())
             });
-            if r.is_err() {
+            if let Err(e) = r {
+                self.upload_error
+                    .lock()
+                    .expect("no thread panics holding this")
+                    .get_or_insert(e);
                 self.fail();
             }
             self.upload_done();
@@ -413,6 +429,7 @@ pub fn backup(
         in_flight: Mutex::new(0),
         sealed_cv: Condvar::new(),
         failed: AtomicBool::new(false),
+        upload_error: Mutex::new(None),
         buf_tx,
         buf_rx,
         buffers,

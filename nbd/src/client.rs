@@ -259,6 +259,9 @@ impl Client {
             pending.insert(cookie, (offset + at as u64, n));
             at += n;
         }
+        // Every reply is read to its end, even after an error, so that the connection stays in
+        // step; the first error is returned then.
+        let mut failure = None;
         while !pending.is_empty() {
             let (cookie, done, chunk) = self.reply_chunk()?;
             let Some(&(start, n)) = pending.get(&cookie) else {
@@ -281,9 +284,11 @@ impl Client {
                     buf[r].fill(0);
                 }
                 Chunk::Error(code, msg) => {
-                    return Err(io::Error::other(format!(
-                        "the NBD server failed a read at {start} (error {code}): {msg}"
-                    )))
+                    failure.get_or_insert_with(|| {
+                        io::Error::other(format!(
+                            "the NBD server failed a read at {start} (error {code}): {msg}"
+                        ))
+                    });
                 }
                 Chunk::Status(..) => return Err(bad("block status in a read reply")),
                 Chunk::None => {}
@@ -292,7 +297,7 @@ impl Client {
                 pending.remove(&cookie);
             }
         }
-        Ok(())
+        failure.map_or(Ok(()), Err)
     }
 
     /// Block status of `offset..offset + len`: per selected context id, descriptors (length,

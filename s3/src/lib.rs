@@ -530,11 +530,15 @@ impl Staged for S3Staged {
         );
         let r: std::result::Result<(), object_store::Error> = i.rt.block_on(async {
             let mut upload = i.store.put_multipart(&path).await?;
-            for part in self.buf.chunks(PART) {
-                if let Err(e) = upload.put_part(PutPayload::from(part.to_vec())).await {
-                    let _ = upload.abort().await;
-                    return Err(e);
-                }
+            // The parts go up at once; the upload completes only when all of them have.
+            let parts: Vec<_> = self
+                .buf
+                .chunks(PART)
+                .map(|part| upload.put_part(PutPayload::from(part.to_vec())))
+                .collect();
+            if let Err(e) = futures_util::future::try_join_all(parts).await {
+                let _ = upload.abort().await;
+                return Err(e);
             }
             match upload.complete().await {
                 Ok(_) => Ok(()),

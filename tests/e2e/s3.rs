@@ -19,8 +19,10 @@ const BUCKET: &str = "sbk";
 /// A SeaweedFS server on loopback, stopped when dropped.
 struct Weed {
     child: Child,
+    bin: PathBuf,
+    ports: Vec<u16>,
     s3_port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 /// The `weed` binary, if installed; skipped (or failed under CI=true) otherwise.
@@ -53,53 +55,73 @@ fn free_port() -> u16 {
     }
 }
 
+/// Starts `weed mini` on `dir` and `ports` (S3, master, volume, filer, admin).
+fn spawn_weed(bin: &PathBuf, dir: &std::path::Path, ports: &[u16]) -> Child {
+    Command::new(bin)
+        .args([
+            "mini",
+            &format!("-dir={}", dir.display()),
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+            &format!("-bucket={BUCKET}"),
+            &format!("-s3.port={}", ports[0]),
+            &format!("-master.port={}", ports[1]),
+            &format!("-volume.port={}", ports[2]),
+            &format!("-filer.port={}", ports[3]),
+            &format!("-admin.port={}", ports[4]),
+        ])
+        .env("AWS_ACCESS_KEY_ID", KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 impl Weed {
     fn start() -> Option<Weed> {
         let bin = weed_binary()?;
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
-        let child = Command::new(bin)
-            .args([
-                "mini",
-                &format!("-dir={}", dir.path().display()),
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
-                "-admin.ui=false",
-                "-webdav=false",
-                "-s3.port.iceberg=0",
-                "-s3.port.lance=0",
-                "-master.telemetry=false",
-                &format!("-bucket={BUCKET}"),
-                &format!("-s3.port={}", ports[0]),
-                &format!("-master.port={}", ports[1]),
-                &format!("-volume.port={}", ports[2]),
-                &format!("-filer.port={}", ports[3]),
-                &format!("-admin.port={}", ports[4]),
-            ])
-            .env("AWS_ACCESS_KEY_ID", KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = spawn_weed(&bin, dir.path(), &ports);
         let weed = Weed {
             child,
+            bin,
             s3_port: ports[0],
-            _dir: dir,
+            ports,
+            dir,
         };
-        // Ready once the bucket answers a signed listing.
+        weed.wait_ready();
+        Some(weed)
+    }
+
+    /// Waits until the bucket answers a signed listing.
+    fn wait_ready(&self) {
         let started = Instant::now();
-        loop {
-            let b = weed.backend("probe");
-            if b.list(Kind::Snapshot).is_ok() {
-                return Some(weed);
-            }
+        while self.backend("probe").list(Kind::Snapshot).is_err() {
             assert!(
                 started.elapsed() < Duration::from_secs(60),
                 "SeaweedFS did not start"
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Kills the server (as a crash would).
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same data and ports.
+    fn restart(&mut self) {
+        self.child = spawn_weed(&self.bin, self.dir.path(), &self.ports);
+        self.wait_ready();
     }
 
     fn endpoint(&self) -> String {
@@ -147,8 +169,7 @@ impl Weed {
 
 impl Drop for Weed {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -329,21 +350,24 @@ fn a_killed_backup_loses_nothing_and_the_next_one_works() {
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
-#[test]
-fn sigint_during_a_backup_to_s3_leaves_no_lock_and_no_snapshot() {
-    let Some(weed) = Weed::start() else { return };
-    let env = weed.env("sigint");
+/// A repository under `prefix`, and a backup of a 160 MiB image into it that has stored its
+/// first pack (stderr piped, for the message of a failure).
+fn backup_under_way(
+    weed: &Weed,
+    prefix: &str,
+    seed: u64,
+) -> (Env, PathBuf, sbk_s3::S3Backend, Child) {
+    let env = weed.env(prefix);
     let img = env.path("img");
-    std::fs::write(&img, random(160 << 20, 11)).unwrap();
-    let b = weed.backend("sigint");
+    std::fs::write(&img, random(160 << 20, seed)).unwrap();
+    let b = weed.backend(prefix);
     let mut child = env
         .cmd()
         .args(["backup", img.to_str().unwrap()])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Under way: a lock is held and a first pack is stored.
     let started = Instant::now();
     while b.list(Kind::Pack).unwrap().is_empty() {
         assert!(child.try_wait().unwrap().is_none(), "finished too soon");
@@ -353,12 +377,20 @@ fn sigint_during_a_backup_to_s3_leaves_no_lock_and_no_snapshot() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    (env, img, b, child)
+}
+
+#[test]
+fn sigint_during_a_backup_to_s3_leaves_no_lock_and_no_snapshot() {
+    let Some(weed) = Weed::start() else { return };
+    let (env, _img, b, child) = backup_under_way(&weed, "sigint", 11);
     let ok = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
         .unwrap()
         .success();
     assert!(ok);
+    let mut child = child;
     assert_eq!(child.wait().unwrap().code(), Some(130));
     assert!(b.list(Kind::Lock).unwrap().is_empty(), "a lock remains");
     assert!(
@@ -367,4 +399,74 @@ fn sigint_during_a_backup_to_s3_leaves_no_lock_and_no_snapshot() {
     );
     let r = env.run(&["verify", "--read-data"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+#[test]
+fn the_server_gone_mid_backup_then_back_loses_nothing() {
+    let Some(mut weed) = Weed::start() else {
+        return;
+    };
+    let (env, img, _, child) = backup_under_way(&weed, "restart", 12);
+    weed.kill();
+    std::thread::sleep(Duration::from_millis(1500));
+    weed.restart();
+    // The backup either rode out the outage on its retries or failed cleanly (exit 18).
+    let out = child.wait_with_output().unwrap();
+    let code = out.status.code();
+    assert!(
+        matches!(code, Some(0) | Some(18)),
+        "{code:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snapshots = env.run(&["snapshots", "--json"]).json();
+    assert_eq!(
+        snapshots.as_array().unwrap().len(),
+        usize::from(code == Some(0)),
+        "a snapshot only when the backup succeeded"
+    );
+    // Its lock may be left by a failed run (its process is gone): unlock, back up, verify.
+    assert_eq!(env.run(&["unlock"]).code, 0);
+    let done = env.backup(&img, &[]);
+    let restored = env.path("restored");
+    env.restore(done["snapshot"].as_str().unwrap(), &restored, &[]);
+    assert_same(&img, &restored);
+    let r = env.run(&["verify", "--read-data"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+#[test]
+fn a_killed_prune_on_s3_loses_nothing() {
+    let Some(weed) = Weed::start() else { return };
+    let env = weed.env("prune-kill");
+    let mut kept = Vec::new();
+    for i in 0..4u64 {
+        let img = env.path(&format!("img{i}"));
+        std::fs::write(&img, random(24 << 20, 20 + i)).unwrap();
+        kept.push((img.clone(), env.backup(&img, &[])));
+    }
+    let r = env.run(&["forget", kept[0].1["snapshot"].as_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for delay_ms in [50u64, 150, 400] {
+        let mut c = env
+            .cmd()
+            .args(["prune", "--max-unused", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = c.kill(); // SIGKILL
+        let _ = c.wait();
+        assert_eq!(env.run(&["unlock"]).code, 0);
+        let r = env.run(&["verify", "--read-data"]);
+        assert_eq!(r.code, 0, "after a kill at {delay_ms} ms: {}", r.stderr);
+    }
+    let r = env.run(&["prune", "--max-unused", "0"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for (img, snap) in &kept[1..] {
+        let restored = env.path("restored");
+        let _ = std::fs::remove_file(&restored);
+        env.restore(snap["snapshot"].as_str().unwrap(), &restored, &[]);
+        assert_same(img, &restored);
+    }
 }

@@ -616,3 +616,39 @@ fn overlay_writes_read_back_and_survive_a_restart() {
         "{log} {said}"
     );
 }
+
+#[test]
+fn a_damaged_chunk_fails_its_read_and_the_server_goes_on() {
+    let Some((env, _v1, d1)) = one_snapshot(8) else {
+        return;
+    };
+    // Damage one byte in the middle of every pack: some data chunks no longer verify.
+    for p in env.packs() {
+        let mut b = std::fs::read(&p).unwrap();
+        let at = b.len() / 2;
+        b[at] ^= 0x40;
+        std::fs::write(&p, &b).unwrap();
+    }
+    let server = Served::start(&env, &[]);
+    let uri = NbdUri::parse(&server.uri("latest")).unwrap();
+    let mut client = Client::connect(&uri, &[]).unwrap();
+    let mut all = vec![0u8; d1.len()];
+    let e = client.read(0, &mut all).unwrap_err().to_string();
+    assert!(e.contains("error 5"), "{e}");
+    // The same connection goes on: the zero runs read, as zeroes.
+    let (a, b) = ZERO_REGIONS[0];
+    let mut zeros = vec![1u8; b - a];
+    client.read(a as u64, &mut zeros).unwrap();
+    assert!(zeros.iter().all(|&x| x == 0));
+    client.disconnect().unwrap();
+    // New connections are served too.
+    let o = Command::new("nbdinfo")
+        .arg(server.uri("latest"))
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let log = server.log.clone();
+    assert_eq!(server.stop(), 0);
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(log.contains("chunk") && log.contains("pack"), "{log}");
+}
