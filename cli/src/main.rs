@@ -5,6 +5,8 @@
 
 mod commands;
 mod exit;
+mod metrics;
+mod names;
 mod output;
 mod password;
 mod signals;
@@ -90,6 +92,7 @@ enum Command {
     Snapshots(commands::snapshots::Args),
     Restore(commands::restore::Args),
     Serve(commands::serve::Args),
+    Diff(commands::diff::Args),
     Forget(commands::forget::Args),
     Prune(commands::prune::Args),
     Verify(commands::verify::Args),
@@ -97,6 +100,8 @@ enum Command {
     Repair(commands::repair::Args),
     Unlock(commands::unlock::Args),
     Key(commands::key::Args),
+    Completions(commands::generate::CompletionsArgs),
+    Man(commands::generate::ManArgs),
 }
 
 /// `$XDG_CACHE_HOME/sbk`, else `~/.cache/sbk`; none without a home (a temporary cache then).
@@ -153,6 +158,9 @@ fn main() -> ExitCode {
         Command::Repair(a) => commands::repair::run(&ctx, a),
         Command::Unlock(a) => commands::unlock::run(&ctx, a),
         Command::Key(a) => commands::key::run(&ctx, a),
+        Command::Diff(a) => commands::diff::run(&ctx, a),
+        Command::Completions(a) => commands::generate::completions(&ctx, a),
+        Command::Man(a) => commands::generate::man(&ctx, a),
     };
     if let Some(s) = signals::received().filter(|_| !serving) {
         // Stopped at the operator's request: whatever the command returned, say so.

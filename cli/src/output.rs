@@ -28,6 +28,11 @@ impl Output {
         }
     }
 
+    /// Whether results go out as JSON (`--json`).
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
     /// A line for people, on stdout (or stderr when stdout carries data).
     pub fn info(&self, line: &str, to_stderr: bool) {
         if self.json || self.quiet {

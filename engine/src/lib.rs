@@ -6,6 +6,7 @@
 mod backup;
 mod changed;
 mod chunk_cache;
+mod diff;
 mod error;
 mod interrupt;
 mod overlay;
@@ -24,6 +25,7 @@ mod verify;
 pub use backup::{backup, chunker_params, BackupOptions, BackupOutcome, ChangedOptions};
 pub use changed::{fuzz_changed_list, ChangedList, ListError};
 pub use chunk_cache::ChunkCache;
+pub use diff::{diff, SnapshotDiff};
 pub use error::{EngineError, Result};
 pub use interrupt::{request_stop, stop_requested};
 pub use overlay::{fuzz_overlay_map, OverlayMap};

@@ -20,6 +20,7 @@ use sbk_store::{BlobKind, ChunkId, Extent, Manifest, Repository, SnapshotId, Sto
 
 use crate::chunk_cache::{Bytes, ChunkCache};
 use crate::overlay::{Overlay, OverlayExport};
+use crate::restore::load_extents;
 
 /// Segment trees an export keeps decoded (a tree of a 16 MiB segment is a few KiB).
 const TREES_KEPT: usize = 256;
@@ -165,22 +166,9 @@ impl SnapshotExport {
                 return Ok(t.clone());
             }
         }
-        let len = self.manifest.segment_len(i);
-        let extents = self
-            .shared
-            .repo
-            .load_tree(&self.manifest.trees[i], len)
-            .map_err(|e| self.failed(format!("segment {i}: {e}")))?;
-        let mut offset = i as u64 * self.manifest.segment_size;
         let tree: Tree = Arc::new(
-            extents
-                .into_iter()
-                .map(|x| {
-                    let at = offset;
-                    offset += u64::from(x.len());
-                    (at, x)
-                })
-                .collect(),
+            load_extents(&self.shared.repo, &self.manifest, i..i + 1)
+                .map_err(|e| self.failed(format!("segment {i}: {e}")))?,
         );
         let mut g = self.trees.lock().expect("no thread panics holding this");
         let c = &mut *g;

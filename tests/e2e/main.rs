@@ -11,6 +11,7 @@ mod faults;
 mod interrupt;
 mod maintenance;
 mod nbd_source;
+mod operator;
 mod repository;
 mod retention_prune;
 mod roundtrip;

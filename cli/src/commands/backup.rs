@@ -29,17 +29,17 @@ pub struct Args {
     sources: Vec<PathBuf>,
 
     /// Tag the snapshots (repeatable).
-    #[arg(long = "tag", value_name = "TAG")]
+    #[arg(long = "tag", value_name = "TAG", value_parser = crate::names::parse)]
     tags: Vec<String>,
 
     /// Host name recorded in the snapshots [default: this machine's].
-    #[arg(long, value_name = "HOST")]
+    #[arg(long, value_name = "HOST", value_parser = crate::names::parse)]
     host: Option<String>,
 
     /// Record NAME as the snapshot's source instead of the canonical path (one SOURCE only).
     /// Storage snapshots get a new device path every night; retention and parent lookup go by
     /// this name.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", value_parser = crate::names::parse)]
     source_name: Option<String>,
 
     /// Read only what a changed-block list says changed since the parent snapshot (one SOURCE
@@ -54,6 +54,12 @@ pub struct Args {
     /// sbk never clears or changes a bitmap. An export without it is refused (exit 13).
     #[arg(long, value_name = "NAME")]
     dirty_bitmap: Option<String>,
+
+    /// Write Prometheus text-format metrics of this run to PATH (atomically), for
+    /// node_exporter's textfile collector: per source, success, last success time, duration,
+    /// bytes read, skipped by a changed-block list, new and stored, and the dedup ratio.
+    #[arg(long, value_name = "PATH")]
+    metrics_file: Option<PathBuf>,
 
     /// With --dirty-bitmap: when the export lacks the bitmap (qemu drops an inconsistent one
     /// after a crash), read the whole source instead of failing.
@@ -131,6 +137,21 @@ fn describe(o: &BackupOutcome) -> (String, serde_json::Value) {
 
 /// Runs `sbk backup`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
+    // A source recorded by its path needs a path that is a usable name.
+    if args.source_name.is_none() {
+        for s in &args.sources {
+            let label = std::fs::canonicalize(s).unwrap_or_else(|_| s.clone());
+            if let Err(why) = crate::names::check(&label.to_string_lossy()) {
+                anyhow::bail!(crate::exit::ExitWith(
+                    Exit::Usage,
+                    format!(
+                        "{}: the path cannot name the snapshot's source ({why}); give one with --source-name",
+                        s.display()
+                    )
+                ));
+            }
+        }
+    }
     let one = args.changed_blocks.is_some() || args.dirty_bitmap.is_some();
     if (one || args.source_name.is_some()) && args.sources.len() != 1 {
         anyhow::bail!(crate::exit::ExitWith(
@@ -194,20 +215,26 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let results = sbk_engine::backup(&repo, &args.sources, &opts, &progress)?;
     let mut json = Vec::new();
     let mut failures: Vec<(PathBuf, EngineError)> = Vec::new();
+    let mut outcomes = Vec::new();
     for (path, r) in args.sources.iter().zip(results) {
         match r {
             Ok(o) => {
                 let (line, j) = describe(&o);
                 ctx.out.info(&line, false);
                 json.push(j);
+                outcomes.push(Some(o));
             }
             Err(e) => {
                 json.push(serde_json::json!({ "source": path, "error": e.to_string() }));
                 failures.push((path.clone(), e));
+                outcomes.push(None);
             }
         }
     }
     ctx.out.json(&serde_json::Value::Array(json), false);
+    if let Some(file) = &args.metrics_file {
+        write_metrics(file, &opts, &args.sources, &outcomes)?;
+    }
     let ok = args.sources.len() - failures.len();
     let code = match failures.len() {
         0 => Exit::Ok,
@@ -259,4 +286,102 @@ fn dirty_list(
         ))
         .into()),
     }
+}
+
+/// Writes the run's metrics to `file` (see `--metrics-file`).
+fn write_metrics(
+    file: &std::path::Path,
+    opts: &BackupOptions,
+    sources: &[PathBuf],
+    outcomes: &[Option<BackupOutcome>],
+) -> Result<()> {
+    use crate::metrics::{labels, now, Metrics};
+    let mut m = Metrics::default();
+    let mut all = Vec::new();
+    for (path, o) in sources.iter().zip(outcomes) {
+        let source = match (&opts.source_name, o) {
+            (_, Some(o)) => o.manifest.source.clone(),
+            (Some(n), None) => n.clone(),
+            (None, None) => std::fs::canonicalize(path)
+                .unwrap_or_else(|_| path.clone())
+                .to_string_lossy()
+                .into_owned(),
+        };
+        let l = labels(&[("host", &opts.host), ("source", &source)]);
+        all.push(l.clone());
+        m.gauge(
+            "sbk_backup_success",
+            "1 when the last backup of the source succeeded, else 0.",
+            &l,
+            f64::from(u8::from(o.is_some())),
+        );
+        let Some(o) = o else { continue };
+        let f = &o.manifest.figures;
+        let skipped = o
+            .manifest
+            .changed_blocks()
+            .and_then(|r| r.ok())
+            .map_or(0, |c| c.bytes_skipped);
+        let data = o.manifest.size - f.bytes_zero;
+        m.gauge(
+            "sbk_backup_last_success_timestamp_seconds",
+            "When the source was last backed up successfully (Unix time).",
+            &l,
+            now(),
+        );
+        m.gauge(
+            "sbk_backup_duration_seconds",
+            "Wall time of the last successful backup.",
+            &l,
+            f.duration_ms as f64 / 1000.0,
+        );
+        m.gauge(
+            "sbk_backup_size_bytes",
+            "Size of the source.",
+            &l,
+            o.manifest.size as f64,
+        );
+        m.gauge(
+            "sbk_backup_read_bytes",
+            "Bytes read from the source.",
+            &l,
+            f.bytes_read as f64,
+        );
+        m.gauge(
+            "sbk_backup_skipped_bytes",
+            "Bytes a changed-block list let the backup skip.",
+            &l,
+            skipped as f64,
+        );
+        m.gauge(
+            "sbk_backup_new_bytes",
+            "Bytes of new chunks, before compression.",
+            &l,
+            f.new_raw as f64,
+        );
+        m.gauge(
+            "sbk_backup_stored_bytes",
+            "Bytes stored in the repository (compressed, sealed).",
+            &l,
+            f.new_stored as f64,
+        );
+        m.gauge(
+            "sbk_backup_dedup_ratio",
+            "Data referred to per byte of new data (0 when nothing was new).",
+            &l,
+            if f.new_raw > 0 {
+                data as f64 / f.new_raw as f64
+            } else {
+                0.0
+            },
+        );
+    }
+    m.carry_over(
+        file,
+        "sbk_backup_last_success_timestamp_seconds",
+        "When the source was last backed up successfully (Unix time).",
+        &all,
+    );
+    m.write(file)
+        .map_err(|e| anyhow::anyhow!("{}: cannot write the metrics file: {e}", file.display()))
 }

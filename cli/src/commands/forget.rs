@@ -42,13 +42,13 @@ pub struct Args {
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     keep_yearly: Option<u32>,
     /// Keep every snapshot with this tag (repeatable).
-    #[arg(long, value_name = "TAG")]
+    #[arg(long, value_name = "TAG", value_parser = crate::names::parse)]
     keep_tag: Vec<String>,
     /// Apply the policy only to snapshots of this host.
-    #[arg(long, value_name = "HOST")]
+    #[arg(long, value_name = "HOST", value_parser = crate::names::parse)]
     host: Option<String>,
     /// Apply the policy only to snapshots of this source.
-    #[arg(long, value_name = "SOURCE")]
+    #[arg(long, value_name = "SOURCE", value_parser = crate::names::parse)]
     source: Option<String>,
     /// Say what would be removed; change nothing.
     #[arg(long)]
@@ -177,6 +177,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             ctx,
             &repo,
             &super::prune::Args {
+                metrics_file: None,
                 max_unused: args.max_unused,
                 dry_run: false,
             },

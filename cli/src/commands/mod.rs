@@ -1,7 +1,9 @@
 //! One module per command: an `Args` struct (clap derive) and a `run` function.
 
 pub mod backup;
+pub mod diff;
 pub mod forget;
+pub mod generate;
 pub mod init;
 pub mod key;
 pub mod prune;

@@ -25,6 +25,11 @@ pub struct Args {
     /// Say what would be done; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+
+    /// Write Prometheus text-format metrics of this run to PATH (atomically): success, last
+    /// success time, duration, bytes reclaimed, packs deleted and repacked.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<std::path::PathBuf>,
 }
 
 /// Parses a percentage from 0 to 100 (a trailing `%` is allowed).
@@ -101,6 +106,59 @@ pub fn prune_repo(ctx: &Context, repo: &sbk_store::Repository, args: &Args) -> R
 /// Runs `sbk prune`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let repo = ctx.open_repo()?;
-    prune_repo(ctx, &repo, &args)?;
+    let result = prune_repo(ctx, &repo, &args);
+    if let Some(file) = &args.metrics_file {
+        use crate::metrics::{now, Metrics};
+        let l = crate::metrics::labels(&[("repository", &repo.location())]);
+        let mut m = Metrics::default();
+        m.gauge(
+            "sbk_prune_success",
+            "1 when the last prune succeeded, else 0.",
+            &l,
+            f64::from(u8::from(result.is_ok())),
+        );
+        if let Ok(r) = &result {
+            m.gauge(
+                "sbk_prune_last_success_timestamp_seconds",
+                "When prune last succeeded (Unix time).",
+                &l,
+                now(),
+            );
+            m.gauge(
+                "sbk_prune_duration_seconds",
+                "Wall time of the last successful prune.",
+                &l,
+                r.duration_ms as f64 / 1000.0,
+            );
+            m.gauge(
+                "sbk_prune_reclaimed_bytes",
+                "Bytes given back by the last prune.",
+                &l,
+                r.bytes_reclaimed as f64,
+            );
+            m.gauge(
+                "sbk_prune_packs_deleted",
+                "Packs the last prune deleted.",
+                &l,
+                r.packs_deleted as f64,
+            );
+            m.gauge(
+                "sbk_prune_packs_repacked",
+                "Packs the last prune rewrote.",
+                &l,
+                r.packs_repacked as f64,
+            );
+        }
+        m.carry_over(
+            file,
+            "sbk_prune_last_success_timestamp_seconds",
+            "When prune last succeeded (Unix time).",
+            &[l],
+        );
+        m.write(file).map_err(|e| {
+            anyhow::anyhow!("{}: cannot write the metrics file: {e}", file.display())
+        })?;
+    }
+    result?;
     Ok(Exit::Ok.into())
 }

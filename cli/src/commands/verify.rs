@@ -31,6 +31,11 @@ pub struct Args {
     /// Read back a subset of the packs: `N%` or `n/m`.
     #[arg(long, value_name = "N% | n/m", value_parser = parse_subset)]
     read_data_subset: Option<ReadData>,
+
+    /// Write Prometheus text-format metrics of this run to PATH (atomically): success (no
+    /// problem found), problems, packs and bytes read back, duration, last run time.
+    #[arg(long, value_name = "PATH")]
+    metrics_file: Option<std::path::PathBuf>,
 }
 
 fn parse_subset(s: &str) -> Result<ReadData, String> {
@@ -129,6 +134,45 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         }),
         false,
     );
+    if let Some(file) = &args.metrics_file {
+        use crate::metrics::{now, Metrics};
+        let l = crate::metrics::labels(&[("repository", &repo.location())]);
+        let mut m = Metrics::default();
+        let ok = report.problems.is_empty();
+        m.gauge(
+            "sbk_verify_success",
+            "1 when the last verify found no problem, else 0.",
+            &l,
+            f64::from(u8::from(ok)),
+        );
+        m.gauge(
+            "sbk_verify_problems",
+            "Problems the last verify found.",
+            &l,
+            report.problems.len() as f64,
+        );
+        m.gauge(
+            "sbk_verify_last_run_timestamp_seconds",
+            "When verify last ran (Unix time).",
+            &l,
+            now(),
+        );
+        m.gauge(
+            "sbk_verify_duration_seconds",
+            "Wall time of the last verify.",
+            &l,
+            report.duration_ms as f64 / 1000.0,
+        );
+        m.gauge(
+            "sbk_verify_read_bytes",
+            "Bytes of packs the last verify read back.",
+            &l,
+            report.bytes_read as f64,
+        );
+        m.write(file).map_err(|e| {
+            anyhow::anyhow!("{}: cannot write the metrics file: {e}", file.display())
+        })?;
+    }
     Ok(if report.problems.is_empty() {
         Exit::Ok
     } else {
