@@ -106,15 +106,16 @@ impl ChunkCache {
     }
 
     fn insert(&self, inner: &mut Inner, id: ChunkId, bytes: Bytes) {
-        let len = bytes.len() as u64;
+        // Counted by capacity: a recycled buffer may hold more memory than the chunk needs.
+        let len = bytes.capacity() as u64;
         if len > self.capacity {
             return;
         }
         inner.tick += 1;
         let tick = inner.tick;
-        if let Some((_, old)) = inner.entries.insert(id, (bytes, tick)) {
+        if let Some((replaced, old)) = inner.entries.insert(id, (bytes, tick)) {
             inner.order.remove(&old);
-            inner.bytes -= len;
+            inner.bytes -= replaced.capacity() as u64;
         }
         inner.order.insert(tick, id);
         inner.bytes += len;
@@ -123,7 +124,7 @@ impl ChunkCache {
                 break;
             };
             if let Some((b, _)) = inner.entries.remove(&victim) {
-                inner.bytes -= b.len() as u64;
+                inner.bytes -= b.capacity() as u64;
                 if inner.spare.len() < SPARE_BUFFERS {
                     if let Ok(v) = Arc::try_unwrap(b) {
                         inner.spare.push(v);
