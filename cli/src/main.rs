@@ -93,6 +93,7 @@ enum Command {
     Restore(commands::restore::Args),
     Serve(commands::serve::Args),
     Diff(commands::diff::Args),
+    Copy(commands::copy::Args),
     Forget(commands::forget::Args),
     Prune(commands::prune::Args),
     Verify(commands::verify::Args),
@@ -141,6 +142,7 @@ fn main() -> ExitCode {
         password: password::PasswordSource {
             file: cli.password_file,
             command: cli.password_command,
+            env: None,
         },
     };
     // For serve a signal is the normal end (exit 0); for the rest, an interruption.
@@ -159,6 +161,7 @@ fn main() -> ExitCode {
         Command::Unlock(a) => commands::unlock::run(&ctx, a),
         Command::Key(a) => commands::key::run(&ctx, a),
         Command::Diff(a) => commands::diff::run(&ctx, a),
+        Command::Copy(a) => commands::copy::run(&ctx, a),
         Command::Completions(a) => commands::generate::completions(&ctx, a),
         Command::Man(a) => commands::generate::man(&ctx, a),
     };

@@ -17,6 +17,8 @@ pub struct PasswordSource {
     pub file: Option<PathBuf>,
     /// `--password-command` / `SBK_PASSWORD_COMMAND`.
     pub command: Option<String>,
+    /// The variable that holds the password itself [default: `SBK_PASSWORD`].
+    pub env: Option<&'static str>,
 }
 
 /// The first line of `text`, without its line end (a password file or command's output).
@@ -35,7 +37,7 @@ fn read_first_line(file: &std::path::Path, what: &str) -> Result<String, StoreEr
 impl PasswordSource {
     /// The password of the repository.
     pub fn get(&self) -> Result<String, StoreError> {
-        if let Ok(p) = std::env::var("SBK_PASSWORD") {
+        if let Ok(p) = std::env::var(self.env.unwrap_or("SBK_PASSWORD")) {
             return Ok(p);
         }
         if let Some(file) = &self.file {

@@ -6,6 +6,7 @@
 mod backup;
 mod changed;
 mod chunk_cache;
+mod copy;
 mod diff;
 mod error;
 mod interrupt;
@@ -25,6 +26,7 @@ mod verify;
 pub use backup::{backup, chunker_params, BackupOptions, BackupOutcome, ChangedOptions};
 pub use changed::{fuzz_changed_list, ChangedList, ListError};
 pub use chunk_cache::ChunkCache;
+pub use copy::{check_compatible, copy, CopyOutcome};
 pub use diff::{diff, SnapshotDiff};
 pub use error::{EngineError, Result};
 pub use interrupt::{request_stop, stop_requested};

@@ -203,8 +203,12 @@ pub struct Extension {
 pub const MAX_EXTENSION: usize = 1 << 20;
 
 /// Extension tags this build understands (docs/format.md, "extensions"): 1, the changed-block
-/// record of a manifest. A required extension with another tag is refused.
-const KNOWN_TAGS: &[u16] = &[crate::manifest::EXT_CHANGED_BLOCKS];
+/// record of a manifest; 2, the origin of a copied snapshot. A required extension with another
+/// tag is refused.
+const KNOWN_TAGS: &[u16] = &[
+    crate::manifest::EXT_CHANGED_BLOCKS,
+    crate::manifest::EXT_ORIGIN,
+];
 
 impl Encoder {
     /// Appends an extension list: a u16 count, then per extension u16 tag, u16 flags (bit 0:

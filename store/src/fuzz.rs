@@ -51,11 +51,15 @@ pub fn cache_table(data: &[u8]) {
     let _ = crate::index::table::TableHeader::decode(data);
 }
 
-/// Manifest: decodes, and re-encodes to its bytes when it decodes.
+/// Manifest (and its extension values): decodes, and re-encodes to its bytes when it decodes.
 pub fn manifest(data: &[u8]) {
     if let Ok(m) = Manifest::decode(data) {
         assert_eq!(m.encode(), data);
+        // The extension values decode to a typed error or a value, never a panic.
+        let _ = m.changed_blocks();
+        let _ = m.origin();
     }
+    let _ = crate::manifest::Origin::decode(data);
 }
 
 /// Segment tree: the first 8 bytes give the segment length, the rest is the tree.

@@ -36,6 +36,9 @@ pub use key::{KdfParams, KeyObject};
 pub use lock::{
     host_name, list_locks, remove_pins, FoundLock, Lock, LockInfo, LockKind, LockTiming,
 };
-pub use manifest::{encode_tree, BackupFigures, ChangedBlocks, Extent, Manifest};
+pub use manifest::{encode_tree, BackupFigures, ChangedBlocks, Extent, Manifest, Origin};
 pub use pack::{PackEntry, PackWriter};
-pub use repo::{InitOptions, Repository, DEFAULT_CHUNK_AVG, DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL};
+pub use repo::{
+    ChunkerSource, InitOptions, Repository, DEFAULT_CHUNK_AVG, DEFAULT_PACK_SIZE,
+    DEFAULT_ZSTD_LEVEL,
+};

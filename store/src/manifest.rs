@@ -353,6 +353,9 @@ mod tests {
 
 /// Extension tag of [`ChangedBlocks`] in a manifest (docs/format.md, "extensions").
 pub const EXT_CHANGED_BLOCKS: u16 = 1;
+/// Manifest extension tag of a copied snapshot's origin: the source repository id (16 bytes) and
+/// the source snapshot id (32 bytes).
+pub const EXT_ORIGIN: u16 = 2;
 
 /// What a snapshot records about changed-block tracking (manifest extension 1, optional).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -413,22 +416,77 @@ impl ChangedBlocks {
 }
 
 impl Manifest {
-    /// The changed-block record, if the snapshot has one (and whether it decodes).
-    pub fn changed_blocks(&self) -> Option<Result<ChangedBlocks, DecodeError>> {
+    /// The value of the optional extension `tag`, if the manifest has one.
+    fn extension(&self, tag: u16) -> Option<&[u8]> {
         self.extensions
             .iter()
-            .find(|x| x.tag == EXT_CHANGED_BLOCKS)
-            .map(|x| ChangedBlocks::decode(&x.value))
+            .find(|x| x.tag == tag)
+            .map(|x| x.value.as_slice())
+    }
+
+    /// Sets the optional extension `tag` (replacing an earlier value).
+    fn set_extension(&mut self, tag: u16, value: Vec<u8>) {
+        self.extensions.retain(|x| x.tag != tag);
+        self.extensions.push(Extension {
+            tag,
+            required: false,
+            value,
+        });
+    }
+
+    /// The changed-block record, if the snapshot has one (and whether it decodes).
+    pub fn changed_blocks(&self) -> Option<Result<ChangedBlocks, DecodeError>> {
+        self.extension(EXT_CHANGED_BLOCKS)
+            .map(ChangedBlocks::decode)
     }
 
     /// Records `info` (replacing an earlier record).
     pub fn set_changed_blocks(&mut self, info: &ChangedBlocks) {
-        self.extensions.retain(|x| x.tag != EXT_CHANGED_BLOCKS);
-        self.extensions.push(Extension {
-            tag: EXT_CHANGED_BLOCKS,
-            required: false,
-            value: info.encode(),
-        });
+        self.set_extension(EXT_CHANGED_BLOCKS, info.encode());
+    }
+}
+
+/// Where a copied snapshot came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The source repository's id.
+    pub repo_id: [u8; 16],
+    /// The snapshot's id there.
+    pub snapshot: SnapshotId,
+}
+
+impl Origin {
+    /// Encodes the extension value.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = self.repo_id.to_vec();
+        v.extend_from_slice(&self.snapshot.0);
+        v
+    }
+
+    /// Decodes the extension value.
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        if b.len() != 48 {
+            return Err(DecodeError::Invalid {
+                field: "origin",
+                detail: format!("{} bytes, expected 48", b.len()),
+            });
+        }
+        Ok(Origin {
+            repo_id: b[..16].try_into().expect("16 bytes"),
+            snapshot: SnapshotId(b[16..].try_into().expect("32 bytes")),
+        })
+    }
+}
+
+impl Manifest {
+    /// Where the snapshot was copied from, if it was (and whether the record decodes).
+    pub fn origin(&self) -> Option<Result<Origin, DecodeError>> {
+        self.extension(EXT_ORIGIN).map(Origin::decode)
+    }
+
+    /// Records the origin of a copy.
+    pub fn set_origin(&mut self, origin: &Origin) {
+        self.set_extension(EXT_ORIGIN, origin.encode());
     }
 }
 

@@ -28,6 +28,32 @@ pub struct InitOptions {
     pub pack_size: u64,
     /// Encrypt the repository with a key object for this password, or not at all (`None`).
     pub encryption: Option<(String, KdfParams)>,
+    /// Cut and name chunks as another repository does (its average chunk size, gear seed and
+    /// chunk-id key; `chunk_avg` is then ignored).
+    pub chunker_from: Option<ChunkerSource>,
+}
+
+/// A repository's chunker parameters and chunk-id key, for another repository that should cut
+/// and name chunks the same way (`init --copy-chunker-params-from`): the two then dedup against
+/// each other, and a copy between them reads only the chunks the destination lacks. The key is
+/// the source's secret (it reveals which chunks hold known data).
+#[derive(Clone)]
+pub struct ChunkerSource {
+    /// Average chunk size.
+    pub chunk_avg: u32,
+    /// Gear seed.
+    pub chunk_seed: u64,
+    /// Key of the keyed BLAKE3 that names chunks.
+    pub chunk_key: [u8; 32],
+}
+
+impl std::fmt::Debug for ChunkerSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("ChunkerSource")
+            .field("chunk_avg", &self.chunk_avg)
+            .finish()
+    }
 }
 
 /// Default average chunk size. Chosen by measurement (docs/benchmarks.md, "Choosing the
@@ -60,6 +86,7 @@ impl std::fmt::Debug for InitOptions {
             .field("zstd_level", &self.zstd_level)
             .field("pack_size", &self.pack_size)
             .field("encryption", &self.encryption.as_ref().map(|(_, kdf)| kdf))
+            .field("chunker_from", &self.chunker_from)
             .finish()
     }
 }
@@ -73,6 +100,7 @@ impl Default for InitOptions {
             zstd_level: DEFAULT_ZSTD_LEVEL,
             pack_size: DEFAULT_PACK_SIZE,
             encryption: None,
+            chunker_from: None,
         }
     }
 }
@@ -119,7 +147,10 @@ impl Repository {
     /// Creates a repository in an empty place.
     pub fn init(backend: &dyn Backend, opts: InitOptions) -> Result<RepoConfig> {
         // Parameters first: a bad one is the operator's typo, whatever the place holds.
-        let avg = opts.chunk_avg;
+        let avg = opts
+            .chunker_from
+            .as_ref()
+            .map_or(opts.chunk_avg, |c| c.chunk_avg);
         if !avg.is_power_of_two() || !(64 << 10..=4 << 20).contains(&avg) {
             return Err(StoreError::InvalidParameter(format!(
                 "chunk size {avg} must be a power of two from 64 KiB to 4 MiB"
@@ -134,21 +165,31 @@ impl Repository {
         let io = |e| StoreError::io(backend.location(), e);
         let chunk_max = avg * 4;
         let master = match &opts.encryption {
-            Some(_) => Some(MasterKey::random().map_err(io)?),
+            Some(_) => {
+                let mut m = MasterKey::random().map_err(io)?;
+                if let Some(c) = &opts.chunker_from {
+                    m.chunk = c.chunk_key;
+                }
+                Some(m)
+            }
             None => None,
         };
         let mut config = RepoConfig {
             version: FORMAT_VERSION,
             repo_id: crate::id::random_bytes().map_err(io)?,
             // Encrypted, the chunk-id key is part of the master key, never stored in the clear.
-            chunk_key: match master {
-                Some(_) => [0; 32],
-                None => crate::id::random_bytes().map_err(io)?,
+            chunk_key: match (&master, &opts.chunker_from) {
+                (Some(_), _) => [0; 32],
+                (None, Some(c)) => c.chunk_key,
+                (None, None) => crate::id::random_bytes().map_err(io)?,
             },
             chunk_min: avg / 4,
             chunk_avg: avg,
             chunk_max,
-            chunk_seed: u64::from_le_bytes(crate::id::random_bytes().map_err(io)?),
+            chunk_seed: match &opts.chunker_from {
+                Some(c) => c.chunk_seed,
+                None => u64::from_le_bytes(crate::id::random_bytes().map_err(io)?),
+            },
             zero_min: 64 << 10,
             // Segments hold several maximal chunks, so the cut forced at each segment start
             // costs little dedup; 16 MiB keeps the pipeline's buffers small.
@@ -469,6 +510,16 @@ impl Repository {
     /// The repository config.
     pub fn config(&self) -> &RepoConfig {
         &self.config
+    }
+
+    /// This repository's chunker parameters and chunk-id key, for another one that should cut
+    /// and name chunks the same way.
+    pub fn chunker_source(&self) -> ChunkerSource {
+        ChunkerSource {
+            chunk_avg: self.config.chunk_avg,
+            chunk_seed: self.config.chunk_seed,
+            chunk_key: self.chunk_key,
+        }
     }
 
     /// The id of a blob with these raw bytes: BLAKE3 keyed with the repository's key.

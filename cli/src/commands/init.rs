@@ -35,6 +35,15 @@ pub struct Args {
     /// encrypted; anyone who can read the repository can read the disks in it.
     #[arg(long, default_value = "repokey", value_name = "MODE", value_parser = ["repokey", "none"])]
     encryption: String,
+
+    /// Cut and name chunks as the repository at REPO does (its chunk size, gear seed and chunk-id
+    /// key), so that the two dedup against each other and `sbk copy` between them reads only the
+    /// chunks the destination lacks. Opening REPO takes its password (see --from-password-file).
+    #[arg(long, value_name = "REPO", conflicts_with = "chunk_size")]
+    copy_chunker_params_from: Option<std::path::PathBuf>,
+
+    #[command(flatten)]
+    from: super::FromPassword,
 }
 
 /// Test-only: `SBK_TEST_KDF=weak` makes key derivation cost nothing, so that tests do not
@@ -82,6 +91,10 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         warn_weak_kdf(ctx);
         Some((password, kdf_params()))
     };
+    let chunker_from = match &args.copy_chunker_params_from {
+        Some(src) => Some(ctx.open_other(src, &args.from)?.chunker_source()),
+        None => None,
+    };
     let config = Repository::init(
         ctx.backend()?.as_ref(),
         InitOptions {
@@ -89,6 +102,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             zstd_level: args.compression_level,
             pack_size: args.pack_size,
             encryption,
+            chunker_from,
         },
     )?;
     let encrypted = config.features_required & 1 != 0;

@@ -1,6 +1,7 @@
 //! One module per command: an `Args` struct (clap derive) and a `run` function.
 
 pub mod backup;
+pub mod copy;
 pub mod diff;
 pub mod forget;
 pub mod generate;
@@ -66,7 +67,11 @@ impl Context {
     /// The backend of the repository (with a fault injected when the test-only
     /// `SBK_TEST_FAULT` asks for one).
     pub fn backend(&self) -> Result<Arc<dyn Backend>> {
-        let path = self.repo_path()?;
+        self.backend_at(self.repo_path()?)
+    }
+
+    /// The backend of the repository at `path` (a directory or an `s3://` location).
+    pub fn backend_at(&self, path: &std::path::Path) -> Result<Arc<dyn Backend>> {
         let local: Arc<dyn Backend> = match path.to_str().filter(|s| S3Location::is_s3(s)) {
             Some(s) => {
                 let at = S3Location::parse(s).map_err(|e| ExitWith(Exit::Usage, e))?;
@@ -147,5 +152,50 @@ impl Context {
             self.load_index(&repo)?;
         }
         Ok((repo, lock))
+    }
+}
+
+/// The password options of another repository (`copy --from-repo`, `init
+/// --copy-chunker-params-from`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct FromPassword {
+    /// Read the other repository's password from the first line of FILE (SBK_FROM_PASSWORD, if
+    /// set, comes first; with neither, the password options of --repo apply).
+    #[arg(
+        long,
+        value_name = "FILE",
+        hide_env_values = true,
+        env = "SBK_FROM_PASSWORD_FILE"
+    )]
+    from_password_file: Option<PathBuf>,
+
+    /// Run CMD with `sh -c` and read the other repository's password from its first line.
+    #[arg(
+        long,
+        value_name = "CMD",
+        hide_env_values = true,
+        env = "SBK_FROM_PASSWORD_COMMAND"
+    )]
+    from_password_command: Option<String>,
+}
+
+impl Context {
+    /// Opens another repository (no lock, no index) with the `--from-*` password options.
+    pub fn open_other(&self, path: &std::path::Path, pw: &FromPassword) -> Result<Repository> {
+        let given = std::env::var_os("SBK_FROM_PASSWORD").is_some()
+            || pw.from_password_file.is_some()
+            || pw.from_password_command.is_some();
+        let source = if given {
+            PasswordSource {
+                file: pw.from_password_file.clone(),
+                command: pw.from_password_command.clone(),
+                env: Some("SBK_FROM_PASSWORD"),
+            }
+        } else {
+            self.password.clone()
+        };
+        Ok(Repository::open(self.backend_at(path)?, &mut || {
+            source.get()
+        })?)
     }
 }

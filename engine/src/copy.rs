@@ -1,0 +1,253 @@
+//! Replication: snapshots copied from one repository to another (`sbk copy`).
+//!
+//! Chunk ids are keyed per repository, so the same bytes have different ids in two repositories
+//! unless they share their chunk-id key. Copy reads each chunk of a snapshot from the source
+//! (verified), computes its id in the destination, and stores it there only if the destination
+//! lacks it (re-encrypted under the destination's key); then it writes the segment trees with the
+//! destination's ids and a manifest that records its origin. When both repositories share the
+//! chunk-id key (a probe id agrees), the ids agree too and chunks the destination has are not even
+//! read. Ordering is backup's: packs durable, then the index file naming them, then the manifest;
+//! a crash leaves at most unindexed packs for prune. A snapshot already copied (a destination
+//! manifest with its origin) is skipped, so copy is idempotent; so is a snapshot that is itself
+//! a copy of one the destination has (copies going back and forth do not multiply).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+use sbk_store::{
+    encode_tree, BlobKind, ChunkId, Extent, Manifest, Origin, PackEntry, PackId, PackWriter,
+    Repository, SnapshotId,
+};
+
+use crate::error::{EngineError, Result};
+use crate::pool::{snapshot_trees, worker_pool};
+use crate::restore::windows;
+
+/// What copying one snapshot did.
+#[derive(Debug, Clone)]
+pub struct CopyOutcome {
+    /// The snapshot in the source repository.
+    pub source: SnapshotId,
+    /// Its copy in the destination; `None` when it had been copied before (`existing` says which).
+    pub copy: Option<SnapshotId>,
+    /// The earlier copy, when the snapshot was skipped.
+    pub existing: Option<SnapshotId>,
+    /// Chunks read from the source.
+    pub chunks_read: u64,
+    /// Chunks the destination lacked, written to it.
+    pub chunks_written: u64,
+    /// Bytes stored in the destination (compressed, sealed).
+    pub bytes_written: u64,
+}
+
+/// Packs being written to the destination, and the index files naming them.
+struct Writer<'a> {
+    dst: &'a Repository,
+    current: Option<PackWriter>,
+    sealed: Vec<(PackId, Vec<PackEntry>)>,
+    /// Ids written by this run (not yet in the destination's index).
+    written: HashSet<ChunkId>,
+    bytes: u64,
+}
+
+/// An index file every this many packs, as backup does.
+const INDEX_EVERY: usize = 64;
+
+impl Writer<'_> {
+    fn has(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.written.contains(id) || self.dst.index()?.contains(id))
+    }
+
+    fn store(&mut self, id: ChunkId, kind: BlobKind, raw: &[u8]) -> Result<()> {
+        if self.has(&id)? {
+            return Ok(());
+        }
+        let blob = self.dst.encode_blob(id, kind, raw)?;
+        if self.current.is_none() {
+            self.current = Some(self.dst.new_pack()?);
+        }
+        let pack = self.current.as_mut().expect("created above");
+        pack.add(&blob)?;
+        self.bytes += (sbk_store::BLOB_HEADER_LEN + blob.data.len()) as u64;
+        self.written.insert(id);
+        if pack.len() >= self.dst.config().pack_size {
+            self.sealed
+                .push(self.current.take().expect("present").finish()?);
+            if self.sealed.len() >= INDEX_EVERY {
+                self.index()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals the open pack and names every sealed pack in an index file (packs are durable
+    /// before the index file that names them is written).
+    fn index(&mut self) -> Result<()> {
+        if let Some(p) = self.current.take() {
+            self.sealed.push(p.finish()?);
+        }
+        if !self.sealed.is_empty() {
+            self.dst
+                .write_index_file(std::mem::take(&mut self.sealed))?;
+        }
+        Ok(())
+    }
+}
+
+/// The destination's copy of `id` from the source with repository id `origin`, if any.
+fn copied(dst: &Repository, origin: &[u8; 16], id: &SnapshotId) -> Result<Option<SnapshotId>> {
+    Ok(dst.snapshots()?.into_iter().find_map(|(d, m)| {
+        m.ok()
+            .and_then(|m| m.origin().and_then(|o| o.ok()))
+            .filter(|o| o.repo_id == *origin && o.snapshot == *id)
+            .map(|_| d)
+    }))
+}
+
+/// Copies snapshots `ids` of `src` into `dst`. Both are open with their index loaded; the
+/// caller holds a shared lock on each.
+pub fn copy(
+    src: &Repository,
+    dst: &Repository,
+    ids: &[SnapshotId],
+    threads: usize,
+) -> Result<Vec<CopyOutcome>> {
+    let pool = worker_pool(threads, "copy")?;
+    let origin = src.config().repo_id;
+    // Equal keyed ids for a probe: the repositories share the chunk-id key, and every id agrees.
+    let same_ids = src.blob_id(b"sbk copy probe") == dst.blob_id(b"sbk copy probe");
+    let mut out = Vec::new();
+    for id in ids {
+        crate::interrupt::check()?;
+        // Copied before, or itself a copy of a snapshot the destination still has.
+        let came_from_here = src
+            .load_manifest(id)?
+            .origin()
+            .and_then(|o| o.ok())
+            .filter(|o| o.repo_id == dst.config().repo_id)
+            .map(|o| o.snapshot)
+            .filter(|s| dst.load_manifest(s).is_ok());
+        if let Some(existing) = came_from_here.or(copied(dst, &origin, id)?) {
+            out.push(CopyOutcome {
+                source: *id,
+                copy: None,
+                existing: Some(existing),
+                chunks_read: 0,
+                chunks_written: 0,
+                bytes_written: 0,
+            });
+            continue;
+        }
+        out.push(pool.install(|| copy_one(src, dst, id, same_ids))?);
+    }
+    Ok(out)
+}
+
+fn copy_one(
+    src: &Repository,
+    dst: &Repository,
+    id: &SnapshotId,
+    same_ids: bool,
+) -> Result<CopyOutcome> {
+    let manifest = src.load_manifest(id)?;
+    let writer = Mutex::new(Writer {
+        dst,
+        current: None,
+        sealed: Vec::new(),
+        written: HashSet::new(),
+        bytes: 0,
+    });
+    let (mut read, mut fresh) = (0u64, 0u64);
+    let mut trees = Vec::with_capacity(manifest.trees.len());
+    // Source id -> destination id, for the whole snapshot: a chunk used in several windows is
+    // read once (64 bytes per distinct chunk).
+    let mut map: HashMap<ChunkId, ChunkId> = HashMap::new();
+    for segments in windows(&manifest) {
+        crate::interrupt::check()?;
+        let src_trees = snapshot_trees(src, &manifest, segments)?;
+        // Each distinct chunk of the window once: its id in the destination.
+        let distinct: Vec<ChunkId> = src_trees
+            .iter()
+            .flatten()
+            .filter_map(|x| match x {
+                Extent::Data { id, .. } if !map.contains_key(id) => Some(*id),
+                _ => None,
+            })
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        // (source id, destination id, read from the source, written to the destination)
+        let mapped: Vec<(ChunkId, ChunkId, bool, bool)> = distinct
+            .par_iter()
+            .map(|sid| -> Result<(ChunkId, ChunkId, bool, bool)> {
+                if same_ids
+                    && writer
+                        .lock()
+                        .expect("no thread panics holding this")
+                        .has(sid)?
+                {
+                    return Ok((*sid, *sid, false, false));
+                }
+                let raw = src.read_blob(sid, BlobKind::Data)?;
+                let did = dst.blob_id(&raw);
+                let mut w = writer.lock().expect("no thread panics holding this");
+                let new = !w.has(&did)?;
+                w.store(did, BlobKind::Data, &raw)?;
+                Ok((*sid, did, true, new))
+            })
+            .collect::<Result<_>>()?;
+        read += mapped.iter().filter(|m| m.2).count() as u64;
+        fresh += mapped.iter().filter(|m| m.3).count() as u64;
+        map.extend(mapped.into_iter().map(|(s, d, _, _)| (s, d)));
+        let mut w = writer.lock().expect("no thread panics holding this");
+        for extents in src_trees {
+            let extents: Vec<Extent> = extents
+                .into_iter()
+                .map(|x| match x {
+                    Extent::Data { id, len } => Extent::Data { id: map[&id], len },
+                    z => z,
+                })
+                .collect();
+            let raw = encode_tree(&extents);
+            let tid = dst.blob_id(&raw);
+            w.store(tid, BlobKind::Tree, &raw)?;
+            trees.push(tid);
+        }
+    }
+    let mut w = writer.into_inner().expect("no thread panics holding this");
+    crate::interrupt::check()?;
+    // Ordering: every blob durable and indexed, then the manifest that refers to them.
+    w.index()?;
+    let mut copy = Manifest {
+        trees,
+        parent: None,
+        ..manifest
+    };
+    copy.set_origin(&Origin {
+        repo_id: src.config().repo_id,
+        snapshot: *id,
+    });
+    let copy_id = dst.write_manifest(&copy)?;
+    Ok(CopyOutcome {
+        source: *id,
+        copy: Some(copy_id),
+        existing: None,
+        chunks_read: read,
+        chunks_written: fresh,
+        bytes_written: w.bytes,
+    })
+}
+
+/// Fails when `dst` cannot take copies of `src`'s snapshots as they are cut (another segment
+/// size would make trees that do not match the destination's own backups).
+pub fn check_compatible(src: &Repository, dst: &Repository) -> Result<()> {
+    if src.config().segment_size != dst.config().segment_size {
+        return Err(EngineError::Unsafe(format!(
+            "the repositories cut segments of {} and {} bytes",
+            src.config().segment_size,
+            dst.config().segment_size
+        )));
+    }
+    Ok(())
+}
