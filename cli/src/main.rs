@@ -5,6 +5,7 @@
 
 mod commands;
 mod exit;
+mod job;
 mod metrics;
 mod names;
 mod output;
@@ -94,6 +95,7 @@ enum Command {
     Serve(commands::serve::Args),
     Diff(commands::diff::Args),
     Copy(commands::copy::Args),
+    Run(commands::run::Args),
     Forget(commands::forget::Args),
     Prune(commands::prune::Args),
     Verify(commands::verify::Args),
@@ -162,6 +164,7 @@ fn main() -> ExitCode {
         Command::Key(a) => commands::key::run(&ctx, a),
         Command::Diff(a) => commands::diff::run(&ctx, a),
         Command::Copy(a) => commands::copy::run(&ctx, a),
+        Command::Run(a) => commands::run::run(&ctx, a),
         Command::Completions(a) => commands::generate::completions(&ctx, a),
         Command::Man(a) => commands::generate::man(&ctx, a),
     };

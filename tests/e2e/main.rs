@@ -10,6 +10,7 @@ mod devices;
 mod encryption;
 mod faults;
 mod interrupt;
+mod jobs;
 mod maintenance;
 mod nbd_source;
 mod operator;

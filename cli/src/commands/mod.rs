@@ -10,6 +10,7 @@ pub mod key;
 pub mod prune;
 pub mod repair;
 pub mod restore;
+pub mod run;
 pub mod serve;
 pub mod snapshots;
 pub mod stats;

@@ -1,0 +1,399 @@
+//! `sbk run JOBFILE`: a data mover's night in one command.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use super::Context;
+use crate::exit::{Exit, ExitWith};
+use crate::job::{Job, Password, Source};
+
+/// Run a job file: for each source, its `pre` hook (take the storage snapshot), its
+/// `changed_blocks` hook (print the list since the parent), the backup, and its `post` hook
+/// (release the snapshot), which runs whatever happened before it; then retention and prune;
+/// then copies to other repositories.
+///
+/// Hooks run with `sh -c` as the user running sbk, with SBK_SOURCE, SBK_SNAPSHOT, SBK_STATUS
+/// (`success` or `failure`, for post), SBK_PARENT_TOKEN (the parent snapshot's storage token) in
+/// their environment, never a password. A hook that fails or passes its `timeout` (its whole
+/// process group is killed) fails that source with a message; the other sources go on. A job
+/// file that group or others may write is refused. The whole file is checked before anything
+/// runs: unknown keys and bad values name their line. Exit: 0 when every source succeeded, 3
+/// when some failed, 1 when all did. sbk schedules nothing itself: see contrib/ for systemd.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The job file (TOML; see contrib/jobs/).
+    #[arg(value_name = "JOBFILE")]
+    job: PathBuf,
+
+    /// Check the job file and say what would run; run nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// Default hook time limit.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// How one source went.
+struct Done {
+    name: String,
+    snapshot: Option<String>,
+    error: Option<String>,
+}
+
+/// `sbk` itself, for one step of the job (each step is an ordinary sbk command, with its own
+/// lock, messages and exit code).
+fn sbk(job: &Job, repo: &str, pw: &Password) -> Result<Command> {
+    let mut c = Command::new(std::env::current_exe()?);
+    c.arg("--repo").arg(repo);
+    if let Some(d) = &job.cache_dir {
+        c.arg("--cache-dir").arg(d);
+    }
+    password_env(
+        &mut c,
+        pw,
+        "SBK_PASSWORD",
+        "--password-file",
+        "--password-command",
+    )?;
+    Ok(c)
+}
+
+/// Passes a password source on to a child sbk: the named variable's value as `var`, or the
+/// file or command flag.
+fn password_env(
+    c: &mut Command,
+    pw: &Password,
+    var: &str,
+    file_flag: &str,
+    command_flag: &str,
+) -> Result<()> {
+    c.env_remove(var);
+    if let Some(name) = &pw.password_env {
+        let value = std::env::var(name).map_err(|_| {
+            ExitWith(
+                Exit::Usage,
+                format!("the job names password_env {name:?}, which is not set"),
+            )
+        })?;
+        c.env(var, value);
+    } else if let Some(f) = &pw.password_file {
+        c.arg(file_flag).arg(f);
+    } else if let Some(cmd) = &pw.password_command {
+        c.arg(command_flag).arg(cmd);
+    }
+    Ok(())
+}
+
+/// Runs a hook with `sh -c` in a process group of its own, killed whole past `timeout`.
+/// Returns its stdout when it succeeded.
+fn hook(
+    what: &str,
+    cmd: &str,
+    env: &[(&str, String)],
+    timeout: Duration,
+    capture: bool,
+) -> Result<Vec<u8>, String> {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(cmd);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.env_remove("SBK_PASSWORD").env_remove("SBK_FROM_PASSWORD");
+    std::os::unix::process::CommandExt::process_group(&mut c, 0);
+    let out_file = tempfile::tempfile().map_err(|e| format!("{what}: {e}"))?;
+    if capture {
+        c.stdout(out_file.try_clone().map_err(|e| format!("{what}: {e}"))?);
+    } else {
+        c.stdout(Stdio::inherit());
+    }
+    let mut child = c
+        .spawn()
+        .map_err(|e| format!("{what} hook: cannot run sh: {e}"))?;
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if started.elapsed() > timeout => {
+                // The hook and everything it started: the group, which it leads.
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{}", child.id())])
+                    .status();
+                let _ = child.wait();
+                return Err(format!(
+                    "{what} hook timed out after {} s (killed): {cmd}",
+                    timeout.as_secs()
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(format!("{what} hook: {e}")),
+        }
+    };
+    if !status.success() {
+        return Err(format!("{what} hook failed ({status}): {cmd}"));
+    }
+    if !capture {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    let mut f = out_file;
+    std::io::Seek::rewind(&mut f).map_err(|e| format!("{what}: {e}"))?;
+    std::io::Read::read_to_end(&mut f, &mut out).map_err(|e| format!("{what}: {e}"))?;
+    Ok(out)
+}
+
+/// The storage token the newest snapshot of `source` recorded, if any.
+fn parent_token(job: &Job, source: &str) -> Option<String> {
+    let out = sbk(job, &job.repository, &job.password())
+        .ok()?
+        .args(["snapshots", "--json"])
+        .output()
+        .ok()?;
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    list.as_array()?
+        .iter()
+        .rev()
+        .find(|s| s["source"] == source)
+        .and_then(|s| s["changed_blocks"]["token"].as_str().map(str::to_owned))
+}
+
+/// Backs up one source with its hooks.
+fn source(ctx: &Context, job: &Job, s: &Source, scratch: &Path) -> Done {
+    let name = s.name.0.clone();
+    let timeout = s.timeout.map_or(DEFAULT_TIMEOUT, |t| t.0);
+    let mut env: Vec<(&str, String)> = vec![("SBK_SOURCE", name.clone())];
+    let mut snapshot = None;
+    let result = (|| -> Result<(), String> {
+        if let Some(pre) = &s.pre {
+            hook("pre", pre, &env, timeout, false)?;
+        }
+        let token = match &s.cbt_token {
+            Some(cmd) => {
+                let out = hook("cbt_token", cmd, &env, timeout, true)?;
+                Some(String::from_utf8_lossy(&out).trim().to_owned()).filter(|t| !t.is_empty())
+            }
+            None => None,
+        };
+        let mut c = sbk(job, &job.repository, &job.password()).map_err(|e| e.to_string())?;
+        c.args(["backup", "--json", "--source-name", &name, &s.path]);
+        if let Some(h) = &job.host {
+            c.args(["--host", &h.0]);
+        }
+        for t in &s.tags {
+            c.args(["--tag", &t.0]);
+        }
+        if let Some(t) = &token {
+            c.args(["--cbt-token", t]);
+        }
+        if let Some(b) = &s.dirty_bitmap {
+            c.args(["--dirty-bitmap", b]);
+        }
+        if let Some(cmd) = &s.changed_blocks {
+            if let Some(t) = parent_token(job, &name) {
+                env.push(("SBK_PARENT_TOKEN", t));
+            }
+            let list = hook("changed_blocks", cmd, &env, timeout, true)?;
+            let file = scratch.join(format!("{}.list", name.replace('/', "_")));
+            std::fs::write(&file, list).map_err(|e| format!("{}: {e}", file.display()))?;
+            c.arg("--changed-blocks").arg(&file);
+        }
+        ctx.out
+            .info(&format!("{name}: backing up {}", s.path), false);
+        let out = c
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("backup: {e}"))?;
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+            snapshot = v[0]["snapshot"].as_str().map(str::to_owned);
+        }
+        if !out.status.success() {
+            return Err(format!("backup failed ({})", out.status));
+        }
+        Ok(())
+    })();
+    let status = if result.is_ok() { "success" } else { "failure" };
+    let mut error = result.err();
+    if let Some(post) = &s.post {
+        let mut env = env.clone();
+        env.push(("SBK_STATUS", status.into()));
+        env.push(("SBK_SNAPSHOT", snapshot.clone().unwrap_or_default()));
+        if let Err(e) = hook("post", post, &env, timeout, false) {
+            // A failed post fails the source: its storage snapshot may still be held.
+            error = Some(match error {
+                Some(first) => format!("{first}; then {e}"),
+                None => e,
+            });
+        }
+    }
+    Done {
+        name,
+        snapshot,
+        error,
+    }
+}
+
+/// Runs `sbk run`.
+pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
+    let job = crate::job::load(&args.job).map_err(|e| ExitWith(Exit::Usage, e))?;
+    if args.dry_run {
+        for s in &job.sources {
+            ctx.out.info(
+                &format!(
+                    "source {}: {}{}{}{}",
+                    s.name.0,
+                    s.path,
+                    s.pre
+                        .as_ref()
+                        .map_or(String::new(), |h| format!(", pre: {h}")),
+                    s.changed_blocks
+                        .as_ref()
+                        .map_or(String::new(), |h| format!(", changed blocks: {h}")),
+                    s.post
+                        .as_ref()
+                        .map_or(String::new(), |h| format!(", post: {h}")),
+                ),
+                false,
+            );
+        }
+        if let Some(r) = &job.retention {
+            ctx.out.info(
+                &format!(
+                    "then: sbk forget {}{}",
+                    r.args().join(" "),
+                    if r.prune { " --prune" } else { "" }
+                ),
+                false,
+            );
+        }
+        for c in &job.copies {
+            ctx.out
+                .info(&format!("then: sbk copy to {}", c.repository), false);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let started = Instant::now();
+    let scratch = tempfile::tempdir()?;
+    let done: Vec<Done> = job
+        .sources
+        .iter()
+        .map(|s| source(ctx, &job, s, scratch.path()))
+        .collect();
+    for d in &done {
+        match &d.error {
+            None => ctx.out.info(
+                &format!(
+                    "{}: backed up as {}",
+                    d.name,
+                    d.snapshot.as_deref().map_or("?", |s| &s[..8.min(s.len())])
+                ),
+                false,
+            ),
+            Some(e) => eprintln!("sbk: error: source {}: {e}", d.name),
+        }
+    }
+    let mut after_ok = true;
+    if let Some(r) = &job.retention {
+        for s in &job.sources {
+            let mut c = sbk(&job, &job.repository, &job.password())?;
+            c.arg("forget").args(r.args()).args(["--source", &s.name.0]);
+            if let Some(h) = &job.host {
+                c.args(["--host", &h.0]);
+            }
+            if r.prune {
+                c.arg("--prune");
+            }
+            let st = c.stdout(Stdio::null()).status()?;
+            if !st.success() {
+                eprintln!("sbk: error: retention of {} failed ({st})", s.name.0);
+                after_ok = false;
+            }
+        }
+    }
+    for target in &job.copies {
+        let mut c = sbk(&job, &target.repository, &target.password())?;
+        password_env(
+            &mut c,
+            &job.password(),
+            "SBK_FROM_PASSWORD",
+            "--from-password-file",
+            "--from-password-command",
+        )?;
+        c.args(["copy", "--from-repo", &job.repository]);
+        for d in done.iter().filter(|d| d.error.is_none()) {
+            if let Some(s) = &d.snapshot {
+                c.arg(s);
+            }
+        }
+        let st = c.stdout(Stdio::null()).status()?;
+        if !st.success() {
+            eprintln!("sbk: error: copy to {} failed ({st})", target.repository);
+            after_ok = false;
+        }
+    }
+    if let Some(file) = &job.metrics_file {
+        use crate::metrics::{labels, now, Metrics};
+        let jobname = args
+            .job
+            .file_stem()
+            .map_or("job".into(), |s| s.to_string_lossy().into_owned());
+        let mut m = Metrics::default();
+        let mut all = Vec::new();
+        for d in &done {
+            let l = labels(&[("job", &jobname), ("source", &d.name)]);
+            all.push(l.clone());
+            m.gauge(
+                "sbk_job_source_success",
+                "1 when the source's last run succeeded (hooks and backup), else 0.",
+                &l,
+                f64::from(u8::from(d.error.is_none())),
+            );
+            if d.error.is_none() {
+                m.gauge(
+                    "sbk_job_source_last_success_timestamp_seconds",
+                    "When the source last succeeded (Unix time).",
+                    &l,
+                    now(),
+                );
+            }
+        }
+        let lj = labels(&[("job", &jobname)]);
+        m.gauge(
+            "sbk_job_duration_seconds",
+            "Wall time of the last run of the job.",
+            &lj,
+            started.elapsed().as_secs_f64(),
+        );
+        m.gauge(
+            "sbk_job_after_success",
+            "1 when retention and copies of the last run succeeded.",
+            &lj,
+            f64::from(u8::from(after_ok)),
+        );
+        m.carry_over(
+            file,
+            "sbk_job_source_last_success_timestamp_seconds",
+            "When the source last succeeded (Unix time).",
+            &all,
+        );
+        m.write(file).map_err(|e| {
+            anyhow::anyhow!("{}: cannot write the metrics file: {e}", file.display())
+        })?;
+    }
+    let failed = done.iter().filter(|d| d.error.is_some()).count();
+    ctx.out.json(
+        &serde_json::json!({
+            "sources": done.iter().map(|d| serde_json::json!({"source": d.name, "snapshot": d.snapshot, "error": d.error})).collect::<Vec<_>>(),
+            "retention_and_copies_ok": after_ok,
+        }),
+        false,
+    );
+    Ok(match failed {
+        0 if after_ok => Exit::Ok,
+        0 => Exit::Partial,
+        n if n == done.len() => Exit::Error,
+        _ => Exit::Partial,
+    }
+    .into())
+}

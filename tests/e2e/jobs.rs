@@ -1,0 +1,230 @@
+//! `sbk run`: job files with hooks around each source (an LVM-free stand-in: `pre` copies an
+//! image, `post` deletes it, `changed_blocks` prints a list), retention, copies and metrics.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// Writes a job file (mode 0600) and returns its path.
+fn job(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+/// Runs `sbk run JOB` with the job's password variables.
+fn run(env: &Env, job: &Path, extra: &[&str]) -> Run {
+    Run::from_output(
+        sbk()
+            .env("SBK_CACHE_DIR", env.cache())
+            .env("JOB_PASS", PASSWORD)
+            .env("B_PASS", "another password")
+            .arg("run")
+            .args(extra)
+            .arg(job)
+            .output()
+            .unwrap(),
+    )
+}
+
+fn snapshots(env: &Env) -> Vec<serde_json::Value> {
+    env.run(&["snapshots", "--json"])
+        .json()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn a_night_then_an_incremental_with_retention_copy_and_metrics() {
+    let a = Env::new();
+    let dir = a.dir.path();
+    let bdir = tempfile::tempdir().unwrap();
+    let b = Env::init_at(
+        bdir,
+        dir.join("repo-b"),
+        vec![("SBK_PASSWORD".into(), "another password".into())],
+        &[],
+    );
+    let base = dir.join("base.img");
+    let mut data = random(20 << 20, 1);
+    std::fs::write(&base, &data).unwrap();
+    std::fs::write(dir.join("list.txt"), "# nothing changed\n").unwrap();
+    let d = dir.display();
+    let text = format!(
+        r#"repository = "{repo}"
+password_env = "JOB_PASS"
+metrics_file = "{d}/job.prom"
+
+[[source]]
+name = "disk"
+path = "{d}/snap.img"
+pre = "cp {d}/base.img {d}/snap.img"
+changed_blocks = "cat {d}/list.txt"
+post = "echo $SBK_STATUS $SBK_SNAPSHOT $SBK_SOURCE >> {d}/post.log; rm -f {d}/snap.img"
+timeout = "60s"
+tags = ["nightly"]
+
+[retention]
+keep_last = 1
+prune = true
+
+[[copy]]
+repository = "{brepo}"
+password_env = "B_PASS"
+"#,
+        repo = a.repo.display(),
+        brepo = b.repo.display()
+    );
+    let job = job(dir, "night.toml", &text);
+    let r = run(&a, &job, &["--dry-run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("source disk"), "{}", r.stdout);
+    assert!(snapshots(&a).is_empty(), "a dry run runs nothing");
+
+    let r = run(&a, &job, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let first = snapshots(&a);
+    assert_eq!(first.len(), 1);
+    assert!(!dir.join("snap.img").exists(), "post ran");
+    let log = std::fs::read_to_string(dir.join("post.log")).unwrap();
+    assert!(
+        log.starts_with(&format!(
+            "success {} disk",
+            first[0]["id"].as_str().unwrap()
+        )),
+        "{log}"
+    );
+    assert_eq!(snapshots(&b).len(), 1, "copied");
+
+    // The next night: a small change, listed by the changed_blocks hook.
+    data[5 << 20..(5 << 20) + 100].fill(0x5a);
+    std::fs::write(&base, &data).unwrap();
+    std::fs::write(dir.join("list.txt"), format!("{} 100\n", 5 << 20)).unwrap();
+    let r = run(&a, &job, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let now = snapshots(&a);
+    assert_eq!(now.len(), 1, "retention kept the last one");
+    assert_eq!(now[0]["changed_blocks"]["incremental"], true, "{}", now[0]);
+    let restored = dir.join("restored");
+    a.restore("latest", &restored, &[]);
+    assert_same(&base, &restored);
+    assert_eq!(snapshots(&b).len(), 2, "each night copied");
+    let text = std::fs::read_to_string(dir.join("job.prom")).unwrap();
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("a valid metrics file");
+    let ok = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "sbk_job_source_success")
+        .unwrap();
+    assert_eq!(format!("{:?}", ok.value), "Gauge(1.0)");
+}
+
+#[test]
+fn failing_hooks_fail_their_source_and_the_others_go_on() {
+    let env = Env::new();
+    let dir = env.dir.path();
+    let img = dir.join("img");
+    std::fs::write(&img, random(4 << 20, 2)).unwrap();
+    let d = dir.display();
+    let repo = env.repo.display();
+    let source = |name: &str, extra: &str| {
+        format!("[[source]]\nname = \"{name}\"\npath = \"{d}/img\"\ntimeout = \"2s\"\n{extra}\n")
+    };
+    // One good source, one whose pre fails (its post still runs, told so).
+    let text = format!(
+        "repository = \"{repo}\"\npassword_env = \"JOB_PASS\"\n{}{}",
+        source("good", ""),
+        source(
+            "bad",
+            &format!("pre = \"exit 3\"\npost = \"echo $SBK_STATUS > {d}/bad.status\"")
+        ),
+    );
+    let r = run(&env, &job(dir, "mixed.toml", &text), &[]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("pre hook failed"), "{}", r.stderr);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("bad.status"))
+            .unwrap()
+            .trim(),
+        "failure"
+    );
+    assert_eq!(snapshots(&env).len(), 1);
+
+    // A hook past its timeout: killed with everything it started; the only source failed.
+    let text = format!(
+        "repository = \"{repo}\"\npassword_env = \"JOB_PASS\"\n{}",
+        source(
+            "slow",
+            &format!("pre = \"echo $$ > {d}/slow.pid; sleep 60\"")
+        ),
+    );
+    let started = Instant::now();
+    let r = run(&env, &job(dir, "slow.toml", &text), &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("timed out"), "{}", r.stderr);
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let pid = std::fs::read_to_string(dir.join("slow.pid")).unwrap();
+    assert!(
+        !Path::new(&format!("/proc/{}", pid.trim())).exists(),
+        "the hook's shell was killed"
+    );
+
+    // A post that fails fails its source, though the backup was made.
+    let text = format!(
+        "repository = \"{repo}\"\npassword_env = \"JOB_PASS\"\n{}",
+        source("post", "post = \"exit 1\""),
+    );
+    let r = run(&env, &job(dir, "post.toml", &text), &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("post hook failed"), "{}", r.stderr);
+    assert_eq!(snapshots(&env).len(), 2);
+}
+
+#[test]
+fn a_bad_job_file_runs_nothing() {
+    let env = Env::new();
+    let dir = env.dir.path();
+    let repo = env.repo.display();
+    let good =
+        format!("repository = \"{repo}\"\n[[source]]\nname = \"x\"\npath = \"/nonexistent\"\n");
+    let r = run(
+        &env,
+        &job(
+            dir,
+            "typo.toml",
+            &format!("{good}pree = \"touch {}/ran\"\n", dir.display()),
+        ),
+        &[],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("line 5") && r.stderr.contains("pree"),
+        "{}",
+        r.stderr
+    );
+    assert!(!dir.join("ran").exists());
+    let r = run(
+        &env,
+        &job(dir, "time.toml", &format!("{good}timeout = \"a while\"\n")),
+        &[],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("line 5"), "{}", r.stderr);
+    // Writable by others: its hooks could be anyone's.
+    let p = job(dir, "open.toml", &good);
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let r = run(&env, &p, &[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("chmod go-w"), "{}", r.stderr);
+    let r = run(
+        &env,
+        &job(dir, "empty.toml", &format!("repository = \"{repo}\"\n")),
+        &[],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+}
