@@ -54,6 +54,21 @@ fn a_night_then_an_incremental_with_retention_copy_and_metrics() {
     std::fs::write(&base, &data).unwrap();
     std::fs::write(dir.join("list.txt"), "# nothing changed\n").unwrap();
     let d = dir.display();
+    // As root, the "storage snapshot" is a read-only loop device over a copy of the image, as an
+    // LVM or RBD snapshot would be a block device; otherwise the copy itself.
+    let (path, take, release) = if can_use_devices().is_ok() {
+        (
+            format!("{d}/dev"),
+            format!("cp {d}/base.img {d}/snap.img && ln -sfn $(losetup -f --show -r {d}/snap.img) {d}/dev"),
+            format!("losetup -d $(readlink {d}/dev); rm -f {d}/dev {d}/snap.img"),
+        )
+    } else {
+        (
+            format!("{d}/snap.img"),
+            format!("cp {d}/base.img {d}/snap.img"),
+            format!("rm -f {d}/snap.img"),
+        )
+    };
     let text = format!(
         r#"repository = "{repo}"
 password_env = "JOB_PASS"
@@ -61,10 +76,10 @@ metrics_file = "{d}/job.prom"
 
 [[source]]
 name = "disk"
-path = "{d}/snap.img"
-pre = "cp {d}/base.img {d}/snap.img"
+path = "{path}"
+pre = "{take}; (env | grep -e JOB_PASS -e B_PASS -e SBK_PASSWORD || true) > {d}/secrets.txt"
 changed_blocks = "cat {d}/list.txt"
-post = "echo $SBK_STATUS $SBK_SNAPSHOT $SBK_SOURCE >> {d}/post.log; rm -f {d}/snap.img"
+post = "echo $SBK_STATUS $SBK_SNAPSHOT $SBK_SOURCE >> {d}/post.log; {release}"
 timeout = "60s"
 tags = ["nightly"]
 
@@ -90,6 +105,11 @@ password_env = "B_PASS"
     let first = snapshots(&a);
     assert_eq!(first.len(), 1);
     assert!(!dir.join("snap.img").exists(), "post ran");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("secrets.txt")).unwrap(),
+        "",
+        "hooks see no password"
+    );
     let log = std::fs::read_to_string(dir.join("post.log")).unwrap();
     assert!(
         log.starts_with(&format!(

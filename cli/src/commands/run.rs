@@ -95,13 +95,16 @@ fn hook(
     env: &[(&str, String)],
     timeout: Duration,
     capture: bool,
+    hide: &[String],
 ) -> Result<Vec<u8>, String> {
     let mut c = Command::new("sh");
     c.arg("-c").arg(cmd);
+    for var in hide {
+        c.env_remove(var);
+    }
     for (k, v) in env {
         c.env(k, v);
     }
-    c.env_remove("SBK_PASSWORD").env_remove("SBK_FROM_PASSWORD");
     std::os::unix::process::CommandExt::process_group(&mut c, 0);
     let out_file = tempfile::tempfile().map_err(|e| format!("{what}: {e}"))?;
     if capture {
@@ -159,19 +162,28 @@ fn parent_token(job: &Job, source: &str) -> Option<String> {
         .and_then(|s| s["changed_blocks"]["token"].as_str().map(str::to_owned))
 }
 
+/// The variables that hold passwords, which hooks never see.
+fn secret_vars(job: &Job) -> Vec<String> {
+    let mut v = vec!["SBK_PASSWORD".to_owned(), "SBK_FROM_PASSWORD".to_owned()];
+    v.extend(job.password_env.iter().cloned());
+    v.extend(job.copies.iter().filter_map(|c| c.password_env.clone()));
+    v
+}
+
 /// Backs up one source with its hooks.
 fn source(ctx: &Context, job: &Job, s: &Source, scratch: &Path) -> Done {
     let name = s.name.0.clone();
+    let hide = secret_vars(job);
     let timeout = s.timeout.map_or(DEFAULT_TIMEOUT, |t| t.0);
     let mut env: Vec<(&str, String)> = vec![("SBK_SOURCE", name.clone())];
     let mut snapshot = None;
     let result = (|| -> Result<(), String> {
         if let Some(pre) = &s.pre {
-            hook("pre", pre, &env, timeout, false)?;
+            hook("pre", pre, &env, timeout, false, &hide)?;
         }
         let token = match &s.cbt_token {
             Some(cmd) => {
-                let out = hook("cbt_token", cmd, &env, timeout, true)?;
+                let out = hook("cbt_token", cmd, &env, timeout, true, &hide)?;
                 Some(String::from_utf8_lossy(&out).trim().to_owned()).filter(|t| !t.is_empty())
             }
             None => None,
@@ -194,7 +206,7 @@ fn source(ctx: &Context, job: &Job, s: &Source, scratch: &Path) -> Done {
             if let Some(t) = parent_token(job, &name) {
                 env.push(("SBK_PARENT_TOKEN", t));
             }
-            let list = hook("changed_blocks", cmd, &env, timeout, true)?;
+            let list = hook("changed_blocks", cmd, &env, timeout, true, &hide)?;
             let file = scratch.join(format!("{}.list", name.replace('/', "_")));
             std::fs::write(&file, list).map_err(|e| format!("{}: {e}", file.display()))?;
             c.arg("--changed-blocks").arg(&file);
@@ -219,7 +231,7 @@ fn source(ctx: &Context, job: &Job, s: &Source, scratch: &Path) -> Done {
         let mut env = env.clone();
         env.push(("SBK_STATUS", status.into()));
         env.push(("SBK_SNAPSHOT", snapshot.clone().unwrap_or_default()));
-        if let Err(e) = hook("post", post, &env, timeout, false) {
+        if let Err(e) = hook("post", post, &env, timeout, false, &hide) {
             // A failed post fails the source: its storage snapshot may still be held.
             error = Some(match error {
                 Some(first) => format!("{first}; then {e}"),
