@@ -142,6 +142,12 @@ password_env = "B_PASS"
         .find(|s| s.metric == "sbk_job_source_success")
         .unwrap();
     assert_eq!(format!("{:?}", ok.value), "Gauge(1.0)");
+    let errors = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "sbk_job_errors")
+        .unwrap();
+    assert_eq!(format!("{:?}", errors.value), "Gauge(0.0)");
 }
 
 #[test]

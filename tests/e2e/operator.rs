@@ -239,6 +239,7 @@ fn metrics_files_parse_and_keep_the_last_success_of_a_failed_source() {
     assert_ne!(r.code, 0);
     let m = metrics(&file);
     assert_eq!(value(&m, "sbk_backup_success", src), Some(0.0));
+    assert_eq!(value(&m, "sbk_backup_errors", src), Some(1.0));
     assert_eq!(
         value(&m, "sbk_backup_last_success_timestamp_seconds", src),
         Some(first)

@@ -376,6 +376,13 @@ fn write_metrics(
             },
         );
     }
+    let failed = outcomes.iter().filter(|o| o.is_none()).count();
+    m.gauge(
+        "sbk_backup_errors",
+        "Sources whose backup failed in the last run.",
+        &labels(&[("host", &opts.host)]),
+        failed as f64,
+    );
     m.carry_over(
         file,
         "sbk_backup_last_success_timestamp_seconds",

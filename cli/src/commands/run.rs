@@ -372,6 +372,12 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         }
         let lj = labels(&[("job", &jobname)]);
         m.gauge(
+            "sbk_job_errors",
+            "Sources that failed in the last run of the job (a hook or the backup).",
+            &lj,
+            done.iter().filter(|d| d.error.is_some()).count() as f64,
+        );
+        m.gauge(
             "sbk_job_duration_seconds",
             "Wall time of the last run of the job.",
             &lj,
