@@ -170,8 +170,18 @@ fn failing_hooks_fail_their_source_and_the_others_go_on() {
             &format!("pre = \"exit 3\"\npost = \"echo $SBK_STATUS > {d}/bad.status\"")
         ),
     );
-    let r = run(&env, &job(dir, "mixed.toml", &text), &[]);
+    let prom = dir.join("mixed.prom");
+    let r = run(
+        &env,
+        &job(dir, "mixed.toml", &text),
+        &["--metrics-file", prom.to_str().unwrap()],
+    );
     assert_eq!(r.code, 3, "{}", r.stderr);
+    let metrics = std::fs::read_to_string(&prom).unwrap();
+    assert!(
+        metrics.contains("sbk_job_errors{job=\"mixed\"} 1"),
+        "{metrics}"
+    );
     assert!(r.stderr.contains("pre hook failed"), "{}", r.stderr);
     assert_eq!(
         std::fs::read_to_string(dir.join("bad.status"))

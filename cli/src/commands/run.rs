@@ -31,6 +31,11 @@ pub struct Args {
     /// Check the job file and say what would run; run nothing.
     #[arg(long)]
     dry_run: bool,
+
+    /// Write the job's Prometheus metrics to PATH (atomically) [default: the job file's
+    /// metrics_file]: per source, success and last success time; the job's errors and duration.
+    #[arg(long, value_name = "PATH")]
+    metrics_file: Option<PathBuf>,
 }
 
 /// Default hook time limit.
@@ -344,7 +349,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             after_ok = false;
         }
     }
-    if let Some(file) = &job.metrics_file {
+    if let Some(file) = args.metrics_file.as_ref().or(job.metrics_file.as_ref()) {
         use crate::metrics::{labels, now, Metrics};
         let jobname = args
             .job
