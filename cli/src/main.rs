@@ -121,7 +121,18 @@ fn default_cache_dir() -> Option<PathBuf> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    signals::install();
+    // The commands that stop cleanly at their next safe point catch SIGINT and SIGTERM; the
+    // others keep the default action (they stop at once, as they always did; serve has its own).
+    if matches!(
+        cli.command,
+        Command::Backup(_)
+            | Command::Prune(_)
+            | Command::Forget(_)
+            | Command::Copy(_)
+            | Command::Run(_)
+    ) {
+        signals::install();
+    }
     let out = output::Output::new(cli.json, cli.quiet);
     let threads = cli.threads.map(usize::from).unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -168,8 +179,10 @@ fn main() -> ExitCode {
         Command::Completions(a) => commands::generate::completions(&ctx, a),
         Command::Man(a) => commands::generate::man(&ctx, a),
     };
-    if let Some(s) = signals::received().filter(|_| !serving) {
-        // Stopped at the operator's request: whatever the command returned, say so.
+    // Stopped at the operator's request before the command could finish: say so. (One that
+    // finished anyway, its snapshot saved, keeps its own success.)
+    let finished = matches!(&result, Ok(code) if *code == ExitCode::SUCCESS);
+    if let Some(s) = signals::received().filter(|_| !serving && !finished) {
         if let Err(e) = &result {
             eprintln!("sbk: {e:#}");
         }

@@ -19,6 +19,7 @@ use sbk_nbd::server::{
 use sbk_store::{BlobKind, ChunkId, Extent, Manifest, Repository, SnapshotId, StoreError};
 
 use crate::chunk_cache::{Bytes, ChunkCache};
+use crate::error::EngineError;
 use crate::overlay::{Overlay, OverlayExport};
 use crate::restore::load_extents;
 
@@ -83,12 +84,33 @@ impl Shared {
         }
         self.cache.get(id, |mut out| {
             STORED.with_borrow_mut(|stored| {
-                self.repo
-                    .read_blob_with(id, BlobKind::Data, stored, &mut out)
-                    .map_err(|e| e.to_string())
+                self.after_prune(|| {
+                    self.repo
+                        .read_blob_with(id, BlobKind::Data, stored, &mut out)
+                        .map_err(EngineError::from)
+                })
+                .map_err(|e| e.to_string())
             })?;
             Ok(out)
         })
+    }
+
+    /// Runs `f`; when it finds a pack or blob missing (a prune repacked it since the index was
+    /// loaded: a pinned snapshot's chunks move, they never go), refreshes the index and runs it
+    /// once more.
+    fn after_prune<T>(
+        &self,
+        mut f: impl FnMut() -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        match f() {
+            Err(EngineError::Store(
+                StoreError::PackMissing { .. } | StoreError::BlobMissing(_),
+            )) => {
+                self.repo.refresh_index()?;
+                f()
+            }
+            r => r,
+        }
     }
 }
 
@@ -167,7 +189,8 @@ impl SnapshotExport {
             }
         }
         let tree: Tree = Arc::new(
-            load_extents(&self.shared.repo, &self.manifest, i..i + 1)
+            self.shared
+                .after_prune(|| load_extents(&self.shared.repo, &self.manifest, i..i + 1))
                 .map_err(|e| self.failed(format!("segment {i}: {e}")))?,
         );
         let mut g = self.trees.lock().expect("no thread panics holding this");

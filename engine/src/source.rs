@@ -380,6 +380,13 @@ fn nbd_extents(
             ));
         }
         for (n, flags) in extents {
+            if n == 0 {
+                // The protocol forbids it; taken, it would have us ask for ever.
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("an empty {context} extent at {pos}"),
+                ));
+            }
             let end = (pos + u64::from(n)).min(range.end);
             if wanted(flags) {
                 match out.last_mut() {

@@ -256,7 +256,8 @@ impl Client {
         while at < buf.len() {
             let n = (buf.len() - at).min(self.max_request as usize);
             let cookie = self.request(CMD_READ, 0, offset + at as u64, n as u32)?;
-            pending.insert(cookie, (offset + at as u64, n));
+            // (start, length, bytes the replies covered so far)
+            pending.insert(cookie, (offset + at as u64, n, 0usize));
             at += n;
         }
         // Every reply is read to its end, even after an error, so that the connection stays in
@@ -264,13 +265,18 @@ impl Client {
         let mut failure = None;
         while !pending.is_empty() {
             let (cookie, done, chunk) = self.reply_chunk()?;
-            let Some(&(start, n)) = pending.get(&cookie) else {
+            let Some(&mut (start, n, ref mut covered)) = pending.get_mut(&cookie) else {
                 return Err(bad(format!("a reply to cookie {cookie}, not asked")));
             };
-            let place = |o: u64, len: usize| -> io::Result<std::ops::Range<usize>> {
-                if o < start || o + len as u64 > start + n as u64 {
+            let mut place = |o: u64, len: usize| -> io::Result<std::ops::Range<usize>> {
+                let inside = o >= start
+                    && o.checked_add(len as u64)
+                        .is_some_and(|end| end <= start + n as u64);
+                if !inside {
                     return Err(bad("a read reply outside its request"));
                 }
+                // Chunks of a reply may not overlap, so their lengths add up to what they cover.
+                *covered += len;
                 let from = (o - offset) as usize;
                 Ok(from..from + len)
             };
@@ -291,10 +297,18 @@ impl Client {
                     });
                 }
                 Chunk::Status(..) => return Err(bad("block status in a read reply")),
+                Chunk::Simple => {
+                    // Structured replies were negotiated: a read's data never comes simple.
+                    return Err(bad("a simple reply to a read"));
+                }
                 Chunk::None => {}
             }
             if done {
-                pending.remove(&cookie);
+                let (_, n, covered) = pending.remove(&cookie).expect("looked up above");
+                if covered != n && failure.is_none() {
+                    // Bytes a reply left out would be whatever the buffer held before.
+                    failure = Some(bad(format!("a read reply covered {covered} of {n} bytes")));
+                }
             }
         }
         failure.map_or(Ok(()), Err)
@@ -355,7 +369,7 @@ impl Client {
             ReplyHeader::Simple { error, cookie } => {
                 // Only replies without data come simple once structured replies are on.
                 let chunk = if error == 0 {
-                    Chunk::None
+                    Chunk::Simple
                 } else {
                     Chunk::Error(error, String::new())
                 };
@@ -410,6 +424,8 @@ impl Client {
 /// What a reply chunk says.
 enum Chunk {
     None,
+    /// A simple reply with no error (and no data).
+    Simple,
     Data(u64, Vec<u8>),
     Hole(u64, u32),
     Status(u32, Vec<(u32, u32)>),

@@ -18,6 +18,9 @@ use std::time::Duration;
 
 use crate::proto::*;
 
+/// Connections served at once; more are refused (closed) until some end.
+const MAX_CONNECTIONS: usize = 64;
+
 /// How many requests of one connection are worked on at once: two, measured (four per
 /// connection made nbdcopy -C 4 slower on two cores: the threads spent their time switching).
 const WORKERS_PER_CONNECTION: usize = 2;
@@ -251,14 +254,35 @@ impl Server {
             while !self.stopping.load(Ordering::Acquire) {
                 match listener.accept() {
                     Ok((stream, peer)) => {
+                        let open = self
+                            .open
+                            .lock()
+                            .expect("no thread panics holding this")
+                            .len();
+                        if open >= MAX_CONNECTIONS {
+                            (self.log)(&format!(
+                                "{peer}: refused, {open} connections are open already"
+                            ));
+                            stream.shutdown();
+                            continue;
+                        }
                         let server = self.clone();
-                        s.spawn(move || server.connection(stream, peer));
+                        let spawned = std::thread::Builder::new()
+                            .name("sbk-nbd-conn".into())
+                            .spawn_scoped(s, move || server.connection(stream, peer));
+                        if let Err(e) = spawned {
+                            (self.log)(&format!("cannot start a connection thread: {e}"));
+                        }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(50));
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => (self.log)(&format!("accept failed: {e}")),
+                    Err(e) => {
+                        // Out of descriptors, say: wait for connections to end, do not spin.
+                        (self.log)(&format!("accept failed: {e}"));
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
                 }
             }
             // Wake every connection blocked reading: it ends after answering what it took.
@@ -360,7 +384,7 @@ impl Server {
                         b.extend_from_slice(&[0u8; 124]);
                     }
                     s.write_all(&b)?;
-                    return Ok(Some(Session::new(s, export, info.name, structured, false)));
+                    return Ok(Some(Session::new(s, export, info.name, structured, false)?));
                 }
                 OPT_ABORT => {
                     let _ = option_reply(&mut s, option, REP_ACK, &[]);
@@ -427,7 +451,7 @@ impl Server {
                         let allocation = meta.as_deref() == Some(req.name.as_str());
                         return Ok(Some(Session::new(
                             s, export, info.name, structured, allocation,
-                        )));
+                        )?));
                     }
                 }
                 OPT_STRUCTURED_REPLY => {
@@ -554,20 +578,17 @@ impl Session {
         name: String,
         structured: bool,
         allocation: bool,
-    ) -> Session {
-        let writer = s.try_clone().unwrap_or_else(|_| {
-            // Cannot happen on Linux sockets; if it did, replies fail and the client sees a
-            // closed connection.
-            s.try_clone().expect("a socket handle")
-        });
-        Session {
+    ) -> io::Result<Session> {
+        // Out of descriptors, say: the connection ends, the server goes on.
+        let writer = s.try_clone()?;
+        Ok(Session {
             reader: s,
             writer: Mutex::new(writer),
             export,
             name,
             structured,
             allocation,
-        }
+        })
     }
 
     /// Reads requests and hands them to the workers until the client disconnects.
@@ -577,15 +598,23 @@ impl Session {
         let rx = Mutex::new(rx);
         let this = &self;
         std::thread::scope(|scope| {
+            let mut started = 0;
             for _ in 0..WORKERS_PER_CONNECTION {
                 let rx = &rx;
-                scope.spawn(move || loop {
-                    let job = rx.lock().expect("no thread panics holding this").recv();
-                    match job {
-                        Ok(job) => this.answer(job),
-                        Err(_) => break,
-                    }
-                });
+                let worker = std::thread::Builder::new()
+                    .name("sbk-nbd-worker".into())
+                    .spawn_scoped(scope, move || loop {
+                        let job = rx.lock().expect("no thread panics holding this").recv();
+                        match job {
+                            Ok(job) => this.answer(job),
+                            Err(_) => break,
+                        }
+                    });
+                // Fewer workers still answer; none at all ends the connection.
+                started += usize::from(worker.is_ok());
+            }
+            if started == 0 {
+                return Err(io::Error::other("cannot start a worker thread"));
             }
             let result = this.read_requests(&tx);
             drop(tx); // the workers answer what they took, then end
@@ -643,13 +672,15 @@ impl Session {
         let size = e.size();
         let end = req.offset.checked_add(u64::from(req.length));
         let inside = end.is_some_and(|end| end <= size);
-        let allowed = match req.kind {
-            CMD_READ => CMD_FLAG_DF,
-            CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
-            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
-            _ => 0,
-        };
+        // FUA is accepted on every command when it is advertised (the protocol says so; qemu
+        // sends it on FLUSH); it means something only for writes.
+        let allowed = CMD_FLAG_FUA
+            | match req.kind {
+                CMD_READ => CMD_FLAG_DF,
+                CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE,
+                CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+                _ => 0,
+            };
         if req.flags & !allowed != 0 {
             return Err(ExportError::new(
                 EINVAL,

@@ -9,6 +9,8 @@
 //! subfolders: object stores need no directory sharding). Writes of immutable objects are
 //! conditional creates (`If-None-Match: *`); a lock is replaced only while its ETag is still
 //! the one its holder last wrote (`If-Match`), so a lock someone removed never comes back.
+//! Packs over 16 MiB are multipart uploads, which are not conditional: their names are random
+//! 128-bit ids, which no other writer picks.
 //!
 //! Configuration comes from the environment, as the AWS tools read it: `AWS_ENDPOINT_URL` (any
 //! S3-compatible server; `http://` is allowed when the endpoint says so), `AWS_ACCESS_KEY_ID`,
@@ -258,9 +260,11 @@ impl Inner {
             },
             e => {
                 let detail = e.to_string();
+                // The status as the client words it ("... status code: 403 Forbidden"), or the
+                // storage's error code: a bare "403" could be part of an object name or a time.
                 let denied = [
-                    "403",
-                    "401",
+                    "403 Forbidden",
+                    "401 Unauthorized",
                     "AccessDenied",
                     "InvalidAccessKeyId",
                     "SignatureDoesNotMatch",

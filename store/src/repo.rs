@@ -861,9 +861,13 @@ impl Repository {
 
     /// Removes the pins of locks that are gone or stale; returns how many.
     pub fn remove_stale_pins(&self) -> Result<usize> {
+        // The pins first, then the locks: a server's lock is written before its pins, so every
+        // pin listed here has its lock in the listing after, and a server that started meanwhile
+        // does not lose a fresh pin.
+        let pins = self.b()?.list(Kind::Pin)?;
         let live = self.live_pin_locks()?;
         let mut removed = 0;
-        for pin in self.b()?.list(Kind::Pin)? {
+        for pin in pins {
             let owner = crate::lock::pin_owner(&pin.name);
             if !owner.is_some_and(|o| live.iter().any(|l| l == o)) {
                 self.b()?.delete(Kind::Pin, &pin.name)?;

@@ -78,8 +78,9 @@ metrics_file = "{d}/job.prom"
 name = "disk"
 path = "{path}"
 pre = "{take}; (env | grep -e JOB_PASS -e B_PASS -e SBK_PASSWORD || true) > {d}/secrets.txt"
-changed_blocks = "cat {d}/list.txt"
-post = "echo $SBK_STATUS $SBK_SNAPSHOT $SBK_SOURCE >> {d}/post.log; {release}"
+changed_blocks = "touch {d}/list.used; cat {d}/list.txt"
+cbt_token = "echo night-$(date +%s%N)"
+post = "echo $SBK_STATUS $SBK_SNAPSHOT $SBK_SOURCE $SBK_PARENT_TOKEN >> {d}/post.log; {release}"
 timeout = "60s"
 tags = ["nightly"]
 
@@ -110,6 +111,13 @@ password_env = "B_PASS"
         "",
         "hooks see no password"
     );
+    // No parent yet: the list is not asked for, the source is read whole.
+    assert!(!dir.join("list.used").exists());
+    let token = first[0]["changed_blocks"]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(token.starts_with("night-"), "{}", first[0]);
     let log = std::fs::read_to_string(dir.join("post.log")).unwrap();
     assert!(
         log.starts_with(&format!(
@@ -129,6 +137,16 @@ password_env = "B_PASS"
     let now = snapshots(&a);
     assert_eq!(now.len(), 1, "retention kept the last one");
     assert_eq!(now[0]["changed_blocks"]["incremental"], true, "{}", now[0]);
+    assert_eq!(
+        now[0]["changed_blocks"]["since"],
+        token.as_str(),
+        "checked against its parent"
+    );
+    let log = std::fs::read_to_string(dir.join("post.log")).unwrap();
+    assert!(
+        log.lines().nth(1).unwrap().ends_with(&token),
+        "post saw the parent's token: {log}"
+    );
     let restored = dir.join("restored");
     a.restore("latest", &restored, &[]);
     assert_same(&base, &restored);

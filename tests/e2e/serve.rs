@@ -652,3 +652,40 @@ fn a_damaged_chunk_fails_its_read_and_the_server_goes_on() {
     let log = std::fs::read_to_string(log).unwrap();
     assert!(log.contains("chunk") && log.contains("pack"), "{log}");
 }
+
+#[test]
+fn a_served_snapshot_reads_on_after_prune_moves_its_chunks() {
+    let env = Env::new();
+    // Two images in one run share packs: forgetting one leaves packs half used, repacked.
+    let (v1, vx) = (env.path("v1.img"), env.path("vx.img"));
+    let d1 = image(&v1, 20);
+    image(&vx, 21);
+    let out = env
+        .run(&[
+            "backup",
+            "--json",
+            v1.to_str().unwrap(),
+            vx.to_str().unwrap(),
+        ])
+        .json();
+    let (id1, idx) = (
+        out[0]["snapshot"].as_str().unwrap().to_owned(),
+        out[1]["snapshot"].as_str().unwrap().to_owned(),
+    );
+    let server = Served::start(&env, &[]);
+    let uri = NbdUri::parse(&server.uri(&id1)).unwrap();
+    let mut client = Client::connect(&uri, &[]).unwrap();
+    let packs_before = env.packs();
+    let r = env.run(&["forget", &idx, "--prune", "--max-unused", "0"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        packs_before.iter().any(|p| !p.exists()),
+        "prune rewrote packs the served snapshot uses"
+    );
+    // The server's index named the old packs: it finds the chunks where prune moved them.
+    let mut all = vec![0u8; d1.len()];
+    client.read(0, &mut all).unwrap();
+    assert!(all == d1);
+    client.disconnect().unwrap();
+    assert_eq!(server.stop(), 0);
+}

@@ -153,18 +153,32 @@ fn hook(
 }
 
 /// The storage token the newest snapshot of `source` recorded, if any.
-fn parent_token(job: &Job, source: &str) -> Option<String> {
+/// The storage token of the newest snapshot of `source` on the job's host (the parent the
+/// next incremental starts from), if it recorded one.
+fn parent_token(job: &Job, source: &str) -> Result<Option<String>, String> {
+    let host = job
+        .host
+        .as_ref()
+        .map_or_else(sbk_store::host_name, |h| h.0.clone());
     let out = sbk(job, &job.repository, &job.password())
-        .ok()?
+        .map_err(|e| e.to_string())?
         .args(["snapshots", "--json"])
+        .stderr(Stdio::inherit())
         .output()
-        .ok()?;
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    list.as_array()?
-        .iter()
-        .rev()
-        .find(|s| s["source"] == source)
-        .and_then(|s| s["changed_blocks"]["token"].as_str().map(str::to_owned))
+        .map_err(|e| format!("listing the snapshots: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("listing the snapshots failed ({})", out.status));
+    }
+    let list: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("listing the snapshots: {e}"))?;
+    Ok(list
+        .as_array()
+        .and_then(|l| {
+            l.iter()
+                .rev()
+                .find(|s| s["source"] == source && s["host"] == host.as_str())
+        })
+        .and_then(|s| s["changed_blocks"]["token"].as_str().map(str::to_owned)))
 }
 
 /// The variables that hold passwords, which hooks never see.
@@ -183,6 +197,11 @@ fn source(ctx: &Context, job: &Job, s: &Source, scratch: &Path) -> Done {
     let mut env: Vec<(&str, String)> = vec![("SBK_SOURCE", name.clone())];
     let mut snapshot = None;
     let result = (|| -> Result<(), String> {
+        // The parent's storage token: where a changed-block list must start from.
+        let parent = parent_token(job, &name)?;
+        if let Some(t) = &parent {
+            env.push(("SBK_PARENT_TOKEN", t.clone()));
+        }
         if let Some(pre) = &s.pre {
             hook("pre", pre, &env, timeout, false, &hide)?;
         }
@@ -207,14 +226,16 @@ fn source(ctx: &Context, job: &Job, s: &Source, scratch: &Path) -> Done {
         if let Some(b) = &s.dirty_bitmap {
             c.args(["--dirty-bitmap", b]);
         }
-        if let Some(cmd) = &s.changed_blocks {
-            if let Some(t) = parent_token(job, &name) {
-                env.push(("SBK_PARENT_TOKEN", t));
-            }
+        // A list is only as good as the state it starts from: with no parent token, nothing
+        // says what it would be relative to, so the source is read whole; with one, sbk checks
+        // that the parent carries it (--cbt-since).
+        if let (Some(cmd), Some(since)) = (&s.changed_blocks, &parent) {
             let list = hook("changed_blocks", cmd, &env, timeout, true, &hide)?;
             let file = scratch.join(format!("{}.list", name.replace('/', "_")));
             std::fs::write(&file, list).map_err(|e| format!("{}: {e}", file.display()))?;
-            c.arg("--changed-blocks").arg(&file);
+            c.arg("--changed-blocks")
+                .arg(&file)
+                .args(["--cbt-since", since]);
         }
         ctx.out
             .info(&format!("{name}: backing up {}", s.path), false);
@@ -292,11 +313,16 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     }
     let started = Instant::now();
     let scratch = tempfile::tempdir()?;
-    let done: Vec<Done> = job
-        .sources
-        .iter()
-        .map(|s| source(ctx, &job, s, scratch.path()))
-        .collect();
+    // A stop (SIGINT, SIGTERM) ends the job after the source in progress (whose post runs):
+    // no further source, retention or copy starts.
+    let mut done: Vec<Done> = Vec::new();
+    for s in &job.sources {
+        if sbk_engine::stop_requested() {
+            break;
+        }
+        done.push(source(ctx, &job, s, scratch.path()));
+    }
+    let stopped = sbk_engine::stop_requested();
     for d in &done {
         match &d.error {
             None => ctx.out.info(
@@ -310,8 +336,8 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             Some(e) => eprintln!("sbk: error: source {}: {e}", d.name),
         }
     }
-    let mut after_ok = true;
-    if let Some(r) = &job.retention {
+    let mut after_ok = !stopped;
+    if let Some(r) = job.retention.as_ref().filter(|_| !stopped) {
         for s in &job.sources {
             let mut c = sbk(&job, &job.repository, &job.password())?;
             c.arg("forget").args(r.args()).args(["--source", &s.name.0]);
@@ -328,7 +354,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             }
         }
     }
-    for target in &job.copies {
+    for target in job.copies.iter().filter(|_| !stopped) {
         let mut c = sbk(&job, &target.repository, &target.password())?;
         password_env(
             &mut c,
