@@ -224,6 +224,20 @@ fn copy_one(
         parent: None,
         ..manifest
     };
+    // A storage token names the state a changed-block list starts from; an incremental in the
+    // destination may follow it only if the destination cuts chunks as the source did (else its
+    // check would find every reused tree "wrong"), so the token goes with a foreign cut.
+    let c = (src.config(), dst.config());
+    let same_cuts = same_ids
+        && c.0.chunk_seed == c.1.chunk_seed
+        && (c.0.chunk_min, c.0.chunk_avg, c.0.chunk_max, c.0.zero_min)
+            == (c.1.chunk_min, c.1.chunk_avg, c.1.chunk_max, c.1.zero_min);
+    if !same_cuts {
+        if let Some(Ok(mut cb)) = copy.changed_blocks() {
+            cb.token = None;
+            copy.set_changed_blocks(&cb);
+        }
+    }
     copy.set_origin(&Origin {
         repo_id: src.config().repo_id,
         snapshot: *id,

@@ -202,13 +202,17 @@ pub struct Extension {
 /// Largest value an extension may carry.
 pub const MAX_EXTENSION: usize = 1 << 20;
 
-/// Extension tags this build understands (docs/format.md, "extensions"): 1, the changed-block
-/// record of a manifest; 2, the origin of a copied snapshot. A required extension with another
-/// tag is refused.
-const KNOWN_TAGS: &[u16] = &[
-    crate::manifest::EXT_CHANGED_BLOCKS,
-    crate::manifest::EXT_ORIGIN,
-];
+/// Extension tag of the changed-block record of a manifest (docs/format.md, "extensions").
+pub const EXT_CHANGED_BLOCKS: u16 = 1;
+/// Manifest extension tag of a copied snapshot's origin: the source repository id (16 bytes) and
+/// the source snapshot id (32 bytes).
+pub const EXT_ORIGIN: u16 = 2;
+
+/// Extension tags this build understands: 1, the changed-block record of a manifest; 2, the
+/// origin of a copied snapshot. A required extension with another tag is refused. (The tags are
+/// defined here, beside the extension format, so that the codec needs nothing of the
+/// structures that use it.)
+const KNOWN_TAGS: &[u16] = &[EXT_CHANGED_BLOCKS, EXT_ORIGIN];
 
 impl Encoder {
     /// Appends an extension list: a u16 count, then per extension u16 tag, u16 flags (bit 0:

@@ -351,11 +351,7 @@ mod tests {
     }
 }
 
-/// Extension tag of [`ChangedBlocks`] in a manifest (docs/format.md, "extensions").
-pub const EXT_CHANGED_BLOCKS: u16 = 1;
-/// Manifest extension tag of a copied snapshot's origin: the source repository id (16 bytes) and
-/// the source snapshot id (32 bytes).
-pub const EXT_ORIGIN: u16 = 2;
+pub use crate::codec::{EXT_CHANGED_BLOCKS, EXT_ORIGIN};
 
 /// What a snapshot records about changed-block tracking (manifest extension 1, optional).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -46,10 +46,17 @@ fn copy_there_and_back_stores_only_missing_chunks() {
     let mut data = random(12 << 20, 7);
     data[4 << 20..6 << 20].fill(0);
     std::fs::write(&img, &data).unwrap();
-    let s1 = a.backup(&img, &["--tag", "nightly"]);
+    let s1 = a.backup(&img, &["--tag", "nightly", "--cbt-token", "snap-1"]);
 
     let first = copy(&b, &a, PASSWORD, &[]);
     let copied = first[0]["copy"].as_str().unwrap().to_owned();
+    // B cuts chunks its own way: a changed-block chain may not continue from the copy.
+    let listed = b.run(&["snapshots", "--json"]).json();
+    assert_eq!(
+        listed[0]["changed_blocks"]["token"],
+        serde_json::Value::Null,
+        "{listed}"
+    );
     assert!(written(&first) > 100, "{first}");
     let restored = b.path("restored");
     b.restore(&copied, &restored, &[]);
@@ -112,7 +119,7 @@ fn a_repository_with_copied_chunker_params_dedups_with_its_source() {
     let img = a.path("img");
     let mut data = random(10 << 20, 9);
     std::fs::write(&img, &data).unwrap();
-    a.backup(&img, &[]);
+    a.backup(&img, &["--cbt-token", "snap-1"]);
     // B cuts and names chunks as A does.
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("repo-b");
@@ -141,6 +148,9 @@ fn a_repository_with_copied_chunker_params_dedups_with_its_source() {
     let first = copy(&b, &a, PASSWORD, &[]);
     let n = first[0]["chunks_written"].as_u64().unwrap();
     assert!(n > 0);
+    // The same cuts: the copy keeps its token, a chain may go on from it in B.
+    let listed = b.run(&["snapshots", "--json"]).json();
+    assert_eq!(listed[0]["changed_blocks"]["token"], "snap-1", "{listed}");
     // A new version: only the new chunks are even read from A.
     data[3 << 20..(3 << 20) + 500_000].copy_from_slice(&random(500_000, 10));
     std::fs::write(&img, &data).unwrap();

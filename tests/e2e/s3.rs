@@ -434,26 +434,42 @@ fn the_server_gone_mid_backup_then_back_loses_nothing() {
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
-#[test]
-fn a_killed_prune_on_s3_loses_nothing() {
-    let Some(weed) = Weed::start() else { return };
-    let env = weed.env("prune-kill");
+/// A repository under `prefix` with `n` snapshots of 24 MiB images (seeds from `seed`), the
+/// first of them forgotten: work for prune. Returns the images and snapshots.
+fn forgotten_one(
+    weed: &Weed,
+    prefix: &str,
+    n: u64,
+    seed: u64,
+) -> (Env, Vec<(PathBuf, serde_json::Value)>) {
+    let env = weed.env(prefix);
     let mut kept = Vec::new();
-    for i in 0..4u64 {
+    for i in 0..n {
         let img = env.path(&format!("img{i}"));
-        std::fs::write(&img, random(24 << 20, 20 + i)).unwrap();
+        std::fs::write(&img, random(24 << 20, seed + i)).unwrap();
         kept.push((img.clone(), env.backup(&img, &[])));
     }
     let r = env.run(&["forget", kept[0].1["snapshot"].as_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+    (env, kept)
+}
+
+/// `sbk prune --max-unused 0`, started, its output discarded.
+fn spawn_prune(env: &Env) -> Child {
+    env.cmd()
+        .args(["prune", "--max-unused", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_killed_prune_on_s3_loses_nothing() {
+    let Some(weed) = Weed::start() else { return };
+    let (env, kept) = forgotten_one(&weed, "prune-kill", 4, 20);
     for delay_ms in [50u64, 150, 400] {
-        let mut c = env
-            .cmd()
-            .args(["prune", "--max-unused", "0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut c = spawn_prune(&env);
         std::thread::sleep(Duration::from_millis(delay_ms));
         let _ = c.kill(); // SIGKILL
         let _ = c.wait();
@@ -468,5 +484,27 @@ fn a_killed_prune_on_s3_loses_nothing() {
         let _ = std::fs::remove_file(&restored);
         env.restore(snap["snapshot"].as_str().unwrap(), &restored, &[]);
         assert_same(img, &restored);
+    }
+}
+
+#[test]
+fn sigterm_during_prune_on_s3_leaves_no_lock_and_a_repository_that_verifies() {
+    let Some(weed) = Weed::start() else { return };
+    let (env, _) = forgotten_one(&weed, "prune-term", 3, 40);
+    let b = weed.backend("prune-term");
+    for delay_ms in [100u64, 400] {
+        let mut c = spawn_prune(&env);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let ok = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let code = c.wait().unwrap().code();
+        assert!(matches!(code, Some(0) | Some(143)), "{code:?}");
+        assert!(b.list(Kind::Lock).unwrap().is_empty(), "a lock remains");
+        let r = env.run(&["verify", "--read-data"]);
+        assert_eq!(r.code, 0, "after SIGTERM at {delay_ms} ms: {}", r.stderr);
     }
 }
