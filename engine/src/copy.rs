@@ -16,8 +16,8 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 use sbk_store::{
-    encode_tree, BlobKind, ChunkId, Extent, Manifest, Origin, PackEntry, PackId, PackWriter,
-    Repository, SnapshotId,
+    encode_tree, BlobKind, ChunkId, EncodedBlob, Extent, Manifest, Origin, PackEntry, PackId,
+    PackWriter, Repository, SnapshotId,
 };
 
 use crate::error::{EngineError, Result};
@@ -64,6 +64,15 @@ impl Writer<'_> {
             return Ok(());
         }
         let blob = self.dst.encode_blob(id, kind, raw)?;
+        self.add(blob)
+    }
+
+    /// Adds an encoded blob to the open pack (nothing if this run wrote its id already).
+    fn add(&mut self, blob: EncodedBlob) -> Result<()> {
+        let id = blob.header.id;
+        if self.written.contains(&id) {
+            return Ok(());
+        }
         if self.current.is_none() {
             self.current = Some(self.dst.new_pack()?);
         }
@@ -95,14 +104,18 @@ impl Writer<'_> {
     }
 }
 
-/// The destination's copy of `id` from the source with repository id `origin`, if any.
-fn copied(dst: &Repository, origin: &[u8; 16], id: &SnapshotId) -> Result<Option<SnapshotId>> {
-    Ok(dst.snapshots()?.into_iter().find_map(|(d, m)| {
-        m.ok()
-            .and_then(|m| m.origin().and_then(|o| o.ok()))
-            .filter(|o| o.repo_id == *origin && o.snapshot == *id)
-            .map(|_| d)
-    }))
+/// The destination's snapshots, and of its copies, the (origin repository, origin snapshot)
+/// each came from: read once per run.
+fn destination(dst: &Repository) -> Result<(HashSet<SnapshotId>, HashMap<Origin, SnapshotId>)> {
+    let mut ids = HashSet::new();
+    let mut copies = HashMap::new();
+    for (id, m) in dst.snapshots()? {
+        ids.insert(id);
+        if let Some(Ok(o)) = m.ok().and_then(|m| m.origin()) {
+            copies.insert(o, id);
+        }
+    }
+    Ok((ids, copies))
 }
 
 /// Copies snapshots `ids` of `src` into `dst`. Both are open with their index loaded; the
@@ -117,18 +130,22 @@ pub fn copy(
     let origin = src.config().repo_id;
     // Equal keyed ids for a probe: the repositories share the chunk-id key, and every id agrees.
     let same_ids = src.blob_id(b"sbk copy probe") == dst.blob_id(b"sbk copy probe");
+    let (dst_ids, mut copies) = destination(dst)?;
     let mut out = Vec::new();
     for id in ids {
         crate::interrupt::check()?;
+        let manifest = src.load_manifest(id)?;
         // Copied before, or itself a copy of a snapshot the destination still has.
-        let came_from_here = src
-            .load_manifest(id)?
+        let came_from_here = manifest
             .origin()
             .and_then(|o| o.ok())
-            .filter(|o| o.repo_id == dst.config().repo_id)
-            .map(|o| o.snapshot)
-            .filter(|s| dst.load_manifest(s).is_ok());
-        if let Some(existing) = came_from_here.or(copied(dst, &origin, id)?) {
+            .filter(|o| o.repo_id == dst.config().repo_id && dst_ids.contains(&o.snapshot))
+            .map(|o| o.snapshot);
+        let this = Origin {
+            repo_id: origin,
+            snapshot: *id,
+        };
+        if let Some(existing) = came_from_here.or(copies.get(&this).copied()) {
             out.push(CopyOutcome {
                 source: *id,
                 copy: None,
@@ -139,7 +156,11 @@ pub fn copy(
             });
             continue;
         }
-        out.push(pool.install(|| copy_one(src, dst, id, same_ids))?);
+        let done = pool.install(|| copy_one(src, dst, id, manifest, same_ids))?;
+        if let Some(c) = done.copy {
+            copies.insert(this, c);
+        }
+        out.push(done);
     }
     Ok(out)
 }
@@ -148,9 +169,9 @@ fn copy_one(
     src: &Repository,
     dst: &Repository,
     id: &SnapshotId,
+    manifest: Manifest,
     same_ids: bool,
 ) -> Result<CopyOutcome> {
-    let manifest = src.load_manifest(id)?;
     let writer = Mutex::new(Writer {
         dst,
         current: None,
@@ -191,10 +212,20 @@ fn copy_one(
                 }
                 let raw = src.read_blob(sid, BlobKind::Data)?;
                 let did = dst.blob_id(&raw);
-                let mut w = writer.lock().expect("no thread panics holding this");
-                let new = !w.has(&did)?;
-                w.store(did, BlobKind::Data, &raw)?;
-                Ok((*sid, did, true, new))
+                if writer
+                    .lock()
+                    .expect("no thread panics holding this")
+                    .has(&did)?
+                {
+                    return Ok((*sid, did, true, false));
+                }
+                // Compressed and sealed outside the writer's lock: that is the work of a copy.
+                let blob = dst.encode_blob(did, BlobKind::Data, &raw)?;
+                writer
+                    .lock()
+                    .expect("no thread panics holding this")
+                    .add(blob)?;
+                Ok((*sid, did, true, true))
             })
             .collect::<Result<_>>()?;
         read += mapped.iter().filter(|m| m.2).count() as u64;

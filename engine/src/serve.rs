@@ -144,6 +144,9 @@ pub struct SnapshotExport {
     trees: Mutex<TreeCache>,
     /// Where the last read ended: a read that starts there is sequential.
     last_end: AtomicU64,
+    /// How far the prefetchers were asked to read: a sequential reader queues only what lies
+    /// beyond it, not the same 8 MiB again at every read.
+    prefetched: AtomicU64,
 }
 
 /// A segment's extents with their offsets in the export.
@@ -167,6 +170,7 @@ impl SnapshotExport {
             manifest,
             trees: Mutex::new(TreeCache::default()),
             last_end: AtomicU64::new(u64::MAX),
+            prefetched: AtomicU64::new(0),
         })
     }
 
@@ -234,10 +238,18 @@ impl SnapshotExport {
     /// Queues the chunks after `end` for the prefetchers.
     fn prefetch_after(&self, end: u64) {
         let stop = (end + PREFETCH_BYTES).min(self.manifest.size);
-        if end >= stop {
+        // Within the window already queued: only the part beyond it. A jump elsewhere (a new
+        // sequential run) queues its whole window.
+        let prev = self.prefetched.swap(stop, Ordering::Relaxed);
+        let from = if (end..=stop).contains(&prev) {
+            prev
+        } else {
+            end
+        };
+        if from >= stop {
             return;
         }
-        let Ok(extents) = self.extents(end, stop) else {
+        let Ok(extents) = self.extents(from, stop) else {
             return;
         };
         let tx = self

@@ -828,15 +828,24 @@ impl Session {
                         req.cookie,
                         8 + data.len() as u32,
                     );
-                    w.write_all(&head)?;
-                    w.write_all(&offset.to_be_bytes())?;
+                    // Header and offset in one write, the data straight from its buffer.
+                    let mut lead = [0u8; 28];
+                    lead[..20].copy_from_slice(&head);
+                    lead[20..].copy_from_slice(&offset.to_be_bytes());
+                    w.write_all(&lead)?;
                     w.write_all(data)?;
                 }
                 ReadChunk::Hole { offset, len } => {
-                    let head = structured_header(flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
-                    w.write_all(&head)?;
-                    w.write_all(&offset.to_be_bytes())?;
-                    w.write_all(&len.to_be_bytes())?;
+                    let mut chunk = [0u8; 32];
+                    chunk[..20].copy_from_slice(&structured_header(
+                        flags,
+                        REPLY_TYPE_OFFSET_HOLE,
+                        req.cookie,
+                        12,
+                    ));
+                    chunk[20..28].copy_from_slice(&offset.to_be_bytes());
+                    chunk[28..].copy_from_slice(&len.to_be_bytes());
+                    w.write_all(&chunk)?;
                 }
             }
         }

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path;
@@ -289,12 +290,12 @@ impl Inner {
         &self,
         kind: Kind,
         name: &str,
-        bytes: &[u8],
+        bytes: Bytes,
         mode: PutMode,
     ) -> std::result::Result<(), object_store::Error> {
         let path = self.path(kind, name);
         Requests::add(&self.requests.put, 1);
-        let payload = PutPayload::from(bytes.to_vec());
+        let payload = PutPayload::from(bytes);
         self.rt.block_on(self.store.put_opts(
             &path,
             payload,
@@ -320,14 +321,15 @@ impl Inner {
 
     /// A conditional create that a retry may have answered with "exists" although the first
     /// attempt created it: the object is ours when it holds exactly our bytes.
-    fn create(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<Written> {
-        match self.put(kind, name, bytes, PutMode::Create) {
+    fn create(&self, kind: Kind, name: &str, bytes: Bytes) -> Result<Written> {
+        // A clone of `Bytes` shares the buffer: the payload is not copied to keep it.
+        match self.put(kind, name, bytes.clone(), PutMode::Create) {
             Ok(()) => Ok(Written::Created),
             Err(
                 object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. },
             ) => match self.read(kind, name) {
-                Ok(there) if there == bytes => Ok(Written::Created),
+                Ok(there) if there[..] == bytes[..] => Ok(Written::Created),
                 Ok(_) => Ok(Written::AlreadyThere),
                 Err(StoreError::ObjectMissing { .. }) => Ok(Written::AlreadyThere),
                 Err(e) => Err(e),
@@ -441,7 +443,7 @@ impl Backend for S3Backend {
     }
 
     fn write_once(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<Written> {
-        self.inner.create(kind, name, bytes)
+        self.inner.create(kind, name, Bytes::copy_from_slice(bytes))
     }
 
     fn stage(&self, kind: Kind, name: &str) -> Result<Box<dyn Staged>> {
@@ -465,7 +467,7 @@ impl Backend for S3Backend {
             e_tag: meta.e_tag,
             version: meta.version,
         });
-        match i.put(kind, name, bytes, mode) {
+        match i.put(kind, name, Bytes::copy_from_slice(bytes), mode) {
             Ok(()) => Ok(()),
             // Removed (or replaced by someone else) since: never bring it back.
             Err(
@@ -518,8 +520,11 @@ impl Staged for S3Staged {
 
     fn finish(self: Box<Self>) -> Result<()> {
         let i = &self.inner;
-        if self.buf.len() <= PART {
-            return match i.create(self.kind, &self.name, &self.buf)? {
+        let len = self.buf.len();
+        // The pack's buffer becomes the payload as it is; parts are slices of it, not copies.
+        let buf = Bytes::from(self.buf);
+        if len <= PART {
+            return match i.create(self.kind, &self.name, buf)? {
                 Written::Created => Ok(()),
                 Written::AlreadyThere => Err(StoreError::StorageUnreachable {
                     location: i.at.to_string(),
@@ -528,17 +533,13 @@ impl Staged for S3Staged {
             };
         }
         let path = i.path(self.kind, &self.name);
-        Requests::add(
-            &i.requests.multipart,
-            2 + self.buf.len().div_ceil(PART) as u64,
-        );
+        Requests::add(&i.requests.multipart, 2 + len.div_ceil(PART) as u64);
         let r: std::result::Result<(), object_store::Error> = i.rt.block_on(async {
             let mut upload = i.store.put_multipart(&path).await?;
             // The parts go up at once; the upload completes only when all of them have.
-            let parts: Vec<_> = self
-                .buf
-                .chunks(PART)
-                .map(|part| upload.put_part(PutPayload::from(part.to_vec())))
+            let parts: Vec<_> = (0..len)
+                .step_by(PART)
+                .map(|at| upload.put_part(PutPayload::from(buf.slice(at..(at + PART).min(len)))))
                 .collect();
             if let Err(e) = futures_util::future::try_join_all(parts).await {
                 let _ = upload.abort().await;

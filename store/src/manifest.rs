@@ -443,7 +443,7 @@ impl Manifest {
 }
 
 /// Where a copied snapshot came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Origin {
     /// The source repository's id.
     pub repo_id: [u8; 16],

@@ -86,30 +86,40 @@ fn spawn_weed(bin: &PathBuf, dir: &std::path::Path, ports: &[u16]) -> Child {
 impl Weed {
     fn start() -> Option<Weed> {
         let bin = weed_binary()?;
-        let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
-        let child = spawn_weed(&bin, dir.path(), &ports);
-        let weed = Weed {
-            child,
-            bin,
-            s3_port: ports[0],
-            ports,
-            dir,
-        };
-        weed.wait_ready();
-        Some(weed)
+        // A port found free may be taken by another test's server before this one binds it:
+        // then this server exits, and a new one starts on other ports.
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
+            let child = spawn_weed(&bin, dir.path(), &ports);
+            let mut weed = Weed {
+                child,
+                bin: bin.clone(),
+                s3_port: ports[0],
+                ports,
+                dir,
+            };
+            if weed.wait_ready() {
+                return Some(weed);
+            }
+        }
+        panic!("SeaweedFS did not start (three tries)");
     }
 
-    /// Waits until the bucket answers a signed listing.
-    fn wait_ready(&self) {
+    /// Waits until the bucket answers a signed listing; false when the server exited.
+    fn wait_ready(&mut self) -> bool {
         let started = Instant::now();
         while self.backend("probe").list(Kind::Snapshot).is_err() {
+            if self.child.try_wait().unwrap().is_some() {
+                return false;
+            }
             assert!(
-                started.elapsed() < Duration::from_secs(60),
+                started.elapsed() < Duration::from_secs(120),
                 "SeaweedFS did not start"
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+        true
     }
 
     /// Kills the server (as a crash would).
@@ -121,7 +131,7 @@ impl Weed {
     /// Starts it again on the same data and ports.
     fn restart(&mut self) {
         self.child = spawn_weed(&self.bin, self.dir.path(), &self.ports);
-        self.wait_ready();
+        assert!(self.wait_ready(), "SeaweedFS did not start again");
     }
 
     fn endpoint(&self) -> String {

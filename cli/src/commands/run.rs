@@ -1,5 +1,6 @@
 //! `sbk run JOBFILE`: a data mover's night in one command.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -152,10 +153,10 @@ fn hook(
     Ok(out)
 }
 
-/// The storage token the newest snapshot of `source` recorded, if any.
-/// The storage token of the newest snapshot of `source` on the job's host (the parent the
-/// next incremental starts from), if it recorded one.
-fn parent_token(job: &Job, source: &str) -> Result<Option<String>, String> {
+/// Per source of the job, the storage token its newest snapshot on the job's host recorded (the
+/// parent the next incremental starts from): one listing for the whole job, as the sources'
+/// names are distinct and no source's backup changes another's parent.
+fn parent_tokens(job: &Job) -> Result<HashMap<String, String>, String> {
     let host = job
         .host
         .as_ref()
@@ -171,14 +172,19 @@ fn parent_token(job: &Job, source: &str) -> Result<Option<String>, String> {
     }
     let list: serde_json::Value =
         serde_json::from_slice(&out.stdout).map_err(|e| format!("listing the snapshots: {e}"))?;
-    Ok(list
-        .as_array()
-        .and_then(|l| {
-            l.iter()
-                .rev()
-                .find(|s| s["source"] == source && s["host"] == host.as_str())
-        })
-        .and_then(|s| s["changed_blocks"]["token"].as_str().map(str::to_owned)))
+    let mut tokens = HashMap::new();
+    // Oldest first: the newest snapshot of each source has the last word.
+    for s in list.as_array().into_iter().flatten() {
+        if s["host"] == host.as_str() {
+            if let Some(source) = s["source"].as_str() {
+                match s["changed_blocks"]["token"].as_str() {
+                    Some(t) => tokens.insert(source.to_owned(), t.to_owned()),
+                    None => tokens.remove(source),
+                };
+            }
+        }
+    }
+    Ok(tokens)
 }
 
 /// The variables that hold passwords, which hooks never see.
@@ -190,7 +196,13 @@ fn secret_vars(job: &Job) -> Vec<String> {
 }
 
 /// Backs up one source with its hooks.
-fn source(ctx: &Context, job: &Job, s: &Source, scratch: &Path) -> Done {
+fn source(
+    ctx: &Context,
+    job: &Job,
+    s: &Source,
+    tokens: &Result<HashMap<String, String>, String>,
+    scratch: &Path,
+) -> Done {
     let name = s.name.0.clone();
     let hide = secret_vars(job);
     let timeout = s.timeout.map_or(DEFAULT_TIMEOUT, |t| t.0);
@@ -198,7 +210,7 @@ fn source(ctx: &Context, job: &Job, s: &Source, scratch: &Path) -> Done {
     let mut snapshot = None;
     let result = (|| -> Result<(), String> {
         // The parent's storage token: where a changed-block list must start from.
-        let parent = parent_token(job, &name)?;
+        let parent = tokens.as_ref().map_err(Clone::clone)?.get(&name).cloned();
         if let Some(t) = &parent {
             env.push(("SBK_PARENT_TOKEN", t.clone()));
         }
@@ -316,11 +328,12 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     // A stop (SIGINT, SIGTERM) ends the job after the source in progress (whose post runs):
     // no further source, retention or copy starts.
     let mut done: Vec<Done> = Vec::new();
+    let tokens = parent_tokens(&job);
     for s in &job.sources {
         if sbk_engine::stop_requested() {
             break;
         }
-        done.push(source(ctx, &job, s, scratch.path()));
+        done.push(source(ctx, &job, s, &tokens, scratch.path()));
     }
     let stopped = sbk_engine::stop_requested();
     for d in &done {
