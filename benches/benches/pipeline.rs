@@ -11,7 +11,7 @@ use sbk_benches::mixed;
 use sbk_engine::{
     backup, restore, BackupOptions, NoProgress, RestoreOptions, RestoreTarget, Source,
 };
-use sbk_store::{CacheLocation, InitOptions, Repository};
+use sbk_store::{CacheLocation, InitOptions, Lock, LockKind, LockTiming, Repository};
 
 const IMAGE: usize = 256 << 20;
 
@@ -19,6 +19,12 @@ fn threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+/// A shared lock, as `sbk backup` holds one.
+fn locked(repo: &Repository) -> Lock {
+    repo.lock(LockKind::Shared, "bench", LockTiming::default())
+        .expect("the lock is taken")
 }
 
 fn opts() -> BackupOptions {
@@ -59,6 +65,15 @@ fn pipeline(c: &mut Criterion) {
     g.sample_size(10);
 
     g.bench_function("baseline/odirect-read", |b| b.iter(|| raw_read(&image)));
+    let run_backup = |repo: &Repository, lock: &Lock| {
+        backup(
+            repo,
+            lock,
+            std::slice::from_ref(&image),
+            &opts(),
+            &NoProgress,
+        )
+    };
 
     g.bench_function("backup/first", |b| {
         b.iter_with_setup(
@@ -66,12 +81,12 @@ fn pipeline(c: &mut Criterion) {
                 let repo = dir.path().join(format!("repo-{}", std::process::id()));
                 let _ = std::fs::remove_dir_all(&repo);
                 Repository::init_local(&repo, InitOptions::default()).expect("init works");
-                Repository::open_local(&repo, &CacheLocation::Temporary, None).expect("open works")
+                let repo = Repository::open_local(&repo, &CacheLocation::Temporary, None)
+                    .expect("open works");
+                let lock = locked(&repo);
+                (repo, lock)
             },
-            |repo| {
-                backup(&repo, std::slice::from_ref(&image), &opts(), &NoProgress)
-                    .expect("backup runs")
-            },
+            |(repo, lock)| run_backup(&repo, &lock).expect("backup runs"),
         )
     });
 
@@ -79,12 +94,10 @@ fn pipeline(c: &mut Criterion) {
     Repository::init_local(&repo_path, InitOptions::default()).expect("init works");
     let repo =
         Repository::open_local(&repo_path, &CacheLocation::Temporary, None).expect("open works");
-    let first =
-        backup(&repo, std::slice::from_ref(&image), &opts(), &NoProgress).expect("backup runs");
+    let lock = locked(&repo);
+    let first = run_backup(&repo, &lock).expect("backup runs");
     let snapshot = first[0].as_ref().expect("the backup succeeds").snapshot;
-    g.bench_function("backup/unchanged", |b| {
-        b.iter(|| backup(&repo, std::slice::from_ref(&image), &opts(), &NoProgress))
-    });
+    g.bench_function("backup/unchanged", |b| b.iter(|| run_backup(&repo, &lock)));
 
     let out = dir.path().join("restored");
     g.bench_function("restore/file", |b| {

@@ -24,8 +24,8 @@ use memmap2::MmapMut;
 use rayon::iter::{ParallelBridge, ParallelIterator};
 use sbk_chunker::{split_changed, split_segment, ChunkerParams, Piece, Span};
 use sbk_store::{
-    encode_tree, BackupFigures, BlobKind, ChangedBlocks, ChunkId, EncodedBlob, Extent, Manifest,
-    PackEntry, PackId, PackWriter, Repository, SnapshotId, StoreError, BLOB_HEADER_LEN,
+    encode_tree, BackupFigures, BlobKind, ChangedBlocks, ChunkId, EncodedBlob, Extent, Lock,
+    Manifest, PackEntry, PackId, PackWriter, Repository, SnapshotId, StoreError, BLOB_HEADER_LEN,
 };
 
 use crate::changed::ChangedList;
@@ -119,6 +119,8 @@ const UPLOADERS: usize = 2;
 /// State shared by the pipelines of all sources backed up in one run.
 struct Session<'a> {
     repo: &'a Repository,
+    /// The run's lock, which pins the parent of an incremental.
+    lock: &'a Lock,
     params: ChunkerParams,
     pool: rayon::ThreadPool,
     packer: Mutex<Packer>,
@@ -403,6 +405,7 @@ impl Session<'_> {
 /// at all (bad chunker parameters, no threads).
 pub fn backup(
     repo: &Repository,
+    lock: &Lock,
     sources: &[PathBuf],
     opts: &BackupOptions,
     progress: &dyn Progress,
@@ -421,6 +424,7 @@ pub fn backup(
     let (work_tx, work_rx) = bounded::<Work>(opts.threads.max(1));
     let session = Session {
         repo,
+        lock,
         params: chunker_params(repo)?,
         pool,
         packer: Mutex::new(Packer { current: None }),
@@ -604,12 +608,18 @@ fn backup_one(
     }
 
     // Incremental: choose the parent and plan which segments to reuse unread. The lock was
-    // taken before this (by the caller), so prune cannot take the parent's trees meanwhile.
+    // taken before this (by the caller), so prune cannot take the parent's trees meanwhile,
+    // and the parent is pinned by it: even forgotten meanwhile, prune keeps what it refers to
+    // (a prune beside backups may have marked its packs before we started, if the backup that
+    // wrote it started earlier still).
     let mut info = None;
     let mut plan = Plan::default();
     let mut chosen = None;
     if let Some(c) = &opts.changed {
         let parent = choose_parent(repo, &opts.host, &label, c)?;
+        if let Some((id, _)) = &parent {
+            repo.pin_snapshot(session.lock, id)?;
+        }
         chosen = parent.as_ref().map(|(id, _)| *id);
         let mut i = ChangedBlocks {
             since: c.since.clone(),
@@ -1148,7 +1158,6 @@ fn chunk_segment(
         return Ok(done);
     };
     let data = &buf[..seg.len];
-    let index = repo.index()?;
     let add = |span: Span, done: &mut ChunkedSegment| -> Result<()> {
         let figures = &mut done.figures;
         match span {
@@ -1164,7 +1173,8 @@ fn chunk_segment(
                     id,
                     len: len as u32,
                 });
-                if !index.contains(&id)
+                // Never dedup against a pack prune marked: a later prune may delete it.
+                if !repo.dedup_hit(&id)?
                     && !session.written(&id)
                     && claimed
                         .lock()
@@ -1241,7 +1251,7 @@ fn write_segments(
             }
             let raw = encode_tree(&extents);
             let id = repo.blob_id(&raw);
-            if !repo.index()?.contains(&id) && !session.written(&id) && tree_ids.insert(id) {
+            if !repo.dedup_hit(&id)? && !session.written(&id) && tree_ids.insert(id) {
                 let blob = repo.encode_blob(id, BlobKind::Tree, &raw)?;
                 figures.new_stored += session.store(std::slice::from_ref(&blob))?;
             }

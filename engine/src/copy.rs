@@ -56,7 +56,8 @@ const INDEX_EVERY: usize = 64;
 
 impl Writer<'_> {
     fn has(&self, id: &ChunkId) -> Result<bool> {
-        Ok(self.written.contains(id) || self.dst.index()?.contains(id))
+        // Never a blob in a pack prune marked: a later prune may delete it.
+        Ok(self.written.contains(id) || self.dst.dedup_hit(id)?)
     }
 
     fn store(&mut self, id: ChunkId, kind: BlobKind, raw: &[u8]) -> Result<()> {

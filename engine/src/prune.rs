@@ -1,18 +1,24 @@
 //! `prune`: mark and sweep. Removes the packs that hold only blobs no snapshot refers to, and
 //! repacks those whose unused share exceeds a threshold.
 //!
-//! Ordering (docs/design.md, "prune"): blobs that stay are copied into new packs, which are
-//! sealed (durable) first; then new index files naming every surviving and new pack are written,
-//! and only then are the old index files removed; only then are the old packs deleted. A crash at
-//! any point leaves every snapshot restorable: at worst extra packs (named by no index file, swept
-//! by the next prune) or index files naming a blob twice. Prune runs under an exclusive lock
-//! (taken by the caller), so no backup can refer to a blob while it is being swept.
+//! Two modes (docs/design.md, "prune"). Beside backups (a prune lock, the default), in two
+//! phases: a run *marks* the packs it would delete (a marks object), and a later run deletes
+//! the marked packs that are still not needed, once the grace period has passed and every lock
+//! taken before the mark is gone; backups never dedup against a marked pack. Under an
+//! exclusive lock nobody else uses the repository, and unused packs go at once.
+//!
+//! Ordering, in both: blobs that stay are copied into new packs, which are sealed (durable)
+//! first; then new index files naming every surviving and new pack are written, and only then
+//! are the old index files removed; only then are packs deleted. A crash at any point leaves
+//! every snapshot restorable: at worst extra packs (named by no index file, swept by a later
+//! prune), index files naming a blob twice, or a marks object naming packs that are gone.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use sbk_store::{
-    ChunkId, EncodedBlob, Extent, PackEntry, PackId, PackWriter, Repository, BLOB_HEADER_LEN,
+    list_locks, ChunkId, EncodedBlob, Extent, Lock, LockKind, MarkReason, Marks, PackEntry, PackId,
+    PackWriter, Repository, BLOB_HEADER_LEN,
 };
 
 use crate::error::{EngineError, Result};
@@ -20,6 +26,19 @@ use crate::pool::{snapshot_trees, worker_pool};
 use crate::progress::Progress;
 use crate::repair::replace_index_files;
 use crate::restore::windows;
+
+/// How prune may delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PruneMode {
+    /// Under an exclusive lock: nobody else uses the repository, unused packs go at once.
+    Exclusive,
+    /// Under a prune lock, beside backups: packs are marked, and deleted by a later run.
+    Beside {
+        /// Seconds (storage time) a mark waits before it is acted on, and by which every lock
+        /// still live must postdate it: more than the storage's clock skew and listing delay.
+        grace_secs: i64,
+    },
+}
 
 /// How to prune.
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +49,8 @@ pub struct PruneOptions {
     pub dry_run: bool,
     /// Worker threads (marking).
     pub threads: usize,
+    /// Exclusive or beside backups; the caller holds the matching lock.
+    pub mode: PruneMode,
 }
 
 /// What prune did (or, with `dry_run`, would do).
@@ -37,15 +58,27 @@ pub struct PruneOptions {
 pub struct PruneReport {
     /// Packs in the repository before.
     pub packs: usize,
-    /// Packs deleted because nothing in them is used.
+    /// Packs deleted because nothing in them is used (or, beside backups, because an earlier
+    /// run marked them and they are still not needed).
     pub packs_deleted: usize,
     /// Packs deleted because no index file names them (left by a backup that died).
     pub packs_unindexed: usize,
+    /// Packs this run marked for deletion by a later one (beside backups).
+    pub packs_marked: usize,
+    /// Their bytes.
+    pub bytes_marked: u64,
+    /// Packs an earlier run marked that are needed again (a backup that started before the
+    /// mark referred to them): kept, and no longer marked.
+    pub packs_revived: usize,
+    /// Marks of earlier runs not acted on yet, and why (the first reason).
+    pub marks_waiting: usize,
+    /// Why the first waiting mark waits.
+    pub waiting_because: Option<String>,
     /// Index files before.
     pub index_files_before: usize,
     /// Index files written (the index is rewritten whenever packs go, or there are many files).
     pub index_files_written: usize,
-    /// Packs rewritten because too much of them is unused.
+    /// Packs rewritten because too much of them is unused (their used blobs copied).
     pub packs_repacked: usize,
     /// New packs written by the repack.
     pub packs_written: usize,
@@ -110,15 +143,116 @@ pub fn used_blobs(repo: &Repository) -> Result<HashSet<ChunkId>> {
 /// nothing (each backup run writes at least one).
 const MERGE_INDEX_FILES_AT: usize = 16;
 
-/// Runs prune. The caller holds an exclusive lock.
+/// What the marks objects of earlier runs allow.
+#[derive(Default)]
+struct EarlierMarks {
+    /// Marked packs this run may delete (when still not needed), with the reason.
+    due: HashMap<PackId, MarkReason>,
+    /// Marked packs whose mark waits.
+    waiting: HashSet<PackId>,
+    /// Names of the marks objects this run acts on (removed at its end).
+    consumed: Vec<String>,
+    /// How many marks objects wait, and why the first does.
+    waiting_objects: usize,
+    because: Option<String>,
+}
+
+/// Sorts the marks objects into those this run acts on and those that wait. A mark is acted on
+/// once `grace` has passed since the storage wrote it and every live lock but ours and pins was
+/// taken more than `grace` after it (storage times both): a process that took its lock later
+/// read the mark before it could dedup against a marked pack. In exclusive mode every mark is
+/// consumed: nobody else is there to honour it.
+fn sort_marks(repo: &Repository, lock: &Lock, mode: PruneMode) -> Result<EarlierMarks> {
+    let mut out = EarlierMarks::default();
+    let found = repo.list_marks()?;
+    let PruneMode::Beside { grace_secs } = mode else {
+        for m in found {
+            if let Ok(marks) = m.marks {
+                out.due.extend(marks.packs);
+            }
+            out.consumed.push(m.name);
+        }
+        return Ok(out);
+    };
+    // Marks first, locks second; no marks object appears meanwhile (prune locks exclude each
+    // other), and a lock taken after this listing postdates every mark.
+    let host = sbk_store::host_name();
+    let now_host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let others: Vec<_> = list_locks(repo.backend().as_ref())?
+        .into_iter()
+        .filter(|l| l.name != lock.name())
+        .filter(|l| match &l.info {
+            // A server's reads that find a pack gone refresh the index and read on.
+            Ok(i) => i.kind != LockKind::Pin && i.stale(&host, now_host).is_none(),
+            Err(_) => true,
+        })
+        .collect();
+    // Our own lock's time is the storage's "now".
+    let now = lock.started();
+    for m in found {
+        let marks = m.marks.map_err(|e| {
+            EngineError::Unsafe(format!(
+                "{e}; which packs it marks is unknown: run `sbk prune --exclusive` when no backup runs"
+            ))
+        })?;
+        let age = now - m.modified;
+        let wait = if age < grace_secs {
+            Some(format!(
+                "marked {age} s ago; the grace period is {grace_secs} s"
+            ))
+        } else {
+            others
+                .iter()
+                .find(|l| l.started() <= m.modified + grace_secs)
+                .map(|l| match &l.info {
+                    Ok(i) => format!(
+                        "{} lock of process {} on {} ({}) was taken before the mark",
+                        i.kind.article(),
+                        i.pid,
+                        i.host,
+                        i.purpose
+                    ),
+                    Err(e) => format!("lock {} cannot be read ({e})", l.name),
+                })
+        };
+        match wait {
+            Some(why) => {
+                out.waiting.extend(marks.packs.iter().map(|(p, _)| *p));
+                out.waiting_objects += 1;
+                out.because.get_or_insert(why);
+            }
+            None => {
+                out.due.extend(marks.packs);
+                out.consumed.push(m.name);
+            }
+        }
+    }
+    // A pack in a waiting mark waits, whatever another mark says.
+    out.due.retain(|p, _| !out.waiting.contains(p));
+    Ok(out)
+}
+
+/// Runs prune. The caller holds `lock`: exclusive, or a prune lock for [`PruneMode::Beside`].
 pub fn prune(
     repo: &Repository,
+    lock: &Lock,
     opts: &PruneOptions,
     progress: &dyn Progress,
 ) -> Result<PruneReport> {
     let started = Instant::now();
     let pool = worker_pool(opts.threads, "prune")?;
     let mut report = PruneReport::default();
+    let beside = matches!(opts.mode, PruneMode::Beside { .. });
+    let earlier = sort_marks(repo, lock, opts.mode)?;
+    report.marks_waiting = earlier.waiting_objects;
+    report.waiting_because = earlier.because.clone();
+
+    // What the snapshots use comes first, the index files second, the packs last: a snapshot
+    // is written after its index files and they after its packs, so every blob a listed
+    // snapshot uses is in a listed index file and a listed pack.
+    let used = pool.install(|| used_blobs(repo))?;
 
     // What the index files say each pack holds: the repository's own truth, not the cache. A
     // damaged index file could hide where a used blob lives, so prune stops on one.
@@ -141,13 +275,22 @@ pub fn prune(
     report.packs = sizes.len();
     report.bytes_before = sizes.values().sum();
 
-    let used = pool.install(|| used_blobs(repo))?;
-
-    // One existing pack for each used blob; a used blob in no existing pack means the index
-    // files or the packs are damaged, and nothing may be deleted until that is repaired.
+    // One existing pack for each used blob: one no mark names if there is one, then one whose
+    // mark waits, then one due for deletion (which that revives). A used blob in no existing
+    // pack means the index files or the packs are damaged, and nothing may be deleted until
+    // that is repaired.
+    let rank = |p: &PackId| {
+        if earlier.due.contains_key(p) {
+            2
+        } else if earlier.waiting.contains(p) {
+            1
+        } else {
+            0
+        }
+    };
     let mut home: HashMap<ChunkId, PackId> = HashMap::new();
     let mut by_id: Vec<(&PackId, &Vec<PackEntry>)> = indexed.iter().collect();
-    by_id.sort_by_key(|(p, _)| **p);
+    by_id.sort_by_key(|(p, _)| (rank(p), **p));
     for (pack, entries) in &by_id {
         if sizes.contains_key(pack) {
             for e in entries.iter() {
@@ -167,18 +310,60 @@ pub fn prune(
         live_in.entry(*pack).or_default().insert(*id);
     }
 
-    // Sweep plan, pack by pack.
+    // Phase 2 (beside backups): the packs earlier runs marked that are due and still not
+    // needed go now. One that is the home of a used blob was referred to by a backup that
+    // started before its mark: it stays, unmarked.
     let mut delete: Vec<(PackId, u64)> = Vec::new();
+    if beside {
+        let mut due: Vec<(&PackId, &MarkReason)> = earlier.due.iter().collect();
+        due.sort_by_key(|(p, _)| **p);
+        for (pack, reason) in due {
+            let Some(&size) = sizes.get(pack) else {
+                continue; // deleted by a run that stopped before removing its marks
+            };
+            if live_in.contains_key(pack) {
+                report.packs_revived += 1;
+                continue;
+            }
+            if *reason == MarkReason::Unindexed && !indexed.contains_key(pack) {
+                report.packs_unindexed += 1;
+            }
+            if let Some(entries) = indexed.get(pack) {
+                report.blobs_dropped += entries.iter().filter(|e| !used.contains(&e.id)).count();
+            }
+            delete.push((*pack, size));
+        }
+    }
+    let deleting: HashSet<PackId> = delete.iter().map(|(p, _)| *p).collect();
+
+    // Phase 1 (or the whole plan, under an exclusive lock), pack by pack.
+    let mut marks = Marks::default();
     let mut repack: Vec<(PackId, u64, Vec<PackEntry>)> = Vec::new();
     let mut survivors: Vec<(PackId, Vec<PackEntry>)> = Vec::new();
     let mut ids: Vec<(&PackId, &u64)> = sizes.iter().collect();
     ids.sort();
     for (pack, &size) in ids {
-        let Some(entries) = indexed.get(pack) else {
-            // Named by no index file: left by a backup that died before indexing it. Under the
-            // exclusive lock no backup is writing, so nothing can still come to refer to it.
-            report.packs_unindexed += 1;
-            delete.push((*pack, size));
+        if deleting.contains(pack) {
+            continue;
+        }
+        let entries = indexed.get(pack);
+        if beside && earlier.waiting.contains(pack) {
+            // Marked already; the run that acts on its mark decides.
+            if let Some(entries) = entries {
+                survivors.push((*pack, entries.clone()));
+            }
+            continue;
+        }
+        let Some(entries) = entries else {
+            // Named by no index file: left by a backup that died before indexing it, or (beside
+            // backups) being written by one that runs; its lock then holds the mark back.
+            if beside {
+                marks.packs.push((*pack, MarkReason::Unindexed));
+                report.bytes_marked += size;
+            } else {
+                report.packs_unindexed += 1;
+                delete.push((*pack, size));
+            }
             continue;
         };
         let live = live_in.get(pack);
@@ -186,8 +371,16 @@ pub fn prune(
             .iter()
             .partition(|e| live.is_some_and(|l| l.contains(&e.id)));
         if keep.is_empty() {
-            report.blobs_dropped += drop.len();
-            delete.push((*pack, size));
+            if beside {
+                marks.packs.push((*pack, MarkReason::Unused));
+                report.bytes_marked += size;
+                // Still indexed until it is deleted: a backup that started before the mark and
+                // refers to it finds it, and revives it.
+                survivors.push((*pack, entries.clone()));
+            } else {
+                report.blobs_dropped += drop.len();
+                delete.push((*pack, size));
+            }
             continue;
         }
         let live_bytes: u64 = keep
@@ -196,24 +389,33 @@ pub fn prune(
             .sum();
         let unused = 100.0 * (1.0 - live_bytes as f64 / size as f64);
         if !drop.is_empty() && unused > opts.max_unused_percent {
-            report.blobs_dropped += drop.len();
             report.bytes_repacked += live_bytes;
+            if beside {
+                marks.packs.push((*pack, MarkReason::Repacked));
+                report.bytes_marked += size;
+                survivors.push((*pack, entries.clone()));
+            } else {
+                report.blobs_dropped += drop.len();
+            }
             repack.push((*pack, size, keep));
         } else {
             survivors.push((*pack, entries.clone()));
         }
     }
+    report.packs_marked = marks.packs.len();
     report.packs_deleted = delete.len() - report.packs_unindexed;
     report.packs_repacked = repack.len();
     let changes = !delete.is_empty() || !repack.is_empty();
     let rewrite_index =
         changes || files.len() > MERGE_INDEX_FILES_AT || indexed.len() > survivors.len();
+    let removed_now: u64 = delete.iter().map(|(_, size)| size).sum::<u64>()
+        + if beside {
+            0
+        } else {
+            repack.iter().map(|(_, size, _)| size).sum()
+        };
     if opts.dry_run {
-        report.bytes_removed = delete
-            .iter()
-            .map(|(_, size)| size)
-            .chain(repack.iter().map(|(_, size, _)| size))
-            .sum();
+        report.bytes_removed = removed_now;
         report.bytes_reclaimed = report.bytes_removed.saturating_sub(report.bytes_repacked);
         report.duration_ms = started.elapsed().as_millis() as u64;
         return Ok(report);
@@ -221,19 +423,91 @@ pub fn prune(
 
     // A stop is honoured between steps: each leaves the repository as a crash there would,
     // which the ordering below makes safe (new packs unindexed until step 2, old packs named by
-    // no index after it; the next prune removes either).
+    // no index after it; a later prune removes either).
     crate::interrupt::check()?;
     // 1. Copy the blobs that stay into new packs, verified, and seal them (durable).
-    progress.start(0, "repack", report.bytes_repacked);
+    let (new_packs, written) = copy_live(repo, &repack, progress)?;
+    report.packs_written = new_packs.len();
+
+    // 2. New index files naming the surviving and new packs, then the old index files go: from
+    //    here on no process can find a blob in a pack about to be deleted.
+    crate::interrupt::check()?;
+    if rewrite_index {
+        let mut all = survivors;
+        all.extend(new_packs);
+        report.index_files_written = replace_index_files(repo, &all, &files)?.0;
+    }
+
+    // 3. The marks of this run, once the copies of repacked blobs are indexed: backups that
+    //    start from now on leave the marked packs alone.
+    crate::interrupt::check()?;
+    if !marks.packs.is_empty() {
+        repo.write_marks(&marks)?;
+    }
+
+    // 4. Only now delete packs, then the marks this run acted on, then the leftovers of
+    //    interrupted writes that no live process can still be writing.
+    let mut doomed = delete;
+    if !beside {
+        doomed.extend(repack.iter().map(|(p, size, _)| (*p, *size)));
+    }
+    for (pack, size) in doomed {
+        crate::interrupt::check()?;
+        report.bytes_removed += repo.remove_pack(pack, size)?;
+    }
+    for name in &earlier.consumed {
+        repo.remove_marks(name)?;
+    }
+    report.bytes_removed += repo.remove_leftovers(leftovers_before(repo, lock, opts.mode)?)?;
+    // Pins of processes that are gone protect nothing any more.
+    repo.remove_stale_pins()?;
+    report.bytes_reclaimed = report.bytes_removed.saturating_sub(written);
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// Leftovers of interrupted writes older than this (storage time) are nobody's: older than
+/// every live lock but ours and pins (a pin's holder writes only small objects, done in
+/// moments), and than the grace period. Under an exclusive lock, all of them.
+fn leftovers_before(repo: &Repository, lock: &Lock, mode: PruneMode) -> Result<i64> {
+    let PruneMode::Beside { grace_secs } = mode else {
+        return Ok(i64::MAX);
+    };
+    let oldest = list_locks(repo.backend().as_ref())?
+        .into_iter()
+        .filter(|l| l.name != lock.name())
+        .filter(|l| l.info.as_ref().map_or(true, |i| i.kind != LockKind::Pin))
+        .map(|l| l.started())
+        .min()
+        .unwrap_or(i64::MAX);
+    Ok(oldest.min(lock.started() - grace_secs))
+}
+
+/// A pack with the blobs it holds, as an index file names it.
+type IndexedPack = (PackId, Vec<PackEntry>);
+
+/// Copies the live blobs of the packs to repack into new packs, each blob verified before it
+/// is written, and seals them. Returns the new packs and the bytes written.
+fn copy_live(
+    repo: &Repository,
+    repack: &[(PackId, u64, Vec<PackEntry>)],
+    progress: &dyn Progress,
+) -> Result<(Vec<IndexedPack>, u64)> {
+    let total = repack
+        .iter()
+        .flat_map(|(_, _, keep)| keep)
+        .map(|e| BLOB_HEADER_LEN as u64 + u64::from(e.stored_len))
+        .sum();
+    progress.start(0, "repack", total);
     let mut writer: Option<PackWriter> = None;
     let mut written = 0u64;
-    let mut new_packs: Vec<(PackId, Vec<PackEntry>)> = Vec::new();
+    let mut new_packs: Vec<IndexedPack> = Vec::new();
     let mut seal = |w: PackWriter, new_packs: &mut Vec<_>| -> Result<()> {
         written += w.len();
         new_packs.push(w.finish()?);
         Ok(())
     };
-    for (pack, _, keep) in &repack {
+    for (pack, _, keep) in repack {
         crate::interrupt::check()?;
         let mut raw = Vec::new();
         for e in keep {
@@ -263,31 +537,6 @@ pub fn prune(
     if let Some(w) = writer.take() {
         seal(w, &mut new_packs)?;
     }
-    report.packs_written = new_packs.len();
     progress.finish(0);
-
-    // 2. New index files naming the surviving and new packs, then the old index files go: from
-    //    here on no process can find a blob in an old pack.
-    crate::interrupt::check()?;
-    if rewrite_index {
-        let mut all = survivors;
-        all.extend(new_packs);
-        report.index_files_written = replace_index_files(repo, &all, &files)?.0;
-    }
-
-    // 3. Only now delete the old packs, and the leftovers of interrupted writes.
-    for (pack, size) in delete
-        .iter()
-        .copied()
-        .chain(repack.iter().map(|(p, size, _)| (*p, *size)))
-    {
-        crate::interrupt::check()?;
-        report.bytes_removed += repo.remove_pack(pack, size)?;
-    }
-    report.bytes_removed += repo.remove_leftovers()?;
-    // Pins of servers that are gone protect nothing any more.
-    repo.remove_stale_pins()?;
-    report.bytes_reclaimed = report.bytes_removed.saturating_sub(written);
-    report.duration_ms = started.elapsed().as_millis() as u64;
-    Ok(report)
+    Ok((new_packs, written))
 }

@@ -390,7 +390,24 @@ fn restore_positioned(
             let b = state
                 .as_mut()
                 .map_err(|e| out.err(std::io::Error::new(e.kind(), e.to_string())))?;
-            restore_batch(repo, batch, out, b, progress)
+            match restore_batch(repo, batch, out, b, progress) {
+                // A prune beside us deleted the pack after moving its used blobs to another
+                // one (docs/design.md, "prune"); nothing of the batch was written yet. The
+                // refreshed index knows where they are now.
+                Err(EngineError::Store(StoreError::PackMissing { .. })) => {
+                    repo.refresh_index()?;
+                    for (entry, offsets) in &batch.blobs {
+                        let e = repo.locate(&entry.id)?;
+                        let moved = Batch {
+                            pack: e.pack,
+                            blobs: vec![(e.entry, offsets.clone())],
+                        };
+                        restore_batch(repo, &moved, out, b, progress)?;
+                    }
+                    Ok(())
+                }
+                r => r,
+            }
         })?;
     if out.device {
         write_zeros(out, &zeros, progress)?;

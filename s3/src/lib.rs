@@ -363,10 +363,15 @@ impl Backend for S3Backend {
     fn list(&self, kind: Kind) -> Result<Vec<ObjectInfo>> {
         let i = &self.inner;
         if kind == Kind::Config {
-            return match self.size(kind, "config") {
-                Ok(size) => Ok(vec![ObjectInfo {
+            let head = {
+                Requests::add(&i.requests.head, 1);
+                i.rt.block_on(i.store.head(&i.path(kind, "config")))
+            };
+            return match head.map_err(|e| i.err(e, kind, "config")) {
+                Ok(m) => Ok(vec![ObjectInfo {
                     name: "config".into(),
-                    size,
+                    size: m.size,
+                    modified: m.last_modified.timestamp(),
                 }]),
                 Err(StoreError::ObjectMissing { .. }) => Ok(Vec::new()),
                 Err(e) => Err(e),
@@ -386,7 +391,11 @@ impl Backend for S3Backend {
             }) else {
                 continue;
             };
-            out.push(ObjectInfo { name, size: m.size });
+            out.push(ObjectInfo {
+                name,
+                size: m.size,
+                modified: m.last_modified.timestamp(),
+            });
         }
         out.sort();
         Ok(out)
@@ -497,7 +506,7 @@ impl Backend for S3Backend {
         .map_err(|e| i.err(e, kind, name))
     }
 
-    fn remove_leftovers(&self) -> Result<u64> {
+    fn remove_leftovers(&self, _before: i64) -> Result<u64> {
         // Objects appear whole or not at all: nothing half-written is ever listed.
         Ok(0)
     }

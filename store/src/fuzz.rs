@@ -91,6 +91,13 @@ pub fn lock(data: &[u8]) {
     }
 }
 
+/// Marks object: decodes, and re-encodes to its bytes when it decodes.
+pub fn marks(data: &[u8]) {
+    if let Ok(m) = crate::marks::Marks::decode(data) {
+        assert_eq!(m.encode(), data);
+    }
+}
+
 /// The fixed master key the fuzz entry points open sealed bytes with.
 fn fuzz_crypto() -> crate::crypto::Crypto {
     crate::crypto::Crypto::sealed(crate::crypto::MasterKey {

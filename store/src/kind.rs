@@ -19,6 +19,8 @@ pub enum Kind {
     Lock,
     /// Pins: copies of the manifests a pin lock's holder serves, named `<lock>.<snapshot>`.
     Pin,
+    /// Marks objects: the packs a prune run marked for deletion by a later one.
+    Marks,
 }
 
 impl Kind {
@@ -32,6 +34,7 @@ impl Kind {
             Kind::Snapshot => "snapshots",
             Kind::Lock => "locks",
             Kind::Pin => "pins",
+            Kind::Marks => "marks",
         }
     }
 }
@@ -46,6 +49,7 @@ impl fmt::Display for Kind {
             Kind::Snapshot => "snapshot",
             Kind::Lock => "lock",
             Kind::Pin => "pin",
+            Kind::Marks => "marks object",
         })
     }
 }

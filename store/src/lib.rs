@@ -19,6 +19,7 @@ mod key;
 mod kind;
 mod lock;
 mod manifest;
+mod marks;
 mod pack;
 mod repo;
 
@@ -37,8 +38,9 @@ pub use lock::{
     host_name, list_locks, remove_pins, FoundLock, Lock, LockInfo, LockKind, LockTiming,
 };
 pub use manifest::{encode_tree, BackupFigures, ChangedBlocks, Extent, Manifest, Origin};
+pub use marks::{MarkReason, Marks};
 pub use pack::{PackEntry, PackWriter};
 pub use repo::{
-    ChunkerSource, InitOptions, Repository, DEFAULT_CHUNK_AVG, DEFAULT_PACK_SIZE,
+    ChunkerSource, FoundMarks, InitOptions, Repository, DEFAULT_CHUNK_AVG, DEFAULT_PACK_SIZE,
     DEFAULT_ZSTD_LEVEL,
 };

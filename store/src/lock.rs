@@ -23,9 +23,10 @@ use crate::id::to_hex;
 
 /// Magic of a lock object. Do not change.
 pub const LOCK_MAGIC: &[u8; 8] = b"SBKLOCK\0";
-/// Lock object format version: 3 added pin locks (kind 3). A lock of another version is
-/// unreadable, and so conflicts with every lock until `sbk unlock` removes it.
-pub const LOCK_VERSION: u32 = 3;
+/// Lock object format version: 3 added pin locks (kind 3); 4 added prune locks (kind 4) and the
+/// storage time the lock was taken at. A lock of another version is unreadable, and so
+/// conflicts with every lock until `sbk unlock` removes it.
+pub const LOCK_VERSION: u32 = 4;
 
 /// How often a holder refreshes its lock and how long a lock lives unrefreshed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +59,33 @@ pub enum LockKind {
     /// Conflicts with nothing; keeps the snapshots its holder pinned (their manifests copied
     /// under `pins/`) from prune, even once forgotten (`sbk serve`, which runs for days).
     Pin = 3,
+    /// Conflicts with exclusive locks and other prune locks only: prune that runs beside
+    /// backups, in two phases (docs/design.md, "prune").
+    Prune = 4,
+}
+
+impl LockKind {
+    /// "a shared", "an exclusive"…: for messages.
+    pub fn article(self) -> &'static str {
+        match self {
+            LockKind::Exclusive => "an exclusive",
+            LockKind::Shared => "a shared",
+            LockKind::Pin => "a pin",
+            LockKind::Prune => "a prune",
+        }
+    }
+
+    /// Whether holders of these two kinds of lock may not work at once.
+    pub fn conflicts_with(self, other: LockKind) -> bool {
+        use LockKind::*;
+        match (self, other) {
+            // A pin conflicts with nothing: prune keeps what it pins instead of waiting for it.
+            (Pin, _) | (_, Pin) => false,
+            (Exclusive, _) | (_, Exclusive) => true,
+            (Prune, Prune) => true,
+            _ => false,
+        }
+    }
 }
 
 /// The contents of a lock object.
@@ -73,6 +101,11 @@ pub struct LockInfo {
     pub time: i64,
     /// Seconds after `time` at which the lock is stale.
     pub lease_secs: u32,
+    /// When the lock object was first written, by the storage's clock (seconds since the Unix
+    /// epoch), as the holder saw it listed right after taking it; 0 until then (the object has
+    /// not been replaced yet, so its own modification time is that moment). See
+    /// [`FoundLock::started`].
+    pub started: i64,
     /// What the holder is doing (the command).
     pub purpose: String,
 }
@@ -87,6 +120,7 @@ impl LockInfo {
             .u32(self.pid)
             .i64(self.time)
             .u32(self.lease_secs)
+            .i64(self.started)
             .str(&self.host)
             .str(&self.purpose);
         e.finish_with_checksum()
@@ -107,6 +141,7 @@ impl LockInfo {
             1 => LockKind::Shared,
             2 => LockKind::Exclusive,
             3 => LockKind::Pin,
+            4 => LockKind::Prune,
             k => return Err(invalid("lock kind", format!("{k}"))),
         };
         let info = LockInfo {
@@ -114,6 +149,7 @@ impl LockInfo {
             pid: d.u32()?,
             time: d.i64()?,
             lease_secs: d.u32()?,
+            started: d.i64()?,
             host: d.str("host")?,
             purpose: d.str("purpose")?,
         };
@@ -144,6 +180,19 @@ pub struct FoundLock {
     pub name: String,
     /// Its contents, or why they could not be read.
     pub info: Result<LockInfo, DecodeError>,
+    /// When the storage last wrote it (taken or refreshed).
+    pub modified: i64,
+}
+
+impl FoundLock {
+    /// When its holder took it, by the storage's clock: recorded in the lock by its first
+    /// refresh, and until then the time the object was written (it has not been replaced).
+    pub fn started(&self) -> i64 {
+        match &self.info {
+            Ok(i) if i.started != 0 => i.started,
+            _ => self.modified,
+        }
+    }
 }
 
 /// This machine's host name.
@@ -170,6 +219,7 @@ pub fn list_locks(backend: &dyn Backend) -> Result<Vec<FoundLock>> {
             Ok(bytes) => out.push(FoundLock {
                 info: LockInfo::decode(&bytes),
                 name: o.name,
+                modified: o.modified,
             }),
             Err(StoreError::ObjectMissing { .. }) => {} // released meanwhile
             Err(e) => return Err(e),
@@ -178,14 +228,20 @@ pub fn list_locks(backend: &dyn Backend) -> Result<Vec<FoundLock>> {
     Ok(out)
 }
 
-/// The first live lock other than `ours` that conflicts with taking one of `kind`.
+/// A conflicting lock: its name and contents.
+type Conflict = (String, LockInfo);
+
+/// The first live lock other than `ours` that conflicts with taking one of `kind`, and when
+/// the storage wrote ours (`None` if the listing did not show it).
 fn conflicting(
     backend: &dyn Backend,
     ours: &str,
     kind: LockKind,
     host: &str,
-) -> Result<Option<(String, LockInfo)>> {
-    Ok(list_locks(backend)?.into_iter().find_map(|other| {
+) -> Result<(Option<Conflict>, Option<i64>)> {
+    let locks = list_locks(backend)?;
+    let written = locks.iter().find(|l| l.name == ours).map(|l| l.modified);
+    let conflict = locks.into_iter().find_map(|other| {
         if other.name == ours {
             return None;
         }
@@ -197,13 +253,12 @@ fn conflicting(
             pid: 0,
             time: now(),
             lease_secs: 0,
+            started: 0,
             purpose: format!("unreadable lock object: {e}"),
         });
-        // A pin conflicts with nothing: prune keeps what it pins instead of waiting for it.
-        let pin = kind == LockKind::Pin || o.kind == LockKind::Pin;
-        let conflicts = !pin && (kind == LockKind::Exclusive || o.kind == LockKind::Exclusive);
-        (conflicts && o.stale(host, now()).is_none()).then_some((other.name, o))
-    }))
+        (kind.conflicts_with(o.kind) && o.stale(host, now()).is_none()).then_some((other.name, o))
+    });
+    Ok((conflict, written))
 }
 
 /// Whether the holder of a repository still holds its lock; shared by the lock's refresher and
@@ -262,6 +317,7 @@ impl Lease {
 pub struct Lock {
     backend: Arc<dyn Backend>,
     name: String,
+    started: i64,
     stop: Arc<AtomicBool>,
     refresher: Option<std::thread::JoinHandle<()>>,
     lease: Arc<Lease>,
@@ -285,6 +341,7 @@ impl Lock {
             pid: std::process::id(),
             time: now(),
             lease_secs: timing.lease.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
+            started: 0,
             purpose: purpose.to_owned(),
         };
         let name = to_hex(
@@ -297,10 +354,14 @@ impl Lock {
             info.time = now();
             backend.write_once(Kind::Lock, &name, &info.encode())?;
             let found = conflicting(backend.as_ref(), &name, kind, &host);
-            let Some((other, o)) = found.inspect_err(|_| {
+            let (conflict, written) = found.inspect_err(|_| {
                 let _ = backend.delete(Kind::Lock, &name);
-            })?
-            else {
+            })?;
+            let Some((other, o)) = conflict else {
+                // Recorded by the first refresh, which changes the object's own time. A
+                // listing that did not show our lock leaves the earliest time there is: prune
+                // then takes us for older than any mark, which only makes it wait.
+                info.started = written.unwrap_or(1);
                 break;
             };
             let _ = backend.delete(Kind::Lock, &name);
@@ -310,11 +371,7 @@ impl Lock {
                     path: crate::pack::object_path(Kind::Lock, &other),
                     holder: format!(
                         "{} lock of process {} on {} ({}), taken at {}",
-                        match o.kind {
-                            LockKind::Exclusive => "an exclusive",
-                            LockKind::Shared => "a shared",
-                            LockKind::Pin => "a pin",
-                        },
+                        o.kind.article(),
                         o.pid,
                         o.host,
                         o.purpose,
@@ -325,6 +382,7 @@ impl Lock {
             std::thread::sleep(Duration::from_millis(25 << attempt));
         }
         lease.renewed(timing.lease);
+        let info_started = info.started;
         let stop = Arc::new(AtomicBool::new(false));
         let refresher = {
             let (stop, backend, name, lease) =
@@ -344,6 +402,7 @@ impl Lock {
         Ok(Lock {
             backend,
             name,
+            started: info_started,
             stop,
             refresher: Some(refresher),
             lease,
@@ -353,6 +412,12 @@ impl Lock {
     /// The lock object's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// When the storage wrote the lock object (seconds since the Unix epoch, its clock; 1 if
+    /// the listing after taking it did not show it).
+    pub fn started(&self) -> i64 {
+        self.started
     }
 }
 
@@ -482,6 +547,7 @@ mod tests {
             pid: u32::MAX - 1,
             time: now(),
             lease_secs: 1800,
+            started: 0,
             purpose: "prune".into(),
         };
         b.write_once(Kind::Lock, "x", &dead.encode()).unwrap();
@@ -550,7 +616,7 @@ mod tests {
     proptest! {
         #[test]
         fn lock_round_trip(pid in any::<u32>(), time in any::<i64>(), lease_secs in any::<u32>(), host in ".{0,30}", purpose in ".{0,30}") {
-            let l = LockInfo { kind: LockKind::Shared, host, pid, time, lease_secs, purpose };
+            let l = LockInfo { kind: LockKind::Shared, host, pid, time, lease_secs, started: time ^ 7, purpose };
             prop_assert_eq!(LockInfo::decode(&l.encode()).unwrap(), l);
         }
 

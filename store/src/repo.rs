@@ -1,20 +1,21 @@
 //! The repository: a config, packs, index files, snapshot manifests and locks, all objects of a
 //! [`Backend`] (docs/format.md, "objects"). Nothing here touches a path.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, OnceLock};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use crate::backend::{Backend, Kind, Written};
 use crate::blob::{decode_blob_into, encode_blob, BlobKind, EncodedBlob};
 use crate::config::{RepoConfig, FORMAT_VERSION};
 use crate::crypto::{Context, Crypto, MasterKey, FEATURE_ENCRYPTED};
 use crate::error::{DecodeError, Result, StoreError};
-use crate::id::{ChunkId, IndexId, PackId, SnapshotId};
+use crate::id::{random_bytes, to_hex, ChunkId, IndexId, PackId, SnapshotId};
 use crate::index::file::IndexFile;
 use crate::index::{read_index_file, CacheLocation, Index, IndexEntry, IndexReport};
 use crate::key::{KdfParams, KeyObject};
 use crate::lock::{Lease, Lock, LockKind, LockTiming};
 use crate::manifest::{decode_tree, Extent, Manifest};
+use crate::marks::Marks;
 use crate::pack::{object_path, read_trailer, PackEntry, PackWriter};
 
 /// What `init` may choose; everything else is derived or random.
@@ -111,6 +112,9 @@ pub struct Repository {
     config: RepoConfig,
     config_hash: [u8; 32],
     index: OnceLock<Index>,
+    /// The packs marked for deletion by prune when the index was last loaded (see
+    /// [`Repository::dedup_hit`]).
+    marked: RwLock<Marked>,
     lease: Arc<Lease>,
     crypto: Arc<Crypto>,
     chunk_key: [u8; 32],
@@ -123,6 +127,25 @@ impl Drop for Repository {
         // A copy of the secret chunk-id key when encrypted.
         zeroize::Zeroize::zeroize(&mut self.chunk_key);
     }
+}
+
+/// The marked packs as this process knows them.
+#[derive(Debug, Default)]
+struct Marked {
+    packs: HashSet<PackId>,
+    /// A marks object that could not be read: which packs it marks is unknown.
+    damaged: Option<String>,
+}
+
+/// A marks object as listed.
+#[derive(Debug)]
+pub struct FoundMarks {
+    /// Its name.
+    pub name: String,
+    /// When the storage wrote it (its clock, seconds since the Unix epoch).
+    pub modified: i64,
+    /// Its contents, or why they could not be read.
+    pub marks: Result<Marks>,
 }
 
 /// A key object as `key list` shows it.
@@ -332,6 +355,7 @@ impl Repository {
             backend,
             config,
             index: OnceLock::new(),
+            marked: RwLock::default(),
             lease: Arc::default(),
             crypto: Arc::new(crypto),
             chunk_key,
@@ -494,12 +518,98 @@ impl Repository {
             self.crypto.clone(),
         )?;
         let _ = self.index.set(index);
+        self.load_marks()?;
         Ok(report)
     }
 
     /// Brings the loaded index up to date with index files written since it was loaded.
     pub fn refresh_index(&self) -> Result<IndexReport> {
-        self.index()?.refresh(self.b()?)
+        let report = self.index()?.refresh(self.b()?)?;
+        self.load_marks()?;
+        Ok(report)
+    }
+
+    /// Reads which packs prune has marked. After the lock is taken (through
+    /// [`Repository::load_index`]): a prune that marks packs after that waits for our lock to
+    /// go before it deletes them, and one that marked them before is honoured here.
+    fn load_marks(&self) -> Result<()> {
+        let mut marked = Marked::default();
+        for found in self.list_marks()? {
+            match found.marks {
+                Ok(m) => marked.packs.extend(m.packs.into_iter().map(|(p, _)| p)),
+                Err(e) => marked.damaged = Some(e.to_string()),
+            }
+        }
+        *self.marked.write().expect("no thread panics holding this") = marked;
+        Ok(())
+    }
+
+    /// Whether a new snapshot may refer to blob `id` without storing it again: the index knows
+    /// it, in a pack no prune has marked for deletion (a backup never dedups against a marked
+    /// pack: a later prune may delete it, docs/design.md, "prune"). Fails when a marks object
+    /// could not be read, since any pack might be marked.
+    pub fn dedup_hit(&self, id: &ChunkId) -> Result<bool> {
+        let Some(e) = self.index()?.get(id) else {
+            return Ok(false);
+        };
+        let marked = self.marked.read().expect("no thread panics holding this");
+        if let Some(why) = &marked.damaged {
+            return Err(StoreError::Corrupt {
+                path: Kind::Marks.dir().into(),
+                what: "marks object",
+                source: DecodeError::Invalid {
+                    field: "marks",
+                    detail: format!("{why}; run `sbk prune --exclusive` to clear it"),
+                },
+            });
+        }
+        Ok(!marked.packs.contains(&e.pack))
+    }
+
+    /// Whether `pack` was marked for deletion by a prune when the index was last loaded.
+    pub fn is_marked(&self, pack: &PackId) -> bool {
+        self.marked
+            .read()
+            .expect("no thread panics holding this")
+            .packs
+            .contains(pack)
+    }
+
+    /// Every marks object, with when the storage wrote it.
+    pub fn list_marks(&self) -> Result<Vec<FoundMarks>> {
+        let mut out = Vec::new();
+        for o in self.b()?.list(Kind::Marks)? {
+            let marks = match self.b()?.read(Kind::Marks, &o.name) {
+                Ok(bytes) => Marks::decode(&bytes).map_err(|source| StoreError::Corrupt {
+                    path: object_path(Kind::Marks, &o.name),
+                    what: "marks object",
+                    source,
+                }),
+                Err(StoreError::ObjectMissing { .. }) => continue, // acted on meanwhile
+                Err(e) => return Err(e),
+            };
+            out.push(FoundMarks {
+                name: o.name,
+                modified: o.modified,
+                marks,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Writes a marks object (durable before this returns); returns its name.
+    pub fn write_marks(&self, marks: &Marks) -> Result<String> {
+        let name = to_hex(&random_bytes::<16>().map_err(|e| StoreError::io(self.location(), e))?);
+        self.b()?.write_once(Kind::Marks, &name, &marks.encode())?;
+        Ok(name)
+    }
+
+    /// Removes a marks object (a durable delete).
+    pub fn remove_marks(&self, name: &str) -> Result<()> {
+        match self.b()?.delete(Kind::Marks, name) {
+            Ok(()) | Err(StoreError::ObjectMissing { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// The index (see [`Repository::load_index`]).
@@ -568,9 +678,10 @@ impl Repository {
         Ok(size)
     }
 
-    /// Removes leftovers of interrupted writes. Only safe under an exclusive lock.
-    pub fn remove_leftovers(&self) -> Result<u64> {
-        self.b()?.remove_leftovers()
+    /// Removes leftovers of interrupted writes last written before `before` (storage time;
+    /// `i64::MAX`, all of them, only under an exclusive lock).
+    pub fn remove_leftovers(&self, before: i64) -> Result<u64> {
+        self.b()?.remove_leftovers(before)
     }
 
     // ---- blobs -------------------------------------------------------------------------------
@@ -665,6 +776,25 @@ impl Repository {
     /// caller that reads many blobs passes the same buffers again (or recycled ones), which
     /// saves allocating and zeroing two buffers per blob. Returns the pack it came from.
     pub fn read_blob_with(
+        &self,
+        id: &ChunkId,
+        kind: BlobKind,
+        stored: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<PackId> {
+        match self.read_blob_once(id, kind, stored, out) {
+            // A prune beside us deleted the pack after moving the blob to another one (a pack
+            // is deleted only once the index files name its used blobs elsewhere): the index,
+            // refreshed, knows where (docs/design.md, "prune").
+            Err(StoreError::PackMissing { .. }) => {
+                self.refresh_index()?;
+                self.read_blob_once(id, kind, stored, out)
+            }
+            r => r,
+        }
+    }
+
+    fn read_blob_once(
         &self,
         id: &ChunkId,
         kind: BlobKind,
@@ -807,8 +937,9 @@ impl Repository {
         Manifest::decode(&plain).map_err(corrupt)
     }
 
-    /// Pins snapshot `id` for the holder of pin lock `lock`, so that prune keeps its data even
-    /// once it is forgotten: its manifest is copied to `pins/<lock>.<id>`, then the snapshot is
+    /// Pins snapshot `id` for the holder of `lock` (a server's pin lock, or a backup's lock for
+    /// the parent whose trees it reuses), so that prune keeps its data even once it is
+    /// forgotten: its manifest is copied to `pins/<lock>.<id>`, then the snapshot is
     /// checked to still exist. (A prune lists the snapshots before the pins: once the copy is
     /// written while the snapshot exists, every later prune sees one or the other. A snapshot
     /// that was gone by then may have lost its data already, and is refused.)
@@ -834,10 +965,10 @@ impl Repository {
         }
     }
 
-    /// The snapshots that live pin locks pin, with their manifests (from the pins' copies: a
+    /// The snapshots that live locks pin, with their manifests (from the pins' copies: a
     /// pinned snapshot may have been forgotten).
     pub fn pinned_snapshots(&self) -> Result<Vec<(SnapshotId, Manifest)>> {
-        let live = self.live_pin_locks()?;
+        let live = self.live_lock_names()?;
         let mut out = Vec::new();
         for pin in self.b()?.list(Kind::Pin)? {
             let Some((owner, snap)) = pin.name.split_once('.') else {
@@ -865,7 +996,7 @@ impl Repository {
         // pin listed here has its lock in the listing after, and a server that started meanwhile
         // does not lose a fresh pin.
         let pins = self.b()?.list(Kind::Pin)?;
-        let live = self.live_pin_locks()?;
+        let live = self.live_lock_names()?;
         let mut removed = 0;
         for pin in pins {
             let owner = crate::lock::pin_owner(&pin.name);
@@ -877,8 +1008,8 @@ impl Repository {
         Ok(removed)
     }
 
-    /// Names of the pin locks that are live.
-    fn live_pin_locks(&self) -> Result<Vec<String>> {
+    /// Names of the locks that are live (an unreadable lock might be anyone's, and counts).
+    fn live_lock_names(&self) -> Result<Vec<String>> {
         let host = crate::lock::host_name();
         let now = crate::lock::now();
         Ok(crate::lock::list_locks(self.b()?)?
@@ -886,7 +1017,7 @@ impl Repository {
             .filter(|l| {
                 l.info
                     .as_ref()
-                    .is_ok_and(|i| i.kind == LockKind::Pin && i.stale(&host, now).is_none())
+                    .map_or(true, |i| i.stale(&host, now).is_none())
             })
             .map(|l| l.name)
             .collect())

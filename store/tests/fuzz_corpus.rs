@@ -31,6 +31,7 @@ fn replay_corpora() {
     replay("tree", sbk_store::fuzz::tree);
     replay("blob_frame", sbk_store::fuzz::blob_frame);
     replay("lock", sbk_store::fuzz::lock);
+    replay("marks", sbk_store::fuzz::marks);
     replay("key", sbk_store::fuzz::key);
     replay("sealed", sbk_store::fuzz::sealed);
 }

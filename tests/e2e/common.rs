@@ -269,6 +269,7 @@ pub fn live_lock(kind: sbk_store::LockKind, purpose: &str) -> sbk_store::LockInf
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64,
+        started: 0,
         purpose: purpose.into(),
     }
 }

@@ -95,7 +95,7 @@ fn full_disk_fails_cleanly_and_recovers_after_prune() {
     assert_same(&small, &out);
 
     // Prune removes the failed backup's packs; then a backup that fits succeeds.
-    let r = run(&["prune"]);
+    let r = run(&["prune", "--exclusive"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let medium = dir.path().join("medium");
     std::fs::write(&medium, random(16 << 20, 3)).unwrap();

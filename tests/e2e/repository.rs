@@ -171,7 +171,7 @@ fn a_stale_cache_never_lets_a_backup_dedup_against_a_pack_that_is_gone() {
     let mut forget = vec!["forget"];
     forget.extend(ids.iter().map(String::as_str));
     assert_eq!(run_with_cache(&env, &other, &forget).code, 0);
-    let r = run_with_cache(&env, &other, &["prune"]);
+    let r = run_with_cache(&env, &other, &["prune", "--exclusive"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(env.packs().is_empty(), "prune removed every pack");
     // This host's next backup must store everything again.
@@ -355,10 +355,29 @@ fn a_crash_or_an_error_at_any_operation_of_backup_or_prune_loses_nothing() {
     assert_eq!(env.run(&["forget", &keep]).code, 0);
     let sources = [(b_id.as_str(), b.as_path())];
     let packs_before = env.packs().len();
+    // Beside backups: each run acts on the marks of the runs before it, and marks again.
     let ops = fault_every_operation(
         &env,
         "crash",
-        &["prune", "--max-unused", "0"],
+        &["prune", "--max-unused", "0", "--grace=0s"],
+        &sources,
+        &|| {},
+    );
+    assert!(ops >= 3, "{ops}");
+    let r = env.run(&["prune", "--max-unused", "0", "--grace=0s"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(env.packs().len() < packs_before, "prune finished its work");
+    check_consistent(&env, &sources, "after the last prune beside backups");
+    // At once, under an exclusive lock, with what a new forgotten backup left.
+    let c = env.path("c");
+    std::fs::write(&c, random(2 << 20, 49)).unwrap();
+    let c_id = env.backup(&c, &[])["snapshot"].as_str().unwrap().to_owned();
+    assert_eq!(env.run(&["forget", &c_id]).code, 0);
+    let packs_before = env.packs().len();
+    let ops = fault_every_operation(
+        &env,
+        "crash",
+        &["prune", "--max-unused", "0", "--exclusive"],
         &sources,
         &|| {},
     );

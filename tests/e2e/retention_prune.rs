@@ -143,7 +143,13 @@ fn prune_reclaims_space_and_keeps_every_remaining_snapshot_whole() {
                     }
                 }
                 _ => {
-                    let r = env.run(&["prune", "--max-unused", "0"]);
+                    // Beside backups (marks, then deletes what earlier runs marked) or at once.
+                    let mode = if next(2) == 0 {
+                        "--grace=0s"
+                    } else {
+                        "--exclusive"
+                    };
+                    let r = env.run(&["prune", "--max-unused", "0", mode]);
                     assert_eq!(r.code, 0, "{}", r.stderr);
                     check_all(&env, &expected);
                 }
@@ -155,7 +161,7 @@ fn prune_reclaims_space_and_keeps_every_remaining_snapshot_whole() {
         for id in &ids[..ids.len().saturating_sub(1)] {
             assert_eq!(env.run(&["forget", id]).code, 0);
         }
-        let r = json(&env.run(&["prune", "--json"]));
+        let r = json(&env.run(&["prune", "--exclusive", "--json"]));
         check_all(&env, &expected);
         if ids.len() > 1 {
             assert!(
@@ -181,20 +187,41 @@ fn prune_dry_run_changes_nothing_and_prune_respects_locks() {
     env.backup(&src, &[]);
     assert_eq!(env.run(&["forget", &first]).code, 0);
     let before = env.state();
-    let r = json(&env.run(&["prune", "--dry-run", "--json"]));
+    let r = json(&env.run(&["prune", "--exclusive", "--dry-run", "--json"]));
     assert!(
         r["packs_deleted"].as_u64().unwrap() + r["packs_repacked"].as_u64().unwrap() > 0,
         "{r}"
     );
     assert!(env.state() == before, "a dry run changes nothing");
-    // A live shared lock (a backup running elsewhere) keeps prune out.
+    let r = json(&env.run(&["prune", "--grace=0s", "--dry-run", "--json"]));
+    assert!(r["packs_marked"].as_u64().unwrap() > 0, "{r}");
+    assert!(env.state() == before, "a dry run changes nothing");
+    // A live shared lock (a backup running elsewhere) keeps an exclusive prune out…
     let lock = live_lock(sbk_store::LockKind::Shared, "backup");
     std::fs::write(env.repo.join("locks").join("other"), lock.encode()).unwrap();
     let before = env.state();
-    let r = env.run(&["prune"]);
+    let r = env.run(&["prune", "--exclusive"]);
     assert_eq!(r.code, 15, "{}", r.stderr);
     assert!(r.stderr.contains("backup"), "{}", r.stderr);
     assert!(env.state() == before);
+    // …while prune beside it marks, and deletes nothing until that lock is gone: the backup
+    // may have found the marked data before the mark.
+    let packs = env.packs();
+    for _ in 0..2 {
+        let r = json(&env.run(&["prune", "--grace=0s", "--json"]));
+        assert_eq!(r["packs_deleted"].as_u64(), Some(0), "{r}");
+        assert!(env.packs() == packs);
+    }
+    let r = json(&env.run(&["prune", "--grace=0s", "--json"]));
+    assert!(
+        r["waiting_because"].as_str().unwrap().contains("backup"),
+        "{r}"
+    );
+    std::fs::remove_file(env.repo.join("locks").join("other")).unwrap();
+    let r = json(&env.run(&["prune", "--grace=0s", "--json"]));
+    assert!(r["packs_deleted"].as_u64().unwrap() > 0, "{r}");
+    assert!(env.packs().len() < packs.len());
+    assert_eq!(env.run(&["verify", "--read-data"]).code, 0);
 }
 
 #[test]

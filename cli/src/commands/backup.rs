@@ -190,7 +190,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         None => list,
     };
     // The lock is taken before the parent is chosen: prune cannot take its trees meanwhile.
-    let (repo, _lock) = ctx.open_locked(LockKind::Shared, "backup", true)?;
+    let (repo, lock) = ctx.open_locked(LockKind::Shared, "backup", true)?;
     let changed = match list {
         None => None,
         Some(list) => Some(ChangedOptions {
@@ -212,7 +212,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         changed,
     };
     let progress = ctx.out.progress();
-    let results = sbk_engine::backup(&repo, &args.sources, &opts, &progress)?;
+    let results = sbk_engine::backup(&repo, &lock, &args.sources, &opts, &progress)?;
     let mut json = Vec::new();
     let mut failures: Vec<(PathBuf, EngineError)> = Vec::new();
     let mut outcomes = Vec::new();

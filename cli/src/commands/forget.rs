@@ -59,6 +59,12 @@ pub struct Args {
     /// With --prune: repack a pack once more than this percentage of it is unused.
     #[arg(long, default_value_t = 5.0, value_name = "PERCENT", requires = "prune", value_parser = super::prune::parse_percent)]
     max_unused: f64,
+    /// With --prune: delete at once under an exclusive lock (see `sbk prune --exclusive`).
+    #[arg(long, requires = "prune")]
+    exclusive: bool,
+    /// With --prune: how long its marks wait (see `sbk prune --grace`).
+    #[arg(long, default_value = "10m", value_name = "DURATION", requires = "prune", value_parser = super::prune::parse_grace, conflicts_with = "exclusive")]
+    grace: std::time::Duration,
 }
 
 /// Runs `sbk forget`.
@@ -180,6 +186,8 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                 metrics_file: None,
                 max_unused: args.max_unused,
                 dry_run: false,
+                exclusive: args.exclusive,
+                grace: args.grace,
             },
         )?;
     }

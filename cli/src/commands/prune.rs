@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Result;
-use sbk_engine::{PruneOptions, PruneReport};
+use sbk_engine::{PruneMode, PruneOptions, PruneReport};
 use sbk_store::LockKind;
 
 use super::Context;
@@ -14,13 +14,28 @@ use crate::output::bytes;
 ///
 /// Deletes packs whose blobs are all unused and repacks those whose unused share exceeds
 /// `--max-unused`. Blobs that stay are copied into new packs, which are made durable and indexed
-/// before anything old is deleted, so an interrupted prune loses nothing. Takes an exclusive lock:
-/// it waits for no one and refuses while another sbk process uses the repository.
+/// before anything old is deleted, so an interrupted prune loses nothing.
+///
+/// By default prune runs beside backups (any number, from any host), in two phases: each run
+/// marks the packs it would delete, and deletes those an earlier run marked, once the grace
+/// period has passed and every backup that started before the mark has ended (backups never
+/// reuse data in a marked pack). Run it regularly (after `forget`): the space of one run's marks
+/// comes back with the next. `--exclusive` deletes at once instead, and needs the repository to
+/// itself (it refuses while another sbk process uses it).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Repack a pack once more than this percentage of it is unused.
     #[arg(long, default_value_t = 5.0, value_name = "PERCENT", value_parser = parse_percent)]
     pub max_unused: f64,
+
+    /// Take the repository to itself (an exclusive lock) and delete at once, without marks.
+    #[arg(long)]
+    pub exclusive: bool,
+
+    /// How long a mark waits before a later run acts on it, by the storage's clock: more than
+    /// the storage's clock skew and listing delay (`30s`, `10m`, `1h`).
+    #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_grace, conflicts_with = "exclusive")]
+    pub grace: std::time::Duration,
 
     /// Say what would be done; change nothing.
     #[arg(long)]
@@ -45,45 +60,83 @@ pub fn parse_percent(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Prunes an open repository (the caller has no lock; this takes the exclusive one).
+/// Parses a grace period (`humantime`: `90s`, `10m`, `1h`).
+pub fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration: {e}"))
+}
+
+/// Prunes an open repository (the caller has no lock; this takes a prune lock, or with
+/// `--exclusive` the exclusive one).
 pub fn prune_repo(ctx: &Context, repo: &sbk_store::Repository, args: &Args) -> Result<PruneReport> {
-    let _lock = ctx.lock(repo, LockKind::Exclusive, "prune")?;
+    let (kind, mode) = if args.exclusive {
+        (LockKind::Exclusive, PruneMode::Exclusive)
+    } else {
+        (
+            LockKind::Prune,
+            PruneMode::Beside {
+                grace_secs: args.grace.as_secs() as i64,
+            },
+        )
+    };
+    let lock = ctx.lock(repo, kind, "prune")?;
     // The index locates the segment trees; what prune keeps and deletes is decided from the
     // index files themselves.
     ctx.load_index(repo)?;
     let report = sbk_engine::prune(
         repo,
+        &lock,
         &PruneOptions {
             max_unused_percent: args.max_unused,
             dry_run: args.dry_run,
             threads: ctx.threads,
+            mode,
         },
         &ctx.out.progress(),
     )?;
-    let verb = if args.dry_run {
-        "would remove"
+    let (now, later) = if args.dry_run {
+        ("would remove", "would mark")
     } else {
-        "removed"
+        ("removed", "marked")
     };
-    ctx.out.info(
-        &format!(
-            "{verb} {} of {} packs ({} named by no index file) and repack {} ({} of used data into {} new packs), dropping {} unused blobs: {} reclaimed of {} in {:.1} s",
-            report.packs_deleted + report.packs_unindexed,
-            report.packs,
-            report.packs_unindexed,
-            report.packs_repacked,
-            bytes(report.bytes_repacked),
-            report.packs_written,
-            report.blobs_dropped,
-            bytes(report.bytes_reclaimed),
-            bytes(report.bytes_before),
-            report.duration_ms as f64 / 1000.0
-        ),
-        false,
+    let mut line = format!(
+        "{now} {} of {} packs ({} named by no index file) and repack {} ({} of used data into {} new packs), dropping {} unused blobs: {} reclaimed of {} in {:.1} s",
+        report.packs_deleted + report.packs_unindexed,
+        report.packs,
+        report.packs_unindexed,
+        report.packs_repacked,
+        bytes(report.bytes_repacked),
+        report.packs_written,
+        report.blobs_dropped,
+        bytes(report.bytes_reclaimed),
+        bytes(report.bytes_before),
+        report.duration_ms as f64 / 1000.0
     );
+    if !args.exclusive {
+        line += &format!(
+            "; {later} {} packs ({}) for a later prune to delete",
+            report.packs_marked,
+            bytes(report.bytes_marked)
+        );
+        if report.packs_revived > 0 {
+            line += &format!(
+                "; {} marked packs are used again and stay",
+                report.packs_revived
+            );
+        }
+        if let Some(why) = &report.waiting_because {
+            line += &format!("; {} earlier marks wait ({why})", report.marks_waiting);
+        }
+    }
+    ctx.out.info(&line, false);
     ctx.out.json(
         &serde_json::json!({
             "dry_run": args.dry_run,
+            "exclusive": args.exclusive,
+            "packs_marked": report.packs_marked,
+            "bytes_marked": report.bytes_marked,
+            "packs_revived": report.packs_revived,
+            "marks_waiting": report.marks_waiting,
+            "waiting_because": report.waiting_because,
             "packs": report.packs,
             "packs_deleted": report.packs_deleted,
             "packs_unindexed": report.packs_unindexed,

@@ -153,8 +153,8 @@ impl Backend for FaultyBackend {
             self.inner.delete(kind, name)
         })
     }
-    fn remove_leftovers(&self) -> Result<u64> {
-        self.inner.remove_leftovers()
+    fn remove_leftovers(&self, before: i64) -> Result<u64> {
+        self.inner.remove_leftovers(before)
     }
 }
 

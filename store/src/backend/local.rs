@@ -256,6 +256,7 @@ impl Backend for LocalBackend {
             Kind::Snapshot,
             Kind::Lock,
             Kind::Pin,
+            Kind::Marks,
         ] {
             mkdir(&path.join(kind.dir()))?;
         }
@@ -279,6 +280,7 @@ impl Backend for LocalBackend {
                     Ok(m) => vec![ObjectInfo {
                         name: "config".into(),
                         size: m.len(),
+                        modified: mtime(&m),
                     }],
                     Err(_) => Vec::new(),
                 })
@@ -304,6 +306,7 @@ impl Backend for LocalBackend {
                     Ok(m) if m.is_file() => out.push(ObjectInfo {
                         name,
                         size: m.len(),
+                        modified: mtime(&m),
                     }),
                     Ok(_) => {}
                     Err(e) if e.kind() == ErrorKind::NotFound => {} // deleted meanwhile
@@ -412,7 +415,7 @@ impl Backend for LocalBackend {
         fsync_dir(&self.dir_of(kind, name))
     }
 
-    fn remove_leftovers(&self) -> Result<u64> {
+    fn remove_leftovers(&self, before: i64) -> Result<u64> {
         let mut dirs: Vec<PathBuf> = (0..=255u8)
             .map(|i| self.root.join(Kind::Pack.dir()).join(to_hex(&[i])))
             .collect();
@@ -422,6 +425,7 @@ impl Backend for LocalBackend {
             Kind::Snapshot,
             Kind::Lock,
             Kind::Pin,
+            Kind::Marks,
         ] {
             dirs.push(self.root.join(kind.dir()));
         }
@@ -434,7 +438,15 @@ impl Backend for LocalBackend {
             for entry in entries {
                 let entry = entry.map_err(|e| StoreError::io(&dir, e))?;
                 if entry.file_name().to_str().is_some_and(is_tmp) {
-                    freed += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                    let Ok(m) = entry.metadata() else {
+                        continue; // removed meanwhile
+                    };
+                    // A temporary file still being written is touched by every write: one
+                    // written since `before` may belong to a live writer.
+                    if mtime(&m) >= before {
+                        continue;
+                    }
+                    freed += m.len();
                     match fs::remove_file(entry.path()) {
                         Ok(()) => {}
                         Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -445,6 +457,12 @@ impl Backend for LocalBackend {
         }
         Ok(freed)
     }
+}
+
+/// A file's modification time in seconds since the Unix epoch (0 if the file system has none).
+fn mtime(m: &fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    m.mtime()
 }
 
 /// A pack being written to a temporary file beside its final name.
@@ -533,16 +551,25 @@ mod tests {
             b.read_at(Kind::Pack, "abcd", 8, &mut buf),
             Err(StoreError::ShortObject { .. })
         ));
+        let listed = b.list(Kind::Pack).unwrap();
         assert_eq!(
-            b.list(Kind::Pack).unwrap(),
-            vec![ObjectInfo {
-                name: "abcd".into(),
-                size: 11
-            }]
+            listed
+                .iter()
+                .map(|o| (o.name.as_str(), o.size))
+                .collect::<Vec<_>>(),
+            vec![("abcd", 11)]
         );
+        let now = crate::lock::now();
+        assert!((now - 5..=now + 1).contains(&listed[0].modified));
+        // A temporary file written since `before` may be a live writer's: left alone.
+        let mut live = b.stage(Kind::Pack, "ab01").unwrap();
+        live.write(b"in flight").unwrap();
+        assert_eq!(b.remove_leftovers(now - 60).unwrap(), 0);
+        live.finish().unwrap();
+        assert_eq!(b.read(Kind::Pack, "ab01").unwrap(), b"in flight");
         drop(b.stage(Kind::Pack, "ab00").unwrap());
         assert_eq!(
-            b.remove_leftovers().unwrap(),
+            b.remove_leftovers(i64::MAX).unwrap(),
             0,
             "a dropped stage cleans up"
         );

@@ -22,6 +22,10 @@ pub struct ObjectInfo {
     pub name: String,
     /// Its size in bytes.
     pub size: u64,
+    /// When the storage last wrote it, in seconds since the Unix epoch, by the storage's own
+    /// clock (a file's mtime, an object's Last-Modified). Times that prune compares across
+    /// hosts come from here, never from a host's clock (docs/design.md, "prune").
+    pub modified: i64,
 }
 
 /// The objects of a kind whose names parse as ids (anything else in the folder is not ours).
@@ -101,7 +105,9 @@ pub trait Backend: Send + Sync {
     /// [`crate::StoreError::ObjectMissing`].
     fn delete(&self, kind: Kind, name: &str) -> Result<()>;
 
-    /// Removes what interrupted writes left behind (temporary objects). Only safe while no other
-    /// process writes (under an exclusive lock). Returns bytes freed.
-    fn remove_leftovers(&self) -> Result<u64>;
+    /// Removes what interrupted writes left behind (temporary objects, unfinished multipart
+    /// uploads) that the storage last wrote before `before` (storage time, seconds since the
+    /// Unix epoch; `i64::MAX` for all of them, only safe while no other process writes).
+    /// Returns bytes freed.
+    fn remove_leftovers(&self, before: i64) -> Result<u64>;
 }
