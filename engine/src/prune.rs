@@ -122,6 +122,9 @@ pub fn used_blobs(repo: &Repository) -> Result<HashSet<ChunkId>> {
             roots.push((id, manifest));
         }
     }
+    // Backups that finished since the index was loaded wrote their index files before their
+    // manifests: refreshed now, the index knows every tree a listed snapshot has.
+    repo.refresh_index()?;
     for (id, manifest) in roots {
         used.extend(manifest.trees.iter().copied());
         for segments in windows(&manifest) {

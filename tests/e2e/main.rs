@@ -12,6 +12,7 @@ mod faults;
 mod interrupt;
 mod jobs;
 mod maintenance;
+mod movers;
 mod nbd_source;
 mod operator;
 mod repository;

@@ -168,11 +168,16 @@ impl Weed {
 
     /// A fresh repository under `prefix`.
     fn env(&self, prefix: &str) -> Env {
+        self.env_with(prefix, &["--chunk-size", "64K"])
+    }
+
+    /// A fresh repository under `prefix`, made with these `init` arguments.
+    fn env_with(&self, prefix: &str, init: &[&str]) -> Env {
         Env::init_at(
             tempfile::tempdir().unwrap(),
             PathBuf::from(format!("s3://{BUCKET}/{prefix}")),
             self.vars(),
-            &["--chunk-size", "64K"],
+            init,
         )
     }
 }
@@ -517,4 +522,17 @@ fn sigterm_during_prune_on_s3_leaves_no_lock_and_a_repository_that_verifies() {
         let r = env.run(&["verify", "--read-data"]);
         assert_eq!(r.code, 0, "after SIGTERM at {delay_ms} ms: {}", r.stderr);
     }
+}
+
+#[test]
+fn four_movers_back_up_into_s3_while_forget_and_prune_run_beside_them() {
+    let Some(weed) = Weed::start() else { return };
+    let env = weed.env_with("movers", &["--chunk-size", "64K", "--pack-size", "1M"]);
+    let f = crate::movers::movers_beside_forget_and_prune(&env);
+    eprintln!("prune beside the movers on S3: {f:?}");
+    assert!(f.runs >= 3, "{f:?}");
+    assert!(
+        f.packs_marked > 0,
+        "prune had work beside the movers: {f:?}"
+    );
 }
