@@ -19,6 +19,10 @@
 //! storage refuses are `StorageDenied`, and a storage that cannot be reached or keeps failing
 //! after bounded retries (backoff, timeouts) is `StorageUnreachable`.
 
+mod uploads;
+
+pub use uploads::{fuzz_uploads_listing, Upload};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -151,6 +155,9 @@ struct Inner {
     store: AmazonS3,
     rt: tokio::runtime::Runtime,
     at: S3Location,
+    /// The endpoint's base URL and the region, for the requests the client lacks (uploads.rs).
+    endpoint: String,
+    region: String,
     requests: Requests,
 }
 
@@ -168,6 +175,13 @@ pub struct S3Backend {
 }
 
 impl S3Backend {
+    /// The unfinished multipart uploads of this repository's packs (what a mover killed in
+    /// the middle of an upload leaves; prune aborts the old ones).
+    pub fn unfinished_uploads(&self) -> Result<Vec<Upload>> {
+        let i = &self.inner;
+        i.list_uploads(&format!("{}/", i.dir(Kind::Pack)))
+    }
+
     /// Connects to `at` with the configuration in the environment (nothing is requested yet).
     pub fn new(at: S3Location) -> Result<S3Backend> {
         S3Backend::with_config(at, &S3Config::from_env())
@@ -208,7 +222,12 @@ impl S3Backend {
         if let Some(t) = &config.session_token {
             b = b.with_token(t);
         }
-        b = b.with_region(config.region.as_deref().unwrap_or("us-east-1"));
+        let region = config.region.clone().unwrap_or_else(|| "us-east-1".into());
+        b = b.with_region(&region);
+        let endpoint = config
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
         let store = b.build().map_err(|e| StoreError::StorageDenied {
             location: at.to_string(),
             detail: format!("the S3 configuration is unusable: {e}"),
@@ -224,6 +243,8 @@ impl S3Backend {
                 store,
                 rt,
                 at,
+                endpoint,
+                region,
                 requests: Requests::default(),
             }),
         })
@@ -506,8 +527,18 @@ impl Backend for S3Backend {
         .map_err(|e| i.err(e, kind, name))
     }
 
-    fn remove_leftovers(&self, _before: i64) -> Result<u64> {
-        // Objects appear whole or not at all: nothing half-written is ever listed.
+    fn remove_leftovers(&self, before: i64) -> Result<u64> {
+        // Objects appear whole or not at all: nothing half-written is ever listed. What a
+        // killed mover leaves is an unfinished multipart upload of a pack, which costs money
+        // until it is aborted; one started before `before` is nobody's any more.
+        let i = &self.inner;
+        for upload in i.list_uploads(&format!("{}/", i.dir(Kind::Pack)))? {
+            if upload.initiated < before {
+                i.abort_upload(&upload)?;
+            }
+        }
+        // The parts' sizes are not in the listing (a request per upload would tell): freed
+        // bytes go uncounted.
         Ok(0)
     }
 }

@@ -536,3 +536,55 @@ fn four_movers_back_up_into_s3_while_forget_and_prune_run_beside_them() {
         "prune had work beside the movers: {f:?}"
     );
 }
+
+#[test]
+fn prune_aborts_multipart_uploads_left_by_killed_movers_once_no_live_lock_is_older() {
+    use object_store::multipart::MultipartStore;
+    let Some(weed) = Weed::start() else { return };
+    let env = weed.env("uploads");
+    let backend = weed.backend("uploads");
+    // A backup that is still running: its lock was taken before the upload started.
+    let lock = live_lock(sbk_store::LockKind::Shared, "backup");
+    assert_eq!(
+        backend
+            .write_once(Kind::Lock, "mover", &lock.encode())
+            .unwrap(),
+        Written::Created
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    // An upload of a pack that never completes: no listing of objects shows it.
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(BUCKET)
+        .with_endpoint(weed.endpoint())
+        .with_allow_http(true)
+        .with_access_key_id(KEY)
+        .with_secret_access_key(SECRET)
+        .with_region("us-east-1")
+        .with_virtual_hosted_style_request(false)
+        .build()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let key = object_store::path::Path::from("uploads/packs/00112233445566778899aabbccddeeff");
+    let id = rt.block_on(store.create_multipart(&key)).unwrap();
+    rt.block_on(store.put_part(&key, &id, 0, vec![7u8; 5 << 20].into()))
+        .unwrap();
+    let left = backend.unfinished_uploads().unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].key, key.as_ref());
+    assert!(backend.list(Kind::Pack).unwrap().is_empty());
+    // It may be the live backup's: prune leaves it.
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = env.run(&["prune", "--grace=0s"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(backend.unfinished_uploads().unwrap().len(), 1);
+    // Once that backup is gone, nothing live is older than the upload: it is aborted.
+    backend.delete(Kind::Lock, "mover").unwrap();
+    let r = env.run(&["prune", "--grace=0s"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(backend.unfinished_uploads().unwrap().is_empty());
+    assert_eq!(env.run(&["verify"]).code, 0);
+}
