@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use sbk_store::{
     list_locks, ChunkId, EncodedBlob, Extent, Lock, LockKind, MarkReason, Marks, PackEntry, PackId,
-    PackWriter, Repository, BLOB_HEADER_LEN,
+    PackWriter, Repository, StoreError, BLOB_HEADER_LEN,
 };
 
 use crate::error::{EngineError, Result};
@@ -103,6 +103,10 @@ pub fn used_blobs(repo: &Repository) -> Result<HashSet<ChunkId>> {
     let mut used = HashSet::new();
     let mut roots = Vec::new();
     for (id, manifest) in repo.snapshots()? {
+        // Forgotten between the listing and the read (a forget beside us): nothing to keep.
+        if let Err(StoreError::SnapshotNotFound(_)) = manifest {
+            continue;
+        }
         let manifest = manifest.map_err(|e| {
             EngineError::Unsafe(format!(
                 "snapshot {id} cannot be read ({e}); prune needs every snapshot intact"

@@ -134,6 +134,8 @@ fn verify_in_pool(
         }
         let manifest = match manifest {
             Ok(m) => m,
+            // Forgotten between the listing and the read (a forget beside us).
+            Err(sbk_store::StoreError::SnapshotNotFound(_)) if wanted.is_empty() => continue,
             Err(e) => {
                 problems.push(Problem {
                     what: format!("snapshot {id}: {e}"),

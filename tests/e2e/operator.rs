@@ -248,7 +248,10 @@ fn metrics_files_parse_and_keep_the_last_success_of_a_failed_source() {
     let pf = env.path("sbk-prune.prom");
     let r = env.run(&["prune", "--metrics-file", pf.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(value(&metrics(&pf), "sbk_prune_success", ""), Some(1.0));
+    let pm = metrics(&pf);
+    assert_eq!(value(&pm, "sbk_prune_success", ""), Some(1.0));
+    assert_eq!(value(&pm, "sbk_prune_marks_waiting", ""), Some(0.0));
+    assert!(value(&pm, "sbk_prune_packs_marked", "").is_some());
     let vf = env.path("sbk-verify.prom");
     let r = env.run(&[
         "verify",

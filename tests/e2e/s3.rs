@@ -469,10 +469,10 @@ fn forgotten_one(
     (env, kept)
 }
 
-/// `sbk prune --max-unused 0`, started, its output discarded.
-fn spawn_prune(env: &Env) -> Child {
+/// `sbk prune --max-unused 0 MODE`, started, its output discarded.
+fn spawn_prune(env: &Env, mode: &str) -> Child {
     env.cmd()
-        .args(["prune", "--max-unused", "0"])
+        .args(["prune", "--max-unused", "0", mode])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -483,16 +483,23 @@ fn spawn_prune(env: &Env) -> Child {
 fn a_killed_prune_on_s3_loses_nothing() {
     let Some(weed) = Weed::start() else { return };
     let (env, kept) = forgotten_one(&weed, "prune-kill", 4, 20);
-    for delay_ms in [50u64, 150, 400] {
-        let mut c = spawn_prune(&env);
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        let _ = c.kill(); // SIGKILL
-        let _ = c.wait();
-        assert_eq!(env.run(&["unlock"]).code, 0);
-        let r = env.run(&["verify", "--read-data"]);
-        assert_eq!(r.code, 0, "after a kill at {delay_ms} ms: {}", r.stderr);
+    // Beside backups (each run acts on the marks of the killed runs before it), then at once.
+    for mode in ["--grace=0s", "--exclusive"] {
+        for delay_ms in [50u64, 150, 400] {
+            let mut c = spawn_prune(&env, mode);
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+            assert_eq!(env.run(&["unlock"]).code, 0);
+            let r = env.run(&["verify", "--read-data"]);
+            assert_eq!(
+                r.code, 0,
+                "after a kill at {delay_ms} ms ({mode}): {}",
+                r.stderr
+            );
+        }
     }
-    let r = env.run(&["prune", "--max-unused", "0"]);
+    let r = env.run(&["prune", "--max-unused", "0", "--exclusive"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     for (img, snap) in &kept[1..] {
         let restored = env.path("restored");
@@ -508,7 +515,7 @@ fn sigterm_during_prune_on_s3_leaves_no_lock_and_a_repository_that_verifies() {
     let (env, _) = forgotten_one(&weed, "prune-term", 3, 40);
     let b = weed.backend("prune-term");
     for delay_ms in [100u64, 400] {
-        let mut c = spawn_prune(&env);
+        let mut c = spawn_prune(&env, "--grace=0s");
         std::thread::sleep(Duration::from_millis(delay_ms));
         let ok = Command::new("kill")
             .args(["-TERM", &c.id().to_string()])

@@ -42,7 +42,8 @@ pub struct Args {
     pub dry_run: bool,
 
     /// Write Prometheus text-format metrics of this run to PATH (atomically): success, last
-    /// success time, duration, bytes reclaimed, packs deleted and repacked.
+    /// success time, duration, bytes reclaimed, packs deleted, repacked and marked, marks
+    /// waiting.
     #[arg(long, value_name = "PATH")]
     pub metrics_file: Option<std::path::PathBuf>,
 }
@@ -200,6 +201,18 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                 "Packs the last prune rewrote.",
                 &l,
                 r.packs_repacked as f64,
+            );
+            m.gauge(
+                "sbk_prune_packs_marked",
+                "Packs the last prune marked for a later prune to delete.",
+                &l,
+                r.packs_marked as f64,
+            );
+            m.gauge(
+                "sbk_prune_marks_waiting",
+                "Marks of earlier prunes the last prune could not act on yet (a backup older than the mark still runs, or the grace period has not passed).",
+                &l,
+                r.marks_waiting as f64,
             );
         }
         m.carry_over(
