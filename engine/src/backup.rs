@@ -616,9 +616,19 @@ fn backup_one(
     let mut plan = Plan::default();
     let mut chosen = None;
     if let Some(c) = &opts.changed {
-        let parent = choose_parent(repo, &opts.host, &label, c)?;
-        if let Some((id, _)) = &parent {
-            repo.pin_snapshot(session.lock, id)?;
+        let mut parent = choose_parent(repo, &opts.host, &label, c)?;
+        let mut attempts = 0;
+        while let Some((id, _)) = &parent {
+            match repo.pin_snapshot(session.lock, id) {
+                Ok(()) => break,
+                // Forgotten since it was chosen (a forget beside us): choose again, unless the
+                // operator named it.
+                Err(StoreError::SnapshotNotFound(_)) if c.parent.is_none() && attempts < 3 => {
+                    attempts += 1;
+                    parent = choose_parent(repo, &opts.host, &label, c)?;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         chosen = parent.as_ref().map(|(id, _)| *id);
         let mut i = ChangedBlocks {

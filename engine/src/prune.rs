@@ -74,6 +74,8 @@ pub struct PruneReport {
     pub marks_waiting: usize,
     /// Why the first waiting mark waits.
     pub waiting_because: Option<String>,
+    /// What the operator should know of a run that succeeded (leftovers not removed).
+    pub notices: Vec<String>,
     /// Index files before.
     pub index_files_before: usize,
     /// Index files written (the index is rewritten whenever packs go, or there are many files).
@@ -183,19 +185,7 @@ fn sort_marks(repo: &Repository, lock: &Lock, mode: PruneMode) -> Result<Earlier
     };
     // Marks first, locks second; no marks object appears meanwhile (prune locks exclude each
     // other), and a lock taken after this listing postdates every mark.
-    let host = sbk_store::host_name();
-    let now_host = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let others: Vec<_> = list_locks(repo.backend().as_ref())?
-        .into_iter()
-        .filter(|l| l.name != lock.name())
-        .filter(|l| match &l.info {
-            // A server's reads that find a pack gone refresh the index and read on.
-            Ok(i) => i.kind != LockKind::Pin && i.stale(&host, now_host).is_none(),
-            Err(_) => true,
-        })
-        .collect();
+    let others = live_others(repo, lock)?;
     // Our own lock's time is the storage's "now".
     let now = lock.started();
     for m in found {
@@ -210,9 +200,11 @@ fn sort_marks(repo: &Repository, lock: &Lock, mode: PruneMode) -> Result<Earlier
                 "marked {age} s ago; the grace period is {grace_secs} s"
             ))
         } else {
+            // One second more than the grace: storage times have one-second resolution, and
+            // an object's time is when its write began, a moment before it can be listed.
             others
                 .iter()
-                .find(|l| l.started() <= m.modified + grace_secs)
+                .find(|l| l.started() <= m.modified + grace_secs + 1)
                 .map(|l| match &l.info {
                     Ok(i) => format!(
                         "{} lock of process {} on {} ({}) was taken before the mark",
@@ -400,7 +392,10 @@ pub fn prune(
             if beside {
                 marks.packs.push((*pack, MarkReason::Repacked));
                 report.bytes_marked += size;
-                survivors.push((*pack, entries.clone()));
+                // Indexed with its unused blobs only: the used ones are found in their new
+                // pack (a backup then dedups against that copy, never the marked one), and a
+                // backup older than the mark that refers to an unused one revives the pack.
+                survivors.push((*pack, drop.clone()));
             } else {
                 report.blobs_dropped += drop.len();
             }
@@ -465,7 +460,16 @@ pub fn prune(
     for name in &earlier.consumed {
         repo.remove_marks(name)?;
     }
-    report.bytes_removed += repo.remove_leftovers(leftovers_before(repo, lock, opts.mode)?)?;
+    // Best effort: what is left of interrupted writes costs space, never correctness, and a
+    // storage that cannot list it (or fails to) must not fail a prune that did its work.
+    match leftovers_before(repo, lock, opts.mode)
+        .and_then(|before| Ok(repo.remove_leftovers(before)?))
+    {
+        Ok(freed) => report.bytes_removed += freed,
+        Err(e) => report.notices.push(format!(
+            "leftovers of interrupted writes were not removed: {e}"
+        )),
+    }
     // Pins of processes that are gone protect nothing any more.
     repo.remove_stale_pins()?;
     report.bytes_reclaimed = report.bytes_removed.saturating_sub(written);
@@ -480,14 +484,35 @@ fn leftovers_before(repo: &Repository, lock: &Lock, mode: PruneMode) -> Result<i
     let PruneMode::Beside { grace_secs } = mode else {
         return Ok(i64::MAX);
     };
-    let oldest = list_locks(repo.backend().as_ref())?
-        .into_iter()
-        .filter(|l| l.name != lock.name())
-        .filter(|l| l.info.as_ref().map_or(true, |i| i.kind != LockKind::Pin))
+    let oldest = live_others(repo, lock)?
+        .iter()
         .map(|l| l.started())
         .min()
         .unwrap_or(i64::MAX);
     Ok(oldest.min(lock.started() - grace_secs))
+}
+
+/// The locks but ours and pins that may still be held: all but those of processes gone from
+/// this host (the check `sbk unlock` makes; host names are unique among movers) and those
+/// stale by the storage's clock (last written longer than their lease before our own lock
+/// was). No host's clock decides it: taking a live backup for gone could delete what it refers
+/// to. (A server's reads that find a pack gone refresh the index and read on: pins do not
+/// count.) An unreadable lock might be anyone's, and counts.
+fn live_others(repo: &Repository, lock: &Lock) -> Result<Vec<sbk_store::FoundLock>> {
+    let now = lock.started();
+    let host = sbk_store::host_name();
+    Ok(list_locks(repo.backend().as_ref())?
+        .into_iter()
+        .filter(|l| l.name != lock.name())
+        .filter(|l| match &l.info {
+            Ok(i) => {
+                i.kind != LockKind::Pin
+                    && !i.process_gone(&host)
+                    && now - l.modified <= i64::from(i.lease_secs)
+            }
+            Err(_) => true,
+        })
+        .collect())
 }
 
 /// A pack with the blobs it holds, as an index file names it.

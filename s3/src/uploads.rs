@@ -43,10 +43,16 @@ impl Inner {
                     encode(id)
                 );
             }
-            let xml = self.signed_get(&url)?;
+            let xml = self.signed_get_retrying(&url)?;
             let page = parse_uploads(&xml).map_err(|detail| self.unreachable(detail))?;
             out.extend(page.uploads);
             match page.next {
+                // A storage that hands back the same markers would have us loop for ever.
+                Some(next) if markers.as_ref() == Some(&next) => {
+                    return Err(self.unreachable(format!(
+                        "listing multipart uploads: the storage repeats the page after {next:?}"
+                    )))
+                }
                 Some(next) => markers = Some(next),
                 None => return Ok(out),
             }
@@ -61,6 +67,22 @@ impl Inner {
                     .abort_multipart(&Path::from(upload.key.as_str()), &upload.id),
             )
             .map_err(|e| self.err(e, sbk_store::Kind::Pack, &upload.key))
+    }
+
+    /// [`Inner::signed_get`], retried a few times at growing intervals when the storage is
+    /// unreachable or answers with a server error (the client's own requests retry the same way).
+    fn signed_get_retrying(&self, url: &str) -> Result<String> {
+        let mut wait = std::time::Duration::from_millis(200);
+        for _ in 0..3 {
+            match self.signed_get(url) {
+                Err(StoreError::StorageUnreachable { .. }) => {
+                    std::thread::sleep(wait);
+                    wait *= 3;
+                }
+                r => return r,
+            }
+        }
+        self.signed_get(url)
     }
 
     /// GETs `url`, signed with the store's credentials; the body as text.

@@ -157,9 +157,14 @@ impl LockInfo {
         Ok(info)
     }
 
+    /// Whether its holder ran on `host` (this machine) and its process is gone.
+    pub fn process_gone(&self, host: &str) -> bool {
+        self.host == host && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+
     /// Why this lock is stale, seen from `host` at time `now`; `None` while it is live.
     pub fn stale(&self, host: &str, now: i64) -> Option<String> {
-        if self.host == host && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists() {
+        if self.process_gone(host) {
             return Some(format!("process {} no longer exists on {host}", self.pid));
         }
         let age = now.saturating_sub(self.time);

@@ -510,6 +510,8 @@ impl Repository {
         if self.index.get().is_some() {
             return self.refresh_index();
         }
+        // The marks before the index files (see `load_marks`).
+        self.load_marks()?;
         let (index, report) = Index::open(
             self.b()?,
             cache,
@@ -518,29 +520,32 @@ impl Repository {
             self.crypto.clone(),
         )?;
         let _ = self.index.set(index);
-        self.load_marks()?;
         Ok(report)
     }
 
     /// Brings the loaded index up to date with index files written since it was loaded.
     pub fn refresh_index(&self) -> Result<IndexReport> {
-        let report = self.index()?.refresh(self.b()?)?;
         self.load_marks()?;
-        Ok(report)
+        self.index()?.refresh(self.b()?)
     }
 
-    /// Reads which packs prune has marked. After the lock is taken (through
-    /// [`Repository::load_index`]): a prune that marks packs after that waits for our lock to
-    /// go before it deletes them, and one that marked them before is honoured here.
+    /// Reads which packs prune has marked, adding them to those already known (a pack once
+    /// marked stays avoided for the life of the process: a mark acted on since is no reason to
+    /// dedup against what it named). After the lock is taken, and *before* the index files are
+    /// listed: a mark this process reads is honoured; a prune that marks packs after our lock
+    /// waits for it to go before it deletes them; and a mark acted on (and removed) before this
+    /// listing had its packs dropped from the index files first, so the index files listed next
+    /// do not name them.
     fn load_marks(&self) -> Result<()> {
-        let mut marked = Marked::default();
-        for found in self.list_marks()? {
-            match found.marks {
+        let found = self.list_marks()?;
+        let mut marked = self.marked.write().expect("no thread panics holding this");
+        marked.damaged = None;
+        for f in found {
+            match f.marks {
                 Ok(m) => marked.packs.extend(m.packs.into_iter().map(|(p, _)| p)),
                 Err(e) => marked.damaged = Some(e.to_string()),
             }
         }
-        *self.marked.write().expect("no thread panics holding this") = marked;
         Ok(())
     }
 

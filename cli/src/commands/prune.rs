@@ -33,7 +33,8 @@ pub struct Args {
     pub exclusive: bool,
 
     /// How long a mark waits before a later run acts on it, by the storage's clock: more than
-    /// the storage's clock skew and listing delay (`30s`, `10m`, `1h`).
+    /// the storage's clock skew, listing delay and slowest write (`30s`, `10m`, `1h`; `0s` is
+    /// for tests).
     #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_grace, conflicts_with = "exclusive")]
     pub grace: std::time::Duration,
 
@@ -129,6 +130,9 @@ pub fn prune_repo(ctx: &Context, repo: &sbk_store::Repository, args: &Args) -> R
         }
     }
     ctx.out.info(&line, false);
+    for n in &report.notices {
+        ctx.out.notice(n);
+    }
     ctx.out.json(
         &serde_json::json!({
             "dry_run": args.dry_run,
@@ -138,6 +142,7 @@ pub fn prune_repo(ctx: &Context, repo: &sbk_store::Repository, args: &Args) -> R
             "packs_revived": report.packs_revived,
             "marks_waiting": report.marks_waiting,
             "waiting_because": report.waiting_because,
+            "notices": report.notices,
             "packs": report.packs,
             "packs_deleted": report.packs_deleted,
             "packs_unindexed": report.packs_unindexed,
