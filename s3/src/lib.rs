@@ -41,6 +41,9 @@ use sbk_store::{Backend, Kind, Result, StoreError};
 /// Packs up to this size are one PUT; larger ones a multipart upload in parts of this size.
 const PART: usize = 16 << 20;
 
+/// A pack being written grows its buffer by this much at a time.
+const GROW: usize = 8 << 20;
+
 /// Where a repository is on S3: bucket and key prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct S3Location {
@@ -554,6 +557,12 @@ struct S3Staged {
 
 impl Staged for S3Staged {
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        // Grown 8 MiB at a time, not doubled: a pack sealed just past its nominal size would
+        // otherwise hold room for twice that until it is uploaded (and large reallocations move
+        // pages rather than copy them).
+        if self.buf.capacity() - self.buf.len() < bytes.len() {
+            self.buf.reserve_exact(bytes.len().max(GROW));
+        }
         self.buf.extend_from_slice(bytes);
         Ok(())
     }
