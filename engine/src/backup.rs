@@ -681,6 +681,9 @@ fn backup_one(
             reuse: vec![None; segments as usize],
             ..Plan::default()
         };
+        // A new count from zero: what the first pass did is not part of this one.
+        progress.finish(task);
+        progress.start(task, &format!("{label} (whole)"), size);
         run = run_pipeline(session, task, &mut source, &full, progress)?;
         plan = full;
         if let Some(i) = &mut info {
