@@ -10,8 +10,8 @@
 # image (dd), a first backup into a fresh repository, a second backup of the unchanged image, a
 # backup after rewriting ~2% of the image, and a restore to a file (compared with cmp). Each
 # step: wall time, throughput over the image size, ratio to the raw read, and peak RSS
-# (/usr/bin/time); then benches/nbd.sh on the same image, and the changed-block section. Prints
-# Markdown for docs/benchmarks.md.
+# (/usr/bin/time); then benches/nbd.sh and benches/cbt.sh on the same image. Prints Markdown for
+# docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gib=${1:-4}
@@ -129,70 +129,7 @@ else
   echo "NBD: skipped (needs nbdcopy and qemu-nbd: apt-get install libnbd-bin qemu-utils)."
 fi
 
-# Changed-block incremental: ~1% of the files of the image rewritten through a mounted loop
-# device, the changed 64 KiB blocks found by comparing the images, then a full re-read against
-# a backup from that list, in one run. Needs root (mount); skipped, saying so, without it.
-if [ "$(id -u)" != 0 ]; then
-  echo
-  echo "Changed-block incremental: skipped (needs root to mount the image)."
-  exit 0
-fi
-img=$work/pristine.img
-"$sbk" backup --quiet --source-name cbt-disk --cbt-token base "$img"
-img2=$work/changed.img
-cp --sparse=always "$img" "$img2"
-mnt=$work/mnt; mkdir -p "$mnt"
-mount -o loop "$img2" "$mnt"
-trap 'umount "$mnt" 2>/dev/null || true; rm -rf "$work"' EXIT
-budget=$((size / 100))
-# Rewrite whole files of one directory tree (the one with the most files), as an update of
-# one package or database would, up to ~1% of the image.
-dir=$(find "$mnt" -mindepth 2 -maxdepth 3 -type d -printf '%p\n' | while read -r d; do
-  echo "$(find "$d" -type f -size +4k | wc -l) $d"; done | sort -rn | head -1 | cut -d' ' -f2-)
-{ find "$dir" -type f -size +4k -printf '%s %p\n' |
-  awk -v b="$budget" '{ if (s + $1 <= b) { s += $1; print $2 } }' >"$work/rewrite"; } || true
-rewritten=0
-while read -r f; do
-  n=$(stat -c %s "$f")
-  head -c "$n" /dev/urandom | dd of="$f" conv=notrunc,fsync status=none
-  rewritten=$((rewritten + n))
-done <"$work/rewrite"
-umount "$mnt"
-python3 - "$img" "$img2" "$work/changed.list" <<'PY'
-import sys
-a, b, out = open(sys.argv[1], 'rb'), open(sys.argv[2], 'rb'), open(sys.argv[3], 'w')
-block, off, start = 64 << 10, 0, None
-while True:
-    x, y = a.read(block), b.read(block)
-    if not x and not y:
-        break
-    if x != y:
-        start = off if start is None else start
-    elif start is not None:
-        out.write(f"{start} {off - start}\n"); start = None
-    off += max(len(x), len(y))
-if start is not None:
-    out.write(f"{start} {off - start}\n")
-PY
-changed_bytes=$(awk '{s += $2} END {print s + 0}' "$work/changed.list")
-# The full re-read goes into a copy of the repository as it is now, so that it stores the same
-# new data as the incremental does (into the repository itself it would store nothing).
-cp -a "$SBK_REPO" "$work/repo-full"
-cp -a "$SBK_CACHE_DIR" "$work/cache-full"
-sync
-cbt=()
-cbt+=("$(measure "raw O_DIRECT read of the changed image" dd if="$img2" of=/dev/null bs=16M iflag=direct)")
-cbt+=("$(measure "raw write of the changed blocks' size (dd conv=fsync)" dd if="$img2" of="$work/floor" bs=1M count=$((changed_bytes >> 20)) conv=fsync)")
-rm -f "$work/floor"
-cbt+=("$(measure "sbk backup --changed-blocks (1% verified)" "$sbk" backup --quiet --source-name cbt-disk --changed-blocks "$work/changed.list" --cbt-since base --cbt-token next "$img2")")
-touched=$("$sbk" snapshots --json | tr '{' '\n' | grep '"source":"cbt-disk"' | tail -1 | sed -n 's/.*"bytes_skipped":\([0-9]*\).*"segments_read":\([0-9]*\).*"segments_reused":\([0-9]*\).*/\2 \3, bytes skipped \1/p')
-cbt+=("$(measure "sbk backup, full re-read of the same image" "$sbk" backup --quiet --repo "$work/repo-full" --cache-dir "$work/cache-full" --source-name cbt-disk "$img2")")
-rm -rf "$work/repo-full" "$work/cache-full"
+# Changed-block incremental (benches/cbt.sh) on the pristine image, with Borg and restic
+# beside it when they are installed.
 echo
-echo "Changed-block incremental: $((rewritten >> 20)) MiB of files rewritten in the mounted image; $((changed_bytes >> 20)) MiB in changed 64 KiB blocks; segments read / reused by the incremental: ${touched:-?}."
-inc_t=$(echo "${cbt[2]}" | cut -d'|' -f2)
-full_t=$(echo "${cbt[3]}" | cut -d'|' -f2)
-echo "Incremental / full re-read: $(awk -v a="$inc_t" -v b="$full_t" 'BEGIN { printf "%.1f%%", 100 * a / b }')."
-echo
-echo "| step | wall time (s) | throughput (MiB/s) | ratio to raw read | peak RSS (MiB) |"
-rows "$size" "${cbt[@]}"
+CBT_IMAGE="$work/pristine.img" bash benches/cbt.sh "$gib" "$base"
