@@ -17,8 +17,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use sbk_store::{
-    list_locks, ChunkId, EncodedBlob, Extent, Lock, LockKind, MarkReason, Marks, PackEntry, PackId,
-    PackWriter, Repository, StoreError, BLOB_HEADER_LEN,
+    list_locks, pack_size_of, ChunkId, EncodedBlob, Extent, Lock, LockKind, MarkReason, Marks,
+    PackEntry, PackId, PackWriter, Repository, StoreError, BLOB_HEADER_LEN,
 };
 
 use crate::error::{EngineError, Result};
@@ -98,10 +98,11 @@ pub struct PruneReport {
     pub duration_ms: u64,
 }
 
-/// Every blob id the snapshots refer to (trees and data), those of snapshots pinned by a
-/// server (`sbk serve`) included, forgotten or not. Fails on any snapshot or tree that cannot be
+/// Every blob id the snapshots refer to (trees and data), those of snapshots pinned by a live
+/// lock at `storage_now` (a server's, a changed-block backup's parent) included, forgotten or
+/// not. Fails on any snapshot or tree that cannot be
 /// read: pruning without knowing what a snapshot needs could delete its data.
-pub fn used_blobs(repo: &Repository) -> Result<HashSet<ChunkId>> {
+pub fn used_blobs(repo: &Repository, storage_now: i64) -> Result<HashSet<ChunkId>> {
     let mut used = HashSet::new();
     let mut roots = Vec::new();
     for (id, manifest) in repo.snapshots()? {
@@ -118,7 +119,7 @@ pub fn used_blobs(repo: &Repository) -> Result<HashSet<ChunkId>> {
     }
     // Pins are listed after the snapshots: a server copies a manifest to its pin before it
     // checks that the snapshot still exists (Repository::pin_snapshot).
-    let pinned = repo.pinned_snapshots().map_err(|e| {
+    let pinned = repo.pinned_snapshots(storage_now).map_err(|e| {
         EngineError::Unsafe(format!(
             "a pinned snapshot cannot be read ({e}); prune needs it intact"
         ))
@@ -251,7 +252,7 @@ pub fn prune(
     // What the snapshots use comes first, the index files second, the packs last: a snapshot
     // is written after its index files and they after its packs, so every blob a listed
     // snapshot uses is in a listed index file and a listed pack.
-    let used = pool.install(|| used_blobs(repo))?;
+    let used = pool.install(|| used_blobs(repo, lock.started()))?;
 
     // What the index files say each pack holds: the repository's own truth, not the cache. A
     // damaged index file could hide where a used blob lives, so prune stops on one.
@@ -382,12 +383,13 @@ pub fn prune(
             }
             continue;
         }
-        let live_bytes: u64 = keep
-            .iter()
-            .map(|e| BLOB_HEADER_LEN as u64 + u64::from(e.stored_len))
-            .sum();
+        let live_bytes: u64 = keep.iter().map(blob_bytes).sum();
         let unused = 100.0 * (1.0 - live_bytes as f64 / size as f64);
-        if !drop.is_empty() && unused > opts.max_unused_percent {
+        // Blobs no index file names any more (a repacked pack revived, or a run stopped between
+        // re-indexing and marking) are unused too, though `drop` does not list them.
+        let named: u64 = entries.iter().map(blob_bytes).sum();
+        let unnamed = size > pack_size_of(entries.len(), named) + 64;
+        if (!drop.is_empty() || unnamed) && unused > opts.max_unused_percent {
             report.bytes_repacked += live_bytes;
             if beside {
                 marks.packs.push((*pack, MarkReason::Repacked));
@@ -395,7 +397,9 @@ pub fn prune(
                 // Indexed with its unused blobs only: the used ones are found in their new
                 // pack (a backup then dedups against that copy, never the marked one), and a
                 // backup older than the mark that refers to an unused one revives the pack.
-                survivors.push((*pack, drop.clone()));
+                if !drop.is_empty() {
+                    survivors.push((*pack, drop.clone()));
+                }
             } else {
                 report.blobs_dropped += drop.len();
             }
@@ -471,7 +475,7 @@ pub fn prune(
         )),
     }
     // Pins of processes that are gone protect nothing any more.
-    repo.remove_stale_pins()?;
+    repo.remove_stale_pins(lock.started())?;
     report.bytes_reclaimed = report.bytes_removed.saturating_sub(written);
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
@@ -492,27 +496,22 @@ fn leftovers_before(repo: &Repository, lock: &Lock, mode: PruneMode) -> Result<i
     Ok(oldest.min(lock.started() - grace_secs))
 }
 
-/// The locks but ours and pins that may still be held: all but those of processes gone from
-/// this host (the check `sbk unlock` makes; host names are unique among movers) and those
-/// stale by the storage's clock (last written longer than their lease before our own lock
-/// was). No host's clock decides it: taking a live backup for gone could delete what it refers
-/// to. (A server's reads that find a pack gone refresh the index and read on: pins do not
-/// count.) An unreadable lock might be anyone's, and counts.
+/// The locks but ours and pins that may still be held ([`sbk_store::FoundLock::live`], at our
+/// own lock's storage time: no host's clock decides it, since taking a live backup for gone
+/// could delete what it refers to). A server's reads that find a pack gone refresh the index
+/// and read on: pins do not count.
 fn live_others(repo: &Repository, lock: &Lock) -> Result<Vec<sbk_store::FoundLock>> {
-    let now = lock.started();
-    let host = sbk_store::host_name();
+    let holder = sbk_store::holder_id();
     Ok(list_locks(repo.backend().as_ref())?
         .into_iter()
-        .filter(|l| l.name != lock.name())
-        .filter(|l| match &l.info {
-            Ok(i) => {
-                i.kind != LockKind::Pin
-                    && !i.process_gone(&host)
-                    && now - l.modified <= i64::from(i.lease_secs)
-            }
-            Err(_) => true,
-        })
+        .filter(|l| l.name != lock.name() && l.live(&holder, lock.started()))
+        .filter(|l| l.info.as_ref().map_or(true, |i| i.kind != LockKind::Pin))
         .collect())
+}
+
+/// A blob's bytes in its pack, header included.
+fn blob_bytes(e: &PackEntry) -> u64 {
+    BLOB_HEADER_LEN as u64 + u64::from(e.stored_len)
 }
 
 /// A pack with the blobs it holds, as an index file names it.
@@ -528,7 +527,7 @@ fn copy_live(
     let total = repack
         .iter()
         .flat_map(|(_, _, keep)| keep)
-        .map(|e| BLOB_HEADER_LEN as u64 + u64::from(e.stored_len))
+        .map(blob_bytes)
         .sum();
     progress.start(0, "repack", total);
     let mut writer: Option<PackWriter> = None;

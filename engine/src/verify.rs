@@ -216,13 +216,7 @@ fn verify_in_pool(
     for (pack, entries) in &by_pack {
         // A marked pack may go at any time (a prune beside us), its used blobs elsewhere.
         if !on_disk.contains(pack) && !repo.is_marked(pack) {
-            problems.push(Problem {
-                what: format!(
-                    "pack {pack} is missing, but the index names it for {} blobs",
-                    entries.len()
-                ),
-                snapshots: refs.affected(entries.iter().map(|e| &e.id)),
-            });
+            problems.push(missing_pack(pack, entries, &refs));
         }
     }
     progress.start(0, "packs", packs.len() as u64);
@@ -242,9 +236,38 @@ fn verify_in_pool(
         report.bytes_read += bytes;
         report.blobs_read += blobs;
     }
+    // A marked pack that went during the check was deleted by a prune, which first names its
+    // used blobs elsewhere and drops it from the index files. One that is gone but still named
+    // is lost, not pruned.
+    let now: HashSet<PackId> = repo.list_packs()?.into_iter().map(|(id, _)| id).collect();
+    let gone: Vec<&PackId> = by_pack
+        .keys()
+        .filter(|p| repo.is_marked(p) && !now.contains(p))
+        .collect();
+    if !gone.is_empty() {
+        let named: HashSet<PackId> = read_index_files(repo)?
+            .into_iter()
+            .filter_map(|(_, f)| f.ok())
+            .flat_map(|f| f.packs.into_iter().map(|(p, _)| p))
+            .collect();
+        for pack in gone.into_iter().filter(|p| named.contains(p)) {
+            problems.push(missing_pack(pack, &by_pack[pack], &refs));
+        }
+    }
     report.packs_read = selected.len();
     report.problems = problems;
     Ok(report)
+}
+
+/// The problem of a pack the index names that is not there.
+fn missing_pack(pack: &PackId, entries: &[PackEntry], refs: &References) -> Problem {
+    Problem {
+        what: format!(
+            "pack {pack} is missing, but the index names it for {} blobs",
+            entries.len()
+        ),
+        snapshots: refs.affected(entries.iter().map(|e| &e.id)),
+    }
 }
 
 /// The packs whose data `read` asks for.
@@ -366,7 +389,7 @@ fn check_pack(
         if let Err(err) = result {
             // Deleted meanwhile by a prune beside us, its used blobs elsewhere.
             if matches!(err, sbk_store::StoreError::PackMissing { .. }) && repo.is_marked(&pack) {
-                return (Vec::new(), bytes, blobs);
+                return (problems, bytes, blobs);
             }
             problems.push(Problem {
                 what: format!("chunk {} in pack {pack}: {err}", e.id),

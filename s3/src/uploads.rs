@@ -29,7 +29,9 @@ impl Inner {
     pub(crate) fn list_uploads(&self, prefix: &str) -> Result<Vec<Upload>> {
         let mut out = Vec::new();
         let mut markers: Option<(String, String)> = None;
-        loop {
+        // A bound on the pages, so that a storage handing back pages in a cycle cannot keep us
+        // listing for ever (a million uploads at 1000 a page).
+        for _ in 0..1000 {
             let mut url = format!(
                 "{}/{}?uploads=&prefix={}",
                 self.endpoint.trim_end_matches('/'),
@@ -57,6 +59,9 @@ impl Inner {
                 None => return Ok(out),
             }
         }
+        Err(self.unreachable(
+            "listing multipart uploads: more than 1000 pages; not aborting any".into(),
+        ))
     }
 
     /// Aborts an unfinished multipart upload (its parts are freed).
@@ -70,7 +75,7 @@ impl Inner {
     }
 
     /// [`Inner::signed_get`], retried a few times at growing intervals when the storage is
-    /// unreachable or answers with a server error (the client's own requests retry the same way).
+    /// unreachable or answers with anything but success or a refusal of the credentials.
     fn signed_get_retrying(&self, url: &str) -> Result<String> {
         let mut wait = std::time::Duration::from_millis(200);
         for _ in 0..3 {

@@ -35,11 +35,11 @@ pub use index::file::IndexFile;
 pub use index::{CacheLocation, Index, IndexEntry, IndexReport};
 pub use key::{KdfParams, KeyObject};
 pub use lock::{
-    host_name, list_locks, remove_pins, FoundLock, Lock, LockInfo, LockKind, LockTiming,
+    holder_id, host_name, list_locks, remove_pins, FoundLock, Lock, LockInfo, LockKind, LockTiming,
 };
 pub use manifest::{encode_tree, BackupFigures, ChangedBlocks, Extent, Manifest, Origin};
 pub use marks::{MarkReason, Marks};
-pub use pack::{PackEntry, PackWriter};
+pub use pack::{pack_size_of, PackEntry, PackWriter};
 pub use repo::{
     ChunkerSource, FoundMarks, InitOptions, Repository, DEFAULT_CHUNK_AVG, DEFAULT_PACK_SIZE,
     DEFAULT_ZSTD_LEVEL,

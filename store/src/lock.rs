@@ -93,7 +93,7 @@ impl LockKind {
 pub struct LockInfo {
     /// Shared or exclusive.
     pub kind: LockKind,
-    /// Host name of the holder.
+    /// The holder's host ([`holder_id`]: host name, process-id namespace, boot).
     pub host: String,
     /// Process id of the holder.
     pub pid: u32,
@@ -157,7 +157,8 @@ impl LockInfo {
         Ok(info)
     }
 
-    /// Whether its holder ran on `host` (this machine) and its process is gone.
+    /// Whether its holder ran as `holder` (this machine's [`holder_id`]) and its process is
+    /// gone.
     pub fn process_gone(&self, host: &str) -> bool {
         self.host == host && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
     }
@@ -190,6 +191,19 @@ pub struct FoundLock {
 }
 
 impl FoundLock {
+    /// Whether the lock may still be held, judged without any host's clock: live unless its
+    /// process is gone from this very holder identity ([`holder_id`]), or the storage last wrote
+    /// it longer than its lease before `storage_now` (the storage's clock, e.g. the time of the
+    /// caller's own lock object). An unreadable lock might be anyone's, and is live.
+    pub fn live(&self, holder: &str, storage_now: i64) -> bool {
+        match &self.info {
+            Ok(i) => {
+                !i.process_gone(holder) && storage_now - self.modified <= i64::from(i.lease_secs)
+            }
+            Err(_) => true,
+        }
+    }
+
     /// When its holder took it, by the storage's clock: recorded in the lock by its first
     /// refresh, and until then the time the object was written (it has not been replaced).
     pub fn started(&self) -> i64 {
@@ -207,6 +221,26 @@ pub fn host_name() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".into())
+}
+
+/// Who holds a lock, as far as a process id can be checked: the host name, the process-id
+/// namespace and the boot. Two containers that share a host name (`--network host`, a pod on
+/// the host's network) see different process tables; a process id from before a reboot names
+/// nobody now. A lock's holder is checked by its process id only when this whole identity is
+/// ours (see [`LockInfo::process_gone`]); otherwise its lease decides.
+pub fn holder_id() -> String {
+    let ns = std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| {
+            p.to_string_lossy()
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .unwrap_or_default();
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|b| b.trim().chars().take(8).collect::<String>())
+        .unwrap_or_default();
+    format!("{} (pid ns {ns}, boot {boot})", host_name())
 }
 
 pub(crate) fn now() -> i64 {
@@ -266,6 +300,24 @@ fn conflicting(
     Ok((conflict, written))
 }
 
+/// Time since boot, suspended time included (CLOCK_BOOTTIME): a lease runs on while the machine
+/// sleeps, which the monotonic clock behind `Instant` does not count.
+fn boot_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if r != 0 {
+        // Not on Linux since 2.6.39; the monotonic clock is the next best.
+        static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        return BASE.get_or_init(Instant::now).elapsed();
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Whether the holder of a repository still holds its lock; shared by the lock's refresher and
 /// the repository, which checks it before every operation.
 #[derive(Debug, Default)]
@@ -274,7 +326,7 @@ pub(crate) struct Lease {
     why: Mutex<String>,
     /// Half a lease after the last successful refresh: past it the lease counts as lost even if
     /// the refresh is still hanging (a storage that never answers must not keep us going).
-    deadline: Mutex<Option<Instant>>,
+    deadline: Mutex<Option<Duration>>,
 }
 
 impl Lease {
@@ -283,7 +335,7 @@ impl Lease {
         if !self.lost.load(Ordering::Acquire) {
             let deadline = *self.deadline.lock().expect("no thread panics holding this");
             match deadline {
-                Some(d) if Instant::now() > d => self.lose(
+                Some(d) if boot_now() > d => self.lose(
                     "no refresh of the lock succeeded for half its lease (the storage does not answer)"
                         .into(),
                 ),
@@ -301,7 +353,7 @@ impl Lease {
     /// A refresh (or the lock itself) succeeded now.
     fn renewed(&self, lease: Duration) {
         *self.deadline.lock().expect("no thread panics holding this") =
-            Some(Instant::now() + lease / 2);
+            Some(boot_now() + lease / 2);
     }
 
     /// The lock was released: nothing to lose any more.
@@ -339,7 +391,7 @@ impl Lock {
         purpose: &str,
         timing: LockTiming,
     ) -> Result<Lock> {
-        let host = host_name();
+        let host = holder_id();
         let mut info = LockInfo {
             kind,
             host: host.clone(),
@@ -437,17 +489,22 @@ fn refresh_loop(
     stop: &AtomicBool,
     lease: &Lease,
 ) {
-    let mut last_ok = Instant::now();
+    let mut last_ok = boot_now();
     let mut wait = timing.refresh;
     while !stop.load(Ordering::Relaxed) {
         std::thread::park_timeout(wait);
         if stop.load(Ordering::Relaxed) {
             break;
         }
+        // A holder that slept past half its lease (a suspended machine) may already count as
+        // gone to others: it must not revive its lock as if nothing happened.
+        if lease.check().is_err() {
+            break;
+        }
         info.time = now();
         match backend.replace(Kind::Lock, name, &info.encode()) {
             Ok(()) => {
-                last_ok = Instant::now();
+                last_ok = boot_now();
                 lease.renewed(timing.lease);
                 wait = timing.refresh;
             }
@@ -458,10 +515,11 @@ fn refresh_loop(
                 break;
             }
             Err(e) => {
-                if last_ok.elapsed() >= timing.lease / 2 {
+                let failing = boot_now().saturating_sub(last_ok);
+                if failing >= timing.lease / 2 {
                     lease.lose(format!(
                         "refreshing lock {name} failed for {} s: {e}",
-                        last_ok.elapsed().as_secs()
+                        failing.as_secs()
                     ));
                     break;
                 }
@@ -548,7 +606,7 @@ mod tests {
         let (_dir, b) = backend();
         let dead = LockInfo {
             kind: LockKind::Exclusive,
-            host: host_name(),
+            host: holder_id(),
             pid: u32::MAX - 1,
             time: now(),
             lease_secs: 1800,
@@ -556,7 +614,7 @@ mod tests {
             purpose: "prune".into(),
         };
         b.write_once(Kind::Lock, "x", &dead.encode()).unwrap();
-        assert!(dead.stale(&host_name(), now()).is_some());
+        assert!(dead.stale(&holder_id(), now()).is_some());
         // A stale exclusive lock does not block.
         drop(take(&b, LockKind::Shared).unwrap());
         let old = LockInfo {
@@ -564,9 +622,9 @@ mod tests {
             time: now() - 1801,
             ..dead
         };
-        assert!(old.stale(&host_name(), now()).is_some());
+        assert!(old.stale(&holder_id(), now()).is_some());
         let fresh = LockInfo { time: now(), ..old };
-        assert!(fresh.stale(&host_name(), now()).is_none());
+        assert!(fresh.stale(&holder_id(), now()).is_none());
     }
 
     #[test]

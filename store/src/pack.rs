@@ -29,6 +29,13 @@ pub const TRAILER_ENTRY_LEN: usize = 52;
 /// Size of the footer at the very end of a pack.
 pub const FOOTER_LEN: usize = 56;
 
+/// The size of a pack holding exactly these blobs (`stored` bytes of blobs, headers included,
+/// in `blobs` blobs), without what sealing adds to its trailer (under 64 bytes): a pack larger
+/// than this by more holds blobs no index file names.
+pub fn pack_size_of(blobs: usize, stored: u64) -> u64 {
+    PACK_HEADER_LEN + stored + (blobs * TRAILER_ENTRY_LEN + FOOTER_LEN) as u64
+}
+
 /// One blob as the trailer (and the index) knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PackEntry {

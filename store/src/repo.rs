@@ -971,9 +971,10 @@ impl Repository {
     }
 
     /// The snapshots that live locks pin, with their manifests (from the pins' copies: a
-    /// pinned snapshot may have been forgotten).
-    pub fn pinned_snapshots(&self) -> Result<Vec<(SnapshotId, Manifest)>> {
-        let live = self.live_lock_names()?;
+    /// pinned snapshot may have been forgotten). Locks are judged at `storage_now`, the
+    /// storage's time (see [`crate::FoundLock::live`]).
+    pub fn pinned_snapshots(&self, storage_now: i64) -> Result<Vec<(SnapshotId, Manifest)>> {
+        let live = self.live_lock_names(storage_now)?;
         let mut out = Vec::new();
         for pin in self.b()?.list(Kind::Pin)? {
             let Some((owner, snap)) = pin.name.split_once('.') else {
@@ -995,13 +996,13 @@ impl Repository {
         Ok(out)
     }
 
-    /// Removes the pins of locks that are gone or stale; returns how many.
-    pub fn remove_stale_pins(&self) -> Result<usize> {
+    /// Removes the pins of locks that are gone or stale at `storage_now`; returns how many.
+    pub fn remove_stale_pins(&self, storage_now: i64) -> Result<usize> {
         // The pins first, then the locks: a server's lock is written before its pins, so every
         // pin listed here has its lock in the listing after, and a server that started meanwhile
         // does not lose a fresh pin.
         let pins = self.b()?.list(Kind::Pin)?;
-        let live = self.live_lock_names()?;
+        let live = self.live_lock_names(storage_now)?;
         let mut removed = 0;
         for pin in pins {
             let owner = crate::lock::pin_owner(&pin.name);
@@ -1013,17 +1014,12 @@ impl Repository {
         Ok(removed)
     }
 
-    /// Names of the locks that are live (an unreadable lock might be anyone's, and counts).
-    fn live_lock_names(&self) -> Result<Vec<String>> {
-        let host = crate::lock::host_name();
-        let now = crate::lock::now();
+    /// Names of the locks that are live at `storage_now` ([`crate::FoundLock::live`]).
+    fn live_lock_names(&self, storage_now: i64) -> Result<Vec<String>> {
+        let holder = crate::lock::holder_id();
         Ok(crate::lock::list_locks(self.b()?)?
             .into_iter()
-            .filter(|l| {
-                l.info
-                    .as_ref()
-                    .map_or(true, |i| i.stale(&host, now).is_none())
-            })
+            .filter(|l| l.live(&holder, storage_now))
             .map(|l| l.name)
             .collect())
     }

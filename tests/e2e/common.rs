@@ -262,7 +262,7 @@ pub fn assert_same(a: &Path, b: &Path) {
 pub fn live_lock(kind: sbk_store::LockKind, purpose: &str) -> sbk_store::LockInfo {
     sbk_store::LockInfo {
         kind,
-        host: sbk_store::host_name(),
+        host: sbk_store::holder_id(),
         pid: std::process::id(),
         lease_secs: 1800,
         time: std::time::SystemTime::now()

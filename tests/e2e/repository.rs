@@ -222,9 +222,11 @@ fn a_lock_whose_refresh_fails_stops_its_command() {
     let mut stdout = child.stdout.take().unwrap();
     let mut first = [0u8; 1];
     stdout.read_exact(&mut first).unwrap();
+    // (A refresh writes its new lock beside the old one first, under a temporary dot-name.)
     let locks: Vec<_> = std::fs::read_dir(env.repo.join("locks"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
         .collect();
     assert_eq!(locks.len(), 1, "{locks:?}");
     let lock = &locks[0];

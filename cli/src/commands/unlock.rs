@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Result;
-use sbk_store::{host_name, list_locks, Kind, StoreError};
+use sbk_store::{list_locks, Kind, StoreError};
 
 use super::Context;
 use crate::exit::Exit;
@@ -20,7 +20,7 @@ pub fn run(ctx: &Context, _args: Args) -> Result<ExitCode> {
     // that a repository is there and of a format this sbk reads.
     let backend = ctx.backend()?;
     sbk_store::Repository::read_config(backend.as_ref())?;
-    let host = host_name();
+    let host = sbk_store::holder_id();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

@@ -152,7 +152,9 @@ impl Index {
         };
         let current = Self::current_files(backend)?;
         index.pick_table(&current, &mut report);
-        index.sync_with(backend, current, &mut report)?;
+        if index.sync_with(backend, current, &mut report)? {
+            index.sync(backend, &mut report)?;
+        }
         Ok((index, report))
     }
 
@@ -235,17 +237,30 @@ impl Index {
     /// lookup can name a pack that prune removed.
     pub fn refresh(&self, backend: &dyn Backend) -> Result<IndexReport> {
         let mut report = IndexReport::default();
-        let current = Self::current_files(backend)?;
-        self.sync_with(backend, current, &mut report)?;
+        self.sync(backend, &mut report)?;
         Ok(report)
     }
 
+    /// Lists the index files and reads the new ones, again while a listed file vanishes before
+    /// it is read: a prune replaced it, and wrote its replacement (unlisted yet) first.
+    fn sync(&self, backend: &dyn Backend, report: &mut IndexReport) -> Result<()> {
+        for _ in 0..5 {
+            let current = Self::current_files(backend)?;
+            if !self.sync_with(backend, current, report)? {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings the index to the files `current`; true when one of them vanished before it was
+    /// read (list again).
     fn sync_with(
         &self,
         backend: &dyn Backend,
         current: BTreeSet<IndexId>,
         report: &mut IndexReport,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let mut st = self.state.write().expect("no thread panics holding this");
         let gone = st
             .table_files
@@ -266,6 +281,7 @@ impl Index {
             .filter(|f| !st.table_files.contains(f) && !st.overlay_files.contains(f))
             .copied()
             .collect();
+        let mut vanished = false;
         for id in new {
             match read_index_file(backend, &id, &self.crypto) {
                 Ok(file) => {
@@ -279,7 +295,7 @@ impl Index {
                 Err(e) if e.is_corrupt() => {
                     report.damaged.push((id, e.to_string()));
                 }
-                Err(StoreError::ObjectMissing { .. }) => {} // removed meanwhile
+                Err(StoreError::ObjectMissing { .. }) => vanished = true,
                 Err(e) => return Err(e),
             }
         }
@@ -287,7 +303,7 @@ impl Index {
         if first || fold_due(&st) {
             self.try_fold(&mut st, report);
         }
-        Ok(())
+        Ok(vanished)
     }
 
     /// Folds, and on failure says so and goes on with the overlay: a cache never stands in the
