@@ -284,6 +284,15 @@ fn conflicting(
         if other.name == ours {
             return None;
         }
+        // Judged by the storage's clock, our own lock's write being "now" (no host's clock is
+        // compared with another's); by ours only when the listing did not show our lock.
+        let live = match written {
+            Some(storage_now) => other.live(host, storage_now),
+            None => other
+                .info
+                .as_ref()
+                .map_or(true, |i| i.stale(host, now()).is_none()),
+        };
         // A lock object that does not decode (from a newer sbk, or damaged) may stand for
         // anything: it conflicts with everything until `sbk unlock` removes it.
         let o = other.info.unwrap_or_else(|e| LockInfo {
@@ -295,7 +304,7 @@ fn conflicting(
             started: 0,
             purpose: format!("unreadable lock object: {e}"),
         });
-        (kind.conflicts_with(o.kind) && o.stale(host, now()).is_none()).then_some((other.name, o))
+        (live && kind.conflicts_with(o.kind)).then_some((other.name, o))
     });
     Ok((conflict, written))
 }
@@ -625,6 +634,40 @@ mod tests {
         assert!(old.stale(&holder_id(), now()).is_some());
         let fresh = LockInfo { time: now(), ..old };
         assert!(fresh.stale(&holder_id(), now()).is_none());
+    }
+
+    #[test]
+    fn leases_run_on_the_storage_clock_not_the_holders() {
+        let (dir, b) = backend();
+        // Held on a host whose clock is a day behind: written just now, so it is live.
+        let skewed = LockInfo {
+            kind: LockKind::Shared,
+            host: "elsewhere".into(),
+            pid: 1,
+            time: now() - 86_400,
+            lease_secs: 1800,
+            started: 0,
+            purpose: "backup".into(),
+        };
+        b.write_once(Kind::Lock, "skewed", &skewed.encode())
+            .unwrap();
+        assert!(take(&b, LockKind::Exclusive).is_err(), "a live lock blocks");
+        // Not written for longer than its lease by the storage's clock: stale, whatever its
+        // holder's clock said when it wrote it.
+        let path = dir.path().join("r").join("locks").join("skewed");
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        let fresh = LockInfo {
+            time: now(),
+            ..skewed
+        };
+        std::fs::write(&path, fresh.encode()).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        drop(take(&b, LockKind::Exclusive).expect("a stale lock does not block"));
     }
 
     #[test]
