@@ -183,6 +183,11 @@ impl LocalBackend {
 
 /// `renameat2(RENAME_NOREPLACE)`: a rename that fails with EEXIST when `to` exists.
 fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    renameat2(from, to, libc::RENAME_NOREPLACE)
+}
+
+/// `renameat2` with `flags`.
+fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = |p: &Path| {
         std::ffi::CString::new(p.as_os_str().as_bytes())
@@ -198,7 +203,7 @@ fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
             f.as_ptr(),
             libc::AT_FDCWD,
             t.as_ptr(),
-            libc::RENAME_NOREPLACE,
+            flags,
         )
     };
     if r == 0 {
@@ -389,18 +394,38 @@ impl Backend for LocalBackend {
     }
 
     fn replace(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<()> {
-        // The existence check and the rename are two steps: an `unlock` that removes the lock
-        // in the microseconds between them is undone. A local filesystem has no compare-and-
-        // swap on a name; object storage's If-Match closes the window.
         let path = self.path_of(kind, name);
-        fs::metadata(&path).map_err(|e| Self::missing(kind, name, &path, e))?;
         let dir = self.dir_of(kind, name);
         let tmp = Self::durable_tmp(&dir, name, bytes)?;
-        fs::rename(&tmp, &path).map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            StoreError::io(&path, e)
-        })?;
-        fsync_dir(&dir)
+        // The new bytes are swapped in atomically (RENAME_EXCHANGE), which fails when the old
+        // object is gone: a lock that `unlock` removed never comes back, however the two race.
+        match renameat2(&tmp, &path, libc::RENAME_EXCHANGE) {
+            Ok(()) => {
+                // `tmp` now holds the old bytes.
+                let _ = fs::remove_file(&tmp);
+                fsync_dir(&dir)
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let _ = fs::remove_file(&tmp);
+                Err(Self::missing(kind, name, &path, e))
+            }
+            // A file system without the exchange: check, then rename (an `unlock` in the
+            // microseconds between the two is undone).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let done = fs::metadata(&path)
+                    .map_err(|e| Self::missing(kind, name, &path, e))
+                    .and_then(|_| fs::rename(&tmp, &path).map_err(|e| StoreError::io(&path, e)));
+                if done.is_err() {
+                    let _ = fs::remove_file(&tmp);
+                }
+                done?;
+                fsync_dir(&dir)
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(StoreError::io(&path, e))
+            }
+        }
     }
 
     fn delete(&self, kind: Kind, name: &str) -> Result<()> {
@@ -580,6 +605,13 @@ mod tests {
         b.write_once(Kind::Lock, "l", b"x").unwrap();
         b.replace(Kind::Lock, "l", b"y").unwrap();
         assert_eq!(b.read(Kind::Lock, "l").unwrap(), b"y");
+        // The old bytes, swapped out, are gone too: nothing is left beside the lock.
+        assert_eq!(
+            fs::read_dir(dir.path().join("r").join("locks"))
+                .unwrap()
+                .count(),
+            1
+        );
         b.delete(Kind::Lock, "l").unwrap();
         assert!(matches!(
             b.delete(Kind::Lock, "l"),
