@@ -17,8 +17,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use sbk_store::{
-    list_locks, pack_size_of, ChunkId, EncodedBlob, Extent, Lock, LockKind, MarkReason, Marks,
-    PackEntry, PackId, PackWriter, Repository, StoreError, BLOB_HEADER_LEN,
+    pack_size_of, ChunkId, EncodedBlob, Extent, Lock, LockKind, MarkReason, Marks, PackEntry,
+    PackId, PackWriter, Repository, StoreError, BLOB_HEADER_LEN,
 };
 
 use crate::error::{EngineError, Result};
@@ -165,6 +165,12 @@ struct EarlierMarks {
     /// How many marks objects wait, and why the first does.
     waiting_objects: usize,
     because: Option<String>,
+    /// Leftovers of interrupted writes last written before this (storage time) are nobody's:
+    /// older than every live lock but ours and pins (a pin's holder writes only small objects,
+    /// done in moments), and than the grace period. Under an exclusive lock, all of them. (A
+    /// process that takes its lock after the listing this comes from writes nothing older than
+    /// our own lock.)
+    leftovers_before: i64,
 }
 
 /// Sorts the marks objects into those this run acts on and those that wait. A mark is acted on
@@ -173,7 +179,10 @@ struct EarlierMarks {
 /// read the mark before it could dedup against a marked pack. In exclusive mode every mark is
 /// consumed: nobody else is there to honour it.
 fn sort_marks(repo: &Repository, lock: &Lock, mode: PruneMode) -> Result<EarlierMarks> {
-    let mut out = EarlierMarks::default();
+    let mut out = EarlierMarks {
+        leftovers_before: i64::MAX,
+        ..EarlierMarks::default()
+    };
     let found = repo.list_marks()?;
     let PruneMode::Beside { grace_secs } = mode else {
         for m in found {
@@ -189,6 +198,12 @@ fn sort_marks(repo: &Repository, lock: &Lock, mode: PruneMode) -> Result<Earlier
     let others = live_others(repo, lock)?;
     // Our own lock's time is the storage's "now".
     let now = lock.started();
+    out.leftovers_before = others
+        .iter()
+        .map(|l| l.started())
+        .min()
+        .unwrap_or(i64::MAX)
+        .min(now - grace_secs);
     for m in found {
         let marks = m.marks.map_err(|e| {
             EngineError::Unsafe(format!(
@@ -414,14 +429,13 @@ pub fn prune(
     let changes = !delete.is_empty() || !repack.is_empty();
     let rewrite_index =
         changes || files.len() > MERGE_INDEX_FILES_AT || indexed.len() > survivors.len();
-    let removed_now: u64 = delete.iter().map(|(_, size)| size).sum::<u64>()
-        + if beside {
-            0
-        } else {
-            repack.iter().map(|(_, size, _)| size).sum()
-        };
     if opts.dry_run {
-        report.bytes_removed = removed_now;
+        report.bytes_removed = delete.iter().map(|(_, size)| size).sum::<u64>()
+            + if beside {
+                0
+            } else {
+                repack.iter().map(|(_, size, _)| size).sum()
+            };
         report.bytes_reclaimed = report.bytes_removed.saturating_sub(report.bytes_repacked);
         report.duration_ms = started.elapsed().as_millis() as u64;
         return Ok(report);
@@ -466,9 +480,7 @@ pub fn prune(
     }
     // Best effort: what is left of interrupted writes costs space, never correctness, and a
     // storage that cannot list it (or fails to) must not fail a prune that did its work.
-    match leftovers_before(repo, lock, opts.mode)
-        .and_then(|before| Ok(repo.remove_leftovers(before)?))
-    {
+    match repo.remove_leftovers(earlier.leftovers_before) {
         Ok(freed) => report.bytes_removed += freed,
         Err(e) => report.notices.push(format!(
             "leftovers of interrupted writes were not removed: {e}"
@@ -481,30 +493,15 @@ pub fn prune(
     Ok(report)
 }
 
-/// Leftovers of interrupted writes older than this (storage time) are nobody's: older than
-/// every live lock but ours and pins (a pin's holder writes only small objects, done in
-/// moments), and than the grace period. Under an exclusive lock, all of them.
-fn leftovers_before(repo: &Repository, lock: &Lock, mode: PruneMode) -> Result<i64> {
-    let PruneMode::Beside { grace_secs } = mode else {
-        return Ok(i64::MAX);
-    };
-    let oldest = live_others(repo, lock)?
-        .iter()
-        .map(|l| l.started())
-        .min()
-        .unwrap_or(i64::MAX);
-    Ok(oldest.min(lock.started() - grace_secs))
-}
-
 /// The locks but ours and pins that may still be held ([`sbk_store::FoundLock::live`], at our
 /// own lock's storage time: no host's clock decides it, since taking a live backup for gone
 /// could delete what it refers to). A server's reads that find a pack gone refresh the index
 /// and read on: pins do not count.
 fn live_others(repo: &Repository, lock: &Lock) -> Result<Vec<sbk_store::FoundLock>> {
-    let holder = sbk_store::holder_id();
-    Ok(list_locks(repo.backend().as_ref())?
+    Ok(repo
+        .live_locks(lock.started())?
         .into_iter()
-        .filter(|l| l.name != lock.name() && l.live(&holder, lock.started()))
+        .filter(|l| l.name != lock.name())
         .filter(|l| l.info.as_ref().map_or(true, |i| i.kind != LockKind::Pin))
         .collect())
 }

@@ -19,7 +19,6 @@ use sbk_nbd::server::{
 use sbk_store::{BlobKind, ChunkId, Extent, Manifest, Repository, SnapshotId, StoreError};
 
 use crate::chunk_cache::{Bytes, ChunkCache};
-use crate::error::EngineError;
 use crate::overlay::{Overlay, OverlayExport};
 use crate::restore::load_extents;
 
@@ -83,34 +82,15 @@ impl Shared {
             static STORED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         self.cache.get(id, |mut out| {
+            // A chunk that prune moved since the index was loaded is found again by the read
+            // itself (Repository::read_blob_with).
             STORED.with_borrow_mut(|stored| {
-                self.after_prune(|| {
-                    self.repo
-                        .read_blob_with(id, BlobKind::Data, stored, &mut out)
-                        .map_err(EngineError::from)
-                })
-                .map_err(|e| e.to_string())
+                self.repo
+                    .read_blob_with(id, BlobKind::Data, stored, &mut out)
+                    .map_err(|e| e.to_string())
             })?;
             Ok(out)
         })
-    }
-
-    /// Runs `f`; when it finds a pack or blob missing (a prune repacked it since the index was
-    /// loaded: a pinned snapshot's chunks move, they never go), refreshes the index and runs it
-    /// once more.
-    fn after_prune<T>(
-        &self,
-        mut f: impl FnMut() -> Result<T, EngineError>,
-    ) -> Result<T, EngineError> {
-        match f() {
-            Err(EngineError::Store(
-                StoreError::PackMissing { .. } | StoreError::BlobMissing(_),
-            )) => {
-                self.repo.refresh_index()?;
-                f()
-            }
-            r => r,
-        }
     }
 }
 
@@ -192,9 +172,9 @@ impl SnapshotExport {
                 return Ok(t.clone());
             }
         }
+        // A tree that prune moved since the index was loaded is found again by the read itself.
         let tree: Tree = Arc::new(
-            self.shared
-                .after_prune(|| load_extents(&self.shared.repo, &self.manifest, i..i + 1))
+            load_extents(&self.shared.repo, &self.manifest, i..i + 1)
                 .map_err(|e| self.failed(format!("segment {i}: {e}")))?,
         );
         let mut g = self.trees.lock().expect("no thread panics holding this");

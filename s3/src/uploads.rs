@@ -5,7 +5,7 @@
 //! `GET /BUCKET?uploads`), through the client's own HTTP stack and SigV4 signer.
 
 use object_store::aws::AwsAuthorizer;
-use object_store::client::{HttpConnector, HttpRequestBody, ReqwestConnector};
+use object_store::client::{HttpClient, HttpConnector, HttpRequestBody, ReqwestConnector};
 use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::ClientOptions;
@@ -28,6 +28,10 @@ impl Inner {
     /// Every unfinished multipart upload whose key starts with `prefix`, all pages of them.
     pub(crate) fn list_uploads(&self, prefix: &str) -> Result<Vec<Upload>> {
         let mut out = Vec::new();
+        // One client for every page: a connection per page would be set up anew each time.
+        let client = ReqwestConnector::default()
+            .connect(&ClientOptions::new().with_allow_http(self.endpoint.starts_with("http://")))
+            .map_err(|e| self.err(e, sbk_store::Kind::Pack, ""))?;
         let mut markers: Option<(String, String)> = None;
         // A bound on the pages, so that a storage handing back pages in a cycle cannot keep us
         // listing for ever (a million uploads at 1000 a page).
@@ -45,7 +49,7 @@ impl Inner {
                     encode(id)
                 );
             }
-            let xml = self.signed_get_retrying(&url)?;
+            let xml = self.signed_get_retrying(&client, &url)?;
             let page = parse_uploads(&xml).map_err(|detail| self.unreachable(detail))?;
             out.extend(page.uploads);
             match page.next {
@@ -76,10 +80,10 @@ impl Inner {
 
     /// [`Inner::signed_get`], retried a few times at growing intervals when the storage is
     /// unreachable or answers with anything but success or a refusal of the credentials.
-    fn signed_get_retrying(&self, url: &str) -> Result<String> {
+    fn signed_get_retrying(&self, client: &HttpClient, url: &str) -> Result<String> {
         let mut wait = std::time::Duration::from_millis(200);
         for _ in 0..3 {
-            match self.signed_get(url) {
+            match self.signed_get(client, url) {
                 Err(StoreError::StorageUnreachable { .. }) => {
                     std::thread::sleep(wait);
                     wait *= 3;
@@ -87,11 +91,11 @@ impl Inner {
                 r => return r,
             }
         }
-        self.signed_get(url)
+        self.signed_get(client, url)
     }
 
     /// GETs `url`, signed with the store's credentials; the body as text.
-    fn signed_get(&self, url: &str) -> Result<String> {
+    fn signed_get(&self, client: &HttpClient, url: &str) -> Result<String> {
         self.rt.block_on(async {
             let credential = self
                 .store
@@ -104,9 +108,6 @@ impl Inner {
                 .map_err(|e| self.unreachable(format!("cannot build the request {url}: {e}")))?;
             AwsAuthorizer::new(&credential, "s3", &self.region)
                 .try_authorize(&mut request, None)
-                .map_err(|e| self.err(e, sbk_store::Kind::Pack, ""))?;
-            let client = ReqwestConnector::default()
-                .connect(&ClientOptions::new().with_allow_http(url.starts_with("http://")))
                 .map_err(|e| self.err(e, sbk_store::Kind::Pack, ""))?;
             let response = client
                 .execute(request)

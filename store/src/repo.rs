@@ -13,7 +13,7 @@ use crate::id::{random_bytes, to_hex, ChunkId, IndexId, PackId, SnapshotId};
 use crate::index::file::IndexFile;
 use crate::index::{read_index_file, CacheLocation, Index, IndexEntry, IndexReport};
 use crate::key::{KdfParams, KeyObject};
-use crate::lock::{Lease, Lock, LockKind, LockTiming};
+use crate::lock::{FoundLock, Lease, Lock, LockKind, LockTiming};
 use crate::manifest::{decode_tree, Extent, Manifest};
 use crate::marks::Marks;
 use crate::pack::{object_path, read_trailer, PackEntry, PackWriter};
@@ -789,9 +789,10 @@ impl Repository {
     ) -> Result<PackId> {
         match self.read_blob_once(id, kind, stored, out) {
             // A prune beside us deleted the pack after moving the blob to another one (a pack
-            // is deleted only once the index files name its used blobs elsewhere): the index,
-            // refreshed, knows where (docs/design.md, "prune").
-            Err(StoreError::PackMissing { .. }) => {
+            // is deleted only once the index files name its used blobs elsewhere), or the blob
+            // is newer than the loaded index: the index, refreshed, knows where (docs/design.md,
+            // "prune"). A blob a snapshot refers to moves; it never goes.
+            Err(StoreError::PackMissing { .. } | StoreError::BlobMissing(_)) => {
                 self.refresh_index()?;
                 self.read_blob_once(id, kind, stored, out)
             }
@@ -1014,12 +1015,20 @@ impl Repository {
         Ok(removed)
     }
 
-    /// Names of the locks that are live at `storage_now` ([`crate::FoundLock::live`]).
-    fn live_lock_names(&self, storage_now: i64) -> Result<Vec<String>> {
+    /// The locks that are live at `storage_now` ([`crate::FoundLock::live`]).
+    pub fn live_locks(&self, storage_now: i64) -> Result<Vec<FoundLock>> {
         let holder = crate::lock::holder_id();
         Ok(crate::lock::list_locks(self.b()?)?
             .into_iter()
             .filter(|l| l.live(&holder, storage_now))
+            .collect())
+    }
+
+    /// Names of the locks that are live at `storage_now`.
+    fn live_lock_names(&self, storage_now: i64) -> Result<Vec<String>> {
+        Ok(self
+            .live_locks(storage_now)?
+            .into_iter()
             .map(|l| l.name)
             .collect())
     }

@@ -206,14 +206,17 @@ fn metrics_files_parse_and_keep_the_last_success_of_a_failed_source() {
     let img = env.path("img");
     std::fs::write(&img, random(3 << 20, 5)).unwrap();
     let file = env.path("sbk-backup.prom");
-    let r = env.run(&[
-        "backup",
-        img.to_str().unwrap(),
-        "--source-name",
-        "vm one",
-        "--metrics-file",
-        file.to_str().unwrap(),
-    ]);
+    let backup = || {
+        env.run(&[
+            "backup",
+            img.to_str().unwrap(),
+            "--source-name",
+            "vm one",
+            "--metrics-file",
+            file.to_str().unwrap(),
+        ])
+    };
+    let r = backup();
     assert_eq!(r.code, 0, "{}", r.stderr);
     let m = metrics(&file);
     // (Label escaping is unit-tested in cli/src/metrics.rs: this parser does not undo it.)
@@ -228,14 +231,7 @@ fn metrics_files_parse_and_keep_the_last_success_of_a_failed_source() {
     assert!(first > 1.7e9);
     // The same source failing (gone): success 0, and the last success time kept.
     std::fs::remove_file(&img).unwrap();
-    let r = env.run(&[
-        "backup",
-        img.to_str().unwrap(),
-        "--source-name",
-        "vm one",
-        "--metrics-file",
-        file.to_str().unwrap(),
-    ]);
+    let r = backup();
     assert_ne!(r.code, 0);
     let m = metrics(&file);
     assert_eq!(value(&m, "sbk_backup_success", src), Some(0.0));
