@@ -105,10 +105,7 @@ impl Metrics {
 
 /// Seconds since the Unix epoch, now.
 pub fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    sbk_store::unix_now_ns() as f64 / 1e9
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@
 //!
 //! Channels are bounded and segment buffers come from one pool shared by every source of the
 //! run, so memory is bounded by the pipeline depth, never by the source size. Full packs are
-//! sealed by uploader threads off the critical path; an index file names them every
-//! [`INDEX_EVERY`] packs and before each manifest. Segments are chunked independently, so the
+//! sealed by uploader threads off the critical path; the [`Packer`] names them in an index file
+//! every so many packs and before each manifest. Segments are chunked independently, so the
 //! chunk list does not depend on the thread count.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -25,11 +25,12 @@ use rayon::iter::{ParallelBridge, ParallelIterator};
 use sbk_chunker::{split_changed, split_segment, ChunkerParams, Piece, Span};
 use sbk_store::{
     encode_tree, BackupFigures, BlobKind, ChangedBlocks, ChunkId, EncodedBlob, Extent, Lock,
-    Manifest, PackEntry, PackId, PackWriter, Repository, SnapshotId, StoreError, BLOB_HEADER_LEN,
+    Manifest, Repository, SnapshotId, StoreError,
 };
 
 use crate::changed::ChangedList;
 use crate::error::{EngineError, Result};
+use crate::packer::Packer;
 use crate::pool::worker_pool;
 use crate::progress::Progress;
 use crate::source::{align_up, Source};
@@ -92,24 +93,6 @@ pub fn chunker_params(repo: &Repository) -> Result<ChunkerParams> {
     Ok(p)
 }
 
-/// The pack being filled, shared by all sources of one run.
-struct Packer {
-    current: Option<PackWriter>,
-}
-
-/// What this run has written that the index does not know yet.
-#[derive(Default)]
-struct Unindexed {
-    /// Ids in packs being filled, uploaded or sealed but not yet named by an index file:
-    /// another source need not write them again. Bounded by [`INDEX_EVERY`] packs.
-    written: HashSet<ChunkId>,
-    /// Sealed, durable packs waiting for an index file.
-    sealed: Vec<(PackId, Vec<PackEntry>)>,
-}
-
-/// An index file is written once this many packs are sealed (and before every manifest), so
-/// that the run's in-memory set of unindexed blobs stays bounded: 64 packs of 32 MiB.
-const INDEX_EVERY: usize = 64;
 /// Packs handed to the uploaders and not yet sealed: while they seal (fsync, or an upload),
 /// chunking goes on.
 const UPLOAD_QUEUE: usize = 2;
@@ -123,18 +106,8 @@ struct Session<'a> {
     lock: &'a Lock,
     params: ChunkerParams,
     pool: rayon::ThreadPool,
-    packer: Mutex<Packer>,
-    unindexed: Mutex<Unindexed>,
-    /// Sealed packs go to the uploaders through this queue; `None` once the run is over.
-    uploads: Mutex<Option<Sender<PackWriter>>>,
-    /// Packs handed over and not yet sealed (or failed).
-    in_flight: Mutex<usize>,
-    sealed_cv: Condvar,
-    /// Set once a pack write, seal or index write failed: what this run wrote is then not
-    /// known to be durable, so no further snapshot of this run may rely on any of it.
-    failed: AtomicBool,
-    /// What made an uploader fail, for the first `check` that notices.
-    upload_error: Mutex<Option<EngineError>>,
+    /// Every source's blobs go into the same packs.
+    packer: Packer<'a>,
     /// Segment buffers shared by every source: at most `buffers` exist at once.
     buf_tx: Sender<MmapMut>,
     buf_rx: Receiver<MmapMut>,
@@ -146,9 +119,6 @@ struct Session<'a> {
     /// Segments of every source go to the workers through this one queue, so that no source
     /// can hold the workers while another holds the shared buffers; `None` once the run is over.
     work: Mutex<Option<Sender<Work>>>,
-    /// Held while an index file is written: a `seal` that finds nothing left to index must not
-    /// return while another thread is still writing the index file that names its packs.
-    indexing: Mutex<()>,
 }
 
 /// A segment for the workers, with where its result goes.
@@ -164,209 +134,9 @@ struct Work {
 const MAX_CONCURRENT_SOURCES: usize = 4;
 
 impl Session<'_> {
-    fn check(&self) -> Result<()> {
-        if self.failed.load(Ordering::Acquire) {
-            // The first to notice reports what an uploader ran into (a storage gone, say),
-            // so that the exit code says it; the others, that the run is poisoned.
-            let first = self
-                .upload_error
-                .lock()
-                .expect("no thread panics holding this")
-                .take();
-            if let Some(e) = first {
-                return Err(e);
-            }
-            return Err(EngineError::Unsafe(
-                "an earlier pack or index write of this run failed; no snapshot can rely on it"
-                    .into(),
-            ));
-        }
-        Ok(self.repo.check_lease()?)
-    }
-
-    fn fail(&self) {
-        self.failed.store(true, Ordering::Release);
-    }
-
     /// True when `id` is already stored or being stored by this run.
     fn written(&self, id: &ChunkId) -> bool {
-        self.unindexed
-            .lock()
-            .expect("no thread panics holding this")
-            .written
-            .contains(id)
-    }
-
-    /// Appends blobs to the open pack, handing it to the uploaders when it reaches the pack
-    /// size. Returns the bytes written (blobs another source already wrote are skipped).
-    fn store(&self, blobs: &[EncodedBlob]) -> Result<u64> {
-        self.check()?;
-        let mut packer = self
-            .packer
-            .lock()
-            .expect("no thread panics holding the packer");
-        let result = self.store_locked(&mut packer, blobs);
-        if result.is_err() {
-            self.fail();
-            if let Some(pack) = packer.current.take() {
-                pack.abandon();
-            }
-        }
-        result
-    }
-
-    fn store_locked(&self, packer: &mut Packer, blobs: &[EncodedBlob]) -> Result<u64> {
-        let mut written = 0;
-        for blob in blobs {
-            if !self
-                .unindexed
-                .lock()
-                .expect("no thread panics holding this")
-                .written
-                .insert(blob.header.id)
-            {
-                continue;
-            }
-            if packer.current.is_none() {
-                packer.current = Some(self.repo.new_pack()?);
-            }
-            let pack = packer.current.as_mut().expect("created above");
-            pack.add(blob)?;
-            written += (BLOB_HEADER_LEN + blob.data.len()) as u64;
-            if pack.len() >= self.repo.config().pack_size {
-                self.hand_over(packer.current.take().expect("present"))?;
-            }
-        }
-        Ok(written)
-    }
-
-    /// Queues a full pack for sealing; blocks while the queue is full (back-pressure).
-    fn hand_over(&self, pack: PackWriter) -> Result<()> {
-        *self
-            .in_flight
-            .lock()
-            .expect("no thread panics holding this") += 1;
-        let sent = self
-            .uploads
-            .lock()
-            .expect("no thread panics holding this")
-            .clone()
-            .map(|tx| tx.send(pack).is_ok())
-            .unwrap_or(false);
-        if !sent {
-            self.upload_done();
-            self.fail();
-            return Err(EngineError::Unsafe("the pack uploaders stopped".into()));
-        }
-        Ok(())
-    }
-
-    fn upload_done(&self) {
-        *self
-            .in_flight
-            .lock()
-            .expect("no thread panics holding this") -= 1;
-        self.sealed_cv.notify_all();
-    }
-
-    /// An uploader: seals packs (trailer, durable, named) and writes an index file every
-    /// [`INDEX_EVERY`] packs.
-    fn upload(&self, rx: Receiver<PackWriter>) {
-        for pack in rx {
-            let r = pack.finish().map_err(EngineError::from).and_then(|sealed| {
-                let full = {
-                    let mut u = self
-                        .unindexed
-                        .lock()
-                        .expect("no thread panics holding this");
-                    u.sealed.push(sealed);
-                    u.sealed.len() >= INDEX_EVERY
-                };
-                if full {
-                    self.write_index()?;
-                }
-                Ok(())
-            });
-            if let Err(e) = r {
-                self.upload_error
-                    .lock()
-                    .expect("no thread panics holding this")
-                    .get_or_insert(e);
-                self.fail();
-            }
-            self.upload_done();
-        }
-    }
-
-    /// Names the sealed packs in an index file, then forgets them from the unindexed set (the
-    /// index knows them now). A failure poisons the run before the index lock is released, so
-    /// that a `seal` waiting for it sees the failure.
-    fn write_index(&self) -> Result<()> {
-        let _indexing = self.indexing.lock().expect("no thread panics holding this");
-        let r = self.write_index_locked();
-        if r.is_err() {
-            self.fail();
-        }
-        r
-    }
-
-    fn write_index_locked(&self) -> Result<()> {
-        let sealed = std::mem::take(
-            &mut self
-                .unindexed
-                .lock()
-                .expect("no thread panics holding this")
-                .sealed,
-        );
-        if sealed.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<ChunkId> = sealed
-            .iter()
-            .flat_map(|(_, e)| e.iter().map(|e| e.id))
-            .collect();
-        self.repo.write_index_file(sealed)?;
-        let mut u = self
-            .unindexed
-            .lock()
-            .expect("no thread panics holding this");
-        for id in ids {
-            u.written.remove(&id);
-        }
-        Ok(())
-    }
-
-    /// Seals the open pack, waits for every pack in flight, and names them all in an index
-    /// file: afterwards every blob stored so far is durable and indexed, and a manifest may
-    /// refer to it.
-    fn seal(&self) -> Result<()> {
-        self.check()?;
-        let current = self
-            .packer
-            .lock()
-            .expect("no thread panics holding the packer")
-            .current
-            .take();
-        if let Some(pack) = current {
-            self.hand_over(pack)?;
-        }
-        let mut n = self
-            .in_flight
-            .lock()
-            .expect("no thread panics holding this");
-        while *n > 0 {
-            n = self
-                .sealed_cv
-                .wait(n)
-                .expect("no thread panics holding this");
-        }
-        drop(n);
-        self.check()?;
-        let r = self.write_index();
-        if r.is_err() {
-            self.fail();
-        }
-        r
+        self.packer.knows(id)
     }
 
     /// A segment buffer from the shared pool: a returned one, a new one while fewer than the
@@ -420,20 +190,13 @@ pub fn backup(
     // worker busy, and the whole of the pipeline's buffer memory (measured: docs/benchmarks.md).
     let buffers = opts.threads.max(1) + 2;
     let (buf_tx, buf_rx) = bounded::<MmapMut>(buffers);
-    let (up_tx, up_rx) = bounded::<PackWriter>(UPLOAD_QUEUE);
     let (work_tx, work_rx) = bounded::<Work>(opts.threads.max(1));
     let session = Session {
         repo,
         lock,
         params: chunker_params(repo)?,
         pool,
-        packer: Mutex::new(Packer { current: None }),
-        unindexed: Mutex::new(Unindexed::default()),
-        uploads: Mutex::new(Some(up_tx)),
-        in_flight: Mutex::new(0),
-        sealed_cv: Condvar::new(),
-        failed: AtomicBool::new(false),
-        upload_error: Mutex::new(None),
+        packer: Packer::new(repo),
         buf_tx,
         buf_rx,
         buffers,
@@ -441,26 +204,10 @@ pub fn backup(
         running: Mutex::new(0),
         running_cv: Condvar::new(),
         work: Mutex::new(Some(work_tx)),
-        indexing: Mutex::new(()),
     };
     let results = std::thread::scope(|s| {
         let session = &session;
-        for i in 0..UPLOADERS {
-            let rx = up_rx.clone();
-            if let Err(e) = std::thread::Builder::new()
-                .name(format!("sbk-upload-{i}"))
-                .spawn_scoped(s, move || session.upload(rx))
-            {
-                // Closing the queue lets the uploaders already started end.
-                session
-                    .uploads
-                    .lock()
-                    .expect("no thread panics holding this")
-                    .take();
-                return Err(EngineError::Thread(e));
-            }
-        }
-        drop(up_rx);
+        session.packer.start_uploaders(s, UPLOADERS, UPLOAD_QUEUE)?;
         // The workers: every source's segments, in whatever order they come.
         s.spawn(move || {
             session.pool.install(|| {
@@ -494,8 +241,8 @@ pub fn backup(
             .into_iter()
             .map(|h| h.join().expect("backup threads do not panic"))
             .collect();
-        if !session.failed.load(Ordering::Acquire) {
-            if let Err(e) = session.seal() {
+        if !session.packer.failed() {
+            if let Err(e) = session.packer.flush() {
                 // Every snapshot written sealed its own blobs first; what is lost here is data
                 // that no snapshot refers to, which the next backup writes again.
                 progress.notice(&format!(
@@ -509,11 +256,7 @@ pub fn backup(
             .lock()
             .expect("no thread panics holding this")
             .take();
-        session
-            .uploads
-            .lock()
-            .expect("no thread panics holding this")
-            .take();
+        session.packer.close();
         Ok(results)
     });
     results
@@ -583,10 +326,7 @@ fn backup_one(
     progress: &dyn Progress,
 ) -> Result<BackupOutcome> {
     let started = Instant::now();
-    let time_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0);
+    let time_ns = sbk_store::unix_now_ns();
     let repo = session.repo;
     let mut source = Source::open(path)?;
     let label = match &opts.source_name {
@@ -716,7 +456,7 @@ fn backup_one(
     // A stop requested meanwhile writes no snapshot: the run ends as if it had failed here.
     crate::interrupt::check()?;
     // Ordering: every blob durable and indexed, then the manifest that refers to them.
-    session.seal()?;
+    session.packer.flush()?;
     figures.duration_ms = started.elapsed().as_millis() as u64;
     let parent = match chosen {
         Some(id) => Some(id),
@@ -1239,7 +979,7 @@ fn write_segments(
     let mut tree_ids = HashSet::new();
     for seg in chunked.iter() {
         let seg = seg?;
-        figures.new_stored += session.store(&seg.blobs)?;
+        figures.new_stored += session.packer.add(&seg.blobs)?;
         // Stored: the run's unindexed set knows them now, which keeps `claimed` as small as
         // the segments in flight.
         {
@@ -1266,7 +1006,7 @@ fn write_segments(
             let id = repo.blob_id(&raw);
             if !repo.dedup_hit(&id)? && !session.written(&id) && tree_ids.insert(id) {
                 let blob = repo.encode_blob(id, BlobKind::Tree, &raw)?;
-                figures.new_stored += session.store(std::slice::from_ref(&blob))?;
+                figures.new_stored += session.packer.add(std::slice::from_ref(&blob))?;
             }
             trees.push(id);
         }

@@ -12,15 +12,13 @@
 //! a copy of one the destination has (copies going back and forth do not multiply).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
-use sbk_store::{
-    encode_tree, BlobKind, ChunkId, EncodedBlob, Extent, Manifest, Origin, PackEntry, PackId,
-    PackWriter, Repository, SnapshotId,
-};
+use sbk_store::{encode_tree, BlobKind, ChunkId, Extent, Manifest, Origin, Repository, SnapshotId};
 
 use crate::error::{EngineError, Result};
+use crate::packer::Packer;
 use crate::pool::{snapshot_trees, worker_pool};
 use crate::restore::windows;
 
@@ -41,68 +39,10 @@ pub struct CopyOutcome {
     pub bytes_written: u64,
 }
 
-/// Packs being written to the destination, and the index files naming them.
-struct Writer<'a> {
-    dst: &'a Repository,
-    current: Option<PackWriter>,
-    sealed: Vec<(PackId, Vec<PackEntry>)>,
-    /// Ids written by this run (not yet in the destination's index).
-    written: HashSet<ChunkId>,
-    bytes: u64,
-}
-
-/// An index file every this many packs, as backup does.
-const INDEX_EVERY: usize = 64;
-
-impl Writer<'_> {
-    fn has(&self, id: &ChunkId) -> Result<bool> {
-        // Never a blob in a pack prune marked: a later prune may delete it.
-        Ok(self.written.contains(id) || self.dst.dedup_hit(id)?)
-    }
-
-    fn store(&mut self, id: ChunkId, kind: BlobKind, raw: &[u8]) -> Result<()> {
-        if self.has(&id)? {
-            return Ok(());
-        }
-        let blob = self.dst.encode_blob(id, kind, raw)?;
-        self.add(blob)
-    }
-
-    /// Adds an encoded blob to the open pack (nothing if this run wrote its id already).
-    fn add(&mut self, blob: EncodedBlob) -> Result<()> {
-        let id = blob.header.id;
-        if self.written.contains(&id) {
-            return Ok(());
-        }
-        if self.current.is_none() {
-            self.current = Some(self.dst.new_pack()?);
-        }
-        let pack = self.current.as_mut().expect("created above");
-        pack.add(&blob)?;
-        self.bytes += (sbk_store::BLOB_HEADER_LEN + blob.data.len()) as u64;
-        self.written.insert(id);
-        if pack.len() >= self.dst.config().pack_size {
-            self.sealed
-                .push(self.current.take().expect("present").finish()?);
-            if self.sealed.len() >= INDEX_EVERY {
-                self.index()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Seals the open pack and names every sealed pack in an index file (packs are durable
-    /// before the index file that names them is written).
-    fn index(&mut self) -> Result<()> {
-        if let Some(p) = self.current.take() {
-            self.sealed.push(p.finish()?);
-        }
-        if !self.sealed.is_empty() {
-            self.dst
-                .write_index_file(std::mem::take(&mut self.sealed))?;
-        }
-        Ok(())
-    }
+/// Whether the destination has blob `id` to refer to: stored by this run, or indexed in a pack
+/// no prune has marked (never a marked one: a later prune may delete it).
+fn has(packer: &Packer<'_>, dst: &Repository, id: &ChunkId) -> Result<bool> {
+    Ok(packer.knows(id) || dst.dedup_hit(id)?)
 }
 
 /// The destination's snapshots, and of its copies, the (origin repository, origin snapshot)
@@ -173,13 +113,8 @@ fn copy_one(
     manifest: Manifest,
     same_ids: bool,
 ) -> Result<CopyOutcome> {
-    let writer = Mutex::new(Writer {
-        dst,
-        current: None,
-        sealed: Vec::new(),
-        written: HashSet::new(),
-        bytes: 0,
-    });
+    let packer = Packer::new(dst);
+    let bytes = AtomicU64::new(0);
     let (mut read, mut fresh) = (0u64, 0u64);
     let mut trees = Vec::with_capacity(manifest.trees.len());
     // Source id -> destination id, for the whole snapshot: a chunk used in several windows is
@@ -203,36 +138,23 @@ fn copy_one(
         let mapped: Vec<(ChunkId, ChunkId, bool, bool)> = distinct
             .par_iter()
             .map(|sid| -> Result<(ChunkId, ChunkId, bool, bool)> {
-                if same_ids
-                    && writer
-                        .lock()
-                        .expect("no thread panics holding this")
-                        .has(sid)?
-                {
+                if same_ids && has(&packer, dst, sid)? {
                     return Ok((*sid, *sid, false, false));
                 }
                 let raw = src.read_blob(sid, BlobKind::Data)?;
                 let did = dst.blob_id(&raw);
-                if writer
-                    .lock()
-                    .expect("no thread panics holding this")
-                    .has(&did)?
-                {
+                if has(&packer, dst, &did)? {
                     return Ok((*sid, did, true, false));
                 }
-                // Compressed and sealed outside the writer's lock: that is the work of a copy.
+                // Compressed and sealed on the workers: that is the work of a copy.
                 let blob = dst.encode_blob(did, BlobKind::Data, &raw)?;
-                writer
-                    .lock()
-                    .expect("no thread panics holding this")
-                    .add(blob)?;
+                bytes.fetch_add(packer.add(&[blob])?, Ordering::Relaxed);
                 Ok((*sid, did, true, true))
             })
             .collect::<Result<_>>()?;
         read += mapped.iter().filter(|m| m.2).count() as u64;
         fresh += mapped.iter().filter(|m| m.3).count() as u64;
         map.extend(mapped.into_iter().map(|(s, d, _, _)| (s, d)));
-        let mut w = writer.lock().expect("no thread panics holding this");
         for extents in src_trees {
             let extents: Vec<Extent> = extents
                 .into_iter()
@@ -243,14 +165,16 @@ fn copy_one(
                 .collect();
             let raw = encode_tree(&extents);
             let tid = dst.blob_id(&raw);
-            w.store(tid, BlobKind::Tree, &raw)?;
+            if !has(&packer, dst, &tid)? {
+                let blob = dst.encode_blob(tid, BlobKind::Tree, &raw)?;
+                bytes.fetch_add(packer.add(&[blob])?, Ordering::Relaxed);
+            }
             trees.push(tid);
         }
     }
-    let mut w = writer.into_inner().expect("no thread panics holding this");
     crate::interrupt::check()?;
     // Ordering: every blob durable and indexed, then the manifest that refers to them.
-    w.index()?;
+    packer.flush()?;
     let mut copy = Manifest {
         trees,
         parent: None,
@@ -281,7 +205,7 @@ fn copy_one(
         existing: None,
         chunks_read: read,
         chunks_written: fresh,
-        bytes_written: w.bytes,
+        bytes_written: bytes.into_inner(),
     })
 }
 

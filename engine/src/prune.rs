@@ -17,11 +17,12 @@ use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use sbk_store::{
-    pack_size_of, ChunkId, EncodedBlob, Extent, Lock, LockKind, MarkReason, Marks, PackEntry,
-    PackId, PackWriter, Repository, StoreError, BLOB_HEADER_LEN,
+    pack_size_of, ChunkId, Extent, Lock, LockKind, MarkReason, Marks, PackEntry, PackId,
+    Repository, StoreError, BLOB_HEADER_LEN,
 };
 
 use crate::error::{EngineError, Result};
+use crate::packer::Packer;
 use crate::pool::{snapshot_trees, worker_pool};
 use crate::progress::Progress;
 use crate::repair::replace_index_files;
@@ -446,7 +447,10 @@ pub fn prune(
     // no index after it; a later prune removes either).
     crate::interrupt::check()?;
     // 1. Copy the blobs that stay into new packs, verified, and seal them (durable).
-    let (new_packs, written) = copy_live(repo, &repack, progress)?;
+    let packer = Packer::new(repo).recording();
+    copy_live(&packer, repo, &repack, progress)?;
+    let new_packs = packer.sealed_packs();
+    let written = packer.packed_bytes();
     report.packs_written = new_packs.len();
 
     // 2. New index files naming the surviving and new packs, then the old index files go: from
@@ -455,7 +459,10 @@ pub fn prune(
     if rewrite_index {
         let mut all = survivors;
         all.extend(new_packs);
-        report.index_files_written = replace_index_files(repo, &all, &files)?.0;
+        // The packer's own index files name the new packs too: replaced with the rest.
+        let mut old = files.clone();
+        old.extend(packer.index_files());
+        report.index_files_written = replace_index_files(repo, &all, &old)?.0;
     }
 
     // 3. The marks of this run, once the copies of repacked blobs are indexed: backups that
@@ -511,60 +518,32 @@ fn blob_bytes(e: &PackEntry) -> u64 {
     BLOB_HEADER_LEN as u64 + u64::from(e.stored_len)
 }
 
-/// A pack with the blobs it holds, as an index file names it.
-type IndexedPack = (PackId, Vec<PackEntry>);
-
-/// Copies the live blobs of the packs to repack into new packs, each blob verified before it
-/// is written, and seals them. Returns the new packs and the bytes written.
+/// Copies the live blobs of the packs to repack into new packs through a [`Packer`], each blob
+/// verified before it is written (prune never spreads a damaged blob), and flushes it: the new
+/// packs are durable and named by the packer's own index files when this returns.
 fn copy_live(
+    packer: &Packer<'_>,
     repo: &Repository,
     repack: &[(PackId, u64, Vec<PackEntry>)],
     progress: &dyn Progress,
-) -> Result<(Vec<IndexedPack>, u64)> {
+) -> Result<()> {
     let total = repack
         .iter()
         .flat_map(|(_, _, keep)| keep)
         .map(blob_bytes)
         .sum();
     progress.start(0, "repack", total);
-    let mut writer: Option<PackWriter> = None;
-    let mut written = 0u64;
-    let mut new_packs: Vec<IndexedPack> = Vec::new();
-    let mut seal = |w: PackWriter, new_packs: &mut Vec<_>| -> Result<()> {
-        written += w.len();
-        new_packs.push(w.finish()?);
-        Ok(())
-    };
+    let (mut buf, mut scratch) = (Vec::new(), Vec::new());
     for (pack, _, keep) in repack {
         crate::interrupt::check()?;
-        let mut raw = Vec::new();
-        for e in keep {
-            let mut buf = vec![0u8; BLOB_HEADER_LEN + e.stored_len as usize];
-            repo.read_pack(*pack, e.offset, &mut buf)?;
-            let header = repo.check_blob_header(&buf, e, *pack)?;
-            // Copied as stored (sealed, when encrypted: the associated data binds a blob to
-            // its id, not its pack), before verifying opens it in place…
-            let blob = EncodedBlob {
-                header,
-                data: repo.split_blob(&buf, e, *pack)?.to_vec(),
-            };
-            // …and verified before it is written: prune never spreads a damaged blob.
-            raw.resize(e.raw_len as usize, 0);
-            repo.decode_verified(*pack, e, repo.split_blob_mut(&mut buf, e, *pack)?, &mut raw)?;
-            let w = match writer.as_mut() {
-                Some(w) => w,
-                None => writer.insert(repo.new_pack()?),
-            };
-            w.add(&blob)?;
-            progress.advance(0, (BLOB_HEADER_LEN + blob.data.len()) as u64);
-            if w.len() >= repo.config().pack_size {
-                seal(writer.take().expect("just used"), &mut new_packs)?;
-            }
-        }
+        repo.read_pack_blobs(*pack, keep, &mut buf, |_, blob| -> Result<()> {
+            let blob = blob?.verified_copy(&mut scratch)?;
+            let n = packer.add(std::slice::from_ref(&blob))?;
+            progress.advance(0, n);
+            Ok(())
+        })?;
     }
-    if let Some(w) = writer.take() {
-        seal(w, &mut new_packs)?;
-    }
+    packer.flush()?;
     progress.finish(0);
-    Ok((new_packs, written))
+    Ok(())
 }

@@ -316,7 +316,9 @@ impl Output {
 /// One coalesced read: neighbouring blobs of one pack, with the target offsets of each.
 struct Batch {
     pack: PackId,
-    blobs: Vec<(PackEntry, Vec<u64>)>,
+    entries: Vec<PackEntry>,
+    /// Where each blob of `entries` goes in the target.
+    offsets: Vec<Vec<u64>>,
 }
 
 fn restore_positioned(
@@ -352,24 +354,26 @@ fn restore_positioned(
         match batches.last_mut() {
             Some(b)
                 if b.pack == pack && {
-                    let (first, _) = &b.blobs[0];
-                    let (last, _) = b.blobs.last().expect("batches are never empty");
+                    let first = &b.entries[0];
+                    let last = b.entries.last().expect("batches are never empty");
                     entry.offset <= last.end() + BATCH_GAP
                         && entry.end() - first.offset <= BATCH_BYTES
                 } =>
             {
-                b.blobs.push((entry, offsets))
+                b.entries.push(entry);
+                b.offsets.push(offsets);
             }
             _ => batches.push(Batch {
                 pack,
-                blobs: vec![(entry, offsets)],
+                entries: vec![entry],
+                offsets: vec![offsets],
             }),
         }
     }
     let max_raw = batches
         .iter()
-        .flat_map(|b| &b.blobs)
-        .map(|(e, _)| e.raw_len as usize)
+        .flat_map(|b| &b.entries)
+        .map(|e| e.raw_len as usize)
         .max()
         .unwrap_or(0);
     let buffers = || -> std::io::Result<Buffers> {
@@ -390,24 +394,7 @@ fn restore_positioned(
             let b = state
                 .as_mut()
                 .map_err(|e| out.err(std::io::Error::new(e.kind(), e.to_string())))?;
-            match restore_batch(repo, batch, out, b, progress) {
-                // A prune beside us deleted the pack after moving its used blobs to another
-                // one (docs/design.md, "prune"); nothing of the batch was written yet. The
-                // refreshed index knows where they are now.
-                Err(EngineError::Store(StoreError::PackMissing { .. })) => {
-                    repo.refresh_index()?;
-                    for (entry, offsets) in &batch.blobs {
-                        let e = repo.locate(&entry.id)?;
-                        let moved = Batch {
-                            pack: e.pack,
-                            blobs: vec![(e.entry, offsets.clone())],
-                        };
-                        restore_batch(repo, &moved, out, b, progress)?;
-                    }
-                    Ok(())
-                }
-                r => r,
-            }
+            restore_batch(repo, batch, out, b, progress)
         })?;
     if out.device {
         write_zeros(out, &zeros, progress)?;
@@ -487,26 +474,24 @@ fn restore_batch(
     b: &mut Buffers,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let base = batch.blobs[0].0.offset;
-    let end = batch.blobs.last().expect("batches are never empty").0.end();
-    b.read.resize((end - base) as usize, 0);
-    repo.read_pack(batch.pack, base, &mut b.read)?;
-    for (entry, offsets) in &batch.blobs {
-        let blob = &mut b.read[(entry.offset - base) as usize..(entry.end() - base) as usize];
-        let stored = repo.split_blob_mut(blob, entry, batch.pack)?;
-        let len = entry.raw_len as usize;
-        let slot = b.run.slot(offsets[0], len, out, progress)?;
+    let Buffers { run, copy, read } = b;
+    repo.read_indexed_blobs(batch.pack, &batch.entries, read, |i, blob| -> Result<()> {
+        let blob = blob?;
+        let offsets = &batch.offsets[i];
+        let len = blob.entry().raw_len as usize;
+        let slot = run.slot(offsets[0], len, out, progress)?;
         // Verified before it can be written: a damaged chunk never reaches the target.
-        repo.decode_verified(batch.pack, entry, stored, slot)?;
+        blob.open_into(slot)?;
         for &offset in &offsets[1..] {
             let shift = (offset % ALIGN) as usize;
-            b.copy[shift..shift + len].copy_from_slice(slot);
-            out.write_at(&b.copy[shift..shift + len], offset)?;
+            copy[shift..shift + len].copy_from_slice(slot);
+            out.write_at(&copy[shift..shift + len], offset)?;
             progress.advance(0, len as u64);
         }
-        b.run.commit(len);
-    }
-    b.run.flush(out, progress)
+        run.commit(len);
+        Ok(())
+    })?;
+    run.flush(out, progress)
 }
 
 /// Writes the zero extents to a device, from one aligned buffer of zeros.

@@ -365,37 +365,69 @@ fn check_pack(
         }
     }
     let (mut bytes, mut blobs) = (0u64, 0u64);
-    let mut buf = Vec::new();
-    let mut raw = Vec::new();
-    for e in &trailer {
-        let len = if read {
-            BLOB_HEADER_LEN + e.stored_len as usize
-        } else {
-            BLOB_HEADER_LEN
-        };
-        buf.resize(len, 0);
-        let result = repo.read_pack(pack, e.offset, &mut buf).and_then(|()| {
-            if read {
-                let stored = repo.split_blob_mut(&mut buf, e, pack)?;
+    let problem = |e: &PackEntry, err: &sbk_store::StoreError| Problem {
+        what: format!("chunk {} in pack {pack}: {err}", e.id),
+        snapshots: refs.affected([&e.id]),
+    };
+    // Deleted meanwhile by a prune beside us, its used blobs elsewhere.
+    let pruned = |err: &sbk_store::StoreError| {
+        matches!(err, sbk_store::StoreError::PackMissing { .. }) && repo.is_marked(&pack)
+    };
+    if !read {
+        for e in &trailer {
+            if let Err(err) = repo.check_blob_header_at(pack, e) {
+                if pruned(&err) {
+                    return (problems, 0, 0);
+                }
+                problems.push(problem(e, &err));
+            }
+        }
+        return (problems, 0, 0);
+    }
+    let (mut buf, mut raw) = (Vec::new(), Vec::new());
+    for group in read_groups(&trailer) {
+        let r = repo.read_pack_blobs(pack, group, &mut buf, |i, blob| -> sbk_store::Result<()> {
+            let e = &group[i];
+            let opened = blob.and_then(|blob| {
                 raw.resize(e.raw_len as usize, 0);
-                repo.decode_verified(pack, e, stored, &mut raw)?;
-                bytes += len as u64;
-                blobs += 1;
-            } else {
-                repo.check_blob_header(&buf, e, pack)?;
+                blob.open_into(&mut raw)
+            });
+            match opened {
+                Ok(()) => {
+                    bytes += BLOB_HEADER_LEN as u64 + u64::from(e.stored_len);
+                    blobs += 1;
+                }
+                Err(err) => problems.push(problem(e, &err)),
             }
             Ok(())
         });
-        if let Err(err) = result {
-            // Deleted meanwhile by a prune beside us, its used blobs elsewhere.
-            if matches!(err, sbk_store::StoreError::PackMissing { .. }) && repo.is_marked(&pack) {
+        if let Err(err) = r {
+            if pruned(&err) {
                 return (problems, bytes, blobs);
             }
-            problems.push(Problem {
-                what: format!("chunk {} in pack {pack}: {err}", e.id),
-                snapshots: refs.affected([&e.id]),
-            });
+            problems.extend(group.iter().map(|e| problem(e, &err)));
         }
     }
     (problems, bytes, blobs)
+}
+
+/// Largest read of a pack's blobs in one go, so that a pack of any size is verified in bounded
+/// memory.
+const READ_GROUP_BYTES: u64 = 8 << 20;
+
+/// A pack's blobs (in trailer order, which is offset order) in runs read together, each at most
+/// [`READ_GROUP_BYTES`] long unless one blob is larger.
+fn read_groups(trailer: &[PackEntry]) -> impl Iterator<Item = &[PackEntry]> {
+    let mut rest = trailer;
+    std::iter::from_fn(move || {
+        let first = rest.first()?;
+        let n = rest
+            .iter()
+            .position(|e| e.end() - first.offset > READ_GROUP_BYTES)
+            .unwrap_or(rest.len())
+            .max(1);
+        let (group, tail) = rest.split_at(n);
+        rest = tail;
+        Some(group)
+    })
 }

@@ -8,6 +8,7 @@
 
 pub mod backend;
 mod blob;
+mod clock;
 mod codec;
 mod config;
 mod crypto;
@@ -23,10 +24,13 @@ mod marks;
 mod pack;
 mod repo;
 
-pub use backend::{Backend, FaultMode, FaultyBackend, Kind, LocalBackend, FAULT_ENV};
+pub use backend::{
+    Backend, FaultMode, FaultyBackend, Kind, LocalBackend, MemBackend, ObjectInfo, FAULT_ENV,
+};
 pub use blob::{
     decode_blob_into, encode_blob, BlobHeader, BlobKind, Compression, EncodedBlob, BLOB_HEADER_LEN,
 };
+pub use clock::{unix_now, unix_now_ns};
 pub use codec::Extension;
 pub use config::RepoConfig;
 pub use error::{DecodeError, Result, StoreError};
@@ -35,12 +39,13 @@ pub use index::file::IndexFile;
 pub use index::{CacheLocation, Index, IndexEntry, IndexReport};
 pub use key::{KdfParams, KeyObject};
 pub use lock::{
-    holder_id, host_name, list_locks, remove_pins, FoundLock, Lock, LockInfo, LockKind, LockTiming,
+    holder_id, host_name, list_locks, remove_stale_locks, FoundLock, Liveness, Lock, LockInfo,
+    LockKind, LockTiming, LockVerdict,
 };
 pub use manifest::{encode_tree, BackupFigures, ChangedBlocks, Extent, Manifest, Origin};
 pub use marks::{MarkReason, Marks};
 pub use pack::{pack_size_of, PackEntry, PackWriter};
 pub use repo::{
-    ChunkerSource, FoundMarks, InitOptions, Repository, DEFAULT_CHUNK_AVG, DEFAULT_PACK_SIZE,
-    DEFAULT_ZSTD_LEVEL,
+    ChunkerSource, FoundMarks, InitOptions, KeyInfo, Repository, StoredBlob, DEFAULT_CHUNK_AVG,
+    DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL,
 };

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, Kind};
+use crate::clock::unix_now as now;
 use crate::codec::{invalid, split_checksum, Decoder, Encoder};
 use crate::error::{DecodeError, Result, StoreError};
 use crate::id::to_hex;
@@ -162,21 +163,6 @@ impl LockInfo {
     pub fn process_gone(&self, host: &str) -> bool {
         self.host == host && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
     }
-
-    /// Why this lock is stale, seen from `host` at time `now`; `None` while it is live.
-    pub fn stale(&self, host: &str, now: i64) -> Option<String> {
-        if self.process_gone(host) {
-            return Some(format!("process {} no longer exists on {host}", self.pid));
-        }
-        let age = now.saturating_sub(self.time);
-        if age > i64::from(self.lease_secs) {
-            return Some(format!(
-                "not refreshed for {age} s (lease {} s)",
-                self.lease_secs
-            ));
-        }
-        None
-    }
 }
 
 /// A lock found in the repository.
@@ -190,18 +176,79 @@ pub struct FoundLock {
     pub modified: i64,
 }
 
-impl FoundLock {
-    /// Whether the lock may still be held, judged without any host's clock: live unless its
-    /// process is gone from this very holder identity ([`holder_id`]), or the storage last wrote
-    /// it longer than its lease before `storage_now` (the storage's clock, e.g. the time of the
-    /// caller's own lock object). An unreadable lock might be anyone's, and is live.
-    pub fn live(&self, holder: &str, storage_now: i64) -> bool {
-        match &self.info {
-            Ok(i) => {
-                !i.process_gone(holder) && storage_now - self.modified <= i64::from(i.lease_secs)
+/// Whether a lock found in the repository may still be held, and by which rule it was judged:
+/// the one liveness rule, which backups, prune, pins and `sbk unlock` all apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    /// It may still be held.
+    Live,
+    /// Its holder ran with this very holder identity ([`holder_id`]) and its process is gone.
+    ProcessGone {
+        /// The holder's process id.
+        pid: u32,
+    },
+    /// The storage last wrote it longer than its lease before the storage's "now".
+    Expired {
+        /// Seconds since the storage last wrote it.
+        age: i64,
+        /// Its lease in seconds.
+        lease: u32,
+    },
+    /// It does not decode (a newer sbk's, or damaged): it might be anyone's, so it counts as
+    /// held, and conflicts with every lock, until `sbk unlock` removes it.
+    Unreadable(String),
+}
+
+impl Liveness {
+    /// Whether the lock counts as held: live, or unreadable.
+    pub fn holds(&self) -> bool {
+        matches!(self, Liveness::Live | Liveness::Unreadable(_))
+    }
+}
+
+impl std::fmt::Display for Liveness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Liveness::Live => f.write_str("refreshed within its lease, by the storage's clock"),
+            Liveness::ProcessGone { pid } => {
+                write!(f, "process {pid} no longer exists on this host")
             }
-            Err(_) => true,
+            Liveness::Expired { age, lease } => write!(
+                f,
+                "not refreshed for {age} s by the storage's clock (lease {lease} s)"
+            ),
+            Liveness::Unreadable(e) => write!(f, "unreadable lock object: {e}"),
         }
+    }
+}
+
+impl FoundLock {
+    /// The liveness rule, judged without any host's clock: a lock is gone when its process is
+    /// gone from this very holder identity ([`holder_id`]: the same host, process-id namespace
+    /// and boot), or when the storage last wrote it longer than its lease before `storage_now`
+    /// (the storage's clock: the time of the caller's own lock or probe object). A host whose
+    /// clock runs behind cannot make its live lock look stale, nor one ahead a stale lock live.
+    pub fn liveness(&self, holder: &str, storage_now: i64) -> Liveness {
+        match &self.info {
+            Ok(i) if i.process_gone(holder) => Liveness::ProcessGone { pid: i.pid },
+            Ok(i) => {
+                let age = storage_now - self.modified;
+                if age > i64::from(i.lease_secs) {
+                    Liveness::Expired {
+                        age,
+                        lease: i.lease_secs,
+                    }
+                } else {
+                    Liveness::Live
+                }
+            }
+            Err(e) => Liveness::Unreadable(e.to_string()),
+        }
+    }
+
+    /// Whether the lock counts as held ([`FoundLock::liveness`]).
+    pub fn live(&self, holder: &str, storage_now: i64) -> bool {
+        self.liveness(holder, storage_now).holds()
     }
 
     /// When its holder took it, by the storage's clock: recorded in the lock by its first
@@ -243,13 +290,6 @@ pub fn holder_id() -> String {
     format!("{} (pid ns {ns}, boot {boot})", host_name())
 }
 
-pub(crate) fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// Every lock object of a repository. Needs nothing but the lock objects.
 pub fn list_locks(backend: &dyn Backend) -> Result<Vec<FoundLock>> {
     let mut out = Vec::new();
@@ -267,6 +307,73 @@ pub fn list_locks(backend: &dyn Backend) -> Result<Vec<FoundLock>> {
     Ok(out)
 }
 
+/// The storage's "now" for judging `locks`: when it wrote our own object (`ours`); when the
+/// listing did not show it yet, the latest time it shows, which is earlier than the storage's
+/// now and so can only make other locks look younger, never stale too early.
+fn storage_now(locks: &[FoundLock], ours: Option<i64>) -> i64 {
+    ours.unwrap_or_else(|| locks.iter().map(|l| l.modified).max().unwrap_or(i64::MIN))
+}
+
+/// What [`remove_stale_locks`] found of one lock.
+#[derive(Debug)]
+pub struct LockVerdict {
+    /// The lock object's name.
+    pub name: String,
+    /// Its contents, when they could be read.
+    pub info: Option<LockInfo>,
+    /// Whether it holds, and by which rule.
+    pub liveness: Liveness,
+    /// True when it was removed (with its pins).
+    pub removed: bool,
+}
+
+/// Removes every lock that no longer holds by the liveness rule ([`FoundLock::liveness`]), and
+/// unreadable ones, with their pins; keeps the rest. The storage's time comes from a probe
+/// object of its own: a pin lock (which conflicts with nothing) written, listed, and removed.
+pub fn remove_stale_locks(backend: &dyn Backend) -> Result<Vec<LockVerdict>> {
+    let holder = holder_id();
+    let probe = LockInfo {
+        kind: LockKind::Pin,
+        host: holder.clone(),
+        pid: std::process::id(),
+        time: now(),
+        lease_secs: 60,
+        started: 0,
+        purpose: "unlock: reading the storage's clock".into(),
+    };
+    let probe_name = to_hex(
+        &crate::id::random_bytes::<16>().map_err(|e| StoreError::io(backend.location(), e))?,
+    );
+    backend.write_once(Kind::Lock, &probe_name, &probe.encode())?;
+    let listed = list_locks(backend);
+    // The probe goes whatever the listing did; a failed delete leaves a lock of a process that
+    // is gone once this one ends, which the next unlock removes.
+    let _ = backend.delete(Kind::Lock, &probe_name);
+    let (probe, others): (Vec<FoundLock>, Vec<FoundLock>) =
+        listed?.into_iter().partition(|l| l.name == probe_name);
+    let storage_now = storage_now(&others, probe.first().map(|p| p.modified));
+    let mut out = Vec::new();
+    for lock in others {
+        let liveness = lock.liveness(&holder, storage_now);
+        let removed = !matches!(liveness, Liveness::Live);
+        if removed {
+            // The pins of a stale server lock go with it (prune removes them too).
+            remove_pins(backend, &lock.name);
+            match backend.delete(Kind::Lock, &lock.name) {
+                Ok(()) | Err(StoreError::ObjectMissing { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.push(LockVerdict {
+            name: lock.name,
+            info: lock.info.ok(),
+            liveness,
+            removed,
+        });
+    }
+    Ok(out)
+}
+
 /// A conflicting lock: its name and contents.
 type Conflict = (String, LockInfo);
 
@@ -280,19 +387,12 @@ fn conflicting(
 ) -> Result<(Option<Conflict>, Option<i64>)> {
     let locks = list_locks(backend)?;
     let written = locks.iter().find(|l| l.name == ours).map(|l| l.modified);
+    let storage_now = storage_now(&locks, written);
     let conflict = locks.into_iter().find_map(|other| {
         if other.name == ours {
             return None;
         }
-        // Judged by the storage's clock, our own lock's write being "now" (no host's clock is
-        // compared with another's); by ours only when the listing did not show our lock.
-        let live = match written {
-            Some(storage_now) => other.live(host, storage_now),
-            None => other
-                .info
-                .as_ref()
-                .map_or(true, |i| i.stale(host, now()).is_none()),
-        };
+        let live = other.live(host, storage_now);
         // A lock object that does not decode (from a newer sbk, or damaged) may stand for
         // anything: it conflicts with everything until `sbk unlock` removes it.
         let o = other.info.unwrap_or_else(|e| LockInfo {
@@ -553,7 +653,7 @@ impl Drop for Lock {
 }
 
 /// Removes the pins of lock `name` (best effort).
-pub fn remove_pins(backend: &dyn Backend, name: &str) {
+pub(crate) fn remove_pins(backend: &dyn Backend, name: &str) {
     if let Ok(pins) = backend.list(Kind::Pin) {
         for p in pins {
             if pin_owner(&p.name) == Some(name) {
@@ -611,8 +711,14 @@ mod tests {
     }
 
     #[test]
-    fn locks_of_dead_processes_and_past_their_lease_are_stale() {
+    fn one_rule_judges_every_lock_by_the_storage_clock() {
         let (_dir, b) = backend();
+        let t = 1_000_000;
+        let found = |info: &LockInfo, modified| FoundLock {
+            name: "x".into(),
+            info: Ok(info.clone()),
+            modified,
+        };
         let dead = LockInfo {
             kind: LockKind::Exclusive,
             host: holder_id(),
@@ -622,18 +728,84 @@ mod tests {
             started: 0,
             purpose: "prune".into(),
         };
+        assert_eq!(
+            found(&dead, t).liveness(&holder_id(), t),
+            Liveness::ProcessGone { pid: u32::MAX - 1 }
+        );
         b.write_once(Kind::Lock, "x", &dead.encode()).unwrap();
-        assert!(dead.stale(&holder_id(), now()).is_some());
-        // A stale exclusive lock does not block.
+        // A lock of a dead process does not block.
         drop(take(&b, LockKind::Shared).unwrap());
-        let old = LockInfo {
+        // Elsewhere, only the storage's times count; the holder's own clock (a day behind
+        // here) does not.
+        let elsewhere = LockInfo {
             host: "elsewhere".into(),
-            time: now() - 1801,
+            time: now() - 86_400,
             ..dead
         };
-        assert!(old.stale(&holder_id(), now()).is_some());
-        let fresh = LockInfo { time: now(), ..old };
-        assert!(fresh.stale(&holder_id(), now()).is_none());
+        assert_eq!(
+            found(&elsewhere, t - 1801).liveness(&holder_id(), t),
+            Liveness::Expired {
+                age: 1801,
+                lease: 1800
+            }
+        );
+        assert_eq!(
+            found(&elsewhere, t - 1800).liveness(&holder_id(), t),
+            Liveness::Live
+        );
+        let unreadable = FoundLock {
+            name: "y".into(),
+            info: Err(DecodeError::UnsupportedVersion(9)),
+            modified: 0,
+        };
+        let verdict = unreadable.liveness(&holder_id(), t);
+        assert!(matches!(verdict, Liveness::Unreadable(_)));
+        assert!(verdict.holds(), "an unreadable lock might be anyone's");
+    }
+
+    #[test]
+    fn unlock_removes_what_no_longer_holds_and_keeps_the_rest() {
+        let (_dir, b) = backend();
+        let dead = LockInfo {
+            kind: LockKind::Shared,
+            host: holder_id(),
+            pid: u32::MAX - 1,
+            time: now(),
+            lease_secs: 1800,
+            started: 0,
+            purpose: "backup".into(),
+        };
+        b.write_once(Kind::Lock, "dead", &dead.encode()).unwrap();
+        b.write_once(Kind::Pin, "dead.aa", b"pinned").unwrap();
+        b.write_once(Kind::Lock, "garbage", b"not a lock").unwrap();
+        let live = LockInfo {
+            host: "elsewhere".into(),
+            pid: 1,
+            ..dead.clone()
+        };
+        b.write_once(Kind::Lock, "live", &live.encode()).unwrap();
+        let mut verdicts = remove_stale_locks(b.as_ref()).unwrap();
+        verdicts.sort_by(|x, y| x.name.cmp(&y.name));
+        let seen: Vec<(&str, bool)> = verdicts
+            .iter()
+            .map(|v| (v.name.as_str(), v.removed))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![("dead", true), ("garbage", true), ("live", false)]
+        );
+        assert!(matches!(verdicts[0].liveness, Liveness::ProcessGone { .. }));
+        assert!(matches!(verdicts[1].liveness, Liveness::Unreadable(_)));
+        let left: Vec<String> = list_locks(b.as_ref())
+            .unwrap()
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        assert_eq!(left, vec!["live"], "the probe is gone too");
+        assert!(
+            b.list(Kind::Pin).unwrap().is_empty(),
+            "pins go with their lock"
+        );
     }
 
     #[test]

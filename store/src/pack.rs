@@ -347,51 +347,6 @@ pub(crate) fn check_blob_header(
     Ok(header)
 }
 
-/// Checks the header at the start of `bytes` (a blob read from a pack) against `entry` and
-/// returns the stored bytes that follow it.
-pub(crate) fn split_blob<'a>(
-    bytes: &'a [u8],
-    entry: &PackEntry,
-    pack: PackId,
-    sealed: bool,
-) -> Result<&'a [u8]> {
-    let range = stored_range(bytes, entry, pack, sealed)?;
-    Ok(&bytes[range])
-}
-
-/// [`split_blob`], mutable: sealed bytes are opened where they lie.
-pub(crate) fn split_blob_mut<'a>(
-    bytes: &'a mut [u8],
-    entry: &PackEntry,
-    pack: PackId,
-    sealed: bool,
-) -> Result<&'a mut [u8]> {
-    let range = stored_range(bytes, entry, pack, sealed)?;
-    Ok(&mut bytes[range])
-}
-
-/// Where the stored bytes are, after a header that agrees with `entry`.
-fn stored_range(
-    bytes: &[u8],
-    entry: &PackEntry,
-    pack: PackId,
-    sealed: bool,
-) -> Result<std::ops::Range<usize>> {
-    check_blob_header(bytes, entry, pack, sealed)?;
-    let end = BLOB_HEADER_LEN + entry.stored_len as usize;
-    if bytes.len() < end {
-        return Err(StoreError::Corrupt {
-            path: pack_label(pack),
-            what: "blob",
-            source: DecodeError::Truncated {
-                needed: end,
-                available: bytes.len(),
-            },
-        });
-    }
-    Ok(BLOB_HEADER_LEN..end)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -423,7 +378,8 @@ mod tests {
             let mut buf = vec![0u8; BLOB_HEADER_LEN + e.stored_len as usize];
             b.read_at(Kind::Pack, &id.to_hex(), e.offset, &mut buf)
                 .unwrap();
-            assert_eq!(split_blob(&buf, e, id, false).unwrap(), blob.data);
+            assert_eq!(check_blob_header(&buf, e, id, false).unwrap(), blob.header);
+            assert_eq!(&buf[BLOB_HEADER_LEN..], blob.data);
         }
         // Truncation anywhere is a typed error.
         let path = b.path_of(Kind::Pack, &id.to_hex());

@@ -298,8 +298,11 @@ fn bad_credentials_a_missing_bucket_and_a_closed_port() {
 }
 
 #[test]
-fn racing_conditional_creates_have_exactly_one_winner() {
+fn keeps_the_backend_contract_and_racing_creates_have_one_winner() {
     let Some(weed) = Weed::start() else { return };
+    // The suite the local and in-memory backends pass too (sbk_store::backend::contract).
+    let contract = weed.backend("contract");
+    sbk_store::backend::contract::check(&contract, &sbk_store::unix_now).unwrap();
     // Two clients with their own connections and runtimes, as two processes would have.
     let a: Arc<dyn Backend> = Arc::new(weed.backend("race"));
     let b: Arc<dyn Backend> = Arc::new(weed.backend("race"));

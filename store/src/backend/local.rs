@@ -544,48 +544,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn objects_round_trip_and_names_are_written_once() {
+    fn keeps_the_backend_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(&dir.path().join("r"));
+        super::super::contract::check(&b, &crate::clock::unix_now).unwrap();
+    }
+
+    #[test]
+    fn temporary_files_go_and_live_writers_are_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let b = LocalBackend::new(&dir.path().join("r"));
         b.create().unwrap();
-        assert!(matches!(
-            b.create(),
-            Ok(()) | Err(StoreError::InitRefused { .. })
-        ));
-        assert_eq!(
-            b.write_once(Kind::Index, "aa", b"one").unwrap(),
-            Written::Created
-        );
-        assert_eq!(
-            b.write_once(Kind::Index, "aa", b"two").unwrap(),
-            Written::AlreadyThere
-        );
-        assert_eq!(b.read(Kind::Index, "aa").unwrap(), b"one");
-        let mut s = b.stage(Kind::Pack, "abcd").unwrap();
-        s.write(b"hello ").unwrap();
-        s.write(b"world").unwrap();
-        assert!(
-            b.list(Kind::Pack).unwrap().is_empty(),
-            "staged objects are invisible"
-        );
-        s.finish().unwrap();
-        let mut buf = [0u8; 5];
-        b.read_at(Kind::Pack, "abcd", 6, &mut buf).unwrap();
-        assert_eq!(&buf, b"world");
-        assert!(matches!(
-            b.read_at(Kind::Pack, "abcd", 8, &mut buf),
-            Err(StoreError::ShortObject { .. })
-        ));
-        let listed = b.list(Kind::Pack).unwrap();
-        assert_eq!(
-            listed
-                .iter()
-                .map(|o| (o.name.as_str(), o.size))
-                .collect::<Vec<_>>(),
-            vec![("abcd", 11)]
-        );
-        let now = crate::lock::now();
-        assert!((now - 5..=now + 1).contains(&listed[0].modified));
+        let now = crate::clock::unix_now();
         // A temporary file written since `before` may be a live writer's: left alone.
         let mut live = b.stage(Kind::Pack, "ab01").unwrap();
         live.write(b"in flight").unwrap();
@@ -598,13 +568,8 @@ mod tests {
             0,
             "a dropped stage cleans up"
         );
-        assert!(matches!(
-            b.replace(Kind::Lock, "l", b"x"),
-            Err(StoreError::ObjectMissing { .. })
-        ));
         b.write_once(Kind::Lock, "l", b"x").unwrap();
         b.replace(Kind::Lock, "l", b"y").unwrap();
-        assert_eq!(b.read(Kind::Lock, "l").unwrap(), b"y");
         // The old bytes, swapped out, are gone too: nothing is left beside the lock.
         assert_eq!(
             fs::read_dir(dir.path().join("r").join("locks"))
@@ -612,11 +577,6 @@ mod tests {
                 .count(),
             1
         );
-        b.delete(Kind::Lock, "l").unwrap();
-        assert!(matches!(
-            b.delete(Kind::Lock, "l"),
-            Err(StoreError::ObjectMissing { .. })
-        ));
     }
 
     #[test]

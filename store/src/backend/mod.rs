@@ -1,17 +1,21 @@
 //! Storage backends: the repository as objects named by (kind, name), never by path.
 //!
 //! Everything above this module reads and writes repository data only through [`Backend`], so
-//! that a repository can live on a local disk ([`LocalBackend`]) or on object storage, and so
-//! that faults can be injected exactly ([`FaultyBackend`]). The contract of each method is the
+//! that a repository can live on a local disk ([`LocalBackend`]), on object storage (sbk-s3), or
+//! in memory for tests ([`MemBackend`]), and so that faults can be injected exactly
+//! ([`FaultyBackend`]). One suite ([`contract::check`]) holds all three to the same contract. The contract of each method is the
 //! one an object store can keep: whole objects appear atomically, a name is written once (except
 //! lock objects, which are replaced by their owner), and a byte range can be read.
 
+pub mod contract;
 mod fault;
 mod local;
+mod mem;
 
 pub use crate::kind::Kind;
 pub use fault::{FaultMode, FaultyBackend, FAULT_ENV};
 pub use local::LocalBackend;
+pub use mem::MemBackend;
 
 use crate::error::Result;
 

@@ -1,0 +1,250 @@
+//! Blobs: the one way they are written ([`Repository::encode_blob`]) and the one way they are
+//! read ([`Repository::read_pack_blobs`] and the paths built on it). Nothing outside this file
+//! splits a blob from its header, opens it or checks its id: every byte a caller gets from a
+//! pack was checked against the index, opened (decrypted and authenticated), decompressed and
+//! hashed back to its id first.
+
+use crate::blob::{
+    decode_blob_into, encode_blob, BlobHeader, BlobKind, EncodedBlob, BLOB_HEADER_LEN,
+};
+use crate::crypto::Context;
+use crate::error::{Result, StoreError};
+use crate::id::{ChunkId, PackId};
+use crate::index::IndexEntry;
+use crate::manifest::{decode_tree, Extent};
+use crate::pack::{check_blob_header, PackEntry};
+
+use super::Repository;
+
+/// A blob as stored in a pack, its header checked against the index. Its bytes leave only
+/// opened and verified ([`StoredBlob::open_into`]), or as stored once verified, to be copied
+/// into another pack of the same repository ([`StoredBlob::verified_copy`]).
+pub struct StoredBlob<'a> {
+    repo: &'a Repository,
+    pack: PackId,
+    entry: PackEntry,
+    header: BlobHeader,
+    /// The stored bytes after the header: sealed when the repository is encrypted.
+    stored: &'a mut [u8],
+}
+
+impl StoredBlob<'_> {
+    /// The blob as the pack's trailer lists it.
+    pub fn entry(&self) -> &PackEntry {
+        &self.entry
+    }
+
+    /// The pack it was read from.
+    pub fn pack(&self) -> PackId {
+        self.pack
+    }
+
+    /// Opens the blob in place, decompresses it into `out` (exactly `raw_len` bytes) and checks
+    /// that the result hashes to its id. Nothing unverified ever leaves this function.
+    pub fn open_into(self, out: &mut [u8]) -> Result<()> {
+        let entry = self.entry;
+        let corrupt = |detail: String| StoreError::BlobCorrupt {
+            id: entry.id,
+            pack: self.pack,
+            detail,
+        };
+        let plain = self
+            .repo
+            .crypto
+            .open_in_place(Context::Blob(entry.kind, &entry.id), self.stored)
+            .map_err(|e| corrupt(e.to_string()))?;
+        decode_blob_into(entry.compression, plain, out).map_err(|e| corrupt(e.to_string()))?;
+        let got = self.repo.blob_id(out);
+        if got != entry.id {
+            return Err(corrupt(format!("contents hash to {got}")));
+        }
+        Ok(())
+    }
+
+    /// The blob as stored (sealed, when encrypted: the associated data binds a blob to its
+    /// id, not its pack), for another pack of this repository, once its contents are verified
+    /// (decoded into `scratch`): a damaged blob is never spread.
+    pub fn verified_copy(self, scratch: &mut Vec<u8>) -> Result<EncodedBlob> {
+        let copy = EncodedBlob {
+            header: self.header,
+            data: self.stored.to_vec(),
+        };
+        scratch.resize(self.entry.raw_len as usize, 0);
+        self.open_into(scratch)?;
+        Ok(copy)
+    }
+}
+
+impl Repository {
+    /// The id of a blob with these raw bytes: BLAKE3 keyed with the repository's key.
+    pub fn blob_id(&self, raw: &[u8]) -> ChunkId {
+        ChunkId(*blake3::keyed_hash(&self.chunk_key, raw).as_bytes())
+    }
+
+    /// A blob of these raw bytes, ready for a pack: compressed at the repository's level
+    /// (kept raw when that does not help) and, encrypted, sealed to its kind and id.
+    pub fn encode_blob(&self, id: ChunkId, kind: BlobKind, raw: &[u8]) -> Result<EncodedBlob> {
+        let io = |e| StoreError::io("blob", e);
+        let mut blob = encode_blob(id, kind, raw, self.config.zstd_level).map_err(io)?;
+        if self.crypto.is_sealed() {
+            blob.data = self
+                .crypto
+                .seal(Context::Blob(kind, &id), &blob.data)
+                .map_err(io)?;
+            blob.header.stored_len = blob.data.len() as u32;
+            blob.header.sealed = true;
+        }
+        Ok(blob)
+    }
+
+    /// Reads blobs `entries` of `pack` (sorted by offset and close together: one read covers
+    /// them all, into `buf`), checks each one's header against its entry, and hands each to
+    /// `each` with its position in `entries`: as a [`StoredBlob`], or the reason its header is
+    /// wrong (the others go on). A pack that cannot be read fails the whole call before any
+    /// blob is handed out. Reads exactly `pack` (verify and repack check that very pack);
+    /// blobs found through the index are read with [`Repository::read_indexed_blobs`].
+    pub fn read_pack_blobs<E: From<StoreError>>(
+        &self,
+        pack: PackId,
+        entries: &[PackEntry],
+        buf: &mut Vec<u8>,
+        each: impl FnMut(usize, Result<StoredBlob<'_>>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        self.read_range(pack, entries, buf)?;
+        self.hand_out(pack, entries, buf, each)
+    }
+
+    /// [`Repository::read_pack_blobs`] for blobs found through the index (a restore, a
+    /// server, a copy): when the pack is gone, a prune beside us moved the blobs a snapshot
+    /// uses to another pack before deleting it (docs/design.md, "prune"); the index,
+    /// refreshed, knows where, and each blob is read from there. A blob a snapshot refers to
+    /// moves; it never goes.
+    pub fn read_indexed_blobs<E: From<StoreError>>(
+        &self,
+        pack: PackId,
+        entries: &[PackEntry],
+        buf: &mut Vec<u8>,
+        mut each: impl FnMut(usize, Result<StoredBlob<'_>>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        match self.read_range(pack, entries, buf) {
+            Ok(()) => self.hand_out(pack, entries, buf, each),
+            Err(StoreError::PackMissing { .. }) => {
+                self.refresh_index()?;
+                for (i, entry) in entries.iter().enumerate() {
+                    let moved = self.locate(&entry.id)?;
+                    let one = std::slice::from_ref(&moved.entry);
+                    self.read_range(moved.pack, one, buf)?;
+                    self.hand_out(moved.pack, one, buf, |_, blob| each(i, blob))?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads the bytes of `pack` from the first of `entries` to the end of the last into `buf`.
+    fn read_range(&self, pack: PackId, entries: &[PackEntry], buf: &mut Vec<u8>) -> Result<()> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            buf.clear();
+            return Ok(());
+        };
+        buf.resize((last.end() - first.offset) as usize, 0);
+        self.read_pack(pack, first.offset, buf)
+    }
+
+    /// Hands out the blobs [`Repository::read_range`] read into `buf`.
+    fn hand_out<E: From<StoreError>>(
+        &self,
+        pack: PackId,
+        entries: &[PackEntry],
+        buf: &mut [u8],
+        mut each: impl FnMut(usize, Result<StoredBlob<'_>>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let sealed = self.crypto.is_sealed();
+        let mut rest = buf;
+        let mut at = entries.first().map_or(0, |e| e.offset);
+        for (i, entry) in entries.iter().enumerate() {
+            // Each blob's bytes are split off in turn: blobs are sorted and never overlap.
+            let skip = (entry.offset - at) as usize;
+            let len = (entry.end() - entry.offset) as usize;
+            let (bytes, tail) = std::mem::take(&mut rest)[skip..].split_at_mut(len);
+            rest = tail;
+            at = entry.end();
+            // A header that agrees with the entry is followed by exactly its stored bytes.
+            let blob = check_blob_header(bytes, entry, pack, sealed).map(|header| StoredBlob {
+                repo: self,
+                pack,
+                entry: *entry,
+                header,
+                stored: &mut bytes[BLOB_HEADER_LEN..],
+            });
+            each(i, blob)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the header of blob `entry` of `pack` and checks it against the entry (a structural
+    /// check that reads no data).
+    pub fn check_blob_header_at(&self, pack: PackId, entry: &PackEntry) -> Result<()> {
+        let mut header = [0u8; BLOB_HEADER_LEN];
+        self.read_pack(pack, entry.offset, &mut header)?;
+        check_blob_header(&header, entry, pack, self.crypto.is_sealed()).map(|_| ())
+    }
+
+    /// Reads, decompresses and verifies one blob of the expected kind.
+    pub fn read_blob(&self, id: &ChunkId, kind: BlobKind) -> Result<Vec<u8>> {
+        self.read_blob_in(id, kind).map(|(_, raw)| raw)
+    }
+
+    /// [`Repository::read_blob`], also naming the pack it came from.
+    fn read_blob_in(&self, id: &ChunkId, kind: BlobKind) -> Result<(PackId, Vec<u8>)> {
+        let mut out = Vec::new();
+        let pack = self.read_blob_with(id, kind, &mut Vec::new(), &mut out)?;
+        Ok((pack, out))
+    }
+
+    /// [`Repository::read_blob`] into `out`, with `stored` as room for the stored bytes: a
+    /// caller that reads many blobs passes the same buffers again (or recycled ones), which
+    /// saves allocating and zeroing two buffers per blob. Returns the pack it came from.
+    pub fn read_blob_with(
+        &self,
+        id: &ChunkId,
+        kind: BlobKind,
+        stored: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<PackId> {
+        let IndexEntry { pack, entry } = match self.locate(id) {
+            // Newer than the loaded index (a backup finished since): refreshed, it knows.
+            Err(StoreError::BlobMissing(_)) => {
+                self.refresh_index()?;
+                self.locate(id)?
+            }
+            r => r?,
+        };
+        if entry.kind != kind {
+            return Err(StoreError::BlobCorrupt {
+                id: *id,
+                pack,
+                detail: format!("is a {:?} blob, expected {kind:?}", entry.kind),
+            });
+        }
+        let mut from = pack;
+        self.read_indexed_blobs(pack, &[entry], stored, |_, blob| {
+            let blob = blob?;
+            from = blob.pack();
+            out.resize(blob.entry().raw_len as usize, 0);
+            blob.open_into(out)
+        })?;
+        Ok(from)
+    }
+
+    /// Reads a segment tree and decodes its extents, which must cover `segment_len` bytes.
+    pub fn load_tree(&self, id: &ChunkId, segment_len: u64) -> Result<Vec<Extent>> {
+        let (pack, raw) = self.read_blob_in(id, BlobKind::Tree)?;
+        decode_tree(&raw, segment_len).map_err(|e| StoreError::BlobCorrupt {
+            id: *id,
+            pack,
+            detail: format!("segment tree does not decode: {e}"),
+        })
+    }
+}

@@ -1,0 +1,124 @@
+//! Snapshot manifests: written last, listed, loaded and checked against their ids.
+
+use crate::backend::Kind;
+use crate::crypto::Context;
+use crate::error::{DecodeError, Result, StoreError};
+use crate::id::SnapshotId;
+use crate::manifest::Manifest;
+use crate::pack::object_path;
+
+use super::Repository;
+
+impl Repository {
+    /// Writes a manifest and returns its id. The caller must have made every blob it refers
+    /// to durable and named in an index file first (docs/design.md, "write ordering").
+    pub fn write_manifest(&self, manifest: &Manifest) -> Result<SnapshotId> {
+        let bytes = self
+            .crypto
+            .seal(Context::Object(Kind::Snapshot), &manifest.encode())
+            .map_err(|e| StoreError::io("manifest", e))?;
+        let id = SnapshotId(*blake3::hash(&bytes).as_bytes());
+        self.b()?.write_once(Kind::Snapshot, &id.to_hex(), &bytes)?;
+        Ok(id)
+    }
+
+    /// Removes a snapshot's manifest (its data stays until prune).
+    pub fn remove_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        self.b()?
+            .delete(Kind::Snapshot, &id.to_hex())
+            .map_err(|e| match e {
+                StoreError::ObjectMissing { .. } => StoreError::SnapshotNotFound(id.to_hex()),
+                e => e,
+            })
+    }
+
+    /// Ids of every snapshot, sorted.
+    pub fn snapshot_ids(&self) -> Result<Vec<SnapshotId>> {
+        crate::backend::list_ids(self.b()?, Kind::Snapshot)
+    }
+
+    /// Loads a manifest, checking that its bytes still hash to its id.
+    pub fn load_manifest(&self, id: &SnapshotId) -> Result<Manifest> {
+        let bytes = self.manifest_bytes(id)?;
+        self.decode_manifest(id, &bytes, Kind::Snapshot, &id.to_hex())
+    }
+
+    /// A manifest object's bytes, as stored.
+    pub(super) fn manifest_bytes(&self, id: &SnapshotId) -> Result<Vec<u8>> {
+        let name = id.to_hex();
+        self.b()?.read(Kind::Snapshot, &name).map_err(|e| match e {
+            StoreError::ObjectMissing { .. } => StoreError::SnapshotNotFound(name.clone()),
+            e => e,
+        })
+    }
+
+    /// Checks that manifest bytes (from object `name` of `kind`) hash to `id`, opens and
+    /// decodes them.
+    pub(super) fn decode_manifest(
+        &self,
+        id: &SnapshotId,
+        bytes: &[u8],
+        kind: Kind,
+        name: &str,
+    ) -> Result<Manifest> {
+        let corrupt = |source| StoreError::Corrupt {
+            path: object_path(kind, name),
+            what: "snapshot manifest",
+            source,
+        };
+        let name = id.to_hex();
+        let got = blake3::hash(bytes);
+        if got.as_bytes() != &id.0 {
+            return Err(corrupt(DecodeError::ChecksumMismatch {
+                got: got.to_hex().to_string(),
+                expected: name,
+            }));
+        }
+        let plain = self
+            .crypto
+            .open(Context::Object(Kind::Snapshot), bytes)
+            .map_err(corrupt)?;
+        Manifest::decode(&plain).map_err(corrupt)
+    }
+
+    /// Every snapshot with its manifest (or the error that kept it from loading), oldest first.
+    pub fn snapshots(&self) -> Result<Vec<(SnapshotId, Result<Manifest>)>> {
+        let mut all: Vec<_> = self
+            .snapshot_ids()?
+            .into_iter()
+            .map(|id| (id, self.load_manifest(&id)))
+            .collect();
+        all.sort_by_key(|(id, m)| (m.as_ref().map(|m| m.time_ns).unwrap_or(i64::MIN), *id));
+        Ok(all)
+    }
+
+    /// Resolves `latest`, a full id or a unique prefix of one.
+    pub fn resolve_snapshot(&self, spec: &str) -> Result<SnapshotId> {
+        if spec == "latest" {
+            return self
+                .snapshots()?
+                .into_iter()
+                .rev()
+                .find(|(_, m)| m.is_ok())
+                .map(|(id, _)| id)
+                .ok_or_else(|| StoreError::SnapshotNotFound(spec.to_owned()));
+        }
+        let spec_lc = spec.to_ascii_lowercase();
+        if spec_lc.is_empty() || !spec_lc.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::SnapshotNotFound(spec.to_owned()));
+        }
+        let matches: Vec<_> = self
+            .snapshot_ids()?
+            .into_iter()
+            .filter(|id| id.to_hex().starts_with(&spec_lc))
+            .collect();
+        match matches.len() {
+            0 => Err(StoreError::SnapshotNotFound(spec.to_owned())),
+            1 => Ok(matches[0]),
+            count => Err(StoreError::AmbiguousSnapshot {
+                prefix: spec.to_owned(),
+                count,
+            }),
+        }
+    }
+}
