@@ -384,10 +384,14 @@ fn check_pack(
         }
         return (problems, 0, 0);
     }
-    let (mut buf, mut raw) = (Vec::new(), Vec::new());
-    for group in read_groups(&trailer) {
-        let r = repo.read_pack_blobs(pack, group, &mut buf, |i, blob| -> sbk_store::Result<()> {
-            let e = &group[i];
+    let (mut buf, mut raw, mut handed) = (Vec::new(), Vec::new(), 0);
+    let r = repo.read_pack_blobs(
+        pack,
+        &trailer,
+        &mut buf,
+        |i, blob| -> sbk_store::Result<()> {
+            let e = &trailer[i];
+            handed += 1;
             let opened = blob.and_then(|blob| {
                 raw.resize(e.raw_len as usize, 0);
                 blob.open_into(&mut raw)
@@ -400,34 +404,13 @@ fn check_pack(
                 Err(err) => problems.push(problem(e, &err)),
             }
             Ok(())
-        });
-        if let Err(err) = r {
-            if pruned(&err) {
-                return (problems, bytes, blobs);
-            }
-            problems.extend(group.iter().map(|e| problem(e, &err)));
+        },
+    );
+    if let Err(err) = r {
+        if !pruned(&err) {
+            // The blobs not read yet are not known to be whole.
+            problems.extend(trailer.iter().skip(handed).map(|e| problem(e, &err)));
         }
     }
     (problems, bytes, blobs)
-}
-
-/// Largest read of a pack's blobs in one go, so that a pack of any size is verified in bounded
-/// memory.
-const READ_GROUP_BYTES: u64 = 8 << 20;
-
-/// A pack's blobs (in trailer order, which is offset order) in runs read together, each at most
-/// [`READ_GROUP_BYTES`] long unless one blob is larger.
-fn read_groups(trailer: &[PackEntry]) -> impl Iterator<Item = &[PackEntry]> {
-    let mut rest = trailer;
-    std::iter::from_fn(move || {
-        let first = rest.first()?;
-        let n = rest
-            .iter()
-            .position(|e| e.end() - first.offset > READ_GROUP_BYTES)
-            .unwrap_or(rest.len())
-            .max(1);
-        let (group, tail) = rest.split_at(n);
-        rest = tail;
-        Some(group)
-    })
 }

@@ -193,8 +193,37 @@ fn prune_dry_run_changes_nothing_and_prune_respects_locks() {
         "{r}"
     );
     assert!(env.state() == before, "a dry run changes nothing");
+    // The plan, pack by pack: every pack once, each with an action, a reason and its size.
+    let plan = r["plan"].as_array().unwrap();
+    assert_eq!(plan.len() as u64, r["packs"].as_u64().unwrap(), "{r}");
+    assert!(
+        plan.iter()
+            .any(|p| p["action"] == "delete" || p["action"] == "repack"),
+        "{r}"
+    );
+    assert!(plan
+        .iter()
+        .any(|p| p["action"] == "keep" && p["reason"] == "used"));
     let r = json(&env.run(&["prune", "--grace=0s", "--dry-run", "--json"]));
     assert!(r["packs_marked"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["plan"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["action"] == "mark" && p["bytes"].as_u64().unwrap() > 0));
+    assert!(env.state() == before, "a dry run changes nothing");
+    // Without --json: the summary line, then PACK ACTION REASON BYTES lines.
+    let r = env.run(&["prune", "--exclusive", "--dry-run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(lines[0].starts_with("would remove"), "{}", r.stdout);
+    assert!(lines.len() > 1, "{}", r.stdout);
+    for line in &lines[1..] {
+        let f: Vec<&str> = line.split(' ').collect();
+        assert_eq!(f.len(), 4, "{line}");
+        assert_eq!(f[0].len(), 32, "{line}");
+        assert!(f[3].parse::<u64>().is_ok(), "{line}");
+    }
     assert!(env.state() == before, "a dry run changes nothing");
     // A live shared lock (a backup running elsewhere) keeps an exclusive prune out…
     let lock = live_lock(sbk_store::LockKind::Shared, "backup");

@@ -38,7 +38,8 @@ pub struct Args {
     #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_grace, conflicts_with = "exclusive")]
     pub grace: std::time::Duration,
 
-    /// Say what would be done; change nothing.
+    /// Say what would be done, and then what would happen to each pack and why (PACK ACTION
+    /// REASON BYTES lines; a `plan` array with --json); change nothing.
     #[arg(long)]
     pub dry_run: bool,
 
@@ -133,8 +134,28 @@ pub fn prune_repo(ctx: &Context, repo: &sbk_store::Repository, args: &Args) -> R
     for n in &report.notices {
         ctx.out.notice(n);
     }
-    ctx.out.json(
-        &serde_json::json!({
+    // A dry run shows the plan, pack by pack: PACK ACTION REASON BYTES.
+    let plan: Vec<serde_json::Value> = if args.dry_run {
+        report
+            .plan
+            .iter()
+            .map(|p| {
+                ctx.out.info(
+                    &format!("{} {} {} {}", p.pack, p.action, p.reason, p.bytes),
+                    false,
+                );
+                serde_json::json!({
+                    "pack": p.pack.to_string(),
+                    "action": p.action.to_string(),
+                    "reason": p.reason.to_string(),
+                    "bytes": p.bytes,
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut json = serde_json::json!({
             "dry_run": args.dry_run,
             "exclusive": args.exclusive,
             "packs_marked": report.packs_marked,
@@ -156,9 +177,11 @@ pub fn prune_repo(ctx: &Context, repo: &sbk_store::Repository, args: &Args) -> R
             "bytes_reclaimed": report.bytes_reclaimed,
             "bytes_before": report.bytes_before,
             "duration_ms": report.duration_ms,
-        }),
-        false,
-    );
+    });
+    if args.dry_run {
+        json["plan"] = serde_json::Value::Array(plan);
+    }
+    ctx.out.json(&json, false);
     Ok(report)
 }
 

@@ -16,6 +16,32 @@ use crate::pack::{check_blob_header, PackEntry};
 
 use super::Repository;
 
+/// What the read path hands each blob to: its position among the blobs asked for, and the blob
+/// or why its header is wrong.
+type BlobSink<'s, E> = dyn FnMut(usize, Result<StoredBlob<'_>>) -> std::result::Result<(), E> + 's;
+
+/// Largest read of neighbouring blobs in one go.
+pub const READ_RUN_BYTES: u64 = 8 << 20;
+
+/// `entries` (sorted by offset) in runs read together, each at most [`READ_RUN_BYTES`] long
+/// unless one blob is larger, with the position of each run's first entry.
+fn read_runs(entries: &[PackEntry]) -> impl Iterator<Item = (usize, &[PackEntry])> {
+    let mut rest = entries;
+    let mut base = 0;
+    std::iter::from_fn(move || {
+        let first = rest.first()?;
+        let n = rest
+            .iter()
+            .position(|e| e.end() - first.offset > READ_RUN_BYTES)
+            .unwrap_or(rest.len())
+            .max(1);
+        let (run, tail) = rest.split_at(n);
+        rest = tail;
+        base += n;
+        Some((base - n, run))
+    })
+}
+
 /// A blob as stored in a pack, its header checked against the index. Its bytes leave only
 /// opened and verified ([`StoredBlob::open_into`]), or as stored once verified, to be copied
 /// into another pack of the same repository ([`StoredBlob::verified_copy`]).
@@ -97,21 +123,25 @@ impl Repository {
         Ok(blob)
     }
 
-    /// Reads blobs `entries` of `pack` (sorted by offset and close together: one read covers
-    /// them all, into `buf`), checks each one's header against its entry, and hands each to
-    /// `each` with its position in `entries`: as a [`StoredBlob`], or the reason its header is
-    /// wrong (the others go on). A pack that cannot be read fails the whole call before any
-    /// blob is handed out. Reads exactly `pack` (verify and repack check that very pack);
-    /// blobs found through the index are read with [`Repository::read_indexed_blobs`].
+    /// Reads blobs `entries` of `pack` (sorted by offset) in few large reads into `buf` (runs of
+    /// neighbours, each at most [`READ_RUN_BYTES`] unless one blob is larger, so that memory is
+    /// bounded whatever the pack size), checks each one's header against its entry, and hands
+    /// each to `each` with its position in `entries`: as a [`StoredBlob`], or the reason its
+    /// header is wrong (the others go on). A read that fails fails the call. Reads exactly
+    /// `pack` (verify and repack check that very pack); blobs found through the index are read
+    /// with [`Repository::read_indexed_blobs`].
     pub fn read_pack_blobs<E: From<StoreError>>(
         &self,
         pack: PackId,
         entries: &[PackEntry],
         buf: &mut Vec<u8>,
-        each: impl FnMut(usize, Result<StoredBlob<'_>>) -> std::result::Result<(), E>,
+        mut each: impl FnMut(usize, Result<StoredBlob<'_>>) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
-        self.read_range(pack, entries, buf)?;
-        self.hand_out(pack, entries, buf, each)
+        for (base, run) in read_runs(entries) {
+            self.read_range(pack, run, buf)?;
+            self.hand_out(pack, run, buf, &mut |i, blob| each(base + i, blob))?;
+        }
+        Ok(())
     }
 
     /// [`Repository::read_pack_blobs`] for blobs found through the index (a restore, a
@@ -126,20 +156,22 @@ impl Repository {
         buf: &mut Vec<u8>,
         mut each: impl FnMut(usize, Result<StoredBlob<'_>>) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
-        match self.read_range(pack, entries, buf) {
-            Ok(()) => self.hand_out(pack, entries, buf, each),
-            Err(StoreError::PackMissing { .. }) => {
-                self.refresh_index()?;
-                for (i, entry) in entries.iter().enumerate() {
-                    let moved = self.locate(&entry.id)?;
-                    let one = std::slice::from_ref(&moved.entry);
-                    self.read_range(moved.pack, one, buf)?;
-                    self.hand_out(moved.pack, one, buf, |_, blob| each(i, blob))?;
+        for (base, run) in read_runs(entries) {
+            match self.read_range(pack, run, buf) {
+                Ok(()) => self.hand_out(pack, run, buf, &mut |i, blob| each(base + i, blob))?,
+                Err(StoreError::PackMissing { .. }) => {
+                    self.refresh_index()?;
+                    for (i, entry) in run.iter().enumerate() {
+                        let moved = self.locate(&entry.id)?;
+                        let one = std::slice::from_ref(&moved.entry);
+                        self.read_range(moved.pack, one, buf)?;
+                        self.hand_out(moved.pack, one, buf, &mut |_, blob| each(base + i, blob))?;
+                    }
                 }
-                Ok(())
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => Err(e.into()),
         }
+        Ok(())
     }
 
     /// Reads the bytes of `pack` from the first of `entries` to the end of the last into `buf`.
@@ -158,7 +190,7 @@ impl Repository {
         pack: PackId,
         entries: &[PackEntry],
         buf: &mut [u8],
-        mut each: impl FnMut(usize, Result<StoredBlob<'_>>) -> std::result::Result<(), E>,
+        each: &mut BlobSink<'_, E>,
     ) -> std::result::Result<(), E> {
         let sealed = self.crypto.is_sealed();
         let mut rest = buf;

@@ -1,0 +1,246 @@
+//! `prune`: mark and sweep. Removes the packs that hold only blobs no snapshot refers to, and
+//! repacks those whose unused share exceeds a threshold.
+//!
+//! Two modes (docs/design.md, "prune"). Beside backups (a prune lock, the default), in two
+//! phases: a run *marks* the packs it would delete (a marks object), and a later run deletes
+//! the marked packs that are still not needed, once the grace period has passed and every lock
+//! taken before the mark is gone; backups never dedup against a marked pack. Under an
+//! exclusive lock nobody else uses the repository, and unused packs go at once.
+//!
+//! Ordering, in both: blobs that stay are copied into new packs, which are sealed (durable)
+//! first; then new index files naming every surviving and new pack are written, and only then
+//! are the old index files removed; only then are packs deleted. A crash at any point leaves
+//! every snapshot restorable: at worst extra packs (named by no index file, swept by a later
+//! prune), index files naming a blob twice, or a marks object naming packs that are gone.
+
+mod execute;
+mod marks;
+mod plan;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Instant;
+
+use sbk_store::{ChunkId, Extent, IndexId, Lock, PackId, Repository, StoreError};
+
+use crate::error::{EngineError, Result};
+use crate::pool::{snapshot_trees, worker_pool};
+use crate::progress::Progress;
+use crate::restore::windows;
+use execute::execute;
+use marks::sort_marks;
+use plan::{plan, IndexedPacks, PlanInputs};
+pub use plan::{PackAction, PackPlan, PackReason};
+
+/// How prune may delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PruneMode {
+    /// Under an exclusive lock: nobody else uses the repository, unused packs go at once.
+    Exclusive,
+    /// Under a prune lock, beside backups: packs are marked, and deleted by a later run.
+    Beside {
+        /// Seconds (storage time) a mark waits before it is acted on, and by which every lock
+        /// still live must postdate it: more than the storage's clock skew and listing delay.
+        grace_secs: i64,
+    },
+}
+
+/// How to prune.
+#[derive(Debug, Clone, Copy)]
+pub struct PruneOptions {
+    /// Repack a pack once more than this percentage of its bytes is unused.
+    pub max_unused_percent: f64,
+    /// Report what would be done, change nothing.
+    pub dry_run: bool,
+    /// Worker threads (marking).
+    pub threads: usize,
+    /// Exclusive or beside backups; the caller holds the matching lock.
+    pub mode: PruneMode,
+}
+
+/// What prune did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, Default)]
+pub struct PruneReport {
+    /// Packs in the repository before.
+    pub packs: usize,
+    /// Packs deleted because nothing in them is used (or, beside backups, because an earlier
+    /// run marked them and they are still not needed).
+    pub packs_deleted: usize,
+    /// Packs deleted because no index file names them (left by a backup that died).
+    pub packs_unindexed: usize,
+    /// Packs this run marked for deletion by a later one (beside backups).
+    pub packs_marked: usize,
+    /// Their bytes.
+    pub bytes_marked: u64,
+    /// Packs an earlier run marked that are needed again (a backup that started before the
+    /// mark referred to them): kept, and no longer marked.
+    pub packs_revived: usize,
+    /// Marks of earlier runs not acted on yet, and why (the first reason).
+    pub marks_waiting: usize,
+    /// Why the first waiting mark waits.
+    pub waiting_because: Option<String>,
+    /// What the operator should know of a run that succeeded (leftovers not removed).
+    pub notices: Vec<String>,
+    /// Index files before.
+    pub index_files_before: usize,
+    /// Index files written (the index is rewritten whenever packs go, or there are many files).
+    pub index_files_written: usize,
+    /// Packs rewritten because too much of them is unused (their used blobs copied).
+    pub packs_repacked: usize,
+    /// New packs written by the repack.
+    pub packs_written: usize,
+    /// Blobs no snapshot refers to, dropped.
+    pub blobs_dropped: usize,
+    /// Bytes of used blobs copied into new packs.
+    pub bytes_repacked: u64,
+    /// Bytes of packs (and leftovers of interrupted writes) removed.
+    pub bytes_removed: u64,
+    /// Net space given back: removed minus written.
+    pub bytes_reclaimed: u64,
+    /// Bytes in packs before.
+    pub bytes_before: u64,
+    /// Wall time in milliseconds.
+    pub duration_ms: u64,
+    /// What happens to each pack, and why (in pack id order).
+    pub plan: Vec<PackPlan>,
+}
+
+/// Every blob id the snapshots refer to (trees and data), those of snapshots pinned by a live
+/// lock at `storage_now` (a server's, a changed-block backup's parent) included, forgotten or
+/// not. Fails on any snapshot or tree that cannot be
+/// read: pruning without knowing what a snapshot needs could delete its data.
+pub fn used_blobs(repo: &Repository, storage_now: i64) -> Result<HashSet<ChunkId>> {
+    let mut used = HashSet::new();
+    let mut roots = Vec::new();
+    for (id, manifest) in repo.snapshots()? {
+        // Forgotten between the listing and the read (a forget beside us): nothing to keep.
+        if let Err(StoreError::SnapshotNotFound(_)) = manifest {
+            continue;
+        }
+        let manifest = manifest.map_err(|e| {
+            EngineError::Unsafe(format!(
+                "snapshot {id} cannot be read ({e}); prune needs every snapshot intact"
+            ))
+        })?;
+        roots.push((id, manifest));
+    }
+    // Pins are listed after the snapshots: a server copies a manifest to its pin before it
+    // checks that the snapshot still exists (Repository::pin_snapshot).
+    let pinned = repo.pinned_snapshots(storage_now).map_err(|e| {
+        EngineError::Unsafe(format!(
+            "a pinned snapshot cannot be read ({e}); prune needs it intact"
+        ))
+    })?;
+    for (id, manifest) in pinned {
+        if !roots.iter().any(|(r, _)| *r == id) {
+            roots.push((id, manifest));
+        }
+    }
+    // Backups that finished since the index was loaded wrote their index files before their
+    // manifests: refreshed now, the index knows every tree a listed snapshot has.
+    repo.refresh_index()?;
+    for (id, manifest) in roots {
+        used.extend(manifest.trees.iter().copied());
+        for segments in windows(&manifest) {
+            let trees = snapshot_trees(repo, &manifest, segments).map_err(|e| {
+                EngineError::Unsafe(format!(
+                    "snapshot {id}: {e}; prune needs every snapshot intact"
+                ))
+            })?;
+            used.extend(trees.into_iter().flatten().filter_map(|x| match x {
+                Extent::Data { id, .. } => Some(id),
+                Extent::Zero { .. } => None,
+            }));
+        }
+    }
+    Ok(used)
+}
+
+/// Runs prune. The caller holds `lock`: exclusive, or a prune lock for [`PruneMode::Beside`].
+/// Computes the plan from the repository, then (unless a dry run) carries it out.
+pub fn prune(
+    repo: &Repository,
+    lock: &Lock,
+    opts: &PruneOptions,
+    progress: &dyn Progress,
+) -> Result<PruneReport> {
+    let started = Instant::now();
+    let pool = worker_pool(opts.threads, "prune")?;
+    let earlier = sort_marks(repo, lock, opts.mode)?;
+    // What the snapshots use comes first, the index files second, the packs last: a snapshot
+    // is written after its index files and they after its packs, so every blob a listed
+    // snapshot uses is in a listed index file and a listed pack.
+    let used = pool.install(|| used_blobs(repo, lock.started()))?;
+    let (files, indexed) = read_index(repo)?;
+    let sizes: HashMap<PackId, u64> = repo.list_packs()?.into_iter().collect();
+    let plan = plan(&PlanInputs {
+        indexed: &indexed,
+        sizes: &sizes,
+        used: &used,
+        earlier: &earlier,
+        index_files: files.len(),
+        mode: opts.mode,
+        max_unused_percent: opts.max_unused_percent,
+    })?;
+    let beside = matches!(opts.mode, PruneMode::Beside { .. });
+    let mut report = PruneReport {
+        packs: sizes.len(),
+        bytes_before: sizes.values().sum(),
+        index_files_before: files.len(),
+        marks_waiting: earlier.waiting_objects,
+        waiting_because: earlier.because.clone(),
+        packs_marked: plan.packs_marked(),
+        bytes_marked: plan.bytes_marked,
+        packs_revived: plan.packs_revived,
+        packs_unindexed: plan.packs_unindexed,
+        packs_deleted: plan.delete.len() - plan.packs_unindexed,
+        packs_repacked: plan.repack.len(),
+        blobs_dropped: plan.blobs_dropped,
+        bytes_repacked: plan.bytes_repacked,
+        ..PruneReport::default()
+    };
+    if opts.dry_run {
+        report.bytes_removed = plan.delete.iter().map(|(_, size)| size).sum::<u64>()
+            + if beside {
+                0
+            } else {
+                plan.repack.iter().map(|(_, size, _)| size).sum()
+            };
+        report.bytes_reclaimed = report.bytes_removed.saturating_sub(report.bytes_repacked);
+    } else {
+        execute(
+            repo,
+            lock,
+            &plan,
+            &files,
+            &earlier,
+            opts.mode,
+            &mut report,
+            progress,
+        )?;
+    }
+    report.plan = plan.packs;
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// The index files, and what they say each pack holds: the repository's own truth, not the
+/// cache. A damaged index file could hide where a used blob lives, so prune stops on one.
+fn read_index(repo: &Repository) -> Result<(BTreeSet<IndexId>, IndexedPacks)> {
+    let files = repo.index_files()?;
+    let mut indexed = IndexedPacks::new();
+    for f in &files {
+        let file = repo.read_index_file(f).map_err(|e| {
+            EngineError::Unsafe(format!(
+                "{e}; prune needs every index file intact: run `sbk repair index` first"
+            ))
+        })?;
+        for (pack, entries) in file.packs {
+            let known = indexed.entry(pack).or_default();
+            let seen: HashSet<ChunkId> = known.iter().map(|e| e.id).collect();
+            known.extend(entries.into_iter().filter(|e| !seen.contains(&e.id)));
+        }
+    }
+    Ok((files, indexed))
+}

@@ -1,0 +1,336 @@
+//! The prune plan over hand-built inputs: one or more tests for each reason a pack is kept,
+//! marked, revived, repacked or deleted.
+
+use std::collections::{HashMap, HashSet};
+
+use sbk_store::{
+    pack_size_of, BlobKind, ChunkId, Compression, MarkReason, PackEntry, PackId, BLOB_HEADER_LEN,
+};
+
+use super::marks::EarlierMarks;
+use super::plan::{plan, PlanInputs, PrunePlan};
+use super::{PackAction, PackReason, PruneMode};
+
+const BESIDE: PruneMode = PruneMode::Beside { grace_secs: 600 };
+
+fn pack(n: u8) -> PackId {
+    PackId([n; 16])
+}
+
+fn chunk(n: u8) -> ChunkId {
+    ChunkId([n; 32])
+}
+
+/// A repository described by hand: packs of blobs (each 1000 stored bytes), which of them the
+/// index files name, which blobs snapshots use, and earlier marks.
+#[derive(Default)]
+struct Repo {
+    indexed: HashMap<PackId, Vec<PackEntry>>,
+    sizes: HashMap<PackId, u64>,
+    used: HashSet<ChunkId>,
+    earlier: EarlierMarks,
+    index_files: usize,
+}
+
+impl Repo {
+    /// A pack holding `blobs`, named by an index file.
+    fn pack(mut self, p: u8, blobs: &[u8]) -> Self {
+        self = self.unindexed_pack(p, blobs);
+        let mut offset = 16;
+        let entries = blobs
+            .iter()
+            .map(|&b| {
+                let e = PackEntry {
+                    id: chunk(b),
+                    kind: BlobKind::Data,
+                    compression: Compression::None,
+                    offset,
+                    stored_len: 1000,
+                    raw_len: 1000,
+                };
+                offset = e.end();
+                e
+            })
+            .collect();
+        self.indexed.insert(pack(p), entries);
+        self
+    }
+
+    /// A pack that exists but no index file names.
+    fn unindexed_pack(mut self, p: u8, blobs: &[u8]) -> Self {
+        let stored = blobs.len() as u64 * (BLOB_HEADER_LEN as u64 + 1000);
+        self.sizes
+            .insert(pack(p), pack_size_of(blobs.len(), stored));
+        self
+    }
+
+    fn used(mut self, blobs: &[u8]) -> Self {
+        self.used.extend(blobs.iter().map(|&b| chunk(b)));
+        self
+    }
+
+    fn due(mut self, p: u8, reason: MarkReason) -> Self {
+        self.earlier.due.insert(pack(p), reason);
+        self
+    }
+
+    fn waiting(mut self, p: u8) -> Self {
+        self.earlier.waiting.insert(pack(p));
+        self
+    }
+
+    fn plan(&self, mode: PruneMode) -> PrunePlan {
+        plan(&PlanInputs {
+            indexed: &self.indexed,
+            sizes: &self.sizes,
+            used: &self.used,
+            earlier: &self.earlier,
+            index_files: self.index_files.max(1),
+            mode,
+            max_unused_percent: 10.0,
+        })
+        .expect("a plan")
+    }
+}
+
+/// What the plan does with pack `p`, and why.
+fn verdict(plan: &PrunePlan, p: u8) -> (PackAction, PackReason) {
+    let found = plan
+        .packs
+        .iter()
+        .find(|x| x.pack == pack(p))
+        .unwrap_or_else(|| panic!("pack {p} is in the plan"));
+    (found.action, found.reason)
+}
+
+fn survivor(plan: &PrunePlan, p: u8) -> Option<Vec<ChunkId>> {
+    plan.survivors
+        .iter()
+        .find(|(x, _)| *x == pack(p))
+        .map(|(_, e)| e.iter().map(|e| e.id).collect())
+}
+
+#[test]
+fn a_pack_whose_blobs_are_used_is_kept() {
+    let r = Repo::default().pack(1, &[1, 2]).used(&[1, 2]);
+    for mode in [PruneMode::Exclusive, BESIDE] {
+        let p = r.plan(mode);
+        assert_eq!(verdict(&p, 1), (PackAction::Keep, PackReason::Used));
+        assert!(p.delete.is_empty() && p.repack.is_empty() && p.marks.packs.is_empty());
+        assert_eq!(survivor(&p, 1), Some(vec![chunk(1), chunk(2)]));
+    }
+}
+
+#[test]
+fn a_pack_with_few_unused_bytes_is_kept_whole() {
+    // One blob of thirty unused: with the pack's own header and trailer, about 8% of its bytes,
+    // under the 10% threshold.
+    let blobs: Vec<u8> = (1..=30).collect();
+    let r = Repo::default().pack(1, &blobs).used(&blobs[1..]);
+    let p = r.plan(PruneMode::Exclusive);
+    assert_eq!(verdict(&p, 1), (PackAction::Keep, PackReason::Used));
+    assert_eq!(p.blobs_dropped, 0);
+}
+
+#[test]
+fn an_unused_pack_is_deleted_under_an_exclusive_lock() {
+    let r = Repo::default().pack(1, &[1]).pack(2, &[2, 3]).used(&[1]);
+    let p = r.plan(PruneMode::Exclusive);
+    assert_eq!(verdict(&p, 2), (PackAction::Delete, PackReason::Unused));
+    assert_eq!(p.delete, vec![(pack(2), r.sizes[&pack(2)])]);
+    assert_eq!(p.blobs_dropped, 2);
+    assert!(p.rewrite_index, "the deleted pack leaves the index");
+    assert_eq!(survivor(&p, 2), None);
+}
+
+#[test]
+fn an_unused_pack_is_marked_beside_backups_and_stays_indexed() {
+    let r = Repo::default().pack(1, &[1]).pack(2, &[2]).used(&[1]);
+    let p = r.plan(BESIDE);
+    assert_eq!(verdict(&p, 2), (PackAction::Mark, PackReason::Unused));
+    assert!(p.delete.is_empty());
+    assert_eq!(p.marks.packs, vec![(pack(2), MarkReason::Unused)]);
+    assert_eq!(p.bytes_marked, r.sizes[&pack(2)]);
+    // A backup older than the mark may refer to it: it must still find it.
+    assert_eq!(survivor(&p, 2), Some(vec![chunk(2)]));
+}
+
+#[test]
+fn an_unindexed_pack_is_deleted_under_an_exclusive_lock_and_marked_beside_backups() {
+    let r = Repo::default()
+        .pack(1, &[1])
+        .unindexed_pack(2, &[2])
+        .used(&[1]);
+    let p = r.plan(PruneMode::Exclusive);
+    assert_eq!(verdict(&p, 2), (PackAction::Delete, PackReason::Unindexed));
+    assert_eq!(p.packs_unindexed, 1);
+    // Beside backups it may be one a running backup is still writing: its lock holds the mark.
+    let p = r.plan(BESIDE);
+    assert_eq!(verdict(&p, 2), (PackAction::Mark, PackReason::Unindexed));
+    assert_eq!(p.marks.packs, vec![(pack(2), MarkReason::Unindexed)]);
+    assert_eq!(p.packs_unindexed, 0);
+}
+
+#[test]
+fn a_mostly_unused_pack_is_repacked() {
+    let r = Repo::default().pack(1, &[1, 2, 3, 4]).used(&[1]);
+    let p = r.plan(PruneMode::Exclusive);
+    let (action, reason) = verdict(&p, 1);
+    assert_eq!(action, PackAction::Repack);
+    let PackReason::MostlyUnused { percent } = reason else {
+        panic!("{reason:?}")
+    };
+    // Three blobs of four, and the trailer.
+    assert!((75.0..80.0).contains(&percent), "{percent}");
+    assert_eq!(p.repack.len(), 1);
+    let kept: Vec<ChunkId> = p.repack[0].2.iter().map(|e| e.id).collect();
+    assert_eq!(kept, vec![chunk(1)], "only used blobs are copied");
+    assert_eq!(p.blobs_dropped, 3);
+    assert_eq!(p.bytes_repacked, BLOB_HEADER_LEN as u64 + 1000);
+    assert!(p.marks.packs.is_empty());
+}
+
+#[test]
+fn a_mostly_unused_pack_is_repacked_and_marked_beside_backups() {
+    let r = Repo::default().pack(1, &[1, 2, 3, 4]).used(&[1]);
+    let p = r.plan(BESIDE);
+    assert_eq!(verdict(&p, 1).0, PackAction::Repack);
+    assert_eq!(p.marks.packs, vec![(pack(1), MarkReason::Repacked)]);
+    // Indexed with its unused blobs only: backups dedup against the copy of the used one.
+    assert_eq!(survivor(&p, 1), Some(vec![chunk(2), chunk(3), chunk(4)]));
+}
+
+#[test]
+fn a_pack_holding_blobs_no_index_names_is_repacked() {
+    // The pack holds three blobs, the index names one (a revived repacked pack).
+    let mut r = Repo::default().pack(1, &[1]).used(&[1]);
+    r = r.unindexed_pack(1, &[1, 2, 3]);
+    let p = r.plan(PruneMode::Exclusive);
+    assert_eq!(verdict(&p, 1).0, PackAction::Repack);
+}
+
+#[test]
+fn a_due_mark_deletes_a_pack_still_not_needed() {
+    for reason in [
+        MarkReason::Unused,
+        MarkReason::Unindexed,
+        MarkReason::Repacked,
+    ] {
+        let r = Repo::default()
+            .pack(1, &[1])
+            .pack(2, &[2])
+            .used(&[1])
+            .due(2, reason);
+        let p = r.plan(BESIDE);
+        assert_eq!(
+            verdict(&p, 2),
+            (PackAction::Delete, PackReason::MarkDue(reason))
+        );
+        assert_eq!(p.delete, vec![(pack(2), r.sizes[&pack(2)])]);
+        assert!(p.marks.packs.is_empty(), "nothing is marked twice");
+    }
+    // An unindexed pack whose mark is due counts as unindexed.
+    let r = Repo::default()
+        .pack(1, &[1])
+        .unindexed_pack(2, &[2])
+        .used(&[1])
+        .due(2, MarkReason::Unindexed);
+    let p = r.plan(BESIDE);
+    assert_eq!(p.packs_unindexed, 1);
+}
+
+#[test]
+fn a_due_pack_that_a_backup_refers_to_again_is_revived() {
+    let r = Repo::default()
+        .pack(1, &[1])
+        .pack(2, &[2])
+        .used(&[1, 2])
+        .due(2, MarkReason::Unused);
+    let p = r.plan(BESIDE);
+    assert_eq!(
+        verdict(&p, 2),
+        (PackAction::Revive, PackReason::NeededAgain)
+    );
+    assert_eq!(p.packs_revived, 1);
+    assert!(p.delete.is_empty());
+    assert_eq!(survivor(&p, 2), Some(vec![chunk(2)]));
+}
+
+#[test]
+fn a_used_blob_found_elsewhere_does_not_revive_a_due_pack() {
+    // Blob 2 was repacked into pack 3: the marked original goes.
+    let r = Repo::default()
+        .pack(2, &[2, 9])
+        .pack(3, &[2])
+        .used(&[2])
+        .due(2, MarkReason::Repacked);
+    let p = r.plan(BESIDE);
+    assert_eq!(
+        verdict(&p, 2),
+        (
+            PackAction::Delete,
+            PackReason::MarkDue(MarkReason::Repacked)
+        )
+    );
+    assert_eq!(verdict(&p, 3), (PackAction::Keep, PackReason::Used));
+    // Its home is the pack whose mark waits rather than the one due.
+    let r = Repo::default()
+        .pack(2, &[2])
+        .pack(3, &[2])
+        .used(&[2])
+        .due(2, MarkReason::Repacked)
+        .waiting(3);
+    let p = r.plan(BESIDE);
+    assert_eq!(verdict(&p, 2).0, PackAction::Delete);
+    assert_eq!(verdict(&p, 3), (PackAction::Keep, PackReason::MarkWaits));
+}
+
+#[test]
+fn a_pack_whose_mark_waits_is_kept_as_it_is() {
+    let r = Repo::default()
+        .pack(1, &[1])
+        .pack(2, &[2])
+        .used(&[1])
+        .waiting(2);
+    let p = r.plan(BESIDE);
+    assert_eq!(verdict(&p, 2), (PackAction::Keep, PackReason::MarkWaits));
+    assert!(p.marks.packs.is_empty() && p.delete.is_empty());
+    assert_eq!(survivor(&p, 2), Some(vec![chunk(2)]));
+}
+
+#[test]
+fn a_used_blob_in_no_existing_pack_stops_the_plan() {
+    let r = Repo::default().pack(1, &[1]).used(&[1, 7]);
+    let e = plan(&PlanInputs {
+        indexed: &r.indexed,
+        sizes: &r.sizes,
+        used: &r.used,
+        earlier: &r.earlier,
+        index_files: 1,
+        mode: PruneMode::Exclusive,
+        max_unused_percent: 10.0,
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("repair index"), "{e}");
+}
+
+#[test]
+fn many_index_files_are_merged_even_when_nothing_changes() {
+    let mut r = Repo::default().pack(1, &[1]).used(&[1]);
+    assert!(!r.plan(PruneMode::Exclusive).rewrite_index);
+    r.index_files = 17;
+    assert!(r.plan(PruneMode::Exclusive).rewrite_index);
+}
+
+#[test]
+fn the_plan_lists_every_pack_once_in_id_order() {
+    let r = Repo::default()
+        .pack(3, &[3])
+        .pack(1, &[1])
+        .unindexed_pack(2, &[2])
+        .used(&[1]);
+    let p = r.plan(BESIDE);
+    let order: Vec<PackId> = p.packs.iter().map(|x| x.pack).collect();
+    assert_eq!(order, vec![pack(1), pack(2), pack(3)]);
+    assert!(p.packs.iter().all(|x| x.bytes == r.sizes[&x.pack]));
+}
