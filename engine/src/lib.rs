@@ -9,6 +9,8 @@ mod chunk_cache;
 mod copy;
 mod diff;
 mod error;
+#[cfg(test)]
+mod interleave_tests;
 mod interrupt;
 mod overlay;
 mod packer;
@@ -22,6 +24,8 @@ mod serve;
 mod source;
 mod stats;
 mod sys;
+#[cfg(test)]
+mod testkit;
 mod unlock;
 mod verify;
 

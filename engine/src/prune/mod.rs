@@ -13,6 +13,8 @@
 //! every snapshot restorable: at worst extra packs (named by no index file, swept by a later
 //! prune), index files naming a blob twice, or a marks object naming packs that are gone.
 
+#[cfg(test)]
+mod crash_tests;
 mod execute;
 mod marks;
 mod plan;

@@ -55,6 +55,11 @@ impl FaultyBackend {
         }
     }
 
+    /// Mutating operations counted so far (the failed ones included).
+    pub fn operations(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
     /// Counts one mutating operation and runs it, or fails it.
     fn op<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         Self::counted(&self.count, self.mode, self.at, what, f)

@@ -54,6 +54,20 @@ impl MemBackend {
         }
     }
 
+    /// A copy of the objects as they are now, which goes its own way from here (its clock
+    /// too): a crash test runs each crash on a fork of the same repository.
+    pub fn fork(&self) -> MemBackend {
+        let objects = self.state().objects.clone();
+        MemBackend {
+            state: Arc::new(Mutex::new(State {
+                objects,
+                staged: BTreeMap::new(),
+            })),
+            clock: Arc::new(AtomicI64::new(self.time())),
+            serial: Arc::default(),
+        }
+    }
+
     /// The storage's time: what the next write records (seconds since the Unix epoch).
     pub fn time(&self) -> i64 {
         self.clock.load(Ordering::SeqCst)

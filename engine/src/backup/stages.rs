@@ -1,0 +1,467 @@
+//! The stages of the pipeline for one source: the reader, the workers (zero runs, FastCDC,
+//! ids, dedup, compression) and the writer (blobs into the packer, segments into trees, in
+//! order).
+
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::{bounded, Receiver};
+use memmap2::MmapMut;
+use sbk_chunker::{split_changed, split_segment, Piece, Span};
+use sbk_store::{encode_tree, BackupFigures, BlobKind, ChunkId, EncodedBlob, Extent, Repository};
+
+use super::incremental::Plan;
+use super::state::{RunState, Work};
+use crate::error::{EngineError, Result};
+use crate::progress::Progress;
+use crate::source::Source;
+
+/// A segment read from the source; `buf` is `None` for a segment that is one hole, or one whose
+/// tree is reused from the parent unread (`reuse`). A segment to be read only around its changes
+/// comes with `around` and an empty buffer: the worker reads it (the re-split decides what to
+/// read, and is as much work per byte as chunking), and fills in `parts`.
+pub(super) struct Segment {
+    pub(super) index: u64,
+    pub(super) len: usize,
+    pub(super) buf: Option<MmapMut>,
+    pub(super) read: u64,
+    pub(super) reuse: Option<ChunkId>,
+    pub(super) around: Option<Around>,
+    /// The parent's extents kept unread and the spans cut anew (whose bytes are in `buf`).
+    pub(super) parts: Option<Vec<Part>>,
+    /// Bytes of the segment that the changed-block list let the reader skip.
+    pub(super) skipped: u64,
+}
+
+/// What a worker needs to read a segment around its changes.
+pub(super) struct Around {
+    /// A handle of the source for this segment's reads (the reader keeps reading with its own).
+    pub(super) source: Source,
+    /// The parent's tree of the segment.
+    pub(super) tree: ChunkId,
+    /// The changed ranges, relative to the segment.
+    pub(super) changed: Vec<Range<usize>>,
+}
+
+/// A piece of a segment read only around its changes.
+pub(super) enum Part {
+    /// The parent's extent, whose bytes did not change.
+    Kept(Extent),
+    /// A span cut anew from bytes read.
+    New(Span),
+}
+
+/// A segment after chunking: its extents (or the parent's tree, reused) and the blobs it adds.
+pub(super) struct ChunkedSegment {
+    pub(super) index: u64,
+    pub(super) len: usize,
+    pub(super) extents: Vec<Extent>,
+    pub(super) reuse: Option<ChunkId>,
+    pub(super) blobs: Vec<EncodedBlob>,
+    pub(super) figures: BackupFigures,
+    pub(super) skipped: u64,
+}
+
+/// What one pass of the pipeline over a source produced.
+pub(super) struct Run {
+    pub(super) trees: Vec<ChunkId>,
+    pub(super) figures: BackupFigures,
+    pub(super) fallback: Option<String>,
+    /// A re-read segment's tree differed from the parent's: the changed-block list is wrong.
+    pub(super) lied: bool,
+    /// Bytes not read because the changed-block list said they had not changed.
+    pub(super) skipped: u64,
+}
+
+/// Reads, chunks and stores one source by `plan`.
+pub(super) fn run_pipeline(
+    state: &RunState<'_>,
+    task: usize,
+    source: &mut Source,
+    plan: &Plan,
+    progress: &dyn Progress,
+) -> Result<Run> {
+    let seg_size = state.repo.config().segment_size;
+    let segments = source.size().div_ceil(seg_size);
+    let (out_tx, out_rx) = bounded::<Result<ChunkedSegment>>(1);
+    let cancel = AtomicBool::new(false);
+    let claimed = Arc::new(Mutex::new(HashSet::<ChunkId>::new()));
+    let work = state
+        .work
+        .lock()
+        .expect("no thread panics holding this")
+        .clone()
+        .ok_or_else(|| EngineError::Unsafe("the backup run is over".into()))?;
+
+    let result = std::thread::scope(|s| {
+        let cancel = &cancel;
+        let reader = {
+            let claimed = claimed.clone();
+            s.spawn(move || {
+                // The reader owns this source's result sender; the workers hold clones while
+                // they chunk its segments, so the writer sees the end once both are done.
+                let send = |seg| {
+                    work.send(Work {
+                        seg,
+                        claimed: claimed.clone(),
+                        out: out_tx.clone(),
+                    })
+                    .is_ok()
+                };
+                read_segments(state, source, seg_size, segments, plan, &send, cancel)
+            })
+        };
+        let written = write_segments(state, &claimed, task, &out_rx, segments, progress, cancel);
+        if written.is_err() {
+            cancel.store(true, Ordering::Relaxed);
+            for _ in out_rx.iter() {} // drain, so that workers and reader can finish
+        }
+        let fallback = reader.join().expect("the reader does not panic");
+        written.map(|w| (w, fallback))
+    });
+    let ((trees, figures, skipped), fallback) = result?;
+    let lied = plan
+        .check
+        .iter()
+        .any(|(i, expected)| trees.get(*i as usize).is_some_and(|t| t != expected));
+    Ok(Run {
+        trees,
+        figures,
+        fallback,
+        lied,
+        skipped,
+    })
+}
+
+/// The reader: segments in order into pooled, aligned buffers. Returns why O_DIRECT was
+/// abandoned if that happened during the reads.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn read_segments(
+    state: &RunState<'_>,
+    source: &mut Source,
+    seg_size: u64,
+    segments: u64,
+    plan: &Plan,
+    send: &dyn Fn(Result<Segment>) -> bool,
+    cancel: &AtomicBool,
+) -> Option<String> {
+    let had_fallback = source.fallback().is_some();
+    let mut spare = None; // a buffer left unused by a segment that was all hole
+    for index in 0..segments {
+        if cancel.load(Ordering::Relaxed) {
+            break;
+        }
+        if let Err(e) = crate::interrupt::check() {
+            send(Err(e));
+            break;
+        }
+        let start = index * seg_size;
+        let len = (source.size() - start).min(seg_size);
+        if let Some(tree) = plan.reuse.get(index as usize).copied().flatten() {
+            // Unchanged since the parent: its tree is reused, nothing is read.
+            let seg = Segment {
+                index,
+                len: len as usize,
+                buf: None,
+                read: 0,
+                reuse: Some(tree),
+                around: None,
+                parts: None,
+                skipped: len,
+            };
+            if !send(Ok(seg)) {
+                break;
+            }
+            continue;
+        }
+        let buf = match spare
+            .take()
+            .map(|b| Ok(Some(b)))
+            .unwrap_or_else(|| state.buffer(seg_size))
+        {
+            Ok(Some(b)) => b,
+            Ok(None) => break,
+            Err(e) => {
+                send(Err(EngineError::SourceRead {
+                    path: source.path().to_owned(),
+                    offset: start,
+                    source: e,
+                }));
+                break;
+            }
+        };
+        let mut buf = buf;
+        if let Some((tree, changed)) = plan.around.get(&index) {
+            let seg = source.try_clone().map(|source| Segment {
+                index,
+                len: len as usize,
+                read: 0,
+                buf: Some(buf),
+                reuse: None,
+                around: Some(Around {
+                    source,
+                    tree: *tree,
+                    changed: changed.clone(),
+                }),
+                parts: None,
+                skipped: 0,
+            });
+            let failed = seg.is_err();
+            if !send(seg) || failed {
+                break;
+            }
+            continue;
+        }
+        let seg = match source.read_segment(start..start + len, &mut buf) {
+            Ok(Some(read)) => Ok(Segment {
+                index,
+                len: len as usize,
+                read,
+                buf: Some(buf),
+                reuse: None,
+                around: None,
+                parts: None,
+                skipped: 0,
+            }),
+            Ok(None) => {
+                spare = Some(buf);
+                Ok(Segment {
+                    index,
+                    len: len as usize,
+                    read: 0,
+                    buf: None,
+                    reuse: None,
+                    around: None,
+                    parts: None,
+                    skipped: 0,
+                })
+            }
+            Err(e) => Err(e),
+        };
+        let failed = seg.is_err();
+        if !send(seg) || failed {
+            break;
+        }
+    }
+    if let Some(b) = spare {
+        let _ = state.buf_tx.send(b);
+    }
+    if had_fallback {
+        None
+    } else {
+        source.fallback().map(str::to_owned)
+    }
+}
+
+/// Reads a segment that comes with [`Around`]: only around its changed ranges, re-split against
+/// the parent's tree (see [`split_changed`]), which gives the split a whole read would give. When
+/// the parent's tree cannot be used (unreadable, or naming a chunk the index does not know), the
+/// segment is read whole.
+pub(super) fn read_around(state: &RunState<'_>, seg: &mut Segment) -> Result<()> {
+    let Some(Around {
+        mut source,
+        tree,
+        changed,
+    }) = seg.around.take()
+    else {
+        return Ok(());
+    };
+    let buf = seg
+        .buf
+        .as_mut()
+        .expect("a segment to read around has a buffer");
+    let start = seg.index * state.repo.config().segment_size;
+    let len = seg.len as u64;
+    let Some(parent) = parent_spans(state.repo, &tree, len)? else {
+        match source.read_segment(start..start + len, buf)? {
+            Some(read) => seg.read = read,
+            None => buf[..seg.len].fill(0),
+        }
+        return Ok(());
+    };
+    let spans: Vec<Span> = parent.iter().map(|(span, _)| *span).collect();
+    let mut read = 0;
+    let mut fill = |r: Range<usize>, data: &mut [u8]| -> Result<()> {
+        let at = start + r.start as u64;
+        match source.read_segment(at..start + r.end as u64, &mut data[r.start..])? {
+            Some(n) => read += n,
+            None => data[r].fill(0),
+        }
+        Ok(())
+    };
+    let (pieces, loaded) = split_changed(buf, seg.len, &state.params, &spans, &changed, &mut fill)?;
+    seg.parts = Some(
+        pieces
+            .into_iter()
+            .map(|p| match p {
+                Piece::Kept(k) => Part::Kept(parent[k].1),
+                Piece::New(span) => Part::New(span),
+            })
+            .collect(),
+    );
+    seg.read = read;
+    seg.skipped = len - loaded as u64;
+    Ok(())
+}
+
+/// The parent's segment tree as spans with their extents; `None` when it cannot be used.
+pub(super) fn parent_spans(
+    repo: &Repository,
+    tree: &ChunkId,
+    len: u64,
+) -> Result<Option<Vec<(Span, Extent)>>> {
+    let Ok(extents) = repo.load_tree(tree, len) else {
+        return Ok(None);
+    };
+    let index = repo.index()?;
+    let mut out = Vec::with_capacity(extents.len());
+    let mut offset = 0;
+    for e in extents {
+        let len = e.len() as usize;
+        out.push(match e {
+            Extent::Zero { .. } => (Span::Zero { offset, len }, e),
+            Extent::Data { id, .. } if index.contains(&id) => (Span::Data { offset, len }, e),
+            Extent::Data { .. } => return Ok(None),
+        });
+        offset += len;
+    }
+    Ok(Some(out))
+}
+
+/// A worker: zero runs and FastCDC chunks, ids, dedup, compression of new blobs.
+pub(super) fn chunk_segment(
+    state: &RunState<'_>,
+    claimed: &Mutex<HashSet<ChunkId>>,
+    seg: &Segment,
+) -> Result<ChunkedSegment> {
+    let repo = state.repo;
+    let mut done = ChunkedSegment {
+        index: seg.index,
+        len: seg.len,
+        extents: Vec::new(),
+        reuse: seg.reuse,
+        blobs: Vec::new(),
+        figures: BackupFigures {
+            bytes_read: seg.read,
+            ..Default::default()
+        },
+        skipped: seg.skipped,
+    };
+    if seg.reuse.is_some() {
+        return Ok(done);
+    }
+    let Some(buf) = &seg.buf else {
+        done.figures.bytes_zero = seg.len as u64;
+        done.extents.push(Extent::Zero {
+            len: seg.len as u32,
+        });
+        return Ok(done);
+    };
+    let data = &buf[..seg.len];
+    let add = |span: Span, done: &mut ChunkedSegment| -> Result<()> {
+        let figures = &mut done.figures;
+        match span {
+            Span::Zero { len, .. } => {
+                figures.bytes_zero += len as u64;
+                done.extents.push(Extent::Zero { len: len as u32 });
+            }
+            Span::Data { offset, len } => {
+                let bytes = &data[offset..offset + len];
+                let id = repo.blob_id(bytes);
+                figures.chunks += 1;
+                done.extents.push(Extent::Data {
+                    id,
+                    len: len as u32,
+                });
+                // Never dedup against a pack prune marked: a later prune may delete it.
+                if !repo.dedup_hit(&id)?
+                    && !state.written(&id)
+                    && claimed
+                        .lock()
+                        .expect("no thread panics holding this lock")
+                        .insert(id)
+                {
+                    let blob = repo.encode_blob(id, BlobKind::Data, bytes)?;
+                    figures.new_chunks += 1;
+                    figures.new_raw += len as u64;
+                    done.blobs.push(blob);
+                }
+            }
+        }
+        Ok(())
+    };
+    match &seg.parts {
+        Some(parts) => {
+            for part in parts {
+                match part {
+                    Part::Kept(extent) => done.extents.push(*extent),
+                    Part::New(span) => add(*span, &mut done)?,
+                }
+            }
+        }
+        None => {
+            for span in split_segment(data, &state.params) {
+                add(span, &mut done)?;
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// The writer: stores new blobs, and turns segments, in order, into tree blobs.
+pub(super) fn write_segments(
+    state: &RunState<'_>,
+    claimed: &Mutex<HashSet<ChunkId>>,
+    task: usize,
+    chunked: &Receiver<Result<ChunkedSegment>>,
+    segments: u64,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<(Vec<ChunkId>, BackupFigures, u64)> {
+    let repo = state.repo;
+    let mut figures = BackupFigures::default();
+    let mut skipped = 0;
+    let mut trees = Vec::with_capacity(segments as usize);
+    let mut pending = BTreeMap::new();
+    let mut tree_ids = HashSet::new();
+    for seg in chunked.iter() {
+        let seg = seg?;
+        figures.new_stored += state.packer.add(&seg.blobs)?;
+        // Stored: the run's unindexed set knows them now, which keeps `claimed` as small as
+        // the segments in flight.
+        {
+            let mut claimed = claimed.lock().expect("no thread panics holding this lock");
+            for b in &seg.blobs {
+                claimed.remove(&b.header.id);
+            }
+        }
+        let f = &seg.figures;
+        figures.bytes_read += f.bytes_read;
+        figures.bytes_zero += f.bytes_zero;
+        figures.new_raw += f.new_raw;
+        figures.chunks += f.chunks;
+        figures.new_chunks += f.new_chunks;
+        skipped += seg.skipped;
+        progress.advance(task, seg.len as u64);
+        pending.insert(seg.index, (seg.reuse, seg.extents));
+        while let Some((reuse, extents)) = pending.remove(&(trees.len() as u64)) {
+            if let Some(tree) = reuse {
+                trees.push(tree);
+                continue;
+            }
+            let raw = encode_tree(&extents);
+            let id = repo.blob_id(&raw);
+            if !repo.dedup_hit(&id)? && !state.written(&id) && tree_ids.insert(id) {
+                let blob = repo.encode_blob(id, BlobKind::Tree, &raw)?;
+                figures.new_stored += state.packer.add(std::slice::from_ref(&blob))?;
+            }
+            trees.push(id);
+        }
+        if cancel.load(Ordering::Relaxed) {
+            break;
+        }
+    }
+    Ok((trees, figures, skipped))
+}
