@@ -72,7 +72,7 @@ pub struct Job {
     pub metrics_file: Option<PathBuf>,
     /// The sources, backed up one after the other.
     #[serde(rename = "source", default)]
-    pub sources: Vec<Source>,
+    pub sources: Vec<JobSource>,
     /// Retention, applied after the backups to the job's sources.
     pub retention: Option<Retention>,
     /// Repositories the new snapshots are copied to, after retention.
@@ -83,7 +83,7 @@ pub struct Job {
 /// One source of a job.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Source {
+pub struct JobSource {
     /// The snapshot's source name (`--source-name`): stable across nights.
     pub name: Name,
     /// What to read: a device, an image file or an NBD URI (often made by `pre`).

@@ -9,14 +9,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use sbk_store::ChunkId;
 
 /// A chunk's bytes, shared by the cache and its readers.
-pub type Bytes = Arc<Vec<u8>>;
+pub type SharedChunk = Arc<Vec<u8>>;
 
 /// The outcome of a load that waiters share.
-type Flight = Arc<(Mutex<Option<Result<Bytes, String>>>, Condvar)>;
+type Flight = Arc<(Mutex<Option<Result<SharedChunk, String>>>, Condvar)>;
 
 #[derive(Default)]
 struct Inner {
-    entries: HashMap<ChunkId, (Bytes, u64)>,
+    entries: HashMap<ChunkId, (SharedChunk, u64)>,
     /// Use order: tick → id; the first is the least recently used.
     order: BTreeMap<u64, ChunkId>,
     tick: u64,
@@ -54,7 +54,7 @@ impl ChunkCache {
         &self,
         id: &ChunkId,
         load: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, String>,
-    ) -> Result<Bytes, String> {
+    ) -> Result<SharedChunk, String> {
         let flight = {
             let mut g = self.inner.lock().expect("no thread panics holding this");
             let inner = &mut *g;
@@ -105,7 +105,7 @@ impl ChunkCache {
         result
     }
 
-    fn insert(&self, inner: &mut Inner, id: ChunkId, bytes: Bytes) {
+    fn insert(&self, inner: &mut Inner, id: ChunkId, bytes: SharedChunk) {
         // Counted by capacity: a recycled buffer may hold more memory than the chunk needs.
         let len = bytes.capacity() as u64;
         if len > self.capacity {
@@ -134,7 +134,7 @@ impl ChunkCache {
         }
     }
 
-    /// Bytes held, hits and misses so far.
+    /// SharedChunk held, hits and misses so far.
     pub fn figures(&self) -> (u64, u64, u64) {
         let g = self.inner.lock().expect("no thread panics holding this");
         (g.bytes, g.hits, g.misses)

@@ -19,8 +19,9 @@ use sbk_store::{encode_tree, BlobKind, ChunkId, Extent, Manifest, Origin, Reposi
 
 use crate::error::{EngineError, Result};
 use crate::packer::Packer;
-use crate::pool::{snapshot_trees, worker_pool};
-use crate::restore::windows;
+use crate::pool::worker_pool;
+use crate::snapshot::snapshot_trees;
+use crate::snapshot::windows;
 
 /// What copying one snapshot did.
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@ use std::ops::Range;
 use sbk_store::{Extent, Manifest, Repository, SnapshotId};
 
 use crate::error::Result;
-use crate::restore::load_extents;
+use crate::snapshot::load_extents;
 
 /// Where two snapshots differ.
 #[derive(Debug, Clone, PartialEq, Eq)]

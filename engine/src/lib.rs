@@ -21,6 +21,7 @@ mod repair;
 mod restore;
 mod retention;
 mod serve;
+mod snapshot;
 mod source;
 mod stats;
 mod sys;
@@ -42,9 +43,10 @@ pub use prune::{
     prune, used_blobs, PackAction, PackPlan, PackReason, PruneMode, PruneOptions, PruneReport,
 };
 pub use repair::{repair_index, RepairReport};
-pub use restore::{load_extents, restore, RestoreOptions, RestoreStats, RestoreTarget};
+pub use restore::{restore, RestoreOptions, RestoreStats, RestoreTarget};
 pub use retention::{apply as apply_retention, Candidate, Policy, Verdict};
 pub use serve::{OpenGuard, OpenHook, Shared as ServeShared, SnapshotCatalog, SnapshotExport};
+pub use snapshot::load_extents;
 pub use source::{dirty_ranges, Source, SourceKind, ALIGN, FAULT_EIO_ENV};
 pub use stats::{stats, RepoStats, SnapshotStats};
 pub use unlock::unlock;

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use sbk_nbd::proto::EIO;
-use sbk_nbd::server::{Bytes, Export, ExportError, ReadChunk};
+use sbk_nbd::server::{Export, ExportError, ReadBytes, ReadPart};
 use sbk_store::SnapshotId;
 
 use crate::sys;
@@ -307,7 +307,7 @@ impl Overlay {
     fn read_into(&self, base: &dyn Export, offset: u64, len: u32) -> Result<Vec<u8>, ExportError> {
         let mut buf = vec![0u8; len as usize];
         for c in base.read(offset, len)? {
-            if let ReadChunk::Data { offset: o, data } = c {
+            if let ReadPart::Data { offset: o, data } = c {
                 let data = data.as_slice();
                 let at = (o - offset) as usize;
                 buf[at..at + data.len()].copy_from_slice(data);
@@ -364,14 +364,14 @@ impl Export for OverlayExport {
         true
     }
 
-    fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, ExportError> {
+    fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadPart>, ExportError> {
         if !self.overlay.touches(offset, offset + u64::from(len)) {
             return self.base.read(offset, len);
         }
         let data = self.overlay.read_into(&*self.base, offset, len)?;
-        Ok(vec![ReadChunk::Data {
+        Ok(vec![ReadPart::Data {
             offset,
-            data: Bytes::Owned(data),
+            data: ReadBytes::Owned(data),
         }])
     }
 
@@ -450,13 +450,15 @@ mod tests {
         fn size(&self) -> u64 {
             self.0
         }
-        fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, ExportError> {
+        fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadPart>, ExportError> {
             if offset + u64::from(len) > self.0 {
                 return Err(ExportError::new(EINVAL, "past the end"));
             }
-            Ok(vec![ReadChunk::Data {
+            Ok(vec![ReadPart::Data {
                 offset,
-                data: Bytes::Owned((offset..offset + u64::from(len)).map(|i| i as u8).collect()),
+                data: ReadBytes::Owned(
+                    (offset..offset + u64::from(len)).map(|i| i as u8).collect(),
+                ),
             }])
         }
         fn block_status(&self, _: u64, len: u32) -> Result<Vec<(u32, u32)>, ExportError> {
@@ -468,11 +470,11 @@ mod tests {
         let mut out = vec![0u8; e.size() as usize];
         for c in e.read(0, e.size() as u32).unwrap() {
             match c {
-                ReadChunk::Data { offset, data } => {
+                ReadPart::Data { offset, data } => {
                     let data = data.as_slice();
                     out[offset as usize..offset as usize + data.len()].copy_from_slice(data)
                 }
-                ReadChunk::Hole { offset, len } => {
+                ReadPart::Hole { offset, len } => {
                     out[offset as usize..(offset + u64::from(len)) as usize].fill(0)
                 }
             }

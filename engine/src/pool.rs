@@ -1,7 +1,4 @@
-//! Helpers the pipelines share: their worker pool, and reading a snapshot's segment trees.
-
-use rayon::prelude::*;
-use sbk_store::{Extent, Manifest, Repository, StoreError};
+//! The worker pool the pipelines share.
 
 use crate::error::{EngineError, Result};
 
@@ -12,18 +9,4 @@ pub fn worker_pool(threads: usize, what: &'static str) -> Result<rayon::ThreadPo
         .thread_name(move |i| format!("sbk-{what}-{i}"))
         .build()
         .map_err(EngineError::from)
-}
-
-/// Reads and decodes segment trees `segments` of a snapshot, in parallel on the current pool,
-/// in segment order. Fails on the first tree that cannot be read.
-pub fn snapshot_trees(
-    repo: &Repository,
-    manifest: &Manifest,
-    segments: std::ops::Range<usize>,
-) -> Result<Vec<Vec<Extent>>, StoreError> {
-    manifest.trees[segments.clone()]
-        .par_iter()
-        .zip(segments)
-        .map(|(tree, i)| repo.load_tree(tree, manifest.segment_len(i)))
-        .collect()
 }

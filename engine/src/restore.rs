@@ -21,8 +21,9 @@ use sbk_store::{
 };
 
 use crate::error::{EngineError, Result};
-use crate::pool::{snapshot_trees, worker_pool};
+use crate::pool::worker_pool;
 use crate::progress::Progress;
+use crate::snapshot::{load_extents, windows};
 use crate::source::{align_down, align_up, ALIGN};
 use crate::sys;
 
@@ -65,36 +66,6 @@ pub struct RestoreStats {
 const BATCH_BYTES: u64 = 8 << 20;
 /// Blobs closer than this in a pack are read together, the gap read and skipped.
 const BATCH_GAP: u64 = 256 << 10;
-
-/// Segments restored at once: their extent lists and chunk map are all a restore holds in
-/// memory, whatever the snapshot's size: 16 GiB of image at 16 MiB segments, about 64 Ki
-/// extents, a few MiB. A chunk used in two windows is read twice. (Windows of 64 segments
-/// measured 10-15% slower restores: the workers idle at every window's end.)
-const WINDOW_SEGMENTS: usize = 1024;
-
-/// Loads the extent list of segments `segments` of a snapshot, with the offset of each extent.
-pub fn load_extents(
-    repo: &Repository,
-    manifest: &Manifest,
-    segments: std::ops::Range<usize>,
-) -> Result<Vec<(u64, Extent)>> {
-    let trees = snapshot_trees(repo, manifest, segments.clone())?;
-    let mut out = Vec::with_capacity(trees.iter().map(Vec::len).sum());
-    let mut offset = segments.start as u64 * manifest.segment_size;
-    for x in trees.into_iter().flatten() {
-        out.push((offset, x));
-        offset += u64::from(x.len());
-    }
-    Ok(out)
-}
-
-/// The snapshot's segments in windows of [`WINDOW_SEGMENTS`].
-pub(crate) fn windows(manifest: &Manifest) -> impl Iterator<Item = std::ops::Range<usize>> {
-    let n = manifest.trees.len();
-    (0..n)
-        .step_by(WINDOW_SEGMENTS)
-        .map(move |s| s..(s + WINDOW_SEGMENTS).min(n))
-}
 
 /// Restores snapshot `id` to `target`.
 pub fn restore(

@@ -13,14 +13,12 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use sbk_nbd::proto::{EIO, STATE_HOLE, STATE_ZERO};
-use sbk_nbd::server::{
-    Bytes as NbdBytes, Catalog, Export, ExportError, ExportInfo, Log, ReadChunk,
-};
+use sbk_nbd::server::{Catalog, Export, ExportError, ExportInfo, Log, ReadBytes, ReadPart};
 use sbk_store::{BlobKind, ChunkId, Extent, Manifest, Repository, SnapshotId, StoreError};
 
-use crate::chunk_cache::{Bytes, ChunkCache};
+use crate::chunk_cache::{ChunkCache, SharedChunk};
 use crate::overlay::{Overlay, OverlayExport};
-use crate::restore::load_extents;
+use crate::snapshot::load_extents;
 
 /// Segment trees an export keeps decoded (a tree of a 16 MiB segment is a few KiB).
 const TREES_KEPT: usize = 256;
@@ -76,7 +74,7 @@ impl Shared {
     }
 
     /// The verified bytes of chunk `id`.
-    fn chunk(&self, id: &ChunkId) -> Result<Bytes, String> {
+    fn chunk(&self, id: &ChunkId) -> Result<SharedChunk, String> {
         thread_local! {
             /// Room for stored bytes, reused by every load of this thread.
             static STORED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -255,18 +253,18 @@ impl Export for SnapshotExport {
         self.manifest.size
     }
 
-    fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, ExportError> {
+    fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadPart>, ExportError> {
         let end = offset + u64::from(len);
-        let mut out: Vec<ReadChunk> = Vec::new();
+        let mut out: Vec<ReadPart> = Vec::new();
         for (at, x) in self.extents(offset, end)? {
             let from = at.max(offset);
             let to = (at + u64::from(x.len())).min(end);
             match x {
                 Extent::Zero { .. } => match out.last_mut() {
-                    Some(ReadChunk::Hole { offset: o, len }) if *o + u64::from(*len) == from => {
+                    Some(ReadPart::Hole { offset: o, len }) if *o + u64::from(*len) == from => {
                         *len += (to - from) as u32;
                     }
-                    _ => out.push(ReadChunk::Hole {
+                    _ => out.push(ReadPart::Hole {
                         offset: from,
                         len: (to - from) as u32,
                     }),
@@ -274,9 +272,9 @@ impl Export for SnapshotExport {
                 Extent::Data { id, .. } => {
                     // Sent straight from the cached chunk: one reply chunk per piece, no copy.
                     let bytes = self.shared.chunk(&id).map_err(|e| self.failed(e))?;
-                    out.push(ReadChunk::Data {
+                    out.push(ReadPart::Data {
                         offset: from,
-                        data: NbdBytes::Shared(bytes, (from - at) as usize..(to - at) as usize),
+                        data: ReadBytes::Shared(bytes, (from - at) as usize..(to - at) as usize),
                     });
                 }
             }

@@ -7,8 +7,7 @@ use sbk_store::{
 };
 
 use crate::error::Result;
-use crate::pool::snapshot_trees;
-use crate::restore::windows;
+use crate::snapshot::{snapshot_trees, windows};
 
 /// Figures of one snapshot.
 #[derive(Debug, Clone)]

@@ -19,8 +19,10 @@
 //! storage refuses are `StorageDenied`, and a storage that cannot be reached or keeps failing
 //! after bounded retries (backoff, timeouts) is `StorageUnreachable`.
 
+mod staged;
 mod uploads;
 
+use staged::S3Staged;
 pub use uploads::{fuzz_uploads_listing, Upload};
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,12 +39,6 @@ use object_store::{
 };
 use sbk_store::backend::{ObjectInfo, Staged, Written};
 use sbk_store::{Backend, Kind, Result, StoreError};
-
-/// Packs up to this size are one PUT; larger ones a multipart upload in parts of this size.
-const PART: usize = 16 << 20;
-
-/// A pack being written grows its buffer by this much at a time.
-const GROW: usize = 8 << 20;
 
 /// Where a repository is on S3: bucket and key prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,7 +150,7 @@ impl Requests {
     }
 }
 
-struct Inner {
+pub(crate) struct Inner {
     store: AmazonS3,
     rt: tokio::runtime::Runtime,
     at: S3Location,
@@ -543,70 +539,6 @@ impl Backend for S3Backend {
         // The parts' sizes are not in the listing (a request per upload would tell): freed
         // bytes go uncounted.
         Ok(0)
-    }
-}
-
-/// A pack being written: kept in memory, then one conditional PUT, or a multipart upload for
-/// large packs (aborted if it fails).
-struct S3Staged {
-    inner: Arc<Inner>,
-    kind: Kind,
-    name: String,
-    buf: Vec<u8>,
-}
-
-impl Staged for S3Staged {
-    fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        // Grown 8 MiB at a time, not doubled: a pack sealed just past its nominal size would
-        // otherwise hold room for twice that until it is uploaded (and large reallocations move
-        // pages rather than copy them).
-        if self.buf.capacity() - self.buf.len() < bytes.len() {
-            self.buf.reserve_exact(bytes.len().max(GROW));
-        }
-        self.buf.extend_from_slice(bytes);
-        Ok(())
-    }
-
-    fn finish(self: Box<Self>) -> Result<()> {
-        let i = &self.inner;
-        let len = self.buf.len();
-        // The pack's buffer becomes the payload as it is; parts are slices of it, not copies.
-        let buf = Bytes::from(self.buf);
-        if len <= PART {
-            return match i.create(self.kind, &self.name, buf)? {
-                Written::Created => Ok(()),
-                Written::AlreadyThere => Err(StoreError::StorageUnreachable {
-                    location: i.at.to_string(),
-                    detail: format!("{} {} exists with other bytes", self.kind, self.name),
-                }),
-            };
-        }
-        let path = i.path(self.kind, &self.name);
-        Requests::add(&i.requests.multipart, 2 + len.div_ceil(PART) as u64);
-        let r: std::result::Result<(), object_store::Error> = i.rt.block_on(async {
-            let mut upload = i.store.put_multipart(&path).await?;
-            // The parts go up at once; the upload completes only when all of them have.
-            let parts: Vec<_> = (0..len)
-                .step_by(PART)
-                .map(|at| upload.put_part(PutPayload::from(buf.slice(at..(at + PART).min(len)))))
-                .collect();
-            if let Err(e) = futures_util::future::try_join_all(parts).await {
-                let _ = upload.abort().await;
-                return Err(e);
-            }
-            match upload.complete().await {
-                Ok(_) => Ok(()),
-                Err(e) => {
-                    let _ = upload.abort().await;
-                    Err(e)
-                }
-            }
-        });
-        r.map_err(|e| i.err(e, self.kind, &self.name))
-    }
-
-    fn len(&self) -> u64 {
-        self.buf.len() as u64
     }
 }
 

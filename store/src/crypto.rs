@@ -138,7 +138,7 @@ pub enum Crypto {
 
 /// What sealed bytes stand for, bound into their authentication tag.
 #[derive(Debug, Clone, Copy)]
-pub enum Context<'a> {
+pub enum SealedFor<'a> {
     /// A blob: its kind and id.
     Blob(BlobKind, &'a ChunkId),
     /// A pack trailer's entries: the pack.
@@ -147,20 +147,20 @@ pub enum Context<'a> {
     Object(crate::backend::Kind),
 }
 
-impl Context<'_> {
+impl SealedFor<'_> {
     fn aad(&self) -> Vec<u8> {
         let mut a = Vec::with_capacity(48);
         match self {
-            Context::Blob(kind, id) => {
+            SealedFor::Blob(kind, id) => {
                 a.extend_from_slice(b"sbk blob");
                 a.push(*kind as u8);
                 a.extend_from_slice(&id.0);
             }
-            Context::Trailer(pack) => {
+            SealedFor::Trailer(pack) => {
                 a.extend_from_slice(b"sbk trailer");
                 a.extend_from_slice(&pack.0);
             }
-            Context::Object(kind) => {
+            SealedFor::Object(kind) => {
                 a.extend_from_slice(b"sbk object ");
                 a.extend_from_slice(kind.dir().as_bytes());
             }
@@ -210,7 +210,7 @@ impl Crypto {
     }
 
     /// Seals `plain` for `ctx` (or copies it, unencrypted).
-    pub fn seal(&self, ctx: Context<'_>, plain: &[u8]) -> std::io::Result<Vec<u8>> {
+    pub fn seal(&self, ctx: SealedFor<'_>, plain: &[u8]) -> std::io::Result<Vec<u8>> {
         let salt: [u8; 24] = match self {
             Crypto::Plain => [0; 24],
             Crypto::Sealed { .. } => crate::id::random_bytes()?,
@@ -222,7 +222,7 @@ impl Crypto {
     /// under one master key).
     fn seal_with_salt(
         &self,
-        ctx: Context<'_>,
+        ctx: SealedFor<'_>,
         plain: &[u8],
         salt: [u8; 24],
     ) -> std::io::Result<Vec<u8>> {
@@ -236,7 +236,7 @@ impl Crypto {
     /// themselves when unencrypted): no allocation on the restore and verify paths.
     pub fn open_in_place<'a>(
         &self,
-        ctx: Context<'_>,
+        ctx: SealedFor<'_>,
         sealed: &'a mut [u8],
     ) -> Result<&'a [u8], DecodeError> {
         match self {
@@ -247,7 +247,7 @@ impl Crypto {
 
     /// Opens bytes sealed for `ctx`; anything changed, or sealed for something else, is
     /// [`DecodeError::AuthenticationFailed`].
-    pub fn open(&self, ctx: Context<'_>, sealed: &[u8]) -> Result<Vec<u8>, DecodeError> {
+    pub fn open(&self, ctx: SealedFor<'_>, sealed: &[u8]) -> Result<Vec<u8>, DecodeError> {
         let mut copy = sealed.to_vec();
         let n = self.open_in_place(ctx, &mut copy)?.len();
         let start = if self.is_sealed() { 24 } else { 0 };
@@ -274,19 +274,19 @@ mod tests {
         let c = crypto();
         let id = ChunkId([7; 32]);
         let s = c
-            .seal(Context::Blob(BlobKind::Data, &id), b"secret disk bytes")
+            .seal(SealedFor::Blob(BlobKind::Data, &id), b"secret disk bytes")
             .unwrap();
         assert_eq!(s.len(), 17 + SEAL_OVERHEAD);
         assert!(!s.windows(6).any(|w| w == b"secret"));
         assert_eq!(
-            c.open(Context::Blob(BlobKind::Data, &id), &s).unwrap(),
+            c.open(SealedFor::Blob(BlobKind::Data, &id), &s).unwrap(),
             b"secret disk bytes"
         );
         // Another id, another kind, another context: refused.
         for other in [
-            Context::Blob(BlobKind::Data, &ChunkId([8; 32])),
-            Context::Blob(BlobKind::Tree, &id),
-            Context::Object(Kind::Snapshot),
+            SealedFor::Blob(BlobKind::Data, &ChunkId([8; 32])),
+            SealedFor::Blob(BlobKind::Tree, &id),
+            SealedFor::Object(Kind::Snapshot),
         ] {
             assert_eq!(c.open(other, &s), Err(DecodeError::AuthenticationFailed));
         }
@@ -294,15 +294,15 @@ mod tests {
             let mut bad = s.clone();
             bad[i] ^= 1;
             assert!(
-                c.open(Context::Blob(BlobKind::Data, &id), &bad).is_err(),
+                c.open(SealedFor::Blob(BlobKind::Data, &id), &bad).is_err(),
                 "flip at {i}"
             );
         }
-        assert!(c.open(Context::Object(Kind::Index), &s[..10]).is_err());
+        assert!(c.open(SealedFor::Object(Kind::Index), &s[..10]).is_err());
         // Two seals of the same bytes differ (random nonces).
         assert_ne!(
             s,
-            c.seal(Context::Blob(BlobKind::Data, &id), b"secret disk bytes")
+            c.seal(SealedFor::Blob(BlobKind::Data, &id), b"secret disk bytes")
                 .unwrap()
         );
     }
@@ -313,7 +313,7 @@ mod tests {
         let c = crypto();
         let id = ChunkId([7; 32]);
         let s = c
-            .seal_with_salt(Context::Blob(BlobKind::Data, &id), b"sbk", [3; 24])
+            .seal_with_salt(SealedFor::Blob(BlobKind::Data, &id), b"sbk", [3; 24])
             .unwrap();
         assert_eq!(crate::id::to_hex(&s), VECTOR);
     }
@@ -324,8 +324,8 @@ mod tests {
     #[test]
     fn plain_is_the_identity() {
         let p = Crypto::Plain;
-        assert_eq!(p.seal(Context::Object(Kind::Index), b"x").unwrap(), b"x");
-        assert_eq!(p.open(Context::Object(Kind::Index), b"x").unwrap(), b"x");
+        assert_eq!(p.seal(SealedFor::Object(Kind::Index), b"x").unwrap(), b"x");
+        assert_eq!(p.open(SealedFor::Object(Kind::Index), b"x").unwrap(), b"x");
         assert_eq!(p.overhead(), 0);
     }
 }

@@ -108,11 +108,11 @@ fn fuzz_crypto() -> crate::crypto::Crypto {
 
 /// Sealed object: opened under a fixed key in every context (never a panic).
 pub fn sealed(data: &[u8]) {
-    use crate::crypto::Context;
+    use crate::crypto::SealedFor;
     let c = fuzz_crypto();
     let id = crate::id::ChunkId([1; 32]);
-    let _ = c.open(Context::Blob(crate::blob::BlobKind::Data, &id), data);
-    let _ = c.open(Context::Object(crate::backend::Kind::Snapshot), data);
+    let _ = c.open(SealedFor::Blob(crate::blob::BlobKind::Data, &id), data);
+    let _ = c.open(SealedFor::Object(crate::backend::Kind::Snapshot), data);
 }
 
 /// Key object: decodes, and re-encodes to its bytes when it decodes (the KDF is not run).

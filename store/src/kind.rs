@@ -24,6 +24,11 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// How messages name an object of this kind: its folder and its name (`packs/1f2e…`).
+    pub fn object_path(self, name: &str) -> std::path::PathBuf {
+        std::path::Path::new(self.dir()).join(name)
+    }
+
     /// The kind's folder (local) or key prefix (object storage).
     pub fn dir(self) -> &'static str {
         match self {

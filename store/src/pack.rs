@@ -5,14 +5,14 @@
 //! be rebuilt from the trailers alone; a pack whose trailer is lost can still be walked blob by
 //! blob from the header. Byte layout: docs/format.md, "pack".
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use std::sync::Arc;
 
 use crate::backend::{Backend, Kind, Staged};
 use crate::blob::{BlobHeader, BlobKind, Compression, EncodedBlob, BLOB_HEADER_LEN};
 use crate::codec::{invalid, Decoder, Encoder};
-use crate::crypto::{Context, Crypto};
+use crate::crypto::{Crypto, SealedFor};
 use crate::error::{DecodeError, Result, StoreError};
 use crate::id::{ChunkId, PackId};
 
@@ -98,7 +98,7 @@ pub fn encode_trailer(
         entry.encode(&mut plain);
     }
     let mut e = Encoder::default();
-    e.bytes(&crypto.seal(Context::Trailer(&pack), &plain.buf)?);
+    e.bytes(&crypto.seal(SealedFor::Trailer(&pack), &plain.buf)?);
     e.bytes(FOOTER_MAGIC)
         .u32(PACK_VERSION)
         .u32(entries.len() as u32)
@@ -167,7 +167,7 @@ pub fn decode_trailer(
             format!("{offset}, expected {entries_offset}"),
         ));
     }
-    let plain = crypto.open(Context::Trailer(&pack), &body[..footer_start])?;
+    let plain = crypto.open(SealedFor::Trailer(&pack), &body[..footer_start])?;
     let mut d = Decoder::new(&plain);
     let mut entries = Vec::with_capacity(count as usize);
     let mut next_free = PACK_HEADER_LEN;
@@ -193,13 +193,8 @@ pub fn decode_trailer(
     Ok(entries)
 }
 
-/// How messages name an object: its kind's folder and its name (`packs/1f2e…`).
-pub(crate) fn object_path(kind: Kind, name: &str) -> PathBuf {
-    Path::new(kind.dir()).join(name)
-}
-
 fn pack_label(pack: PackId) -> PathBuf {
-    object_path(Kind::Pack, &pack.to_hex())
+    Kind::Pack.object_path(&pack.to_hex())
 }
 
 /// Appends blobs to a new pack, then seals it durably.

@@ -9,7 +9,7 @@ use anyhow::Result;
 
 use super::Context;
 use crate::exit::{Exit, ExitWith};
-use crate::job::{Job, Password, Source};
+use crate::job::{Job, JobSource, Password};
 
 /// Run a job file: for each source, its `pre` hook (take the storage snapshot), its
 /// `changed_blocks` hook (print the list since the parent), the backup, and its `post` hook
@@ -199,7 +199,7 @@ fn secret_vars(job: &Job) -> Vec<String> {
 fn source(
     ctx: &Context,
     job: &Job,
-    s: &Source,
+    s: &JobSource,
     tokens: &Result<HashMap<String, String>, String>,
     scratch: &Path,
 ) -> Done {

@@ -27,9 +27,10 @@ use std::time::Instant;
 use sbk_store::{ChunkId, Extent, IndexId, Lock, PackId, Repository, StoreError};
 
 use crate::error::{EngineError, Result};
-use crate::pool::{snapshot_trees, worker_pool};
+use crate::pool::worker_pool;
 use crate::progress::Progress;
-use crate::restore::windows;
+use crate::snapshot::snapshot_trees;
+use crate::snapshot::windows;
 use execute::execute;
 use marks::sort_marks;
 use plan::{plan, IndexedPacks, PlanInputs};

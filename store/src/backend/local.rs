@@ -11,13 +11,13 @@
 //! can lose power): an object is written under a temporary name, fsynced, then given its name,
 //! then its directory is fsynced. A name therefore always holds a whole, durable object.
 
-use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{BufWriter, ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use super::handles::{handle_capacity, Handles};
 use super::{Backend, Kind, ObjectInfo, Staged, Written};
 use crate::error::{Result, StoreError};
 use crate::id::to_hex;
@@ -26,54 +26,6 @@ use crate::id::to_hex;
 pub struct LocalBackend {
     root: PathBuf,
     handles: Mutex<Handles>,
-}
-
-/// A bounded set of open pack handles, least recently used evicted first, so that reading a
-/// repository of any number of packs works under a low open-file limit.
-struct Handles {
-    open: HashMap<PathBuf, (Arc<File>, u64)>,
-    tick: u64,
-    capacity: usize,
-}
-
-impl Handles {
-    fn get(&mut self, path: &Path) -> Option<Arc<File>> {
-        self.tick += 1;
-        let tick = self.tick;
-        self.open.get_mut(path).map(|(f, t)| {
-            *t = tick;
-            f.clone()
-        })
-    }
-
-    fn put(&mut self, path: PathBuf, file: Arc<File>) {
-        if self.open.len() >= self.capacity {
-            if let Some(oldest) = self
-                .open
-                .iter()
-                .min_by_key(|(_, (_, t))| *t)
-                .map(|(p, _)| p.clone())
-            {
-                self.open.remove(&oldest);
-            }
-        }
-        self.tick += 1;
-        self.open.insert(path, (file, self.tick));
-    }
-}
-
-/// How many pack handles to keep open: a quarter of the soft open-file limit, so that sources,
-/// targets, cache files and the rest of the process always have room, between 2 and 128.
-fn handle_capacity() -> usize {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit struct, which `lim` is.
-    #[allow(unsafe_code)]
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
-    let soft = if ok { lim.rlim_cur } else { 1024 };
-    (soft / 4).clamp(2, 128) as usize
 }
 
 fn fsync_dir(dir: &Path) -> Result<()> {
@@ -96,11 +48,7 @@ impl LocalBackend {
     pub fn new(root: &Path) -> Self {
         LocalBackend {
             root: root.to_owned(),
-            handles: Mutex::new(Handles {
-                open: HashMap::new(),
-                tick: 0,
-                capacity: handle_capacity(),
-            }),
+            handles: Mutex::new(Handles::new(handle_capacity())),
         }
     }
 

@@ -9,6 +9,7 @@
 
 pub mod contract;
 mod fault;
+mod handles;
 mod local;
 mod mem;
 

@@ -490,7 +490,7 @@ pub(crate) fn read_index_file(
         }));
     }
     let plain = crypto
-        .open(crate::crypto::Context::Object(Kind::Index), &bytes)
+        .open(crate::crypto::SealedFor::Object(Kind::Index), &bytes)
         .map_err(corrupt)?;
     IndexFile::decode(&plain).map_err(corrupt)
 }

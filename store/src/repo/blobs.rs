@@ -7,7 +7,7 @@
 use crate::blob::{
     decode_blob_into, encode_blob, BlobHeader, BlobKind, EncodedBlob, BLOB_HEADER_LEN,
 };
-use crate::crypto::Context;
+use crate::crypto::SealedFor;
 use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, PackId};
 use crate::index::IndexEntry;
@@ -77,7 +77,7 @@ impl StoredBlob<'_> {
         let plain = self
             .repo
             .crypto
-            .open_in_place(Context::Blob(entry.kind, &entry.id), self.stored)
+            .open_in_place(SealedFor::Blob(entry.kind, &entry.id), self.stored)
             .map_err(|e| corrupt(e.to_string()))?;
         decode_blob_into(entry.compression, plain, out).map_err(|e| corrupt(e.to_string()))?;
         let got = self.repo.blob_id(out);
@@ -115,7 +115,7 @@ impl Repository {
         if self.crypto.is_sealed() {
             blob.data = self
                 .crypto
-                .seal(Context::Blob(kind, &id), &blob.data)
+                .seal(SealedFor::Blob(kind, &id), &blob.data)
                 .map_err(io)?;
             blob.header.stored_len = blob.data.len() as u32;
             blob.header.sealed = true;

@@ -4,13 +4,13 @@
 use std::collections::{BTreeSet, HashSet};
 
 use crate::backend::Kind;
-use crate::crypto::Context;
+use crate::crypto::SealedFor;
 use crate::error::{DecodeError, Result, StoreError};
 use crate::id::{random_bytes, to_hex, ChunkId, IndexId, PackId};
 use crate::index::file::IndexFile;
 use crate::index::{read_index_file, CacheLocation, Index, IndexEntry, IndexReport};
 use crate::marks::Marks;
-use crate::pack::{object_path, PackEntry};
+use crate::pack::PackEntry;
 
 use super::Repository;
 
@@ -126,7 +126,7 @@ impl Repository {
         for o in self.b()?.list(Kind::Marks)? {
             let marks = match self.b()?.read(Kind::Marks, &o.name) {
                 Ok(bytes) => Marks::decode(&bytes).map_err(|source| StoreError::Corrupt {
-                    path: object_path(Kind::Marks, &o.name),
+                    path: Kind::Marks.object_path(&o.name),
                     what: "marks object",
                     source,
                 }),
@@ -166,7 +166,7 @@ impl Repository {
         };
         let bytes = self
             .crypto
-            .seal(Context::Object(Kind::Index), &file.encode())
+            .seal(SealedFor::Object(Kind::Index), &file.encode())
             .map_err(|e| StoreError::io("index file", e))?;
         let id = IndexFile::id_of(&bytes);
         self.b()?.write_once(Kind::Index, &id.to_hex(), &bytes)?;

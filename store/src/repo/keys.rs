@@ -120,7 +120,7 @@ pub(super) fn unlock(
                 tried += 1;
                 let master = k.unwrap_with(password, &config.repo_id).map_err(|source| {
                     StoreError::Corrupt {
-                        path: crate::pack::object_path(Kind::Key, &o.name),
+                        path: Kind::Key.object_path(&o.name),
                         what: "key object",
                         source,
                     }
@@ -130,7 +130,7 @@ pub(super) fn unlock(
                 }
             }
             Err(source) => damaged.push(StoreError::Corrupt {
-                path: crate::pack::object_path(Kind::Key, &o.name),
+                path: Kind::Key.object_path(&o.name),
                 what: "key object",
                 source,
             }),

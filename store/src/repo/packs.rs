@@ -3,7 +3,7 @@
 use crate::backend::Kind;
 use crate::error::{DecodeError, Result, StoreError};
 use crate::id::PackId;
-use crate::pack::{object_path, read_trailer, PackEntry, PackWriter};
+use crate::pack::{read_trailer, PackEntry, PackWriter};
 
 use super::Repository;
 
@@ -55,10 +55,10 @@ fn pack_error(pack: PackId, e: StoreError) -> StoreError {
     match e {
         StoreError::ObjectMissing { .. } => StoreError::PackMissing {
             pack,
-            path: object_path(Kind::Pack, &pack.to_hex()),
+            path: Kind::Pack.object_path(&pack.to_hex()),
         },
         StoreError::ShortObject { needed, size, .. } => StoreError::Corrupt {
-            path: object_path(Kind::Pack, &pack.to_hex()),
+            path: Kind::Pack.object_path(&pack.to_hex()),
             what: "pack",
             source: DecodeError::Truncated {
                 needed: needed as usize,

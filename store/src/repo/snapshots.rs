@@ -1,11 +1,10 @@
 //! Snapshot manifests: written last, listed, loaded and checked against their ids.
 
 use crate::backend::Kind;
-use crate::crypto::Context;
+use crate::crypto::SealedFor;
 use crate::error::{DecodeError, Result, StoreError};
 use crate::id::SnapshotId;
 use crate::manifest::Manifest;
-use crate::pack::object_path;
 
 use super::Repository;
 
@@ -15,7 +14,7 @@ impl Repository {
     pub fn write_manifest(&self, manifest: &Manifest) -> Result<SnapshotId> {
         let bytes = self
             .crypto
-            .seal(Context::Object(Kind::Snapshot), &manifest.encode())
+            .seal(SealedFor::Object(Kind::Snapshot), &manifest.encode())
             .map_err(|e| StoreError::io("manifest", e))?;
         let id = SnapshotId(*blake3::hash(&bytes).as_bytes());
         self.b()?.write_once(Kind::Snapshot, &id.to_hex(), &bytes)?;
@@ -62,7 +61,7 @@ impl Repository {
         name: &str,
     ) -> Result<Manifest> {
         let corrupt = |source| StoreError::Corrupt {
-            path: object_path(kind, name),
+            path: kind.object_path(name),
             what: "snapshot manifest",
             source,
         };
@@ -76,7 +75,7 @@ impl Repository {
         }
         let plain = self
             .crypto
-            .open(Context::Object(Kind::Snapshot), bytes)
+            .open(SealedFor::Object(Kind::Snapshot), bytes)
             .map_err(corrupt)?;
         Manifest::decode(&plain).map_err(corrupt)
     }
