@@ -112,6 +112,7 @@ pub fn engine_exit(e: &EngineError) -> Exit {
         EngineError::Unsafe(_) => Exit::Damaged,
         EngineError::TargetExists { .. }
         | EngineError::ParentUnusable(_)
+        | EngineError::PolicyKeepsNone { .. }
         | EngineError::TargetTooSmall { .. }
         | EngineError::TargetUnusable { .. } => Exit::Refused,
         _ => Exit::Error,

@@ -55,6 +55,14 @@ pub enum EngineError {
     /// carrying the token the list starts from).
     #[error("cannot back up incrementally: {0}")]
     ParentUnusable(String),
+    /// A retention policy would keep no snapshot of a host and source.
+    #[error("the policy keeps no snapshot of host {host:?}, source {source_name:?}; to remove them all, name them")]
+    PolicyKeepsNone {
+        /// The host.
+        host: String,
+        /// The source.
+        source_name: String,
+    },
     /// The operator asked the process to stop (SIGINT, SIGTERM); nothing was left half-done.
     #[error("interrupted: stopped at the operator's request, before anything was left half-done")]
     Interrupted,

@@ -30,7 +30,9 @@ mod testkit;
 mod unlock;
 mod verify;
 
-pub use backup::{backup, chunker_params, BackupOptions, BackupOutcome, ChangedOptions};
+pub use backup::{
+    backup, chunker_params, default_host, BackupOptions, BackupOutcome, ChangedOptions,
+};
 pub use changed::{fuzz_changed_list, ChangedList, ListError};
 pub use chunk_cache::ChunkCache;
 pub use copy::{check_compatible, copy, CopyOutcome};
@@ -44,8 +46,13 @@ pub use prune::{
 };
 pub use repair::{repair_index, RepairReport};
 pub use restore::{restore, RestoreOptions, RestoreStats, RestoreTarget};
-pub use retention::{apply as apply_retention, Candidate, Policy, Verdict};
-pub use serve::{OpenGuard, OpenHook, Shared as ServeShared, SnapshotCatalog, SnapshotExport};
+pub use retention::{
+    apply as apply_retention, select_forget, Candidate, ForgetSelection, ForgetVerdict, Policy,
+    Verdict,
+};
+pub use serve::{
+    OpenGuard, OpenHook, ServePins, Shared as ServeShared, SnapshotCatalog, SnapshotExport,
+};
 pub use snapshot::load_extents;
 pub use source::{dirty_ranges, Source, SourceKind, ALIGN, FAULT_EIO_ENV};
 pub use stats::{stats, RepoStats, SnapshotStats};

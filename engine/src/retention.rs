@@ -8,7 +8,9 @@
 
 use std::collections::BTreeMap;
 
-use sbk_store::SnapshotId;
+use sbk_store::{Manifest, Repository, SnapshotId};
+
+use crate::error::{EngineError, Result};
 
 /// A retention policy; `None` rules are not applied.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -60,6 +62,91 @@ pub struct Verdict {
     pub group: (String, String),
     /// Why it is kept; empty when it is removed.
     pub reasons: Vec<String>,
+}
+
+/// What `forget` is asked to remove: snapshots named by the operator, or what a policy does not
+/// keep among the snapshots of `host` and `source` (all when `None`).
+#[derive(Debug, Clone, Default)]
+pub struct ForgetSelection {
+    /// Snapshots named (`latest`, ids or unique prefixes): each is removed, no policy applies.
+    pub named: Vec<String>,
+    /// The policy, when none is named.
+    pub policy: Policy,
+    /// Only snapshots of this host.
+    pub host: Option<String>,
+    /// Only snapshots of this source.
+    pub source: Option<String>,
+}
+
+/// One snapshot `forget` weighed.
+#[derive(Debug, Clone)]
+pub struct ForgetVerdict {
+    /// The snapshot.
+    pub id: SnapshotId,
+    /// Its manifest, when it could be read (for messages).
+    pub manifest: Option<Manifest>,
+    /// Why it is kept; empty when it is removed.
+    pub reasons: Vec<String>,
+}
+
+/// Which snapshots `selection` removes and which it keeps, and why. A policy that would keep no
+/// snapshot of some host and source is refused ([`EngineError::PolicyKeepsNone`]): removing
+/// every copy of a disk must be asked for by name.
+pub fn select_forget(repo: &Repository, selection: &ForgetSelection) -> Result<Vec<ForgetVerdict>> {
+    let all = repo.snapshots()?;
+    let manifest = |id: &SnapshotId| {
+        all.iter()
+            .find(|(i, _)| i == id)
+            .and_then(|(_, m)| m.as_ref().ok().cloned())
+    };
+    if !selection.named.is_empty() {
+        return selection
+            .named
+            .iter()
+            .map(|s| {
+                let id = repo.resolve_snapshot(s)?;
+                Ok(ForgetVerdict {
+                    id,
+                    manifest: manifest(&id),
+                    reasons: Vec::new(),
+                })
+            })
+            .collect();
+    }
+    let candidates: Vec<Candidate> = all
+        .iter()
+        .filter_map(|(id, m)| m.as_ref().ok().map(|m| (id, m)))
+        .filter(|(_, m)| {
+            selection.host.as_ref().is_none_or(|h| *h == m.host)
+                && selection.source.as_ref().is_none_or(|s| *s == m.source)
+        })
+        .map(|(id, m)| Candidate {
+            id: *id,
+            time_ns: m.time_ns,
+            host: m.host.clone(),
+            source: m.source.clone(),
+            tags: m.tags.clone(),
+        })
+        .collect();
+    let verdicts = apply(&selection.policy, &candidates);
+    let mut groups: BTreeMap<&(String, String), bool> = BTreeMap::new();
+    for v in &verdicts {
+        *groups.entry(&v.group).or_default() |= !v.reasons.is_empty();
+    }
+    if let Some(((host, source), _)) = groups.iter().find(|(_, kept)| !**kept) {
+        return Err(EngineError::PolicyKeepsNone {
+            host: host.clone(),
+            source_name: source.clone(),
+        });
+    }
+    Ok(verdicts
+        .into_iter()
+        .map(|v| ForgetVerdict {
+            manifest: manifest(&v.id),
+            id: v.id,
+            reasons: v.reasons,
+        })
+        .collect())
 }
 
 /// Civil date (year, month 1-12, day 1-31) of a day count since 1970-01-01 (proleptic Gregorian).

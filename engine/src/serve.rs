@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use sbk_nbd::proto::{EIO, STATE_HOLE, STATE_ZERO};
 use sbk_nbd::server::{Catalog, Export, ExportError, ExportInfo, Log, ReadBytes, ReadPart};
-use sbk_store::{BlobKind, ChunkId, Extent, Manifest, Repository, SnapshotId, StoreError};
+use sbk_store::{BlobKind, ChunkId, Extent, Lock, Manifest, Repository, SnapshotId, StoreError};
 
 use crate::chunk_cache::{ChunkCache, SharedChunk};
 use crate::overlay::{Overlay, OverlayExport};
@@ -433,5 +433,72 @@ impl Catalog for SnapshotCatalog {
             }
         };
         Ok((Arc::new(OverlayExport::new(export, overlay)), info))
+    }
+}
+
+/// The snapshots a server pins against prune under its lock, with how many connections have
+/// each open: the first connection to open a snapshot pins it, the last to close it unpins it.
+pub struct ServePins {
+    repo: Arc<Repository>,
+    lock: Lock,
+    open: Mutex<HashMap<SnapshotId, usize>>,
+    log: Log,
+}
+
+impl ServePins {
+    /// Pins under `lock` (a pin lock), logging what goes wrong to `log`.
+    pub fn new(repo: Arc<Repository>, lock: Lock, log: Log) -> Arc<Self> {
+        Arc::new(ServePins {
+            repo,
+            lock,
+            open: Mutex::new(HashMap::new()),
+            log,
+        })
+    }
+
+    /// The hook a [`SnapshotCatalog`] calls with each snapshot a connection opens.
+    pub fn hook(self: &Arc<Self>) -> OpenHook {
+        let pins = self.clone();
+        Box::new(move |id| pins.pin(id))
+    }
+
+    /// Pins `id` for one more connection (the first pins it in the repository).
+    fn pin(self: &Arc<Self>, id: &SnapshotId) -> Result<OpenGuard, String> {
+        let mut open = self.open.lock().expect("no thread panics holding this");
+        let n = open.get(id).copied().unwrap_or(0);
+        if n == 0 {
+            self.repo
+                .pin_snapshot(&self.lock, id)
+                .map_err(|e| format!("snapshot {id} cannot be pinned against prune: {e}"))?;
+        }
+        open.insert(*id, n + 1);
+        Ok(Box::new(PinGuard {
+            pins: self.clone(),
+            id: *id,
+        }))
+    }
+}
+
+/// One connection's hold on a pinned snapshot; the last one unpins it.
+struct PinGuard {
+    pins: Arc<ServePins>,
+    id: SnapshotId,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        let p = &self.pins;
+        let mut open = p.open.lock().expect("no thread panics holding this");
+        let n = open.get(&self.id).copied().unwrap_or(1) - 1;
+        if n > 0 {
+            open.insert(self.id, n);
+            return;
+        }
+        open.remove(&self.id);
+        if let Err(e) = p.repo.unpin_snapshot(&p.lock, &self.id) {
+            // Left behind, it only keeps data until the server stops (or a prune finds its
+            // lock gone).
+            (p.log)(&format!("snapshot {}: unpinning failed: {e}", self.id));
+        }
     }
 }

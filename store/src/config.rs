@@ -55,6 +55,16 @@ pub struct RepoConfig {
 }
 
 impl RepoConfig {
+    /// The repository id, as messages show it (32 hex digits).
+    pub fn id_hex(&self) -> String {
+        crate::id::to_hex(&self.repo_id)
+    }
+
+    /// Whether the repository is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.features_required & crate::crypto::FEATURE_ENCRYPTED != 0
+    }
+
     /// Encodes the config (layout in docs/format.md, "config").
     pub fn encode(&self) -> Vec<u8> {
         let mut e = Encoder::default();

@@ -205,7 +205,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     };
     let opts = BackupOptions {
         threads: ctx.threads,
-        host: args.host.unwrap_or_else(sbk_store::host_name),
+        host: args.host.unwrap_or_else(sbk_engine::default_host),
         tags: args.tags,
         source_name: args.source_name,
         cbt_token: args.cbt_token,

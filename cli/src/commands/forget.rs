@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Result;
-use sbk_engine::{Candidate, Policy};
+use sbk_engine::{ForgetSelection, ForgetVerdict, Policy};
 use sbk_store::LockKind;
 
 use super::snapshots::time;
@@ -79,63 +79,36 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         yearly: args.keep_yearly,
         tags: args.keep_tag.clone(),
     };
-    let all = repo.snapshots()?;
-    let describe =
-        |id: &sbk_store::SnapshotId| match all.iter().find(|(i, _)| i == id).map(|(_, m)| m) {
-            Some(Ok(m)) => format!(
-                "{} {} {} {}",
-                &id.to_hex()[..8],
-                time(m.time_ns),
-                m.host,
-                m.source
-            ),
-            _ => id.to_hex()[..8].to_owned(),
-        };
-    // (id, reasons to keep it: empty = remove)
-    let verdicts: Vec<(sbk_store::SnapshotId, Vec<String>)> = if !args.snapshots.is_empty() {
-        args.snapshots
-            .iter()
-            .map(|s| repo.resolve_snapshot(s).map(|id| (id, Vec::new())))
-            .collect::<Result<_, _>>()?
-    } else if policy.is_empty() {
+    if args.snapshots.is_empty() && policy.is_empty() {
         return Err(ExitWith(
             Exit::Usage,
             "name the snapshots to forget, or give a policy (--keep-last, --keep-daily, …)".into(),
         )
         .into());
-    } else {
-        let candidates: Vec<Candidate> = all
-            .iter()
-            .filter_map(|(id, m)| m.as_ref().ok().map(|m| (id, m)))
-            .filter(|(_, m)| {
-                args.host.as_ref().is_none_or(|h| *h == m.host)
-                    && args.source.as_ref().is_none_or(|s| *s == m.source)
-            })
-            .map(|(id, m)| Candidate {
-                id: *id,
-                time_ns: m.time_ns,
-                host: m.host.clone(),
-                source: m.source.clone(),
-                tags: m.tags.clone(),
-            })
-            .collect();
-        let verdicts = sbk_engine::apply_retention(&policy, &candidates);
-        let mut groups: std::collections::BTreeMap<_, bool> = std::collections::BTreeMap::new();
-        for v in &verdicts {
-            *groups.entry(v.group.clone()).or_default() |= !v.reasons.is_empty();
-        }
-        if let Some(((host, source), _)) = groups.iter().find(|(_, kept)| !**kept) {
-            return Err(ExitWith(
-                Exit::Refused,
-                format!("the policy keeps no snapshot of host {host:?}, source {source:?}; to remove them all, name them"),
-            )
-            .into());
-        }
-        verdicts.into_iter().map(|v| (v.id, v.reasons)).collect()
+    }
+    let verdicts = sbk_engine::select_forget(
+        &repo,
+        &ForgetSelection {
+            named: args.snapshots.clone(),
+            policy,
+            host: args.host.clone(),
+            source: args.source.clone(),
+        },
+    )?;
+    let describe = |v: &ForgetVerdict| match &v.manifest {
+        Some(m) => format!(
+            "{} {} {} {}",
+            &v.id.to_hex()[..8],
+            time(m.time_ns),
+            m.host,
+            m.source
+        ),
+        None => v.id.to_hex()[..8].to_owned(),
     };
     let mut json = Vec::new();
     let mut removed = 0;
-    for (id, reasons) in &verdicts {
+    for v in &verdicts {
+        let (id, reasons) = (&v.id, &v.reasons);
         if reasons.is_empty() {
             ctx.out.info(
                 &format!(
@@ -145,7 +118,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                     } else {
                         "remove"
                     },
-                    describe(id)
+                    describe(v)
                 ),
                 false,
             );
@@ -155,7 +128,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             removed += 1;
         } else {
             ctx.out.info(
-                &format!("keep   {}  ({})", describe(id), reasons.join(", ")),
+                &format!("keep   {}  ({})", describe(v), reasons.join(", ")),
                 false,
             );
         }

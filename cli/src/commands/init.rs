@@ -105,13 +105,13 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             chunker_from,
         },
     )?;
-    let encrypted = config.features_required & 1 != 0;
+    let encrypted = config.is_encrypted();
     ctx.out.info(
         &format!(
             "created {} sbk repository {} (id {}, format {}): chunks of {} on average, segments of {}, packs of {}, zstd level {}",
             if encrypted { "encrypted" } else { "unencrypted" },
             path.display(),
-            sbk_store::PackId(config.repo_id),
+            config.id_hex(),
             config.version,
             bytes(u64::from(config.chunk_avg)),
             bytes(config.segment_size),
@@ -123,7 +123,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     ctx.out.json(
         &serde_json::json!({
             "repository": path,
-            "id": sbk_store::PackId(config.repo_id).to_hex(),
+            "id": config.id_hex(),
             "format_version": config.version,
             "chunk_min": config.chunk_min,
             "chunk_avg": config.chunk_avg,

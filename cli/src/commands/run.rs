@@ -160,7 +160,7 @@ fn parent_tokens(job: &Job) -> Result<HashMap<String, String>, String> {
     let host = job
         .host
         .as_ref()
-        .map_or_else(sbk_store::host_name, |h| h.0.clone());
+        .map_or_else(sbk_engine::default_host, |h| h.0.clone());
     let out = sbk(job, &job.repository, &job.password())
         .map_err(|e| e.to_string())?
         .args(["snapshots", "--json"])

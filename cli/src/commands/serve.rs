@@ -1,16 +1,15 @@
 //! `sbk serve`: snapshots as NBD exports, for instant recovery.
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Result;
-use sbk_engine::{OpenGuard, ServeShared, SnapshotCatalog};
+use sbk_engine::{ServePins, ServeShared, SnapshotCatalog};
 use sbk_nbd::server::{Listener, Log, Server};
-use sbk_store::{Lock, LockKind, Repository, SnapshotId};
+use sbk_store::LockKind;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::Context;
@@ -110,18 +109,9 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     };
     let log: Log = Arc::new(|msg: &str| eprintln!("sbk serve: {msg}"));
     let repo = Arc::new(repo);
-    let pins = Arc::new(Pins {
-        repo: repo.clone(),
-        lock,
-        open: Mutex::new(HashMap::new()),
-        log: log.clone(),
-    });
+    let pins = ServePins::new(repo.clone(), lock, log.clone());
     let shared = ServeShared::new(repo, args.cache_size, 2, log.clone());
-    let mut catalog = SnapshotCatalog::new(
-        shared.clone(),
-        only.clone(),
-        Box::new(move |id| Pins::pin(&pins, id)),
-    );
+    let mut catalog = SnapshotCatalog::new(shared.clone(), only.clone(), pins.hook());
     if let Some(dir) = &args.overlay {
         catalog = catalog.with_overlays(dir.clone());
     }
@@ -172,54 +162,4 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         false,
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// The snapshots this server pins, with how many connections have each open.
-struct Pins {
-    repo: Arc<Repository>,
-    lock: Lock,
-    open: Mutex<HashMap<SnapshotId, usize>>,
-    log: Log,
-}
-
-impl Pins {
-    /// Pins `id` for one more connection (the first pins it in the repository).
-    fn pin(pins: &Arc<Pins>, id: &SnapshotId) -> Result<OpenGuard, String> {
-        let mut open = pins.open.lock().expect("no thread panics holding this");
-        let n = open.get(id).copied().unwrap_or(0);
-        if n == 0 {
-            pins.repo
-                .pin_snapshot(&pins.lock, id)
-                .map_err(|e| format!("snapshot {id} cannot be pinned against prune: {e}"))?;
-        }
-        open.insert(*id, n + 1);
-        Ok(Box::new(PinGuard {
-            pins: pins.clone(),
-            id: *id,
-        }))
-    }
-}
-
-/// One connection's hold on a pinned snapshot; the last one unpins it.
-struct PinGuard {
-    pins: Arc<Pins>,
-    id: SnapshotId,
-}
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        let p = &self.pins;
-        let mut open = p.open.lock().expect("no thread panics holding this");
-        let n = open.get(&self.id).copied().unwrap_or(1) - 1;
-        if n > 0 {
-            open.insert(self.id, n);
-            return;
-        }
-        open.remove(&self.id);
-        if let Err(e) = p.repo.unpin_snapshot(&p.lock, &self.id) {
-            // Left behind, it only keeps data until the server stops (or a prune finds its
-            // lock gone).
-            (p.log)(&format!("snapshot {}: unpinning failed: {e}", self.id));
-        }
-    }
 }

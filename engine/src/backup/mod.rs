@@ -83,6 +83,11 @@ pub struct BackupOutcome {
     pub fallback: Option<String>,
 }
 
+/// The host recorded in snapshots when none is given: this machine's host name.
+pub fn default_host() -> String {
+    sbk_store::host_name()
+}
+
 /// The chunker parameters a repository fixes, checked.
 pub fn chunker_params(repo: &Repository) -> Result<ChunkerParams> {
     let c = repo.config();

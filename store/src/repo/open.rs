@@ -155,7 +155,7 @@ impl Repository {
         password: &mut dyn FnMut() -> Result<String>,
     ) -> Result<Self> {
         let (config, bytes) = Self::read_config(backend.as_ref())?;
-        let encrypted = config.features_required & FEATURE_ENCRYPTED != 0;
+        let encrypted = config.is_encrypted();
         let keys = backend.list(Kind::Key)?;
         let (crypto, chunk_key, key_name) = if encrypted {
             let password = password()?;
