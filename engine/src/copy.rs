@@ -135,24 +135,10 @@ fn copy_one(
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        // (source id, destination id, read from the source, written to the destination)
-        let mapped: Vec<(ChunkId, ChunkId, bool, bool)> = distinct
+        let mapped = distinct
             .par_iter()
-            .map(|sid| -> Result<(ChunkId, ChunkId, bool, bool)> {
-                if same_ids && has(&packer, dst, sid)? {
-                    return Ok((*sid, *sid, false, false));
-                }
-                let raw = src.read_blob(sid, BlobKind::Data)?;
-                let did = dst.blob_id(&raw);
-                if has(&packer, dst, &did)? {
-                    return Ok((*sid, did, true, false));
-                }
-                // Compressed and sealed on the workers: that is the work of a copy.
-                let blob = dst.encode_blob(did, BlobKind::Data, &raw)?;
-                bytes.fetch_add(packer.add(&[blob])?, Ordering::Relaxed);
-                Ok((*sid, did, true, true))
-            })
-            .collect::<Result<_>>()?;
+            .map(|sid| copy_chunk(src, dst, &packer, &bytes, sid, same_ids))
+            .collect::<Result<Vec<_>>>()?;
         read += mapped.iter().filter(|m| m.2).count() as u64;
         fresh += mapped.iter().filter(|m| m.3).count() as u64;
         map.extend(mapped.into_iter().map(|(s, d, _, _)| (s, d)));
@@ -181,20 +167,7 @@ fn copy_one(
         parent: None,
         ..manifest
     };
-    // A storage token names the state a changed-block list starts from; an incremental in the
-    // destination may follow it only if the destination cuts chunks as the source did (else its
-    // check would find every reused tree "wrong"), so the token goes with a foreign cut.
-    let c = (src.config(), dst.config());
-    let same_cuts = same_ids
-        && c.0.chunk_seed == c.1.chunk_seed
-        && (c.0.chunk_min, c.0.chunk_avg, c.0.chunk_max, c.0.zero_min)
-            == (c.1.chunk_min, c.1.chunk_avg, c.1.chunk_max, c.1.zero_min);
-    if !same_cuts {
-        if let Some(Ok(mut cb)) = copy.changed_blocks() {
-            cb.token = None;
-            copy.set_changed_blocks(&cb);
-        }
-    }
+    drop_foreign_token(src, dst, same_ids, &mut copy);
     copy.set_origin(&Origin {
         repo_id: src.config().repo_id,
         snapshot: *id,
@@ -208,6 +181,48 @@ fn copy_one(
         chunks_written: fresh,
         bytes_written: bytes.into_inner(),
     })
+}
+
+/// One chunk of a snapshot, into the destination: (source id, destination id, read from the
+/// source, written to the destination). A destination that names chunks as the source does
+/// and has it already is not even read.
+fn copy_chunk(
+    src: &Repository,
+    dst: &Repository,
+    packer: &Packer<'_>,
+    bytes: &AtomicU64,
+    sid: &ChunkId,
+    same_ids: bool,
+) -> Result<(ChunkId, ChunkId, bool, bool)> {
+    if same_ids && has(packer, dst, sid)? {
+        return Ok((*sid, *sid, false, false));
+    }
+    let raw = src.read_blob(sid, BlobKind::Data)?;
+    let did = dst.blob_id(&raw);
+    if has(packer, dst, &did)? {
+        return Ok((*sid, did, true, false));
+    }
+    // Compressed and sealed on the workers: that is the work of a copy.
+    let blob = dst.encode_blob(did, BlobKind::Data, &raw)?;
+    bytes.fetch_add(packer.add(&[blob])?, Ordering::Relaxed);
+    Ok((*sid, did, true, true))
+}
+
+/// A storage token names the state a changed-block list starts from; an incremental in the
+/// destination may follow it only if the destination cuts chunks as the source did (else its
+/// check would find every reused tree "wrong"), so the token goes with a foreign cut.
+fn drop_foreign_token(src: &Repository, dst: &Repository, same_ids: bool, copy: &mut Manifest) {
+    let c = (src.config(), dst.config());
+    let same_cuts = same_ids
+        && c.0.chunk_seed == c.1.chunk_seed
+        && (c.0.chunk_min, c.0.chunk_avg, c.0.chunk_max, c.0.zero_min)
+            == (c.1.chunk_min, c.1.chunk_avg, c.1.chunk_max, c.1.zero_min);
+    if !same_cuts {
+        if let Some(Ok(mut cb)) = copy.changed_blocks() {
+            cb.token = None;
+            copy.set_changed_blocks(&cb);
+        }
+    }
 }
 
 /// Fails when `dst` cannot take copies of `src`'s snapshots as they are cut (another segment

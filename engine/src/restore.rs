@@ -124,6 +124,9 @@ struct Output {
 }
 
 impl Output {
+    /// Opens the target. Long (about 90 lines): every refusal (a directory, an existing file
+    /// without `--force`, a device too small) comes before anything is created, in the order an
+    /// operator reads them.
     fn open(path: &Path, size: u64, force: bool) -> Result<Self> {
         let target_err = |source| EngineError::Target {
             path: path.to_owned(),

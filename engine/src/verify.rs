@@ -114,11 +114,58 @@ fn verify_in_pool(
     opts: &VerifyOptions,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
-    let mut report = VerifyReport::default();
     let mut problems = Vec::new();
-    let wanted: HashSet<SnapshotId> = opts.snapshots.iter().copied().collect();
+    let refs = references(repo, &opts.snapshots, &mut problems)?;
+    let by_pack = index_by_pack(repo, &refs, &mut problems)?;
+    let mut report = VerifyReport {
+        snapshots: refs.snapshots.len(),
+        ..VerifyReport::default()
+    };
 
-    // Manifests and trees: what each snapshot refers to.
+    // Packs: trailer against headers and index.
+    let packs = repo.list_packs()?;
+    report.packs = packs.len();
+    let on_disk: HashSet<PackId> = packs.iter().map(|(id, _)| *id).collect();
+    report.packs_unindexed = packs
+        .iter()
+        .filter(|(id, _)| !by_pack.contains_key(id))
+        .count();
+    for (pack, entries) in &by_pack {
+        // A marked pack may go at any time (a prune beside us), its used blobs elsewhere.
+        if !on_disk.contains(pack) && !repo.is_marked(pack) {
+            problems.push(missing_pack(pack, entries, &refs));
+        }
+    }
+    progress.start(0, "packs", packs.len() as u64);
+    let selected = select(&packs, opts.read_data);
+    let checked: Vec<(Vec<Problem>, u64, u64)> = packs
+        .par_iter()
+        .map(|(pack, _)| {
+            let indexed = by_pack.get(pack).map(Vec::as_slice).unwrap_or(&[]);
+            let r = check_pack(repo, *pack, indexed, selected.contains(pack), &refs);
+            progress.advance(0, 1);
+            r
+        })
+        .collect();
+    progress.finish(0);
+    for (p, bytes, blobs) in checked {
+        problems.extend(p);
+        report.bytes_read += bytes;
+        report.blobs_read += blobs;
+    }
+    problems.extend(lost_during_check(repo, &by_pack, &refs)?);
+    report.packs_read = selected.len();
+    report.problems = problems;
+    Ok(report)
+}
+
+/// What the snapshots (those of `wanted`, or all) refer to, from their manifests and trees;
+/// what cannot be read is a problem.
+fn references(
+    repo: &Repository,
+    wanted: &[SnapshotId],
+    problems: &mut Vec<Problem>,
+) -> Result<References> {
     let mut refs = References {
         snapshots: Vec::new(),
         by_blob: HashMap::new(),
@@ -172,10 +219,16 @@ fn verify_in_pool(
             }
         }
     }
-    report.snapshots = refs.snapshots.len();
+    Ok(refs)
+}
 
-    // The index, by pack, from the index files themselves (the repository's truth, not the
-    // local cache).
+/// The index, by pack, from the index files themselves (the repository's truth, not the local
+/// cache); a damaged index file, and a referenced blob no index file names, are problems.
+fn index_by_pack(
+    repo: &Repository,
+    refs: &References,
+    problems: &mut Vec<Problem>,
+) -> Result<HashMap<PackId, Vec<PackEntry>>> {
     let mut by_pack: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
     for (f, file) in read_index_files(repo)? {
         match file {
@@ -203,60 +256,35 @@ fn verify_in_pool(
             snapshots: refs.affected([id]),
         });
     }
+    Ok(by_pack)
+}
 
-    // Packs: trailer against headers and index.
-    let packs = repo.list_packs()?;
-    report.packs = packs.len();
-    let on_disk: HashSet<PackId> = packs.iter().map(|(id, _)| *id).collect();
-    let unindexed = packs
-        .iter()
-        .filter(|(id, _)| !by_pack.contains_key(id))
-        .count();
-    report.packs_unindexed = unindexed;
-    for (pack, entries) in &by_pack {
-        // A marked pack may go at any time (a prune beside us), its used blobs elsewhere.
-        if !on_disk.contains(pack) && !repo.is_marked(pack) {
-            problems.push(missing_pack(pack, entries, &refs));
-        }
-    }
-    progress.start(0, "packs", packs.len() as u64);
-    let selected = select(&packs, opts.read_data);
-    let checked: Vec<(Vec<Problem>, u64, u64)> = packs
-        .par_iter()
-        .map(|(pack, _)| {
-            let indexed = by_pack.get(pack).map(Vec::as_slice).unwrap_or(&[]);
-            let r = check_pack(repo, *pack, indexed, selected.contains(pack), &refs);
-            progress.advance(0, 1);
-            r
-        })
-        .collect();
-    progress.finish(0);
-    for (p, bytes, blobs) in checked {
-        problems.extend(p);
-        report.bytes_read += bytes;
-        report.blobs_read += blobs;
-    }
-    // A marked pack that went during the check was deleted by a prune, which first names its
-    // used blobs elsewhere and drops it from the index files. One that is gone but still named
-    // is lost, not pruned.
+/// Marked packs that went during the check: deleted by a prune, which first names their used
+/// blobs elsewhere and drops them from the index files. One that is gone but still named is
+/// lost, not pruned.
+fn lost_during_check(
+    repo: &Repository,
+    by_pack: &HashMap<PackId, Vec<PackEntry>>,
+    refs: &References,
+) -> Result<Vec<Problem>> {
     let now: HashSet<PackId> = repo.list_packs()?.into_iter().map(|(id, _)| id).collect();
     let gone: Vec<&PackId> = by_pack
         .keys()
         .filter(|p| repo.is_marked(p) && !now.contains(p))
         .collect();
-    if !gone.is_empty() {
-        let named: HashSet<PackId> = read_index_files(repo)?
-            .into_iter()
-            .filter_map(|(_, f)| f.ok())
-            .flat_map(|f| f.packs.into_iter().map(|(p, _)| p))
-            .collect();
-        for pack in gone.into_iter().filter(|p| named.contains(p)) {
-            problems.push(missing_pack(pack, &by_pack[pack], &refs));
-        }
+    if gone.is_empty() {
+        return Ok(Vec::new());
     }
-    report.packs_read = selected.len();
-    report.problems = problems;
-    Ok(report)
+    let named: HashSet<PackId> = read_index_files(repo)?
+        .into_iter()
+        .filter_map(|(_, f)| f.ok())
+        .flat_map(|f| f.packs.into_iter().map(|(p, _)| p))
+        .collect();
+    Ok(gone
+        .into_iter()
+        .filter(|p| named.contains(p))
+        .map(|pack| missing_pack(pack, &by_pack[pack], refs))
+        .collect())
 }
 
 /// The problem of a pack the index names that is not there.

@@ -135,8 +135,9 @@ fn describe(o: &BackupOutcome) -> (String, serde_json::Value) {
     (line, json)
 }
 
-/// Runs `sbk backup`.
-pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
+/// Checks the arguments and reads the changed-block list, before anything else: a bad one
+/// changes nothing.
+fn check_args(args: &Args) -> Result<Option<sbk_engine::ChangedList>> {
     // A source recorded by its path needs a path that is a usable name.
     if args.source_name.is_none() {
         for s in &args.sources {
@@ -159,8 +160,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             "--changed-blocks, --dirty-bitmap and --source-name take exactly one SOURCE".into()
         ));
     }
-    // The list is read (and checked) before anything else: a malformed one changes nothing.
-    let list = match &args.changed_blocks {
+    Ok(match &args.changed_blocks {
         None => None,
         Some(file) => {
             let bytes = if file.as_os_str() == "-" {
@@ -184,7 +184,38 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                 crate::exit::ExitWith(Exit::Usage, format!("{}: {e}", file.display()))
             })?)
         }
+    })
+}
+
+/// Says which sources failed; the exit code: the failure's own when every source failed (the
+/// worst of them), partial when some succeeded.
+fn report_failures(failures: &[(PathBuf, EngineError)], sources: usize) -> Exit {
+    let ok = sources - failures.len();
+    let code = match failures.len() {
+        0 => Exit::Ok,
+        1 if ok == 0 => engine_exit(&failures[0].1),
+        _ if ok == 0 => failures
+            .iter()
+            .map(|(_, e)| engine_exit(e))
+            .max_by_key(|c| *c as u8)
+            .unwrap_or(Exit::Error),
+        _ => Exit::Partial,
     };
+    for (path, e) in failures {
+        eprintln!("sbk: error: backup of {} failed: {e}", path.display());
+    }
+    if !failures.is_empty() && ok > 0 {
+        eprintln!(
+            "sbk: {ok} of {} sources backed up; no snapshot was written for the failed ones",
+            sources
+        );
+    }
+    code
+}
+
+/// Runs `sbk backup`.
+pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
+    let list = check_args(&args)?;
     let list = match &args.dirty_bitmap {
         Some(name) => dirty_list(ctx, &args.sources[0], name, args.full_on_bad_bitmap)?,
         None => list,
@@ -235,27 +266,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     if let Some(file) = &args.metrics_file {
         write_metrics(file, &opts, &args.sources, &outcomes)?;
     }
-    let ok = args.sources.len() - failures.len();
-    let code = match failures.len() {
-        0 => Exit::Ok,
-        1 if ok == 0 => engine_exit(&failures[0].1),
-        _ if ok == 0 => failures
-            .iter()
-            .map(|(_, e)| engine_exit(e))
-            .max_by_key(|c| *c as u8)
-            .unwrap_or(Exit::Error),
-        _ => Exit::Partial,
-    };
-    for (path, e) in &failures {
-        eprintln!("sbk: error: backup of {} failed: {e}", path.display());
-    }
-    if !failures.is_empty() && ok > 0 {
-        eprintln!(
-            "sbk: {ok} of {} sources backed up; no snapshot was written for the failed ones",
-            args.sources.len()
-        );
-    }
-    Ok(code.into())
+    Ok(report_failures(&failures, args.sources.len()).into())
 }
 
 /// The changed-block list of QEMU dirty bitmap `name` of NBD source `source`; `None` (a full
@@ -288,7 +299,8 @@ fn dirty_list(
     }
 }
 
-/// Writes the run's metrics to `file` (see `--metrics-file`).
+/// Writes the run's metrics to `file` (see `--metrics-file`). Long (about 100 lines): a flat list
+/// of gauges, each with the help text Prometheus shows.
 fn write_metrics(
     file: &std::path::Path,
     opts: &BackupOptions,

@@ -67,7 +67,8 @@ pub struct Args {
     grace: std::time::Duration,
 }
 
-/// Runs `sbk forget`.
+/// Runs `sbk forget`. Long (about 100 lines), as the command reads: select, print each verdict,
+/// remove, then prune when asked.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let (repo, lock) = ctx.open_locked(LockKind::Shared, "forget", false)?;
     let policy = Policy {

@@ -96,6 +96,42 @@ pub fn prune_repo(ctx: &Context, repo: &sbk_store::Repository, args: &Args) -> R
         },
         &ctx.out.progress(),
     )?;
+    let line = summary(&report, args);
+    ctx.out.info(&line, false);
+    for n in &report.notices {
+        ctx.out.notice(n);
+    }
+    // A dry run shows the plan, pack by pack: PACK ACTION REASON BYTES.
+    let plan: Vec<serde_json::Value> = if args.dry_run {
+        report
+            .plan
+            .iter()
+            .map(|p| {
+                ctx.out.info(
+                    &format!("{} {} {} {}", p.pack, p.action, p.reason, p.bytes),
+                    false,
+                );
+                serde_json::json!({
+                    "pack": p.pack.to_string(),
+                    "action": p.action.to_string(),
+                    "reason": p.reason.to_string(),
+                    "bytes": p.bytes,
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut json = report_json(&report, args);
+    if args.dry_run {
+        json["plan"] = serde_json::Value::Array(plan);
+    }
+    ctx.out.json(&json, false);
+    Ok(report)
+}
+
+/// The summary line of a prune (or of what a dry run would do).
+fn summary(report: &PruneReport, args: &Args) -> String {
     let (now, later) = if args.dry_run {
         ("would remove", "would mark")
     } else {
@@ -130,32 +166,12 @@ pub fn prune_repo(ctx: &Context, repo: &sbk_store::Repository, args: &Args) -> R
             line += &format!("; {} earlier marks wait ({why})", report.marks_waiting);
         }
     }
-    ctx.out.info(&line, false);
-    for n in &report.notices {
-        ctx.out.notice(n);
-    }
-    // A dry run shows the plan, pack by pack: PACK ACTION REASON BYTES.
-    let plan: Vec<serde_json::Value> = if args.dry_run {
-        report
-            .plan
-            .iter()
-            .map(|p| {
-                ctx.out.info(
-                    &format!("{} {} {} {}", p.pack, p.action, p.reason, p.bytes),
-                    false,
-                );
-                serde_json::json!({
-                    "pack": p.pack.to_string(),
-                    "action": p.action.to_string(),
-                    "reason": p.reason.to_string(),
-                    "bytes": p.bytes,
-                })
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let mut json = serde_json::json!({
+    line
+}
+
+/// The `--json` report of a prune.
+fn report_json(report: &PruneReport, args: &Args) -> serde_json::Value {
+    serde_json::json!({
             "dry_run": args.dry_run,
             "exclusive": args.exclusive,
             "packs_marked": report.packs_marked,
@@ -177,12 +193,7 @@ pub fn prune_repo(ctx: &Context, repo: &sbk_store::Repository, args: &Args) -> R
             "bytes_reclaimed": report.bytes_reclaimed,
             "bytes_before": report.bytes_before,
             "duration_ms": report.duration_ms,
-    });
-    if args.dry_run {
-        json["plan"] = serde_json::Value::Array(plan);
-    }
-    ctx.out.json(&json, false);
-    Ok(report)
+    })
 }
 
 /// Runs `sbk prune`.

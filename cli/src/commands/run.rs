@@ -284,43 +284,163 @@ fn source(
     }
 }
 
+/// What a dry run prints: each source with its hooks, then retention and copies.
+fn print_plan(ctx: &Context, job: &Job) {
+    for s in &job.sources {
+        ctx.out.info(
+            &format!(
+                "source {}: {}{}{}{}",
+                s.name.0,
+                s.path,
+                s.pre
+                    .as_ref()
+                    .map_or(String::new(), |h| format!(", pre: {h}")),
+                s.changed_blocks
+                    .as_ref()
+                    .map_or(String::new(), |h| format!(", changed blocks: {h}")),
+                s.post
+                    .as_ref()
+                    .map_or(String::new(), |h| format!(", post: {h}")),
+            ),
+            false,
+        );
+    }
+    if let Some(r) = &job.retention {
+        ctx.out.info(
+            &format!(
+                "then: sbk forget {}{}",
+                r.args().join(" "),
+                if r.prune { " --prune" } else { "" }
+            ),
+            false,
+        );
+    }
+    for c in &job.copies {
+        ctx.out
+            .info(&format!("then: sbk copy to {}", c.repository), false);
+    }
+}
+
+/// The job's retention, source by source (`sbk forget`, and `--prune` when asked); true when
+/// every run succeeded.
+fn retention(job: &Job) -> Result<bool> {
+    let mut ok = true;
+    let Some(r) = &job.retention else {
+        return Ok(ok);
+    };
+    for s in &job.sources {
+        let mut c = sbk(job, &job.repository, &job.password())?;
+        c.arg("forget").args(r.args()).args(["--source", &s.name.0]);
+        if let Some(h) = &job.host {
+            c.args(["--host", &h.0]);
+        }
+        if r.prune {
+            c.arg("--prune");
+        }
+        let st = c.stdout(Stdio::null()).status()?;
+        if !st.success() {
+            eprintln!("sbk: error: retention of {} failed ({st})", s.name.0);
+            ok = false;
+        }
+    }
+    Ok(ok)
+}
+
+/// The job's copies of the snapshots `done` wrote (`sbk copy`); true when every copy succeeded.
+fn copies(job: &Job, done: &[Done]) -> Result<bool> {
+    let mut ok = true;
+    for target in &job.copies {
+        let mut c = sbk(job, &target.repository, &target.password())?;
+        password_env(
+            &mut c,
+            &job.password(),
+            "SBK_FROM_PASSWORD",
+            "--from-password-file",
+            "--from-password-command",
+        )?;
+        c.args(["copy", "--from-repo", &job.repository]);
+        for d in done.iter().filter(|d| d.error.is_none()) {
+            if let Some(s) = &d.snapshot {
+                c.arg(s);
+            }
+        }
+        let st = c.stdout(Stdio::null()).status()?;
+        if !st.success() {
+            eprintln!("sbk: error: copy to {} failed ({st})", target.repository);
+            ok = false;
+        }
+    }
+    Ok(ok)
+}
+
+/// The job's metrics file: each source's success, the job's errors, duration and the success of
+/// what came after.
+fn write_job_metrics(
+    file: &std::path::Path,
+    job_file: &std::path::Path,
+    done: &[Done],
+    started: Instant,
+    after_ok: bool,
+) -> Result<()> {
+    use crate::metrics::{labels, now, Metrics};
+    let jobname = job_file
+        .file_stem()
+        .map_or("job".into(), |s| s.to_string_lossy().into_owned());
+    let mut m = Metrics::default();
+    let mut all = Vec::new();
+    for d in done {
+        let l = labels(&[("job", &jobname), ("source", &d.name)]);
+        all.push(l.clone());
+        m.gauge(
+            "sbk_job_source_success",
+            "1 when the source's last run succeeded (hooks and backup), else 0.",
+            &l,
+            f64::from(u8::from(d.error.is_none())),
+        );
+        if d.error.is_none() {
+            m.gauge(
+                "sbk_job_source_last_success_timestamp_seconds",
+                "When the source last succeeded (Unix time).",
+                &l,
+                now(),
+            );
+        }
+    }
+    let lj = labels(&[("job", &jobname)]);
+    m.gauge(
+        "sbk_job_errors",
+        "Sources that failed in the last run of the job (a hook or the backup).",
+        &lj,
+        done.iter().filter(|d| d.error.is_some()).count() as f64,
+    );
+    m.gauge(
+        "sbk_job_duration_seconds",
+        "Wall time of the last run of the job.",
+        &lj,
+        started.elapsed().as_secs_f64(),
+    );
+    m.gauge(
+        "sbk_job_after_success",
+        "1 when retention and copies of the last run succeeded.",
+        &lj,
+        f64::from(u8::from(after_ok)),
+    );
+    m.carry_over(
+        file,
+        "sbk_job_source_last_success_timestamp_seconds",
+        "When the source last succeeded (Unix time).",
+        &all,
+    );
+    m.write(file)
+        .map_err(|e| anyhow::anyhow!("{}: cannot write the metrics file: {e}", file.display()))?;
+    Ok(())
+}
+
 /// Runs `sbk run`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let job = crate::job::load(&args.job).map_err(|e| ExitWith(Exit::Usage, e))?;
     if args.dry_run {
-        for s in &job.sources {
-            ctx.out.info(
-                &format!(
-                    "source {}: {}{}{}{}",
-                    s.name.0,
-                    s.path,
-                    s.pre
-                        .as_ref()
-                        .map_or(String::new(), |h| format!(", pre: {h}")),
-                    s.changed_blocks
-                        .as_ref()
-                        .map_or(String::new(), |h| format!(", changed blocks: {h}")),
-                    s.post
-                        .as_ref()
-                        .map_or(String::new(), |h| format!(", post: {h}")),
-                ),
-                false,
-            );
-        }
-        if let Some(r) = &job.retention {
-            ctx.out.info(
-                &format!(
-                    "then: sbk forget {}{}",
-                    r.args().join(" "),
-                    if r.prune { " --prune" } else { "" }
-                ),
-                false,
-            );
-        }
-        for c in &job.copies {
-            ctx.out
-                .info(&format!("then: sbk copy to {}", c.repository), false);
-        }
+        print_plan(ctx, &job);
         return Ok(ExitCode::SUCCESS);
     }
     let started = Instant::now();
@@ -350,98 +470,12 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         }
     }
     let mut after_ok = !stopped;
-    if let Some(r) = job.retention.as_ref().filter(|_| !stopped) {
-        for s in &job.sources {
-            let mut c = sbk(&job, &job.repository, &job.password())?;
-            c.arg("forget").args(r.args()).args(["--source", &s.name.0]);
-            if let Some(h) = &job.host {
-                c.args(["--host", &h.0]);
-            }
-            if r.prune {
-                c.arg("--prune");
-            }
-            let st = c.stdout(Stdio::null()).status()?;
-            if !st.success() {
-                eprintln!("sbk: error: retention of {} failed ({st})", s.name.0);
-                after_ok = false;
-            }
-        }
-    }
-    for target in job.copies.iter().filter(|_| !stopped) {
-        let mut c = sbk(&job, &target.repository, &target.password())?;
-        password_env(
-            &mut c,
-            &job.password(),
-            "SBK_FROM_PASSWORD",
-            "--from-password-file",
-            "--from-password-command",
-        )?;
-        c.args(["copy", "--from-repo", &job.repository]);
-        for d in done.iter().filter(|d| d.error.is_none()) {
-            if let Some(s) = &d.snapshot {
-                c.arg(s);
-            }
-        }
-        let st = c.stdout(Stdio::null()).status()?;
-        if !st.success() {
-            eprintln!("sbk: error: copy to {} failed ({st})", target.repository);
-            after_ok = false;
-        }
+    if !stopped {
+        after_ok &= retention(&job)?;
+        after_ok &= copies(&job, &done)?;
     }
     if let Some(file) = args.metrics_file.as_ref().or(job.metrics_file.as_ref()) {
-        use crate::metrics::{labels, now, Metrics};
-        let jobname = args
-            .job
-            .file_stem()
-            .map_or("job".into(), |s| s.to_string_lossy().into_owned());
-        let mut m = Metrics::default();
-        let mut all = Vec::new();
-        for d in &done {
-            let l = labels(&[("job", &jobname), ("source", &d.name)]);
-            all.push(l.clone());
-            m.gauge(
-                "sbk_job_source_success",
-                "1 when the source's last run succeeded (hooks and backup), else 0.",
-                &l,
-                f64::from(u8::from(d.error.is_none())),
-            );
-            if d.error.is_none() {
-                m.gauge(
-                    "sbk_job_source_last_success_timestamp_seconds",
-                    "When the source last succeeded (Unix time).",
-                    &l,
-                    now(),
-                );
-            }
-        }
-        let lj = labels(&[("job", &jobname)]);
-        m.gauge(
-            "sbk_job_errors",
-            "Sources that failed in the last run of the job (a hook or the backup).",
-            &lj,
-            done.iter().filter(|d| d.error.is_some()).count() as f64,
-        );
-        m.gauge(
-            "sbk_job_duration_seconds",
-            "Wall time of the last run of the job.",
-            &lj,
-            started.elapsed().as_secs_f64(),
-        );
-        m.gauge(
-            "sbk_job_after_success",
-            "1 when retention and copies of the last run succeeded.",
-            &lj,
-            f64::from(u8::from(after_ok)),
-        );
-        m.carry_over(
-            file,
-            "sbk_job_source_last_success_timestamp_seconds",
-            "When the source last succeeded (Unix time).",
-            &all,
-        );
-        m.write(file).map_err(|e| {
-            anyhow::anyhow!("{}: cannot write the metrics file: {e}", file.display())
-        })?;
+        write_job_metrics(file, &args.job, &done, started, after_ok)?;
     }
     let failed = done.iter().filter(|d| d.error.is_some()).count();
     ctx.out.json(

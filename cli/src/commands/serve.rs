@@ -70,7 +70,8 @@ pub struct Args {
     cache_size: u64,
 }
 
-/// Runs `sbk serve`.
+/// Runs `sbk serve`. Long (about 90 lines), as a server's start reads: check the address, open
+/// and lock, listen, build the catalog, wait for a signal, then report the cache.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     if args.socket.is_none() && !args.listen.ip().is_loopback() && !args.allow_remote {
         return Err(ExitWith(

@@ -64,6 +64,70 @@ fn parse_subset(s: &str) -> Result<ReadData, String> {
     Ok(ReadData::Part { n, m })
 }
 
+/// Each problem on stderr, with the snapshots it affects.
+fn print_problems(problems: &[sbk_engine::Problem]) {
+    for p in problems {
+        let affected = if p.snapshots.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " [affects snapshots {}]",
+                p.snapshots
+                    .iter()
+                    .map(|s| s.to_hex()[..8].to_owned())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        eprintln!("sbk: problem: {}{affected}", p.what);
+    }
+}
+
+/// Writes the run's metrics to `file` (see `--metrics-file`).
+fn write_metrics(
+    file: &std::path::Path,
+    location: &str,
+    report: &sbk_engine::VerifyReport,
+) -> Result<()> {
+    use crate::metrics::{now, Metrics};
+    let l = crate::metrics::labels(&[("repository", location)]);
+    let mut m = Metrics::default();
+    let ok = report.problems.is_empty();
+    m.gauge(
+        "sbk_verify_success",
+        "1 when the last verify found no problem, else 0.",
+        &l,
+        f64::from(u8::from(ok)),
+    );
+    m.gauge(
+        "sbk_verify_problems",
+        "Problems the last verify found.",
+        &l,
+        report.problems.len() as f64,
+    );
+    m.gauge(
+        "sbk_verify_last_run_timestamp_seconds",
+        "When verify last ran (Unix time).",
+        &l,
+        now(),
+    );
+    m.gauge(
+        "sbk_verify_duration_seconds",
+        "Wall time of the last verify.",
+        &l,
+        report.duration_ms as f64 / 1000.0,
+    );
+    m.gauge(
+        "sbk_verify_read_bytes",
+        "Bytes of packs the last verify read back.",
+        &l,
+        report.bytes_read as f64,
+    );
+    m.write(file)
+        .map_err(|e| anyhow::anyhow!("{}: cannot write the metrics file: {e}", file.display()))?;
+    Ok(())
+}
+
 /// Runs `sbk verify`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let (repo, _lock) = ctx.open_locked(LockKind::Shared, "verify", true)?;
@@ -86,21 +150,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         },
         &ctx.out.progress(),
     )?;
-    for p in &report.problems {
-        let affected = if p.snapshots.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " [affects snapshots {}]",
-                p.snapshots
-                    .iter()
-                    .map(|s| s.to_hex()[..8].to_owned())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        };
-        eprintln!("sbk: problem: {}{affected}", p.what);
-    }
+    print_problems(&report.problems);
     ctx.out.info(
         &format!(
             "checked {} snapshots and {} packs; read back {} packs, {} chunks, {} at {}: {}",
@@ -135,43 +185,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         false,
     );
     if let Some(file) = &args.metrics_file {
-        use crate::metrics::{now, Metrics};
-        let l = crate::metrics::labels(&[("repository", &repo.location())]);
-        let mut m = Metrics::default();
-        let ok = report.problems.is_empty();
-        m.gauge(
-            "sbk_verify_success",
-            "1 when the last verify found no problem, else 0.",
-            &l,
-            f64::from(u8::from(ok)),
-        );
-        m.gauge(
-            "sbk_verify_problems",
-            "Problems the last verify found.",
-            &l,
-            report.problems.len() as f64,
-        );
-        m.gauge(
-            "sbk_verify_last_run_timestamp_seconds",
-            "When verify last ran (Unix time).",
-            &l,
-            now(),
-        );
-        m.gauge(
-            "sbk_verify_duration_seconds",
-            "Wall time of the last verify.",
-            &l,
-            report.duration_ms as f64 / 1000.0,
-        );
-        m.gauge(
-            "sbk_verify_read_bytes",
-            "Bytes of packs the last verify read back.",
-            &l,
-            report.bytes_read as f64,
-        );
-        m.write(file).map_err(|e| {
-            anyhow::anyhow!("{}: cannot write the metrics file: {e}", file.display())
-        })?;
+        write_metrics(file, &repo.location(), &report)?;
     }
     Ok(if report.problems.is_empty() {
         Exit::Ok

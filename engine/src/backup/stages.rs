@@ -35,6 +35,22 @@ pub(super) struct Segment {
     pub(super) skipped: u64,
 }
 
+impl Segment {
+    /// Segment `index` of `len` bytes, nothing read or planned yet (a hole until `buf` is set).
+    fn new(index: u64, len: u64) -> Self {
+        Segment {
+            index,
+            len: len as usize,
+            buf: None,
+            read: 0,
+            reuse: None,
+            around: None,
+            parts: None,
+            skipped: 0,
+        }
+    }
+}
+
 /// What a worker needs to read a segment around its changes.
 pub(super) struct Around {
     /// A handle of the source for this segment's reads (the reader keeps reading with its own).
@@ -136,7 +152,9 @@ pub(super) fn run_pipeline(
 }
 
 /// The reader: segments in order into pooled, aligned buffers. Returns why O_DIRECT was
-/// abandoned if that happened during the reads.
+/// abandoned if that happened during the reads. Long (about 90 lines): one branch per kind of
+/// segment (reused unread, read around its changes, read whole, a hole), in one loop that owns
+/// the spare buffer.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn read_segments(
     state: &RunState<'_>,
@@ -162,21 +180,16 @@ pub(super) fn read_segments(
         if let Some(tree) = plan.reuse.get(index as usize).copied().flatten() {
             // Unchanged since the parent: its tree is reused, nothing is read.
             let seg = Segment {
-                index,
-                len: len as usize,
-                buf: None,
-                read: 0,
                 reuse: Some(tree),
-                around: None,
-                parts: None,
                 skipped: len,
+                ..Segment::new(index, len)
             };
             if !send(Ok(seg)) {
                 break;
             }
             continue;
         }
-        let buf = match spare
+        let mut buf = match spare
             .take()
             .map(|b| Ok(Some(b)))
             .unwrap_or_else(|| state.buffer(seg_size))
@@ -192,21 +205,15 @@ pub(super) fn read_segments(
                 break;
             }
         };
-        let mut buf = buf;
         if let Some((tree, changed)) = plan.around.get(&index) {
             let seg = source.try_clone().map(|source| Segment {
-                index,
-                len: len as usize,
-                read: 0,
                 buf: Some(buf),
-                reuse: None,
                 around: Some(Around {
                     source,
                     tree: *tree,
                     changed: changed.clone(),
                 }),
-                parts: None,
-                skipped: 0,
+                ..Segment::new(index, len)
             });
             let failed = seg.is_err();
             if !send(seg) || failed {
@@ -216,27 +223,13 @@ pub(super) fn read_segments(
         }
         let seg = match source.read_segment(start..start + len, &mut buf) {
             Ok(Some(read)) => Ok(Segment {
-                index,
-                len: len as usize,
                 read,
                 buf: Some(buf),
-                reuse: None,
-                around: None,
-                parts: None,
-                skipped: 0,
+                ..Segment::new(index, len)
             }),
             Ok(None) => {
                 spare = Some(buf);
-                Ok(Segment {
-                    index,
-                    len: len as usize,
-                    read: 0,
-                    buf: None,
-                    reuse: None,
-                    around: None,
-                    parts: None,
-                    skipped: 0,
-                })
+                Ok(Segment::new(index, len))
             }
             Err(e) => Err(e),
         };

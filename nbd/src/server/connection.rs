@@ -125,6 +125,8 @@ impl Connection {
         }
     }
 
+    /// Carries out one request. Long (about 100 lines): one arm per NBD command, in the
+    /// protocol's order, each checking its own flags and bounds as the spec words them.
     fn execute(&self, req: &Request, data: &[u8]) -> Result<Reply, ExportError> {
         let e = &*self.export;
         let size = e.size();

@@ -12,18 +12,31 @@ fn missing<T>(r: &Result<T, StoreError>) -> bool {
 
 /// Runs the contract against `backend`, which must be an empty place for a repository;
 /// `storage_now` reads the storage's clock (this host's for local and S3 on this host, the
-/// test's for memory). Leaves objects behind. Returns the first rule found broken.
+/// test's for memory). Leaves objects behind. Returns the first rule found broken, with the
+/// backend's location.
 pub fn check(backend: &dyn Backend, storage_now: &dyn Fn() -> i64) -> Result<(), String> {
-    let fail =
-        |rule: &str, detail: String| Err(format!("{}: {rule}: {detail}", backend.location()));
-    macro_rules! ensure {
-        ($cond:expr, $rule:expr, $($detail:tt)*) => {
-            if !$cond {
-                return fail($rule, format!($($detail)*));
-            }
-        };
-    }
+    create(backend)
+        .and_then(|()| creates_once(backend))
+        .and_then(|()| missing_objects(backend))
+        .and_then(|()| staged_objects(backend))
+        .and_then(|()| listings(backend, storage_now))
+        .and_then(|()| replace_and_delete(backend))
+        .and_then(|()| racing_creates(backend))
+        .and_then(|()| config(backend))
+        .map_err(|e| format!("{}: {e}", backend.location()))
+}
 
+/// Fails with `rule` and what was found, unless `cond` holds.
+macro_rules! ensure {
+    ($cond:expr, $rule:expr, $($detail:tt)*) => {
+        if !$cond {
+            return Err(format!("{}: {}", $rule, format!($($detail)*)));
+        }
+    };
+}
+
+/// Create prepares an empty place, and may be asked again before a config exists.
+fn create(backend: &dyn Backend) -> Result<(), String> {
     backend
         .create()
         .map_err(|e| format!("create on an empty place: {e}"))?;
@@ -33,8 +46,11 @@ pub fn check(backend: &dyn Backend, storage_now: &dyn Fn() -> i64) -> Result<(),
         "create again before a config is written succeeds or refuses",
         "{again:?}"
     );
+    Ok(())
+}
 
-    // Conditional create.
+/// A name is created once; kinds are separate namespaces.
+fn creates_once(backend: &dyn Backend) -> Result<(), String> {
     let w = backend.write_once(Kind::Index, "aa01", b"one");
     ensure!(
         matches!(w, Ok(Written::Created)),
@@ -63,8 +79,11 @@ pub fn check(backend: &dyn Backend, storage_now: &dyn Fn() -> i64) -> Result<(),
         "kinds do not share names",
         "{r:?}"
     );
+    Ok(())
+}
 
-    // Missing objects.
+/// Reads of what is not there are `ObjectMissing`.
+fn missing_objects(backend: &dyn Backend) -> Result<(), String> {
     let mut buf = [0u8; 4];
     ensure!(
         missing(&backend.read(Kind::Index, "ffff")),
@@ -81,8 +100,12 @@ pub fn check(backend: &dyn Backend, storage_now: &dyn Fn() -> i64) -> Result<(),
         "size of a missing object is ObjectMissing",
         ""
     );
+    Ok(())
+}
 
-    // Staged objects appear whole, or not at all.
+/// Staged objects appear whole under their name, or not at all.
+fn staged_objects(backend: &dyn Backend) -> Result<(), String> {
+    let mut buf = [0u8; 4];
     let mut s = backend
         .stage(Kind::Pack, "abcd")
         .map_err(|e| e.to_string())?;
@@ -142,8 +165,11 @@ pub fn check(backend: &dyn Backend, storage_now: &dyn Fn() -> i64) -> Result<(),
         "a staged object dropped unfinished never appears",
         ""
     );
+    Ok(())
+}
 
-    // Listings: sorted by name, with sizes and the storage's times.
+/// Listings are sorted by name, with sizes and the storage's times.
+fn listings(backend: &dyn Backend, storage_now: &dyn Fn() -> i64) -> Result<(), String> {
     backend
         .write_once(Kind::Pack, "0001", b"x")
         .map_err(|e| e.to_string())?;
@@ -164,8 +190,11 @@ pub fn check(backend: &dyn Backend, storage_now: &dyn Fn() -> i64) -> Result<(),
             o.modified
         );
     }
+    Ok(())
+}
 
-    // Replace only what is there.
+/// Replace changes only what is there; delete says when nothing was.
+fn replace_and_delete(backend: &dyn Backend) -> Result<(), String> {
     let r = backend.replace(Kind::Lock, "l1", b"x");
     ensure!(
         missing(&r),
@@ -211,8 +240,11 @@ pub fn check(backend: &dyn Backend, storage_now: &dyn Fn() -> i64) -> Result<(),
         "delete of a missing object is ObjectMissing",
         ""
     );
+    Ok(())
+}
 
-    // Writers racing for one name: exactly one wins, and the name holds its bytes.
+/// Writers racing for one name: exactly one wins, and the name holds its bytes.
+fn racing_creates(backend: &dyn Backend) -> Result<(), String> {
     let results: Vec<(u8, Result<Written, String>)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..4u8)
             .map(|i| {
@@ -243,8 +275,11 @@ pub fn check(backend: &dyn Backend, storage_now: &dyn Fn() -> i64) -> Result<(),
         "the winner's bytes are kept",
         "{r:?}"
     );
+    Ok(())
+}
 
-    // The config: written once, listed, and what makes a place a repository.
+/// The config is written once, listed, and makes a place a repository.
+fn config(backend: &dyn Backend) -> Result<(), String> {
     backend
         .write_once(Kind::Config, "config", b"cfg")
         .map_err(|e| e.to_string())?;

@@ -13,25 +13,33 @@ use crate::key::KeyObject;
 use super::keys::unlock;
 use super::{InitOptions, Repository};
 
-impl Repository {
-    /// Creates a repository in an empty place.
-    pub fn init(backend: &dyn Backend, opts: InitOptions) -> Result<RepoConfig> {
-        // Parameters first: a bad one is the operator's typo, whatever the place holds.
-        let avg = opts
+impl InitOptions {
+    /// The average chunk size these options give, once they are checked.
+    fn checked_chunk_avg(&self) -> Result<u32> {
+        let avg = self
             .chunker_from
             .as_ref()
-            .map_or(opts.chunk_avg, |c| c.chunk_avg);
+            .map_or(self.chunk_avg, |c| c.chunk_avg);
         if !avg.is_power_of_two() || !(64 << 10..=4 << 20).contains(&avg) {
             return Err(StoreError::InvalidParameter(format!(
                 "chunk size {avg} must be a power of two from 64 KiB to 4 MiB"
             )));
         }
-        if !(1 << 20..=1 << 30).contains(&opts.pack_size) {
+        if !(1 << 20..=1 << 30).contains(&self.pack_size) {
             return Err(StoreError::InvalidParameter(format!(
                 "pack size {} must be from 1 MiB to 1 GiB",
-                opts.pack_size
+                self.pack_size
             )));
         }
+        Ok(avg)
+    }
+}
+
+impl Repository {
+    /// Creates a repository in an empty place.
+    pub fn init(backend: &dyn Backend, opts: InitOptions) -> Result<RepoConfig> {
+        // Parameters first: a bad one is the operator's typo, whatever the place holds.
+        let avg = opts.checked_chunk_avg()?;
         let io = |e| StoreError::io(backend.location(), e);
         let chunk_max = avg * 4;
         let master = match &opts.encryption {
