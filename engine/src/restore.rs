@@ -17,7 +17,7 @@ use std::time::Instant;
 use memmap2::MmapMut;
 use rayon::prelude::*;
 use sbk_store::{
-    BlobKind, Extent, Manifest, PackEntry, PackId, Repository, SnapshotId, StoreError,
+    BlobKind, Extent, Manifest, PackEntry, PackGone, PackId, Repository, SnapshotId, StoreError,
 };
 
 use crate::error::{EngineError, Result};
@@ -449,22 +449,28 @@ fn restore_batch(
     progress: &dyn Progress,
 ) -> Result<()> {
     let Buffers { run, copy, read } = b;
-    repo.read_indexed_blobs(batch.pack, &batch.entries, read, |i, blob| -> Result<()> {
-        let blob = blob?;
-        let offsets = &batch.offsets[i];
-        let len = blob.entry().raw_len as usize;
-        let slot = run.slot(offsets[0], len, out, progress)?;
-        // Verified before it can be written: a damaged chunk never reaches the target.
-        blob.open_into(slot)?;
-        for &offset in &offsets[1..] {
-            let shift = (offset % ALIGN) as usize;
-            copy[shift..shift + len].copy_from_slice(slot);
-            out.write_at(&copy[shift..shift + len], offset)?;
-            progress.advance(0, len as u64);
-        }
-        run.commit(len);
-        Ok(())
-    })?;
+    repo.read_blobs(
+        batch.pack,
+        &batch.entries,
+        PackGone::FollowIndex,
+        read,
+        |i, blob| -> Result<()> {
+            let blob = blob?;
+            let offsets = &batch.offsets[i];
+            let len = blob.entry().raw_len as usize;
+            let slot = run.slot(offsets[0], len, out, progress)?;
+            // Verified before it can be written: a damaged chunk never reaches the target.
+            blob.open_into(slot)?;
+            for &offset in &offsets[1..] {
+                let shift = (offset % ALIGN) as usize;
+                copy[shift..shift + len].copy_from_slice(slot);
+                out.write_at(&copy[shift..shift + len], offset)?;
+                progress.advance(0, len as u64);
+            }
+            run.commit(len);
+            Ok(())
+        },
+    )?;
     run.flush(out, progress)
 }
 

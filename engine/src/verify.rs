@@ -11,7 +11,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Instant;
 
 use rayon::prelude::*;
-use sbk_store::{ChunkId, Extent, PackEntry, PackId, Repository, SnapshotId, BLOB_HEADER_LEN};
+use sbk_store::{
+    ChunkId, Extent, PackEntry, PackGone, PackId, Repository, SnapshotId, BLOB_HEADER_LEN,
+};
 
 use crate::error::Result;
 use crate::pool::worker_pool;
@@ -413,9 +415,10 @@ fn check_pack(
         return (problems, 0, 0);
     }
     let (mut buf, mut raw, mut handed) = (Vec::new(), Vec::new(), 0);
-    let r = repo.read_pack_blobs(
+    let r = repo.read_blobs(
         pack,
         &trailer,
+        PackGone::Fail,
         &mut buf,
         |i, blob| -> sbk_store::Result<()> {
             let e = &trailer[i];

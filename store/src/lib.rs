@@ -46,6 +46,6 @@ pub use manifest::{encode_tree, BackupFigures, ChangedBlocks, Extent, Manifest, 
 pub use marks::{MarkReason, Marks};
 pub use pack::{pack_size_of, PackEntry, PackWriter};
 pub use repo::{
-    ChunkerSource, FoundMarks, InitOptions, KeyInfo, Repository, StoredBlob, DEFAULT_CHUNK_AVG,
-    DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL,
+    ChunkerSource, FoundMarks, InitOptions, KeyInfo, PackGone, Repository, StoredBlob,
+    DEFAULT_CHUNK_AVG, DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL,
 };

@@ -13,6 +13,7 @@
 //! chunk list does not depend on the thread count.
 
 mod incremental;
+mod segment;
 mod stages;
 mod state;
 #[cfg(test)]
@@ -36,8 +37,9 @@ use crate::pool::worker_pool;
 use crate::progress::Progress;
 use crate::source::Source;
 use incremental::{latest_of, plan_incremental, Incremental};
+use segment::Work;
 use stages::{chunk_segment, read_around, run_pipeline};
-use state::{RunState, Work};
+use state::RunState;
 
 /// What a backup is asked to do.
 #[derive(Debug, Clone)]

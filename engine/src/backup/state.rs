@@ -1,17 +1,15 @@
 //! The state every source of one run shares: the packer, the workers' queue, the segment
 //! buffers, and the turns of sources read at once.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Condvar, Mutex};
 
 use crossbeam_channel::{Receiver, Sender};
 use memmap2::MmapMut;
 use sbk_chunker::ChunkerParams;
 use sbk_store::{ChunkId, Lock, Repository};
 
-use super::stages::{ChunkedSegment, Segment};
-use crate::error::Result;
+use super::segment::Work;
 use crate::packer::Packer;
 use crate::source::align_up;
 
@@ -35,15 +33,6 @@ pub(super) struct RunState<'a> {
     /// Segments of every source go to the workers through this one queue, so that no source
     /// can hold the workers while another holds the shared buffers; `None` once the run is over.
     pub(super) work: Mutex<Option<Sender<Work>>>,
-}
-
-/// A segment for the workers, with where its result goes.
-pub(super) struct Work {
-    pub(super) seg: Result<Segment>,
-    /// The source's ids being stored by a worker or the writer and not yet in a pack.
-    pub(super) claimed: Arc<Mutex<HashSet<ChunkId>>>,
-    /// The source's writer.
-    pub(super) out: Sender<Result<ChunkedSegment>>,
 }
 
 /// Sources backed up at once: each has a reader and a writer thread; the workers are shared.

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 
-use sbk_store::{IndexId, Lock, PackEntry, PackId, Repository};
+use sbk_store::{IndexId, Lock, PackEntry, PackGone, PackId, Repository};
 
 use super::marks::EarlierMarks;
 use super::plan::{blob_bytes, PrunePlan};
@@ -108,11 +108,17 @@ fn copy_live(
     let (mut buf, mut scratch) = (Vec::new(), Vec::new());
     for (pack, _, keep) in repack {
         crate::interrupt::check()?;
-        repo.read_pack_blobs(*pack, keep, &mut buf, |_, blob| -> Result<()> {
-            let blob = blob?.verified_copy(&mut scratch)?;
-            progress.advance(0, packer.add(std::slice::from_ref(&blob))?);
-            Ok(())
-        })?;
+        repo.read_blobs(
+            *pack,
+            keep,
+            PackGone::Fail,
+            &mut buf,
+            |_, blob| -> Result<()> {
+                let blob = blob?.verified_copy(&mut scratch)?;
+                progress.advance(0, packer.add(std::slice::from_ref(&blob))?);
+                Ok(())
+            },
+        )?;
     }
     packer.flush()?;
     progress.finish(0);

@@ -5,8 +5,7 @@ use std::io::{self, Read, Write};
 use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex};
 
-use super::negotiate::{clip, protocol};
-use super::{Export, ExportError, ReadPart, Stream};
+use super::{clip, protocol, Export, ExportError, ReadPart, Stream};
 use crate::proto::*;
 
 /// How many requests of one connection are worked on at once: two, measured (four per

@@ -221,3 +221,17 @@ impl Server {
         }
     }
 }
+
+/// At most the protocol's longest string.
+pub(super) fn clip(s: &str) -> &[u8] {
+    let mut end = s.len().min(crate::proto::MAX_STRING);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s.as_bytes()[..end]
+}
+
+/// A client that broke the protocol: its connection ends.
+pub(super) fn protocol(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}

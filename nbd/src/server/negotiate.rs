@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::connection::Connection;
-use super::{Export, Server, Stream};
+use super::{clip, protocol, Export, Server, Stream};
 use crate::proto::*;
 
 /// A client has this long to finish the negotiation.
@@ -263,19 +263,6 @@ pub(super) fn transmission_flags(export: &dyn Export) -> u16 {
         // Nothing changes a read-only export, so every connection sees the same bytes.
         base | TFLAG_READ_ONLY | TFLAG_CAN_MULTI_CONN
     }
-}
-
-/// At most the protocol's longest string.
-pub(super) fn clip(s: &str) -> &[u8] {
-    let mut end = s.len().min(MAX_STRING);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s.as_bytes()[..end]
-}
-
-pub(super) fn protocol(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
 pub(super) fn read_u32(s: &mut impl Read) -> io::Result<u32> {

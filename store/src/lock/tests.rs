@@ -44,6 +44,19 @@ fn shared_locks_coexist_and_exclusive_excludes() {
     );
 }
 
+/// A lock of this host whose process is gone.
+fn dead_lock(kind: LockKind, purpose: &str) -> LockInfo {
+    LockInfo {
+        kind,
+        host: holder_id(),
+        pid: u32::MAX - 1,
+        time: now(),
+        lease_secs: 1800,
+        started: 0,
+        purpose: purpose.into(),
+    }
+}
+
 #[test]
 fn one_rule_judges_every_lock_by_the_storage_clock() {
     let (_dir, b) = backend();
@@ -53,15 +66,7 @@ fn one_rule_judges_every_lock_by_the_storage_clock() {
         info: Ok(info.clone()),
         modified,
     };
-    let dead = LockInfo {
-        kind: LockKind::Exclusive,
-        host: holder_id(),
-        pid: u32::MAX - 1,
-        time: now(),
-        lease_secs: 1800,
-        started: 0,
-        purpose: "prune".into(),
-    };
+    let dead = dead_lock(LockKind::Exclusive, "prune");
     assert_eq!(
         found(&dead, t).liveness(&holder_id(), t),
         Liveness::ProcessGone { pid: u32::MAX - 1 }
@@ -100,15 +105,7 @@ fn one_rule_judges_every_lock_by_the_storage_clock() {
 #[test]
 fn unlock_removes_what_no_longer_holds_and_keeps_the_rest() {
     let (_dir, b) = backend();
-    let dead = LockInfo {
-        kind: LockKind::Shared,
-        host: holder_id(),
-        pid: u32::MAX - 1,
-        time: now(),
-        lease_secs: 1800,
-        started: 0,
-        purpose: "backup".into(),
-    };
+    let dead = dead_lock(LockKind::Shared, "backup");
     b.write_once(Kind::Lock, "dead", &dead.encode()).unwrap();
     b.write_once(Kind::Pin, "dead.aa", b"pinned").unwrap();
     b.write_once(Kind::Lock, "garbage", b"not a lock").unwrap();

@@ -1,5 +1,5 @@
 //! Blobs: the one way they are written ([`Repository::encode_blob`]) and the one way they are
-//! read ([`Repository::read_pack_blobs`] and the paths built on it). Nothing outside this file
+//! read ([`Repository::read_blobs`], and the single-blob paths built on it). Nothing outside this file
 //! splits a blob from its header, opens it or checks its id: every byte a caller gets from a
 //! pack was checked against the index, opened (decrypted and authenticated), decompressed and
 //! hashed back to its id first.
@@ -15,6 +15,18 @@ use crate::manifest::{decode_tree, Extent};
 use crate::pack::{check_blob_header, PackEntry};
 
 use super::Repository;
+
+/// What a read does when the pack it reads is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackGone {
+    /// Fails: the caller checks that very pack (verify, prune's repack under its lock).
+    Fail,
+    /// Finds the blobs again through the index (restore, serve, copy): a prune beside us moved
+    /// the blobs a snapshot uses to another pack before deleting this one (docs/design.md,
+    /// "prune"), and the index, refreshed, knows where. A blob a snapshot refers to moves; it
+    /// never goes.
+    FollowIndex,
+}
 
 /// What the read path hands each blob to: its position among the blobs asked for, and the blob
 /// or why its header is wrong.
@@ -123,43 +135,24 @@ impl Repository {
         Ok(blob)
     }
 
-    /// Reads blobs `entries` of `pack` (sorted by offset) in few large reads into `buf` (runs of
-    /// neighbours, each at most [`READ_RUN_BYTES`] unless one blob is larger, so that memory is
-    /// bounded whatever the pack size), checks each one's header against its entry, and hands
-    /// each to `each` with its position in `entries`: as a [`StoredBlob`], or the reason its
-    /// header is wrong (the others go on). A read that fails fails the call. Reads exactly
-    /// `pack` (verify and repack check that very pack); blobs found through the index are read
-    /// with [`Repository::read_indexed_blobs`].
-    pub fn read_pack_blobs<E: From<StoreError>>(
+    /// The one way blobs are read: blobs `entries` of `pack` (sorted by offset), in few large
+    /// reads into `buf` (runs of neighbours, each at most [`READ_RUN_BYTES`] unless one blob is
+    /// larger, so that memory is bounded whatever the pack size). Each blob's header is checked
+    /// against its entry, and each is handed to `each` with its position in `entries`: as a
+    /// [`StoredBlob`], or the reason its header is wrong (the others go on). A read that fails
+    /// fails the call, unless the pack is gone and `gone` says to follow the index there.
+    pub fn read_blobs<E: From<StoreError>>(
         &self,
         pack: PackId,
         entries: &[PackEntry],
-        buf: &mut Vec<u8>,
-        mut each: impl FnMut(usize, Result<StoredBlob<'_>>) -> std::result::Result<(), E>,
-    ) -> std::result::Result<(), E> {
-        for (base, run) in read_runs(entries) {
-            self.read_range(pack, run, buf)?;
-            self.hand_out(pack, run, buf, &mut |i, blob| each(base + i, blob))?;
-        }
-        Ok(())
-    }
-
-    /// [`Repository::read_pack_blobs`] for blobs found through the index (a restore, a
-    /// server, a copy): when the pack is gone, a prune beside us moved the blobs a snapshot
-    /// uses to another pack before deleting it (docs/design.md, "prune"); the index,
-    /// refreshed, knows where, and each blob is read from there. A blob a snapshot refers to
-    /// moves; it never goes.
-    pub fn read_indexed_blobs<E: From<StoreError>>(
-        &self,
-        pack: PackId,
-        entries: &[PackEntry],
+        gone: PackGone,
         buf: &mut Vec<u8>,
         mut each: impl FnMut(usize, Result<StoredBlob<'_>>) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
         for (base, run) in read_runs(entries) {
             match self.read_range(pack, run, buf) {
                 Ok(()) => self.hand_out(pack, run, buf, &mut |i, blob| each(base + i, blob))?,
-                Err(StoreError::PackMissing { .. }) => {
+                Err(StoreError::PackMissing { .. }) if gone == PackGone::FollowIndex => {
                     self.refresh_index()?;
                     for (i, entry) in run.iter().enumerate() {
                         let moved = self.locate(&entry.id)?;
@@ -261,7 +254,7 @@ impl Repository {
             });
         }
         let mut from = pack;
-        self.read_indexed_blobs(pack, &[entry], stored, |_, blob| {
+        self.read_blobs(pack, &[entry], PackGone::FollowIndex, stored, |_, blob| {
             let blob = blob?;
             from = blob.pack();
             out.resize(blob.entry().raw_len as usize, 0);

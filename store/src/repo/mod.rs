@@ -19,7 +19,7 @@ mod packs;
 mod pins;
 mod snapshots;
 
-pub use blobs::StoredBlob;
+pub use blobs::{PackGone, StoredBlob};
 pub use index::FoundMarks;
 use index::Marked;
 pub use keys::KeyInfo;
