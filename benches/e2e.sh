@@ -2,8 +2,10 @@
 # End-to-end benchmark: sbk against a raw O_DIRECT read of the same disk image, in one run.
 #
 #   bash benches/e2e.sh [IMAGE_GIB] [WORKDIR]      (defaults: 4, /var/tmp)
-#   SBK_BEFORE=/path/to/older/sbk bash benches/e2e.sh ...   also measures an older build's first
-#                                                          backup and restore, in the same run
+#   SBK_BEFORE=/path/to/older/sbk bash benches/e2e.sh ...   also compares an older build, step by
+#                                                          step (first backup, re-backup, 2%
+#                                                          changed, restore, prune), in paired
+#                                                          runs: benches/paired.sh
 #
 # Builds the release binary, makes a realistic disk image (an ext4 filesystem filled from the
 # machine's /usr with mke2fs -d; free space stays zero), then measures: an O_DIRECT read of the
@@ -32,14 +34,6 @@ make_image "$img" "$size"
 
 results=()
 results+=("$(measure "raw O_DIRECT read (dd bs=16M)" dd if="$img" of=/dev/null bs=16M iflag=direct)")
-if [ -n "${SBK_BEFORE:-}" ]; then
-  # The older build, on the pristine image, into its own repository; its restore comes right
-  # after so that both see the same page-cache state as the ones below.
-  "$SBK_BEFORE" init --quiet --repo "$work/repo-before"
-  results+=("$(measure "before: sbk backup (first)" "$SBK_BEFORE" backup --quiet --repo "$work/repo-before" "$img")")
-  results+=("$(measure "before: sbk restore to file" "$SBK_BEFORE" restore --quiet --repo "$work/repo-before" latest "$work/restored.img")")
-  rm -rf "$work/restored.img" "$work/repo-before"
-fi
 export SBK_REPO=$work/repo
 export SBK_CACHE_DIR=$work/cache
 # The repository is encrypted (the default). The weak test KDF keeps Argon2id's deliberate 0.5 s
@@ -133,3 +127,9 @@ fi
 # beside it when they are installed.
 echo
 CBT_IMAGE="$work/pristine.img" bash benches/cbt.sh "$gib" "$base"
+
+# An older build, step by step against this one, in paired runs (benches/paired.sh).
+if [ -n "${SBK_BEFORE:-}" ]; then
+  echo
+  bash benches/paired.sh "$gib" "$base"
+fi

@@ -237,3 +237,35 @@ pub fn check_compatible(src: &Repository, dst: &Repository) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use sbk_store::LockKind;
+
+    use super::copy;
+    use crate::testkit::{backup_one, lock, mem_repository, open, restored, source};
+
+    #[test]
+    fn a_copy_restores_byte_identical_and_a_second_copy_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (mem_repository(), mem_repository());
+        let src = open(Arc::new(from.clone())).unwrap();
+        let (path, bytes) = source(dir.path(), "disk", 5, 2 << 20);
+        let id = backup_one(&src, &path).unwrap();
+        let dst = open(Arc::new(to.clone())).unwrap();
+        let _locks = (
+            lock(&src, LockKind::Shared).unwrap(),
+            lock(&dst, LockKind::Shared).unwrap(),
+        );
+        let done = copy(&src, &dst, &[id], 2).unwrap();
+        let copied = done[0].copy.expect("copied");
+        assert!(done[0].chunks_written > 0 && done[0].bytes_written > 0);
+        assert_eq!(restored(&dst, &copied), bytes);
+        // Idempotent: the copy is found by its origin, nothing is read or written again.
+        let again = copy(&src, &dst, &[id], 2).unwrap();
+        assert_eq!(again[0].existing, Some(copied));
+        assert_eq!((again[0].chunks_read, again[0].chunks_written), (0, 0));
+    }
+}

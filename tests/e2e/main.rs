@@ -19,4 +19,6 @@ mod repository;
 mod retention_prune;
 mod roundtrip;
 mod s3;
+mod s3_backend;
 mod serve;
+mod serve_protocol;

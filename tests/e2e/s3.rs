@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sbk_store::backend::Written;
@@ -17,7 +16,7 @@ const SECRET: &str = "sbk-test-secret";
 const BUCKET: &str = "sbk";
 
 /// A SeaweedFS server on loopback, stopped when dropped.
-struct Weed {
+pub(crate) struct Weed {
     child: Child,
     bin: PathBuf,
     ports: Vec<u16>,
@@ -84,7 +83,7 @@ fn spawn_weed(bin: &PathBuf, dir: &std::path::Path, ports: &[u16]) -> Child {
 }
 
 impl Weed {
-    fn start() -> Option<Weed> {
+    pub(crate) fn start() -> Option<Weed> {
         let bin = weed_binary()?;
         // A port found free may be taken by another test's server before this one binds it:
         // then this server exits, and a new one starts on other ports.
@@ -151,7 +150,7 @@ impl Weed {
     }
 
     /// A backend on `prefix` of the test bucket, in this process.
-    fn backend(&self, prefix: &str) -> sbk_s3::S3Backend {
+    pub(crate) fn backend(&self, prefix: &str) -> sbk_s3::S3Backend {
         let config = sbk_s3::S3Config {
             endpoint: Some(self.endpoint()),
             access_key_id: Some(KEY.into()),
@@ -295,41 +294,6 @@ fn bad_credentials_a_missing_bucket_and_a_closed_port() {
     assert_eq!(list.as_array().unwrap().len(), 1);
     let b = weed.backend("errors");
     assert!(b.list(Kind::Lock).unwrap().is_empty());
-}
-
-#[test]
-fn keeps_the_backend_contract_and_racing_creates_have_one_winner() {
-    let Some(weed) = Weed::start() else { return };
-    // The suite the local and in-memory backends pass too (sbk_store::backend::contract).
-    let contract = weed.backend("contract");
-    sbk_store::backend::contract::check(&contract, &sbk_store::unix_now).unwrap();
-    // Two clients with their own connections and runtimes, as two processes would have.
-    let a: Arc<dyn Backend> = Arc::new(weed.backend("race"));
-    let b: Arc<dyn Backend> = Arc::new(weed.backend("race"));
-    for round in 0..100 {
-        let name = format!("lock-{round}");
-        let (x, y) = std::thread::scope(|s| {
-            let ta = s.spawn(|| a.write_once(Kind::Lock, &name, b"held by a").unwrap());
-            let tb = s.spawn(|| b.write_once(Kind::Lock, &name, b"held by b").unwrap());
-            (ta.join().unwrap(), tb.join().unwrap())
-        });
-        let winners = [x, y].iter().filter(|w| **w == Written::Created).count();
-        assert_eq!(winners, 1, "round {round}: {x:?} {y:?}");
-        let held = a.read(Kind::Lock, &name).unwrap();
-        let expected: &[u8] = if x == Written::Created {
-            b"held by a"
-        } else {
-            b"held by b"
-        };
-        assert_eq!(held, expected, "round {round}");
-    }
-    // A replaced lock that someone removed does not come back.
-    a.write_once(Kind::Lock, "l", b"1").unwrap();
-    a.replace(Kind::Lock, "l", b"2").unwrap();
-    assert_eq!(a.read(Kind::Lock, "l").unwrap(), b"2");
-    b.delete(Kind::Lock, "l").unwrap();
-    assert!(a.replace(Kind::Lock, "l", b"3").is_err());
-    assert!(a.read(Kind::Lock, "l").is_err());
 }
 
 #[test]

@@ -18,6 +18,8 @@ mod open;
 mod packs;
 mod pins;
 mod snapshots;
+#[cfg(test)]
+mod tests;
 
 pub use blobs::{PackGone, StoredBlob};
 pub use index::FoundMarks;

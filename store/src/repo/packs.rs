@@ -29,7 +29,7 @@ impl Repository {
     }
 
     /// Fills `buf` from `offset` of a pack.
-    pub fn read_pack(&self, pack: PackId, offset: u64, buf: &mut [u8]) -> Result<()> {
+    pub(super) fn read_pack(&self, pack: PackId, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.b()?
             .read_at(Kind::Pack, &pack.to_hex(), offset, buf)
             .map_err(|e| pack_error(pack, e))

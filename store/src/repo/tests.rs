@@ -1,0 +1,219 @@
+//! The repository over the in-memory backend: opening and keys, the one read path (and how it
+//! follows a blob a prune moved), marks as backups honour them, and snapshots.
+
+use std::sync::Arc;
+
+use crate::backend::{Backend, Kind, MemBackend};
+use crate::blob::BlobKind;
+use crate::error::StoreError;
+use crate::id::{ChunkId, PackId};
+use crate::index::CacheLocation;
+use crate::key::KdfParams;
+use crate::manifest::Manifest;
+use crate::marks::{MarkReason, Marks};
+use crate::pack::PackEntry;
+
+use super::{InitOptions, PackGone, Repository};
+
+fn encrypted() -> InitOptions {
+    InitOptions {
+        encryption: Some(("pw".into(), KdfParams::weak())),
+        ..InitOptions::default()
+    }
+}
+
+fn open(mem: &MemBackend, password: &str) -> crate::Result<Repository> {
+    let repo = Repository::open(Arc::new(mem.clone()), &mut || Ok(password.to_owned()))?;
+    repo.load_index(&CacheLocation::Temporary)?;
+    Ok(repo)
+}
+
+/// Stores `blobs` in one new pack named by a new index file; returns the pack and its entries.
+fn store(repo: &Repository, blobs: &[&[u8]]) -> (PackId, Vec<PackEntry>) {
+    let mut pack = repo.new_pack().unwrap();
+    for raw in blobs {
+        let id = repo.blob_id(raw);
+        pack.add(&repo.encode_blob(id, BlobKind::Data, raw).unwrap())
+            .unwrap();
+    }
+    let (id, entries) = pack.finish().unwrap();
+    repo.write_index_file(vec![(id, entries.clone())]).unwrap();
+    (id, entries)
+}
+
+#[test]
+fn an_encrypted_repository_opens_with_its_password_only() {
+    let mem = MemBackend::new();
+    let config = Repository::init(&mem, encrypted()).unwrap();
+    assert!(config.is_encrypted());
+    assert_eq!(config.id_hex().len(), 32);
+    assert!(matches!(
+        open(&mem, "wrong"),
+        Err(StoreError::WrongPassword { tried: 1, .. })
+    ));
+    let repo = open(&mem, "pw").unwrap();
+    let second = repo.add_key("other", KdfParams::weak()).unwrap();
+    drop(repo);
+    let repo = open(&mem, "other").unwrap();
+    assert!(repo
+        .keys()
+        .unwrap()
+        .iter()
+        .any(|k| k.name == second && k.current));
+    assert!(
+        matches!(
+            Repository::init(&mem, encrypted()),
+            Err(StoreError::InitRefused { .. })
+        ),
+        "init refuses a place that holds a repository"
+    );
+}
+
+#[test]
+fn blobs_read_back_verified_and_a_damaged_one_is_named() {
+    let mem = MemBackend::new();
+    Repository::init(&mem, encrypted()).unwrap();
+    let repo = open(&mem, "pw").unwrap();
+    let data: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 10_000 + usize::from(i)]).collect();
+    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    let (pack, entries) = store(&repo, &refs);
+    for raw in &data {
+        assert_eq!(
+            &repo.read_blob(&repo.blob_id(raw), BlobKind::Data).unwrap(),
+            raw
+        );
+    }
+    // One stored byte flipped: that blob fails by name, the others read on.
+    let mut bytes = mem.read(Kind::Pack, &pack.to_hex()).unwrap();
+    bytes[entries[2].offset as usize + 60] ^= 1;
+    mem.delete(Kind::Pack, &pack.to_hex()).unwrap();
+    mem.write_once(Kind::Pack, &pack.to_hex(), &bytes).unwrap();
+    let mut results = Vec::new();
+    repo.read_blobs(
+        pack,
+        &entries,
+        PackGone::Fail,
+        &mut Vec::new(),
+        |i, blob| {
+            let mut out = vec![0u8; entries[i].raw_len as usize];
+            results.push(blob.and_then(|b| b.open_into(&mut out)).map(|()| out));
+            Ok::<(), StoreError>(())
+        },
+    )
+    .unwrap();
+    for (i, r) in results.iter().enumerate() {
+        match r {
+            Ok(out) => assert_eq!(out, &data[i]),
+            Err(StoreError::BlobCorrupt { id, .. }) => assert_eq!((i, *id), (2, entries[2].id)),
+            Err(e) => panic!("blob {i}: {e}"),
+        }
+    }
+    assert_eq!(results.iter().filter(|r| r.is_err()).count(), 1);
+}
+
+#[test]
+fn a_reader_follows_a_blob_that_prune_moved() {
+    let mem = MemBackend::new();
+    Repository::init(&mem, InitOptions::default()).unwrap();
+    let reader = open(&mem, "").unwrap();
+    let raw = vec![7u8; 50_000];
+    let (old, entries) = store(&reader, &[&raw]);
+    // A prune elsewhere copies the blob into a new pack, indexes it, and deletes the old pack
+    // (its index file too): the reader's index still points at the old one.
+    let pruner = open(&mem, "").unwrap();
+    let (new, _) = store(&pruner, &[&raw]);
+    for f in pruner.index_files().unwrap() {
+        let file = pruner.read_index_file(&f).unwrap();
+        if file.packs.iter().any(|(p, _)| *p == old) {
+            pruner.remove_index_file(&f).unwrap();
+        }
+    }
+    mem.delete(Kind::Pack, &old.to_hex()).unwrap();
+    let read = |gone| {
+        let mut from = None;
+        reader
+            .read_blobs(old, &entries, gone, &mut Vec::new(), |_, blob| {
+                let blob = blob?;
+                from = Some(blob.pack());
+                blob.open_into(&mut vec![0u8; raw.len()])
+            })
+            .map(|()| from)
+    };
+    assert!(matches!(
+        read(PackGone::Fail),
+        Err(StoreError::PackMissing { .. })
+    ));
+    assert_eq!(read(PackGone::FollowIndex).unwrap(), Some(new));
+}
+
+#[test]
+fn backups_never_dedup_against_a_marked_pack() {
+    let mem = MemBackend::new();
+    Repository::init(&mem, InitOptions::default()).unwrap();
+    let repo = open(&mem, "").unwrap();
+    let raw = vec![3u8; 1000];
+    let (pack, _) = store(&repo, &[&raw]);
+    let id = repo.blob_id(&raw);
+    assert!(repo.dedup_hit(&id).unwrap());
+    repo.write_marks(&Marks {
+        packs: vec![(pack, MarkReason::Unused)],
+    })
+    .unwrap();
+    repo.refresh_index().unwrap();
+    assert!(repo.is_marked(&pack));
+    assert!(
+        !repo.dedup_hit(&id).unwrap(),
+        "a marked pack may go: store the blob again"
+    );
+    // A marks object that cannot be read: any pack might be marked, so nothing is safe.
+    mem.write_once(Kind::Marks, "damaged", b"garbage").unwrap();
+    repo.refresh_index().unwrap();
+    assert!(
+        repo.dedup_hit(&ChunkId([1; 32])).is_ok(),
+        "an unknown blob is no hit either way"
+    );
+    assert!(matches!(
+        repo.dedup_hit(&id),
+        Err(StoreError::Corrupt { .. })
+    ));
+}
+
+#[test]
+fn snapshots_are_written_listed_resolved_and_removed() {
+    let mem = MemBackend::new();
+    Repository::init(&mem, encrypted()).unwrap();
+    let repo = open(&mem, "pw").unwrap();
+    let manifest = |time_ns| Manifest {
+        time_ns,
+        source: "disk".into(),
+        host: "h".into(),
+        tags: vec!["nightly".into()],
+        size: 0,
+        segment_size: repo.config().segment_size,
+        parent: None,
+        figures: Default::default(),
+        trees: Vec::new(),
+        extensions: Vec::new(),
+    };
+    let old = repo.write_manifest(&manifest(1)).unwrap();
+    let new = repo.write_manifest(&manifest(2)).unwrap();
+    assert_eq!(repo.resolve_snapshot("latest").unwrap(), new);
+    assert_eq!(repo.resolve_snapshot(&old.to_hex()[..12]).unwrap(), old);
+    assert_eq!(repo.load_manifest(&old).unwrap(), manifest(1));
+    repo.remove_snapshot(&old).unwrap();
+    assert_eq!(repo.snapshot_ids().unwrap(), vec![new]);
+    assert!(matches!(
+        repo.remove_snapshot(&old),
+        Err(StoreError::SnapshotNotFound(_))
+    ));
+    // A manifest whose bytes changed no longer matches its id.
+    let mut bytes = mem.read(Kind::Snapshot, &new.to_hex()).unwrap();
+    bytes[10] ^= 1;
+    mem.delete(Kind::Snapshot, &new.to_hex()).unwrap();
+    mem.write_once(Kind::Snapshot, &new.to_hex(), &bytes)
+        .unwrap();
+    assert!(matches!(
+        repo.load_manifest(&new),
+        Err(StoreError::Corrupt { .. })
+    ));
+}
