@@ -85,6 +85,19 @@ impl Turns {
     }
 }
 
+/// Ends a process's turns when dropped, so that one that panics lets the others finish (and the
+/// test fail) instead of hanging.
+struct Ending<'a> {
+    turns: &'a Turns,
+    me: usize,
+}
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        self.turns.done(self.me);
+    }
+}
+
 /// The repository as one process sees it: its listings and writes wait for its turn.
 struct Stepped {
     turns: Arc<Turns>,
@@ -204,6 +217,7 @@ fn two_movers_and_a_prune_interleaved_step_by_step_lose_nothing() {
                 let (backend, turns, taken, firsts, dir) =
                     (backend(mover), &turns, &taken, &firsts, dir.path());
                 s.spawn(move || {
+                    let _ending = Ending { turns, me: mover };
                     let repo = open(backend).expect("a mover opens the repository");
                     for version in 0..3u64 {
                         let seed = seed * 100 + mover as u64 * 10 + version;
@@ -216,12 +230,11 @@ fn two_movers_and_a_prune_interleaved_step_by_step_lose_nothing() {
                             firsts.lock().unwrap().push(id);
                         }
                     }
-                    drop(repo);
-                    turns.done(mover);
                 });
             }
             let (backend, turns, firsts, forgotten) = (backend(2), &turns, &firsts, &forgotten);
             s.spawn(move || {
+                let _ending = Ending { turns, me: 2 };
                 for round in 0..4 {
                     // Forget a mover's first snapshot once there is one, as `forget` beside
                     // the movers would.
@@ -238,7 +251,6 @@ fn two_movers_and_a_prune_interleaved_step_by_step_lose_nothing() {
                     prune_once(backend.clone(), BESIDE)
                         .unwrap_or_else(|e| panic!("seed {seed}: prune round {round}: {e}"));
                 }
-                turns.done(2);
             });
         });
         let mut expected = taken.into_inner().unwrap();

@@ -315,3 +315,98 @@ impl<'r> Packer<'r> {
         self.packed.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use sbk_store::{BlobKind, EncodedBlob, Repository};
+
+    use super::{Packer, INDEX_EVERY};
+    use crate::testkit::{mem_repository, open};
+
+    /// `n` blobs of about a pack each (incompressible), so that every blob rolls a new pack.
+    fn big_blobs(repo: &Repository, n: usize) -> Vec<(Vec<u8>, EncodedBlob)> {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        (0..n)
+            .map(|_| {
+                let raw: Vec<u8> = (0..(1 << 20) + 1)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        state as u8
+                    })
+                    .collect();
+                let id = repo.blob_id(&raw);
+                let blob = repo.encode_blob(id, BlobKind::Data, &raw).unwrap();
+                (raw, blob)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_index_file_names_every_so_many_packs_and_a_flush_names_the_rest() {
+        let mem = mem_repository();
+        let repo = open(Arc::new(mem.clone())).unwrap();
+        let blobs = big_blobs(&repo, INDEX_EVERY + 3);
+        let packer = Packer::new(&repo).recording();
+        for (_, blob) in &blobs[..INDEX_EVERY + 1] {
+            assert!(packer.add(std::slice::from_ref(blob)).unwrap() > 1 << 20);
+        }
+        // Every blob fills a pack of its own, sealed at once: an index file names the first 64;
+        // the 65th waits for the next.
+        assert_eq!(packer.sealed_packs().len(), INDEX_EVERY + 1);
+        assert_eq!(packer.index_files().len(), 1);
+        assert!(packer.knows(&blobs[INDEX_EVERY].1.header.id));
+        assert!(
+            !packer.knows(&blobs[0].1.header.id),
+            "indexed: the index knows it now"
+        );
+        // A blob already added is not stored again.
+        assert_eq!(
+            packer
+                .add(std::slice::from_ref(&blobs[INDEX_EVERY].1))
+                .unwrap(),
+            0
+        );
+        for (_, blob) in &blobs[INDEX_EVERY + 1..] {
+            packer.add(std::slice::from_ref(blob)).unwrap();
+        }
+        packer.flush().unwrap();
+        assert_eq!(packer.index_files().len(), 2);
+        assert_eq!(packer.sealed_packs().len(), INDEX_EVERY + 3);
+        // A new process finds every blob through the index files alone.
+        let fresh = open(Arc::new(mem)).unwrap();
+        for (raw, blob) in &blobs {
+            assert_eq!(
+                &fresh.read_blob(&blob.header.id, BlobKind::Data).unwrap(),
+                raw
+            );
+        }
+    }
+
+    #[test]
+    fn uploaders_seal_off_the_callers_thread_and_a_flush_waits_for_them() {
+        let mem = mem_repository();
+        let repo = open(Arc::new(mem.clone())).unwrap();
+        let blobs = big_blobs(&repo, 6);
+        let packer = Packer::new(&repo);
+        std::thread::scope(|s| {
+            packer.start_uploaders(s, 2, 1).unwrap();
+            for (_, blob) in &blobs {
+                packer.add(std::slice::from_ref(blob)).unwrap();
+            }
+            packer.flush().unwrap();
+            packer.close();
+        });
+        assert_eq!(packer.index_files().len(), 1, "one index file at the flush");
+        let fresh = open(Arc::new(mem)).unwrap();
+        for (raw, blob) in &blobs {
+            assert_eq!(
+                &fresh.read_blob(&blob.header.id, BlobKind::Data).unwrap(),
+                raw
+            );
+        }
+    }
+}

@@ -415,33 +415,57 @@ fn check_pack(
         return (problems, 0, 0);
     }
     let (mut buf, mut raw, mut handed) = (Vec::new(), Vec::new(), 0);
-    let r = repo.read_blobs(
-        pack,
-        &trailer,
-        PackGone::Fail,
-        &mut buf,
-        |i, blob| -> sbk_store::Result<()> {
-            let e = &trailer[i];
-            handed += 1;
-            let opened = blob.and_then(|blob| {
-                raw.resize(e.raw_len as usize, 0);
-                blob.open_into(&mut raw)
-            });
-            match opened {
-                Ok(()) => {
-                    bytes += BLOB_HEADER_LEN as u64 + u64::from(e.stored_len);
-                    blobs += 1;
-                }
-                Err(err) => problems.push(problem(e, &err)),
+    // Each blob read back is opened and re-hashed; what fails is that blob's problem.
+    let mut outcomes: Vec<(usize, sbk_store::Result<()>)> = Vec::new();
+    let whole = repo.read_blobs(pack, &trailer, PackGone::Fail, &mut buf, |i, blob| {
+        handed += 1;
+        outcomes.push((i, open_checked(&trailer[i], blob, &mut raw)));
+        Ok::<(), sbk_store::StoreError>(())
+    });
+    if let Err(err) = whole {
+        if pruned(&err) {
+            return (problems, 0, 0);
+        }
+        // A read of several blobs failed (a pack cut short, an I/O error): the blobs not read
+        // yet are read one by one, so that only those that cannot be read are named.
+        for (i, e) in trailer.iter().enumerate().skip(handed) {
+            let one = repo.read_blobs(
+                pack,
+                std::slice::from_ref(e),
+                PackGone::Fail,
+                &mut buf,
+                |_, blob| {
+                    outcomes.push((i, open_checked(e, blob, &mut raw)));
+                    Ok::<(), sbk_store::StoreError>(())
+                },
+            );
+            match one {
+                Ok(()) => {}
+                Err(err) if pruned(&err) => return (problems, 0, 0),
+                Err(err) => outcomes.push((i, Err(err))),
             }
-            Ok(())
-        },
-    );
-    if let Err(err) = r {
-        if !pruned(&err) {
-            // The blobs not read yet are not known to be whole.
-            problems.extend(trailer.iter().skip(handed).map(|e| problem(e, &err)));
+        }
+    }
+    for (i, outcome) in outcomes {
+        let e = &trailer[i];
+        match outcome {
+            Ok(()) => {
+                bytes += BLOB_HEADER_LEN as u64 + u64::from(e.stored_len);
+                blobs += 1;
+            }
+            Err(err) => problems.push(problem(e, &err)),
         }
     }
     (problems, bytes, blobs)
+}
+
+/// Opens a blob read back into `raw` and re-hashes it.
+fn open_checked(
+    e: &PackEntry,
+    blob: sbk_store::Result<sbk_store::StoredBlob<'_>>,
+    raw: &mut Vec<u8>,
+) -> sbk_store::Result<()> {
+    let blob = blob?;
+    raw.resize(e.raw_len as usize, 0);
+    blob.open_into(raw)
 }

@@ -56,13 +56,13 @@ fn repository_with_garbage() -> (tempfile::TempDir, MemBackend, HashMap<Snapshot
 
 /// Runs prune in `mode` on copies of `base`, crashing after operation 1, 2, ... until a run
 /// finishes; after each crash the repository is sound and the next prune finishes. Returns how
-/// many crash points there were.
+/// many crash points there were, and what the run that finished did.
 fn crash_everywhere(
     base: &MemBackend,
     kept: &HashMap<SnapshotId, Vec<u8>>,
     mode: PruneMode,
     what: &str,
-) -> u64 {
+) -> (u64, PruneReport) {
     for n in 1.. {
         let mem = base.fork();
         let faulty = Arc::new(FaultyBackend::new(
@@ -82,8 +82,8 @@ fn crash_everywhere(
             kept,
             &format!("{when}, then a prune"),
         );
-        if finished {
-            return n - 1;
+        if let (true, Ok(report)) = (finished, result) {
+            return (n - 1, report);
         }
     }
     unreachable!()
@@ -92,10 +92,14 @@ fn crash_everywhere(
 #[test]
 fn a_crash_anywhere_in_an_exclusive_prune_loses_nothing() {
     let (_dir, base, kept) = repository_with_garbage();
-    let points = crash_everywhere(&base, &kept, PruneMode::Exclusive, "exclusive");
+    let (points, done) = crash_everywhere(&base, &kept, PruneMode::Exclusive, "exclusive");
     assert!(
         points >= 4,
         "copies, index files, deletes: {points} crash points"
+    );
+    assert!(
+        done.packs_deleted + done.packs_repacked > 0 && done.bytes_removed > 0,
+        "{done:?}"
     );
 }
 
@@ -104,19 +108,21 @@ fn a_crash_anywhere_in_either_phase_of_a_prune_beside_backups_loses_nothing() {
     let beside = PruneMode::Beside { grace_secs: 60 };
     let (_dir, base, kept) = repository_with_garbage();
     // The first run marks (and repacks).
-    let points = crash_everywhere(&base, &kept, beside, "marking");
+    let (points, done) = crash_everywhere(&base, &kept, beside, "marking");
     assert!(
         points >= 3,
         "copies, index files, marks: {points} crash points"
     );
+    assert!(done.packs_marked > 0 && done.packs_deleted == 0, "{done:?}");
     // The second, once the grace period has passed, deletes what the first marked.
     let marked = base.fork();
     let report = run_prune(Arc::new(marked.clone()), beside).unwrap();
     assert!(report.packs_marked > 0, "{report:?}");
     marked.advance(120);
-    let points = crash_everywhere(&marked, &kept, beside, "deleting");
+    let (points, done) = crash_everywhere(&marked, &kept, beside, "deleting");
     assert!(
         points >= 2,
         "pack deletes, marks removed: {points} crash points"
     );
+    assert!(done.packs_deleted > 0 && done.bytes_removed > 0, "{done:?}");
 }

@@ -7,9 +7,12 @@
 //! taken before the mark is gone; backups never dedup against a marked pack. Under an
 //! exclusive lock nobody else uses the repository, and unused packs go at once.
 //!
-//! Ordering, in both: blobs that stay are copied into new packs, which are sealed (durable)
-//! first; then new index files naming every surviving and new pack are written, and only then
-//! are the old index files removed; only then are packs deleted. A crash at any point leaves
+//! The run gathers what the snapshots use, the index files, the packs and the marks, computes a
+//! pure [`plan`](plan::plan) (an action and a reason per pack; what `--dry-run` prints), and
+//! hands it to the executor. Ordering, in both modes: blobs that stay are copied into new packs
+//! through the packer, which seals them (durable) and names them in index files of its own;
+//! then new index files naming every surviving and new pack are written, and only then are the
+//! old index files (the packer's among them) removed; only then are packs deleted. A crash at any point leaves
 //! every snapshot restorable: at worst extra packs (named by no index file, swept by a later
 //! prune), index files naming a blob twice, or a marks object naming packs that are gone.
 

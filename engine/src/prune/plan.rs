@@ -277,9 +277,12 @@ fn weigh(
         }
         return;
     };
-    let (keep, drop): (Vec<PackEntry>, Vec<PackEntry>) = entries
+    let (mut keep, drop): (Vec<PackEntry>, Vec<PackEntry>) = entries
         .iter()
         .partition(|e| live.is_some_and(|l| l.contains(&e.id)));
+    // In pack order, as the read path reads them (index files merged in any order name them in
+    // any order).
+    keep.sort_by_key(|e| e.offset);
     if keep.is_empty() {
         if beside {
             p.marks.packs.push((pack, MarkReason::Unused));

@@ -191,6 +191,17 @@ fn a_mostly_unused_pack_is_repacked() {
 }
 
 #[test]
+fn used_blobs_are_copied_in_pack_order_whatever_order_the_index_names_them_in() {
+    // Index files merged in any order can name a pack's blobs in any order.
+    let mut r = Repo::default().pack(1, &[1, 2, 3, 4, 5]).used(&[4, 1]);
+    r.indexed.get_mut(&pack(1)).unwrap().reverse();
+    let p = r.plan(PruneMode::Exclusive);
+    let offsets: Vec<u64> = p.repack[0].2.iter().map(|e| e.offset).collect();
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+    assert_eq!(offsets.len(), 2);
+}
+
+#[test]
 fn a_mostly_unused_pack_is_repacked_and_marked_beside_backups() {
     let r = Repo::default().pack(1, &[1, 2, 3, 4]).used(&[1]);
     let p = r.plan(BESIDE);

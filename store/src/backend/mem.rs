@@ -246,6 +246,16 @@ struct MemStaged {
     buf: Option<Vec<u8>>,
 }
 
+impl MemStaged {
+    /// The error of a write to a staged object removed as a leftover.
+    fn gone(&self) -> StoreError {
+        StoreError::io(
+            format!("staged {} {}", self.kind, self.name),
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        )
+    }
+}
+
 impl Staged for MemStaged {
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         let buf = self.buf.as_mut().expect("present until finish");
@@ -258,16 +268,17 @@ impl Staged for MemStaged {
             }
             // Removed as a leftover under us: what a real storage would do to a writer that
             // was idle past the cut-off.
-            None => Err(StoreError::io(
-                format!("staged {} {}", self.kind, self.name),
-                std::io::Error::from(std::io::ErrorKind::NotFound),
-            )),
+            None => Err(self.gone()),
         }
     }
 
     fn finish(mut self: Box<Self>) -> Result<()> {
         let buf = self.buf.take().expect("present until finish");
-        self.backend.state().staged.remove(&self.serial);
+        if self.backend.state().staged.remove(&self.serial).is_none() {
+            // Removed as a leftover under us, as a disk's temporary file would be: nothing
+            // appears.
+            return Err(self.gone());
+        }
         match self.backend.create_object(self.kind, &self.name, buf) {
             Written::Created => Ok(()),
             Written::AlreadyThere => Err(StoreError::io(

@@ -10,8 +10,8 @@ use crate::clock::unix_now as now;
 use crate::error::{Result, StoreError};
 use crate::id::to_hex;
 
-use super::liveness::storage_now;
-use super::{holder_id, list_locks, remove_pins, LockInfo, LockKind, LockTiming};
+use super::liveness::{list_showing, storage_now};
+use super::{holder_id, remove_pins, LockInfo, LockKind, LockTiming};
 
 /// A conflicting lock: its name and contents.
 type Conflict = (String, LockInfo);
@@ -24,8 +24,7 @@ fn conflicting(
     kind: LockKind,
     host: &str,
 ) -> Result<(Option<Conflict>, Option<i64>)> {
-    let locks = list_locks(backend)?;
-    let written = locks.iter().find(|l| l.name == ours).map(|l| l.modified);
+    let (locks, written) = list_showing(backend, ours)?;
     let storage_now = storage_now(&locks, written);
     let conflict = locks.into_iter().find_map(|other| {
         if other.name == ours {

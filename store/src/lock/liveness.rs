@@ -111,6 +111,24 @@ pub(super) fn storage_now(locks: &[FoundLock], ours: Option<i64>) -> i64 {
     ours.unwrap_or_else(|| locks.iter().map(|l| l.modified).max().unwrap_or(i64::MIN))
 }
 
+/// Every lock object, listed again (a few times, at growing intervals) until the listing shows
+/// `ours`, just written: its time is the storage's "now". `None` when the listing still lags.
+pub(super) fn list_showing(
+    backend: &dyn Backend,
+    ours: &str,
+) -> Result<(Vec<FoundLock>, Option<i64>)> {
+    let mut attempt = 0;
+    loop {
+        let locks = list_locks(backend)?;
+        let written = locks.iter().find(|l| l.name == ours).map(|l| l.modified);
+        if written.is_some() || attempt == 3 {
+            return Ok((locks, written));
+        }
+        attempt += 1;
+        std::thread::sleep(std::time::Duration::from_millis(20 << attempt));
+    }
+}
+
 /// What [`remove_stale_locks`] found of one lock.
 #[derive(Debug)]
 pub struct LockVerdict {
@@ -142,13 +160,19 @@ pub fn remove_stale_locks(backend: &dyn Backend) -> Result<Vec<LockVerdict>> {
         &crate::id::random_bytes::<16>().map_err(|e| StoreError::io(backend.location(), e))?,
     );
     backend.write_once(Kind::Lock, &probe_name, &probe.encode())?;
-    let listed = list_locks(backend);
+    let listed = list_showing(backend, &probe_name);
     // The probe goes whatever the listing did; a failed delete leaves a lock of a process that
     // is gone once this one ends, which the next unlock removes.
     let _ = backend.delete(Kind::Lock, &probe_name);
-    let (probe, others): (Vec<FoundLock>, Vec<FoundLock>) =
-        listed?.into_iter().partition(|l| l.name == probe_name);
-    let storage_now = storage_now(&others, probe.first().map(|p| p.modified));
+    let (locks, probed) = listed?;
+    // Without the storage's time no lease can be judged: unlock guesses nothing.
+    let Some(storage_now) = probed else {
+        return Err(StoreError::StorageUnreachable {
+            location: backend.location(),
+            detail: "the storage does not list unlock's own probe object yet (a listing that lags behind writes); run unlock again".into(),
+        });
+    };
+    let others = locks.into_iter().filter(|l| l.name != probe_name);
     let mut out = Vec::new();
     for lock in others {
         let liveness = lock.liveness(&holder, storage_now);

@@ -58,6 +58,49 @@ fn dead_lock(kind: LockKind, purpose: &str) -> LockInfo {
 }
 
 #[test]
+fn unlock_judges_leases_by_the_storage_clock_not_the_holders() {
+    let mem = crate::backend::MemBackend::new();
+    let t = 1_000_000;
+    mem.set_time(t);
+    // Written long ago by the storage's clock, though its holder's clock said "just now".
+    let stale = LockInfo {
+        host: "elsewhere".into(),
+        pid: 1,
+        time: t + 3600,
+        ..dead_lock(LockKind::Shared, "backup")
+    };
+    mem.write_once(Kind::Lock, "stale", &stale.encode())
+        .unwrap();
+    mem.set_time(t + 3600);
+    // Written just now by the storage's clock, though its holder's clock is a day behind.
+    let live = LockInfo {
+        time: t - 86_400,
+        ..stale.clone()
+    };
+    mem.write_once(Kind::Lock, "live", &live.encode()).unwrap();
+    let mut verdicts = remove_stale_locks(&mem).unwrap();
+    verdicts.sort_by(|x, y| x.name.cmp(&y.name));
+    assert_eq!(verdicts[0].name, "live");
+    assert_eq!(verdicts[0].liveness, Liveness::Live);
+    assert!(!verdicts[0].removed);
+    assert_eq!(verdicts[1].name, "stale");
+    assert_eq!(
+        verdicts[1].liveness,
+        Liveness::Expired {
+            age: 3600,
+            lease: 1800
+        }
+    );
+    assert!(verdicts[1].removed);
+    let left: Vec<String> = list_locks(&mem)
+        .unwrap()
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    assert_eq!(left, vec!["live"]);
+}
+
+#[test]
 fn one_rule_judges_every_lock_by_the_storage_clock() {
     let (_dir, b) = backend();
     let t = 1_000_000;

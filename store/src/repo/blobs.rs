@@ -4,11 +4,12 @@
 //! pack was checked against the index, opened (decrypted and authenticated), decompressed and
 //! hashed back to its id first.
 
+use crate::backend::Kind;
 use crate::blob::{
     decode_blob_into, encode_blob, BlobHeader, BlobKind, EncodedBlob, BLOB_HEADER_LEN,
 };
 use crate::crypto::SealedFor;
-use crate::error::{Result, StoreError};
+use crate::error::{DecodeError, Result, StoreError};
 use crate::id::{ChunkId, PackId};
 use crate::index::IndexEntry;
 use crate::manifest::{decode_tree, Extent};
@@ -34,6 +35,29 @@ type BlobSink<'s, E> = dyn FnMut(usize, Result<StoredBlob<'_>>) -> std::result::
 
 /// Largest read of neighbouring blobs in one go.
 pub const READ_RUN_BYTES: u64 = 8 << 20;
+
+/// Fails unless `entries` are sorted by offset and none overlaps the next: the read path splits
+/// one read into blobs, and entries that say otherwise (a damaged index) are an error, not a
+/// panic.
+fn check_order(pack: PackId, entries: &[PackEntry]) -> Result<()> {
+    match entries.windows(2).find(|w| w[1].offset < w[0].end()) {
+        None => Ok(()),
+        Some(w) => Err(StoreError::Corrupt {
+            path: Kind::Pack.object_path(&pack.to_hex()),
+            what: "index entries",
+            source: DecodeError::Invalid {
+                field: "offset",
+                detail: format!(
+                    "blob {} at {} overlaps or precedes blob {} ending at {}",
+                    w[1].id,
+                    w[1].offset,
+                    w[0].id,
+                    w[0].end()
+                ),
+            },
+        }),
+    }
+}
 
 /// `entries` (sorted by offset) in runs read together, each at most [`READ_RUN_BYTES`] long
 /// unless one blob is larger, with the position of each run's first entry.
@@ -149,6 +173,7 @@ impl Repository {
         buf: &mut Vec<u8>,
         mut each: impl FnMut(usize, Result<StoredBlob<'_>>) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
+        check_order(pack, entries)?;
         for (base, run) in read_runs(entries) {
             match self.read_range(pack, run, buf) {
                 Ok(()) => self.hand_out(pack, run, buf, &mut |i, blob| each(base + i, blob))?,

@@ -101,6 +101,7 @@ fn blobs_read_back_verified_and_a_damaged_one_is_named() {
         },
     )
     .unwrap();
+    assert_eq!(results.len(), 5, "every blob is handed out");
     for (i, r) in results.iter().enumerate() {
         match r {
             Ok(out) => assert_eq!(out, &data[i]),
@@ -109,6 +110,23 @@ fn blobs_read_back_verified_and_a_damaged_one_is_named() {
         }
     }
     assert_eq!(results.iter().filter(|r| r.is_err()).count(), 1);
+}
+
+#[test]
+fn entries_out_of_order_or_overlapping_are_an_error_not_a_panic() {
+    let mem = MemBackend::new();
+    Repository::init(&mem, InitOptions::default()).unwrap();
+    let repo = open(&mem, "").unwrap();
+    let (pack, entries) = store(&repo, &[&[1u8; 3000], &[2u8; 3000]]);
+    let reversed: Vec<PackEntry> = entries.iter().rev().copied().collect();
+    let mut overlapping = entries.clone();
+    overlapping[1].offset -= 1;
+    for bad in [reversed, overlapping] {
+        let r = repo.read_blobs(pack, &bad, PackGone::Fail, &mut Vec::new(), |_, _| {
+            Ok::<(), StoreError>(())
+        });
+        assert!(matches!(r, Err(StoreError::Corrupt { .. })), "{r:?}");
+    }
 }
 
 #[test]
