@@ -18,19 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 gib=${1:-4}
 base=${2:-/var/tmp}
-for tool in /usr/bin/time mke2fs dd cmp; do
-  command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || { echo "missing $tool (apt-get install time e2fsprogs)" >&2; exit 1; }
-done
-cargo build --release -p sbk >&2
-sbk=$PWD/target/release/sbk
-work=$(mktemp -d "$base/sbk-bench.XXXXXX")
-trap 'rm -rf "$work"' EXIT
-img=$work/disk.img
-size=$((gib << 30))
-
 source benches/lib.sh
-echo "making a ${gib} GiB ext4 image from /usr ..." >&2
-make_image "$img" "$size"
+bench_setup bench "$gib" "$base" /usr/bin/time mke2fs dd cmp
 
 results=()
 results+=("$(measure "raw O_DIRECT read (dd bs=16M)" dd if="$img" of=/dev/null bs=16M iflag=direct)")

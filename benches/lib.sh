@@ -1,5 +1,23 @@
 # Shared by the end-to-end benchmark scripts (sourced, not run). Needs $work (a scratch folder).
 
+# bench_setup NAME GIB BASE TOOL...: checks that the tools are there, builds the release binary
+# ($sbk), makes a scratch folder under BASE ($work, removed at exit) and an ext4 image of GIB GiB
+# in it ($img, $size bytes).
+bench_setup() {
+  local name=$1 gib=$2 base=$3; shift 3
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || { echo "missing $tool (apt-get install time e2fsprogs)" >&2; exit 1; }
+  done
+  cargo build --release -p sbk >&2
+  sbk=$PWD/target/release/sbk
+  work=$(mktemp -d "$base/sbk-$name.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  img=$work/disk.img
+  size=$((gib << 30))
+  echo "making a ${gib} GiB ext4 image from /usr ..." >&2
+  make_image "$img" "$size"
+}
+
 # make_image IMG BYTES: a realistic disk image, an ext4 filesystem filled to about half from the
 # machine's /usr in /usr's order (binaries, libraries, text); free space stays zero.
 make_image() {

@@ -18,18 +18,9 @@ gib=${1:-4}
 base=${2:-/var/tmp}
 rounds=${3:-3}
 before=${SBK_BEFORE:?set SBK_BEFORE to the older sbk binary}
-for tool in /usr/bin/time mke2fs cmp; do
-  command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || { echo "missing $tool (apt-get install time e2fsprogs)" >&2; exit 1; }
-done
-cargo build --release -p sbk >&2
-now=$PWD/target/release/sbk
-work=$(mktemp -d "$base/sbk-paired.XXXXXX")
-trap 'rm -rf "$work"' EXIT
-img=$work/disk.img
-size=$((gib << 30))
 source benches/lib.sh
-echo "making a ${gib} GiB ext4 image from /usr ..." >&2
-make_image "$img" "$size"
+bench_setup paired "$gib" "$base" /usr/bin/time mke2fs cmp
+now=$sbk
 # The changed image: ~2% rewritten, 1 MiB of random data at evenly spread offsets.
 cp --sparse=always "$img" "$work/changed.img"
 blocks=$((size / 50 >> 20))
