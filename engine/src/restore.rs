@@ -18,6 +18,7 @@ use memmap2::MmapMut;
 use rayon::prelude::*;
 use sbk_store::{
     BlobKind, Extent, Manifest, PackEntry, PackGone, PackId, Repository, SnapshotId, StoreError,
+    READ_GAP_BYTES, READ_RUN_BYTES,
 };
 
 use crate::error::{EngineError, Result};
@@ -61,11 +62,6 @@ pub struct RestoreStats {
     /// Whether the middles of chunks went through O_DIRECT.
     pub direct_io: bool,
 }
-
-/// Largest read of neighbouring blobs from a pack in one go.
-const BATCH_BYTES: u64 = 8 << 20;
-/// Blobs closer than this in a pack are read together, the gap read and skipped.
-const BATCH_GAP: u64 = 256 << 10;
 
 /// Restores snapshot `id` to `target`.
 pub fn restore(
@@ -330,8 +326,9 @@ fn restore_positioned(
                 if b.pack == pack && {
                     let first = &b.entries[0];
                     let last = b.entries.last().expect("batches are never empty");
-                    entry.offset <= last.end() + BATCH_GAP
-                        && entry.end() - first.offset <= BATCH_BYTES
+                    // The read path's own rule for reading blobs together.
+                    entry.offset <= last.end() + READ_GAP_BYTES
+                        && entry.end() - first.offset <= READ_RUN_BYTES
                 } =>
             {
                 b.entries.push(entry);

@@ -36,6 +36,10 @@ type BlobSink<'s, E> = dyn FnMut(usize, Result<StoredBlob<'_>>) -> std::result::
 /// Largest read of neighbouring blobs in one go.
 pub const READ_RUN_BYTES: u64 = 8 << 20;
 
+/// Blobs further apart than this are read apart: reading the gap would cost more than a second
+/// request (restore coalesces by the same rule).
+pub const READ_GAP_BYTES: u64 = 256 << 10;
+
 /// Fails unless `entries` are sorted by offset and none overlaps the next: the read path splits
 /// one read into blobs, and entries that say otherwise (a damaged index) are an error, not a
 /// panic.
@@ -60,17 +64,22 @@ fn check_order(pack: PackId, entries: &[PackEntry]) -> Result<()> {
 }
 
 /// `entries` (sorted by offset) in runs read together, each at most [`READ_RUN_BYTES`] long
-/// unless one blob is larger, with the position of each run's first entry.
+/// unless one blob is larger and with no gap over [`READ_GAP_BYTES`], with the position of each
+/// run's first entry.
 fn read_runs(entries: &[PackEntry]) -> impl Iterator<Item = (usize, &[PackEntry])> {
     let mut rest = entries;
     let mut base = 0;
     std::iter::from_fn(move || {
         let first = rest.first()?;
+        // A run ends where the next blob would make it too long, or lies too far past the last
+        // one to be worth reading the gap (the unused blobs a repack skips).
         let n = rest
-            .iter()
-            .position(|e| e.end() - first.offset > READ_RUN_BYTES)
-            .unwrap_or(rest.len())
-            .max(1);
+            .windows(2)
+            .position(|w| {
+                w[1].end() - first.offset > READ_RUN_BYTES
+                    || w[1].offset - w[0].end() > READ_GAP_BYTES
+            })
+            .map_or(rest.len(), |i| i + 1);
         let (run, tail) = rest.split_at(n);
         rest = tail;
         base += n;

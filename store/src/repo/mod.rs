@@ -21,7 +21,7 @@ mod snapshots;
 #[cfg(test)]
 mod tests;
 
-pub use blobs::{PackGone, StoredBlob};
+pub use blobs::{PackGone, StoredBlob, READ_GAP_BYTES, READ_RUN_BYTES};
 pub use index::FoundMarks;
 use index::Marked;
 pub use keys::KeyInfo;
