@@ -1,9 +1,11 @@
 //! The whole pipelines on a real file: backup into a fresh repository, a second backup of the
-//! same file (the dedup hit path), and restore to a file, each beside an O_DIRECT read of the
-//! same file measured in the same run.
+//! same file (the dedup hit path), each beside an O_DIRECT read of the same file, and restore to
+//! a file beside a plain write and fsync of the same bytes, all measured in the same run (a
+//! restore is bound by its writes, a backup by its reads).
 // criterion_group! generates public functions that cannot carry docs.
 #![allow(missing_docs)]
 
+use std::io::Write;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -59,7 +61,8 @@ fn raw_read(path: &Path) -> u64 {
 fn pipeline(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let image = dir.path().join("image");
-    std::fs::write(&image, mixed(IMAGE, 42)).expect("the image is written");
+    let bytes = mixed(IMAGE, 42);
+    std::fs::write(&image, &bytes).expect("the image is written");
     let mut g = c.benchmark_group("pipeline");
     g.throughput(Throughput::Bytes(IMAGE as u64));
     g.sample_size(10);
@@ -99,6 +102,15 @@ fn pipeline(c: &mut Criterion) {
     let snapshot = first[0].as_ref().expect("the backup succeeds").snapshot;
     g.bench_function("backup/unchanged", |b| b.iter(|| run_backup(&repo, &lock)));
 
+    let raw = dir.path().join("raw");
+    g.bench_function("baseline_write-fsync", |b| {
+        b.iter(|| {
+            let _ = std::fs::remove_file(&raw);
+            let mut f = std::fs::File::create(&raw).expect("a file is created");
+            f.write_all(&bytes).expect("the bytes are written");
+            f.sync_all().expect("fsync works");
+        })
+    });
     let out = dir.path().join("restored");
     g.bench_function("restore/file", |b| {
         b.iter(|| {
