@@ -323,21 +323,13 @@ mod tests {
     use sbk_store::{BlobKind, EncodedBlob, Repository};
 
     use super::{Packer, INDEX_EVERY};
-    use crate::testkit::{mem_repository, open};
+    use crate::testkit::{mem_repository, open, random_bytes};
 
     /// `n` blobs of about a pack each (incompressible), so that every blob rolls a new pack.
     fn big_blobs(repo: &Repository, n: usize) -> Vec<(Vec<u8>, EncodedBlob)> {
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        (0..n)
-            .map(|_| {
-                let raw: Vec<u8> = (0..(1 << 20) + 1)
-                    .map(|_| {
-                        state ^= state << 13;
-                        state ^= state >> 7;
-                        state ^= state << 17;
-                        state as u8
-                    })
-                    .collect();
+        (0..n as u64)
+            .map(|i| {
+                let raw = random_bytes(i, (1 << 20) + 1);
                 let id = repo.blob_id(&raw);
                 let blob = repo.encode_blob(id, BlobKind::Data, &raw).unwrap();
                 (raw, blob)

@@ -49,20 +49,30 @@ pub fn lock(repo: &Repository, kind: LockKind) -> sbk_store::Result<Lock> {
     repo.lock(kind, "test", LockTiming::default())
 }
 
+/// `len` incompressible bytes derived from `seed` (xorshift).
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
 /// Writes `len` bytes of a source derived from `seed` (runs of random bytes, of repeated bytes
 /// shared by every seed, and of zeros) into `dir/name`; returns its path and bytes.
 pub fn source(dir: &Path, name: &str, seed: u64, len: usize) -> (PathBuf, Vec<u8>) {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut bytes = Vec::with_capacity(len);
     while bytes.len() < len {
         let run = (300 << 10).min(len - bytes.len());
         match bytes.len() / (300 << 10) % 3 {
-            0 => (0..run).for_each(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                bytes.push(state as u8);
-            }),
+            0 => {
+                let at = bytes.len() as u64;
+                bytes.extend(random_bytes(seed ^ at, run));
+            }
             1 => bytes.extend((0..run).map(|i| (i % 251) as u8)),
             _ => bytes.resize(bytes.len() + run, 0),
         }

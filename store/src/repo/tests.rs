@@ -28,6 +28,22 @@ fn open(mem: &MemBackend, password: &str) -> crate::Result<Repository> {
     Ok(repo)
 }
 
+/// A new unencrypted repository in memory, open.
+fn unencrypted() -> (MemBackend, Repository) {
+    let mem = MemBackend::new();
+    Repository::init(&mem, InitOptions::default()).unwrap();
+    let repo = open(&mem, "").unwrap();
+    (mem, repo)
+}
+
+/// Flips the byte at `at` of an object, as damage on the storage would.
+fn flip(mem: &MemBackend, kind: Kind, name: &str, at: usize) {
+    let mut bytes = mem.read(kind, name).unwrap();
+    bytes[at] ^= 1;
+    mem.delete(kind, name).unwrap();
+    mem.write_once(kind, name, &bytes).unwrap();
+}
+
 /// Stores `blobs` in one new pack named by a new index file; returns the pack and its entries.
 fn store(repo: &Repository, blobs: &[&[u8]]) -> (PackId, Vec<PackEntry>) {
     let mut pack = repo.new_pack().unwrap();
@@ -84,10 +100,12 @@ fn blobs_read_back_verified_and_a_damaged_one_is_named() {
         );
     }
     // One stored byte flipped: that blob fails by name, the others read on.
-    let mut bytes = mem.read(Kind::Pack, &pack.to_hex()).unwrap();
-    bytes[entries[2].offset as usize + 60] ^= 1;
-    mem.delete(Kind::Pack, &pack.to_hex()).unwrap();
-    mem.write_once(Kind::Pack, &pack.to_hex(), &bytes).unwrap();
+    flip(
+        &mem,
+        Kind::Pack,
+        &pack.to_hex(),
+        entries[2].offset as usize + 60,
+    );
     let mut results = Vec::new();
     repo.read_blobs(
         pack,
@@ -114,9 +132,7 @@ fn blobs_read_back_verified_and_a_damaged_one_is_named() {
 
 #[test]
 fn entries_out_of_order_or_overlapping_are_an_error_not_a_panic() {
-    let mem = MemBackend::new();
-    Repository::init(&mem, InitOptions::default()).unwrap();
-    let repo = open(&mem, "").unwrap();
+    let (_mem, repo) = unencrypted();
     let (pack, entries) = store(&repo, &[&[1u8; 3000], &[2u8; 3000]]);
     let reversed: Vec<PackEntry> = entries.iter().rev().copied().collect();
     let mut overlapping = entries.clone();
@@ -131,9 +147,7 @@ fn entries_out_of_order_or_overlapping_are_an_error_not_a_panic() {
 
 #[test]
 fn a_reader_follows_a_blob_that_prune_moved() {
-    let mem = MemBackend::new();
-    Repository::init(&mem, InitOptions::default()).unwrap();
-    let reader = open(&mem, "").unwrap();
+    let (mem, reader) = unencrypted();
     let raw = vec![7u8; 50_000];
     let (old, entries) = store(&reader, &[&raw]);
     // A prune elsewhere copies the blob into a new pack, indexes it, and deletes the old pack
@@ -166,9 +180,7 @@ fn a_reader_follows_a_blob_that_prune_moved() {
 
 #[test]
 fn backups_never_dedup_against_a_marked_pack() {
-    let mem = MemBackend::new();
-    Repository::init(&mem, InitOptions::default()).unwrap();
-    let repo = open(&mem, "").unwrap();
+    let (mem, repo) = unencrypted();
     let raw = vec![3u8; 1000];
     let (pack, _) = store(&repo, &[&raw]);
     let id = repo.blob_id(&raw);
@@ -225,11 +237,7 @@ fn snapshots_are_written_listed_resolved_and_removed() {
         Err(StoreError::SnapshotNotFound(_))
     ));
     // A manifest whose bytes changed no longer matches its id.
-    let mut bytes = mem.read(Kind::Snapshot, &new.to_hex()).unwrap();
-    bytes[10] ^= 1;
-    mem.delete(Kind::Snapshot, &new.to_hex()).unwrap();
-    mem.write_once(Kind::Snapshot, &new.to_hex(), &bytes)
-        .unwrap();
+    flip(&mem, Kind::Snapshot, &new.to_hex(), 10);
     assert!(matches!(
         repo.load_manifest(&new),
         Err(StoreError::Corrupt { .. })
