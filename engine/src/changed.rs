@@ -2,7 +2,8 @@
 //!
 //! Three formats, told apart by their first non-blank byte:
 //! - Ceph `rbd diff --format json`: `[{"offset":N,"length":N,"exists":"true"|"false"}, …]`
-//!   (a range that no longer "exists" was discarded: it reads as zeros now, so it changed too);
+//!   (a range that no longer "exists" was discarded: it reads as zeros now, so it changed too;
+//!   an entry without "exists", as scripts write them, changed as well);
 //! - LVM `thin_delta` XML, default and `--verbose`: `<different|right_only|left_only begin
 //!   length/>`, possibly holding `<range begin length/>` elements, in thin-device blocks of the
 //!   superblock's `data_block_size` sectors of 512 bytes (`<same …/>` is unchanged);
@@ -127,6 +128,10 @@ fn rbd_json(bytes: &[u8]) -> Result<Vec<Range<u64>>, ListError> {
     struct Entry {
         offset: u64,
         length: u64,
+        /// Absent in lists written by scripts rather than `rbd diff`: every entry of a
+        /// changed-block list says a range changed, whatever `exists` says, so absent is
+        /// "changed" too (null stands for it).
+        #[serde(default)]
         exists: serde_json::Value,
     }
     let entries: Vec<Entry> = serde_json::from_slice(bytes).map_err(|e| ListError {
@@ -141,7 +146,7 @@ fn rbd_json(bytes: &[u8]) -> Result<Vec<Range<u64>>, ListError> {
             let place = format!("entry {}", i + 1);
             match &e.exists {
                 serde_json::Value::String(s) if s == "true" || s == "false" => {}
-                serde_json::Value::Bool(_) => {}
+                serde_json::Value::Bool(_) | serde_json::Value::Null => {}
                 other => {
                     return Err(ListError {
                         format: "rbd-json",
@@ -384,6 +389,10 @@ mod tests {
             vec![true],
             "ranges past the end touch nothing"
         );
+        // Lists written by scripts leave "exists" out: every entry is a change.
+        let l = ChangedList::parse(br#"[{"offset":8192,"length":100},{"offset":0,"length":10}]"#)
+            .unwrap();
+        assert_eq!(l.ranges, vec![0..10, 8192..8292]);
         let e =
             ChangedList::parse(b"[{\"offset\":1,\"length\":2,\"exists\":\"maybe\"}]").unwrap_err();
         assert!(e.to_string().contains("entry 1"), "{e}");

@@ -41,14 +41,15 @@ pub enum EngineError {
         /// The OS error.
         source: io::Error,
     },
-    /// The source changed size while it was read.
-    #[error("{path}: the source shrank while it was read (expected {expected} bytes, it ends at {found})")]
-    SourceShrank {
+    /// The source changed size while it was read (an image being written to, a device that
+    /// went away): what was read is not one consistent disk, so no snapshot is written.
+    #[error("{path}: the source changed size while it was read (from {expected} to {found} bytes); no snapshot was written: back up a snapshot of it, or stop what is writing to it")]
+    SourceResized {
         /// The source path.
         path: PathBuf,
         /// Size at the start of the backup.
         expected: u64,
-        /// Where it ended.
+        /// The size found later (or where a read found it ending).
         found: u64,
     },
     /// The parent of an incremental backup cannot be used (another segment size, no snapshot

@@ -193,9 +193,36 @@ impl Source {
         })
     }
 
-    /// Size in bytes.
+    /// Size in bytes, as taken when the source was opened.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Fails with [`EngineError::SourceResized`] when the source no longer has the size it was
+    /// opened with. A file truncated under the reader would otherwise read as a hole (SEEK_DATA
+    /// finds nothing past its new end) and a grown one would lose its tail, both silently. An
+    /// NBD export's size is fixed for the connection.
+    pub fn check_size(&self) -> Result<()> {
+        let file = match &self.backing {
+            Backing::File(f) => f,
+            Backing::Nbd(_) => return Ok(()),
+        };
+        let now = match self.kind {
+            SourceKind::BlockDevice => sys::block_device_size(file),
+            _ => file.metadata().map(|m| m.len()),
+        }
+        .map_err(|source| EngineError::SourceOpen {
+            path: self.path.clone(),
+            source,
+        })?;
+        if now != self.size {
+            return Err(EngineError::SourceResized {
+                path: self.path.clone(),
+                expected: self.size,
+                found: now,
+            });
+        }
+        Ok(())
     }
 
     /// File or block device.
@@ -307,7 +334,7 @@ impl Source {
         }
         let expected = (self.size.saturating_sub(offset)).min(buf.len() as u64);
         if (done as u64) < expected {
-            return Err(EngineError::SourceShrank {
+            return Err(EngineError::SourceResized {
                 path: self.path.clone(),
                 expected: self.size,
                 found: offset + done as u64,

@@ -306,3 +306,56 @@ fn source_read_error_mid_backup_leaves_no_snapshot() {
     env.restore(&id, &out2, &[]);
     assert_same(&src, &out2);
 }
+
+/// A disk image truncated, or grown, while it is backed up fails with a message that says so,
+/// exit 1, and no snapshot: what was read is not one consistent disk (the tail of a truncated
+/// file would otherwise read as a hole, and be restored as zeros).
+#[test]
+fn an_image_resized_during_its_backup_fails_without_a_snapshot() {
+    let env = Env::new();
+    for (what, new_len) in [("shrunk", 8u64 << 20), ("grown", (300 << 20) + 4096)] {
+        let img = env.path("live.img");
+        std::fs::write(&img, random(300 << 20, 9)).unwrap();
+        let mut child = env
+            .cmd()
+            .arg("backup")
+            .arg(&img)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Resized once the backup is writing its first pack: it has read some, not all.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while env.pack_files(true).is_empty() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "{what}: the backup finished before the image could be resized"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: no pack appeared"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_len(new_len)
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+        assert!(
+            stderr.contains("changed size while it was read")
+                && stderr.contains(&format!("to {new_len} bytes")),
+            "{what}: the message says what happened: {stderr}"
+        );
+        let list = env.run(&["snapshots", "--json"]).json();
+        assert_eq!(
+            list.as_array().unwrap().len(),
+            0,
+            "{what}: no snapshot: {list}"
+        );
+    }
+}

@@ -238,7 +238,7 @@ fn backup_one(
         ));
         source = Source::open(path)?;
         if source.size() != size {
-            return Err(EngineError::SourceShrank {
+            return Err(EngineError::SourceResized {
                 path: path.to_owned(),
                 expected: size,
                 found: source.size(),
@@ -250,6 +250,8 @@ fn backup_one(
         progress.start(task, &format!("{label} (whole)"), size);
         run = run_pipeline(state, task, &mut source, &incremental.plan, progress)?;
     }
+    // Whatever the reads saw, a source whose size moved is not one consistent disk.
+    source.check_size()?;
     progress.finish(task);
     if let Some(why) = &run.fallback {
         progress.notice(&format!(
@@ -301,7 +303,7 @@ fn write_snapshot(
     if manifest.trees.len() as u64 != segments {
         // Cannot happen: the reader stops early only with an error, which reached the writer.
         // But a manifest that does not cover its source must never be written.
-        return Err(EngineError::SourceShrank {
+        return Err(EngineError::SourceResized {
             path: path.to_owned(),
             expected: manifest.size,
             found: manifest.trees.len() as u64 * manifest.segment_size,

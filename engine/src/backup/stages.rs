@@ -159,7 +159,11 @@ pub(super) fn read_segments(
             }
             continue;
         }
-        let seg = match source.read_segment(start..start + len, &mut buf) {
+        // Checked after the read: a source truncated before or during it reads as a hole.
+        let read = source
+            .read_segment(start..start + len, &mut buf)
+            .and_then(|r| source.check_size().map(|()| r));
+        let seg = match read {
             Ok(Some(read)) => Ok(Segment {
                 read,
                 buf: Some(buf),

@@ -71,3 +71,61 @@ fn a_crash_after_any_backend_operation_of_a_backup_loses_nothing() {
         "a backup's lock, packs, index file and manifest: {crashes} crash points"
     );
 }
+
+/// Resizes the source to `to` bytes as soon as its backup starts (after it was opened and its
+/// size taken), as a writer of a live image would.
+struct ResizeOnStart {
+    path: std::path::PathBuf,
+    to: u64,
+}
+
+impl crate::Progress for ResizeOnStart {
+    fn start(&self, _task: usize, _label: &str, _total: u64) {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .unwrap();
+        f.set_len(self.to).unwrap();
+    }
+}
+
+#[test]
+fn a_source_that_shrinks_or_grows_while_read_fails_without_a_snapshot() {
+    use crate::testkit::lock;
+    use crate::{backup, BackupOptions, EngineError};
+    let dir = tempfile::tempdir().unwrap();
+    let mem = mem_repository();
+    let repo = open(Arc::new(mem.clone())).unwrap();
+    let opts = BackupOptions {
+        threads: 2,
+        host: "test".into(),
+        tags: Vec::new(),
+        source_name: None,
+        cbt_token: None,
+        changed: None,
+    };
+    let len = 3u64 << 20;
+    for to in [len / 3, len + 4096, 0] {
+        let (path, _) = source(dir.path(), "disk", 7, len as usize);
+        let lock = lock(&repo, sbk_store::LockKind::Shared).unwrap();
+        let resize = ResizeOnStart {
+            path: path.clone(),
+            to,
+        };
+        let mut results =
+            backup(&repo, &lock, std::slice::from_ref(&path), &opts, &resize).unwrap();
+        match results.remove(0) {
+            Err(EngineError::SourceResized {
+                expected, found, ..
+            }) => {
+                assert_eq!((expected, found), (len, to), "the sizes named");
+            }
+            other => panic!("resized to {to}: {:?}", other.map(|o| o.snapshot)),
+        }
+        drop(lock);
+        assert!(
+            repo.snapshot_ids().unwrap().is_empty(),
+            "no snapshot of a source resized to {to}"
+        );
+    }
+}
