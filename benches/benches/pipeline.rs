@@ -68,15 +68,9 @@ fn pipeline(c: &mut Criterion) {
     g.sample_size(10);
 
     g.bench_function("baseline/odirect-read", |b| b.iter(|| raw_read(&image)));
-    let run_backup = |repo: &Repository, lock: &Lock| {
-        backup(
-            repo,
-            lock,
-            std::slice::from_ref(&image),
-            &opts(),
-            &NoProgress,
-        )
-    };
+    let sources = [image.clone().into()];
+    let run_backup =
+        |repo: &Repository, lock: &Lock| backup(repo, lock, &sources, &opts(), &NoProgress);
 
     g.bench_function("backup/first", |b| {
         b.iter_with_setup(

@@ -96,11 +96,15 @@ pub struct Bars {
 impl Progress for Bars {
     fn start(&self, task: usize, label: &str, total: u64) {
         let Some(multi) = &self.multi else { return };
-        let style = ProgressStyle::with_template(
-            "{prefix:.bold} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("the template is valid")
-        .progress_chars("=> ");
+        // A stream's size is known at its end only: bytes and speed, no bar.
+        let template = if total == 0 {
+            "{prefix:.bold} {spinner} {bytes} {bytes_per_sec}"
+        } else {
+            "{prefix:.bold} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
+        };
+        let style = ProgressStyle::with_template(template)
+            .expect("the template is valid")
+            .progress_chars("=> ");
         let bar = multi.add(
             ProgressBar::new(total)
                 .with_style(style)

@@ -47,6 +47,8 @@ impl PasswordSource {
             let out = Command::new("sh")
                 .arg("-c")
                 .arg(cmd)
+                // Never the image: `sbk backup -` reads its source from our standard input.
+                .stdin(std::process::Stdio::null())
                 .stderr(std::process::Stdio::inherit())
                 .output()
                 .map_err(|e| {

@@ -52,6 +52,14 @@ pub enum EngineError {
         /// The size found later (or where a read found it ending).
         found: u64,
     },
+    /// A stream's command failed: what it wrote may be cut short, so it is not a whole disk.
+    #[error("{path}: the command failed ({status}): what it wrote may not be the whole disk; no snapshot was written")]
+    SourceIncomplete {
+        /// The source (the command).
+        path: PathBuf,
+        /// How the command ended.
+        status: String,
+    },
     /// The parent of an incremental backup cannot be used (another segment size, no snapshot
     /// carrying the token the list starts from).
     #[error("cannot back up incrementally: {0}")]

@@ -54,7 +54,7 @@ pub use serve::{
     OpenGuard, OpenHook, ServePins, Shared as ServeShared, SnapshotCatalog, SnapshotExport,
 };
 pub use snapshot::load_extents;
-pub use source::{dirty_ranges, Source, SourceKind, ALIGN, FAULT_EIO_ENV};
+pub use source::{dirty_ranges, Source, SourceKind, SourceSpec, ALIGN, FAULT_EIO_ENV};
 pub use stats::{stats, RepoStats, SnapshotStats};
 pub use unlock::unlock;
 pub use verify::{verify, Problem, ReadData, VerifyOptions, VerifyReport};

@@ -4,7 +4,8 @@
 /// Receives progress of long work. Every method has an empty default, so an implementation
 /// takes only what it shows. Calls come from several threads at once.
 pub trait Progress: Send + Sync {
-    /// Work on `task` (a source being backed up, a snapshot being restored) starts; `total` bytes.
+    /// Work on `task` (a source being backed up, a snapshot being restored) starts; `total` bytes,
+    /// or 0 when the total is known only at the end (a stream).
     fn start(&self, _task: usize, _label: &str, _total: u64) {}
     /// `bytes` more of `task` are done.
     fn advance(&self, _task: usize, _bytes: u64) {}

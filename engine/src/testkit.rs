@@ -93,7 +93,7 @@ pub fn backup_one(repo: &Repository, path: &Path) -> crate::Result<SnapshotId> {
         cbt_token: None,
         changed: None,
     };
-    let mut results = backup(repo, &lock, &[path.to_owned()], &opts, &NoProgress)?;
+    let mut results = backup(repo, &lock, &[path.to_owned().into()], &opts, &NoProgress)?;
     Ok(results.remove(0)?.snapshot)
 }
 

@@ -66,7 +66,14 @@ impl Repo {
             cbt_token: None,
             changed: None,
         };
-        let out = backup(repo, lock, &[image.to_path_buf()], &opts, &NoProgress).unwrap();
+        let out = backup(
+            repo,
+            lock,
+            &[image.to_path_buf().into()],
+            &opts,
+            &NoProgress,
+        )
+        .unwrap();
         let o = out.into_iter().next().unwrap().unwrap();
         (o.snapshot, o.manifest.figures.new_chunks)
     }

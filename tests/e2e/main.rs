@@ -22,3 +22,4 @@ mod s3;
 mod s3_backend;
 mod serve;
 mod serve_protocol;
+mod streams;

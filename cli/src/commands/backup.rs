@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use sbk_engine::{BackupOptions, BackupOutcome, ChangedOptions, EngineError};
+use sbk_engine::{BackupOptions, BackupOutcome, ChangedOptions, EngineError, SourceSpec};
 use sbk_store::LockKind;
 
 use super::Context;
@@ -21,12 +21,23 @@ use crate::output::{bytes, changed_blocks_json, rate, rate_num};
 /// A SOURCE may also be an NBD export: `nbd://HOST[:PORT]/EXPORT` or
 /// `nbd+unix:///EXPORT?socket=PATH` (a VM disk exported by `qemu-nbd`, say), read by sbk's own
 /// client, holes skipped.
+///
+/// `-` reads an image from standard input (`rbd export pool/vm@snap - | sbk backup - --source-name
+/// vm`), zero runs still found; the snapshot's size is what was read. A pipe cut short looks like
+/// a smaller disk: prefer `--source-command CMD`, which fails the backup when CMD does.
 #[derive(clap::Args, Debug)]
 #[command(group = clap::ArgGroup::new("changes").args(["changed_blocks", "dirty_bitmap"]))]
 pub struct Args {
-    /// Block devices, disk-image files or NBD URIs to back up.
-    #[arg(required = true, value_name = "SOURCE")]
+    /// Block devices, disk-image files or NBD URIs to back up; `-` for standard input (with
+    /// --source-name).
+    #[arg(required_unless_present = "source_command", value_name = "SOURCE")]
     sources: Vec<PathBuf>,
+
+    /// Back up the standard output of `sh -c CMD` (with --source-name, in place of SOURCE), for
+    /// `rbd export pool/vm@snap -`, `ssh host dd if=/dev/sdb bs=4M`. When CMD exits non-zero the
+    /// source fails and no snapshot is written: what it wrote may be cut short.
+    #[arg(long, value_name = "CMD", conflicts_with = "sources")]
+    source_command: Option<String>,
 
     /// Tag the snapshots (repeatable).
     #[arg(long = "tag", value_name = "TAG", value_parser = crate::names::parse)]
@@ -138,6 +149,7 @@ fn describe(o: &BackupOutcome) -> (String, serde_json::Value) {
 /// Checks the arguments and reads the changed-block list, before anything else: a bad one
 /// changes nothing.
 fn check_args(args: &Args) -> Result<Option<sbk_engine::ChangedList>> {
+    check_streams(args)?;
     // A source recorded by its path needs a path that is a usable name.
     if args.source_name.is_none() {
         for s in &args.sources {
@@ -154,7 +166,8 @@ fn check_args(args: &Args) -> Result<Option<sbk_engine::ChangedList>> {
         }
     }
     let one = args.changed_blocks.is_some() || args.dirty_bitmap.is_some();
-    if (one || args.source_name.is_some()) && args.sources.len() != 1 {
+    let sources = args.sources.len() + usize::from(args.source_command.is_some());
+    if (one || args.source_name.is_some()) && sources != 1 {
         anyhow::bail!(crate::exit::ExitWith(
             Exit::Usage,
             "--changed-blocks, --dirty-bitmap and --source-name take exactly one SOURCE".into()
@@ -187,9 +200,52 @@ fn check_args(args: &Args) -> Result<Option<sbk_engine::ChangedList>> {
     })
 }
 
+/// The rules of stream sources (`-`, --source-command), each a usage error (exit 2).
+fn check_streams(args: &Args) -> Result<()> {
+    let usage = |msg: &str| Err(crate::exit::ExitWith(Exit::Usage, msg.into()).into());
+    let stdin = args.sources.iter().filter(|s| s.as_os_str() == "-").count();
+    if stdin > 1 {
+        return usage("`-` (standard input) may be given once");
+    }
+    if stdin == 0 && args.source_command.is_none() {
+        return Ok(());
+    }
+    if args.source_name.is_none() {
+        return usage(
+            "--source-name NAME is required with `-` and --source-command: a stream has no path to name the snapshot by",
+        );
+    }
+    if args.changed_blocks.is_some() || args.dirty_bitmap.is_some() {
+        return usage(
+            "--changed-blocks and --dirty-bitmap need a source sbk can seek in; a stream is read whole",
+        );
+    }
+    if stdin == 1 && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        return usage(
+            "standard input is a terminal: pipe an image into `sbk backup -`, or use --source-command",
+        );
+    }
+    Ok(())
+}
+
+/// What the arguments name to back up, in order.
+fn specs(args: &Args) -> Vec<SourceSpec> {
+    match &args.source_command {
+        Some(c) => vec![SourceSpec::Command(c.clone())],
+        None => args
+            .sources
+            .iter()
+            .map(|p| match p.as_os_str() == "-" {
+                true => SourceSpec::Stdin,
+                false => SourceSpec::Path(p.clone()),
+            })
+            .collect(),
+    }
+}
+
 /// Says which sources failed; the exit code: the failure's own when every source failed (the
 /// worst of them), partial when some succeeded.
-fn report_failures(failures: &[(PathBuf, EngineError)], sources: usize) -> Exit {
+fn report_failures(failures: &[(&SourceSpec, EngineError)], sources: usize) -> Exit {
     let ok = sources - failures.len();
     let code = match failures.len() {
         0 => Exit::Ok,
@@ -201,8 +257,8 @@ fn report_failures(failures: &[(PathBuf, EngineError)], sources: usize) -> Exit 
             .unwrap_or(Exit::Error),
         _ => Exit::Partial,
     };
-    for (path, e) in failures {
-        eprintln!("sbk: error: backup of {} failed: {e}", path.display());
+    for (spec, e) in failures {
+        eprintln!("sbk: error: backup of {spec} failed: {e}");
     }
     if !failures.is_empty() && ok > 0 {
         eprintln!(
@@ -216,6 +272,7 @@ fn report_failures(failures: &[(PathBuf, EngineError)], sources: usize) -> Exit 
 /// Runs `sbk backup`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let list = check_args(&args)?;
+    let sources = specs(&args);
     let list = match &args.dirty_bitmap {
         Some(name) => dirty_list(ctx, &args.sources[0], name, args.full_on_bad_bitmap)?,
         None => list,
@@ -243,11 +300,11 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         changed,
     };
     let progress = ctx.out.progress();
-    let results = sbk_engine::backup(&repo, &lock, &args.sources, &opts, &progress)?;
+    let results = sbk_engine::backup(&repo, &lock, &sources, &opts, &progress)?;
     let mut json = Vec::new();
-    let mut failures: Vec<(PathBuf, EngineError)> = Vec::new();
+    let mut failures: Vec<(&SourceSpec, EngineError)> = Vec::new();
     let mut outcomes = Vec::new();
-    for (path, r) in args.sources.iter().zip(results) {
+    for (spec, r) in sources.iter().zip(results) {
         match r {
             Ok(o) => {
                 let (line, j) = describe(&o);
@@ -256,17 +313,19 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                 outcomes.push(Some(o));
             }
             Err(e) => {
-                json.push(serde_json::json!({ "source": path, "error": e.to_string() }));
-                failures.push((path.clone(), e));
+                json.push(
+                    serde_json::json!({ "source": spec.to_string(), "error": e.to_string() }),
+                );
+                failures.push((spec, e));
                 outcomes.push(None);
             }
         }
     }
     ctx.out.json(&serde_json::Value::Array(json), false);
     if let Some(file) = &args.metrics_file {
-        write_metrics(file, &opts, &args.sources, &outcomes)?;
+        write_metrics(file, &opts, &sources, &outcomes)?;
     }
-    Ok(report_failures(&failures, args.sources.len()).into())
+    Ok(report_failures(&failures, sources.len()).into())
 }
 
 /// The changed-block list of QEMU dirty bitmap `name` of NBD source `source`; `None` (a full
@@ -304,20 +363,21 @@ fn dirty_list(
 fn write_metrics(
     file: &std::path::Path,
     opts: &BackupOptions,
-    sources: &[PathBuf],
+    sources: &[SourceSpec],
     outcomes: &[Option<BackupOutcome>],
 ) -> Result<()> {
     use crate::metrics::{labels, now, Metrics};
     let mut m = Metrics::default();
     let mut all = Vec::new();
-    for (path, o) in sources.iter().zip(outcomes) {
-        let source = match (&opts.source_name, o) {
-            (_, Some(o)) => o.manifest.source.clone(),
-            (Some(n), None) => n.clone(),
-            (None, None) => std::fs::canonicalize(path)
+    for (spec, o) in sources.iter().zip(outcomes) {
+        let source = match (&opts.source_name, o, spec) {
+            (_, Some(o), _) => o.manifest.source.clone(),
+            (Some(n), None, _) => n.clone(),
+            (None, None, SourceSpec::Path(path)) => std::fs::canonicalize(path)
                 .unwrap_or_else(|_| path.clone())
                 .to_string_lossy()
                 .into_owned(),
+            (None, None, stream) => stream.to_string(),
         };
         let l = labels(&[("host", &opts.host), ("source", &source)]);
         all.push(l.clone());

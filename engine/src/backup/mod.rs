@@ -19,7 +19,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
@@ -35,7 +35,7 @@ use crate::error::{EngineError, Result};
 use crate::packer::Packer;
 use crate::pool::worker_pool;
 use crate::progress::Progress;
-use crate::source::Source;
+use crate::source::{Source, SourceSpec};
 use incremental::{latest_of, plan_incremental, Incremental};
 use segment::Work;
 use stages::{chunk_segment, read_around, run_pipeline};
@@ -116,7 +116,7 @@ const UPLOADERS: usize = 2;
 pub fn backup(
     repo: &Repository,
     lock: &Lock,
-    sources: &[PathBuf],
+    sources: &[SourceSpec],
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<Vec<Result<BackupOutcome>>> {
@@ -168,10 +168,10 @@ pub fn backup(
         let handles: Vec<_> = sources
             .iter()
             .enumerate()
-            .map(|(task, path)| {
+            .map(|(task, spec)| {
                 s.spawn(move || {
                     state.start_source();
-                    let r = backup_one(state, task, path, opts, progress);
+                    let r = backup_one(state, task, spec, opts, progress);
                     state.end_source();
                     r
                 })
@@ -207,20 +207,33 @@ pub fn backup(
 fn backup_one(
     state: &RunState<'_>,
     task: usize,
-    path: &Path,
+    spec: &SourceSpec,
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<BackupOutcome> {
     let started = Instant::now();
     let time_ns = sbk_store::unix_now_ns();
-    let mut source = Source::open(path)?;
-    let label = match &opts.source_name {
-        Some(name) => name.clone(),
-        None => std::fs::canonicalize(path)
+    let mut source = Source::open_spec(spec)?;
+    let path = source.path().to_owned();
+    let label = match (&opts.source_name, spec) {
+        (Some(name), _) => name.clone(),
+        (None, SourceSpec::Path(path)) => std::fs::canonicalize(path)
             .unwrap_or_else(|_| path.to_owned())
             .to_string_lossy()
             .into_owned(),
+        (None, _) => {
+            return Err(EngineError::SourceUnusable {
+                path,
+                reason: "a stream has no path to name it by: give it a source name".into(),
+            })
+        }
     };
+    if source.is_stream() && opts.changed.is_some() {
+        return Err(EngineError::ParentUnusable(
+            "a stream is read whole: a changed-block list cannot skip parts of it".into(),
+        ));
+    }
+    // For a stream, 0 until it was read: progress shows bytes without a total.
     let size = source.size();
     progress.start(task, &label, size);
     let open_fallback = source.fallback().map(str::to_owned);
@@ -236,7 +249,7 @@ fn backup_one(
         progress.notice(&format!(
             "{label}: THE CHANGED-BLOCK LIST IS WRONG: a segment it calls unchanged differs from the parent; reading the whole source instead"
         ));
-        source = Source::open(path)?;
+        source = Source::open_spec(spec)?;
         if source.size() != size {
             return Err(EngineError::SourceResized {
                 path: path.to_owned(),
@@ -250,9 +263,18 @@ fn backup_one(
         progress.start(task, &format!("{label} (whole)"), size);
         run = run_pipeline(state, task, &mut source, &incremental.plan, progress)?;
     }
-    // Whatever the reads saw, a source whose size moved is not one consistent disk.
-    source.check_size()?;
     progress.finish(task);
+    // Whatever the reads saw, a source whose size moved, or a stream whose command failed, is
+    // not one consistent disk.
+    source.finish()?;
+    let size = source.size();
+    if source.is_stream() && size == 0 {
+        // Most likely a producer that failed without saying so (a pipeline without pipefail).
+        return Err(EngineError::SourceUnusable {
+            path,
+            reason: "it gave no bytes: there is nothing to back up".into(),
+        });
+    }
     if let Some(why) = &run.fallback {
         progress.notice(&format!(
             "{label}: reading without O_DIRECT: {why}; buffered reads with posix_fadvise(DONTNEED)"
@@ -261,7 +283,7 @@ fn backup_one(
     let fallback = open_fallback.or(run.fallback.take());
     let (snapshot, manifest) = write_snapshot(
         state,
-        path,
+        &path,
         Manifest {
             time_ns,
             source: label,

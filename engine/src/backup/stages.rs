@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{bounded, Receiver};
-use sbk_chunker::{split_changed, split_segment, Piece, Span};
+use sbk_chunker::{is_zero, split_changed, split_segment, Piece, Span, ZERO_BLOCK};
 use sbk_store::{encode_tree, BackupFigures, BlobKind, ChunkId, Extent, Repository};
 
 use super::incremental::Plan;
@@ -38,7 +38,8 @@ pub(super) fn run_pipeline(
     progress: &dyn Progress,
 ) -> Result<Run> {
     let seg_size = state.repo.config().segment_size;
-    let segments = source.size().div_ceil(seg_size);
+    // A stream's segments are counted as they are read.
+    let segments = (!source.is_stream()).then(|| source.size().div_ceil(seg_size));
     let (out_tx, out_rx) = bounded::<Result<ChunkedSegment>>(1);
     let cancel = AtomicBool::new(false);
     let claimed = Arc::new(Mutex::new(HashSet::<ChunkId>::new()));
@@ -64,10 +65,13 @@ pub(super) fn run_pipeline(
                     })
                     .is_ok()
                 };
-                read_segments(state, source, seg_size, segments, plan, &send, cancel)
+                match segments {
+                    Some(n) => read_segments(state, source, seg_size, n, plan, &send, cancel),
+                    None => read_stream(state, source, seg_size, &send, cancel),
+                }
             })
         };
-        let written = write_segments(state, &claimed, task, &out_rx, segments, progress, cancel);
+        let written = write_segments(state, &claimed, task, &out_rx, progress, cancel);
         if written.is_err() {
             cancel.store(true, Ordering::Relaxed);
             for _ in out_rx.iter() {} // drain, so that workers and reader can finish
@@ -188,6 +192,64 @@ pub(super) fn read_segments(
     } else {
         source.fallback().map(str::to_owned)
     }
+}
+
+/// The reader of a stream: segments in order, each filled to the segment size but the last;
+/// a segment of zeros is passed on as a hole (no chunking, no hashing).
+pub(super) fn read_stream(
+    state: &RunState<'_>,
+    source: &mut Source,
+    seg_size: u64,
+    send: &dyn Fn(Result<Segment>) -> bool,
+    cancel: &AtomicBool,
+) -> Option<String> {
+    for index in 0.. {
+        if cancel.load(Ordering::Relaxed) {
+            break;
+        }
+        if let Err(e) = crate::interrupt::check() {
+            send(Err(e));
+            break;
+        }
+        let mut buf = match state.buffer(seg_size) {
+            Ok(Some(b)) => b,
+            Ok(None) => break,
+            Err(e) => {
+                send(Err(EngineError::SourceRead {
+                    path: source.path().to_owned(),
+                    offset: source.size(),
+                    source: e,
+                }));
+                break;
+            }
+        };
+        let n = match source.read_stream(&mut buf[..seg_size as usize]) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = state.buf_tx.send(buf);
+                send(Err(e));
+                break;
+            }
+        };
+        let last = (n as u64) < seg_size;
+        let seg = if n == 0 {
+            let _ = state.buf_tx.send(buf);
+            break;
+        } else if buf[..n].chunks(ZERO_BLOCK).all(is_zero) {
+            let _ = state.buf_tx.send(buf);
+            Segment::new(index, n as u64)
+        } else {
+            Segment {
+                read: n as u64,
+                buf: Some(buf),
+                ..Segment::new(index, n as u64)
+            }
+        };
+        if !send(Ok(seg)) || last {
+            break;
+        }
+    }
+    None
 }
 
 /// Reads a segment that comes with [`Around`]: only around its changed ranges, re-split against
@@ -351,14 +413,13 @@ pub(super) fn write_segments(
     claimed: &Mutex<HashSet<ChunkId>>,
     task: usize,
     chunked: &Receiver<Result<ChunkedSegment>>,
-    segments: u64,
     progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<(Vec<ChunkId>, BackupFigures, u64)> {
     let repo = state.repo;
     let mut figures = BackupFigures::default();
     let mut skipped = 0;
-    let mut trees = Vec::with_capacity(segments as usize);
+    let mut trees = Vec::new();
     let mut pending = BTreeMap::new();
     let mut tree_ids = HashSet::new();
     for seg in chunked.iter() {

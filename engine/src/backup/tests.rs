@@ -112,8 +112,7 @@ fn a_source_that_shrinks_or_grows_while_read_fails_without_a_snapshot() {
             path: path.clone(),
             to,
         };
-        let mut results =
-            backup(&repo, &lock, std::slice::from_ref(&path), &opts, &resize).unwrap();
+        let mut results = backup(&repo, &lock, &[path.clone().into()], &opts, &resize).unwrap();
         match results.remove(0) {
             Err(EngineError::SourceResized {
                 expected, found, ..

@@ -1,6 +1,11 @@
 //! Sources: block devices and disk-image files, read through O_DIRECT by data extents, and NBD
 //! exports (`nbd://HOST:PORT/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`), read through sbk's NBD
-//! client by their `base:allocation` extents.
+//! client by their `base:allocation` extents; and streams (standard input, a command's output),
+//! read once, front to back (see [`stream`]).
+
+mod stream;
+
+pub use stream::SourceSpec;
 
 use std::fs::File;
 use std::io;
@@ -40,6 +45,8 @@ pub enum SourceKind {
     BlockDevice,
     /// An NBD export.
     Nbd,
+    /// Standard input or a command's output, read once: its size is what was read.
+    Stream,
 }
 
 /// What a source reads from.
@@ -47,6 +54,7 @@ enum Backing {
     File(File),
     /// One connection, shared by the clones of the source (reads are pipelined inside it).
     Nbd(Arc<Mutex<Client>>),
+    Stream(stream::Stream),
 }
 
 /// An open source, read by positioned reads (so a shared reference could read in parallel).
@@ -54,6 +62,7 @@ pub struct Source {
     backing: Backing,
     path: PathBuf,
     kind: SourceKind,
+    /// The size taken at open; for a stream, the bytes read so far.
     size: u64,
     /// Why O_DIRECT is not in use, when it is not.
     fallback: Option<String>,
@@ -81,6 +90,29 @@ impl Source {
     /// device allow it.
     pub fn open(path: &Path) -> Result<Self> {
         Source::open_with(path, &[])
+    }
+
+    /// Opens what `spec` names: a path as [`Source::open`] does, standard input, or a command
+    /// started now.
+    pub fn open_spec(spec: &SourceSpec) -> Result<Self> {
+        let backing = match spec {
+            SourceSpec::Path(p) => return Source::open(p),
+            SourceSpec::Stdin => stream::Stream::stdin(),
+            SourceSpec::Command(c) => {
+                stream::Stream::command(c).map_err(|source| EngineError::SourceOpen {
+                    path: PathBuf::from(spec.to_string()),
+                    source,
+                })?
+            }
+        };
+        Ok(Source {
+            backing: Backing::Stream(backing),
+            path: PathBuf::from(spec.to_string()),
+            kind: SourceKind::Stream,
+            size: 0,
+            fallback: None,
+            fail_after: None,
+        })
     }
 
     /// [`Source::open`], also selecting the metadata contexts `meta` when `path` is an NBD URI
@@ -175,6 +207,9 @@ impl Source {
     /// A second handle of the same open source (a duplicated descriptor, O_DIRECT or not as
     /// this one; the same NBD connection), for reads from another thread.
     pub fn try_clone(&self) -> Result<Source> {
+        if let Backing::Stream(_) = self.backing {
+            return Err(self.not_seekable());
+        }
         Ok(Source {
             backing: match &self.backing {
                 Backing::File(f) => {
@@ -184,6 +219,7 @@ impl Source {
                     })?)
                 }
                 Backing::Nbd(c) => Backing::Nbd(c.clone()),
+                Backing::Stream(_) => unreachable!("refused above"),
             },
             path: self.path.clone(),
             kind: self.kind,
@@ -205,7 +241,7 @@ impl Source {
     pub fn check_size(&self) -> Result<()> {
         let file = match &self.backing {
             Backing::File(f) => f,
-            Backing::Nbd(_) => return Ok(()),
+            Backing::Nbd(_) | Backing::Stream(_) => return Ok(()),
         };
         let now = match self.kind {
             SourceKind::BlockDevice => sys::block_device_size(file),
@@ -235,6 +271,56 @@ impl Source {
         &self.path
     }
 
+    /// True for a stream: read by [`Source::read_stream`] only, its size known at its end.
+    pub fn is_stream(&self) -> bool {
+        self.kind == SourceKind::Stream
+    }
+
+    fn not_seekable(&self) -> EngineError {
+        EngineError::SourceUnusable {
+            path: self.path.clone(),
+            reason: "a stream is read once, front to back, and cannot seek".into(),
+        }
+    }
+
+    /// Reads the next bytes of a stream into `buf`, to its end or the stream's: returns the
+    /// bytes read, fewer than `buf.len()` only at the end.
+    pub fn read_stream(&mut self, buf: &mut [u8]) -> Result<usize> {
+        let Backing::Stream(s) = &mut self.backing else {
+            return Err(EngineError::SourceUnusable {
+                path: self.path.clone(),
+                reason: "not a stream".into(),
+            });
+        };
+        let n = s.fill(buf).map_err(|source| EngineError::SourceRead {
+            path: self.path.clone(),
+            offset: self.size,
+            source,
+        })?;
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    /// After the last read: fails when what was read is not the whole source as it was at the
+    /// start: a file or device whose size moved ([`Source::check_size`]), or a stream whose
+    /// command exited non-zero (a pipe cut short looks like a smaller disk).
+    pub fn finish(&mut self) -> Result<()> {
+        let Backing::Stream(s) = &mut self.backing else {
+            return self.check_size();
+        };
+        let failed = s.finish().map_err(|source| EngineError::SourceOpen {
+            path: self.path.clone(),
+            source,
+        })?;
+        match failed {
+            None => Ok(()),
+            Some(status) => Err(EngineError::SourceIncomplete {
+                path: self.path.clone(),
+                status,
+            }),
+        }
+    }
+
     /// Why reads are buffered instead of O_DIRECT, if they are.
     pub fn fallback(&self) -> Option<&str> {
         self.fallback.as_deref()
@@ -252,6 +338,7 @@ impl Source {
         let file = match &self.backing {
             _ if self.kind == SourceKind::BlockDevice => return Ok(vec![range]),
             Backing::File(f) => f,
+            Backing::Stream(_) => return Err(self.not_seekable()),
             Backing::Nbd(c) => {
                 let mut c = c.lock().expect("no thread panics holding this");
                 return nbd_extents(&mut c, range, CONTEXT_BASE_ALLOCATION, |flags| {
@@ -312,6 +399,7 @@ impl Source {
             let read = match &self.backing {
                 Backing::File(file) => file.read_at(&mut buf[done..], offset + done as u64),
                 Backing::Nbd(_) => unreachable!("NBD reads return above"),
+                Backing::Stream(_) => return Err(self.not_seekable()),
             };
             match read {
                 Ok(0) => break,
