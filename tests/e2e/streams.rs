@@ -130,6 +130,30 @@ fn stream_arguments_are_checked_before_anything_is_read() {
         assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
         assert!(r.stderr.contains(says), "{args:?}: {}", r.stderr);
     }
+    // A terminal on standard input (script(1) gives the command one) is refused.
+    assert!(
+        have_tool("script"),
+        "script(1), from util-linux, is missing"
+    );
+    let line = format!(
+        "{} --repo {} backup - --source-name a",
+        env!("CARGO_BIN_EXE_sbk"),
+        env.repo.display()
+    );
+    let r = Run::from_output(
+        std::process::Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .env("SBK_PASSWORD", PASSWORD)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("standard input is a terminal"),
+        "{}",
+        r.stdout
+    );
     let list = env.run(&["snapshots", "--json"]).json();
     assert_eq!(list.as_array().unwrap().len(), 0, "no snapshot: {list}");
 }
