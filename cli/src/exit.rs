@@ -37,7 +37,8 @@ pub enum Exit {
     Denied = 17,
     /// The storage could not be reached, or kept failing, after bounded retries.
     Unreachable = 18,
-    /// A wrong password (no key of the repository opens with it), or none given.
+    /// A wrong password (no key of the repository opens with it), or none given; a key file
+    /// that cannot be used (readable by others, damaged, another repository's, or revoked).
     WrongPassword = 19,
 }
 
@@ -93,7 +94,10 @@ pub fn store_exit(e: &StoreError) -> Exit {
         StoreError::InitRefused { .. } | StoreError::KeyRefused(_) | StoreError::NotEncrypted => {
             Exit::Refused
         }
-        StoreError::WrongPassword { .. } | StoreError::NoPassword(_) => Exit::WrongPassword,
+        StoreError::WrongPassword { .. }
+        | StoreError::NoPassword(_)
+        | StoreError::KeyFile { .. }
+        | StoreError::KeyFileRefused { .. } => Exit::WrongPassword,
         StoreError::Locked { .. } | StoreError::LeaseLost(_) => Exit::Locked,
         StoreError::InvalidParameter(_) => Exit::Usage,
         StoreError::StorageDenied { .. } => Exit::Denied,

@@ -41,9 +41,12 @@ impl<'de> Deserialize<'de> for Timeout {
     }
 }
 
-/// Where a repository's password is: a file, a command, or an environment variable's name.
+/// What opens a repository: a key file, or a password in a file, a command, or an environment
+/// variable.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Password {
+    /// A key file (before any password).
+    pub key_file: Option<PathBuf>,
     /// A file whose first line is the password.
     pub password_file: Option<PathBuf>,
     /// A command that prints it.
@@ -58,6 +61,8 @@ pub struct Password {
 pub struct Job {
     /// The repository (a directory or `s3://BUCKET/PREFIX`).
     pub repository: String,
+    /// A key file that opens the repository without a password (before any password).
+    pub key_file: Option<PathBuf>,
     /// A file whose first line is the repository's password.
     pub password_file: Option<PathBuf>,
     /// A command that prints it.
@@ -160,6 +165,8 @@ impl Retention {
 pub struct CopyTarget {
     /// The destination repository.
     pub repository: String,
+    /// A key file that opens it (before any password).
+    pub key_file: Option<PathBuf>,
     /// A file whose first line is its password.
     pub password_file: Option<PathBuf>,
     /// A command that prints it.
@@ -172,6 +179,7 @@ impl Job {
     /// Where the repository's password is.
     pub fn password(&self) -> Password {
         Password {
+            key_file: self.key_file.clone(),
             password_file: self.password_file.clone(),
             password_command: self.password_command.clone(),
             password_env: self.password_env.clone(),
@@ -183,6 +191,7 @@ impl CopyTarget {
     /// Where the destination's password is.
     pub fn password(&self) -> Password {
         Password {
+            key_file: self.key_file.clone(),
             password_file: self.password_file.clone(),
             password_command: self.password_command.clone(),
             password_env: self.password_env.clone(),

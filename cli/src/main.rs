@@ -78,6 +78,12 @@ pub struct Cli {
     )]
     password_command: Option<String>,
 
+    /// Open the repository with a key file (`sbk key add --new-key-file`) instead of a password:
+    /// no password KDF, for automated movers. Takes precedence over every password option. A key
+    /// file is as sensitive as the data; one that group or others may read is refused.
+    #[arg(long, global = true, env = "SBK_KEY_FILE", value_name = "FILE")]
+    key_file: Option<PathBuf>,
+
     /// Worker threads [default: the number of CPUs].
     #[arg(long, global = true, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
@@ -156,6 +162,7 @@ fn main() -> ExitCode {
             file: cli.password_file,
             command: cli.password_command,
             env: None,
+            key_file: cli.key_file,
         },
     };
     // For serve a signal is the normal end (exit 0); for the rest, an interruption.

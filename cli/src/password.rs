@@ -8,7 +8,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::Command;
 
-use sbk_store::StoreError;
+use sbk_store::{Credential, KeyFile, StoreError};
 
 /// The password options of the command line.
 #[derive(Debug, Clone, Default)]
@@ -19,6 +19,8 @@ pub struct PasswordSource {
     pub command: Option<String>,
     /// The variable that holds the password itself [default: `SBK_PASSWORD`].
     pub env: Option<&'static str>,
+    /// `--key-file` / `SBK_KEY_FILE`: before any password.
+    pub key_file: Option<PathBuf>,
 }
 
 /// The first line of `text`, without its line end (a password file or command's output).
@@ -35,6 +37,14 @@ fn read_first_line(file: &std::path::Path, what: &str) -> Result<String, StoreEr
 }
 
 impl PasswordSource {
+    /// What opens the repository: the key file when one is given, else the password.
+    pub fn credential(&self) -> Result<Credential, StoreError> {
+        match &self.key_file {
+            Some(path) => KeyFile::load(path).map(Credential::KeyFile),
+            None => self.get().map(Credential::Password),
+        }
+    }
+
     /// The password of the repository.
     pub fn get(&self) -> Result<String, StoreError> {
         if let Ok(p) = std::env::var(self.env.unwrap_or("SBK_PASSWORD")) {

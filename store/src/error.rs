@@ -187,14 +187,31 @@ pub enum StoreError {
         /// Key objects that could not be read.
         damaged: usize,
     },
+    /// A key file that cannot be used: unreadable, not private, not a key file, damaged.
+    #[error("key file {path}: {what}")]
+    KeyFile {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// A key file that does not open this repository (another repository's, or revoked).
+    #[error("the key file (key {key}) does not open the repository: {what}")]
+    KeyFileRefused {
+        /// Its key object's name.
+        key: String,
+        /// Why.
+        what: String,
+    },
     /// The repository is encrypted and no password was available.
     #[error("no password: {0}; give one with SBK_PASSWORD, --password-file FILE or --password-command CMD, or run on a terminal to be asked")]
     NoPassword(String),
     /// A key operation on a repository that is not encrypted.
     #[error("the repository is not encrypted: it has no keys")]
     NotEncrypted,
-    /// A key operation that would lock everyone out, or pull the key from under itself.
-    #[error("refusing to remove the key: {0}")]
+    /// A key operation refused: one that would lock everyone out, pull the key from under
+    /// itself, or write a key file over an existing file.
+    #[error("refused: {0}")]
     KeyRefused(String),
     /// The index was used before it was loaded (a bug in the caller).
     #[error("the index was used before it was loaded")]

@@ -121,3 +121,10 @@ pub fn key(data: &[u8]) {
         assert_eq!(k.encode(), data);
     }
 }
+
+/// Key file: decodes, and re-encodes to its bytes when it decodes.
+pub fn key_file(data: &[u8]) {
+    if let Ok(k) = crate::key_file::KeyFile::decode(data) {
+        assert_eq!(k.encode(), data);
+    }
+}

@@ -1,6 +1,10 @@
-//! Key objects: the master key, wrapped by a key derived from a password with Argon2id.
+//! Key objects: the master key, wrapped by a key derived from a password with Argon2id, or by
+//! the random secret of a key file.
 //!
-//! A repository has one key object per password (per operator or data mover): `keys/<32 hex>`.
+//! A repository has one key object per password or key file (per operator or data mover):
+//! `keys/<32 hex>`. A key file (for automated movers, which should not pay a password KDF on
+//! every command) names its key object and holds a 32-byte random secret: it needs no KDF, as it
+//! has full entropy, and removing its key object revokes it.
 //! Each holds its own Argon2id parameters and salt, the master key sealed (AES-256-GCM under a
 //! key derived from the password-derived key and a random salt, as every sealed object) and a
 //! plain checksum, so that a damaged key object
@@ -16,10 +20,14 @@ use crate::error::DecodeError;
 
 /// Magic of a key object. Do not change.
 pub const KEY_MAGIC: &[u8; 8] = b"SBKKEY\0\0";
-/// Key object format version.
-pub const KEY_VERSION: u32 = 1;
+/// Key object format version: 2 added key files (KDF 2). Password key objects are still written
+/// as version 1, which every sbk reads; a key file's object is version 2, which an older sbk
+/// skips when it tries a password.
+pub const KEY_VERSION: u32 = 2;
 /// KDF identifier: Argon2id, version 0x13.
 const KDF_ARGON2ID: u32 = 1;
+/// KDF identifier: a key file's secret, keyed-hashed with the salt (no password KDF).
+const KDF_KEY_FILE: u32 = 2;
 /// Most memory a key object may ask the KDF for (2 GiB): a forged key object must not be able
 /// to make an unlock allocate without bound.
 const MAX_M_KIB: u32 = 2 << 20;
@@ -85,11 +93,43 @@ impl KdfParams {
     }
 }
 
+/// How a key object's wrapping key is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kdf {
+    /// From a password, with Argon2id and these parameters.
+    Argon2id(KdfParams),
+    /// From a key file's 32-byte random secret: `BLAKE3-keyed(secret, salt)`.
+    KeyFile,
+}
+
+impl Kdf {
+    /// The identifier and the three parameter fields the key object stores.
+    fn fields(&self) -> [u32; 4] {
+        match self {
+            Kdf::Argon2id(p) => [KDF_ARGON2ID, p.m_kib, p.t, p.p],
+            Kdf::KeyFile => [KDF_KEY_FILE, 0, 0, 0],
+        }
+    }
+
+    /// The wrapping key `secret` (a password, or a key file's secret) and `salt` give.
+    fn derive(&self, secret: &[u8], salt: &[u8; 16]) -> Result<[u8; 32], DecodeError> {
+        match self {
+            Kdf::Argon2id(p) => p.derive(secret, salt),
+            Kdf::KeyFile => {
+                let key: &[u8; 32] = secret
+                    .try_into()
+                    .map_err(|_| invalid("key file secret", "not 32 bytes"))?;
+                Ok(*blake3::keyed_hash(key, salt).as_bytes())
+            }
+        }
+    }
+}
+
 /// A key object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyObject {
-    /// How the wrapping key is derived from the password.
-    pub kdf: KdfParams,
+    /// How the wrapping key is made.
+    pub kdf: Kdf,
     /// Argon2id salt.
     pub salt: [u8; 16],
     /// Salt of the wrapping's AES-256-GCM key (derived from the password-derived key).
@@ -103,32 +143,29 @@ pub struct KeyObject {
 }
 
 /// Associated data of the wrapping: binds it to the repository and to the key's parameters.
-fn aad(repo_id: &[u8; 16], kdf: &KdfParams, salt: &[u8; 16], created: i64) -> Vec<u8> {
+fn aad(repo_id: &[u8; 16], kdf: &Kdf, salt: &[u8; 16], created: i64) -> Vec<u8> {
     let mut e = Encoder::default();
-    e.bytes(b"sbk key")
-        .bytes(repo_id)
-        .u32(KDF_ARGON2ID)
-        .u32(kdf.m_kib)
-        .u32(kdf.t)
-        .u32(kdf.p)
-        .bytes(salt)
-        .i64(created);
+    e.bytes(b"sbk key").bytes(repo_id);
+    for f in kdf.fields() {
+        e.u32(f);
+    }
+    e.bytes(salt).i64(created);
     e.buf
 }
 
 impl KeyObject {
-    /// Wraps `master` under `password`.
+    /// Wraps `master` under `secret`: a password (Argon2id) or a key file's secret.
     pub fn wrap(
         master: &MasterKey,
-        password: &[u8],
-        kdf: KdfParams,
+        secret: &[u8],
+        kdf: Kdf,
         repo_id: &[u8; 16],
         created: i64,
     ) -> std::io::Result<Self> {
         let salt: [u8; 16] = crate::id::random_bytes()?;
         let wrap_salt: [u8; 24] = crate::id::random_bytes()?;
         let mut kek = kdf
-            .derive(password, &salt)
+            .derive(secret, &salt)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let mut plain = master.to_bytes();
         let sealed =
@@ -148,14 +185,14 @@ impl KeyObject {
         })
     }
 
-    /// The master key, if `password` is this key's. `None` is a wrong password (the object
-    /// itself was checked when it was decoded).
+    /// The master key, if `secret` (a password, or a key file's secret) is this key's. `None`
+    /// is a wrong password (the object itself was checked when it was decoded).
     pub fn unwrap_with(
         &self,
-        password: &[u8],
+        secret: &[u8],
         repo_id: &[u8; 16],
     ) -> Result<Option<MasterKey>, DecodeError> {
-        let mut kek = self.kdf.derive(password, &self.salt)?;
+        let mut kek = self.kdf.derive(secret, &self.salt)?;
         let mut sealed = Vec::with_capacity(24 + self.wrapped.len());
         sealed.extend_from_slice(&self.wrap_salt);
         sealed.extend_from_slice(&self.wrapped);
@@ -171,13 +208,15 @@ impl KeyObject {
     /// Encodes the key object.
     pub fn encode(&self) -> Vec<u8> {
         let mut e = Encoder::default();
-        e.bytes(KEY_MAGIC)
-            .u32(KEY_VERSION)
-            .u32(KDF_ARGON2ID)
-            .u32(self.kdf.m_kib)
-            .u32(self.kdf.t)
-            .u32(self.kdf.p)
-            .bytes(&self.salt)
+        let version = match self.kdf {
+            Kdf::Argon2id(_) => 1,
+            Kdf::KeyFile => KEY_VERSION,
+        };
+        e.bytes(KEY_MAGIC).u32(version);
+        for f in self.kdf.fields() {
+            e.u32(f);
+        }
+        e.bytes(&self.salt)
             .bytes(&self.wrap_salt)
             .bytes(&self.wrapped)
             .i64(self.created);
@@ -191,21 +230,48 @@ impl KeyObject {
         let mut d = Decoder::new(body);
         d.magic(KEY_MAGIC)?;
         let version = d.u32()?;
-        if version != KEY_VERSION {
+        if !(1..=KEY_VERSION).contains(&version) {
             return Err(DecodeError::UnsupportedVersion(version));
         }
         let kdf_id = d.u32()?;
-        if kdf_id != KDF_ARGON2ID {
-            return Err(DecodeError::UnsupportedFeature(format!(
-                "key derivation {kdf_id}"
-            )));
-        }
-        let kdf = KdfParams {
+        let params = KdfParams {
             m_kib: d.u32()?,
             t: d.u32()?,
             p: d.u32()?,
         };
-        kdf.check()?;
+        let kdf = match kdf_id {
+            KDF_ARGON2ID => {
+                params.check()?;
+                Kdf::Argon2id(params)
+            }
+            KDF_KEY_FILE if version < 2 => {
+                return Err(invalid(
+                    "key derivation",
+                    "2 (key file) in a version 1 key object",
+                ))
+            }
+            KDF_KEY_FILE
+                if params
+                    == (KdfParams {
+                        m_kib: 0,
+                        t: 0,
+                        p: 0,
+                    }) =>
+            {
+                Kdf::KeyFile
+            }
+            KDF_KEY_FILE => {
+                return Err(invalid(
+                    "key file parameters",
+                    format!("must be zero: {params:?}"),
+                ))
+            }
+            _ => {
+                return Err(DecodeError::UnsupportedFeature(format!(
+                    "key derivation {kdf_id}"
+                )))
+            }
+        };
         let k = KeyObject {
             kdf,
             salt: d.array()?,
@@ -226,7 +292,7 @@ mod tests {
     #[test]
     fn wrap_unwrap_and_wrong_password() {
         let m = MasterKey::random().unwrap();
-        let k = KeyObject::wrap(&m, b"pw", KdfParams::weak(), &[1; 16], 7).unwrap();
+        let k = KeyObject::wrap(&m, b"pw", Kdf::Argon2id(KdfParams::weak()), &[1; 16], 7).unwrap();
         let k = KeyObject::decode(&k.encode()).unwrap();
         let got = k.unwrap_with(b"pw", &[1; 16]).unwrap().unwrap();
         assert_eq!(got.to_bytes(), m.to_bytes());
@@ -255,8 +321,12 @@ mod tests {
     #[test]
     fn forged_parameters_are_refused_before_any_allocation() {
         let m = MasterKey::random().unwrap();
-        let mut k = KeyObject::wrap(&m, b"pw", KdfParams::weak(), &[1; 16], 0).unwrap();
-        k.kdf.m_kib = u32::MAX;
+        let weak = KdfParams::weak();
+        let mut k = KeyObject::wrap(&m, b"pw", Kdf::Argon2id(weak), &[1; 16], 0).unwrap();
+        k.kdf = Kdf::Argon2id(KdfParams {
+            m_kib: u32::MAX,
+            ..weak
+        });
         assert!(KeyObject::decode(&k.encode()).is_err());
     }
 

@@ -17,6 +17,7 @@ pub mod fuzz;
 mod id;
 mod index;
 mod key;
+mod key_file;
 mod kind;
 mod lock;
 mod manifest;
@@ -37,7 +38,8 @@ pub use error::{DecodeError, Result, StoreError};
 pub use id::{ChunkId, IndexId, PackId, SnapshotId};
 pub use index::file::IndexFile;
 pub use index::{CacheLocation, Index, IndexEntry, IndexReport};
-pub use key::{KdfParams, KeyObject};
+pub use key::{Kdf, KdfParams, KeyObject};
+pub use key_file::KeyFile;
 pub use lock::{
     holder_id, host_name, list_locks, remove_stale_locks, FoundLock, Liveness, Lock, LockInfo,
     LockKind, LockTiming, LockVerdict,
@@ -46,6 +48,6 @@ pub use manifest::{encode_tree, BackupFigures, ChangedBlocks, Extent, Manifest, 
 pub use marks::{MarkReason, Marks};
 pub use pack::{pack_size_of, PackEntry, PackWriter};
 pub use repo::{
-    ChunkerSource, FoundMarks, InitOptions, KeyInfo, PackGone, Repository, StoredBlob,
+    ChunkerSource, Credential, FoundMarks, InitOptions, KeyInfo, PackGone, Repository, StoredBlob,
     DEFAULT_CHUNK_AVG, DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL, READ_GAP_BYTES, READ_RUN_BYTES,
 };

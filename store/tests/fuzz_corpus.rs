@@ -33,5 +33,6 @@ fn replay_corpora() {
     replay("lock", sbk_store::fuzz::lock);
     replay("marks", sbk_store::fuzz::marks);
     replay("key", sbk_store::fuzz::key);
+    replay("key_file", sbk_store::fuzz::key_file);
     replay("sealed", sbk_store::fuzz::sealed);
 }

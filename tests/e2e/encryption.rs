@@ -297,3 +297,80 @@ fn keys_are_added_removed_and_changed() {
     let plain = Env::with_init(&["--encryption", "none"]);
     assert_eq!(plain.run(&["key", "list"]).code, 13);
 }
+
+#[test]
+fn a_key_file_opens_without_a_password_until_it_is_removed() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = encrypted_env();
+    let src = env.path("img");
+    std::fs::write(&src, random(2 << 20, 73)).unwrap();
+    let key = env.path("mover.key");
+    let r = env.run(&[
+        "key",
+        "add",
+        "--new-key-file",
+        key.to_str().unwrap(),
+        "--json",
+    ]);
+    let added = r.json()["added"].as_str().unwrap().to_owned();
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "a key file is written private");
+    // Never over an existing file.
+    let before = std::fs::read(&key).unwrap();
+    let r = env.run(&["key", "add", "--new-key-file", key.to_str().unwrap()]);
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    assert_eq!(
+        std::fs::read(&key).unwrap(),
+        before,
+        "the file is untouched"
+    );
+
+    // With the key file and no password at all (and a wrong one ignored): backup, restore.
+    let with_key = |args: &[&str], how: &str| {
+        let mut c = env.cmd();
+        c.env_remove("SBK_PASSWORD");
+        match how {
+            "flag" => c.arg("--key-file").arg(&key),
+            _ => c.env("SBK_KEY_FILE", &key).env("SBK_PASSWORD", "wrong"),
+        };
+        Run::from_output(c.args(args).output().unwrap())
+    };
+    let b = with_key(&["backup", "--json", src.to_str().unwrap()], "flag").json();
+    let out = env.path("out");
+    let r = with_key(
+        &[
+            "restore",
+            b[0]["snapshot"].as_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+        "env",
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_same(&src, &out);
+    let keys = with_key(&["key", "list", "--json"], "flag").json();
+    let listed = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == added.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(listed["kind"], "key-file", "{keys}");
+    assert_eq!(listed["current"], true, "{keys}");
+
+    // Group-readable: refused, naming its mode.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let r = with_key(&["snapshots"], "flag");
+    assert_eq!(r.code, 19, "{}", r.stderr);
+    assert!(r.stderr.contains("0640"), "{}", r.stderr);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // Removed (by a password holder), it opens nothing.
+    let r = env.run(&["key", "remove", &added[..8]]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = with_key(&["snapshots"], "flag");
+    assert_eq!(r.code, 19, "{}", r.stderr);
+    assert!(r.stderr.contains("revoked"), "{}", r.stderr);
+    // The password still opens everything it did.
+    assert_eq!(env.run(&["snapshots"]).code, 0);
+}

@@ -21,7 +21,6 @@ fn run(env: &Env, job: &Path, extra: &[&str]) -> Run {
         sbk()
             .env("SBK_CACHE_DIR", env.cache())
             .env("JOB_PASS", PASSWORD)
-            .env("B_PASS", "another password")
             .arg("run")
             .args(extra)
             .arg(job)
@@ -49,6 +48,10 @@ fn a_night_then_an_incremental_with_retention_copy_and_metrics() {
         vec![("SBK_PASSWORD".into(), "another password".into())],
         &[],
     );
+    // The copy's destination opens with a key file, as an automated mover's would.
+    let bkey = dir.join("b.key");
+    let r = b.run(&["key", "add", "--new-key-file", bkey.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
     let base = dir.join("base.img");
     let mut data = random(20 << 20, 1);
     std::fs::write(&base, &data).unwrap();
@@ -77,7 +80,7 @@ metrics_file = "{d}/job.prom"
 [[source]]
 name = "disk"
 path = "{path}"
-pre = "{take}; (env | grep -e JOB_PASS -e B_PASS -e SBK_PASSWORD || true) > {d}/secrets.txt"
+pre = "{take}; (env | grep -e JOB_PASS -e SBK_PASSWORD || true) > {d}/secrets.txt"
 changed_blocks = "touch {d}/list.used; cat {d}/list.txt"
 cbt_token = "echo night-$(date +%s%N)"
 post = "echo $SBK_STATUS $SBK_SNAPSHOT $SBK_SOURCE $SBK_PARENT_TOKEN >> {d}/post.log; {release}"
@@ -90,7 +93,7 @@ prune = true
 
 [[copy]]
 repository = "{brepo}"
-password_env = "B_PASS"
+key_file = "{d}/b.key"
 "#,
         repo = a.repo.display(),
         brepo = b.repo.display()

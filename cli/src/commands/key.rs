@@ -8,11 +8,13 @@ use anyhow::Result;
 use super::Context;
 use crate::exit::Exit;
 use crate::password::PasswordSource;
+use sbk_store::Kdf;
 
-/// Manage the passwords of an encrypted repository.
+/// Manage the passwords and key files of an encrypted repository.
 ///
 /// A repository has a random master key, stored wrapped by each of its keys: one per password
-/// (one per operator or data mover host). These commands add, remove and rewrap keys; they
+/// or key file (one per operator or data mover host). A key file opens the repository without a
+/// password KDF (`--key-file FILE`, `SBK_KEY_FILE`): it is as sensitive as the data. These commands add, remove and rewrap keys; they
 /// never change the master key itself. If a master key may have leaked, copy the snapshots into
 /// a new repository (which has a new master key) and retire the old one.
 #[derive(clap::Args, Debug)]
@@ -23,12 +25,14 @@ pub struct Args {
 
 #[derive(clap::Subcommand, Debug)]
 enum What {
-    /// List the keys: id, host and time it was made, KDF parameters; `*` marks the one the
-    /// password given opens.
+    /// List the keys: id, time it was made, KDF parameters or "key file"; `*` marks the one
+    /// this command was opened with.
     List,
-    /// Add a key for another password (SBK_NEW_PASSWORD, --new-password-file, or asked).
-    Add(NewPassword),
-    /// Remove a key. The last key, and the one the given password opens, are refused.
+    /// Add a key for another password (SBK_NEW_PASSWORD, --new-password-file, or asked), or,
+    /// with --new-key-file FILE, a key file.
+    Add(NewKey),
+    /// Remove a key (a removed key file opens nothing any more). The last key, and the one this
+    /// command was opened with, are refused.
     Remove {
         /// The key's id (as `key list` shows it; a unique prefix will do).
         id: String,
@@ -36,6 +40,18 @@ enum What {
     /// Change the password of the key the given password opens (a new key, then the old one
     /// removed).
     Passwd(NewPassword),
+}
+
+#[derive(clap::Args, Debug)]
+struct NewKey {
+    /// Write a new key file to FILE (mode 0600; an existing FILE is refused, exit 13) instead
+    /// of adding a password.
+    #[arg(long, value_name = "FILE", conflicts_with = "new_password_file")]
+    new_key_file: Option<PathBuf>,
+
+    /// Read the new password from the first line of FILE.
+    #[arg(long, value_name = "FILE")]
+    new_password_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -72,18 +88,24 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                     Ok(key) => {
                         let made =
                             super::snapshots::time(key.created.saturating_mul(1_000_000_000));
-                        ctx.out.info(
-                            &format!(
-                                "{mark} {}  {}  argon2id m={} KiB t={} p={}",
-                                short(&k.name),
-                                made,
-                                key.kdf.m_kib,
-                                key.kdf.t,
-                                key.kdf.p
+                        let (what, kdf) = match key.kdf {
+                            Kdf::Argon2id(p) => (
+                                format!(
+                                    "password (argon2id m={} KiB t={} p={})",
+                                    p.m_kib, p.t, p.p
+                                ),
+                                serde_json::json!({"algorithm": "argon2id", "m_kib": p.m_kib, "t": p.t, "p": p.p}),
                             ),
+                            Kdf::KeyFile => (
+                                "key file".to_owned(),
+                                serde_json::json!({"algorithm": "key-file"}),
+                            ),
+                        };
+                        ctx.out.info(
+                            &format!("{mark} {}  {}  {what}", short(&k.name), made),
                             false,
                         );
-                        json.push(serde_json::json!({"id": k.name, "current": k.current, "created": made, "kdf": {"algorithm": "argon2id", "m_kib": key.kdf.m_kib, "t": key.kdf.t, "p": key.kdf.p}}));
+                        json.push(serde_json::json!({"id": k.name, "current": k.current, "created": made, "kind": if key.kdf == Kdf::KeyFile { "key-file" } else { "password" }, "kdf": kdf}));
                     }
                     Err(e) => {
                         ctx.out
@@ -93,6 +115,23 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                 }
             }
             ctx.out.json(&serde_json::Value::Array(json), false);
+        }
+        What::Add(NewKey {
+            new_key_file: Some(file),
+            ..
+        }) => {
+            let id = repo.add_key_file(&file)?;
+            ctx.out.info(
+                &format!(
+                    "added key {}: key file {} (mode 0600; whoever holds it opens the repository: keep it as you keep the data, and `sbk key remove {}` revokes it)",
+                    short(&id),
+                    file.display(),
+                    short(&id)
+                ),
+                false,
+            );
+            ctx.out
+                .json(&serde_json::json!({"added": id, "key_file": file}), false);
         }
         What::Add(n) => {
             let password = PasswordSource::new_password(n.new_password_file.as_ref())?;

@@ -115,8 +115,8 @@ impl Context {
     /// Opens the repository (its config, and its key when it is encrypted: no index, no
     /// lock).
     pub fn open_repo(&self) -> Result<Repository> {
-        Ok(Repository::open(self.backend()?, &mut || {
-            self.password.get()
+        Ok(Repository::open_with(self.backend()?, &mut || {
+            self.password.credential()
         })?)
     }
 
@@ -178,6 +178,10 @@ pub struct FromPassword {
         env = "SBK_FROM_PASSWORD_COMMAND"
     )]
     from_password_command: Option<String>,
+
+    /// Open the other repository with this key file (before any of its password options).
+    #[arg(long, value_name = "FILE", env = "SBK_FROM_KEY_FILE")]
+    from_key_file: Option<PathBuf>,
 }
 
 impl Context {
@@ -185,18 +189,20 @@ impl Context {
     pub fn open_other(&self, path: &std::path::Path, pw: &FromPassword) -> Result<Repository> {
         let given = std::env::var_os("SBK_FROM_PASSWORD").is_some()
             || pw.from_password_file.is_some()
-            || pw.from_password_command.is_some();
+            || pw.from_password_command.is_some()
+            || pw.from_key_file.is_some();
         let source = if given {
             PasswordSource {
                 file: pw.from_password_file.clone(),
                 command: pw.from_password_command.clone(),
                 env: Some("SBK_FROM_PASSWORD"),
+                key_file: pw.from_key_file.clone(),
             }
         } else {
             self.password.clone()
         };
-        Ok(Repository::open(self.backend_at(path)?, &mut || {
-            source.get()
+        Ok(Repository::open_with(self.backend_at(path)?, &mut || {
+            source.credential()
         })?)
     }
 }

@@ -60,24 +60,27 @@ fn sbk(job: &Job, repo: &str, pw: &Password) -> Result<Command> {
     password_env(
         &mut c,
         pw,
-        "SBK_PASSWORD",
+        ["SBK_PASSWORD", "SBK_KEY_FILE"],
         "--password-file",
         "--password-command",
     )?;
     Ok(c)
 }
 
-/// Passes a password source on to a child sbk: the named variable's value as `var`, or the
-/// file or command flag.
+/// Passes a password source on to a child sbk: a key file as `key_var` (before any password),
+/// the named variable's value as `var`, or the file or command flag. Neither variable is passed
+/// on from our own environment: the job file says what opens each repository.
 fn password_env(
     c: &mut Command,
     pw: &Password,
-    var: &str,
+    [var, key_var]: [&str; 2],
     file_flag: &str,
     command_flag: &str,
 ) -> Result<()> {
-    c.env_remove(var);
-    if let Some(name) = &pw.password_env {
+    c.env_remove(var).env_remove(key_var);
+    if let Some(f) = &pw.key_file {
+        c.env(key_var, f);
+    } else if let Some(name) = &pw.password_env {
         let value = std::env::var(name).map_err(|_| {
             ExitWith(
                 Exit::Usage,
@@ -354,7 +357,7 @@ fn copies(job: &Job, done: &[Done]) -> Result<bool> {
         password_env(
             &mut c,
             &job.password(),
-            "SBK_FROM_PASSWORD",
+            ["SBK_FROM_PASSWORD", "SBK_FROM_KEY_FILE"],
             "--from-password-file",
             "--from-password-command",
         )?;

@@ -1,13 +1,23 @@
-//! Key objects: the master key wrapped for each password.
+//! Key objects: the master key wrapped for each password and each key file.
 
 use crate::backend::{Backend, Kind};
 use crate::clock::unix_now;
 use crate::config::RepoConfig;
 use crate::crypto::{Crypto, MasterKey};
 use crate::error::{DecodeError, Result, StoreError};
-use crate::key::{KdfParams, KeyObject};
+use crate::key::{Kdf, KdfParams, KeyObject};
+use crate::key_file::KeyFile;
 
 use super::Repository;
+
+/// What opens an encrypted repository.
+#[derive(Debug)]
+pub enum Credential {
+    /// A password, tried on every password key object (Argon2id each).
+    Password(String),
+    /// A key file, which names its key object (no KDF).
+    KeyFile(KeyFile),
+}
 
 /// A key object as `key list` shows it.
 #[derive(Debug, Clone)]
@@ -42,23 +52,41 @@ impl Repository {
 
     /// Adds a key object for `password`: the same master key, wrapped again.
     pub fn add_key(&self, password: &str, kdf: KdfParams) -> Result<String> {
-        let Crypto::Sealed { key: master, .. } = self.crypto.as_ref() else {
-            return Err(StoreError::NotEncrypted);
-        };
         kdf.check()
             .map_err(|e| StoreError::InvalidParameter(e.to_string()))?;
         let io = |e| StoreError::io("key", e);
-        let key = KeyObject::wrap(
-            master,
-            password.as_bytes(),
-            kdf,
-            &self.config.repo_id,
-            unix_now(),
-        )
-        .map_err(io)?;
         let name = crate::id::to_hex(&crate::id::random_bytes::<16>().map_err(io)?);
-        self.b()?.write_once(Kind::Key, &name, &key.encode())?;
+        self.write_key(&name, password.as_bytes(), Kdf::Argon2id(kdf))?;
         Ok(name)
+    }
+
+    /// Adds a key object for a new key file written to `path` (which must not exist): the file
+    /// first, durable, then the key object it names. A crash in between leaves a file that opens
+    /// nothing; an object whose file was lost never exists. Returns the key's name.
+    pub fn add_key_file(&self, path: &std::path::Path) -> Result<String> {
+        if !self.config.is_encrypted() {
+            return Err(StoreError::NotEncrypted);
+        }
+        let file = KeyFile::random(self.config.repo_id).map_err(|e| StoreError::io(path, e))?;
+        file.create(path)?;
+        let name = file.name();
+        if let Err(e) = self.write_key(&name, file.secret(), Kdf::KeyFile) {
+            // The file would open nothing: do not leave it looking like a key.
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+        Ok(name)
+    }
+
+    /// Writes key object `name`: the master key wrapped under `secret` by `kdf`.
+    fn write_key(&self, name: &str, secret: &[u8], kdf: Kdf) -> Result<()> {
+        let Crypto::Sealed { key: master, .. } = self.crypto.as_ref() else {
+            return Err(StoreError::NotEncrypted);
+        };
+        let key = KeyObject::wrap(master, secret, kdf, &self.config.repo_id, unix_now())
+            .map_err(|e| StoreError::io("key", e))?;
+        self.b()?.write_once(Kind::Key, name, &key.encode())?;
+        Ok(())
     }
 
     /// Removes a key object. The last readable one, and the one that opened the repository,
@@ -73,7 +101,7 @@ impl Repository {
         };
         if target.current {
             return Err(StoreError::KeyRefused(
-                "it is the key this command was opened with; use `sbk key passwd` to change its password".into(),
+                "cannot remove the key this command was opened with: open with another key to remove it (or `sbk key passwd` to change a password)".into(),
             ));
         }
         if keys
@@ -83,7 +111,8 @@ impl Repository {
             == 0
         {
             return Err(StoreError::KeyRefused(
-                "it is the last readable key: without it nobody could open the repository".into(),
+                "cannot remove the last readable key: without it nobody could open the repository"
+                    .into(),
             ));
         }
         self.b()?.delete(Kind::Key, name)
@@ -92,6 +121,18 @@ impl Repository {
     /// Changes the password of the key that opened the repository: a new key object first,
     /// then the old one removed (a crash in between leaves both, never neither).
     pub fn change_password(&self, password: &str, kdf: KdfParams) -> Result<String> {
+        let current = self.keys()?.into_iter().find(|k| k.current);
+        if let Some(KeyInfo {
+            key: Ok(KeyObject {
+                kdf: Kdf::KeyFile, ..
+            }),
+            ..
+        }) = current
+        {
+            return Err(StoreError::KeyRefused(
+                "cannot change a password: this command was opened with a key file, which has none; add a password key with `sbk key add`, or a new key file, and remove this one".into(),
+            ));
+        }
         let new = self.add_key(password, kdf)?;
         if let Some(old) = &self.key_name {
             self.b()?.delete(Kind::Key, old)?;
@@ -100,13 +141,18 @@ impl Repository {
     }
 }
 
-/// Tries `password` on every key object: the master key of the first that opens, and its name.
+/// Opens the master key with `credential`: a key file's own key object, or the first password
+/// key object the password opens. Returns the key object's name too.
 pub(super) fn unlock(
     backend: &dyn Backend,
     keys: &[crate::backend::ObjectInfo],
     config: &RepoConfig,
-    password: &[u8],
+    credential: &Credential,
 ) -> Result<(String, MasterKey)> {
+    let password = match credential {
+        Credential::Password(p) => p.as_bytes(),
+        Credential::KeyFile(file) => return unlock_key_file(backend, config, file),
+    };
     let mut damaged = Vec::new();
     let mut tried = 0;
     for o in keys {
@@ -116,6 +162,10 @@ pub(super) fn unlock(
             Err(e) => return Err(e),
         };
         match key {
+            // Key files' objects open with their file only.
+            Ok(KeyObject {
+                kdf: Kdf::KeyFile, ..
+            }) => {}
             Ok(k) => {
                 tried += 1;
                 let master = k.unwrap_with(password, &config.repo_id).map_err(|source| {
@@ -151,4 +201,50 @@ pub(super) fn unlock(
         tried,
         damaged: damaged.len(),
     })
+}
+
+/// Opens the master key with a key file: its repository, its key object (gone: revoked), its
+/// secret. Every refusal names the key file's key and is a credential error (exit 19).
+fn unlock_key_file(
+    backend: &dyn Backend,
+    config: &RepoConfig,
+    file: &KeyFile,
+) -> Result<(String, MasterKey)> {
+    let name = file.name();
+    let refuse = |what: String| StoreError::KeyFileRefused {
+        key: name.clone(),
+        what,
+    };
+    if file.repo_id != config.repo_id {
+        return Err(refuse(format!(
+            "it is a key of repository {}, not of this one ({})",
+            crate::id::to_hex(&file.repo_id),
+            config.id_hex()
+        )));
+    }
+    let bytes = match backend.read(Kind::Key, &name) {
+        Ok(b) => b,
+        Err(StoreError::ObjectMissing { .. }) => {
+            return Err(refuse(
+                "its key object is gone: the key was removed (revoked) from the repository".into(),
+            ))
+        }
+        Err(e) => return Err(e),
+    };
+    let corrupt = |source| StoreError::Corrupt {
+        path: Kind::Key.object_path(&name),
+        what: "key object",
+        source,
+    };
+    let key = KeyObject::decode(&bytes).map_err(corrupt)?;
+    if key.kdf != Kdf::KeyFile {
+        return Err(refuse("its key object is a password key".into()));
+    }
+    match key
+        .unwrap_with(file.secret(), &config.repo_id)
+        .map_err(corrupt)?
+    {
+        Some(master) => Ok((name, master)),
+        None => Err(refuse("its secret does not open its key object".into())),
+    }
 }

@@ -24,7 +24,7 @@ mod tests;
 pub use blobs::{PackGone, StoredBlob, READ_GAP_BYTES, READ_RUN_BYTES};
 pub use index::FoundMarks;
 use index::Marked;
-pub use keys::KeyInfo;
+pub use keys::{Credential, KeyInfo};
 
 /// What `init` may choose; everything else is derived or random.
 #[derive(Clone)]

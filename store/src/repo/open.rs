@@ -8,9 +8,9 @@ use crate::config::{RepoConfig, FORMAT_VERSION};
 use crate::crypto::{Crypto, MasterKey, FEATURE_ENCRYPTED};
 use crate::error::{DecodeError, Result, StoreError};
 use crate::index::CacheLocation;
-use crate::key::KeyObject;
+use crate::key::{Kdf, KeyObject};
 
-use super::keys::unlock;
+use super::keys::{unlock, Credential};
 use super::{InitOptions, Repository};
 
 impl InitOptions {
@@ -99,7 +99,7 @@ impl Repository {
             let key = KeyObject::wrap(
                 master,
                 password.as_bytes(),
-                *kdf,
+                Kdf::Argon2id(*kdf),
                 &config.repo_id,
                 unix_now(),
             )
@@ -162,12 +162,20 @@ impl Repository {
         backend: Arc<dyn Backend>,
         password: &mut dyn FnMut() -> Result<String>,
     ) -> Result<Self> {
+        Self::open_with(backend, &mut || password().map(Credential::Password))
+    }
+
+    /// [`Repository::open`] with a password or a key file: `credential` is asked for only when
+    /// the repository is encrypted.
+    pub fn open_with(
+        backend: Arc<dyn Backend>,
+        credential: &mut dyn FnMut() -> Result<Credential>,
+    ) -> Result<Self> {
         let (config, bytes) = Self::read_config(backend.as_ref())?;
         let encrypted = config.is_encrypted();
         let keys = backend.list(Kind::Key)?;
         let (crypto, chunk_key, key_name) = if encrypted {
-            let password = password()?;
-            let (name, master) = unlock(backend.as_ref(), &keys, &config, password.as_bytes())?;
+            let (name, master) = unlock(backend.as_ref(), &keys, &config, &credential()?)?;
             let crypto = Crypto::sealed(master);
             // The config is authenticated by the master key: any changed byte is caught here.
             let mac = crypto

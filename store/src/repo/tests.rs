@@ -86,6 +86,70 @@ fn an_encrypted_repository_opens_with_its_password_only() {
 }
 
 #[test]
+fn a_key_file_opens_its_repository_without_a_password_until_it_is_removed() {
+    use super::Credential;
+    use crate::key::{Kdf, KeyObject};
+    use crate::key_file::KeyFile;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mover.key");
+    let mem = MemBackend::new();
+    Repository::init(&mem, encrypted()).unwrap();
+    let repo = open(&mem, "pw").unwrap();
+    let name = repo.add_key_file(&path).unwrap();
+    assert!(
+        matches!(repo.add_key_file(&path), Err(StoreError::KeyRefused(_))),
+        "an existing file is never overwritten"
+    );
+    let with_file = |mem: &MemBackend| {
+        let file = KeyFile::load(&path).unwrap();
+        Repository::open_with(Arc::new(mem.clone()), &mut || {
+            Ok(Credential::KeyFile(
+                KeyFile::decode(&file.encode()).unwrap(),
+            ))
+        })
+    };
+    let by_file = with_file(&mem).unwrap();
+    let keys = by_file.keys().unwrap();
+    let current = keys.iter().find(|k| k.current).unwrap();
+    assert_eq!(current.name, name);
+    assert!(matches!(
+        current.key,
+        Ok(KeyObject {
+            kdf: Kdf::KeyFile,
+            ..
+        })
+    ));
+    assert!(
+        matches!(
+            by_file.change_password("new", KdfParams::weak()),
+            Err(StoreError::KeyRefused(_))
+        ),
+        "a key file has no password to change"
+    );
+    // The password still opens (only password keys are tried: one).
+    assert!(matches!(
+        open(&mem, "wrong"),
+        Err(StoreError::WrongPassword { tried: 1, .. })
+    ));
+    // Another repository does not open with it.
+    let other = MemBackend::new();
+    Repository::init(&other, encrypted()).unwrap();
+    assert!(matches!(
+        with_file(&other),
+        Err(StoreError::KeyFileRefused { .. })
+    ));
+    // Removed, it opens nothing.
+    repo.remove_key(&name).unwrap();
+    match with_file(&mem) {
+        Err(e @ StoreError::KeyFileRefused { .. }) => {
+            assert!(e.to_string().contains("revoked"), "{e}")
+        }
+        Err(e) => panic!("a removed key file is refused as such: {e}"),
+        Ok(_) => panic!("a removed key file opens nothing"),
+    }
+}
+
+#[test]
 fn blobs_read_back_verified_and_a_damaged_one_is_named() {
     let mem = MemBackend::new();
     Repository::init(&mem, encrypted()).unwrap();
