@@ -9,8 +9,8 @@
 //! subfolders: object stores need no directory sharding). Writes of immutable objects are
 //! conditional creates (`If-None-Match: *`); a lock is replaced only while its ETag is still
 //! the one its holder last wrote (`If-Match`), so a lock someone removed never comes back.
-//! Packs over 16 MiB are multipart uploads, which are not conditional: their names are random
-//! 128-bit ids, which no other writer picks.
+//! Packs over 16 MiB are multipart uploads, their parts sent as they fill; they are not
+//! conditional: their names are random 128-bit ids, which no other writer picks.
 //!
 //! Configuration comes from the environment, as the AWS tools read it: `AWS_ENDPOINT_URL` (any
 //! S3-compatible server; `http://` is allowed when the endpoint says so), `AWS_ACCESS_KEY_ID`,
@@ -158,6 +158,8 @@ pub(crate) struct Inner {
     endpoint: String,
     region: String,
     requests: Requests,
+    /// Pack parts being sent, process-wide (see staged.rs): what bounds a backup's memory.
+    parts: Arc<tokio::sync::Semaphore>,
 }
 
 impl Drop for Inner {
@@ -245,6 +247,7 @@ impl S3Backend {
                 endpoint,
                 region,
                 requests: Requests::default(),
+                parts: Arc::new(tokio::sync::Semaphore::new(staged::PARTS_IN_FLIGHT)),
             }),
         })
     }
@@ -476,12 +479,7 @@ impl Backend for S3Backend {
     }
 
     fn stage(&self, kind: Kind, name: &str) -> Result<Box<dyn Staged>> {
-        Ok(Box::new(S3Staged {
-            inner: self.inner.clone(),
-            kind,
-            name: name.to_owned(),
-            buf: Vec::new(),
-        }))
+        Ok(Box::new(S3Staged::new(self.inner.clone(), kind, name)))
     }
 
     fn replace(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<()> {
