@@ -60,6 +60,27 @@ fn killed_backup_leaves_no_snapshot_and_no_damage() {
     }
     // Crashes at every single repository operation, rather than at delays that land wherever
     // they land, are in repository.rs (a_crash_or_an_error_at_any_operation_…).
+    // Prune's figures add up after the kills: what the packs gave back is at most what they
+    // held, and the killed writes' temporary files are counted on their own.
+    let tmp: u64 = env
+        .pack_files(true)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(tmp > 0, "the kills left temporary pack files");
+    let r = env.run(&["prune", "--exclusive", "--json"]);
+    let p = r.json();
+    let n = |k: &str| p[k].as_u64().unwrap_or_else(|| panic!("{k} in {p}"));
+    assert_eq!(n("bytes_leftovers"), tmp, "{p}");
+    assert!(n("bytes_reclaimed") <= n("bytes_before"), "{p}");
+    assert_eq!(
+        n("bytes_reclaimed"),
+        n("bytes_removed").saturating_sub(n("bytes_written")),
+        "{p}"
+    );
+    assert!(env.pack_files(true).is_empty(), "leftovers removed");
+    let line = env.run(&["prune", "--exclusive"]).stdout;
+    assert!(line.contains("reclaimed of the"), "{line}");
     // The next backup works and restores.
     let snap = env.backup(&big, &[]);
     let out = env.path("big.out");

@@ -138,7 +138,7 @@ fn summary(report: &PruneReport, args: &Args) -> String {
         ("removed", "marked")
     };
     let mut line = format!(
-        "{now} {} of {} packs ({} named by no index file) and repack {} ({} of used data into {} new packs), dropping {} unused blobs: {} reclaimed of {} in {:.1} s",
+        "{now} {} of {} packs ({} named by no index file) and repack {} ({} of used data into {} new packs), dropping {} unused blobs: {} reclaimed of the {} of packs ({} of packs removed, {} written)",
         report.packs_deleted + report.packs_unindexed,
         report.packs,
         report.packs_unindexed,
@@ -148,8 +148,16 @@ fn summary(report: &PruneReport, args: &Args) -> String {
         report.blobs_dropped,
         bytes(report.bytes_reclaimed),
         bytes(report.bytes_before),
-        report.duration_ms as f64 / 1000.0
+        bytes(report.bytes_removed),
+        bytes(report.bytes_written),
     );
+    if report.bytes_leftovers > 0 {
+        line += &format!(
+            ", and {} of leftovers of interrupted writes removed",
+            bytes(report.bytes_leftovers)
+        );
+    }
+    line += &format!(" in {:.1} s", report.duration_ms as f64 / 1000.0);
     if !args.exclusive {
         line += &format!(
             "; {later} {} packs ({}) for a later prune to delete",
@@ -190,8 +198,10 @@ fn report_json(report: &PruneReport, args: &Args) -> serde_json::Value {
             "blobs_dropped": report.blobs_dropped,
             "bytes_repacked": report.bytes_repacked,
             "bytes_removed": report.bytes_removed,
+            "bytes_written": report.bytes_written,
             "bytes_reclaimed": report.bytes_reclaimed,
             "bytes_before": report.bytes_before,
+            "bytes_leftovers": report.bytes_leftovers,
             "duration_ms": report.duration_ms,
     })
 }
@@ -225,9 +235,9 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             );
             m.gauge(
                 "sbk_prune_reclaimed_bytes",
-                "Bytes given back by the last prune.",
+                "Bytes given back by the last prune: packs removed minus packs written, plus leftovers of interrupted writes.",
                 &l,
-                r.bytes_reclaimed as f64,
+                (r.bytes_reclaimed + r.bytes_leftovers) as f64,
             );
             m.gauge(
                 "sbk_prune_packs_deleted",

@@ -79,14 +79,15 @@ pub(super) fn execute(
     // Best effort: what is left of interrupted writes costs space, never correctness, and a
     // storage that cannot list it (or fails to) must not fail a prune that did its work.
     match repo.remove_leftovers(earlier.leftovers_before) {
-        Ok(freed) => report.bytes_removed += freed,
+        Ok(freed) => report.bytes_leftovers += freed,
         Err(e) => report.notices.push(format!(
             "leftovers of interrupted writes were not removed: {e}"
         )),
     }
     // Pins of processes that are gone protect nothing any more.
     repo.remove_stale_pins(lock.started())?;
-    report.bytes_reclaimed = report.bytes_removed.saturating_sub(packer.packed_bytes());
+    report.bytes_written = packer.packed_bytes();
+    report.bytes_reclaimed = report.bytes_removed.saturating_sub(report.bytes_written);
     Ok(())
 }
 

@@ -100,12 +100,17 @@ pub struct PruneReport {
     pub blobs_dropped: usize,
     /// Bytes of used blobs copied into new packs.
     pub bytes_repacked: u64,
-    /// Bytes of packs (and leftovers of interrupted writes) removed.
+    /// Bytes of packs removed (deleted, and repacked once their copies were durable).
     pub bytes_removed: u64,
-    /// Net space given back: removed minus written.
+    /// Bytes of the new packs the repack wrote.
+    pub bytes_written: u64,
+    /// Net space given back in packs: removed minus written, never more than `bytes_before`.
     pub bytes_reclaimed: u64,
-    /// Bytes in packs before.
+    /// Bytes in packs before (the leftovers below are not packs, and not counted here).
     pub bytes_before: u64,
+    /// Bytes of leftovers of interrupted writes removed (temporary files of a backup that was
+    /// killed), on top of what the packs gave back.
+    pub bytes_leftovers: u64,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
     /// What happens to each pack, and why (in pack id order).
@@ -213,7 +218,10 @@ pub fn prune(
             } else {
                 plan.repack.iter().map(|(_, size, _)| size).sum()
             };
-        report.bytes_reclaimed = report.bytes_removed.saturating_sub(report.bytes_repacked);
+        // The repack's new packs hold the used blobs it copies (their headers and trailers
+        // are not counted: a dry run writes nothing to measure them by).
+        report.bytes_written = report.bytes_repacked;
+        report.bytes_reclaimed = report.bytes_removed.saturating_sub(report.bytes_written);
     } else {
         execute(
             repo,
