@@ -64,3 +64,72 @@ fn several_sources_in_one_run() {
         assert_same(src, &out);
     }
 }
+
+/// The image of the compatibility fixture: random, zero, text-like and repetitive stretches.
+fn compat_image() -> Vec<u8> {
+    let mut b = random(256 << 10, 23);
+    b.resize(b.len() + (1 << 20), 0);
+    b.extend(sbk_benches::text_like(1 << 20, 24));
+    b.extend(repetitive(256 << 10));
+    b
+}
+
+/// Chunk boundaries and ids never change under existing repositories: the same image backed
+/// up by this sbk into a repository that sbk 7932964 (the build before issue 23's hot-path work)
+/// filled with it stores nothing new, and its snapshot restores. The fixture is a copy of that
+/// repository (unencrypted, 64 KiB chunks), made by running this test with
+/// `SBK_WRITE_COMPAT_FIXTURE=/path/to/sbk-7932964`.
+#[test]
+fn a_repository_an_older_sbk_filled_dedups_the_same_image_completely() {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/repo-7932964");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("compat.img");
+    std::fs::write(&img, compat_image()).unwrap();
+    if let Some(old) = std::env::var_os("SBK_WRITE_COMPAT_FIXTURE") {
+        let _ = std::fs::remove_dir_all(&fixture);
+        let run = |args: &[&str]| {
+            let ok = std::process::Command::new(&old)
+                .arg("--repo")
+                .arg(&fixture)
+                .arg("--no-cache")
+                .args(args)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "{args:?}");
+        };
+        run(&["init", "--encryption", "none", "--chunk-size", "64K"]);
+        run(&[
+            "backup",
+            "--host",
+            "compat",
+            "--source-name",
+            "compat",
+            img.to_str().unwrap(),
+        ]);
+    }
+    let env = Env {
+        repo: dir.path().join("repo"),
+        dir,
+        vars: Vec::new(),
+    };
+    sh(&format!(
+        "cp -r {} {}",
+        fixture.display(),
+        env.repo.display()
+    ));
+    let again = env.backup(&img, &["--host", "compat", "--source-name", "compat"]);
+    assert_eq!(again["new_bytes"], 0, "{again}");
+    assert_eq!(again["new_bytes_stored"], 0, "{again}");
+    assert!(
+        again["parent"].is_string(),
+        "the older snapshot is its parent: {again}"
+    );
+    let out = env.path("out");
+    env.restore("latest", &out, &[]);
+    assert_same(&img, &out);
+    let old = env.path("old");
+    env.restore(again["parent"].as_str().unwrap(), &old, &[]);
+    assert_same(&img, &old);
+}
