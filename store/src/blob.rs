@@ -190,27 +190,41 @@ pub fn encode_blob(
     raw: &[u8],
     level: u32,
 ) -> std::io::Result<EncodedBlob> {
-    // Compress into a per-thread buffer sized for the worst case, then keep an exact-size copy:
-    // a blob waiting in the pipeline then holds its compressed size, not its raw size.
-    let compressed = COMPRESSOR.with(|cell| -> std::io::Result<Option<Vec<u8>>> {
-        let mut slot = cell.borrow_mut();
-        if slot.as_ref().map(|(l, _, _)| *l) != Some(level) {
-            *slot = Some((
-                level,
-                zstd::bulk::Compressor::new(level as i32)?,
-                Vec::new(),
-            ));
-        }
-        let (_, c, buf) = slot.as_mut().expect("just filled above");
-        buf.clear();
-        buf.reserve(zstd::zstd_safe::compress_bound(raw.len()));
-        let n = c.compress_to_buffer(raw, buf)?;
-        Ok((n < raw.len()).then(|| buf[..n].to_vec()))
-    })?;
-    let (compression, data) = match compressed {
-        Some(c) => (Compression::Zstd, c),
-        None => (Compression::None, raw.to_vec()),
-    };
+    encode_blob_with(id, kind, raw, level, |stored| Ok(stored.to_vec()))
+}
+
+/// [`encode_blob`], the stored bytes (compressed, or `raw` itself) turned into the blob's data by
+/// `store`: an exact-size copy, or the sealed bytes, made straight from the compressor's buffer
+/// (one copy of each blob, not two). The header's `stored_len` is the length `store` returns.
+pub(crate) fn encode_blob_with(
+    id: ChunkId,
+    kind: BlobKind,
+    raw: &[u8],
+    level: u32,
+    store: impl FnOnce(&[u8]) -> std::io::Result<Vec<u8>>,
+) -> std::io::Result<EncodedBlob> {
+    // Compress into a per-thread buffer sized for the worst case; `store` then keeps an
+    // exact-size result: a blob waiting in the pipeline holds its stored size, not its raw size.
+    let (compression, data) =
+        COMPRESSOR.with(|cell| -> std::io::Result<(Compression, Vec<u8>)> {
+            let mut slot = cell.borrow_mut();
+            if slot.as_ref().map(|(l, _, _)| *l) != Some(level) {
+                *slot = Some((
+                    level,
+                    zstd::bulk::Compressor::new(level as i32)?,
+                    Vec::new(),
+                ));
+            }
+            let (_, c, buf) = slot.as_mut().expect("just filled above");
+            buf.clear();
+            buf.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+            let n = c.compress_to_buffer(raw, buf)?;
+            if n < raw.len() {
+                Ok((Compression::Zstd, store(&buf[..n])?))
+            } else {
+                Ok((Compression::None, store(raw)?))
+            }
+        })?;
     Ok(EncodedBlob {
         header: BlobHeader {
             kind,

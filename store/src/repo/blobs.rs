@@ -6,7 +6,8 @@
 
 use crate::backend::Kind;
 use crate::blob::{
-    decode_blob_into, encode_blob, BlobHeader, BlobKind, EncodedBlob, BLOB_HEADER_LEN,
+    decode_blob_into, encode_blob, encode_blob_with, BlobHeader, BlobKind, EncodedBlob,
+    BLOB_HEADER_LEN,
 };
 use crate::crypto::SealedFor;
 use crate::error::{DecodeError, Result, StoreError};
@@ -156,15 +157,14 @@ impl Repository {
     /// (kept raw when that does not help) and, encrypted, sealed to its kind and id.
     pub fn encode_blob(&self, id: ChunkId, kind: BlobKind, raw: &[u8]) -> Result<EncodedBlob> {
         let io = |e| StoreError::io("blob", e);
-        let mut blob = encode_blob(id, kind, raw, self.config.zstd_level).map_err(io)?;
-        if self.crypto.is_sealed() {
-            blob.data = self
-                .crypto
-                .seal(SealedFor::Blob(kind, &id), &blob.data)
-                .map_err(io)?;
-            blob.header.stored_len = blob.data.len() as u32;
-            blob.header.sealed = true;
+        let level = self.config.zstd_level;
+        if !self.crypto.is_sealed() {
+            return encode_blob(id, kind, raw, level).map_err(io);
         }
+        // Sealed straight from the compressor's buffer.
+        let seal = |stored: &[u8]| self.crypto.seal(SealedFor::Blob(kind, &id), stored);
+        let mut blob = encode_blob_with(id, kind, raw, level, seal).map_err(io)?;
+        blob.header.sealed = true;
         Ok(blob)
     }
 
