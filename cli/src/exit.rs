@@ -97,7 +97,8 @@ pub fn store_exit(e: &StoreError) -> Exit {
         StoreError::WrongPassword { .. }
         | StoreError::NoPassword(_)
         | StoreError::KeyFile { .. }
-        | StoreError::KeyFileRefused { .. } => Exit::WrongPassword,
+        | StoreError::KeyFileRefused { .. }
+        | StoreError::OnlyKeyFiles { .. } => Exit::WrongPassword,
         StoreError::Locked { .. } | StoreError::LeaseLost(_) => Exit::Locked,
         StoreError::InvalidParameter(_) => Exit::Usage,
         StoreError::StorageDenied { .. } => Exit::Denied,

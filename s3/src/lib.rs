@@ -9,7 +9,7 @@
 //! subfolders: object stores need no directory sharding). Writes of immutable objects are
 //! conditional creates (`If-None-Match: *`); a lock is replaced only while its ETag is still
 //! the one its holder last wrote (`If-Match`), so a lock someone removed never comes back.
-//! Packs over 16 MiB are multipart uploads, their parts sent as they fill; they are not
+//! Packs over 8 MiB are multipart uploads, their parts sent as they fill; they are not
 //! conditional: their names are random 128-bit ids, which no other writer picks.
 //!
 //! Configuration comes from the environment, as the AWS tools read it: `AWS_ENDPOINT_URL` (any

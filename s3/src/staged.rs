@@ -1,7 +1,7 @@
 //! A pack being written to S3. A pack that stays within one part is kept in memory and sent as
 //! one conditional PUT at the end; a larger one becomes a multipart upload as soon as its first
 //! part fills, each part sent while the next one fills. At most [`PARTS_IN_FLIGHT`] parts are
-//! being sent in the whole process (a writer with a full part waits for one to be stored), so a
+//! being sent per S3 repository (a writer with a full part waits for one to be stored), so a
 //! backup holds a few parts, not its packs in flight (each 32 MiB by default, five at a time).
 
 use std::collections::VecDeque;
@@ -23,7 +23,7 @@ const PART: usize = 8 << 20;
 /// holds no more than it needs.
 const GROW: usize = 2 << 20;
 
-/// Parts being sent at once in the process: enough to keep a link busy while the next ones
+/// Parts being sent at once per S3 repository (a copy between two has twice as many): enough to keep a link busy while the next ones
 /// fill, few enough that they are a small part of a backup's memory.
 pub(crate) const PARTS_IN_FLIGHT: usize = 4;
 

@@ -203,6 +203,12 @@ pub enum StoreError {
         /// Why.
         what: String,
     },
+    /// A password was given to a repository that only key files open.
+    #[error("no password opens the repository: it holds no password key, only {key_files} key files (give one with --key-file)")]
+    OnlyKeyFiles {
+        /// Key-file key objects.
+        key_files: usize,
+    },
     /// The repository is encrypted and no password was available.
     #[error("no password: {0}; give one with SBK_PASSWORD, --password-file FILE or --password-command CMD, or run on a terminal to be asked")]
     NoPassword(String),

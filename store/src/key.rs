@@ -240,6 +240,13 @@ impl KeyObject {
             p: d.u32()?,
         };
         let kdf = match kdf_id {
+            // A password key object is always written as version 1: another is not one of ours.
+            KDF_ARGON2ID if version != 1 => {
+                return Err(invalid(
+                    "key derivation",
+                    "1 (password) in a version 2 key object",
+                ))
+            }
             KDF_ARGON2ID => {
                 params.check()?;
                 Kdf::Argon2id(params)

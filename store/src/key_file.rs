@@ -7,8 +7,8 @@
 //! secret alone unwraps nothing. A key file is as sensitive as the data: it is written mode 0600
 //! and refused when group or others may read it. Byte layout: docs/format.md, "key file".
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use zeroize::Zeroize;
@@ -94,27 +94,45 @@ impl KeyFile {
         Ok(k)
     }
 
-    /// Reads the key file at `path`: refused when group or others may read it (a key file is as
-    /// sensitive as the data), when it is not a key file, or when it is damaged.
+    /// Reads the key file at `path`: refused when it is not a regular file of this user (or
+    /// root), when group or others have any access to it (a key file is as sensitive as the
+    /// data), when it is not a key file, or when it is damaged. Checked on the open file, so what
+    /// is checked is what is read.
     pub fn load(path: &Path) -> Result<KeyFile> {
         let refuse = |what: String| StoreError::KeyFile {
             path: path.to_owned(),
             what,
         };
-        let meta = std::fs::metadata(path).map_err(|e| refuse(format!("cannot read it: {e}")))?;
+        let cannot = |e: std::io::Error| refuse(format!("cannot read it: {e}"));
+        // O_NONBLOCK: a FIFO put in its place is refused below instead of hanging the open.
+        let f = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(cannot)?;
+        let meta = f.metadata().map_err(cannot)?;
+        if !meta.is_file() {
+            return Err(refuse("not a regular file".into()));
+        }
+        // This process's user: the owner of /proc/self (no unsafe call in this crate).
+        let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+        if me.is_some_and(|me| meta.uid() != me) && meta.uid() != 0 {
+            return Err(refuse(format!(
+                "it belongs to user {}, not to you (or root)",
+                meta.uid()
+            )));
+        }
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(refuse(format!(
-                "its mode is {mode:04o}: group or others may read it, and whoever reads it opens the repository; chmod 600 it (and ask who may have copied it)"
+                "its mode is {mode:04o}: group or others have access to it, and whoever reads it opens the repository; chmod 600 it (and ask who may have copied it)"
             )));
         }
-        if meta.len() > KEY_FILE_LEN as u64 {
-            return Err(refuse(format!(
-                "{} bytes: not a key file (one is {KEY_FILE_LEN} bytes)",
-                meta.len()
-            )));
-        }
-        let mut bytes = std::fs::read(path).map_err(|e| refuse(format!("cannot read it: {e}")))?;
+        let mut bytes = Vec::with_capacity(KEY_FILE_LEN + 1);
+        // At most one byte more than a key file: a larger file is not one, however it grows.
+        f.take(KEY_FILE_LEN as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(cannot)?;
         let k = KeyFile::decode(&bytes).map_err(|e| refuse(format!("not a usable key file: {e}")));
         bytes.zeroize();
         k
@@ -140,7 +158,11 @@ impl KeyFile {
         let mut bytes = self.encode();
         let written = f.write_all(&bytes).and_then(|()| f.sync_all());
         bytes.zeroize();
-        written.map_err(io)?;
+        if let Err(e) = written {
+            // A part of a key file opens nothing, and would stop the next attempt (exit 13).
+            let _ = std::fs::remove_file(path);
+            return Err(io(e));
+        }
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
             _ => PathBuf::from("."),

@@ -199,7 +199,11 @@ impl Context {
                 key_file: pw.from_key_file.clone(),
             }
         } else {
-            self.password.clone()
+            // The same password, but never `--repo`'s key file: a key file opens one repository.
+            PasswordSource {
+                key_file: None,
+                ..self.password.clone()
+            }
         };
         Ok(Repository::open_with(self.backend_at(path)?, &mut || {
             source.credential()

@@ -422,6 +422,8 @@ impl Source {
         }
         let expected = (self.size.saturating_sub(offset)).min(buf.len() as u64);
         if (done as u64) < expected {
+            // It ended early: it shrank. Its size now, if it can be taken, says by how much.
+            self.check_size()?;
             return Err(EngineError::SourceResized {
                 path: self.path.clone(),
                 expected: self.size,

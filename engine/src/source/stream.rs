@@ -38,6 +38,9 @@ impl fmt::Display for SourceSpec {
 /// A stream being read, with the command that writes it, if any.
 pub(super) struct Stream {
     reader: Box<dyn Read + Send>,
+    /// A read found the end: what was read is the whole stream (a backup that stopped reading
+    /// early must not take what it read for the whole disk).
+    ended: bool,
     /// The command's process, until it was waited for.
     child: Option<Child>,
 }
@@ -48,22 +51,28 @@ impl Stream {
     pub(super) fn stdin() -> Stream {
         Stream {
             reader: Box::new(io::stdin()),
+            ended: false,
             child: None,
         }
     }
 
     /// Starts `sh -c command`, its standard output piped to us, its standard error the
-    /// operator's (so its own messages reach them), its standard input empty.
+    /// operator's (so its own messages reach them), its standard input empty, and none of the
+    /// repository passwords sbk was given in its environment (as `sbk run` hides them from hooks).
     pub(super) fn command(command: &str) -> io::Result<Stream> {
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(command)
+            .env_remove("SBK_PASSWORD")
+            .env_remove("SBK_FROM_PASSWORD")
+            .env_remove("SBK_NEW_PASSWORD")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()?;
         let out: ChildStdout = child.stdout.take().expect("stdout was piped");
         Ok(Stream {
             reader: Box::new(out),
+            ended: false,
             child: Some(child),
         })
     }
@@ -80,12 +89,21 @@ impl Stream {
                 Err(e) => return Err(e),
             }
         }
+        if done < buf.len() {
+            self.ended = true;
+        }
         Ok(done)
     }
 
     /// After the end of the stream: waits for the command and returns its exit status when it
-    /// failed (`None` for standard input, or a command that exited 0).
+    /// failed (`None` for standard input, or a command that exited 0). A stream not read to its
+    /// end is an error: the reading stopped early, and what was read is not the whole disk.
     pub(super) fn finish(&mut self) -> io::Result<Option<String>> {
+        if !self.ended {
+            return Err(io::Error::other(
+                "the stream was not read to its end (the backup stopped reading early)",
+            ));
+        }
         let Some(mut child) = self.child.take() else {
             return Ok(None);
         };

@@ -50,8 +50,31 @@ impl Repository {
         Ok(out)
     }
 
+    /// Refuses to manage keys from a repository opened with a key file: a mover's key file
+    /// (the one thing a stolen mover holds) must not be able to add a key that outlives its
+    /// revocation, nor remove the operators' passwords.
+    fn refuse_if_key_file(&self) -> Result<()> {
+        let opened_by_file = self.keys()?.into_iter().any(|k| {
+            k.current
+                && matches!(
+                    k.key,
+                    Ok(KeyObject {
+                        kdf: Kdf::KeyFile,
+                        ..
+                    })
+                )
+        });
+        if opened_by_file {
+            return Err(StoreError::KeyRefused(
+                "keys are managed with a password, not a key file: a key file is for backups, and one taken from a mover must not be able to add or remove keys".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Adds a key object for `password`: the same master key, wrapped again.
     pub fn add_key(&self, password: &str, kdf: KdfParams) -> Result<String> {
+        self.refuse_if_key_file()?;
         kdf.check()
             .map_err(|e| StoreError::InvalidParameter(e.to_string()))?;
         let io = |e| StoreError::io("key", e);
@@ -67,6 +90,7 @@ impl Repository {
         if !self.config.is_encrypted() {
             return Err(StoreError::NotEncrypted);
         }
+        self.refuse_if_key_file()?;
         let file = KeyFile::random(self.config.repo_id).map_err(|e| StoreError::io(path, e))?;
         file.create(path)?;
         let name = file.name();
@@ -89,9 +113,10 @@ impl Repository {
         Ok(())
     }
 
-    /// Removes a key object. The last readable one, and the one that opened the repository,
-    /// are refused (change its password instead).
+    /// Removes a key object. The last password key, and the one that opened the repository,
+    /// are refused (change its password instead); so is any removal by a key file.
     pub fn remove_key(&self, name: &str) -> Result<()> {
+        self.refuse_if_key_file()?;
         let keys = self.keys()?;
         let Some(target) = keys.iter().find(|k| k.name == name) else {
             return Err(StoreError::ObjectMissing {
@@ -104,15 +129,20 @@ impl Repository {
                 "cannot remove the key this command was opened with: open with another key to remove it (or `sbk key passwd` to change a password)".into(),
             ));
         }
-        if keys
-            .iter()
-            .filter(|k| k.key.is_ok() && k.name != name)
-            .count()
-            == 0
-        {
+        // Key files are on movers; a password key is what an operator recovers with.
+        let is_password = |k: &KeyInfo| {
+            matches!(
+                k.key,
+                Ok(KeyObject {
+                    kdf: Kdf::Argon2id(_),
+                    ..
+                })
+            )
+        };
+        let others = keys.iter().filter(|k| k.name != name);
+        if !others.clone().any(is_password) && (is_password(target) || others.count() == 0) {
             return Err(StoreError::KeyRefused(
-                "cannot remove the last readable key: without it nobody could open the repository"
-                    .into(),
+                "cannot remove the last password key: without it only key files (on movers) could open the repository".into(),
             ));
         }
         self.b()?.delete(Kind::Key, name)
@@ -121,18 +151,6 @@ impl Repository {
     /// Changes the password of the key that opened the repository: a new key object first,
     /// then the old one removed (a crash in between leaves both, never neither).
     pub fn change_password(&self, password: &str, kdf: KdfParams) -> Result<String> {
-        let current = self.keys()?.into_iter().find(|k| k.current);
-        if let Some(KeyInfo {
-            key: Ok(KeyObject {
-                kdf: Kdf::KeyFile, ..
-            }),
-            ..
-        }) = current
-        {
-            return Err(StoreError::KeyRefused(
-                "cannot change a password: this command was opened with a key file, which has none; add a password key with `sbk key add`, or a new key file, and remove this one".into(),
-            ));
-        }
         let new = self.add_key(password, kdf)?;
         if let Some(old) = &self.key_name {
             self.b()?.delete(Kind::Key, old)?;
@@ -155,6 +173,7 @@ pub(super) fn unlock(
     };
     let mut damaged = Vec::new();
     let mut tried = 0;
+    let mut key_files = 0;
     for o in keys {
         let key = match backend.read(Kind::Key, &o.name) {
             Ok(bytes) => KeyObject::decode(&bytes),
@@ -165,7 +184,7 @@ pub(super) fn unlock(
             // Key files' objects open with their file only.
             Ok(KeyObject {
                 kdf: Kdf::KeyFile, ..
-            }) => {}
+            }) => key_files += 1,
             Ok(k) => {
                 tried += 1;
                 let master = k.unwrap_with(password, &config.repo_id).map_err(|source| {
@@ -185,6 +204,9 @@ pub(super) fn unlock(
                 source,
             }),
         }
+    }
+    if tried == 0 && key_files > 0 {
+        return Err(StoreError::OnlyKeyFiles { key_files });
     }
     if tried == 0 {
         // No key object could even be read: damage, not a wrong password.

@@ -126,10 +126,28 @@ fn a_key_file_opens_its_repository_without_a_password_until_it_is_removed() {
         ),
         "a key file has no password to change"
     );
+    // A key file manages no keys: one taken from a mover can neither add one that outlives its
+    // revocation nor remove the operators' passwords.
+    let password_key = keys.iter().find(|k| !k.current).unwrap().name.clone();
+    assert!(matches!(
+        by_file.add_key("mine", KdfParams::weak()),
+        Err(StoreError::KeyRefused(_))
+    ));
+    assert!(matches!(
+        by_file.remove_key(&password_key),
+        Err(StoreError::KeyRefused(_))
+    ));
     // The password still opens (only password keys are tried: one).
     assert!(matches!(
         open(&mem, "wrong"),
         Err(StoreError::WrongPassword { tried: 1, .. })
+    ));
+    // A repository that only key files open says so to a password (exit 19, not damage).
+    let only_files = mem.fork();
+    only_files.delete(Kind::Key, &password_key).unwrap();
+    assert!(matches!(
+        open(&only_files, "pw"),
+        Err(StoreError::OnlyKeyFiles { key_files: 1 })
     ));
     // Another repository does not open with it.
     let other = MemBackend::new();
