@@ -227,68 +227,36 @@ fn kdf() -> KdfParams {
     }
 }
 
-/// Writes the repository; returns the JSON report.
-fn write(
-    at: &str,
-    chunks: u64,
-    snapshots: u64,
-    sources: u64,
-    chunk_size: u64,
-    change: f64,
-    encrypt: bool,
-) -> Result<serde_json::Value, String> {
-    let shape = Shape::new(chunks, snapshots, sources, change, chunk_size)?;
-    let started = Instant::now();
-    let encryption = if encrypt {
-        let pw = std::env::var("SBK_PASSWORD")
-            .map_err(|_| "set SBK_PASSWORD, or give --encryption none")?;
-        Some((pw, kdf()))
-    } else {
-        None
-    };
-    let b = backend(at)?;
-    Repository::init(
-        b.as_ref(),
-        InitOptions {
-            encryption,
-            ..InitOptions::default()
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    let repo = open(at)?;
-    let _lock = repo
-        .lock(LockKind::Exclusive, "scale-repo", LockTiming::default())
-        .map_err(|e| e.to_string())?;
-    let err = |e: sbk_store::StoreError| e.to_string();
-    let mut w = Writer {
-        repo: &repo,
-        done: Vec::new(),
-        packs: 0,
-        index_files: 0,
-    };
-
-    // 1. Every distinct chunk, in number order, a pack of 256 at a time (encoded in parallel).
-    let total = sources * shape.per_source_chunks;
-    let cb = chunk_size as usize;
+/// Every distinct chunk, in number order, a pack of 256 at a time (encoded in parallel).
+fn write_chunks(w: &mut Writer<'_>, total: u64, chunk_size: usize) -> sbk_store::Result<()> {
+    let repo = w.repo;
     let mut c = 0;
     while c < total {
         let n = (total - c).min(BLOBS_PER_PACK as u64);
         let blobs: Vec<EncodedBlob> = (c..c + n)
             .into_par_iter()
             .map_init(Vec::new, |buf, i| {
-                chunk_bytes(i, cb, buf);
+                chunk_bytes(i, chunk_size, buf);
                 repo.encode_blob(repo.blob_id(buf), BlobKind::Data, buf)
             })
-            .collect::<sbk_store::Result<_>>()
-            .map_err(err)?;
-        w.pack(&blobs).map_err(err)?;
+            .collect::<sbk_store::Result<_>>()?;
+        w.pack(&blobs)?;
         c += n;
     }
-    let data_s = started.elapsed().as_secs_f64();
+    Ok(())
+}
 
-    // 2. The segment trees of every snapshot (shared ones stored once), then the index files.
-    let seg = repo.config().segment_size;
-    let per_seg = (seg / chunk_size).max(1);
+/// The segment trees of every snapshot (shared ones stored once), then the index files.
+/// Returns each snapshot's (source, number, trees), and how many distinct trees there are.
+#[allow(clippy::type_complexity)]
+fn write_trees(
+    w: &mut Writer<'_>,
+    shape: &Shape,
+    sources: u64,
+) -> sbk_store::Result<(Vec<(u64, u64, Vec<ChunkId>)>, usize)> {
+    let repo = w.repo;
+    let cb = shape.chunk_bytes as usize;
+    let per_seg = (repo.config().segment_size / shape.chunk_bytes).max(1);
     let mut trees_of = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut pending = Vec::new();
@@ -311,9 +279,9 @@ fn write(
                 let raw = encode_tree(&extents);
                 let id: ChunkId = repo.blob_id(&raw);
                 if seen.insert(id) {
-                    pending.push(repo.encode_blob(id, BlobKind::Tree, &raw).map_err(err)?);
+                    pending.push(repo.encode_blob(id, BlobKind::Tree, &raw)?);
                     if pending.len() == BLOBS_PER_PACK {
-                        w.pack(&std::mem::take(&mut pending)).map_err(err)?;
+                        w.pack(&std::mem::take(&mut pending))?;
                     }
                 }
                 trees.push(id);
@@ -323,12 +291,19 @@ fn write(
         }
     }
     if !pending.is_empty() {
-        w.pack(&pending).map_err(err)?;
+        w.pack(&pending)?;
     }
-    w.flush().map_err(err)?;
-    let trees_s = started.elapsed().as_secs_f64() - data_s;
+    w.flush()?;
+    Ok((trees_of, seen.len()))
+}
 
-    // 3. The manifests, a day apart per snapshot of a source, each after its parent.
+/// The manifests, a day apart per snapshot of a source, each after its parent (and after the
+/// index files that name everything they refer to).
+fn write_manifests(
+    repo: &Repository,
+    shape: &Shape,
+    trees_of: Vec<(u64, u64, Vec<ChunkId>)>,
+) -> sbk_store::Result<()> {
     let now = sbk_store::unix_now_ns();
     let day = 86_400_000_000_000i64;
     let mut parents = std::collections::HashMap::new();
@@ -338,8 +313,8 @@ fn write(
             source: format!("scale-{k}"),
             host: "scale".into(),
             tags: vec![shape.tag(k, j)],
-            size: shape.len * chunk_size,
-            segment_size: seg,
+            size: shape.len * shape.chunk_bytes,
+            segment_size: repo.config().segment_size,
             parent: parents.get(&k).copied(),
             figures: BackupFigures {
                 chunks: shape.len,
@@ -348,9 +323,54 @@ fn write(
             trees,
             extensions: Vec::new(),
         };
-        let id = repo.write_manifest(&m).map_err(err)?;
+        let id = repo.write_manifest(&m)?;
         parents.insert(k, id);
     }
+    Ok(())
+}
+
+/// Writes the repository; returns the JSON report.
+fn write(
+    at: &str,
+    chunks: u64,
+    snapshots: u64,
+    sources: u64,
+    chunk_size: u64,
+    change: f64,
+    encrypt: bool,
+) -> Result<serde_json::Value, String> {
+    let shape = Shape::new(chunks, snapshots, sources, change, chunk_size)?;
+    let started = Instant::now();
+    let encryption = if encrypt {
+        let pw = std::env::var("SBK_PASSWORD")
+            .map_err(|_| "set SBK_PASSWORD, or give --encryption none")?;
+        Some((pw, kdf()))
+    } else {
+        None
+    };
+    let err = |e: sbk_store::StoreError| e.to_string();
+    let b = backend(at)?;
+    let init = InitOptions {
+        encryption,
+        ..InitOptions::default()
+    };
+    Repository::init(b.as_ref(), init).map_err(err)?;
+    let repo = open(at)?;
+    let _lock = repo
+        .lock(LockKind::Exclusive, "scale-repo", LockTiming::default())
+        .map_err(err)?;
+    let mut w = Writer {
+        repo: &repo,
+        done: Vec::new(),
+        packs: 0,
+        index_files: 0,
+    };
+    let total = sources * shape.per_source_chunks;
+    write_chunks(&mut w, total, chunk_size as usize).map_err(err)?;
+    let data_s = started.elapsed().as_secs_f64();
+    let (trees_of, trees) = write_trees(&mut w, &shape, sources).map_err(err)?;
+    let trees_s = started.elapsed().as_secs_f64() - data_s;
+    write_manifests(&repo, &shape, trees_of).map_err(err)?;
     let total_s = started.elapsed().as_secs_f64();
     Ok(serde_json::json!({
         "chunks": total,
@@ -361,7 +381,7 @@ fn write(
         "change_percent": change,
         "packs": w.packs,
         "index_files": w.index_files,
-        "trees": seen.len(),
+        "trees": trees,
         "seconds": { "data": data_s, "trees": trees_s, "manifests": total_s - data_s - trees_s, "total": total_s },
     }))
 }
