@@ -82,17 +82,22 @@ pub fn source(dir: &Path, name: &str, seed: u64, len: usize) -> (PathBuf, Vec<u8
     (path, bytes)
 }
 
-/// Backs `path` up under a shared lock; the snapshot written.
-pub fn backup_one(repo: &Repository, path: &Path) -> crate::Result<SnapshotId> {
-    let lock = lock(repo, LockKind::Shared)?;
-    let opts = BackupOptions {
+/// The options of a plain backup: two threads, host "test", no list, no name.
+pub fn backup_options() -> BackupOptions {
+    BackupOptions {
         threads: 2,
         host: "test".into(),
         tags: Vec::new(),
         source_name: None,
         cbt_token: None,
         changed: None,
-    };
+    }
+}
+
+/// Backs `path` up under a shared lock; the snapshot written.
+pub fn backup_one(repo: &Repository, path: &Path) -> crate::Result<SnapshotId> {
+    let lock = lock(repo, LockKind::Shared)?;
+    let opts = backup_options();
     let mut results = backup(repo, &lock, &[path.to_owned().into()], &opts, &NoProgress)?;
     Ok(results.remove(0)?.snapshot)
 }

@@ -219,19 +219,7 @@ fn corrupted_config() {
 /// every command, naming its version and what reads it, and is left as it was.
 #[test]
 fn format_1_repository_is_refused() {
-    let fixture =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/v1-repo");
-    let dir = tempfile::tempdir().unwrap();
-    let env = Env {
-        repo: dir.path().join("v1"),
-        dir,
-        vars: Vec::new(),
-    };
-    sh(&format!(
-        "cp -r {} {}",
-        fixture.display(),
-        env.repo.display()
-    ));
+    let env = Env::from_fixture("v1-repo");
     for args in [
         &["snapshots"][..],
         &["restore", "latest", "/tmp/never-written"],

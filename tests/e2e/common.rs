@@ -92,6 +92,22 @@ impl Env {
         env
     }
 
+    /// A copy of the committed repository `tests/fixtures/NAME`, in a temporary folder.
+    pub fn from_fixture(name: &str) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let env = Env {
+            repo: dir.path().join(name),
+            dir,
+            vars: Vec::new(),
+        };
+        sh(&format!(
+            "cp -r {} {}",
+            fixture(name).display(),
+            env.repo.display()
+        ));
+        env
+    }
+
     /// A fresh repository with 64 KiB chunks.
     pub fn new() -> Env {
         Env::with_init(&["--chunk-size", "64K"])
@@ -272,6 +288,13 @@ pub fn live_lock(kind: sbk_store::LockKind, purpose: &str) -> sbk_store::LockInf
         started: 0,
         purpose: purpose.into(),
     }
+}
+
+/// The committed fixture `tests/fixtures/NAME`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
 }
 
 /// Starts `sbk --repo REPO backup SOURCE` with its output discarded (and a cache directory

@@ -81,8 +81,7 @@ fn compat_image() -> Vec<u8> {
 /// `SBK_WRITE_COMPAT_FIXTURE=/path/to/sbk-7932964`.
 #[test]
 fn a_repository_an_older_sbk_filled_dedups_the_same_image_completely() {
-    let fixture =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/repo-7932964");
+    let fixture = fixture("repo-7932964");
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("compat.img");
     std::fs::write(&img, compat_image()).unwrap();
@@ -109,16 +108,7 @@ fn a_repository_an_older_sbk_filled_dedups_the_same_image_completely() {
             img.to_str().unwrap(),
         ]);
     }
-    let env = Env {
-        repo: dir.path().join("repo"),
-        dir,
-        vars: Vec::new(),
-    };
-    sh(&format!(
-        "cp -r {} {}",
-        fixture.display(),
-        env.repo.display()
-    ));
+    let env = Env::from_fixture("repo-7932964");
     let again = env.backup(&img, &["--host", "compat", "--source-name", "compat"]);
     assert_eq!(again["new_bytes"], 0, "{again}");
     assert_eq!(again["new_bytes_stored"], 0, "{again}");

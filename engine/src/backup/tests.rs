@@ -91,19 +91,12 @@ impl crate::Progress for ResizeOnStart {
 
 #[test]
 fn a_source_that_shrinks_or_grows_while_read_fails_without_a_snapshot() {
-    use crate::testkit::lock;
-    use crate::{backup, BackupOptions, EngineError};
+    use crate::testkit::{backup_options, lock};
+    use crate::{backup, EngineError};
     let dir = tempfile::tempdir().unwrap();
     let mem = mem_repository();
     let repo = open(Arc::new(mem.clone())).unwrap();
-    let opts = BackupOptions {
-        threads: 2,
-        host: "test".into(),
-        tags: Vec::new(),
-        source_name: None,
-        cbt_token: None,
-        changed: None,
-    };
+    let opts = backup_options();
     let len = 3u64 << 20;
     for to in [len / 3, len + 4096, 0] {
         let (path, _) = source(dir.path(), "disk", 7, len as usize);
