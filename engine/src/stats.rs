@@ -1,9 +1,8 @@
 //! `stats`: sizes and ratios of the repository and of each snapshot.
 
-use std::collections::{HashMap, HashSet};
-
 use sbk_store::{
-    ChangedBlocks, ChunkId, Extent, Manifest, Repository, SnapshotId, BLOB_HEADER_LEN,
+    ChangedBlocks, Extent, Manifest, Repository, RowBits, Rows, SnapshotId, StoreError,
+    BLOB_HEADER_LEN,
 };
 
 use crate::error::Result;
@@ -60,12 +59,13 @@ impl RepoStats {
     }
 }
 
-/// A snapshot's figures that need no index, and its distinct chunks.
-fn snapshot_chunks(
+/// A snapshot's figures that need no index, and the rows of its distinct chunks, sorted.
+fn snapshot_rows(
     repo: &Repository,
+    rows: &Rows,
     id: SnapshotId,
     manifest: &Manifest,
-) -> Result<(SnapshotStats, HashSet<ChunkId>)> {
+) -> Result<(SnapshotStats, Vec<u64>)> {
     let mut s = SnapshotStats {
         id,
         size: manifest.size,
@@ -79,29 +79,43 @@ fn snapshot_chunks(
             .and_then(|r| r.ok())
             .filter(|c| c.incremental),
     };
-    let mut chunks = HashSet::new();
+    let mut found = Vec::new();
     for segments in windows(manifest) {
+        let mut ids = Vec::new();
         for x in snapshot_trees(repo, manifest, segments)?
             .into_iter()
             .flatten()
         {
             if let Extent::Data { id, len } = x {
                 s.data_bytes += u64::from(len);
-                if chunks.insert(id) {
-                    s.chunk_bytes += u64::from(len);
-                }
+                ids.push(id);
             }
         }
+        // Sorted, a window's ids are looked up in one pass over the index table.
+        ids.sort_unstable();
+        ids.dedup();
+        let mut missing = None;
+        rows.rows_sorted(&ids, |i, row| match row {
+            Some(row) => found.push(row),
+            None => missing = missing.or(Some(ids[i])),
+        });
+        if let Some(id) = missing {
+            return Err(StoreError::BlobMissing(id).into());
+        }
     }
-    s.chunks = chunks.len() as u64;
-    Ok((s, chunks))
+    found.sort_unstable();
+    found.dedup();
+    s.chunks = found.len() as u64;
+    Ok((s, found))
 }
 
 /// Computes the figures for `selected` snapshots (all when empty). "Unique" is always relative
 /// to every snapshot in the repository.
 ///
-/// Memory: one counter per distinct chunk of the repository, and one snapshot's chunk set at a
-/// time (each snapshot's trees are read twice: once to count users, once for its figures).
+/// Memory: two bits per chunk of the repository (used by one snapshot, by more than one) and
+/// one more for the repository's figures, by row of the index (12.5 MB per bit at 10^8
+/// chunks), and the rows of one snapshot at a time (each snapshot's trees are read twice: once
+/// to count users, once for its figures).
 pub fn stats(
     repo: &Repository,
     selected: &[SnapshotId],
@@ -113,11 +127,18 @@ pub fn stats(
         .collect::<Result<_, _>>()?;
     // Index files of snapshots written since the index was loaded (their backups finished).
     repo.refresh_index()?;
-    // How many snapshots use each chunk, and whether the repository figures counted it yet.
-    let mut users: HashMap<ChunkId, (u32, bool)> = HashMap::new();
+    let index = repo.index()?;
+    let rows = index.rows();
+    let scratch = index.cache_dir();
+    let bits = || RowBits::new(rows.len(), scratch).map_err(|e| StoreError::io(scratch, e));
+    // Whether one snapshot uses each chunk, whether more than one does, and whether the
+    // repository figures counted it yet.
+    let (mut once, mut more, mut counted) = (bits()?, bits()?, bits()?);
     for (id, manifest) in &snapshots {
-        for c in snapshot_chunks(repo, *id, manifest)?.1 {
-            users.entry(c).or_default().0 += 1;
+        for row in snapshot_rows(repo, &rows, *id, manifest)?.1 {
+            if once.set(row) {
+                more.set(row);
+            }
         }
     }
     let mut repo_stats = RepoStats::default();
@@ -126,17 +147,18 @@ pub fn stats(
         if !selected.is_empty() && !selected.contains(id) {
             continue;
         }
-        let (mut s, chunks) = snapshot_chunks(repo, *id, manifest)?;
-        for c in &chunks {
-            let entry = repo.locate(c)?.entry;
+        let (mut s, found) = snapshot_rows(repo, &rows, *id, manifest)?;
+        for row in found {
+            let Some(entry) = rows.entry(row).map(|e| e.entry) else {
+                continue;
+            };
             let stored = BLOB_HEADER_LEN as u64 + u64::from(entry.stored_len);
-            let (n, counted) = users.get_mut(c).expect("counted in the first pass");
-            if *n == 1 {
+            s.chunk_bytes += u64::from(entry.raw_len);
+            if !more.get(row) {
                 s.unique_bytes += u64::from(entry.raw_len);
                 s.unique_stored += stored;
             }
-            if !*counted {
-                *counted = true;
+            if !counted.set(row) {
                 repo_stats.chunks += 1;
                 repo_stats.chunk_bytes += u64::from(entry.raw_len);
                 repo_stats.stored_bytes += stored;

@@ -12,12 +12,14 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use sbk_store::{
-    ChunkId, Extent, PackEntry, PackGone, PackId, Repository, SnapshotId, BLOB_HEADER_LEN,
+    ChunkId, Extent, IndexFile, IndexId, Manifest, PackEntry, PackGone, PackId, Repository,
+    SnapshotId, StoreError, BLOB_HEADER_LEN,
 };
 
 use crate::error::Result;
 use crate::pool::worker_pool;
 use crate::progress::Progress;
+use crate::snapshot::windows;
 
 /// Which packs `verify` reads in full.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -78,23 +80,25 @@ pub struct VerifyReport {
     pub duration_ms: u64,
 }
 
-/// Which snapshots refer to each blob, as indices into a snapshot list.
-struct References {
+/// A problem as it is found, before the snapshots it affects are known: those are looked up
+/// at the end, from its chunk ids, in one more pass over the snapshots' trees (taken only when
+/// something is wrong). Keeping who-uses-what for every chunk instead would cost memory in
+/// proportion to the repository.
+struct Found {
+    what: String,
+    /// Chunks (data or trees) whose users it affects.
+    ids: Vec<ChunkId>,
+    /// Snapshots known to be affected already.
     snapshots: Vec<SnapshotId>,
-    by_blob: HashMap<ChunkId, Vec<u32>>,
 }
 
-impl References {
-    fn affected<'a>(&self, ids: impl IntoIterator<Item = &'a ChunkId>) -> Vec<SnapshotId> {
-        let set: BTreeSet<u32> = ids
-            .into_iter()
-            .filter_map(|id| self.by_blob.get(id))
-            .flatten()
-            .copied()
-            .collect();
-        set.into_iter()
-            .map(|i| self.snapshots[i as usize])
-            .collect()
+impl Found {
+    fn new(what: String, ids: Vec<ChunkId>) -> Found {
+        Found {
+            what,
+            ids,
+            snapshots: Vec::new(),
+        }
     }
 }
 
@@ -111,72 +115,110 @@ pub fn verify(
     Ok(report)
 }
 
+/// Memory: the list of packs, one index file and one window of one snapshot's trees at a time;
+/// nothing per chunk of the repository.
 fn verify_in_pool(
     repo: &Repository,
     opts: &VerifyOptions,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
-    let mut problems = Vec::new();
-    let refs = references(repo, &opts.snapshots, &mut problems)?;
-    let by_pack = index_by_pack(repo, &refs, &mut problems)?;
+    let mut found = Vec::new();
+    let snapshots = check_snapshots(repo, &opts.snapshots, &mut found)?;
+    let mut packs = repo.list_packs()?;
+    packs.sort_unstable();
+    let selected = select(&packs, opts.read_data);
     let mut report = VerifyReport {
-        snapshots: refs.snapshots.len(),
+        snapshots: snapshots.len(),
+        packs: packs.len(),
+        packs_read: selected.iter().filter(|s| **s).count(),
         ..VerifyReport::default()
     };
-
-    // Packs: trailer against headers and index.
-    let packs = repo.list_packs()?;
-    report.packs = packs.len();
-    let on_disk: HashSet<PackId> = packs.iter().map(|(id, _)| *id).collect();
-    report.packs_unindexed = packs
-        .iter()
-        .filter(|(id, _)| !by_pack.contains_key(id))
-        .count();
-    for (pack, entries) in &by_pack {
-        // A marked pack may go at any time (a prune beside us), its used blobs elsewhere.
-        if !on_disk.contains(pack) && !repo.is_marked(pack) {
-            problems.push(missing_pack(pack, entries, &refs));
-        }
-    }
     progress.start(0, "packs", packs.len() as u64);
-    let selected = select(&packs, opts.read_data);
-    let checked: Vec<(Vec<Problem>, u64, u64)> = packs
+    // Per listed pack: whether an index file names it (and so whether it was checked yet).
+    let mut named = vec![false; packs.len()];
+    let mut gone_marked = Vec::new();
+    for_each_index_file(repo, |f, file| {
+        let file = match file {
+            Ok(file) => file,
+            Err(e) => {
+                found.push(Found::new(
+                    format!("index file {f}: {e} (run `sbk repair index`)"),
+                    Vec::new(),
+                ));
+                return;
+            }
+        };
+        // Which of its packs to check, and to read: a pack two index files name is checked
+        // against each, and read once.
+        let mut work = Vec::new();
+        for (pack, entries) in &file.packs {
+            match packs.binary_search_by_key(pack, |(id, _)| *id) {
+                Ok(i) => {
+                    let first = !named[i];
+                    named[i] = true;
+                    if first {
+                        progress.advance(0, 1);
+                    }
+                    work.push((*pack, entries.as_slice(), first && selected[i]));
+                }
+                // A marked pack may go at any time (a prune beside us), its used blobs
+                // elsewhere; whether it was lost is settled at the end.
+                Err(_) if repo.is_marked(pack) => gone_marked.push(*pack),
+                Err(_) => found.push(missing_pack(pack, entries)),
+            }
+        }
+        let checked = work
+            .par_iter()
+            .map(|(pack, entries, read)| check_pack(repo, *pack, entries, *read))
+            .collect();
+        tally(checked, &mut found, &mut report);
+    })?;
+    // Packs no index file names (left by an interrupted backup; prune removes them) are
+    // checked on their own.
+    let unindexed: Vec<usize> = (0..packs.len()).filter(|i| !named[*i]).collect();
+    report.packs_unindexed = unindexed.len();
+    let checked = unindexed
         .par_iter()
-        .map(|(pack, _)| {
-            let indexed = by_pack.get(pack).map(Vec::as_slice).unwrap_or(&[]);
-            let r = check_pack(repo, *pack, indexed, selected.contains(pack), &refs);
+        .map(|i| {
             progress.advance(0, 1);
-            r
+            check_pack(repo, packs[*i].0, &[], selected[*i])
         })
         .collect();
+    tally(checked, &mut found, &mut report);
     progress.finish(0);
-    for (p, bytes, blobs) in checked {
-        problems.extend(p);
-        report.bytes_read += bytes;
-        report.blobs_read += blobs;
-    }
-    problems.extend(lost_during_check(repo, &by_pack, &refs)?);
-    report.packs_read = selected.len();
-    report.problems = problems;
+    found.extend(lost_during_check(repo, gone_marked)?);
+    report.problems = attribute(repo, &snapshots, found)?;
     Ok(report)
 }
 
-/// What the snapshots (those of `wanted`, or all) refer to, from their manifests and trees;
-/// what cannot be read is a problem.
-fn references(
+/// Adds the outcomes of [`check_pack`] to what was found and to the report.
+fn tally(checked: Vec<(Vec<Found>, u64, u64)>, found: &mut Vec<Found>, report: &mut VerifyReport) {
+    for (f, bytes, blobs) in checked {
+        found.extend(f);
+        report.bytes_read += bytes;
+        report.blobs_read += blobs;
+    }
+}
+
+/// Decodes the manifests and segment trees of the snapshots (those of `wanted`, or all), and
+/// checks that every chunk they refer to is indexed; what cannot be read is a problem. Returns
+/// the snapshots checked.
+fn check_snapshots(
     repo: &Repository,
     wanted: &[SnapshotId],
-    problems: &mut Vec<Problem>,
-) -> Result<References> {
-    let mut refs = References {
-        snapshots: Vec::new(),
-        by_blob: HashMap::new(),
-    };
+    found: &mut Vec<Found>,
+) -> Result<Vec<(SnapshotId, Manifest)>> {
     // The index is brought up to date after listing the manifests: a snapshot's index file is
     // written before its manifest, so every blob a listed snapshot needs is then known (a
-    // backup may have finished since the index was loaded).
+    // backup may have finished since the index was loaded). The index checks itself against
+    // the index files when it is brought up to date: one that cannot be read is left out of
+    // it (and reported below, when the index files are read).
     let manifests = repo.snapshots()?;
     repo.refresh_index()?;
+    let rows = repo.index()?.rows();
+    let mut checked = Vec::new();
+    // Chunks found missing, each reported once.
+    let mut missing = BTreeSet::new();
     for (id, manifest) in manifests {
         if !wanted.is_empty() && !wanted.contains(&id) {
             continue;
@@ -186,130 +228,139 @@ fn references(
             // Forgotten between the listing and the read (a forget beside us).
             Err(sbk_store::StoreError::SnapshotNotFound(_)) if wanted.is_empty() => continue,
             Err(e) => {
-                problems.push(Problem {
-                    what: format!("snapshot {id}: {e}"),
-                    snapshots: vec![id],
-                });
+                let mut f = Found::new(format!("snapshot {id}: {e}"), Vec::new());
+                f.snapshots.push(id);
+                found.push(f);
                 continue;
             }
         };
-        let index = refs.snapshots.len() as u32;
-        refs.snapshots.push(id);
-        let trees: Vec<_> = manifest
-            .trees
-            .par_iter()
-            .enumerate()
-            .map(|(i, tree)| (tree, repo.load_tree(tree, manifest.segment_len(i))))
-            .collect();
-        for (tree, extents) in trees {
-            refs.by_blob.entry(*tree).or_default().push(index);
-            match extents {
-                Ok(extents) => {
-                    for x in extents {
-                        if let Extent::Data { id: chunk, .. } = x {
-                            let users = refs.by_blob.entry(chunk).or_default();
-                            if users.last() != Some(&index) {
-                                users.push(index);
-                            }
+        for segments in windows(&manifest) {
+            let mut ids = Vec::new();
+            let trees: Vec<_> = manifest.trees[segments.clone()]
+                .par_iter()
+                .zip(segments)
+                .map(|(tree, i)| (tree, repo.load_tree(tree, manifest.segment_len(i))))
+                .collect();
+            for (tree, extents) in trees {
+                let extents = match extents {
+                    Ok(extents) => extents,
+                    Err(e) => {
+                        let mut f = Found::new(format!("segment tree {tree}: {e}"), Vec::new());
+                        f.snapshots.push(id);
+                        found.push(f);
+                        continue;
+                    }
+                };
+                ids.extend(extents.into_iter().filter_map(|x| match x {
+                    Extent::Data { id, .. } => Some(id),
+                    Extent::Zero { .. } => None,
+                }));
+            }
+            // Sorted, a window's ids are looked up in one pass over the index table.
+            ids.sort_unstable();
+            ids.dedup();
+            rows.rows_sorted(&ids, |i, row| {
+                let chunk = ids[i];
+                if row.is_none() && missing.insert(chunk) {
+                    found.push(Found::new(
+                        format!("chunk {chunk} is referenced but not in the index (missing data, or run `sbk repair index`)"),
+                        vec![chunk],
+                    ));
+                }
+            });
+        }
+        checked.push((id, manifest));
+    }
+    Ok(checked)
+}
+
+/// Turns what was found into problems, each naming the snapshots it affects: those that refer
+/// to its chunks (one more pass over the trees, only when a problem names chunks).
+fn attribute(
+    repo: &Repository,
+    snapshots: &[(SnapshotId, Manifest)],
+    mut found: Vec<Found>,
+) -> Result<Vec<Problem>> {
+    let wanted: HashSet<ChunkId> = found.iter().flat_map(|f| f.ids.iter().copied()).collect();
+    let mut users: HashMap<ChunkId, BTreeSet<usize>> = HashMap::new();
+    if !wanted.is_empty() {
+        for (n, (_, manifest)) in snapshots.iter().enumerate() {
+            let mut note = |id: &ChunkId| {
+                if wanted.contains(id) {
+                    users.entry(*id).or_default().insert(n);
+                }
+            };
+            manifest.trees.iter().for_each(&mut note);
+            for segments in windows(manifest) {
+                // A tree that cannot be read is a problem of its own already.
+                for tree in (segments.clone())
+                    .into_par_iter()
+                    .map(|i| repo.load_tree(&manifest.trees[i], manifest.segment_len(i)))
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .flatten()
+                {
+                    for x in tree {
+                        if let Extent::Data { id, .. } = x {
+                            note(&id);
                         }
                     }
                 }
-                Err(e) => problems.push(Problem {
-                    what: format!("segment tree {tree}: {e}"),
-                    snapshots: vec![id],
-                }),
             }
         }
     }
-    Ok(refs)
-}
-
-/// The index, by pack, from the index files themselves (the repository's truth, not the local
-/// cache); a damaged index file, and a referenced blob no index file names, are problems.
-fn index_by_pack(
-    repo: &Repository,
-    refs: &References,
-    problems: &mut Vec<Problem>,
-) -> Result<HashMap<PackId, Vec<PackEntry>>> {
-    let mut by_pack: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
-    for (f, file) in read_index_files(repo)? {
-        match file {
-            Ok(file) => {
-                for (pack, entries) in file.packs {
-                    by_pack.entry(pack).or_default().extend(entries);
-                }
+    Ok(found
+        .iter_mut()
+        .map(|f| {
+            let by_ids = f.ids.iter().filter_map(|id| users.get(id)).flatten();
+            let mut affected: BTreeSet<SnapshotId> = by_ids.map(|n| snapshots[*n].0).collect();
+            affected.extend(f.snapshots.iter().copied());
+            Problem {
+                what: std::mem::take(&mut f.what),
+                snapshots: affected.into_iter().collect(),
             }
-            Err(e) => problems.push(Problem {
-                what: format!("index file {f}: {e} (run `sbk repair index`)"),
-                snapshots: Vec::new(),
-            }),
-        }
-    }
-    let indexed: HashSet<ChunkId> = by_pack.values().flatten().map(|e| e.id).collect();
-    let mut missing: Vec<&ChunkId> = refs
-        .by_blob
-        .keys()
-        .filter(|id| !indexed.contains(id))
-        .collect();
-    missing.sort();
-    for id in missing {
-        problems.push(Problem {
-            what: format!("chunk {id} is referenced but not in the index (missing data, or run `sbk repair index`)"),
-            snapshots: refs.affected([id]),
-        });
-    }
-    Ok(by_pack)
-}
-
-/// Marked packs that went during the check: deleted by a prune, which first names their used
-/// blobs elsewhere and drops them from the index files. One that is gone but still named is
-/// lost, not pruned.
-fn lost_during_check(
-    repo: &Repository,
-    by_pack: &HashMap<PackId, Vec<PackEntry>>,
-    refs: &References,
-) -> Result<Vec<Problem>> {
-    let now: HashSet<PackId> = repo.list_packs()?.into_iter().map(|(id, _)| id).collect();
-    let gone: Vec<&PackId> = by_pack
-        .keys()
-        .filter(|p| repo.is_marked(p) && !now.contains(p))
-        .collect();
-    if gone.is_empty() {
-        return Ok(Vec::new());
-    }
-    let named: HashSet<PackId> = read_index_files(repo)?
-        .into_iter()
-        .filter_map(|(_, f)| f.ok())
-        .flat_map(|f| f.packs.into_iter().map(|(p, _)| p))
-        .collect();
-    Ok(gone
-        .into_iter()
-        .filter(|p| named.contains(p))
-        .map(|pack| missing_pack(pack, &by_pack[pack], refs))
+        })
         .collect())
 }
 
+/// Marked packs that went during the check: deleted by a prune, which first names their used
+/// blobs elsewhere and drops them from the index files. One that is gone but still named (by
+/// the index files as they are now) is lost, not pruned.
+fn lost_during_check(repo: &Repository, gone: Vec<PackId>) -> Result<Vec<Found>> {
+    if gone.is_empty() {
+        return Ok(Vec::new());
+    }
+    let gone: HashSet<PackId> = gone.into_iter().collect();
+    let now: HashSet<PackId> = repo.list_packs()?.into_iter().map(|(id, _)| id).collect();
+    let mut lost = Vec::new();
+    for_each_index_file(repo, |_, file| {
+        for (pack, entries) in file.map(|f| f.packs).unwrap_or_default() {
+            if gone.contains(&pack) && !now.contains(&pack) {
+                lost.push(missing_pack(&pack, &entries));
+            }
+        }
+    })?;
+    Ok(lost)
+}
+
 /// The problem of a pack the index names that is not there.
-fn missing_pack(pack: &PackId, entries: &[PackEntry], refs: &References) -> Problem {
-    Problem {
-        what: format!(
+fn missing_pack(pack: &PackId, entries: &[PackEntry]) -> Found {
+    Found::new(
+        format!(
             "pack {pack} is missing, but the index names it for {} blobs",
             entries.len()
         ),
-        snapshots: refs.affected(entries.iter().map(|e| &e.id)),
-    }
+        entries.iter().map(|e| e.id).collect(),
+    )
 }
 
-/// The packs whose data `read` asks for.
-fn select(packs: &[(PackId, u64)], read: ReadData) -> HashSet<PackId> {
+/// Which of `packs` (in id order) `read` asks to read, position by position.
+fn select(packs: &[(PackId, u64)], read: ReadData) -> Vec<bool> {
     match read {
-        ReadData::None => HashSet::new(),
-        ReadData::All => packs.iter().map(|(id, _)| *id).collect(),
-        ReadData::Part { n, m } => packs
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| (*i as u32) % m == n - 1)
-            .map(|(_, (id, _))| *id)
+        ReadData::None => vec![false; packs.len()],
+        ReadData::All => vec![true; packs.len()],
+        ReadData::Part { n, m } => (0..packs.len())
+            .map(|i| (i as u64) % u64::from(m) == u64::from(n - 1))
             .collect(),
         // Pack ids are random: taking those whose first bytes fall under the threshold is a random
         // sample, and a different one each time a fresh threshold offset is used.
@@ -322,42 +373,40 @@ fn select(packs: &[(PackId, u64)], read: ReadData) -> HashSet<PackId> {
             let threshold = (p.clamp(0.0, 100.0) / 100.0 * f64::from(u32::MAX)) as u32;
             packs
                 .iter()
-                .filter(|(id, _)| {
+                .map(|(id, _)| {
                     u32::from_le_bytes([id.0[0], id.0[1], id.0[2], id.0[3]]).wrapping_sub(offset)
                         <= threshold
                 })
-                .map(|(id, _)| *id)
                 .collect()
         }
     }
 }
 
-/// Every index file with its contents (or why they could not be read). A file that vanishes
-/// between listing and reading was replaced by a prune (which writes the new files before it
-/// removes the old ones): the files are then listed and read again.
-fn read_index_files(
+/// Calls `f` with each index file and its contents (or why they could not be read), one at a
+/// time. A file that vanishes between listing and reading was replaced by a prune (which
+/// writes the new files before it removes the old ones): the files are then listed again, and
+/// those not seen yet read.
+fn for_each_index_file(
     repo: &Repository,
-) -> Result<
-    Vec<(
-        sbk_store::IndexId,
-        std::result::Result<sbk_store::IndexFile, sbk_store::StoreError>,
-    )>,
-> {
-    let mut attempts = 0;
-    loop {
-        let files: Vec<_> = repo
-            .index_files()?
-            .into_iter()
-            .map(|f| (f, repo.read_index_file(&f)))
-            .collect();
-        let replaced = files
-            .iter()
-            .any(|(_, r)| matches!(r, Err(sbk_store::StoreError::ObjectMissing { .. })));
-        attempts += 1;
-        if !replaced || attempts == 5 {
-            return Ok(files);
+    mut f: impl FnMut(IndexId, std::result::Result<IndexFile, StoreError>),
+) -> Result<()> {
+    let mut seen = HashSet::new();
+    for attempt in 1..=5 {
+        let mut replaced = false;
+        for id in repo.index_files()? {
+            if !seen.insert(id) {
+                continue;
+            }
+            match repo.read_index_file(&id) {
+                Err(StoreError::ObjectMissing { .. }) if attempt < 5 => replaced = true,
+                file => f(id, file),
+            }
+        }
+        if !replaced {
+            break;
         }
     }
+    Ok(())
 }
 
 /// Checks one pack: its trailer, each blob header, agreement with the index, and (when `read`)
@@ -367,10 +416,8 @@ fn check_pack(
     pack: PackId,
     indexed: &[PackEntry],
     read: bool,
-    refs: &References,
-) -> (Vec<Problem>, u64, u64) {
+) -> (Vec<Found>, u64, u64) {
     let mut problems = Vec::new();
-    let in_pack = |ids: &mut dyn Iterator<Item = &ChunkId>| refs.affected(ids.collect::<Vec<_>>());
     let trailer = match repo.read_trailer(pack) {
         Ok(t) => t,
         // Deleted since it was listed by a prune beside us (docs/design.md, "prune").
@@ -378,26 +425,25 @@ fn check_pack(
             return (problems, 0, 0);
         }
         Err(e) => {
-            problems.push(Problem {
-                what: format!("pack {pack}: {e}"),
-                snapshots: in_pack(&mut indexed.iter().map(|e| &e.id)),
-            });
+            problems.push(Found::new(
+                format!("pack {pack}: {e}"),
+                indexed.iter().map(|e| e.id).collect(),
+            ));
             return (problems, 0, 0);
         }
     };
     let by_id: HashMap<ChunkId, &PackEntry> = trailer.iter().map(|e| (e.id, e)).collect();
     for e in indexed {
         if by_id.get(&e.id).is_none_or(|t| *t != e) {
-            problems.push(Problem {
-                what: format!("index entry of chunk {} points at pack {pack} offset {}, which the pack's trailer does not list", e.id, e.offset),
-                snapshots: refs.affected([&e.id]),
-            });
+            problems.push(Found::new(
+                format!("index entry of chunk {} points at pack {pack} offset {}, which the pack's trailer does not list", e.id, e.offset),
+                vec![e.id],
+            ));
         }
     }
     let (mut bytes, mut blobs) = (0u64, 0u64);
-    let problem = |e: &PackEntry, err: &sbk_store::StoreError| Problem {
-        what: format!("chunk {} in pack {pack}: {err}", e.id),
-        snapshots: refs.affected([&e.id]),
+    let problem = |e: &PackEntry, err: &sbk_store::StoreError| {
+        Found::new(format!("chunk {} in pack {pack}: {err}", e.id), vec![e.id])
     };
     // Deleted meanwhile by a prune beside us, its used blobs elsewhere.
     let pruned = |err: &sbk_store::StoreError| {

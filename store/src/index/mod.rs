@@ -9,6 +9,7 @@
 //! one that is missing, damaged or stale is rebuilt from the index files with a notice.
 
 pub mod file;
+pub mod rows;
 pub mod table;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -22,6 +23,7 @@ use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, IndexId, PackId};
 use crate::pack::PackEntry;
 use file::IndexFile;
+use rows::Rows;
 use table::{write_table, Table, TableError};
 
 /// Where a blob lives.
@@ -53,7 +55,8 @@ fn fold_due(st: &State) -> bool {
 }
 
 struct State {
-    table: Option<Table>,
+    /// Shared with the [`Rows`] views taken of it.
+    table: Option<Arc<Table>>,
     table_files: HashSet<IndexId>,
     overlay: HashMap<ChunkId, IndexEntry>,
     overlay_files: HashSet<IndexId>,
@@ -218,7 +221,7 @@ impl Index {
                 Ok(t) => {
                     let mut st = self.state.write().expect("no thread panics holding this");
                     st.table_files = t.files().collect();
-                    st.table = Some(t);
+                    st.table = Some(Arc::new(t));
                     return;
                 }
                 Err(e) => {
@@ -410,7 +413,7 @@ impl Index {
                 }
             }
         }
-        st.table = Some(table);
+        st.table = Some(Arc::new(table));
         st.table_files = files.into_iter().collect();
         st.overlay.clear();
         st.overlay_files.clear();
@@ -461,6 +464,12 @@ impl Index {
     /// True when nothing is indexed.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// A frozen numbering of the indexed blobs, for facts kept per blob in dense arrays.
+    pub fn rows(&self) -> Rows {
+        let st = self.state.read().expect("no thread panics holding this");
+        Rows::new(st.table.clone(), st.overlay.values().copied().collect())
     }
 
     /// The folder holding this repository's cache.

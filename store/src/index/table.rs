@@ -327,21 +327,68 @@ impl Table {
 
     /// Looks a blob up.
     pub fn get(&self, id: &ChunkId) -> Option<IndexEntry> {
+        self.position(id).and_then(|i| self.entry_at(i))
+    }
+
+    /// The position of a blob in the table's id order (its row), if it is there.
+    pub fn position(&self, id: &ChunkId) -> Option<usize> {
         if !self.may_contain(id) {
             return None;
         }
         let (mut lo, mut hi) = (0usize, self.header.entries as usize);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let raw = self.raw(mid);
-            match raw[..32].cmp(&id.0[..]) {
+            match self.raw(mid)[..32].cmp(&id.0[..]) {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
-                // Checked when the table was opened.
-                std::cmp::Ordering::Equal => return self.decode(raw).ok(),
+                std::cmp::Ordering::Equal => return Some(mid),
             }
         }
         None
+    }
+
+    /// The positions of `ids`, which must be sorted: `f(i, position)` for each in turn. Each
+    /// search gallops forward from where the last one ended, so a sorted batch reads the
+    /// table front to back once instead of binary-searching it from the top for each id.
+    pub fn positions_sorted(&self, ids: &[ChunkId], mut f: impl FnMut(usize, Option<usize>)) {
+        let n = self.len();
+        let mut lo = 0usize;
+        for (i, id) in ids.iter().enumerate() {
+            if !self.may_contain(id) {
+                f(i, None);
+                continue;
+            }
+            // The first position at or after `lo` whose id is not less than `id`: gallop to a
+            // bound, then search between.
+            let less = |at: usize| self.raw(at)[..32] < id.0[..];
+            let mut step = 1usize;
+            let mut hi = lo;
+            while hi < n && less(hi) {
+                lo = hi + 1;
+                hi = lo.saturating_add(step).min(n);
+                step = step.saturating_mul(2);
+            }
+            let (mut a, mut b) = (lo, hi.min(n));
+            while a < b {
+                let mid = a + (b - a) / 2;
+                if less(mid) {
+                    a = mid + 1;
+                } else {
+                    b = mid;
+                }
+            }
+            lo = a;
+            f(i, (a < n && self.raw(a)[..32] == id.0[..]).then_some(a));
+        }
+    }
+
+    /// The entry at position `i` (`None` past the end; entries were checked when the table was
+    /// opened, so a decode cannot fail).
+    pub fn entry_at(&self, i: usize) -> Option<IndexEntry> {
+        if i >= self.len() {
+            return None;
+        }
+        self.decode(self.raw(i)).ok()
     }
 
     /// Number of entries.
@@ -480,6 +527,23 @@ mod tests {
             "{false_positives} of 10000 pass the filter"
         );
         assert_eq!(t.iter().count(), 5000);
+        // Batches of sorted ids, present and absent, dense and sparse, find what one-by-one
+        // lookups find.
+        let absent = (5000..8000u32).map(|i| ChunkId(*blake3::hash(&i.to_le_bytes()).as_bytes()));
+        for stride in [1, 3, 97, 4999] {
+            let mut batch: Vec<ChunkId> = ids.iter().step_by(stride).copied().collect();
+            batch.extend(absent.clone().step_by(stride));
+            batch.push(ids[0]);
+            batch.sort();
+            let mut got = Vec::new();
+            t.positions_sorted(&batch, |i, p| got.push((i, p)));
+            let want: Vec<_> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (i, t.position(id)))
+                .collect();
+            assert_eq!(got, want, "stride {stride}");
+        }
         drop(t);
         let bytes = std::fs::read(&path).unwrap();
         for at in [

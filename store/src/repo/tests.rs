@@ -325,3 +325,57 @@ fn snapshots_are_written_listed_resolved_and_removed() {
         Err(StoreError::Corrupt { .. })
     ));
 }
+
+#[test]
+fn rows_number_every_blob_once_in_the_table_and_the_overlay() {
+    let mem = MemBackend::new();
+    Repository::init(&mem, InitOptions::default()).unwrap();
+    let writer = open(&mem, "").unwrap();
+    let blob = |i: u32| i.to_le_bytes().repeat(300);
+    let first: Vec<Vec<u8>> = (0..40).map(blob).collect();
+    store(
+        &writer,
+        &first.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+    );
+    // Opened now, the reader folds what exists into a table; what comes after stays in its
+    // overlay until it grows.
+    let reader = open(&mem, "").unwrap();
+    let later: Vec<Vec<u8>> = (40..70).map(blob).collect();
+    store(
+        &writer,
+        &later.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+    );
+    reader.refresh_index().unwrap();
+    let index = reader.index().unwrap();
+    let rows = index.rows();
+    assert_eq!(rows.len(), 70);
+    assert_eq!(rows.len(), index.len() as u64);
+    let mut seen = std::collections::BTreeSet::new();
+    for raw in first.iter().chain(&later) {
+        let id = reader.blob_id(raw);
+        let row = rows.row(&id).expect("every stored blob has a row");
+        assert!(seen.insert(row), "row {row} given twice");
+        assert_eq!(rows.entry(row), Some(reader.locate(&id).unwrap()));
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        (0..70).collect::<Vec<_>>()
+    );
+    assert_eq!(rows.row(&reader.blob_id(b"never stored")), None);
+    let mut ids: Vec<ChunkId> = first
+        .iter()
+        .chain(&later)
+        .map(|r| reader.blob_id(r))
+        .collect();
+    ids.push(reader.blob_id(b"never stored"));
+    ids.sort();
+    let mut batch = Vec::new();
+    rows.rows_sorted(&ids, |i, row| batch.push((i, row)));
+    let one_by_one: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (i, rows.row(id)))
+        .collect();
+    assert_eq!(batch, one_by_one);
+    assert_eq!(rows.entry(70), None);
+}

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+#   bash benches/scale.sh CHUNKS [WORKDIR]      (LIMIT_MIB=256, SNAPSHOTS=20, IMAGE_MIB=4096)
+#   KEEP=DIR bash benches/scale.sh CHUNKS       (the repository in DIR is kept, and reused)
+#   ONLY="verify stats" bash benches/scale.sh CHUNKS       (only the commands named)
+# Issue 19's figures: a scale-repo repository of CHUNKS distinct chunks (unencrypted, for the
+# timings), then every command the issue names, each inside a memory cgroup limited to
+# LIMIT_MIB (the kernel reclaims mapped file pages under the limit, so what a command really
+# holds is what counts). Prints one line per command: status, wall time, peak RSS (VmHWM, which
+# counts mapped file pages) and the peak of anonymous memory (RssAnon, sampled every 20 ms).
+# Exits 1 when any command fails or is killed by the limit: CI runs it at 10^6 chunks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+chunks=${1:?usage: scale.sh CHUNKS [WORKDIR]}
+limit=${LIMIT_MIB:-256}
+snaps=${SNAPSHOTS:-20}
+image_mib=${IMAGE_MIB:-4096}
+cargo build --release -q -p sbk -p sbk-benches >&2
+sbk=$PWD/target/release/sbk
+scale=$PWD/target/release/scale-repo
+if [ -n "${KEEP:-}" ]; then w=$KEEP; mkdir -p "$w"; else w=$(mktemp -d "${2:-/var/tmp}/sbk-scale.XXXXXX"); fi
+cg=""
+cleanup() {
+  [ -n "$cg" ] && rmdir "$cg" 2>/dev/null || true
+  [ -n "${KEEP:-}" ] || rm -rf "$w"
+}
+trap cleanup EXIT
+
+# A memory cgroup of our own: v2 (memory.max) where the unified hierarchy has the controller,
+# else v1 (memory.limit_in_bytes). Swap is limited too where the kernel accounts it, so a
+# command cannot escape the limit by swapping.
+if [ -f /sys/fs/cgroup/cgroup.controllers ] && grep -qw memory /sys/fs/cgroup/cgroup.controllers; then
+  cg=/sys/fs/cgroup/sbk-scale-$$
+  mkdir "$cg"
+  echo $((limit << 20)) > "$cg/memory.max"
+  [ -f "$cg/memory.swap.max" ] && echo 0 > "$cg/memory.swap.max"
+elif [ -d /sys/fs/cgroup/memory ]; then
+  cg=/sys/fs/cgroup/memory/sbk-scale-$$
+  mkdir "$cg"
+  echo $((limit << 20)) > "$cg/memory.limit_in_bytes"
+  [ -f "$cg/memory.memsw.limit_in_bytes" ] && echo $((limit << 20)) > "$cg/memory.memsw.limit_in_bytes"
+else
+  echo "scale.sh: no memory cgroup (neither v2 memory.max nor v1 memory.limit_in_bytes)" >&2
+  exit 1
+fi
+
+failed=0
+# limited NAME CMD...: runs CMD inside the cgroup, stdout to $w/NAME.out, and prints its figures.
+limited() {
+  local name=$1; shift
+  if [ -n "${ONLY:-}" ] && ! [[ " $ONLY " == *" $name "* ]]; then return 0; fi
+  local t0 t1 pid rc=0 anon=0 hwm=0 a h
+  t0=$(date +%s.%N)
+  sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$cg" "$@" > "$w/$name.out" 2> "$w/$name.err" &
+  pid=$!
+  while kill -0 $pid 2>/dev/null; do
+    a=$(awk '/^RssAnon/ {print $2}' /proc/$pid/status 2>/dev/null || echo 0)
+    h=$(awk '/^VmHWM/ {print $2}' /proc/$pid/status 2>/dev/null || echo 0)
+    [ "${a:-0}" -gt "$anon" ] && anon=$a
+    [ "${h:-0}" -gt "$hwm" ] && hwm=$h
+    sleep 0.02
+  done
+  wait $pid || rc=$?
+  t1=$(date +%s.%N)
+  printf '%-28s %-6s %8.2f s %6d MiB peak RSS %6d MiB peak anon\n' "$name" \
+    "$([ $rc = 0 ] && echo ok || echo "rc=$rc")" "$(echo "$t1 - $t0" | bc)" $((hwm / 1024)) $((anon / 1024))
+  if [ $rc != 0 ]; then
+    failed=1
+    tail -3 "$w/$name.err" | sed 's/^/    /'
+  fi
+}
+
+export SBK_CACHE_DIR=$w/cache
+repo=$w/repo
+echo "scale-repo: $chunks chunks, $snaps snapshots of 2 sources, unencrypted; limit $limit MiB"
+[ -d $repo ] || $scale --repo $repo --chunks "$chunks" --snapshots "$snaps" --sources 2 --encryption none > $w/scale.json
+cat $w/scale.json
+
+# A new image: incompressible data, so that every chunk of it is new.
+[[ -z "${ONLY:-}" || "$ONLY" == *backup* ]] && head -c $((image_mib << 20)) /dev/urandom > $w/new.img
+sync
+limited backup-new $sbk backup -q --threads 2 --repo $repo $w/new.img
+limited backup-unchanged $sbk backup -q --threads 2 --repo $repo $w/new.img
+rm -f $w/new.img
+limited snapshots $sbk snapshots --repo $repo --json
+sample=$($sbk snapshots --repo $repo --json | python3 -c 'import json,sys; s=[x for x in json.load(sys.stdin) if x["tags"]]; print(s[len(s)//2]["id"])')
+limited restore $sbk restore -q --repo $repo "$sample" $w/restored.img
+if [ -f $w/restored.img ]; then
+  want=$($scale --expect $repo "$sample")
+  got=$(sha256sum < $w/restored.img | cut -d' ' -f1)
+  rm -f $w/restored.img
+  if [ "$want" != "$got" ]; then echo "restore: sha256 $got, expected $want" >&2; failed=1; fi
+fi
+limited verify $sbk verify -q --repo $repo
+limited verify-subset-1% $sbk verify -q --repo $repo --read-data-subset 1%
+limited stats $sbk stats -q --repo $repo
+rm -rf $w/copy; $sbk init -q --encryption none --repo $w/copy
+limited copy-one $sbk copy -q --repo $w/copy --from-repo $repo "$sample"
+limited repair-index $sbk repair index -q --repo $repo
+limited forget-half $sbk forget -q --repo $repo --keep-last $((snaps / 4))
+limited prune-mark $sbk prune -q --repo $repo --grace 0s
+limited prune-sweep $sbk prune -q --repo $repo --grace 0s
+limited prune-exclusive $sbk prune -q --repo $repo --exclusive
+exit $failed

@@ -1,0 +1,272 @@
+//! Dense facts per blob: a frozen numbering of the index's blobs ([`Rows`]: row r is the r-th
+//! blob of the sorted cache table, then the overlay's in id order), and a bit per row
+//! ([`RowBits`]). Commands that need one fact per chunk of the repository (prune's marks,
+//! stats' sharing) keep it here, in bits, instead of in a hash map keyed by 32-byte ids: at
+//! 10^8 chunks a bit per row is 12.5 MB, a `HashSet<ChunkId>` about 5 GB.
+//!
+//! Row numbers and counts are 64-bit throughout (1 PiB of 256 KiB chunks is 2^32 rows). A bit
+//! array larger than [`HEAP_MAX_BYTES`] lives in an unlinked, sparse scratch file in the cache
+//! folder, memory-mapped: its pages are file pages the kernel can write back and reclaim under
+//! a memory limit, where heap pages would have to stay.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use memmap2::MmapMut;
+
+use super::table::Table;
+use super::IndexEntry;
+use crate::id::ChunkId;
+
+/// Bit arrays up to this size stay on the heap (2^28 rows); larger ones go to a scratch file.
+pub const HEAP_MAX_BYTES: u64 = 32 << 20;
+/// A mapped bit array asks the kernel to write its dirty pages back after this many new bits,
+/// so that they do not pile up against a memory limit (cgroup v1 counts dirty mapped pages
+/// until they are written back).
+const FLUSH_EVERY: u64 = 1 << 22;
+
+/// A frozen numbering of the blobs of an [`Index`](super::Index): taken once, it does not
+/// change when the index does (the table is shared, the overlay copied).
+pub struct Rows {
+    table: Option<Arc<Table>>,
+    /// The overlay at the time, sorted by id: rows `table.len()..`.
+    extra: Vec<IndexEntry>,
+}
+
+impl Rows {
+    pub(crate) fn new(table: Option<Arc<Table>>, mut extra: Vec<IndexEntry>) -> Rows {
+        extra.sort_unstable_by_key(|e| e.entry.id);
+        Rows { table, extra }
+    }
+
+    fn table_len(&self) -> u64 {
+        self.table.as_ref().map_or(0, |t| t.len() as u64)
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> u64 {
+        self.table_len() + self.extra.len() as u64
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The row of a blob, if it is indexed. A blob in both the table and the overlay has the
+    /// overlay's row, as lookups find it there first.
+    pub fn row(&self, id: &ChunkId) -> Option<u64> {
+        if let Ok(i) = self.extra.binary_search_by_key(id, |e| e.entry.id) {
+            return Some(self.table_len() + i as u64);
+        }
+        self.table
+            .as_ref()
+            .and_then(|t| t.position(id))
+            .map(|i| i as u64)
+    }
+
+    /// The rows of `ids`, which must be sorted: `f(i, row)` for each in turn, reading the
+    /// table front to back once (see [`Table::positions_sorted`]); far faster than one
+    /// [`row`](Self::row) each for a snapshot's worth of ids.
+    pub fn rows_sorted(&self, ids: &[ChunkId], mut f: impl FnMut(usize, Option<u64>)) {
+        let t = self.table_len();
+        let in_extra = |id: &ChunkId| self.extra.binary_search_by_key(id, |e| e.entry.id).ok();
+        match &self.table {
+            Some(table) => table.positions_sorted(ids, |i, p| {
+                f(
+                    i,
+                    in_extra(&ids[i])
+                        .map(|x| t + x as u64)
+                        .or(p.map(|p| p as u64)),
+                )
+            }),
+            None => (0..ids.len()).for_each(|i| f(i, in_extra(&ids[i]).map(|x| x as u64))),
+        }
+    }
+
+    /// The blob of a row (`None` past the end).
+    pub fn entry(&self, row: u64) -> Option<IndexEntry> {
+        let t = self.table_len();
+        if row < t {
+            self.table.as_ref()?.entry_at(row as usize)
+        } else {
+            self.extra.get(usize::try_from(row - t).ok()?).copied()
+        }
+    }
+}
+
+enum Words {
+    Heap(Vec<u64>),
+    Mapped {
+        map: MmapMut,
+        /// Kept open for the life of the mapping (the file itself is already unlinked).
+        _file: File,
+        unflushed: u64,
+    },
+}
+
+/// One bit per row, all clear at first.
+pub struct RowBits {
+    words: Words,
+    len: u64,
+}
+
+impl RowBits {
+    /// Bits for `len` rows: on the heap when small, else in a scratch file in `scratch_dir`.
+    pub fn new(len: u64, scratch_dir: &Path) -> std::io::Result<RowBits> {
+        if len.div_ceil(8) <= HEAP_MAX_BYTES {
+            let words = usize::try_from(len.div_ceil(64)).map_err(std::io::Error::other)?;
+            Ok(RowBits {
+                words: Words::Heap(vec![0; words]),
+                len,
+            })
+        } else {
+            Self::mapped(len, scratch_dir)
+        }
+    }
+
+    /// Bits for `len` rows in a scratch file, whatever the size.
+    pub fn mapped(len: u64, scratch_dir: &Path) -> std::io::Result<RowBits> {
+        // Unlinked at once: nothing is left behind however the process ends. Sparse: pages
+        // never written take no disk space and read as zeros.
+        let file = tempfile::tempfile_in(scratch_dir)?;
+        let bytes = len.div_ceil(64).max(1) * 8;
+        file.set_len(bytes)?;
+        // SAFETY: the file is private to this process (unlinked, never shared), so nobody
+        // else can change or truncate it under the mapping.
+        #[allow(unsafe_code)]
+        let map = unsafe { MmapMut::map_mut(&file) }?;
+        Ok(RowBits {
+            words: Words::Mapped {
+                map,
+                _file: file,
+                unflushed: 0,
+            },
+            len,
+        })
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn word(&self, i: usize) -> u64 {
+        match &self.words {
+            Words::Heap(w) => w[i],
+            Words::Mapped { map, .. } => {
+                u64::from_le_bytes(map[i * 8..i * 8 + 8].try_into().expect("eight bytes"))
+            }
+        }
+    }
+
+    fn position(&self, row: u64) -> (usize, u64) {
+        assert!(
+            row < self.len,
+            "row {row} past the end of {} rows",
+            self.len
+        );
+        ((row / 64) as usize, 1u64 << (row % 64))
+    }
+
+    /// The bit of `row`.
+    pub fn get(&self, row: u64) -> bool {
+        let (i, bit) = self.position(row);
+        self.word(i) & bit != 0
+    }
+
+    /// Sets the bit of `row`; returns whether it was set before.
+    pub fn set(&mut self, row: u64) -> bool {
+        let (i, bit) = self.position(row);
+        let old = self.word(i);
+        if old & bit != 0 {
+            return true;
+        }
+        match &mut self.words {
+            Words::Heap(w) => w[i] = old | bit,
+            Words::Mapped { map, unflushed, .. } => {
+                map[i * 8..i * 8 + 8].copy_from_slice(&(old | bit).to_le_bytes());
+                *unflushed += 1;
+                if *unflushed >= FLUSH_EVERY {
+                    *unflushed = 0;
+                    // Only a hint to write back: a failure leaves the pages dirty, not wrong.
+                    let _ = map.flush_async();
+                }
+            }
+        }
+        false
+    }
+
+    /// Number of set bits.
+    pub fn count(&self) -> u64 {
+        let words = self.len.div_ceil(64) as usize;
+        (0..words)
+            .map(|i| u64::from(self.word(i).count_ones()))
+            .sum()
+    }
+
+    /// Whether this array lives in a scratch file.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.words, Words::Mapped { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_past_two_to_the_32_in_a_sparse_scratch_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // 2^33 rows: a 1 GiB sparse file, of which only the touched pages exist.
+        let len = (1u64 << 33) + 64;
+        let mut bits = RowBits::mapped(len, dir.path()).unwrap();
+        assert!(bits.is_mapped());
+        let row = (1u64 << 32) + 5;
+        assert!(!bits.get(row));
+        assert!(!bits.set(row));
+        assert!(bits.set(row), "set twice reports the first");
+        assert!(bits.get(row));
+        // Neighbours, in the same word and across the 2^32 boundary, stay clear.
+        for other in [row - 1, row + 1, 5, (1u64 << 32) - 1, len - 1] {
+            assert!(!bits.get(other), "row {other}");
+        }
+        assert!(!bits.set(len - 1));
+        assert!(bits.get(len - 1));
+    }
+
+    #[test]
+    fn heap_and_mapped_bits_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let len = 10_000;
+        let mut heap = RowBits::new(len, dir.path()).unwrap();
+        let mut mapped = RowBits::mapped(len, dir.path()).unwrap();
+        assert!(!heap.is_mapped());
+        for row in (0..len).filter(|r| r % 7 == 3 || r % 64 == 63) {
+            assert_eq!(heap.set(row), mapped.set(row));
+        }
+        for row in 0..len {
+            assert_eq!(heap.get(row), mapped.get(row), "row {row}");
+            assert_eq!(heap.get(row), row % 7 == 3 || row % 64 == 63);
+        }
+        assert_eq!(heap.count(), mapped.count());
+        assert_eq!(
+            heap.count(),
+            (0..len).filter(|r| r % 7 == 3 || r % 64 == 63).count() as u64
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "past the end")]
+    fn a_row_past_the_end_is_a_bug_not_a_silent_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bits = RowBits::new(10, dir.path()).unwrap();
+        bits.set(10);
+    }
+}
