@@ -107,6 +107,9 @@ pub fn copy(
     Ok(out)
 }
 
+/// Source-to-destination ids `copy` remembers across a snapshot's windows (about 10 MiB).
+const MAP_MAX: usize = 1 << 17;
+
 fn copy_one(
     src: &Repository,
     dst: &Repository,
@@ -118,31 +121,34 @@ fn copy_one(
     let bytes = AtomicU64::new(0);
     let (mut read, mut fresh) = (0u64, 0u64);
     let mut trees = Vec::with_capacity(manifest.trees.len());
-    // Source id -> destination id, for the whole snapshot: a chunk used in several windows is
-    // read once (64 bytes per distinct chunk).
+    // Source id -> destination id: a chunk used in several segments is read once, as long as
+    // the map holds it (it is emptied once it holds MAP_MAX, so that memory stays bounded for
+    // a snapshot of millions of small chunks).
     let mut map: HashMap<ChunkId, ChunkId> = HashMap::new();
     for segments in windows(&manifest) {
         crate::interrupt::check()?;
-        let src_trees = snapshot_trees(src, &manifest, segments)?;
-        // Each distinct chunk of the window once: its id in the destination.
-        let distinct: Vec<ChunkId> = src_trees
-            .iter()
-            .flatten()
-            .filter_map(|x| match x {
-                Extent::Data { id, .. } if !map.contains_key(id) => Some(*id),
-                _ => None,
-            })
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        let mapped = distinct
-            .par_iter()
-            .map(|sid| copy_chunk(src, dst, &packer, &bytes, sid, same_ids))
-            .collect::<Result<Vec<_>>>()?;
-        read += mapped.iter().filter(|m| m.2).count() as u64;
-        fresh += mapped.iter().filter(|m| m.3).count() as u64;
-        map.extend(mapped.into_iter().map(|(s, d, _, _)| (s, d)));
-        for extents in src_trees {
+        // A segment at a time: its distinct chunks not mapped yet are copied in parallel, then
+        // its tree is rewritten with their ids here.
+        for extents in snapshot_trees(src, &manifest, segments)? {
+            if map.len() >= MAP_MAX {
+                map.clear();
+            }
+            let distinct: Vec<ChunkId> = extents
+                .iter()
+                .filter_map(|x| match x {
+                    Extent::Data { id, .. } if !map.contains_key(id) => Some(*id),
+                    _ => None,
+                })
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            let mapped = distinct
+                .par_iter()
+                .map(|sid| copy_chunk(src, dst, &packer, &bytes, sid, same_ids))
+                .collect::<Result<Vec<_>>>()?;
+            read += mapped.iter().filter(|m| m.2).count() as u64;
+            fresh += mapped.iter().filter(|m| m.3).count() as u64;
+            map.extend(mapped.into_iter().map(|(s, d, _, _)| (s, d)));
             let extents: Vec<Extent> = extents
                 .into_iter()
                 .map(|x| match x {

@@ -20,6 +20,10 @@ use crate::error::{EngineError, Result};
 /// An index file is written once this many packs are sealed (and at every flush), so that the
 /// set of blobs written but not yet indexed stays bounded: 64 packs of 32 MiB.
 pub(crate) const INDEX_EVERY: usize = 64;
+/// ... or once the sealed packs hold this many blobs, whichever comes first: packs of small
+/// chunks (tens of thousands of blobs each) would otherwise keep millions of ids and entries
+/// in memory (about 100 bytes each).
+pub(crate) const INDEX_EVERY_BLOBS: usize = 1 << 17;
 
 /// A pack with the blobs it holds, as an index file names it.
 pub(crate) type IndexedPack = (PackId, Vec<PackEntry>);
@@ -32,6 +36,8 @@ struct Unindexed {
     written: HashSet<ChunkId>,
     /// Sealed, durable packs waiting for an index file.
     sealed: Vec<IndexedPack>,
+    /// Blobs in them.
+    sealed_blobs: usize,
 }
 
 /// Fills, seals and indexes packs for one run.
@@ -57,8 +63,6 @@ pub(crate) struct Packer<'r> {
     upload_error: Mutex<Option<EngineError>>,
     /// Index files this packer wrote.
     index_files: Mutex<Vec<IndexId>>,
-    /// Every pack sealed, kept when asked for ([`Packer::recording`]).
-    recorded: Option<Mutex<Vec<IndexedPack>>>,
     /// Bytes of the packs sealed (headers and blobs, without trailers).
     packed: AtomicU64,
 }
@@ -82,15 +86,8 @@ impl<'r> Packer<'r> {
             failed: AtomicBool::new(false),
             upload_error: Mutex::new(None),
             index_files: Mutex::default(),
-            recorded: None,
             packed: AtomicU64::new(0),
         }
-    }
-
-    /// Keeps a list of every pack sealed ([`Packer::sealed_packs`]).
-    pub(crate) fn recording(mut self) -> Self {
-        self.recorded = Some(Mutex::default());
-        self
     }
 
     /// Seals full packs on `n` uploader threads of `scope` instead, at most `queue` packs
@@ -232,13 +229,11 @@ impl<'r> Packer<'r> {
         let len = pack.len();
         let sealed = pack.finish()?;
         self.packed.fetch_add(len, Ordering::Relaxed);
-        if let Some(r) = &self.recorded {
-            lock(r).push(sealed.clone());
-        }
         let full = {
             let mut u = lock(&self.unindexed);
+            u.sealed_blobs += sealed.1.len();
             u.sealed.push(sealed);
-            u.sealed.len() >= INDEX_EVERY
+            u.sealed.len() >= INDEX_EVERY || u.sealed_blobs >= INDEX_EVERY_BLOBS
         };
         if full {
             self.write_index()?;
@@ -259,7 +254,11 @@ impl<'r> Packer<'r> {
     }
 
     fn write_index_locked(&self) -> Result<()> {
-        let sealed = std::mem::take(&mut lock(&self.unindexed).sealed);
+        let sealed = {
+            let mut u = lock(&self.unindexed);
+            u.sealed_blobs = 0;
+            std::mem::take(&mut u.sealed)
+        };
         if sealed.is_empty() {
             return Ok(());
         }
@@ -302,14 +301,6 @@ impl<'r> Packer<'r> {
         lock(&self.index_files).clone()
     }
 
-    /// Every pack sealed, when [`Packer::recording`].
-    pub(crate) fn sealed_packs(&self) -> Vec<IndexedPack> {
-        self.recorded
-            .as_ref()
-            .map(|r| lock(r).clone())
-            .unwrap_or_default()
-    }
-
     /// Bytes of the packs sealed so far, without their trailers.
     pub(crate) fn packed_bytes(&self) -> u64 {
         self.packed.load(Ordering::Relaxed)
@@ -342,14 +333,21 @@ mod tests {
         let mem = mem_repository();
         let repo = open(Arc::new(mem.clone())).unwrap();
         let blobs = big_blobs(&repo, INDEX_EVERY + 3);
-        let packer = Packer::new(&repo).recording();
+        let packer = Packer::new(&repo);
+        let packs_named = |packer: &Packer<'_>| -> usize {
+            packer
+                .index_files()
+                .iter()
+                .map(|f| repo.read_index_file(f).unwrap().packs.len())
+                .sum()
+        };
         for (_, blob) in &blobs[..INDEX_EVERY + 1] {
             assert!(packer.add(std::slice::from_ref(blob)).unwrap() > 1 << 20);
         }
         // Every blob fills a pack of its own, sealed at once: an index file names the first 64;
         // the 65th waits for the next.
-        assert_eq!(packer.sealed_packs().len(), INDEX_EVERY + 1);
         assert_eq!(packer.index_files().len(), 1);
+        assert_eq!(packs_named(&packer), INDEX_EVERY);
         assert!(packer.knows(&blobs[INDEX_EVERY].1.header.id));
         assert!(
             !packer.knows(&blobs[0].1.header.id),
@@ -367,7 +365,7 @@ mod tests {
         }
         packer.flush().unwrap();
         assert_eq!(packer.index_files().len(), 2);
-        assert_eq!(packer.sealed_packs().len(), INDEX_EVERY + 3);
+        assert_eq!(packs_named(&packer), INDEX_EVERY + 3);
         // A new process finds every blob through the index files alone.
         let fresh = open(Arc::new(mem)).unwrap();
         for (raw, blob) in &blobs {

@@ -30,6 +30,7 @@ pub struct RepairReport {
 }
 
 /// Rebuilds the index files from the pack trailers. The caller holds an exclusive lock.
+/// Memory: one batch of trailers and one index file's worth of entries at a time.
 pub fn repair_index(
     repo: &Repository,
     threads: usize,
@@ -39,9 +40,11 @@ pub fn repair_index(
     let old = repo.index_files()?;
     let packs = repo.list_packs()?;
     progress.start(0, "packs", packs.len() as u64);
-    let trailers: Vec<(PackId, sbk_store::Result<Vec<PackEntry>>)> =
-        worker_pool(threads, "repair")?.install(|| {
-            packs
+    let pool = worker_pool(threads, "repair")?;
+    let mut writer = IndexWriter::new(repo);
+    for batch in packs.chunks(TRAILERS_AT_ONCE) {
+        let trailers: Vec<(PackId, sbk_store::Result<Vec<PackEntry>>)> = pool.install(|| {
+            batch
                 .par_iter()
                 .map(|(id, _)| {
                     let t = repo.read_trailer(*id);
@@ -50,43 +53,82 @@ pub fn repair_index(
                 })
                 .collect()
         });
-    progress.finish(0);
-    let mut good = Vec::new();
-    for (id, t) in trailers {
-        match t {
-            Ok(entries) => {
-                report.packs += 1;
-                report.blobs += entries.len();
-                good.push((id, entries));
+        for (id, t) in trailers {
+            match t {
+                Ok(entries) => {
+                    report.packs += 1;
+                    report.blobs += entries.len();
+                    writer.add(id, entries)?;
+                }
+                Err(e) => report.damaged.push((id, e.to_string())),
             }
-            Err(e) => report.damaged.push((id, e.to_string())),
         }
     }
-    (report.index_files_written, report.index_files_removed) =
-        replace_index_files(repo, &good, &old)?;
+    progress.finish(0);
+    (report.index_files_written, report.index_files_removed) = writer.replace(&old)?;
     Ok(report)
 }
 
-/// Packs named by one index file that prune and repair write: a new host reads a few large
-/// index files rather than many small ones.
-const PACKS_PER_INDEX_FILE: usize = 4096;
+/// Trailers `repair index` reads at once (in parallel) before it hands them to the writer.
+const TRAILERS_AT_ONCE: usize = 256;
 
-/// Writes index files naming `packs`, then removes every file of `old` that is not among them
-/// (one with the same contents has the same name and stays). In that order, so that a crash in
-/// between leaves blobs named twice, never unnamed. Returns (written, removed).
-pub(crate) fn replace_index_files(
-    repo: &Repository,
-    packs: &[(PackId, Vec<PackEntry>)],
-    old: &BTreeSet<IndexId>,
-) -> Result<(usize, usize)> {
-    let mut written = HashSet::new();
-    for group in packs.chunks(PACKS_PER_INDEX_FILE) {
-        written.insert(repo.write_index_file(group.to_vec())?);
+/// Entries one index file that prune and repair write holds at most: a new host reads a few
+/// large index files rather than many small ones (2^17 entries, about 500 packs of 256
+/// blobs, 7 MiB: 800 files at 10^8 blobs), and none is so large that writing or reading it
+/// takes much memory (about five times its size while it is decoded and merged).
+const ENTRIES_PER_INDEX_FILE: usize = 1 << 17;
+
+/// Writes index files as packs are handed to it, each file holding up to
+/// [`ENTRIES_PER_INDEX_FILE`] entries, then replaces the old index files with them.
+pub(crate) struct IndexWriter<'a> {
+    repo: &'a Repository,
+    pending: Vec<(PackId, Vec<PackEntry>)>,
+    entries: usize,
+    written: HashSet<IndexId>,
+}
+
+impl<'a> IndexWriter<'a> {
+    /// A writer of new index files into `repo`.
+    pub(crate) fn new(repo: &'a Repository) -> Self {
+        IndexWriter {
+            repo,
+            pending: Vec::new(),
+            entries: 0,
+            written: HashSet::new(),
+        }
     }
-    let mut removed = 0;
-    for f in old.iter().filter(|f| !written.contains(f)) {
-        repo.remove_index_file(f)?;
-        removed += 1;
+
+    /// Names `pack` with `entries` in the next index file, writing the current one first when
+    /// it is full.
+    pub(crate) fn add(&mut self, pack: PackId, entries: Vec<PackEntry>) -> Result<()> {
+        if self.entries + entries.len() > ENTRIES_PER_INDEX_FILE {
+            self.flush()?;
+        }
+        self.entries += entries.len();
+        self.pending.push((pack, entries));
+        Ok(())
     }
-    Ok((written.len(), removed))
+
+    fn flush(&mut self) -> Result<()> {
+        if !self.pending.is_empty() {
+            let packs = std::mem::take(&mut self.pending);
+            self.written.insert(self.repo.write_index_file(packs)?);
+            self.entries = 0;
+        }
+        Ok(())
+    }
+
+    /// Writes what is pending, then removes every file of `old` that is not among those
+    /// written (one with the same contents has the same name and stays). In that order, so
+    /// that a crash in between leaves blobs named twice, never unnamed. Returns (written,
+    /// removed).
+    pub(crate) fn replace(mut self, old: &BTreeSet<IndexId>) -> Result<(usize, usize)> {
+        self.flush()?;
+        let mut removed = 0;
+        for f in old.iter().filter(|f| !self.written.contains(f)) {
+            self.repo.remove_index_file(f)?;
+            removed += 1;
+        }
+        Ok((self.written.len(), removed))
+    }
 }

@@ -8,17 +8,15 @@
 //! prune), index files naming a blob twice, or a marks object naming packs that are gone. A
 //! stop is honoured between steps: each leaves the repository as a crash there would.
 
-use std::collections::BTreeSet;
-
-use sbk_store::{IndexId, Lock, PackEntry, PackGone, PackId, Repository};
+use sbk_store::{Lock, PackGone, PackId, Repository};
 
 use super::marks::EarlierMarks;
-use super::plan::{blob_bytes, PrunePlan};
-use super::{PruneMode, PruneReport};
+use super::plan::{kept, survivors, Liveness, PrunePlan};
+use super::{PruneMode, PruneReport, RepoIndexFiles};
 use crate::error::Result;
 use crate::packer::Packer;
 use crate::progress::Progress;
-use crate::repair::replace_index_files;
+use crate::repair::IndexWriter;
 
 /// Carries out `plan`, computed from index files `files` and marks `earlier`, filling in what
 /// it did in `report`.
@@ -27,7 +25,8 @@ pub(super) fn execute(
     repo: &Repository,
     lock: &Lock,
     plan: &PrunePlan,
-    files: &BTreeSet<IndexId>,
+    files: &RepoIndexFiles<'_>,
+    live: &Liveness,
     earlier: &EarlierMarks,
     mode: PruneMode,
     report: &mut PruneReport,
@@ -37,21 +36,29 @@ pub(super) fn execute(
     crate::interrupt::check()?;
     // 1. The blobs that stay, copied into new packs (durable, and named by the packer's own
     //    index file).
-    let packer = Packer::new(repo).recording();
-    copy_live(&packer, repo, &plan.repack, progress)?;
-    let new_packs = packer.sealed_packs();
-    report.packs_written = new_packs.len();
+    let packer = Packer::new(repo);
+    copy_live(&packer, repo, plan, files, live, progress)?;
+    let new_files = packer.index_files();
 
     // 2. New index files naming the surviving and new packs, then the old index files go (the
     //    packer's among them): from here on no process can find a blob in a pack about to be
     //    deleted.
     crate::interrupt::check()?;
     if plan.rewrite_index {
-        let mut all = plan.survivors.clone();
-        all.extend(new_packs);
-        let mut old = files.clone();
-        old.extend(packer.index_files());
-        report.index_files_written = replace_index_files(repo, &all, &old)?.0;
+        let mut writer = IndexWriter::new(repo);
+        survivors(plan, files, live, &mut |pack, entries| {
+            writer.add(pack, entries)
+        })?;
+        // The new packs, as the packer's own index files name them (read back one at a time).
+        for f in &new_files {
+            for (pack, entries) in repo.read_index_file(f)?.packs {
+                report.packs_written += 1;
+                writer.add(pack, entries)?;
+            }
+        }
+        let mut old = files.names().clone();
+        old.extend(new_files);
+        report.index_files_written = writer.replace(&old)?.0;
     }
 
     // 3. The marks of this run, once the copies of repacked blobs are indexed: backups that
@@ -63,7 +70,7 @@ pub(super) fn execute(
 
     // 4. Only now packs are deleted, then the marks this run acted on, then the leftovers of
     //    interrupted writes that no live process can still be writing.
-    let repacked = plan.repack.iter().map(|(p, size, _)| (*p, *size));
+    let repacked = plan.repack.iter().copied();
     let doomed: Vec<(PackId, u64)> = if beside {
         plan.delete.clone()
     } else {
@@ -97,21 +104,18 @@ pub(super) fn execute(
 fn copy_live(
     packer: &Packer<'_>,
     repo: &Repository,
-    repack: &[(PackId, u64, Vec<PackEntry>)],
+    plan: &PrunePlan,
+    files: &RepoIndexFiles<'_>,
+    live: &Liveness,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let total = repack
-        .iter()
-        .flat_map(|(_, _, keep)| keep)
-        .map(blob_bytes)
-        .sum();
-    progress.start(0, "repack", total);
+    progress.start(0, "repack", plan.bytes_repacked);
     let (mut buf, mut scratch) = (Vec::new(), Vec::new());
-    for (pack, _, keep) in repack {
+    kept(plan, files, live, &mut |pack, keep| {
         crate::interrupt::check()?;
         repo.read_blobs(
-            *pack,
-            keep,
+            pack,
+            &keep,
             PackGone::Fail,
             &mut buf,
             |_, blob| -> Result<()> {
@@ -119,8 +123,8 @@ fn copy_live(
                 progress.advance(0, packer.add(std::slice::from_ref(&blob))?);
                 Ok(())
             },
-        )?;
-    }
+        )
+    })?;
     packer.flush()?;
     progress.finish(0);
     Ok(())

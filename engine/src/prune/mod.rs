@@ -24,10 +24,12 @@ mod plan;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
-use sbk_store::{ChunkId, Extent, IndexId, Lock, PackId, Repository, StoreError};
+use sbk_store::{
+    ChunkId, Extent, IndexId, Lock, PackEntry, PackId, Repository, RowBits, SnapshotId, StoreError,
+};
 
 use crate::error::{EngineError, Result};
 use crate::pool::worker_pool;
@@ -36,7 +38,7 @@ use crate::snapshot::snapshot_trees;
 use crate::snapshot::windows;
 use execute::execute;
 use marks::sort_marks;
-use plan::{plan, IndexedPacks, PlanInputs};
+use plan::{liveness, plan, IndexFiles, PlanInputs, Used};
 pub use plan::{PackAction, PackPlan, PackReason};
 
 /// How prune may delete.
@@ -117,12 +119,12 @@ pub struct PruneReport {
     pub plan: Vec<PackPlan>,
 }
 
-/// Every blob id the snapshots refer to (trees and data), those of snapshots pinned by a live
+/// Every blob the snapshots refer to (trees and data), those of snapshots pinned by a live
 /// lock at `storage_now` (a server's, a changed-block backup's parent) included, forgotten or
-/// not. Fails on any snapshot or tree that cannot be
-/// read: pruning without knowing what a snapshot needs could delete its data.
-pub fn used_blobs(repo: &Repository, storage_now: i64) -> Result<HashSet<ChunkId>> {
-    let mut used = HashSet::new();
+/// not: a bit per row of the index. Fails on any snapshot or tree that cannot be read, and on a
+/// blob the index does not know: pruning without knowing what a snapshot needs could delete
+/// its data.
+pub(crate) fn used_blobs(repo: &Repository, storage_now: i64) -> Result<Used> {
     let mut roots = Vec::new();
     for (id, manifest) in repo.snapshots()? {
         // Forgotten between the listing and the read (a forget beside us): nothing to keep.
@@ -151,21 +153,44 @@ pub fn used_blobs(repo: &Repository, storage_now: i64) -> Result<HashSet<ChunkId
     // Backups that finished since the index was loaded wrote their index files before their
     // manifests: refreshed now, the index knows every tree a listed snapshot has.
     repo.refresh_index()?;
+    let index = repo.index()?;
+    let rows = index.rows();
+    let scratch = index.cache_dir();
+    let mut bits = RowBits::new(rows.len(), scratch).map_err(|e| StoreError::io(scratch, e))?;
+    let unknown = |id: &ChunkId, snapshot: &SnapshotId| {
+        EngineError::Unsafe(format!(
+            "chunk {id} of snapshot {snapshot} is in no index file; run `sbk verify`, then `sbk repair index`"
+        ))
+    };
     for (id, manifest) in roots {
-        used.extend(manifest.trees.iter().copied());
+        let mut ids = manifest.trees.clone();
         for segments in windows(&manifest) {
             let trees = snapshot_trees(repo, &manifest, segments).map_err(|e| {
                 EngineError::Unsafe(format!(
                     "snapshot {id}: {e}; prune needs every snapshot intact"
                 ))
             })?;
-            used.extend(trees.into_iter().flatten().filter_map(|x| match x {
+            ids.extend(trees.into_iter().flatten().filter_map(|x| match x {
                 Extent::Data { id, .. } => Some(id),
                 Extent::Zero { .. } => None,
             }));
+            // Sorted, a window's ids are looked up in one pass over the index table.
+            ids.sort_unstable();
+            ids.dedup();
+            let mut missing = None;
+            rows.rows_sorted(&ids, |i, row| match row {
+                Some(row) => {
+                    bits.set(row);
+                }
+                None => missing = missing.or(Some(ids[i])),
+            });
+            if let Some(chunk) = missing {
+                return Err(unknown(&chunk, &id));
+            }
+            ids.clear();
         }
     }
-    Ok(used)
+    Ok(Used { rows, bits })
 }
 
 /// Runs prune. The caller holds `lock`: exclusive, or a prune lock for [`PruneMode::Beside`].
@@ -183,14 +208,19 @@ pub fn prune(
     // is written after its index files and they after its packs, so every blob a listed
     // snapshot uses is in a listed index file and a listed pack.
     let used = pool.install(|| used_blobs(repo, lock.started()))?;
-    let (files, indexed) = read_index(repo)?;
+    let files = RepoIndexFiles {
+        repo,
+        files: repo.index_files()?,
+    };
     let sizes: HashMap<PackId, u64> = repo.list_packs()?.into_iter().collect();
+    let scratch = repo.index()?.cache_dir().to_owned();
+    let live = liveness(&files, &used, &sizes, &earlier, &scratch)?;
+    drop(used);
     let plan = plan(&PlanInputs {
-        indexed: &indexed,
+        files: &files,
+        live: &live,
         sizes: &sizes,
-        used: &used,
         earlier: &earlier,
-        index_files: files.len(),
         mode: opts.mode,
         max_unused_percent: opts.max_unused_percent,
     })?;
@@ -198,7 +228,7 @@ pub fn prune(
     let mut report = PruneReport {
         packs: sizes.len(),
         bytes_before: sizes.values().sum(),
-        index_files_before: files.len(),
+        index_files_before: files.count(),
         marks_waiting: earlier.waiting_objects,
         waiting_because: earlier.because.clone(),
         packs_marked: plan.packs_marked(),
@@ -216,7 +246,7 @@ pub fn prune(
             + if beside {
                 0
             } else {
-                plan.repack.iter().map(|(_, size, _)| size).sum()
+                plan.repack.iter().map(|(_, size)| size).sum()
             };
         // The repack's new packs hold the used blobs it copies (their headers and trailers
         // are not counted: a dry run writes nothing to measure them by).
@@ -228,6 +258,7 @@ pub fn prune(
             lock,
             &plan,
             &files,
+            &live,
             &earlier,
             opts.mode,
             &mut report,
@@ -239,22 +270,34 @@ pub fn prune(
     Ok(report)
 }
 
-/// The index files, and what they say each pack holds: the repository's own truth, not the
+/// The repository's index files, read anew on each pass: the repository's own truth, not the
 /// cache. A damaged index file could hide where a used blob lives, so prune stops on one.
-fn read_index(repo: &Repository) -> Result<(BTreeSet<IndexId>, IndexedPacks)> {
-    let files = repo.index_files()?;
-    let mut indexed = IndexedPacks::new();
-    for f in &files {
-        let file = repo.read_index_file(f).map_err(|e| {
-            EngineError::Unsafe(format!(
-                "{e}; prune needs every index file intact: run `sbk repair index` first"
-            ))
-        })?;
-        for (pack, entries) in file.packs {
-            let known = indexed.entry(pack).or_default();
-            let seen: HashSet<ChunkId> = known.iter().map(|e| e.id).collect();
-            known.extend(entries.into_iter().filter(|e| !seen.contains(&e.id)));
-        }
+struct RepoIndexFiles<'a> {
+    repo: &'a Repository,
+    files: BTreeSet<IndexId>,
+}
+
+impl RepoIndexFiles<'_> {
+    /// The index files' names.
+    pub(super) fn names(&self) -> &BTreeSet<IndexId> {
+        &self.files
     }
-    Ok((files, indexed))
+}
+
+impl IndexFiles for RepoIndexFiles<'_> {
+    fn count(&self) -> usize {
+        self.files.len()
+    }
+
+    fn each(&self, f: &mut dyn FnMut(Vec<(PackId, Vec<PackEntry>)>) -> Result<()>) -> Result<()> {
+        for id in &self.files {
+            let file = self.repo.read_index_file(id).map_err(|e| {
+                EngineError::Unsafe(format!(
+                    "{e}; prune needs every index file intact: run `sbk repair index` first"
+                ))
+            })?;
+            f(file.packs)?;
+        }
+        Ok(())
+    }
 }

@@ -5,8 +5,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::path::Path;
 
-use sbk_store::{pack_size_of, ChunkId, MarkReason, Marks, PackEntry, PackId, BLOB_HEADER_LEN};
+use sbk_store::{
+    pack_size_of, ChunkId, MarkReason, Marks, PackEntry, PackId, RowBits, Rows, BLOB_HEADER_LEN,
+};
 
 use super::marks::EarlierMarks;
 use super::PruneMode;
@@ -96,17 +99,37 @@ pub struct PackPlan {
     pub bytes: u64,
 }
 
-/// What prune will do.
+/// What becomes of a pack that stays named by the index, or whose blobs are copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fate {
+    /// The new index files name it as the old ones do.
+    Keep,
+    /// Its used blobs are copied into new packs; beside backups the new index files still
+    /// name its unused ones (`name_unused`).
+    Repack {
+        /// Whether the new index files name its unused blobs.
+        name_unused: bool,
+    },
+}
+
+/// What prune will do. Entries are not kept per pack (that would be the whole index in
+/// memory): what the executor needs of them is read again from the index files, with
+/// [`Liveness`] ([`survivors`], [`kept`]).
 #[derive(Debug, Default)]
 pub(crate) struct PrunePlan {
     /// Every pack that exists, in id order, with what happens to it.
     pub packs: Vec<PackPlan>,
     /// Packs this run deletes, with their sizes (repacked ones are in `repack`).
     pub delete: Vec<(PackId, u64)>,
-    /// Packs whose used blobs (`Vec<PackEntry>`) are copied into new packs, with their sizes.
-    pub repack: Vec<(PackId, u64, Vec<PackEntry>)>,
-    /// What the new index files name of the packs that stay.
-    pub survivors: Vec<(PackId, Vec<PackEntry>)>,
+    /// Packs whose used blobs are copied into new packs, with their sizes.
+    pub repack: Vec<(PackId, u64)>,
+    /// The packs the new index files name, or whose blobs are copied.
+    pub fate: HashMap<PackId, Fate>,
+    /// Packs more than one old index file names, merged (decided, and later named, from this
+    /// rather than from the files).
+    merged: HashMap<PackId, Named>,
+    /// Packs the new index files name.
+    survivors: usize,
     /// The marks this run writes.
     pub marks: Marks,
     /// Whether the index files are rewritten.
@@ -123,21 +146,155 @@ pub(crate) struct PrunePlan {
     pub bytes_repacked: u64,
 }
 
-/// What the index files name, by pack.
-pub(crate) type IndexedPacks = HashMap<PackId, Vec<PackEntry>>;
+/// The index files prune reads, one at a time and in the same order on every pass: each as
+/// the packs it names with their entries. Entry `k` of a pass (counting every entry of every
+/// file in turn) is "ordinal `k`" to [`Liveness`].
+pub(crate) trait IndexFiles {
+    /// How many index files there are.
+    fn count(&self) -> usize;
+    /// Calls `f` with each file's packs, in order.
+    fn each(&self, f: &mut dyn FnMut(Vec<(PackId, Vec<PackEntry>)>) -> Result<()>) -> Result<()>;
+}
+
+/// Every blob a snapshot (or a pin) uses: a bit per row of the index.
+pub(crate) struct Used {
+    /// The numbering of the index's blobs the bits follow.
+    pub rows: Rows,
+    /// Set for the rows of used blobs.
+    pub bits: RowBits,
+}
+
+impl Used {
+    fn row(&self, id: &ChunkId) -> Option<u64> {
+        self.rows.row(id).filter(|r| self.bits.get(*r))
+    }
+}
+
+/// What the snapshots use, entry by entry of the index files (by ordinal): whether its blob is
+/// used, and whether this entry is its *home*, the one copy prune keeps: in an existing pack
+/// no mark names if there is one, then in one whose mark waits, then in one due for deletion
+/// (which that revives).
+pub(crate) struct Liveness {
+    used: RowBits,
+    home: RowBits,
+    /// Packs more than one index file names.
+    split: HashSet<PackId>,
+    /// Packs the index files name.
+    named: usize,
+}
+
+/// The rank of a pack as a home: lower is better.
+fn rank(earlier: &EarlierMarks, p: &PackId) -> u8 {
+    if earlier.due.contains_key(p) {
+        2
+    } else if earlier.waiting.contains(p) {
+        1
+    } else {
+        0
+    }
+}
+
+/// Computes [`Liveness`] in two passes over the index files: the best rank of an existing pack
+/// holding each used blob, then the first entry of that rank claims it. Fails when a used blob
+/// is in no existing pack: the index files or the packs are damaged, and nothing may be deleted
+/// until that is repaired. Memory: a few bits per blob and per entry.
+pub(crate) fn liveness(
+    files: &dyn IndexFiles,
+    used: &Used,
+    sizes: &HashMap<PackId, u64>,
+    earlier: &EarlierMarks,
+    scratch: &Path,
+) -> Result<Liveness> {
+    let io = |e| EngineError::from(sbk_store::StoreError::io(scratch, e));
+    let n = used.rows.len();
+    // Per used blob: held by an existing pack at all, by one of rank 0, by one of rank 1.
+    let (mut held, mut r0, mut r1) = (
+        RowBits::new(n, scratch).map_err(io)?,
+        RowBits::new(n, scratch).map_err(io)?,
+        RowBits::new(n, scratch).map_err(io)?,
+    );
+    let mut files_naming: HashMap<PackId, u32> = HashMap::new();
+    let mut entries = 0u64;
+    files.each(&mut |packs| {
+        for (pack, list) in &packs {
+            *files_naming.entry(*pack).or_default() += 1;
+            entries += list.len() as u64;
+            if !sizes.contains_key(pack) {
+                continue;
+            }
+            let rank = rank(earlier, pack);
+            for e in list {
+                if let Some(r) = used.row(&e.id) {
+                    held.set(r);
+                    match rank {
+                        0 => r0.set(r),
+                        1 => r1.set(r),
+                        _ => false,
+                    };
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(r) = (0..n).find(|r| used.bits.get(*r) && !held.get(*r)) {
+        let id = used
+            .rows
+            .entry(r)
+            .map(|e| e.entry.id.to_string())
+            .unwrap_or_default();
+        return Err(EngineError::Unsafe(format!(
+            "chunk {id} is used but no index file names an existing pack holding it; run `sbk verify`, then `sbk repair index`"
+        )));
+    }
+    drop(held);
+    let mut live = Liveness {
+        used: RowBits::new(entries, scratch).map_err(io)?,
+        home: RowBits::new(entries, scratch).map_err(io)?,
+        named: files_naming.len(),
+        split: files_naming
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(p, _)| p)
+            .collect(),
+    };
+    let mut claimed = RowBits::new(n, scratch).map_err(io)?;
+    let mut k = 0u64;
+    files.each(&mut |packs| {
+        for (pack, list) in &packs {
+            let exists = sizes.contains_key(pack);
+            let rank = rank(earlier, pack);
+            for e in list {
+                if let Some(r) = used.row(&e.id) {
+                    live.used.set(k);
+                    let best = if r0.get(r) {
+                        0
+                    } else if r1.get(r) {
+                        1
+                    } else {
+                        2
+                    };
+                    if exists && rank == best && !claimed.set(r) {
+                        live.home.set(k);
+                    }
+                }
+                k += 1;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(live)
+}
 
 /// What the plan is computed from.
 pub(crate) struct PlanInputs<'a> {
-    /// What the index files name, by pack (each blob once per pack).
-    pub indexed: &'a IndexedPacks,
+    /// The index files.
+    pub files: &'a dyn IndexFiles,
+    /// What the snapshots use of what they name.
+    pub live: &'a Liveness,
     /// The packs that exist, with their sizes.
     pub sizes: &'a HashMap<PackId, u64>,
-    /// Every blob a snapshot (or a pin) uses.
-    pub used: &'a HashSet<ChunkId>,
     /// The marks of earlier runs, sorted into due and waiting.
     pub earlier: &'a EarlierMarks,
-    /// Index files in the repository.
-    pub index_files: usize,
     /// Exclusive, or beside backups.
     pub mode: PruneMode,
     /// Repack a pack once more than this percentage of its bytes is unused.
@@ -163,93 +320,134 @@ impl PrunePlan {
     pub fn packs_marked(&self) -> usize {
         self.marks.packs.len()
     }
+
+    /// A pack survives as the old index files name it.
+    fn survive(&mut self, pack: PackId) {
+        self.fate.insert(pack, Fate::Keep);
+        self.survivors += 1;
+    }
 }
 
-/// Computes the plan. Fails when a used blob is in no existing pack: the index files or the
-/// packs are damaged, and nothing may be deleted until that is repaired.
-pub(crate) fn plan(i: &PlanInputs<'_>) -> Result<PrunePlan> {
-    let beside = matches!(i.mode, PruneMode::Beside { .. });
-    let live_in = homes(i)?;
-    let mut p = PrunePlan::default();
-    let mut ids: Vec<(&PackId, &u64)> = i.sizes.iter().collect();
-    ids.sort();
-    for (pack, &size) in ids {
-        let entries = i.indexed.get(pack);
-        if beside {
-            if let Some(reason) = i.earlier.due.get(pack) {
-                // Due: deleted unless a backup that started before the mark refers to it; then
-                // it stays, unmarked, and is weighed like any other pack below.
-                if !live_in.contains_key(pack) {
-                    if *reason == MarkReason::Unindexed && entries.is_none() {
-                        p.packs_unindexed += 1;
-                    }
-                    if let Some(entries) = entries {
-                        p.blobs_dropped +=
-                            entries.iter().filter(|e| !i.used.contains(&e.id)).count();
-                    }
-                    p.delete.push((*pack, size));
-                    p.note(
-                        *pack,
-                        PackAction::Delete,
-                        PackReason::MarkDue(*reason),
-                        size,
-                    );
-                    continue;
+/// A pack's entries as the index files name them, each with whether it is used and whether
+/// it is its blob's home.
+#[derive(Debug, Default)]
+struct Named {
+    entries: Vec<PackEntry>,
+    used: Vec<bool>,
+    home: Vec<bool>,
+}
+
+impl Named {
+    /// `entries`, the first of them entry ordinal `k`.
+    fn at(entries: Vec<PackEntry>, live: &Liveness, k: u64) -> Named {
+        let n = entries.len() as u64;
+        Named {
+            used: (k..k + n).map(|x| live.used.get(x)).collect(),
+            home: (k..k + n).map(|x| live.home.get(x)).collect(),
+            entries,
+        }
+    }
+
+    /// Adds the entries of `other` not named yet (a blob is home if either says so).
+    fn merge(&mut self, other: Named) {
+        for (j, e) in other.entries.iter().enumerate() {
+            match self.entries.iter().position(|x| x.id == e.id) {
+                Some(at) => self.home[at] |= other.home[j],
+                None => {
+                    self.entries.push(*e);
+                    self.used.push(other.used[j]);
+                    self.home.push(other.home[j]);
                 }
-                p.packs_revived += 1;
-            } else if i.earlier.waiting.contains(pack) {
-                // Marked already; the run that acts on its mark decides.
-                if let Some(entries) = entries {
-                    p.survivors.push((*pack, entries.clone()));
-                }
-                p.note(*pack, PackAction::Keep, PackReason::MarkWaits, size);
-                continue;
             }
         }
-        let revived = beside && i.earlier.due.contains_key(pack);
-        weigh(i, &mut p, *pack, size, entries, live_in.get(pack), revived);
     }
+
+    /// The entries that are (`true`) or are not (`false`) their blob's home.
+    fn homes(&self, home: bool) -> Vec<PackEntry> {
+        self.entries
+            .iter()
+            .zip(&self.home)
+            .filter(|(_, h)| **h == home)
+            .map(|(e, _)| *e)
+            .collect()
+    }
+}
+
+/// Computes the plan in one pass over the index files (packs several of them name are merged
+/// and decided after it), then decides the packs no index file names.
+pub(crate) fn plan(i: &PlanInputs<'_>) -> Result<PrunePlan> {
+    let mut p = PrunePlan::default();
+    let mut seen: HashSet<PackId> = HashSet::new();
+    let mut k = 0u64;
+    i.files.each(&mut |packs| {
+        for (pack, entries) in packs {
+            let n = entries.len() as u64;
+            let named = Named::at(entries, i.live, k);
+            k += n;
+            if i.live.split.contains(&pack) {
+                p.merged.entry(pack).or_default().merge(named);
+            } else if let Some(&size) = i.sizes.get(&pack) {
+                seen.insert(pack);
+                decide(i, &mut p, pack, size, Some(&named));
+            }
+        }
+        Ok(())
+    })?;
+    let mut merged: Vec<(PackId, Named)> = std::mem::take(&mut p.merged).into_iter().collect();
+    merged.sort_by_key(|(pack, _)| *pack);
+    for (pack, named) in &merged {
+        if let Some(&size) = i.sizes.get(pack) {
+            seen.insert(*pack);
+            decide(i, &mut p, *pack, size, Some(named));
+        }
+    }
+    p.merged = merged.into_iter().collect();
+    let mut unnamed: Vec<(&PackId, &u64)> =
+        i.sizes.iter().filter(|(x, _)| !seen.contains(x)).collect();
+    unnamed.sort();
+    for (pack, &size) in unnamed {
+        decide(i, &mut p, *pack, size, None);
+    }
+    p.packs.sort_by_key(|x| x.pack);
     let changes = !p.delete.is_empty() || !p.repack.is_empty();
-    p.rewrite_index =
-        changes || i.index_files > MERGE_INDEX_FILES_AT || i.indexed.len() > p.survivors.len();
+    p.rewrite_index = changes
+        || i.files.count() > MERGE_INDEX_FILES_AT
+        || i.live.named > p.survivors
+        || !i.live.split.is_empty();
     Ok(p)
 }
 
-/// One existing pack for each used blob, and the used blobs of each such pack: a pack no mark
-/// names if there is one, then one whose mark waits, then one due for deletion (which that
-/// revives).
-fn homes(i: &PlanInputs<'_>) -> Result<HashMap<PackId, HashSet<ChunkId>>> {
-    let rank = |p: &PackId| {
-        if i.earlier.due.contains_key(p) {
-            2
-        } else if i.earlier.waiting.contains(p) {
-            1
-        } else {
-            0
-        }
-    };
-    let mut home: HashMap<ChunkId, PackId> = HashMap::new();
-    let mut by_rank: Vec<(&PackId, &Vec<PackEntry>)> = i.indexed.iter().collect();
-    by_rank.sort_by_key(|(p, _)| (rank(p), **p));
-    for (pack, entries) in by_rank {
-        if i.sizes.contains_key(pack) {
-            for e in entries {
-                if i.used.contains(&e.id) {
-                    home.entry(e.id).or_insert(*pack);
+/// Decides one existing pack, from what the index files name of it (`None`: nothing).
+fn decide(i: &PlanInputs<'_>, p: &mut PrunePlan, pack: PackId, size: u64, named: Option<&Named>) {
+    let beside = matches!(i.mode, PruneMode::Beside { .. });
+    let is_home = named.is_some_and(|n| n.home.iter().any(|h| *h));
+    if beside {
+        if let Some(reason) = i.earlier.due.get(&pack) {
+            // Due: deleted unless a backup that started before the mark refers to it; then it
+            // stays, unmarked, and is weighed like any other pack below.
+            if !is_home {
+                if *reason == MarkReason::Unindexed && named.is_none() {
+                    p.packs_unindexed += 1;
                 }
+                if let Some(n) = named {
+                    p.blobs_dropped += n.used.iter().filter(|u| !**u).count();
+                }
+                p.delete.push((pack, size));
+                p.note(pack, PackAction::Delete, PackReason::MarkDue(*reason), size);
+                return;
             }
+            p.packs_revived += 1;
+        } else if i.earlier.waiting.contains(&pack) {
+            // Marked already; the run that acts on its mark decides.
+            if named.is_some() {
+                p.survive(pack);
+            }
+            p.note(pack, PackAction::Keep, PackReason::MarkWaits, size);
+            return;
         }
     }
-    if let Some(id) = i.used.iter().find(|id| !home.contains_key(id)) {
-        return Err(EngineError::Unsafe(format!(
-            "chunk {id} is used but no index file names an existing pack holding it; run `sbk verify`, then `sbk repair index`"
-        )));
-    }
-    let mut live_in: HashMap<PackId, HashSet<ChunkId>> = HashMap::new();
-    for (id, pack) in home {
-        live_in.entry(pack).or_default().insert(id);
-    }
-    Ok(live_in)
+    let revived = beside && i.earlier.due.contains_key(&pack);
+    weigh(i, p, pack, size, named, revived);
 }
 
 /// Decides a pack that no due or waiting mark settles: kept, marked, repacked or deleted.
@@ -258,12 +456,11 @@ fn weigh(
     p: &mut PrunePlan,
     pack: PackId,
     size: u64,
-    entries: Option<&Vec<PackEntry>>,
-    live: Option<&HashSet<ChunkId>>,
+    named: Option<&Named>,
     revived: bool,
 ) {
     let beside = matches!(i.mode, PruneMode::Beside { .. });
-    let Some(entries) = entries else {
+    let Some(named) = named else {
         // Named by no index file: left by a backup that died before indexing it, or (beside
         // backups) being written by one that runs; its lock then holds the mark back.
         if beside {
@@ -277,19 +474,15 @@ fn weigh(
         }
         return;
     };
-    let (mut keep, drop): (Vec<PackEntry>, Vec<PackEntry>) = entries
-        .iter()
-        .partition(|e| live.is_some_and(|l| l.contains(&e.id)));
-    // In pack order, as the read path reads them (index files merged in any order name them in
-    // any order).
-    keep.sort_by_key(|e| e.offset);
+    let entries = &named.entries;
+    let (keep, drop) = (named.homes(true), named.homes(false));
     if keep.is_empty() {
         if beside {
             p.marks.packs.push((pack, MarkReason::Unused));
             p.bytes_marked += size;
             // Still indexed until it is deleted: a backup that started before the mark and
             // refers to it finds it, and revives it.
-            p.survivors.push((pack, entries.clone()));
+            p.survive(pack);
             p.note(pack, PackAction::Mark, PackReason::Unused, size);
         } else {
             p.blobs_dropped += drop.len();
@@ -302,10 +495,10 @@ fn weigh(
     let unused = 100.0 * (1.0 - live_bytes as f64 / size as f64);
     // Blobs no index file names any more (a repacked pack revived, or a run stopped between
     // re-indexing and marking) are unused too, though `drop` does not list them.
-    let named: u64 = entries.iter().map(blob_bytes).sum();
-    let unnamed = size > pack_size_of(entries.len(), named) + 64;
+    let named_bytes: u64 = entries.iter().map(blob_bytes).sum();
+    let unnamed = size > pack_size_of(entries.len(), named_bytes) + 64;
     if (drop.is_empty() && !unnamed) || unused <= i.max_unused_percent {
-        p.survivors.push((pack, entries.clone()));
+        p.survive(pack);
         let (action, reason) = if revived {
             (PackAction::Revive, PackReason::NeededAgain)
         } else {
@@ -322,16 +515,94 @@ fn weigh(
         // backup then dedups against that copy, never the marked one), and a backup older than
         // the mark that refers to an unused one revives the pack.
         if !drop.is_empty() {
-            p.survivors.push((pack, drop));
+            p.survivors += 1;
         }
     } else {
         p.blobs_dropped += drop.len();
     }
-    p.repack.push((pack, size, keep));
+    p.fate.insert(
+        pack,
+        Fate::Repack {
+            name_unused: beside,
+        },
+    );
+    p.repack.push((pack, size));
     p.note(
         pack,
         PackAction::Repack,
         PackReason::MostlyUnused { percent: unused },
         size,
     );
+}
+
+/// Calls `f` once with each pack the plan keeps or repacks, as the index files name it (read
+/// once more, one at a time; merged packs last).
+fn walk(
+    plan: &PrunePlan,
+    files: &dyn IndexFiles,
+    live: &Liveness,
+    f: &mut dyn FnMut(PackId, Fate, &Named) -> Result<()>,
+) -> Result<()> {
+    let mut k = 0u64;
+    files.each(&mut |packs| {
+        for (pack, entries) in packs {
+            let n = entries.len() as u64;
+            if !live.split.contains(&pack) {
+                if let Some(fate) = plan.fate.get(&pack) {
+                    f(pack, *fate, &Named::at(entries, live, k))?;
+                }
+            }
+            k += n;
+        }
+        Ok(())
+    })?;
+    let mut merged: Vec<(&PackId, &Named)> = plan.merged.iter().collect();
+    merged.sort_by_key(|(pack, _)| **pack);
+    for (pack, named) in merged {
+        if let Some(fate) = plan.fate.get(pack) {
+            f(*pack, *fate, named)?;
+        }
+    }
+    Ok(())
+}
+
+/// What the new index files name of the packs that stay: those kept whole as the old index
+/// files name them, and the unused blobs of those repacked beside backups. `f` is called with
+/// one pack at a time.
+pub(crate) fn survivors(
+    plan: &PrunePlan,
+    files: &dyn IndexFiles,
+    live: &Liveness,
+    f: &mut dyn FnMut(PackId, Vec<PackEntry>) -> Result<()>,
+) -> Result<()> {
+    walk(plan, files, live, &mut |pack, fate, named| match fate {
+        Fate::Keep => f(pack, named.entries.clone()),
+        Fate::Repack { name_unused: true } => {
+            let unused = named.homes(false);
+            if unused.is_empty() {
+                Ok(())
+            } else {
+                f(pack, unused)
+            }
+        }
+        Fate::Repack { name_unused: false } => Ok(()),
+    })
+}
+
+/// The used blobs of each pack to repack, in pack order (as the read path reads them; index
+/// files merged in any order name them in any order). `f` is called with one pack at a time.
+pub(crate) fn kept(
+    plan: &PrunePlan,
+    files: &dyn IndexFiles,
+    live: &Liveness,
+    f: &mut dyn FnMut(PackId, Vec<PackEntry>) -> Result<()>,
+) -> Result<()> {
+    walk(plan, files, live, &mut |pack, fate, named| {
+        if let Fate::Repack { .. } = fate {
+            let mut keep = named.homes(true);
+            keep.sort_by_key(|e| e.offset);
+            f(pack, keep)?;
+        }
+        Ok(())
+    })
 }

@@ -4,12 +4,16 @@
 use std::collections::{HashMap, HashSet};
 
 use sbk_store::{
-    pack_size_of, BlobKind, ChunkId, Compression, MarkReason, PackEntry, PackId, BLOB_HEADER_LEN,
+    pack_size_of, BlobKind, ChunkId, Compression, IndexEntry, MarkReason, PackEntry, PackId,
+    RowBits, Rows, BLOB_HEADER_LEN,
 };
 
 use super::marks::EarlierMarks;
-use super::plan::{plan, PlanInputs, PrunePlan};
+use super::plan::{
+    kept, liveness, plan, survivors, IndexFiles, Liveness, PlanInputs, PrunePlan, Used,
+};
 use super::{PackAction, PackReason, PruneMode};
+use crate::error::Result;
 
 const BESIDE: PruneMode = PruneMode::Beside { grace_secs: 600 };
 
@@ -25,7 +29,10 @@ fn chunk(n: u8) -> ChunkId {
 /// index files name, which blobs snapshots use, and earlier marks.
 #[derive(Default)]
 struct Repo {
-    indexed: HashMap<PackId, Vec<PackEntry>>,
+    /// One index file naming these packs, in this order.
+    indexed: Vec<(PackId, Vec<PackEntry>)>,
+    /// More index files (naming packs the first one names too).
+    more_files: Vec<Vec<(PackId, Vec<PackEntry>)>>,
     sizes: HashMap<PackId, u64>,
     used: HashSet<ChunkId>,
     earlier: EarlierMarks,
@@ -52,7 +59,7 @@ impl Repo {
                 e
             })
             .collect();
-        self.indexed.insert(pack(p), entries);
+        self.indexed.push((pack(p), entries));
         self
     }
 
@@ -61,6 +68,19 @@ impl Repo {
         let stored = blobs.len() as u64 * (BLOB_HEADER_LEN as u64 + 1000);
         self.sizes
             .insert(pack(p), pack_size_of(blobs.len(), stored));
+        self
+    }
+
+    /// One more index file naming pack `p` with the entries of these of its blobs (as a prune
+    /// that stopped after writing its new index files leaves them).
+    fn also_named(mut self, p: u8, blobs: &[u8]) -> Self {
+        let (_, entries) = self.indexed.iter().find(|(x, _)| *x == pack(p)).unwrap();
+        let some = entries
+            .iter()
+            .filter(|e| blobs.iter().any(|b| e.id == chunk(*b)))
+            .copied()
+            .collect();
+        self.more_files.push(vec![(pack(p), some)]);
         self
     }
 
@@ -79,35 +99,129 @@ impl Repo {
         self
     }
 
-    fn plan(&self, mode: PruneMode) -> PrunePlan {
-        plan(&PlanInputs {
-            indexed: &self.indexed,
+    fn plan(&self, mode: PruneMode) -> Planned {
+        self.try_plan(mode).expect("a plan")
+    }
+
+    fn files(&self) -> Files {
+        let mut files = vec![self.indexed.clone()];
+        files.extend(self.more_files.iter().cloned());
+        Files {
+            count: self.index_files.max(files.len()),
+            files,
+        }
+    }
+
+    /// The plan, as prune computes it: the used blobs marked by row, then what each index
+    /// entry is to them.
+    fn try_plan(&self, mode: PruneMode) -> Result<Planned> {
+        let scratch = std::env::temp_dir();
+        let mut entries: Vec<IndexEntry> = self
+            .indexed
+            .iter()
+            .flat_map(|(p, list)| {
+                list.iter().map(|e| IndexEntry {
+                    pack: *p,
+                    entry: *e,
+                })
+            })
+            .collect();
+        // Used blobs no index file names still have a row (the cache may know them).
+        entries.extend(self.used.iter().map(|id| IndexEntry {
+            pack: pack(0),
+            entry: PackEntry {
+                id: *id,
+                kind: BlobKind::Data,
+                compression: Compression::None,
+                offset: 16,
+                stored_len: 1000,
+                raw_len: 1000,
+            },
+        }));
+        let rows = Rows::in_memory(entries);
+        let mut bits = RowBits::new(rows.len(), &scratch).unwrap();
+        for id in &self.used {
+            bits.set(rows.row(id).unwrap());
+        }
+        let used = Used { rows, bits };
+        let files = self.files();
+        let live = liveness(&files, &used, &self.sizes, &self.earlier, &scratch)?;
+        let plan = plan(&PlanInputs {
+            files: &files,
+            live: &live,
             sizes: &self.sizes,
-            used: &self.used,
             earlier: &self.earlier,
-            index_files: self.index_files.max(1),
             mode,
             max_unused_percent: 10.0,
+        })?;
+        Ok(Planned { plan, live })
+    }
+
+    /// The blobs the new index files name in pack `p`, if they name it.
+    fn survivor(&self, planned: &Planned, p: u8) -> Option<Vec<ChunkId>> {
+        let mut found = None;
+        survivors(planned, &self.files(), &planned.live, &mut |x, entries| {
+            if x == pack(p) {
+                assert!(found.is_none(), "pack {p} named twice");
+                found = Some(entries.iter().map(|e| e.id).collect());
+            }
+            Ok(())
         })
-        .expect("a plan")
+        .unwrap();
+        found
+    }
+
+    /// The blobs of pack `p` the repack copies, in the order it copies them.
+    fn kept(&self, planned: &Planned, p: u8) -> Vec<PackEntry> {
+        let mut found = Vec::new();
+        kept(planned, &self.files(), &planned.live, &mut |x, keep| {
+            if x == pack(p) {
+                found.extend(keep);
+            }
+            Ok(())
+        })
+        .unwrap();
+        found
+    }
+}
+
+/// A plan with what it was computed from, as the executor gets it.
+struct Planned {
+    plan: PrunePlan,
+    live: Liveness,
+}
+
+impl std::ops::Deref for Planned {
+    type Target = PrunePlan;
+    fn deref(&self) -> &PrunePlan {
+        &self.plan
+    }
+}
+
+/// Index files by hand, counted as `count`.
+struct Files {
+    files: Vec<Vec<(PackId, Vec<PackEntry>)>>,
+    count: usize,
+}
+
+impl IndexFiles for Files {
+    fn count(&self) -> usize {
+        self.count
+    }
+
+    fn each(&self, f: &mut dyn FnMut(Vec<(PackId, Vec<PackEntry>)>) -> Result<()>) -> Result<()> {
+        self.files.iter().try_for_each(|packs| f(packs.clone()))
     }
 }
 
 /// What the plan does with pack `p`, and why.
-fn verdict(plan: &PrunePlan, p: u8) -> (PackAction, PackReason) {
+fn verdict(plan: &Planned, p: u8) -> (PackAction, PackReason) {
     let found = plan
         .packs
         .iter()
         .find(|x| x.pack == pack(p))
         .unwrap_or_else(|| panic!("pack {p} is in the plan"));
     (found.action, found.reason)
-}
-
-fn survivor(plan: &PrunePlan, p: u8) -> Option<Vec<ChunkId>> {
-    plan.survivors
-        .iter()
-        .find(|(x, _)| *x == pack(p))
-        .map(|(_, e)| e.iter().map(|e| e.id).collect())
 }
 
 #[test]
@@ -117,7 +231,7 @@ fn a_pack_whose_blobs_are_used_is_kept() {
         let p = r.plan(mode);
         assert_eq!(verdict(&p, 1), (PackAction::Keep, PackReason::Used));
         assert!(p.delete.is_empty() && p.repack.is_empty() && p.marks.packs.is_empty());
-        assert_eq!(survivor(&p, 1), Some(vec![chunk(1), chunk(2)]));
+        assert_eq!(r.survivor(&p, 1), Some(vec![chunk(1), chunk(2)]));
     }
 }
 
@@ -140,7 +254,7 @@ fn an_unused_pack_is_deleted_under_an_exclusive_lock() {
     assert_eq!(p.delete, vec![(pack(2), r.sizes[&pack(2)])]);
     assert_eq!(p.blobs_dropped, 2);
     assert!(p.rewrite_index, "the deleted pack leaves the index");
-    assert_eq!(survivor(&p, 2), None);
+    assert_eq!(r.survivor(&p, 2), None);
 }
 
 #[test]
@@ -152,7 +266,7 @@ fn an_unused_pack_is_marked_beside_backups_and_stays_indexed() {
     assert_eq!(p.marks.packs, vec![(pack(2), MarkReason::Unused)]);
     assert_eq!(p.bytes_marked, r.sizes[&pack(2)]);
     // A backup older than the mark may refer to it: it must still find it.
-    assert_eq!(survivor(&p, 2), Some(vec![chunk(2)]));
+    assert_eq!(r.survivor(&p, 2), Some(vec![chunk(2)]));
 }
 
 #[test]
@@ -183,7 +297,7 @@ fn a_mostly_unused_pack_is_repacked() {
     // Three blobs of four, and the trailer.
     assert!((75.0..80.0).contains(&percent), "{percent}");
     assert_eq!(p.repack.len(), 1);
-    let kept: Vec<ChunkId> = p.repack[0].2.iter().map(|e| e.id).collect();
+    let kept: Vec<ChunkId> = r.kept(&p, 1).iter().map(|e| e.id).collect();
     assert_eq!(kept, vec![chunk(1)], "only used blobs are copied");
     assert_eq!(p.blobs_dropped, 3);
     assert_eq!(p.bytes_repacked, BLOB_HEADER_LEN as u64 + 1000);
@@ -194,9 +308,9 @@ fn a_mostly_unused_pack_is_repacked() {
 fn used_blobs_are_copied_in_pack_order_whatever_order_the_index_names_them_in() {
     // Index files merged in any order can name a pack's blobs in any order.
     let mut r = Repo::default().pack(1, &[1, 2, 3, 4, 5]).used(&[4, 1]);
-    r.indexed.get_mut(&pack(1)).unwrap().reverse();
+    r.indexed[0].1.reverse();
     let p = r.plan(PruneMode::Exclusive);
-    let offsets: Vec<u64> = p.repack[0].2.iter().map(|e| e.offset).collect();
+    let offsets: Vec<u64> = r.kept(&p, 1).iter().map(|e| e.offset).collect();
     assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
     assert_eq!(offsets.len(), 2);
 }
@@ -208,7 +322,7 @@ fn a_mostly_unused_pack_is_repacked_and_marked_beside_backups() {
     assert_eq!(verdict(&p, 1).0, PackAction::Repack);
     assert_eq!(p.marks.packs, vec![(pack(1), MarkReason::Repacked)]);
     // Indexed with its unused blobs only: backups dedup against the copy of the used one.
-    assert_eq!(survivor(&p, 1), Some(vec![chunk(2), chunk(3), chunk(4)]));
+    assert_eq!(r.survivor(&p, 1), Some(vec![chunk(2), chunk(3), chunk(4)]));
 }
 
 #[test]
@@ -264,7 +378,7 @@ fn a_due_pack_that_a_backup_refers_to_again_is_revived() {
     );
     assert_eq!(p.packs_revived, 1);
     assert!(p.delete.is_empty());
-    assert_eq!(survivor(&p, 2), Some(vec![chunk(2)]));
+    assert_eq!(r.survivor(&p, 2), Some(vec![chunk(2)]));
 }
 
 #[test]
@@ -306,22 +420,15 @@ fn a_pack_whose_mark_waits_is_kept_as_it_is() {
     let p = r.plan(BESIDE);
     assert_eq!(verdict(&p, 2), (PackAction::Keep, PackReason::MarkWaits));
     assert!(p.marks.packs.is_empty() && p.delete.is_empty());
-    assert_eq!(survivor(&p, 2), Some(vec![chunk(2)]));
+    assert_eq!(r.survivor(&p, 2), Some(vec![chunk(2)]));
 }
 
 #[test]
 fn a_used_blob_in_no_existing_pack_stops_the_plan() {
     let r = Repo::default().pack(1, &[1]).used(&[1, 7]);
-    let e = plan(&PlanInputs {
-        indexed: &r.indexed,
-        sizes: &r.sizes,
-        used: &r.used,
-        earlier: &r.earlier,
-        index_files: 1,
-        mode: PruneMode::Exclusive,
-        max_unused_percent: 10.0,
-    })
-    .unwrap_err();
+    let Err(e) = r.try_plan(PruneMode::Exclusive) else {
+        panic!("a plan despite a used blob in no pack")
+    };
     assert!(e.to_string().contains("repair index"), "{e}");
 }
 
@@ -344,4 +451,28 @@ fn the_plan_lists_every_pack_once_in_id_order() {
     let order: Vec<PackId> = p.packs.iter().map(|x| x.pack).collect();
     assert_eq!(order, vec![pack(1), pack(2), pack(3)]);
     assert!(p.packs.iter().all(|x| x.bytes == r.sizes[&x.pack]));
+}
+
+#[test]
+fn a_pack_two_index_files_name_is_decided_once_from_both_and_named_once() {
+    let r = Repo::default()
+        .pack(1, &[1, 2, 3])
+        .also_named(1, &[3])
+        .pack(2, &[4])
+        .also_named(2, &[4])
+        .used(&[1, 2, 3]);
+    for mode in [PruneMode::Exclusive, BESIDE] {
+        let p = r.plan(mode);
+        assert_eq!(verdict(&p, 1), (PackAction::Keep, PackReason::Used));
+        assert_eq!(
+            r.survivor(&p, 1),
+            Some(vec![chunk(1), chunk(2), chunk(3)]),
+            "each blob once"
+        );
+        assert!(p.rewrite_index, "the index files are merged");
+        assert_eq!(p.packs.len(), 2, "each pack decided once");
+    }
+    let p = r.plan(PruneMode::Exclusive);
+    assert_eq!(verdict(&p, 2), (PackAction::Delete, PackReason::Unused));
+    assert_eq!(r.survivor(&p, 2), None);
 }

@@ -35,6 +35,20 @@ pub struct IndexEntry {
     pub entry: PackEntry,
 }
 
+impl IndexEntry {
+    /// Every entry an index file names.
+    fn of_file(file: IndexFile) -> Vec<IndexEntry> {
+        file.packs
+            .into_iter()
+            .flat_map(|(pack, entries)| {
+                entries
+                    .into_iter()
+                    .map(move |entry| IndexEntry { pack, entry })
+            })
+            .collect()
+    }
+}
+
 /// Where the index cache is kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CacheLocation {
@@ -51,7 +65,13 @@ pub enum CacheLocation {
 const FOLD_AT: usize = 1 << 16;
 
 fn fold_due(st: &State) -> bool {
-    !st.fold_failed && st.overlay.len() >= FOLD_AT.max(st.table.as_ref().map_or(0, |t| t.len() / 4))
+    fold_due_with(st, 0)
+}
+
+/// Whether the overlay with `more` entries is due for a fold.
+fn fold_due_with(st: &State, more: usize) -> bool {
+    !st.fold_failed
+        && st.overlay.len() + more >= FOLD_AT.max(st.table.as_ref().map_or(0, |t| t.len() / 4))
 }
 
 struct State {
@@ -289,11 +309,7 @@ impl Index {
             match read_index_file(backend, &id, &self.crypto) {
                 Ok(file) => {
                     report.files_read += 1;
-                    Self::add_locked(&mut st, id, &file);
-                    // Folding as it goes keeps a rebuild from holding the whole index in memory.
-                    if fold_due(&st) {
-                        self.try_fold(&mut st, report);
-                    }
+                    self.add_file(&mut st, id, file, report);
                 }
                 Err(e) if e.is_corrupt() => {
                     report.damaged.push((id, e.to_string()));
@@ -312,49 +328,77 @@ impl Index {
     /// Folds, and on failure says so and goes on with the overlay: a cache never stands in the
     /// way.
     fn try_fold(&self, st: &mut State, report: &mut IndexReport) {
-        if let Err(e) = self.fold(st) {
-            st.fold_failed = true;
-            report.notices.push(format!(
-                "index cache: cannot write a table in {}: {e}; going on with the index in memory",
-                self.dir.display()
-            ));
+        if let Err(e) = self.fold(st, None) {
+            self.fold_failed(st, report, &e);
         }
     }
 
+    fn fold_failed(&self, st: &mut State, report: &mut IndexReport, e: &StoreError) {
+        st.fold_failed = true;
+        report.notices.push(format!(
+            "index cache: cannot write a table in {}: {e}; going on with the index in memory",
+            self.dir.display()
+        ));
+    }
+
     fn add_locked(st: &mut State, id: IndexId, file: &IndexFile) {
-        for (pack, entries) in &file.packs {
-            for e in entries {
-                // A blob stored twice (two writers at once) is found through either copy; the
-                // first one seen is kept.
-                if st.table.as_ref().is_none_or(|t| t.get(&e.id).is_none()) {
-                    st.overlay.entry(e.id).or_insert(IndexEntry {
-                        pack: *pack,
-                        entry: *e,
-                    });
-                }
+        let entries = file.packs.iter().flat_map(|(pack, entries)| {
+            entries.iter().map(|e| IndexEntry {
+                pack: *pack,
+                entry: *e,
+            })
+        });
+        Self::add_entries(st, id, entries);
+    }
+
+    fn add_entries(st: &mut State, id: IndexId, entries: impl IntoIterator<Item = IndexEntry>) {
+        for e in entries {
+            // A blob stored twice (two writers at once) is found through either copy; the
+            // first one seen is kept.
+            if st
+                .table
+                .as_ref()
+                .is_none_or(|t| t.get(&e.entry.id).is_none())
+            {
+                st.overlay.entry(e.entry.id).or_insert(e);
             }
         }
         st.overlay_files.insert(id);
     }
 
     /// Adds an index file this process has just written to the repository.
-    pub(crate) fn add(&self, id: IndexId, file: &IndexFile) {
+    pub(crate) fn add(&self, id: IndexId, file: IndexFile) {
         let mut st = self.state.write().expect("no thread panics holding this");
-        Self::add_locked(&mut st, id, file);
-        if fold_due(&st) {
-            // A failure was already reported as a notice where the index was loaded, or is
-            // not worth failing a backup over: the overlay keeps the entries.
-            let mut ignored = IndexReport::default();
-            self.try_fold(&mut st, &mut ignored);
+        // A failure was already reported as a notice where the index was loaded, or is not
+        // worth failing a backup over: the overlay keeps the entries.
+        let mut ignored = IndexReport::default();
+        self.add_file(&mut st, id, file, &mut ignored);
+    }
+
+    /// Adds an index file's entries: straight into a new table, sorted, when that is due
+    /// anyway (without passing through the overlay's hash map, which costs several times its
+    /// entries' size: prune and repair write files of 2^17 entries), else into the overlay.
+    fn add_file(&self, st: &mut State, id: IndexId, file: IndexFile, report: &mut IndexReport) {
+        let entries: usize = file.packs.iter().map(|(_, e)| e.len()).sum();
+        if !fold_due_with(st, entries) {
+            Self::add_locked(st, id, &file);
+            return;
+        }
+        let incoming = IndexEntry::of_file(file);
+        if let Err(e) = self.fold(st, Some((id, &incoming))) {
+            self.fold_failed(st, report, &e);
+            Self::add_entries(st, id, incoming);
         }
     }
 
-    /// Merges the table and the overlay into a new table, and uses it from now on.
-    fn fold(&self, st: &mut State) -> Result<()> {
+    /// Merges the table, the overlay and the `incoming` entries of one more index file into a
+    /// new table, and uses it from now on.
+    fn fold(&self, st: &mut State, incoming: Option<(IndexId, &[IndexEntry])>) -> Result<()> {
         let files: BTreeSet<IndexId> = st
             .table_files
             .iter()
             .chain(&st.overlay_files)
+            .chain(incoming.map(|(id, _)| id).as_ref())
             .copied()
             .collect();
         let mut packs: Vec<PackId> = st
@@ -368,7 +412,10 @@ impl Index {
             .map(|(i, p)| (*p, i as u32))
             .collect();
         let mut added: Vec<IndexEntry> = st.overlay.values().copied().collect();
+        added.extend(incoming.into_iter().flat_map(|(_, e)| e.iter().copied()));
+        // Stable: of a blob stored twice, the overlay's copy (seen first) is kept.
         added.sort_by_key(|e| e.entry.id);
+        added.dedup_by_key(|e| e.entry.id);
         for e in &added {
             number.entry(e.pack).or_insert_with(|| {
                 packs.push(e.pack);

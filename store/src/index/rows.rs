@@ -40,6 +40,14 @@ impl Rows {
         Rows { table, extra }
     }
 
+    /// A numbering of `entries` alone, in id order (one row per id), for blobs that are not
+    /// in a cache table.
+    pub fn in_memory(mut entries: Vec<IndexEntry>) -> Rows {
+        entries.sort_unstable_by_key(|e| e.entry.id);
+        entries.dedup_by_key(|e| e.entry.id);
+        Rows::new(None, entries)
+    }
+
     fn table_len(&self) -> u64 {
         self.table.as_ref().map_or(0, |t| t.len() as u64)
     }

@@ -170,8 +170,9 @@ impl Repository {
             .map_err(|e| StoreError::io("index file", e))?;
         let id = IndexFile::id_of(&bytes);
         self.b()?.write_once(Kind::Index, &id.to_hex(), &bytes)?;
+        drop(bytes);
         if let Some(index) = self.index.get() {
-            index.add(id, &file);
+            index.add(id, file);
         }
         Ok(id)
     }

@@ -379,3 +379,36 @@ fn rows_number_every_blob_once_in_the_table_and_the_overlay() {
     assert_eq!(batch, one_by_one);
     assert_eq!(rows.entry(70), None);
 }
+
+#[test]
+fn a_large_index_file_goes_straight_into_the_table_and_every_blob_is_found() {
+    use crate::blob::Compression;
+    let (mem, writer) = unencrypted();
+    // One file above the fold threshold (as prune and repair write them), one small one that
+    // names a blob of the large one again, in another pack.
+    let entry = |i: u32| PackEntry {
+        id: ChunkId(*blake3::hash(&i.to_le_bytes()).as_bytes()),
+        kind: BlobKind::Data,
+        compression: Compression::None,
+        offset: 16 + u64::from(i % 1000) * 100,
+        stored_len: 100,
+        raw_len: 100,
+    };
+    let (big, small) = (PackId([1; 16]), PackId([2; 16]));
+    let n = 70_000u32;
+    writer
+        .write_index_file(vec![(big, (0..n).map(entry).collect())])
+        .unwrap();
+    writer
+        .write_index_file(vec![(small, vec![entry(5), entry(n)])])
+        .unwrap();
+    let reader = open(&mem, "").unwrap();
+    let index = reader.index().unwrap();
+    assert_eq!(index.len(), n as usize + 1);
+    for i in [0, 5, 12_345, n - 1] {
+        let found = reader.locate(&entry(i).id).unwrap();
+        assert_eq!(found.entry, entry(i));
+        assert!(found.pack == big || (i == 5 && found.pack == small));
+    }
+    assert_eq!(reader.locate(&entry(n).id).unwrap().pack, small);
+}
