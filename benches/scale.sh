@@ -62,7 +62,7 @@ limited() {
   wait $pid || rc=$?
   t1=$(date +%s.%N)
   printf '%-28s %-6s %8.2f s %6d MiB peak RSS %6d MiB peak anon\n' "$name" \
-    "$([ $rc = 0 ] && echo ok || echo "rc=$rc")" "$(echo "$t1 - $t0" | bc)" $((hwm / 1024)) $((anon / 1024))
+    "$([ $rc = 0 ] && echo ok || echo "rc=$rc")" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" $((hwm / 1024)) $((anon / 1024))
   if [ $rc != 0 ]; then
     failed=1
     tail -3 "$w/$name.err" | sed 's/^/    /'

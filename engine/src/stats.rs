@@ -128,7 +128,7 @@ pub fn stats(
     // Index files of snapshots written since the index was loaded (their backups finished).
     repo.refresh_index()?;
     let index = repo.index()?;
-    let rows = index.rows();
+    let rows = repo.index_rows()?;
     let scratch = index.cache_dir();
     let bits = || RowBits::new(rows.len(), scratch).map_err(|e| StoreError::io(scratch, e));
     // Whether one snapshot uses each chunk, whether more than one does, and whether the

@@ -215,7 +215,7 @@ fn check_snapshots(
     // it (and reported below, when the index files are read).
     let manifests = repo.snapshots()?;
     repo.refresh_index()?;
-    let rows = repo.index()?.rows();
+    let rows = repo.index_rows()?;
     let mut checked = Vec::new();
     // Chunks found missing, each reported once.
     let mut missing = BTreeSet::new();

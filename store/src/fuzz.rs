@@ -46,9 +46,20 @@ pub fn index_file(data: &[u8]) {
     }
 }
 
-/// Cache table header: decodes without panicking (the body is checked by its hash).
+/// Cache table: the header decodes, and a file of these bytes opens (or is refused), answers
+/// a lookup and checks its blocks, without panicking.
 pub fn cache_table(data: &[u8]) {
-    let _ = crate::index::table::TableHeader::decode(data);
+    use crate::index::table::{Table, TableHeader};
+    let _ = TableHeader::decode(data);
+    let Ok(dir) = tempfile::tempdir() else { return };
+    let path = dir.path().join("t.tbl");
+    if std::fs::write(&path, data).is_ok() {
+        if let Ok(t) = Table::open(&path) {
+            let _ = t.get(&crate::id::ChunkId([0x5a; 32]));
+            let _ = t.check_all();
+            let _ = t.iter().count();
+        }
+    }
 }
 
 /// Manifest (and its extension values): decodes, and re-encodes to its bytes when it decodes.

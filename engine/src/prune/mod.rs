@@ -154,7 +154,7 @@ pub(crate) fn used_blobs(repo: &Repository, storage_now: i64) -> Result<Used> {
     // manifests: refreshed now, the index knows every tree a listed snapshot has.
     repo.refresh_index()?;
     let index = repo.index()?;
-    let rows = index.rows();
+    let rows = repo.index_rows()?;
     let scratch = index.cache_dir();
     let mut bits = RowBits::new(rows.len(), scratch).map_err(|e| StoreError::io(scratch, e))?;
     let unknown = |id: &ChunkId, snapshot: &SnapshotId| {

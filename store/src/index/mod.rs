@@ -290,10 +290,17 @@ impl Index {
             .iter()
             .chain(&st.overlay_files)
             .any(|f| !current.contains(f));
-        if gone {
+        let damaged = st.table.as_ref().is_some_and(|t| t.is_damaged());
+        if damaged {
+            report.notices.push(
+                "index cache: a block of the table failed its check (the table was removed); rebuilding it from the repository's index files".into(),
+            );
+        } else if gone {
             report.notices.push(
                 "index cache: index files were removed while this process ran (prune or repair); rebuilding it".into(),
             );
+        }
+        if gone || damaged {
             st.table = None;
             st.table_files.clear();
             st.overlay.clear();
@@ -423,6 +430,18 @@ impl Index {
             });
         }
         let old = st.table.as_ref();
+        // The new table must hold every entry of the old one: a damaged block would leave
+        // some out of a table that claims their index files.
+        if let Some(t) = old.filter(|t| !t.check_all()) {
+            return Err(StoreError::Corrupt {
+                path: t.path().to_owned(),
+                what: "index cache table",
+                source: crate::error::DecodeError::ChecksumMismatch {
+                    got: "a damaged block".into(),
+                    expected: "the table's block hashes".into(),
+                },
+            });
+        }
         let max = old.map_or(0, |t| t.len()) + added.len();
         let merged = Merge {
             a: old.map(|t| t.iter()).into_iter().flatten().peekable(),
@@ -513,10 +532,19 @@ impl Index {
         self.len() == 0
     }
 
-    /// A frozen numbering of the indexed blobs, for facts kept per blob in dense arrays.
-    pub fn rows(&self) -> Rows {
+    /// A frozen numbering of the indexed blobs, for facts kept per blob in dense arrays. The
+    /// table is checked in full first (whole-repository passes must not take a damaged block
+    /// for missing blobs): `None` when it is damaged, and the next refresh rebuilds it
+    /// ([`Repository::index_rows`](crate::Repository::index_rows) does both).
+    pub fn rows(&self) -> Option<Rows> {
         let st = self.state.read().expect("no thread panics holding this");
-        Rows::new(st.table.clone(), st.overlay.values().copied().collect())
+        if st.table.as_ref().is_some_and(|t| !t.check_all()) {
+            return None;
+        }
+        Some(Rows::new(
+            st.table.clone(),
+            st.overlay.values().copied().collect(),
+        ))
     }
 
     /// The folder holding this repository's cache.

@@ -3,14 +3,20 @@
 //! cache line instead of a binary search.
 //!
 //! A table is never changed once written: a newer one is written beside it (temporary name,
-//! rename), so any number of processes can use the cache at once without locks. It is checked
-//! in full when opened (a damaged cache must never make a backup skip a chunk it has not
-//! stored) and is not fsynced: after a power loss a torn table fails that check and is rebuilt.
+//! rename), so any number of processes can use the cache at once without locks. A damaged
+//! cache must never make a backup skip a chunk it has not stored, yet checking a table of 10^8
+//! entries (5.6 GB) in full on every open would cost seconds: so the header holds a hash of the
+//! table's *directory* (index files, packs, and a BLAKE3 of every block of 1024 entries and of
+//! every group of 1024 filter blocks), checked when the table is opened, and each block is
+//! checked against its hash the first time it is touched. A block that fails marks the table
+//! damaged: lookups in it find nothing (a chunk is stored again, never skipped) and the index
+//! rebuilds the cache. Not fsynced: after a power loss a torn table fails those checks.
 //! Byte layout: docs/format.md, "cache table" (a local file, not part of the repository).
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use memmap2::Mmap;
 
@@ -23,8 +29,8 @@ use crate::pack::PackEntry;
 
 /// Magic of a cache table. Do not change.
 pub const TABLE_MAGIC: &[u8; 8] = b"SBKCACHE";
-/// Cache table format version.
-pub const TABLE_VERSION: u32 = 1;
+/// Cache table format version (2: blocks checked as they are touched).
+pub const TABLE_VERSION: u32 = 2;
 /// Size of the fixed header.
 pub const TABLE_HEADER_LEN: usize = 136;
 /// Size of one entry.
@@ -33,6 +39,8 @@ pub const TABLE_ENTRY_LEN: usize = 56;
 const BLOCK: usize = 64;
 /// Filter bits per entry: about 1% false positives with six probes per 512-bit block.
 const BITS_PER_ENTRY: u64 = 10;
+/// Entries per checked block (56 KiB), and filter blocks per checked group (64 KiB).
+const CHECK_UNIT: u64 = 1024;
 
 /// What a table says about itself, and what it was built for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,8 +57,8 @@ pub struct TableHeader {
     pub entries: u64,
     /// Filter blocks.
     pub blocks: u64,
-    /// BLAKE3 of everything after the header.
-    pub body_hash: [u8; 32],
+    /// BLAKE3 of the directory: the index file ids, the pack ids and the block hashes.
+    pub directory_hash: [u8; 32],
 }
 
 impl TableHeader {
@@ -65,7 +73,7 @@ impl TableHeader {
             .u32(self.packs)
             .u64(self.entries)
             .u64(self.blocks)
-            .bytes(&self.body_hash);
+            .bytes(&self.directory_hash);
         e.finish_with_checksum()
     }
 
@@ -93,7 +101,7 @@ impl TableHeader {
             packs: d.u32()?,
             entries: d.u64()?,
             blocks: d.u64()?,
-            body_hash: d.array()?,
+            directory_hash: d.array()?,
         };
         d.end("table header")?;
         if h.blocks == 0 {
@@ -102,13 +110,19 @@ impl TableHeader {
         Ok(h)
     }
 
+    /// Block hashes: one per [`CHECK_UNIT`] entries, then one per [`CHECK_UNIT`] filter blocks.
+    fn hashes(&self) -> u64 {
+        self.entries.div_ceil(CHECK_UNIT) + self.blocks.div_ceil(CHECK_UNIT)
+    }
+
     /// Length of the whole file this header describes, if it fits in a u64.
     fn file_len(&self) -> Option<u64> {
         (TABLE_HEADER_LEN as u64)
             .checked_add(u64::from(self.files) * 32)?
             .checked_add(u64::from(self.packs) * 16)?
             .checked_add(self.entries.checked_mul(TABLE_ENTRY_LEN as u64)?)?
-            .checked_add(self.blocks.checked_mul(BLOCK as u64)?)
+            .checked_add(self.blocks.checked_mul(BLOCK as u64)?)?
+            .checked_add(self.hashes().checked_mul(32)?)
     }
 }
 
@@ -141,15 +155,21 @@ fn encode_entry(id: &ChunkId, pack: u32, e: &PackEntry, out: &mut Vec<u8>) {
     out.extend_from_slice(&enc.buf);
 }
 
-/// An open, checked table.
+/// An open table: its directory checked, its blocks checked as they are touched.
 pub struct Table {
+    path: PathBuf,
     map: Mmap,
     header: TableHeader,
     files_at: usize,
     packs_at: usize,
+    hashes_at: usize,
     entries_at: usize,
     filter_at: usize,
     packs: Vec<PackId>,
+    /// A bit per checked unit (entry blocks, then filter groups): checked and sound.
+    checked: Vec<AtomicU64>,
+    /// Set once a unit failed its check.
+    damaged: AtomicBool,
 }
 
 /// Why a table could not be used.
@@ -206,35 +226,34 @@ impl Table {
         Ok((header, files))
     }
 
-    /// Opens the table at `path`, checking every byte against the header's hash. The check
-    /// reads through the page cache (not the mapping), so only the pages lookups touch count
-    /// towards the process's memory.
+    /// Opens the table at `path`, checking its directory against the header's hash (read
+    /// through the page cache, not the mapping). The entries and the filter are checked block by
+    /// block as lookups touch them.
     pub fn open(path: &Path) -> Result<Table, TableError> {
         // One handle throughout: another process may rename a new table over this name.
         let mut f = File::open(path).map_err(TableError::Io)?;
         let (header, _) = Self::peek_file(&mut f)?;
-        use std::io::Seek;
-        f.seek(std::io::SeekFrom::Start(0))
-            .map_err(TableError::Io)?;
+        // The directory: the index file and pack ids after the header, the block hashes at
+        // the end of the file.
+        let lists = u64::from(header.files) * 32 + u64::from(header.packs) * 16;
+        let hashes = header.hashes() * 32;
+        let len = header.file_len().unwrap_or(0);
         let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut head = [0u8; TABLE_HEADER_LEN];
-        f.read_exact(&mut head).map_err(TableError::Io)?;
-        loop {
-            let n = f.read(&mut buf).map_err(TableError::Io)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
+        for (at, n) in [(TABLE_HEADER_LEN as u64, lists), (len - hashes, hashes)] {
+            use std::io::Seek;
+            f.seek(std::io::SeekFrom::Start(at))
+                .map_err(TableError::Io)?;
+            std::io::copy(&mut (&mut f).take(n), &mut hasher).map_err(TableError::Io)?;
         }
-        if hasher.finalize().as_bytes() != &header.body_hash {
+        if hasher.finalize().as_bytes() != &header.directory_hash {
             return Err(TableError::Bad(DecodeError::ChecksumMismatch {
                 got: hasher.finalize().to_hex().to_string(),
-                expected: crate::id::to_hex(&header.body_hash),
+                expected: crate::id::to_hex(&header.directory_hash),
             }));
         }
         // SAFETY: the file is never modified once written (new tables get new names through a
-        // rename), so the mapping cannot change under us; we only read it.
+        // rename), so the mapping cannot change under us; we only read it. (A table damaged on
+        // disk fails its block checks.)
         #[allow(unsafe_code)]
         let map = unsafe { Mmap::map(&f) }.map_err(TableError::Io)?;
         if map.len() as u64 != header.file_len().unwrap_or(0) {
@@ -247,33 +266,91 @@ impl Table {
         let packs_at = files_at + header.files as usize * 32;
         let entries_at = packs_at + header.packs as usize * 16;
         let filter_at = entries_at + header.entries as usize * TABLE_ENTRY_LEN;
+        let hashes_at = filter_at + header.blocks as usize * BLOCK;
         let packs = map[packs_at..entries_at]
             .chunks_exact(16)
             .map(|c| PackId(c.try_into().expect("chunks of 16")))
             .collect();
-        let t = Table {
+        let checked = (0..header.hashes().div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        Ok(Table {
+            path: path.to_owned(),
             map,
             header,
             files_at,
             packs_at,
+            hashes_at,
             entries_at,
             filter_at,
             packs,
+            checked,
+            damaged: AtomicBool::new(false),
+        })
+    }
+
+    /// The file the table was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether a block failed its check (the table should be rebuilt).
+    pub fn is_damaged(&self) -> bool {
+        self.damaged.load(Ordering::Relaxed)
+    }
+
+    /// Checks every block not checked yet: true when the whole table is sound.
+    pub fn check_all(&self) -> bool {
+        (0..self.header.hashes()).all(|u| self.check_unit(u))
+    }
+
+    /// The bytes of checked unit `u` (entry blocks, then filter groups).
+    fn unit_bytes(&self, u: u64) -> &[u8] {
+        let entry_blocks = self.header.entries.div_ceil(CHECK_UNIT);
+        let (at, len) = if u < entry_blocks {
+            let first = u * CHECK_UNIT;
+            let n = CHECK_UNIT.min(self.header.entries - first);
+            (
+                self.entries_at + first as usize * TABLE_ENTRY_LEN,
+                n as usize * TABLE_ENTRY_LEN,
+            )
+        } else {
+            let first = (u - entry_blocks) * CHECK_UNIT;
+            let n = CHECK_UNIT.min(self.header.blocks - first);
+            (self.filter_at + first as usize * BLOCK, n as usize * BLOCK)
         };
-        // Entries must be sorted and point at listed packs, or lookups would be wrong.
-        let mut prev: Option<&[u8]> = None;
-        for i in 0..t.header.entries as usize {
-            let raw = t.raw(i);
-            if prev.is_some_and(|p| p >= &raw[..32]) {
-                return Err(TableError::Bad(invalid(
-                    "table order",
-                    format!("entry {i}"),
-                )));
-            }
-            t.decode(raw).map_err(TableError::Bad)?;
-            prev = Some(&raw[..32]);
+        &self.map[at..at + len]
+    }
+
+    /// Checks unit `u` against its hash the first time; false when it is damaged.
+    fn check_unit(&self, u: u64) -> bool {
+        let (word, bit) = ((u / 64) as usize, 1u64 << (u % 64));
+        if self.checked[word].load(Ordering::Acquire) & bit != 0 {
+            return true;
         }
-        Ok(t)
+        let bytes = self.unit_bytes(u);
+        let at = self.hashes_at + u as usize * 32;
+        let mut sound = blake3::hash(bytes).as_bytes() == &self.map[at..at + 32];
+        let entry_blocks = self.header.entries.div_ceil(CHECK_UNIT);
+        if sound && u < entry_blocks {
+            // Sound bytes were written sorted, with pack numbers in range; decoding them once
+            // more costs little next to the hash, and catches a writer's bug as damage.
+            sound = bytes
+                .chunks_exact(TABLE_ENTRY_LEN)
+                .all(|raw| self.decode(raw).is_ok())
+                && bytes
+                    .chunks_exact(TABLE_ENTRY_LEN)
+                    .zip(bytes.chunks_exact(TABLE_ENTRY_LEN).skip(1))
+                    .all(|(a, b)| a[..32] < b[..32]);
+        }
+        if sound {
+            self.checked[word].fetch_or(bit, Ordering::AcqRel);
+        } else if !self.damaged.swap(true, Ordering::AcqRel) {
+            // The next process rebuilds the cache rather than trip over the same block; this
+            // one's mapping stays valid.
+            let _ = std::fs::remove_file(&self.path);
+        }
+        sound
     }
 
     /// The index files merged into this table.
@@ -288,9 +365,13 @@ impl Table {
         &self.packs
     }
 
-    fn raw(&self, i: usize) -> &[u8] {
+    /// Entry `i`'s bytes, once its block is checked (`None`: the block is damaged).
+    fn raw(&self, i: usize) -> Option<&[u8]> {
+        if !self.check_unit(i as u64 / CHECK_UNIT) {
+            return None;
+        }
         let at = self.entries_at + i * TABLE_ENTRY_LEN;
-        &self.map[at..at + TABLE_ENTRY_LEN]
+        Some(&self.map[at..at + TABLE_ENTRY_LEN])
     }
 
     fn decode(&self, raw: &[u8]) -> Result<IndexEntry, DecodeError> {
@@ -317,9 +398,14 @@ impl Table {
         })
     }
 
-    /// True when the filter says `id` may be in the table (false: it certainly is not).
+    /// True when the filter says `id` may be in the table (false: it certainly is not). A
+    /// damaged filter group says "may": the entries, checked themselves, decide.
     fn may_contain(&self, id: &ChunkId) -> bool {
         let (block, bits) = probes(id, self.header.blocks);
+        let unit = self.header.entries.div_ceil(CHECK_UNIT) + block as u64 / CHECK_UNIT;
+        if !self.check_unit(unit) {
+            return true;
+        }
         let b = &self.map[self.filter_at + block * BLOCK..][..BLOCK];
         bits.iter()
             .all(|&bit| b[bit as usize / 8] & (1 << (bit % 8)) != 0)
@@ -338,7 +424,7 @@ impl Table {
         let (mut lo, mut hi) = (0usize, self.header.entries as usize);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            match self.raw(mid)[..32].cmp(&id.0[..]) {
+            match self.raw(mid)?[..32].cmp(&id.0[..]) {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
                 std::cmp::Ordering::Equal => return Some(mid),
@@ -359,8 +445,9 @@ impl Table {
                 continue;
             }
             // The first position at or after `lo` whose id is not less than `id`: gallop to a
-            // bound, then search between.
-            let less = |at: usize| self.raw(at)[..32] < id.0[..];
+            // bound, then search between. (A damaged block reads as "less", and its ids are
+            // not found.)
+            let less = |at: usize| self.raw(at).is_none_or(|r| r[..32] < id.0[..]);
             let mut step = 1usize;
             let mut hi = lo;
             while hi < n && less(hi) {
@@ -378,7 +465,8 @@ impl Table {
                 }
             }
             lo = a;
-            f(i, (a < n && self.raw(a)[..32] == id.0[..]).then_some(a));
+            let found = a < n && self.raw(a).is_some_and(|r| r[..32] == id.0[..]);
+            f(i, found.then_some(a));
         }
     }
 
@@ -388,7 +476,7 @@ impl Table {
         if i >= self.len() {
             return None;
         }
-        self.decode(self.raw(i)).ok()
+        self.decode(self.raw(i)?).ok()
     }
 
     /// Number of entries.
@@ -396,9 +484,9 @@ impl Table {
         self.header.entries as usize
     }
 
-    /// Every entry, in id order.
+    /// Every entry, in id order (those of damaged blocks left out: see [`Table::is_damaged`]).
     pub fn iter(&self) -> impl Iterator<Item = IndexEntry> + '_ {
-        (0..self.len()).filter_map(|i| self.decode(self.raw(i)).ok())
+        (0..self.len()).filter_map(|i| self.entry_at(i))
     }
 }
 
@@ -423,32 +511,48 @@ pub fn write_table(
     let result = (|| {
         let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
         out.write_all(&[0u8; TABLE_HEADER_LEN])?;
-        let mut hasher = blake3::Hasher::new();
-        let mut put = |out: &mut BufWriter<File>, b: &[u8]| {
-            hasher.update(b);
-            out.write_all(b)
-        };
+        // The directory hash covers the ids lists now and the block hashes at the end.
+        let mut directory = blake3::Hasher::new();
         for f in files {
-            put(&mut out, &f.0)?;
+            directory.update(&f.0);
+            out.write_all(&f.0)?;
         }
         for p in packs {
-            put(&mut out, &p.0)?;
+            directory.update(&p.0);
+            out.write_all(&p.0)?;
         }
         let blocks = blocks_for(max_entries);
         let mut filter = vec![0u8; blocks as usize * BLOCK];
         let mut count = 0u64;
+        let mut hashes = Vec::new();
+        let mut unit = blake3::Hasher::new();
         let mut buf = Vec::with_capacity(TABLE_ENTRY_LEN);
         for (id, pack, e) in entries {
             buf.clear();
             encode_entry(&id, pack, &e, &mut buf);
-            put(&mut out, &buf)?;
+            out.write_all(&buf)?;
+            unit.update(&buf);
             let (block, bits) = probes(&id, blocks);
             for bit in bits {
                 filter[block * BLOCK + bit as usize / 8] |= 1 << (bit % 8);
             }
             count += 1;
+            if count.is_multiple_of(CHECK_UNIT) {
+                hashes.push(*unit.finalize().as_bytes());
+                unit.reset();
+            }
         }
-        put(&mut out, &filter)?;
+        if !count.is_multiple_of(CHECK_UNIT) {
+            hashes.push(*unit.finalize().as_bytes());
+        }
+        out.write_all(&filter)?;
+        for group in filter.chunks(CHECK_UNIT as usize * BLOCK) {
+            hashes.push(*blake3::hash(group).as_bytes());
+        }
+        for h in &hashes {
+            directory.update(h);
+            out.write_all(h)?;
+        }
         let header = TableHeader {
             repo_id,
             config_hash,
@@ -456,14 +560,14 @@ pub fn write_table(
             packs: packs.len() as u32,
             entries: count,
             blocks,
-            body_hash: *hasher.finalize().as_bytes(),
+            directory_hash: *directory.finalize().as_bytes(),
         };
         let mut file = out.into_inner().map_err(|e| e.into_error())?;
         use std::io::Seek;
         file.seek(std::io::SeekFrom::Start(0))?;
         file.write_all(&header.encode())?;
         drop(file);
-        // No fsync: the cache is rebuilt from the repository whenever a table fails its check.
+        // No fsync: the cache is rebuilt from the repository whenever a table fails its checks.
         std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
@@ -544,21 +648,46 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "stride {stride}");
         }
+        assert!(t.check_all() && !t.is_damaged());
         drop(t);
         let bytes = std::fs::read(&path).unwrap();
+        let len = bytes.len();
+        // The header and the directory are checked when the table is opened; the entries and
+        // the filter when a lookup touches them (or all at once).
+        let entries_at = TABLE_HEADER_LEN + 32 + 2 * 16;
+        let filter_at = entries_at + 5000 * TABLE_ENTRY_LEN;
         for at in [
             0,
             50,
             TABLE_HEADER_LEN + 3,
-            bytes.len() / 2,
-            bytes.len() - 1,
+            entries_at + 7,
+            len / 2,
+            filter_at + 100,
+            len - 1,
         ] {
             let mut bad = bytes.clone();
             bad[at] ^= 1;
             std::fs::write(&path, &bad).unwrap();
-            assert!(Table::open(&path).is_err(), "flip at {at}");
+            match Table::open(&path) {
+                Err(_) => assert!(at < entries_at || at >= len - 32 * 6, "flip at {at}"),
+                Ok(t) => {
+                    assert!(!t.check_all(), "flip at {at}");
+                    assert!(t.is_damaged());
+                    assert!(!path.exists(), "a damaged table is removed");
+                }
+            }
         }
-        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        std::fs::write(&path, &bytes[..len - 1]).unwrap();
         assert!(Table::open(&path).is_err());
+        // A damaged entry block: lookups in it find nothing (the chunk is stored again, never
+        // skipped); the other blocks still answer.
+        let mut bad = bytes.clone();
+        bad[entries_at + 10 * TABLE_ENTRY_LEN] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        let t = Table::open(&path).unwrap();
+        assert!(t.get(&ids[4999]).is_some());
+        assert!(!t.is_damaged());
+        assert!(t.get(&ids[10]).is_none());
+        assert!(t.is_damaged());
     }
 }

@@ -69,6 +69,25 @@ impl Repository {
         self.index()?.get(id).ok_or(StoreError::BlobMissing(*id))
     }
 
+    /// A frozen numbering of the indexed blobs ([`Index::rows`]); a cache table found damaged
+    /// on the way is rebuilt from the index files first.
+    pub fn index_rows(&self) -> Result<crate::Rows> {
+        for _ in 0..2 {
+            if let Some(rows) = self.index()?.rows() {
+                return Ok(rows);
+            }
+            self.refresh_index()?;
+        }
+        Err(StoreError::Corrupt {
+            path: self.index()?.cache_dir().to_owned(),
+            what: "index cache table",
+            source: crate::error::DecodeError::ChecksumMismatch {
+                got: "a damaged block twice".into(),
+                expected: "a sound table".into(),
+            },
+        })
+    }
+
     /// Reads which packs prune has marked, adding them to those already known (a pack once
     /// marked stays avoided for the life of the process: a mark acted on since is no reason to
     /// dedup against what it named). After the lock is taken, and *before* the index files are

@@ -347,7 +347,7 @@ fn rows_number_every_blob_once_in_the_table_and_the_overlay() {
     );
     reader.refresh_index().unwrap();
     let index = reader.index().unwrap();
-    let rows = index.rows();
+    let rows = index.rows().expect("a sound table");
     assert_eq!(rows.len(), 70);
     assert_eq!(rows.len(), index.len() as u64);
     let mut seen = std::collections::BTreeSet::new();
@@ -411,4 +411,44 @@ fn a_large_index_file_goes_straight_into_the_table_and_every_blob_is_found() {
         assert!(found.pack == big || (i == 5 && found.pack == small));
     }
     assert_eq!(reader.locate(&entry(n).id).unwrap().pack, small);
+}
+
+#[test]
+fn a_table_block_damaged_under_a_reader_is_found_and_the_rows_rebuilt() {
+    use std::os::unix::fs::FileExt;
+    let (mem, writer) = unencrypted();
+    let blobs: Vec<Vec<u8>> = (0..3000u32).map(|i| i.to_le_bytes().repeat(10)).collect();
+    store(
+        &writer,
+        &blobs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+    );
+    let reader = open(&mem, "").unwrap();
+    let dir = reader.index().unwrap().cache_dir().to_owned();
+    let table = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "tbl"))
+        .expect("a table");
+    // Bit rot in the first entry block, under the reader's mapping.
+    let at = crate::index::table::TABLE_HEADER_LEN as u64 + 32 + 16 + 100;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&table)
+        .unwrap();
+    let mut byte = [0u8];
+    f.read_exact_at(&mut byte, at).unwrap();
+    f.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
+    drop(f);
+    // A whole-repository pass checks every block first, finds the damage, and rebuilds the
+    // cache.
+    assert!(reader.index().unwrap().rows().is_none());
+    assert!(!table.exists(), "the damaged table is removed");
+    let rows = reader.index_rows().unwrap();
+    assert_eq!(rows.len(), 3000);
+    for raw in &blobs {
+        let id = reader.blob_id(raw);
+        assert_eq!(rows.entry(rows.row(&id).unwrap()).unwrap().entry.id, id);
+        assert!(reader.locate(&id).is_ok());
+    }
 }
