@@ -63,15 +63,18 @@ pub enum CacheLocation {
 /// table's, whichever is more: rebuilding a large cache from scratch then rewrites each entry
 /// about five times, not once per fold.
 const FOLD_AT: usize = 1 << 16;
-
-fn fold_due(st: &State) -> bool {
-    fold_due_with(st, 0)
-}
+/// ... but never more than this (about 20 MiB of hash map): above it the overlay would grow
+/// with the repository.
+const OVERLAY_MAX: usize = 1 << 17;
+/// A rebuild reads index files into sorted runs of this many entries (about 40 MiB), each
+/// written as a temporary table, and merges them at the end: memory stays bounded however many
+/// index files there are. (Unit tests use small runs, so that they merge many.)
+const RUN_ENTRIES: usize = if cfg!(test) { 1 << 12 } else { 1 << 19 };
 
 /// Whether the overlay with `more` entries is due for a fold.
 fn fold_due_with(st: &State, more: usize) -> bool {
-    !st.fold_failed
-        && st.overlay.len() + more >= FOLD_AT.max(st.table.as_ref().map_or(0, |t| t.len() / 4))
+    let at = FOLD_AT.max(st.table.as_ref().map_or(0, |t| t.len() / 4));
+    !st.fold_failed && st.overlay.len() + more >= at.min(OVERLAY_MAX)
 }
 
 struct State {
@@ -312,11 +315,24 @@ impl Index {
             .copied()
             .collect();
         let mut vanished = false;
+        let mut runs = Runs::default();
         for id in new {
             match read_index_file(backend, &id, &self.crypto) {
                 Ok(file) => {
                     report.files_read += 1;
-                    self.add_file(&mut st, id, file, report);
+                    if st.fold_failed {
+                        Self::add_locked(&mut st, id, &file);
+                        continue;
+                    }
+                    runs.files.push(id);
+                    runs.entries.extend(IndexEntry::of_file(file));
+                    if runs.entries.len() >= RUN_ENTRIES {
+                        if let Err(e) = self.write_run(&mut runs) {
+                            self.fold_failed(&mut st, report, &e);
+                            runs.into_overlay(&mut st);
+                            runs = Runs::default();
+                        }
+                    }
                 }
                 Err(e) if e.is_corrupt() => {
                     report.damaged.push((id, e.to_string()));
@@ -325,21 +341,71 @@ impl Index {
                 Err(e) => return Err(e),
             }
         }
-        let first = st.table.is_none() && !st.overlay.is_empty() && !st.fold_failed;
-        if first || fold_due(&st) {
-            self.try_fold(&mut st, report);
+        let first = st.table.is_none() && !st.overlay.is_empty();
+        if !runs.tables.is_empty()
+            || fold_due_with(&st, runs.entries.len())
+            || (first && !st.fold_failed)
+            || (st.table.is_none() && !runs.entries.is_empty())
+        {
+            if let Err(e) = self.fold_runs(&mut st, &mut runs) {
+                self.fold_failed(&mut st, report, &e);
+                runs.into_overlay(&mut st);
+            }
+        } else {
+            runs.into_overlay(&mut st);
         }
         Ok(vanished)
     }
 
-    /// Folds, and on failure says so and goes on with the overlay: a cache never stands in the
-    /// way.
-    fn try_fold(&self, st: &mut State, report: &mut IndexReport) {
-        if let Err(e) = self.fold(st, None) {
-            self.fold_failed(st, report, &e);
-        }
+    /// Writes the entries gathered so far as a sorted run (a temporary table).
+    fn write_run(&self, runs: &mut Runs) -> Result<()> {
+        runs.entries.sort_by_key(|e| e.entry.id);
+        runs.entries.dedup_by_key(|e| e.entry.id);
+        let mut packs: Vec<PackId> = runs.entries.iter().map(|e| e.pack).collect();
+        packs.sort_unstable();
+        packs.dedup();
+        let path = self.dir.join(format!(
+            ".run-{}.tmp",
+            crate::id::to_hex(
+                &crate::id::random_bytes::<8>().map_err(|e| StoreError::io(&self.dir, e))?
+            )
+        ));
+        let number = |p: &PackId| packs.binary_search(p).expect("listed") as u32;
+        write_table(
+            &path,
+            self.repo_id,
+            self.config_hash,
+            &[],
+            &packs,
+            runs.entries
+                .iter()
+                .map(|e| (e.entry.id, number(&e.pack), e.entry)),
+            runs.entries.len() as u64,
+        )
+        .map_err(|e| StoreError::io(&path, e))?;
+        let table = Table::open(&path);
+        // Unlinked at once: this process keeps it mapped, nothing is left behind.
+        let _ = std::fs::remove_file(&path);
+        runs.tables.push(table.map_err(|e| match e {
+            TableError::Io(source) => StoreError::io(&path, source),
+            TableError::Bad(source) => StoreError::Corrupt {
+                path: path.clone(),
+                what: "index cache run",
+                source,
+            },
+        })?);
+        runs.entries = Vec::new();
+        Ok(())
     }
 
+    /// Folds the overlay, the runs and the entries gathered into a new table.
+    fn fold_runs(&self, st: &mut State, runs: &mut Runs) -> Result<()> {
+        runs.entries.sort_by_key(|e| e.entry.id);
+        self.fold(st, &runs.files, &runs.entries, &runs.tables)
+    }
+
+    /// After a fold failed: says so, and goes on with the overlay (a cache never stands in the
+    /// way).
     fn fold_failed(&self, st: &mut State, report: &mut IndexReport, e: &StoreError) {
         st.fold_failed = true;
         report.notices.push(format!(
@@ -359,6 +425,11 @@ impl Index {
     }
 
     fn add_entries(st: &mut State, id: IndexId, entries: impl IntoIterator<Item = IndexEntry>) {
+        Self::add_entries_only(st, entries);
+        st.overlay_files.insert(id);
+    }
+
+    fn add_entries_only(st: &mut State, entries: impl IntoIterator<Item = IndexEntry>) {
         for e in entries {
             // A blob stored twice (two writers at once) is found through either copy; the
             // first one seen is kept.
@@ -370,7 +441,6 @@ impl Index {
                 st.overlay.entry(e.entry.id).or_insert(e);
             }
         }
-        st.overlay_files.insert(id);
     }
 
     /// Adds an index file this process has just written to the repository.
@@ -391,21 +461,29 @@ impl Index {
             Self::add_locked(st, id, &file);
             return;
         }
-        let incoming = IndexEntry::of_file(file);
-        if let Err(e) = self.fold(st, Some((id, &incoming))) {
+        let mut incoming = IndexEntry::of_file(file);
+        incoming.sort_by_key(|e| e.entry.id);
+        if let Err(e) = self.fold(st, &[id], &incoming, &[]) {
             self.fold_failed(st, report, &e);
             Self::add_entries(st, id, incoming);
         }
     }
 
-    /// Merges the table, the overlay and the `incoming` entries of one more index file into a
-    /// new table, and uses it from now on.
-    fn fold(&self, st: &mut State, incoming: Option<(IndexId, &[IndexEntry])>) -> Result<()> {
+    /// Merges the table, the overlay, the `incoming` entries (sorted by id) and the sorted
+    /// `runs`, which together hold index files `incoming_files`, into a new table, and uses it
+    /// from now on.
+    fn fold(
+        &self,
+        st: &mut State,
+        incoming_files: &[IndexId],
+        incoming: &[IndexEntry],
+        runs: &[Table],
+    ) -> Result<()> {
         let files: BTreeSet<IndexId> = st
             .table_files
             .iter()
             .chain(&st.overlay_files)
-            .chain(incoming.map(|(id, _)| id).as_ref())
+            .chain(incoming_files)
             .copied()
             .collect();
         let mut packs: Vec<PackId> = st
@@ -418,21 +496,23 @@ impl Index {
             .enumerate()
             .map(|(i, p)| (*p, i as u32))
             .collect();
-        let mut added: Vec<IndexEntry> = st.overlay.values().copied().collect();
-        added.extend(incoming.into_iter().flat_map(|(_, e)| e.iter().copied()));
-        // Stable: of a blob stored twice, the overlay's copy (seen first) is kept.
-        added.sort_by_key(|e| e.entry.id);
-        added.dedup_by_key(|e| e.entry.id);
-        for e in &added {
-            number.entry(e.pack).or_insert_with(|| {
-                packs.push(e.pack);
+        let mut overlay: Vec<IndexEntry> = st.overlay.values().copied().collect();
+        overlay.sort_by_key(|e| e.entry.id);
+        let more = overlay
+            .iter()
+            .chain(incoming)
+            .map(|e| e.pack)
+            .chain(runs.iter().flat_map(|r| r.packs().iter().copied()));
+        for p in more {
+            number.entry(p).or_insert_with(|| {
+                packs.push(p);
                 (packs.len() - 1) as u32
             });
         }
-        let old = st.table.as_ref();
-        // The new table must hold every entry of the old one: a damaged block would leave
-        // some out of a table that claims their index files.
-        if let Some(t) = old.filter(|t| !t.check_all()) {
+        let old = st.table.as_deref();
+        // The new table must hold every entry of the old one and of the runs: a damaged block
+        // would leave some out of a table that claims their index files.
+        if let Some(t) = old.into_iter().chain(runs).find(|t| !t.check_all()) {
             return Err(StoreError::Corrupt {
                 path: t.path().to_owned(),
                 what: "index cache table",
@@ -442,12 +522,22 @@ impl Index {
                 },
             });
         }
-        let max = old.map_or(0, |t| t.len()) + added.len();
-        let merged = Merge {
-            a: old.map(|t| t.iter()).into_iter().flatten().peekable(),
-            b: added.iter().copied().peekable(),
+        let max = old.map_or(0, |t| t.len())
+            + overlay.len()
+            + incoming.len()
+            + runs.iter().map(|r| r.len()).sum::<usize>();
+        // Of a blob stored twice, the first source's copy is kept: the old table, the overlay,
+        // the incoming entries, then the runs in order.
+        let mut sources: Vec<Box<dyn Iterator<Item = IndexEntry> + '_>> = Vec::new();
+        if let Some(t) = old {
+            sources.push(Box::new(t.iter()));
         }
-        .map(|e| (e.entry.id, number[&e.pack], e.entry));
+        sources.push(Box::new(overlay.iter().copied()));
+        sources.push(Box::new(incoming.iter().copied()));
+        for r in runs {
+            sources.push(Box::new(r.iter()));
+        }
+        let merged = merge_sorted(sources).map(|e| (e.entry.id, number[&e.pack], e.entry));
         let files_vec: Vec<IndexId> = files.iter().copied().collect();
         let path = self.dir.join(table_name(&files));
         write_table(
@@ -579,26 +669,70 @@ pub(crate) fn read_index_file(
     IndexFile::decode(&plain).map_err(corrupt)
 }
 
-/// Merges two id-sorted entry streams, keeping the first of equal ids.
-struct Merge<A: Iterator<Item = IndexEntry>, B: Iterator<Item = IndexEntry>> {
-    a: std::iter::Peekable<A>,
-    b: std::iter::Peekable<B>,
+/// Merges id-sorted entry streams into one, keeping of equal ids the one of the earliest
+/// stream.
+fn merge_sorted<'a>(
+    sources: Vec<Box<dyn Iterator<Item = IndexEntry> + 'a>>,
+) -> impl Iterator<Item = IndexEntry> + 'a {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let mut sources = sources;
+    let mut heap = BinaryHeap::new();
+    for (i, s) in sources.iter_mut().enumerate() {
+        if let Some(e) = s.next() {
+            heap.push(Reverse((e.entry.id, i, HeapEntry(e))));
+        }
+    }
+    let mut last: Option<ChunkId> = None;
+    std::iter::from_fn(move || loop {
+        let Reverse((id, i, HeapEntry(e))) = heap.pop()?;
+        if let Some(n) = sources[i].next() {
+            heap.push(Reverse((n.entry.id, i, HeapEntry(n))));
+        }
+        if last != Some(id) {
+            last = Some(id);
+            return Some(e);
+        }
+    })
 }
 
-impl<A: Iterator<Item = IndexEntry>, B: Iterator<Item = IndexEntry>> Iterator for Merge<A, B> {
-    type Item = IndexEntry;
-    fn next(&mut self) -> Option<IndexEntry> {
-        match (self.a.peek(), self.b.peek()) {
-            (Some(x), Some(y)) => match x.entry.id.cmp(&y.entry.id) {
-                std::cmp::Ordering::Less => self.a.next(),
-                std::cmp::Ordering::Greater => self.b.next(),
-                std::cmp::Ordering::Equal => {
-                    self.b.next();
-                    self.a.next()
-                }
-            },
-            (Some(_), None) => self.a.next(),
-            (None, _) => self.b.next(),
+/// An entry carried in the merge heap, ordered by nothing (the id and source before it order).
+struct HeapEntry(IndexEntry);
+
+impl PartialEq for HeapEntry {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for HeapEntry {}
+impl PartialOrd for HeapEntry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for HeapEntry {
+    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
+        std::cmp::Ordering::Equal
+    }
+}
+
+/// Index files read by a refresh, not yet in a table: sorted runs already written, and the
+/// entries gathered since.
+#[derive(Default)]
+struct Runs {
+    files: Vec<IndexId>,
+    entries: Vec<IndexEntry>,
+    tables: Vec<Table>,
+}
+
+impl Runs {
+    /// Puts what was gathered into the overlay instead (a small refresh, or a cache folder that
+    /// cannot be written).
+    fn into_overlay(self, st: &mut State) {
+        for t in &self.tables {
+            Index::add_entries_only(st, t.iter());
         }
+        Index::add_entries_only(st, self.entries);
+        st.overlay_files.extend(self.files);
     }
 }

@@ -381,7 +381,7 @@ fn rows_number_every_blob_once_in_the_table_and_the_overlay() {
 }
 
 #[test]
-fn a_large_index_file_goes_straight_into_the_table_and_every_blob_is_found() {
+fn large_and_many_index_files_reach_the_table_through_sorted_runs_and_every_blob_is_found() {
     use crate::blob::Compression;
     let (mem, writer) = unencrypted();
     // One file above the fold threshold (as prune and repair write them), one small one that
@@ -402,15 +402,35 @@ fn a_large_index_file_goes_straight_into_the_table_and_every_blob_is_found() {
     writer
         .write_index_file(vec![(small, vec![entry(5), entry(n)])])
         .unwrap();
-    let reader = open(&mem, "").unwrap();
-    let index = reader.index().unwrap();
-    assert_eq!(index.len(), n as usize + 1);
-    for i in [0, 5, 12_345, n - 1] {
-        let found = reader.locate(&entry(i).id).unwrap();
-        assert_eq!(found.entry, entry(i));
-        assert!(found.pack == big || (i == 5 && found.pack == small));
+    // And several of 3000 entries: a new reader reads them all into sorted runs (of 4096
+    // entries in unit tests), written as temporary tables and merged into one.
+    let more = 100_000..115_000u32;
+    for (k, chunk) in more.clone().collect::<Vec<_>>().chunks(3000).enumerate() {
+        let pack = PackId([10 + k as u8; 16]);
+        writer
+            .write_index_file(vec![(pack, chunk.iter().map(|i| entry(*i)).collect())])
+            .unwrap();
     }
-    assert_eq!(reader.locate(&entry(n).id).unwrap().pack, small);
+    for repo in [&writer, &open(&mem, "").unwrap()] {
+        let index = repo.index().unwrap();
+        assert_eq!(index.len(), n as usize + 1 + more.len());
+        for i in [0, 5, 12_345, n - 1] {
+            let found = repo.locate(&entry(i).id).unwrap();
+            assert_eq!(found.entry, entry(i));
+            assert!(found.pack == big || (i == 5 && found.pack == small));
+        }
+        assert_eq!(repo.locate(&entry(n).id).unwrap().pack, small);
+        for i in more.clone().step_by(997) {
+            assert_eq!(repo.locate(&entry(i).id).unwrap().entry, entry(i));
+        }
+        // Nothing of the runs is left in the cache folder.
+        let left: Vec<_> = std::fs::read_dir(index.cache_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| !n.to_string_lossy().ends_with(".tbl"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 }
 
 #[test]
