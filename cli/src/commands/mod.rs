@@ -115,9 +115,9 @@ impl Context {
     /// Opens the repository (its config, and its key when it is encrypted: no index, no
     /// lock).
     pub fn open_repo(&self) -> Result<Repository> {
-        Ok(Repository::open_with(self.backend()?, &mut || {
-            self.password.credential()
-        })?)
+        let repo = Repository::open_with(self.backend()?, &mut || self.password.credential())?;
+        repo.use_manifest_cache(&self.cache);
+        Ok(repo)
     }
 
     /// Loads the index through the cache, saying what that found.

@@ -119,6 +119,8 @@ pub struct Repository {
     chunk_key: [u8; 32],
     /// The key object that opened the repository.
     key_name: Option<String>,
+    /// Where manifests are cached, once [`Repository::use_manifest_cache`] set it.
+    manifest_cache: OnceLock<std::path::PathBuf>,
 }
 
 impl Drop for Repository {

@@ -223,6 +223,7 @@ impl Repository {
             crypto: Arc::new(crypto),
             chunk_key,
             key_name,
+            manifest_cache: OnceLock::new(),
         })
     }
 

@@ -472,3 +472,53 @@ fn a_table_block_damaged_under_a_reader_is_found_and_the_rows_rebuilt() {
         assert!(reader.locate(&id).is_ok());
     }
 }
+
+#[test]
+fn manifests_are_read_from_the_cache_while_they_hash_to_their_ids_and_trimmed_when_gone() {
+    let mem = MemBackend::new();
+    Repository::init(&mem, encrypted()).unwrap();
+    let repo = open(&mem, "pw").unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    repo.use_manifest_cache(&CacheLocation::Dir(cache.path().to_owned()));
+    let manifest = |time_ns| Manifest {
+        time_ns,
+        source: "disk".into(),
+        host: "h".into(),
+        tags: Vec::new(),
+        size: 0,
+        segment_size: repo.config().segment_size,
+        parent: None,
+        figures: Default::default(),
+        trees: Vec::new(),
+        extensions: Vec::new(),
+    };
+    let a = repo.write_manifest(&manifest(1)).unwrap();
+    let b = repo.write_manifest(&manifest(2)).unwrap();
+    assert_eq!(repo.snapshots().unwrap().len(), 2);
+    let dir = cache
+        .path()
+        .join(crate::id::to_hex(&repo.config().repo_id))
+        .join("snapshots");
+    let cached = dir.join(a.to_hex());
+    // Sealed, as stored: nothing of the manifest is readable in the cache.
+    assert_eq!(
+        std::fs::read(&cached).unwrap(),
+        mem.read(Kind::Snapshot, &a.to_hex()).unwrap()
+    );
+    // Read from the cache: the stored object is garbage now, the copy still hashes to the id.
+    flip(&mem, Kind::Snapshot, &a.to_hex(), 10);
+    assert_eq!(repo.load_manifest(&a).unwrap(), manifest(1));
+    // A damaged copy is not used: the (damaged) stored object is read, and refused.
+    let mut bad = std::fs::read(&cached).unwrap();
+    bad[3] ^= 1;
+    std::fs::write(&cached, bad).unwrap();
+    assert!(matches!(
+        repo.load_manifest(&a),
+        Err(StoreError::Corrupt { .. })
+    ));
+    // A snapshot forgotten (here or elsewhere) leaves the cache at the next listing.
+    repo.remove_snapshot(&b).unwrap();
+    assert!(dir.join(b.to_hex()).exists());
+    repo.snapshots().unwrap();
+    assert!(!dir.join(b.to_hex()).exists());
+}
