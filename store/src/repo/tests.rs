@@ -290,12 +290,9 @@ fn backups_never_dedup_against_a_marked_pack() {
     ));
 }
 
-#[test]
-fn snapshots_are_written_listed_resolved_and_removed() {
-    let mem = MemBackend::new();
-    Repository::init(&mem, encrypted()).unwrap();
-    let repo = open(&mem, "pw").unwrap();
-    let manifest = |time_ns| Manifest {
+/// A manifest of an empty source, tagged `nightly`, made at `time_ns`.
+fn empty_manifest(repo: &Repository, time_ns: i64) -> Manifest {
+    Manifest {
         time_ns,
         source: "disk".into(),
         host: "h".into(),
@@ -306,7 +303,15 @@ fn snapshots_are_written_listed_resolved_and_removed() {
         figures: Default::default(),
         trees: Vec::new(),
         extensions: Vec::new(),
-    };
+    }
+}
+
+#[test]
+fn snapshots_are_written_listed_resolved_and_removed() {
+    let mem = MemBackend::new();
+    Repository::init(&mem, encrypted()).unwrap();
+    let repo = open(&mem, "pw").unwrap();
+    let manifest = |time_ns| empty_manifest(&repo, time_ns);
     let old = repo.write_manifest(&manifest(1)).unwrap();
     let new = repo.write_manifest(&manifest(2)).unwrap();
     assert_eq!(repo.resolve_snapshot("latest").unwrap(), new);
@@ -480,18 +485,7 @@ fn manifests_are_read_from_the_cache_while_they_hash_to_their_ids_and_trimmed_wh
     let repo = open(&mem, "pw").unwrap();
     let cache = tempfile::tempdir().unwrap();
     repo.use_manifest_cache(&CacheLocation::Dir(cache.path().to_owned()));
-    let manifest = |time_ns| Manifest {
-        time_ns,
-        source: "disk".into(),
-        host: "h".into(),
-        tags: Vec::new(),
-        size: 0,
-        segment_size: repo.config().segment_size,
-        parent: None,
-        figures: Default::default(),
-        trees: Vec::new(),
-        extensions: Vec::new(),
-    };
+    let manifest = |time_ns| empty_manifest(&repo, time_ns);
     let a = repo.write_manifest(&manifest(1)).unwrap();
     let b = repo.write_manifest(&manifest(2)).unwrap();
     assert_eq!(repo.snapshots().unwrap().len(), 2);
