@@ -585,6 +585,21 @@ impl Index {
             .or_else(|| st.table.as_ref().and_then(|t| t.get(id)))
     }
 
+    /// Looks up `ids`, which must be sorted: `f(i, entry)` for each in turn. The table is read
+    /// front to back once ([`Table::positions_sorted`]) instead of binary-searched from the top
+    /// for each id: a restore of millions of chunks from a table larger than memory reads it
+    /// once rather than faulting pages in at random.
+    pub fn get_sorted(&self, ids: &[ChunkId], mut f: impl FnMut(usize, Option<IndexEntry>)) {
+        let st = self.state.read().expect("no thread panics holding this");
+        match &st.table {
+            Some(t) => t.positions_sorted(ids, |i, p| {
+                let e = st.overlay.get(&ids[i]).copied();
+                f(i, e.or_else(|| p.and_then(|p| t.entry_at(p))));
+            }),
+            None => (0..ids.len()).for_each(|i| f(i, st.overlay.get(&ids[i]).copied())),
+        }
+    }
+
     /// True when the blob is indexed.
     pub fn contains(&self, id: &ChunkId) -> bool {
         self.get(id).is_some()
