@@ -328,6 +328,12 @@ fn restore_positioned(
     let ids: Vec<ChunkId> = wanted.iter().map(|(id, _)| *id).collect();
     let mut found = vec![None; ids.len()];
     repo.index()?.get_sorted(&ids, |i, e| found[i] = e);
+    if found.iter().any(Option::is_none) {
+        // Not in the index as loaded: a damaged block of the local cache (a refresh rebuilds
+        // it), or really missing (the lookup after the refresh says so).
+        repo.refresh_index()?;
+        repo.index()?.get_sorted(&ids, |i, e| found[i] = e);
+    }
     let mut located = Vec::with_capacity(ids.len());
     for ((id, offsets), e) in wanted.into_iter().zip(found) {
         let e = e.ok_or(StoreError::BlobMissing(id))?;

@@ -137,6 +137,7 @@ fn verify_in_pool(
     // Per listed pack: whether an index file names it (and so whether it was checked yet).
     let mut named = vec![false; packs.len()];
     let mut gone_marked = Vec::new();
+    let mut unlisted = Vec::new();
     for_each_index_file(repo, |f, file| {
         let file = match file {
             Ok(file) => file,
@@ -164,7 +165,9 @@ fn verify_in_pool(
                 // A marked pack may go at any time (a prune beside us), its used blobs
                 // elsewhere; whether it was lost is settled at the end.
                 Err(_) if repo.is_marked(pack) => gone_marked.push(*pack),
-                Err(_) => found.push(missing_pack(pack, entries)),
+                // Or written since the packs were listed (a backup or a repack beside us):
+                // listed again at the end.
+                Err(_) => unlisted.push((*pack, entries.clone())),
             }
         }
         let checked = work
@@ -186,6 +189,16 @@ fn verify_in_pool(
         .collect();
     tally(checked, &mut found, &mut report);
     progress.finish(0);
+    if !unlisted.is_empty() {
+        let now: HashSet<PackId> = repo.list_packs()?.into_iter().map(|(id, _)| id).collect();
+        for (pack, entries) in unlisted {
+            if repo.is_marked(&pack) {
+                gone_marked.push(pack);
+            } else if !now.contains(&pack) {
+                found.push(missing_pack(&pack, &entries));
+            }
+        }
+    }
     found.extend(lost_during_check(repo, gone_marked)?);
     report.problems = attribute(repo, &snapshots, found)?;
     Ok(report)

@@ -348,6 +348,13 @@ impl Index {
             || (st.table.is_none() && !runs.entries.is_empty())
         {
             if let Err(e) = self.fold_runs(&mut st, &mut runs) {
+                if damaged_table(&e) {
+                    // The table was dropped: list and read everything again.
+                    report
+                        .notices
+                        .push(format!("index cache: {e}; rebuilding it"));
+                    return Ok(true);
+                }
                 self.fold_failed(&mut st, report, &e);
                 runs.into_overlay(&mut st);
             }
@@ -386,14 +393,15 @@ impl Index {
         let table = Table::open(&path);
         // Unlinked at once: this process keeps it mapped, nothing is left behind.
         let _ = std::fs::remove_file(&path);
-        runs.tables.push(table.map_err(|e| match e {
+        let table = table.map_err(|e| match e {
             TableError::Io(source) => StoreError::io(&path, source),
             TableError::Bad(source) => StoreError::Corrupt {
                 path: path.clone(),
                 what: "index cache run",
                 source,
             },
-        })?);
+        })?;
+        runs.tables.push((table, std::mem::take(&mut runs.files)));
         runs.entries = Vec::new();
         Ok(())
     }
@@ -401,7 +409,15 @@ impl Index {
     /// Folds the overlay, the runs and the entries gathered into a new table.
     fn fold_runs(&self, st: &mut State, runs: &mut Runs) -> Result<()> {
         runs.entries.sort_by_key(|e| e.entry.id);
-        self.fold(st, &runs.files, &runs.entries, &runs.tables)
+        let files: Vec<IndexId> = runs
+            .tables
+            .iter()
+            .flat_map(|(_, f)| f.iter())
+            .chain(&runs.files)
+            .copied()
+            .collect();
+        let tables: Vec<&Table> = runs.tables.iter().map(|(t, _)| t).collect();
+        self.fold(st, &files, &runs.entries, &tables)
     }
 
     /// After a fold failed: says so, and goes on with the overlay (a cache never stands in the
@@ -464,7 +480,13 @@ impl Index {
         let mut incoming = IndexEntry::of_file(file);
         incoming.sort_by_key(|e| e.entry.id);
         if let Err(e) = self.fold(st, &[id], &incoming, &[]) {
-            self.fold_failed(st, report, &e);
+            if damaged_table(&e) {
+                report
+                    .notices
+                    .push(format!("index cache: {e}; rebuilding it"));
+            } else {
+                self.fold_failed(st, report, &e);
+            }
             Self::add_entries(st, id, incoming);
         }
     }
@@ -477,7 +499,7 @@ impl Index {
         st: &mut State,
         incoming_files: &[IndexId],
         incoming: &[IndexEntry],
-        runs: &[Table],
+        runs: &[&Table],
     ) -> Result<()> {
         let files: BTreeSet<IndexId> = st
             .table_files
@@ -511,16 +533,26 @@ impl Index {
         }
         let old = st.table.as_deref();
         // The new table must hold every entry of the old one and of the runs: a damaged block
-        // would leave some out of a table that claims their index files.
-        if let Some(t) = old.into_iter().chain(runs).find(|t| !t.check_all()) {
-            return Err(StoreError::Corrupt {
+        // would leave some out of a table that claims their index files. A damaged table is
+        // dropped (with everything this process knew: the next refresh reads it all again).
+        if let Some(t) = old
+            .into_iter()
+            .chain(runs.iter().copied())
+            .find(|t| !t.check_all())
+        {
+            let e = StoreError::Corrupt {
                 path: t.path().to_owned(),
-                what: "index cache table",
+                what: DAMAGED_TABLE,
                 source: crate::error::DecodeError::ChecksumMismatch {
                     got: "a damaged block".into(),
                     expected: "the table's block hashes".into(),
                 },
-            });
+            };
+            st.table = None;
+            st.table_files.clear();
+            st.overlay.clear();
+            st.overlay_files.clear();
+            return Err(e);
         }
         let max = old.map_or(0, |t| t.len())
             + overlay.len()
@@ -731,21 +763,34 @@ impl Ord for HeapEntry {
     }
 }
 
-/// Index files read by a refresh, not yet in a table: sorted runs already written, and the
-/// entries gathered since.
+/// What [`Index::fold`] calls a table (or run) that failed its block checks.
+const DAMAGED_TABLE: &str = "damaged index cache table";
+
+/// Whether a fold failed on a damaged table (dropped: read everything again) rather than on
+/// writing one.
+fn damaged_table(e: &StoreError) -> bool {
+    matches!(e, StoreError::Corrupt { what, .. } if *what == DAMAGED_TABLE)
+}
+
+/// Index files read by a refresh, not yet in a table: sorted runs already written (each with
+/// the index files it holds), and the entries of the files gathered since.
 #[derive(Default)]
 struct Runs {
     files: Vec<IndexId>,
     entries: Vec<IndexEntry>,
-    tables: Vec<Table>,
+    tables: Vec<(Table, Vec<IndexId>)>,
 }
 
 impl Runs {
     /// Puts what was gathered into the overlay instead (a small refresh, or a cache folder that
-    /// cannot be written).
+    /// cannot be written). A run that fails its checks is left out with its index files, which
+    /// the next refresh reads again: the overlay never claims a file whose entries it lacks.
     fn into_overlay(self, st: &mut State) {
-        for t in &self.tables {
-            Index::add_entries_only(st, t.iter());
+        for (t, files) in &self.tables {
+            if t.check_all() {
+                Index::add_entries_only(st, t.iter());
+                st.overlay_files.extend(files);
+            }
         }
         Index::add_entries_only(st, self.entries);
         st.overlay_files.extend(self.files);

@@ -20,7 +20,9 @@ impl Repository {
         let bytes = self.manifest_bytes(id)?;
         let name = format!("{}.{}", lock.name(), id.to_hex());
         self.b()?.write_once(Kind::Pin, &name, &bytes)?;
-        if let Err(e) = self.manifest_bytes(id) {
+        // The repository itself, never the local cache of manifests: the point is whether
+        // the snapshot exists there now.
+        if let Err(e) = self.stored_manifest_bytes(id) {
             let _ = self.b()?.delete(Kind::Pin, &name);
             return Err(e);
         }

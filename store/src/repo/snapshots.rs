@@ -69,10 +69,7 @@ impl Repository {
                 return Ok(bytes);
             }
         }
-        let bytes = self.b()?.read(Kind::Snapshot, &name).map_err(|e| match e {
-            StoreError::ObjectMissing { .. } => StoreError::SnapshotNotFound(name.clone()),
-            e => e,
-        })?;
+        let bytes = self.stored_manifest_bytes(id)?;
         if let Some(path) = cached.filter(|_| blake3::hash(&bytes).as_bytes() == &id.0) {
             // Only sound copies. Best effort, through a temporary name and a rename so that a reader never sees
             // half a copy (one that is torn anyway fails its hash and is fetched again); no
@@ -83,6 +80,15 @@ impl Repository {
             }
         }
         Ok(bytes)
+    }
+
+    /// A manifest object's bytes as the repository holds them now (never the cache).
+    pub(super) fn stored_manifest_bytes(&self, id: &SnapshotId) -> Result<Vec<u8>> {
+        let name = id.to_hex();
+        self.b()?.read(Kind::Snapshot, &name).map_err(|e| match e {
+            StoreError::ObjectMissing { .. } => StoreError::SnapshotNotFound(name.clone()),
+            e => e,
+        })
     }
 
     /// Removes cached manifests of snapshots that are gone (forgotten here or elsewhere).

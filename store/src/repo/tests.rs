@@ -510,9 +510,21 @@ fn manifests_are_read_from_the_cache_while_they_hash_to_their_ids_and_trimmed_wh
         repo.load_manifest(&a),
         Err(StoreError::Corrupt { .. })
     ));
-    // A snapshot forgotten (here or elsewhere) leaves the cache at the next listing.
+    // A snapshot forgotten (here or elsewhere) leaves the cache at the next listing, and
+    // cannot be pinned from its cached copy (a pin checks the repository itself).
     repo.remove_snapshot(&b).unwrap();
     assert!(dir.join(b.to_hex()).exists());
+    let lock = repo
+        .lock(
+            crate::lock::LockKind::Pin,
+            "test",
+            crate::lock::LockTiming::default(),
+        )
+        .unwrap();
+    assert!(matches!(
+        repo.pin_snapshot(&lock, &b),
+        Err(StoreError::SnapshotNotFound(_))
+    ));
     repo.snapshots().unwrap();
     assert!(!dir.join(b.to_hex()).exists());
 }
