@@ -10,8 +10,9 @@
 
 use sbk_store::{Lock, PackGone, PackId, Repository};
 
+use super::liveness::Liveness;
 use super::marks::EarlierMarks;
-use super::plan::{kept, survivors, Liveness, PrunePlan};
+use super::plan::{kept, survivors, PrunePlan};
 use super::{PruneMode, PruneReport, RepoIndexFiles};
 use crate::error::Result;
 use crate::packer::Packer;

@@ -19,6 +19,7 @@
 #[cfg(test)]
 mod crash_tests;
 mod execute;
+mod liveness;
 mod marks;
 mod plan;
 #[cfg(test)]
@@ -37,8 +38,9 @@ use crate::progress::Progress;
 use crate::snapshot::snapshot_trees;
 use crate::snapshot::windows;
 use execute::execute;
+use liveness::{liveness, IndexFiles, Used};
 use marks::sort_marks;
-use plan::{liveness, plan, IndexFiles, PlanInputs, Used};
+use plan::{plan, PlanInputs};
 pub use plan::{PackAction, PackPlan, PackReason};
 
 /// How prune may delete.

@@ -8,10 +8,9 @@ use sbk_store::{
     RowBits, Rows, BLOB_HEADER_LEN,
 };
 
+use super::liveness::{liveness, IndexFiles, Liveness, Used};
 use super::marks::EarlierMarks;
-use super::plan::{
-    kept, liveness, plan, survivors, IndexFiles, Liveness, PlanInputs, PrunePlan, Used,
-};
+use super::plan::{kept, plan, survivors, PlanInputs, PrunePlan};
 use super::{PackAction, PackReason, PruneMode};
 use crate::error::Result;
 

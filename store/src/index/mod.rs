@@ -9,6 +9,7 @@
 //! one that is missing, damaged or stale is rebuilt from the index files with a notice.
 
 pub mod file;
+mod fold;
 pub mod rows;
 pub mod table;
 
@@ -23,8 +24,9 @@ use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, IndexId, PackId};
 use crate::pack::PackEntry;
 use file::IndexFile;
+use fold::{damaged_table, Runs};
 use rows::Rows;
-use table::{write_table, Table, TableError};
+use table::{Table, TableError};
 
 /// Where a blob lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -364,62 +366,6 @@ impl Index {
         Ok(vanished)
     }
 
-    /// Writes the entries gathered so far as a sorted run (a temporary table).
-    fn write_run(&self, runs: &mut Runs) -> Result<()> {
-        runs.entries.sort_by_key(|e| e.entry.id);
-        runs.entries.dedup_by_key(|e| e.entry.id);
-        let mut packs: Vec<PackId> = runs.entries.iter().map(|e| e.pack).collect();
-        packs.sort_unstable();
-        packs.dedup();
-        let path = self.dir.join(format!(
-            ".run-{}.tmp",
-            crate::id::to_hex(
-                &crate::id::random_bytes::<8>().map_err(|e| StoreError::io(&self.dir, e))?
-            )
-        ));
-        let number = |p: &PackId| packs.binary_search(p).expect("listed") as u32;
-        write_table(
-            &path,
-            self.repo_id,
-            self.config_hash,
-            &[],
-            &packs,
-            runs.entries
-                .iter()
-                .map(|e| (e.entry.id, number(&e.pack), e.entry)),
-            runs.entries.len() as u64,
-        )
-        .map_err(|e| StoreError::io(&path, e))?;
-        let table = Table::open(&path);
-        // Unlinked at once: this process keeps it mapped, nothing is left behind.
-        let _ = std::fs::remove_file(&path);
-        let table = table.map_err(|e| match e {
-            TableError::Io(source) => StoreError::io(&path, source),
-            TableError::Bad(source) => StoreError::Corrupt {
-                path: path.clone(),
-                what: "index cache run",
-                source,
-            },
-        })?;
-        runs.tables.push((table, std::mem::take(&mut runs.files)));
-        runs.entries = Vec::new();
-        Ok(())
-    }
-
-    /// Folds the overlay, the runs and the entries gathered into a new table.
-    fn fold_runs(&self, st: &mut State, runs: &mut Runs) -> Result<()> {
-        runs.entries.sort_by_key(|e| e.entry.id);
-        let files: Vec<IndexId> = runs
-            .tables
-            .iter()
-            .flat_map(|(_, f)| f.iter())
-            .chain(&runs.files)
-            .copied()
-            .collect();
-        let tables: Vec<&Table> = runs.tables.iter().map(|(t, _)| t).collect();
-        self.fold(st, &files, &runs.entries, &tables)
-    }
-
     /// After a fold failed: says so, and goes on with the overlay (a cache never stands in the
     /// way).
     fn fold_failed(&self, st: &mut State, report: &mut IndexReport, e: &StoreError) {
@@ -489,123 +435,6 @@ impl Index {
             }
             Self::add_entries(st, id, incoming);
         }
-    }
-
-    /// Merges the table, the overlay, the `incoming` entries (sorted by id) and the sorted
-    /// `runs`, which together hold index files `incoming_files`, into a new table, and uses it
-    /// from now on.
-    fn fold(
-        &self,
-        st: &mut State,
-        incoming_files: &[IndexId],
-        incoming: &[IndexEntry],
-        runs: &[&Table],
-    ) -> Result<()> {
-        let files: BTreeSet<IndexId> = st
-            .table_files
-            .iter()
-            .chain(&st.overlay_files)
-            .chain(incoming_files)
-            .copied()
-            .collect();
-        let mut packs: Vec<PackId> = st
-            .table
-            .as_ref()
-            .map(|t| t.packs().to_vec())
-            .unwrap_or_default();
-        let mut number: HashMap<PackId, u32> = packs
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (*p, i as u32))
-            .collect();
-        let mut overlay: Vec<IndexEntry> = st.overlay.values().copied().collect();
-        overlay.sort_by_key(|e| e.entry.id);
-        let more = overlay
-            .iter()
-            .chain(incoming)
-            .map(|e| e.pack)
-            .chain(runs.iter().flat_map(|r| r.packs().iter().copied()));
-        for p in more {
-            number.entry(p).or_insert_with(|| {
-                packs.push(p);
-                (packs.len() - 1) as u32
-            });
-        }
-        let old = st.table.as_deref();
-        // The new table must hold every entry of the old one and of the runs: a damaged block
-        // would leave some out of a table that claims their index files. A damaged table is
-        // dropped (with everything this process knew: the next refresh reads it all again).
-        if let Some(t) = old
-            .into_iter()
-            .chain(runs.iter().copied())
-            .find(|t| !t.check_all())
-        {
-            let e = StoreError::Corrupt {
-                path: t.path().to_owned(),
-                what: DAMAGED_TABLE,
-                source: crate::error::DecodeError::ChecksumMismatch {
-                    got: "a damaged block".into(),
-                    expected: "the table's block hashes".into(),
-                },
-            };
-            st.table = None;
-            st.table_files.clear();
-            st.overlay.clear();
-            st.overlay_files.clear();
-            return Err(e);
-        }
-        let max = old.map_or(0, |t| t.len())
-            + overlay.len()
-            + incoming.len()
-            + runs.iter().map(|r| r.len()).sum::<usize>();
-        // Of a blob stored twice, the first source's copy is kept: the old table, the overlay,
-        // the incoming entries, then the runs in order.
-        let mut sources: Vec<Box<dyn Iterator<Item = IndexEntry> + '_>> = Vec::new();
-        if let Some(t) = old {
-            sources.push(Box::new(t.iter()));
-        }
-        sources.push(Box::new(overlay.iter().copied()));
-        sources.push(Box::new(incoming.iter().copied()));
-        for r in runs {
-            sources.push(Box::new(r.iter()));
-        }
-        let merged = merge_sorted(sources).map(|e| (e.entry.id, number[&e.pack], e.entry));
-        let files_vec: Vec<IndexId> = files.iter().copied().collect();
-        let path = self.dir.join(table_name(&files));
-        write_table(
-            &path,
-            self.repo_id,
-            self.config_hash,
-            &files_vec,
-            &packs,
-            merged,
-            max as u64,
-        )
-        .map_err(|e| StoreError::io(&path, e))?;
-        let table = Table::open(&path).map_err(|e| match e {
-            TableError::Io(source) => StoreError::io(&path, source),
-            TableError::Bad(source) => StoreError::Corrupt {
-                path: path.clone(),
-                what: "index cache table",
-                source,
-            },
-        })?;
-        // Tables built from fewer index files are superseded; another process that still maps
-        // one keeps its mapping (the file lives until it is unmapped).
-        for other in self.tables() {
-            if other != path {
-                if let Ok((_, f)) = Table::peek(&other) {
-                    if f.iter().all(|x| files.contains(x)) {
-                        let _ = std::fs::remove_file(&other);
-                    }
-                }
-            }
-        }
-        st.table = Some(Arc::new(table));
-        st.table_files = files.into_iter().collect();
-        st.overlay.clear();
-        st.overlay_files.clear();
-        Ok(())
     }
 
     /// Looks up a blob.
@@ -714,85 +543,4 @@ pub(crate) fn read_index_file(
         .open(crate::crypto::SealedFor::Object(Kind::Index), &bytes)
         .map_err(corrupt)?;
     IndexFile::decode(&plain).map_err(corrupt)
-}
-
-/// Merges id-sorted entry streams into one, keeping of equal ids the one of the earliest
-/// stream.
-fn merge_sorted<'a>(
-    sources: Vec<Box<dyn Iterator<Item = IndexEntry> + 'a>>,
-) -> impl Iterator<Item = IndexEntry> + 'a {
-    use std::cmp::Reverse;
-    use std::collections::BinaryHeap;
-    let mut sources = sources;
-    let mut heap = BinaryHeap::new();
-    for (i, s) in sources.iter_mut().enumerate() {
-        if let Some(e) = s.next() {
-            heap.push(Reverse((e.entry.id, i, HeapEntry(e))));
-        }
-    }
-    let mut last: Option<ChunkId> = None;
-    std::iter::from_fn(move || loop {
-        let Reverse((id, i, HeapEntry(e))) = heap.pop()?;
-        if let Some(n) = sources[i].next() {
-            heap.push(Reverse((n.entry.id, i, HeapEntry(n))));
-        }
-        if last != Some(id) {
-            last = Some(id);
-            return Some(e);
-        }
-    })
-}
-
-/// An entry carried in the merge heap, ordered by nothing (the id and source before it order).
-struct HeapEntry(IndexEntry);
-
-impl PartialEq for HeapEntry {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-impl Eq for HeapEntry {}
-impl PartialOrd for HeapEntry {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for HeapEntry {
-    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
-        std::cmp::Ordering::Equal
-    }
-}
-
-/// What [`Index::fold`] calls a table (or run) that failed its block checks.
-const DAMAGED_TABLE: &str = "damaged index cache table";
-
-/// Whether a fold failed on a damaged table (dropped: read everything again) rather than on
-/// writing one.
-fn damaged_table(e: &StoreError) -> bool {
-    matches!(e, StoreError::Corrupt { what, .. } if *what == DAMAGED_TABLE)
-}
-
-/// Index files read by a refresh, not yet in a table: sorted runs already written (each with
-/// the index files it holds), and the entries of the files gathered since.
-#[derive(Default)]
-struct Runs {
-    files: Vec<IndexId>,
-    entries: Vec<IndexEntry>,
-    tables: Vec<(Table, Vec<IndexId>)>,
-}
-
-impl Runs {
-    /// Puts what was gathered into the overlay instead (a small refresh, or a cache folder that
-    /// cannot be written). A run that fails its checks is left out with its index files, which
-    /// the next refresh reads again: the overlay never claims a file whose entries it lacks.
-    fn into_overlay(self, st: &mut State) {
-        for (t, files) in &self.tables {
-            if t.check_all() {
-                Index::add_entries_only(st, t.iter());
-                st.overlay_files.extend(files);
-            }
-        }
-        Index::add_entries_only(st, self.entries);
-        st.overlay_files.extend(self.files);
-    }
 }
