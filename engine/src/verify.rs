@@ -226,7 +226,9 @@ fn check_snapshots(
     // backup may have finished since the index was loaded). The index checks itself against
     // the index files when it is brought up to date: one that cannot be read is left out of
     // it (and reported below, when the index files are read).
-    let manifests = repo.snapshots()?;
+    // As stored: a manifest damaged in the repository is a problem even when the local cache
+    // holds a sound copy.
+    let manifests = repo.snapshots_as_stored()?;
     repo.refresh_index()?;
     let rows = repo.index_rows()?;
     let mut checked = Vec::new();

@@ -141,12 +141,27 @@ impl Repository {
 
     /// Every snapshot with its manifest (or the error that kept it from loading), oldest first.
     pub fn snapshots(&self) -> Result<Vec<(SnapshotId, Result<Manifest>)>> {
+        self.snapshots_from(true)
+    }
+
+    /// [`Repository::snapshots`] as the repository holds them now, never from the local cache
+    /// of manifests: what `verify` checks.
+    pub fn snapshots_as_stored(&self) -> Result<Vec<(SnapshotId, Result<Manifest>)>> {
+        self.snapshots_from(false)
+    }
+
+    fn snapshots_from(&self, cache: bool) -> Result<Vec<(SnapshotId, Result<Manifest>)>> {
         let ids = self.snapshot_ids()?;
         self.trim_manifest_cache(&ids);
-        let mut all: Vec<_> = ids
-            .into_iter()
-            .map(|id| (id, self.load_manifest(&id)))
-            .collect();
+        let load = |id: &SnapshotId| {
+            if cache {
+                self.load_manifest(id)
+            } else {
+                let bytes = self.stored_manifest_bytes(id)?;
+                self.decode_manifest(id, &bytes, Kind::Snapshot, &id.to_hex())
+            }
+        };
+        let mut all: Vec<_> = ids.into_iter().map(|id| (id, load(&id))).collect();
         all.sort_by_key(|(id, m)| (m.as_ref().map(|m| m.time_ns).unwrap_or(i64::MIN), *id));
         Ok(all)
     }

@@ -500,8 +500,12 @@ fn manifests_are_read_from_the_cache_while_they_hash_to_their_ids_and_trimmed_wh
         mem.read(Kind::Snapshot, &a.to_hex()).unwrap()
     );
     // Read from the cache: the stored object is garbage now, the copy still hashes to the id.
+    // What verify reads, the repository as stored, says so.
     flip(&mem, Kind::Snapshot, &a.to_hex(), 10);
     assert_eq!(repo.load_manifest(&a).unwrap(), manifest(1));
+    let stored = repo.snapshots_as_stored().unwrap();
+    let damaged = stored.iter().find(|(id, _)| *id == a).unwrap();
+    assert!(matches!(damaged.1, Err(StoreError::Corrupt { .. })));
     // A damaged copy is not used: the (damaged) stored object is read, and refused.
     let mut bad = std::fs::read(&cached).unwrap();
     bad[3] ^= 1;
