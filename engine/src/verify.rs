@@ -189,7 +189,8 @@ fn verify_in_pool(
         .collect();
     tally(checked, &mut found, &mut report);
     progress.finish(0);
-    if !unlisted.is_empty() {
+    if !unlisted.is_empty() || !gone_marked.is_empty() {
+        // The packs as they are now, once for both questions.
         let now: HashSet<PackId> = repo.list_packs()?.into_iter().map(|(id, _)| id).collect();
         for (pack, entries) in unlisted {
             if repo.is_marked(&pack) {
@@ -198,8 +199,8 @@ fn verify_in_pool(
                 found.push(missing_pack(&pack, &entries));
             }
         }
+        found.extend(lost_during_check(repo, gone_marked, &now)?);
     }
-    found.extend(lost_during_check(repo, gone_marked)?);
     report.problems = attribute(repo, &snapshots, found)?;
     Ok(report)
 }
@@ -340,13 +341,16 @@ fn attribute(
 
 /// Marked packs that went during the check: deleted by a prune, which first names their used
 /// blobs elsewhere and drops them from the index files. One that is gone but still named (by
-/// the index files as they are now) is lost, not pruned.
-fn lost_during_check(repo: &Repository, gone: Vec<PackId>) -> Result<Vec<Found>> {
+/// the index files as they are now, beside the packs as they are `now`) is lost, not pruned.
+fn lost_during_check(
+    repo: &Repository,
+    gone: Vec<PackId>,
+    now: &HashSet<PackId>,
+) -> Result<Vec<Found>> {
     if gone.is_empty() {
         return Ok(Vec::new());
     }
     let gone: HashSet<PackId> = gone.into_iter().collect();
-    let now: HashSet<PackId> = repo.list_packs()?.into_iter().map(|(id, _)| id).collect();
     let mut lost = Vec::new();
     for_each_index_file(repo, |_, file| {
         for (pack, entries) in file.map(|f| f.packs).unwrap_or_default() {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use super::table::{write_table, Table, TableError};
+use super::table::{write_table, Table};
 use super::{table_name, Index, IndexEntry, State};
 use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, IndexId, PackId};
@@ -40,14 +40,7 @@ impl Index {
         let table = Table::open(&path);
         // Unlinked at once: this process keeps it mapped, nothing is left behind.
         let _ = std::fs::remove_file(&path);
-        let table = table.map_err(|e| match e {
-            TableError::Io(source) => StoreError::io(&path, source),
-            TableError::Bad(source) => StoreError::Corrupt {
-                path: path.clone(),
-                what: "index cache run",
-                source,
-            },
-        })?;
+        let table = table.map_err(|e| e.at(&path, "index cache run"))?;
         runs.tables.push((table, std::mem::take(&mut runs.files)));
         runs.entries = Vec::new();
         Ok(())
@@ -158,14 +151,7 @@ impl Index {
             max as u64,
         )
         .map_err(|e| StoreError::io(&path, e))?;
-        let table = Table::open(&path).map_err(|e| match e {
-            TableError::Io(source) => StoreError::io(&path, source),
-            TableError::Bad(source) => StoreError::Corrupt {
-                path: path.clone(),
-                what: "index cache table",
-                source,
-            },
-        })?;
+        let table = Table::open(&path).map_err(|e| e.at(&path, "index cache table"))?;
         // Tables built from fewer index files are superseded; another process that still maps
         // one keeps its mapping (the file lives until it is unmapped).
         for other in self.tables() {

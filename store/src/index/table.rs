@@ -181,6 +181,20 @@ pub enum TableError {
     Bad(DecodeError),
 }
 
+impl TableError {
+    /// The store's error for table (or run) `what` at `path`.
+    pub(crate) fn at(self, path: &Path, what: &'static str) -> crate::error::StoreError {
+        match self {
+            TableError::Io(source) => crate::error::StoreError::io(path, source),
+            TableError::Bad(source) => crate::error::StoreError::Corrupt {
+                path: path.to_owned(),
+                what,
+                source,
+            },
+        }
+    }
+}
+
 impl std::fmt::Display for TableError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
