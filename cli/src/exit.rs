@@ -114,12 +114,14 @@ pub fn engine_exit(e: &EngineError) -> Exit {
     }
     match e {
         EngineError::Store(s) => store_exit(s),
-        EngineError::Unsafe(_) => Exit::Damaged,
+        EngineError::Unsafe(_) | EngineError::FilesystemDamaged { .. } => Exit::Damaged,
+        EngineError::NoSuchFile { .. } => Exit::NoSnapshot,
         EngineError::TargetExists { .. }
         | EngineError::ParentUnusable(_)
         | EngineError::PolicyKeepsNone { .. }
         | EngineError::TargetTooSmall { .. }
-        | EngineError::TargetUnusable { .. } => Exit::Refused,
+        | EngineError::TargetUnusable { .. }
+        | EngineError::FilesystemUnreadable { .. } => Exit::Refused,
         _ => Exit::Error,
     }
 }

@@ -112,6 +112,31 @@ pub enum EngineError {
         /// Why.
         reason: String,
     },
+    /// A path in a snapshot's filesystem names nothing (or goes through a file), or a
+    /// partition the disk does not have.
+    #[error("{path}: {why}")]
+    NoSuchFile {
+        /// The path (or `PART:`).
+        path: String,
+        /// Why.
+        why: String,
+    },
+    /// A snapshot's disk or partition holds nothing sbk can read files from.
+    #[error("{what}: {why}")]
+    FilesystemUnreadable {
+        /// The disk or partition.
+        what: String,
+        /// What is there instead, and what to use.
+        why: String,
+    },
+    /// A filesystem in a snapshot is damaged where it was read (or a chunk of it is).
+    #[error("{what}: {why}")]
+    FilesystemDamaged {
+        /// The disk, partition or path.
+        what: String,
+        /// What was found.
+        why: String,
+    },
     /// Writing the restore target failed.
     #[error("{path}: {source}")]
     Target {

@@ -9,6 +9,7 @@ mod chunk_cache;
 mod copy;
 mod diff;
 mod error;
+mod files;
 #[cfg(test)]
 mod interleave_tests;
 mod interrupt;
@@ -38,6 +39,10 @@ pub use chunk_cache::ChunkCache;
 pub use copy::{check_compatible, copy, CopyOutcome};
 pub use diff::{diff, SnapshotDiff};
 pub use error::{EngineError, Result};
+pub use files::{
+    extract, fuzz_extract, parse_part_path, ExtractOptions, ExtractReport, PartitionInfo,
+    SnapshotFiles,
+};
 pub use interrupt::{request_stop, stop_requested};
 pub use overlay::{fuzz_overlay_map, OverlayMap};
 pub use progress::{NoProgress, Progress};

@@ -26,7 +26,8 @@ mod pack;
 mod repo;
 
 pub use backend::{
-    Backend, FaultMode, FaultyBackend, Kind, LocalBackend, MemBackend, ObjectInfo, FAULT_ENV,
+    Backend, CountingBackend, FaultMode, FaultyBackend, Kind, LocalBackend, MemBackend, ObjectInfo,
+    ReadCount, FAULT_ENV,
 };
 pub use blob::{
     decode_blob_into, encode_blob, BlobHeader, BlobKind, Compression, EncodedBlob, BLOB_HEADER_LEN,

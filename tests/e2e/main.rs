@@ -9,6 +9,7 @@ mod dedup;
 mod devices;
 mod encryption;
 mod faults;
+mod files;
 mod interrupt;
 mod jobs;
 mod maintenance;

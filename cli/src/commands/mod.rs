@@ -1,12 +1,16 @@
 //! One module per command: an `Args` struct (clap derive) and a `run` function.
 
 pub mod backup;
+pub mod cat;
 pub mod copy;
 pub mod diff;
+pub mod extract;
+pub mod files;
 pub mod forget;
 pub mod generate;
 pub mod init;
 pub mod key;
+pub mod ls;
 pub mod prune;
 pub mod repair;
 pub mod restore;
@@ -23,8 +27,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use sbk_store::{
-    Backend, CacheLocation, FaultMode, FaultyBackend, LocalBackend, Lock, LockKind, LockTiming,
-    Repository, FAULT_ENV,
+    Backend, CacheLocation, CountingBackend, FaultMode, FaultyBackend, LocalBackend, Lock,
+    LockKind, LockTiming, ReadCount, Repository, FAULT_ENV,
 };
 
 use sbk_s3::{S3Backend, S3Location};
@@ -115,9 +119,27 @@ impl Context {
     /// Opens the repository (its config, and its key when it is encrypted: no index, no
     /// lock).
     pub fn open_repo(&self) -> Result<Repository> {
-        let repo = Repository::open_with(self.backend()?, &mut || self.password.credential())?;
+        self.open_repo_on(self.backend()?)
+    }
+
+    fn open_repo_on(&self, backend: Arc<dyn Backend>) -> Result<Repository> {
+        let repo = Repository::open_with(backend, &mut || self.password.credential())?;
         repo.use_manifest_cache(&self.cache);
         Ok(repo)
+    }
+
+    /// Opens the repository with its reads counted, takes a lock, loads the index (for the
+    /// commands that report `repository_bytes_read`).
+    pub fn open_counted(
+        &self,
+        kind: LockKind,
+        purpose: &str,
+    ) -> Result<(Repository, Lock, Arc<ReadCount>)> {
+        let (backend, count) = CountingBackend::new(self.backend()?);
+        let repo = self.open_repo_on(Arc::new(backend))?;
+        let lock = self.lock(&repo, kind, purpose)?;
+        self.load_index(&repo)?;
+        Ok((repo, lock, count))
     }
 
     /// Loads the index through the cache, saying what that found.

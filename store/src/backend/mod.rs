@@ -8,12 +8,14 @@
 //! lock objects, which are replaced by their owner), and a byte range can be read.
 
 pub mod contract;
+mod counting;
 mod fault;
 mod handles;
 mod local;
 mod mem;
 
 pub use crate::kind::Kind;
+pub use counting::{CountingBackend, ReadCount};
 pub use fault::{FaultMode, FaultyBackend, FAULT_ENV};
 pub use local::LocalBackend;
 pub use mem::MemBackend;
