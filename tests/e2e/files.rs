@@ -54,8 +54,7 @@ fn source_tree(root: &Path) {
     ));
 }
 
-/// Builds a disk at `disk` of `mib` MiB: `partition` makes the table, then each (start
-/// sector, mke2fs type) gets a filesystem of `tree`.
+/// Whether the tools that build the disks are here (root too, for owners).
 fn tools_present() -> bool {
     [
         "mke2fs",
@@ -123,6 +122,9 @@ fn compare_trees(src: &Path, out: &Path) {
         files_below_all(out).len(),
         "node counts"
     );
+    if !src.join("sparse").exists() {
+        return;
+    }
     let sparse = out.join("sparse").metadata().unwrap();
     assert!(
         sparse.blocks() * 512 < 1 << 20,
@@ -350,5 +352,210 @@ fn a_small_file_of_a_large_disk_is_read_alone() {
     assert!(
         read >= 1 << 20,
         "{read}: the file itself must have been read"
+    );
+}
+
+/// Replaces the directory-entry name `from` by `to` (same length) everywhere in the image:
+/// what a hostile guest can write into its own disk.
+fn patch_name(image: &Path, from: &[u8], to: &[u8]) {
+    assert_eq!(from.len(), to.len());
+    let mut b = std::fs::read(image).unwrap();
+    let mut n = 0;
+    for i in 0..b.len() - from.len() {
+        if &b[i..i + from.len()] == from {
+            b[i..i + from.len()].copy_from_slice(to);
+            n += 1;
+        }
+    }
+    assert!(n > 0, "{} not in the image", String::from_utf8_lossy(from));
+    std::fs::write(image, b).unwrap();
+}
+
+#[test]
+fn a_hostile_image_never_writes_outside_the_target() {
+    if !tools_present() {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    // Names patched after mke2fs: one with a slash, one that becomes "..", and a file that
+    // takes the name of the link before it in its directory (the second must not write
+    // through the first).
+    std::fs::write(src.join("d/aXXXetcXpass"), b"slash").unwrap();
+    std::fs::create_dir(src.join("d/QQ")).unwrap();
+    std::fs::write(src.join("d/QQ/inside"), b"dotdot").unwrap();
+    std::os::unix::fs::symlink(env.path("escaped"), src.join("d/evil")).unwrap();
+    std::fs::write(src.join("d/evim"), b"through the link?").unwrap();
+    std::fs::write(src.join("d/fine"), b"fine").unwrap();
+    let img = env.path("fs.img");
+    sh(&format!(
+        "mke2fs -q -F -t ext4 -O ^metadata_csum -d {} {} 8M",
+        src.display(),
+        img.display()
+    ));
+    patch_name(&img, b"aXXXetcXpass", b"a/../etc/pas");
+    patch_name(&img, b"QQ", b"..");
+    patch_name(&img, b"evim", b"evil");
+    let id = env.backup(&img, &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = env.path("out");
+    let r = env.run(&[
+        "extract",
+        &id,
+        "0:/d",
+        "--target",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(r.code, 12, "damage is reported: {}", r.stderr);
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let failed = report["failed"].to_string();
+    assert!(
+        failed.contains("unsafe name") && failed.contains("second entry"),
+        "{failed}"
+    );
+    // What is safe was written; nothing escaped: no file beside the target, no write through
+    // the link.
+    assert_eq!(std::fs::read(out.join("d/fine")).unwrap(), b"fine");
+    assert_eq!(
+        std::fs::read_link(out.join("d/evil")).unwrap(),
+        env.path("escaped")
+    );
+    assert!(!env.path("escaped").exists(), "written through a link");
+    assert!(!env.path("etc").exists() && !out.join("etc").exists());
+    let mut names: Vec<_> = std::fs::read_dir(env.path(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert!(
+        !names.iter().any(|n| n == "inside" || n == "pas"),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn a_damaged_chunk_fails_its_file_and_the_rest_are_extracted() {
+    if !tools_present() {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("a"), random(4 << 20, 1)).unwrap();
+    std::fs::write(src.join("b"), random(4 << 20, 2)).unwrap();
+    std::fs::write(src.join("c"), b"small").unwrap();
+    let img = env.path("fs.img");
+    sh(&format!(
+        "mke2fs -q -F -t ext4 -b 4096 -d {} {} 32M",
+        src.display(),
+        img.display()
+    ));
+    env.backup(&img, &[]);
+    // b's blocks get other bytes, straight into the image (no metadata changes): the second
+    // backup stores only the chunks over b, in packs of their own, which are then damaged.
+    let first = sh(&format!(
+        "debugfs -R 'bmap /b 0' {} 2>/dev/null",
+        img.display()
+    ));
+    let block: u64 = first.trim().parse().unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &random(4 << 20, 3), block * 4096).unwrap();
+    drop(f);
+    let before = env.packs();
+    let id = env.backup(&img, &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for p in env.packs().into_iter().filter(|p| !before.contains(p)) {
+        let mut b = std::fs::read(&p).unwrap();
+        let at = b.len() / 3;
+        b[at] ^= 0x40;
+        std::fs::write(&p, &b).unwrap();
+    }
+    let out = env.path("out");
+    let r = env.run(&["extract", &id, "0:/", "--target", out.to_str().unwrap()]);
+    assert_eq!(r.code, 12, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("/b") && r.stderr.contains("chunk"),
+        "names the file and the chunk: {}",
+        r.stderr
+    );
+    assert_eq!(std::fs::read(out.join("a")).unwrap(), random(4 << 20, 1));
+    assert_eq!(std::fs::read(out.join("c")).unwrap(), b"small");
+    assert!(!out.join("b").exists(), "half a file is not left behind");
+}
+
+#[test]
+fn an_mbr_disk_with_logical_partitions_numbers_them_as_linux_does() {
+    if !tools_present() {
+        return;
+    }
+    let env = Env::new();
+    let disk = env.path("disk.img");
+    let d = disk.display();
+    // Partition 1 (ext2), an extended partition 2 holding logical partitions 5 (ext3) and
+    // 6 (ext4); each filesystem made from its own tree at its partition's offset.
+    sh(&format!(
+        "truncate -s 100M {d} && printf 'label: dos\\nstart=2048, size=40960, type=83\\nstart=45056, type=5\\nstart=47104, size=40960, type=83\\nstart=90112, size=40960, type=83\\n' | sfdisk -q {d}"
+    ));
+    let parts = env.path("parts");
+    for (n, kind, start) in [(1, "ext2", 2048u64), (5, "ext3", 47104), (6, "ext4", 90112)] {
+        let tree = parts.join(n.to_string());
+        std::fs::create_dir_all(tree.join("dir")).unwrap();
+        std::fs::write(tree.join("dir/which"), format!("partition {n}, {kind}\n")).unwrap();
+        std::os::unix::fs::symlink("dir/which", tree.join("link")).unwrap();
+        sh(&format!(
+            "mke2fs -q -F -t {kind} -E offset={},root_owner=0:0 -d {} {d} 20M",
+            start * 512,
+            tree.display()
+        ));
+    }
+    let id = env.backup(&disk, &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let j = env.run(&["ls", &id, "--json"]).json();
+    assert_eq!(j["table"], "mbr");
+    let got: Vec<(u64, bool, Option<&str>)> = j["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["number"].as_u64().unwrap(),
+                p["extended"].as_bool().unwrap(),
+                p["filesystem"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (1, false, Some("ext2")),
+            (2, true, None),
+            (5, false, Some("ext3")),
+            (6, false, Some("ext4"))
+        ]
+    );
+    for n in [1, 5, 6] {
+        let out = env.path(&format!("out{n}"));
+        let r = env.run(&[
+            "extract",
+            &id,
+            &format!("{n}:/"),
+            "--target",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        compare_trees(&parts.join(n.to_string()), &out);
+    }
+    assert_eq!(
+        env.run(&["ls", &id, "2:/"]).code,
+        13,
+        "an extended partition holds no filesystem"
     );
 }

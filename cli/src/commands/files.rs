@@ -57,3 +57,40 @@ pub fn printable(name: &[u8]) -> String {
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()
 }
+
+/// Runs a command that reads filesystems out of a snapshot, turning a panic inside a
+/// filesystem reader (a hostile image that found a bug) into the error of a damaged
+/// filesystem (exit 12) instead of an abort.
+pub fn guarded(
+    f: impl FnOnce() -> Result<std::process::ExitCode>,
+) -> Result<std::process::ExitCode> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            Err(sbk_engine::EngineError::FilesystemDamaged {
+                what: "the snapshot's filesystem".into(),
+                why: format!("the filesystem reader failed on it ({why}); sbk serve or sbk restore give the raw disk"),
+            }
+            .into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::{classify, Exit};
+
+    #[test]
+    fn a_panic_in_a_reader_is_a_damaged_filesystem() {
+        let e = guarded(|| panic!("index out of bounds")).unwrap_err();
+        assert_eq!(classify(&e), Exit::Damaged);
+        assert!(e.to_string().contains("index out of bounds"), "{e}");
+        assert!(guarded(|| Ok(std::process::ExitCode::SUCCESS)).is_ok());
+    }
+}
