@@ -125,6 +125,7 @@ pub trait Filesystem: Send + Sync {
 pub fn open_filesystem(dev: Disk) -> Result<Box<dyn Filesystem>> {
     match detect(dev.as_ref()) {
         FsKind::Ext(_) => Ok(Box::new(crate::ext::Ext::open(dev)?)),
+        FsKind::Fat(_) => Ok(Box::new(crate::fat::Fat::open(dev)?)),
         FsKind::Unknown => Err(FsError::Unsupported(
             "no filesystem sbk recognises here; sbk mount or sbk serve give the raw image".into(),
         )),

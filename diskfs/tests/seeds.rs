@@ -66,6 +66,17 @@ fn the_seeds_are_what_they_claim() {
     assert_eq!(numbers, [1, 2, 5, 6]);
     check_tree(Arc::new(t.open(&mbr, 5).unwrap()));
 
+    let fat = open_filesystem(seed("fs_image", "fat12")).unwrap();
+    assert_eq!(
+        (fat.kind(), fat.label()),
+        (FsKind::Fat(12), "SEED".to_owned())
+    );
+    let f = lookup(fat.as_ref(), b"/d/f", false).unwrap();
+    let mut buf = [0u8; 16];
+    let n = fat.open(&f).unwrap().read_at(0, &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"hello\n");
+    assert!(lookup(fat.as_ref(), b"/a long name.txt", false).is_ok());
+
     check_tree(seed("fs_image", "ext2"));
     check_tree(seed("fs_image", "ext4-1k"));
     let bare = seed("fs_image", "ext4-1k");
@@ -90,7 +101,7 @@ proptest::proptest! {
     /// the readers: a stable-toolchain fuzzer that `cargo test` runs.
     #[test]
     fn mutated_seeds_never_panic(
-        which in 0usize..4,
+        which in 0usize..5,
         edits in proptest::collection::vec((0usize..1 << 20, proptest::num::u8::ANY, proptest::bool::ANY), 1..24),
     ) {
         let (target, name) = [
@@ -98,6 +109,7 @@ proptest::proptest! {
             ("disk_image", "mbr-logical-ext2"),
             ("fs_image", "ext2"),
             ("fs_image", "ext4-1k"),
+            ("fs_image", "fat12"),
         ][which];
         let mut bytes = corpus(target).into_iter().find(|(n, _)| n == name).unwrap().1;
         for (at, v, near) in edits {

@@ -154,7 +154,7 @@ fn files_below_all(dir: &Path) -> Vec<std::path::PathBuf> {
 }
 
 #[test]
-fn a_gpt_disk_lists_and_extracts_its_ext4_tree_and_names_its_fat32_partition() {
+fn a_gpt_disk_lists_and_extracts_its_ext4_and_fat32_trees() {
     if !tools_present() {
         return;
     }
@@ -162,17 +162,25 @@ fn a_gpt_disk_lists_and_extracts_its_ext4_tree_and_names_its_fat32_partition() {
     let src = env.path("src");
     std::fs::create_dir(&src).unwrap();
     source_tree(&src);
+    // The ESP's tree: FAT keeps names, contents and mtimes (to 2 s).
+    let esp_src = env.path("esp_src");
+    std::fs::create_dir_all(esp_src.join("EFI/BOOT")).unwrap();
+    std::fs::write(esp_src.join("EFI/BOOT/BOOTX64.EFI"), random(1 << 20, 5)).unwrap();
+    std::fs::write(esp_src.join("EFI/a long name, mixed Case.txt"), b"long\n").unwrap();
     let disk = env.path("disk.img");
     let d = disk.display();
     sh(&format!(
-        "truncate -s 200M {d} && sgdisk -a 2048 -n 1:2048:+150M -t 1:8300 -c 1:root -n 2:0:0 -t 2:ef00 -c 2:esp {d} >/dev/null \
+        "truncate -s 210M {d} && sgdisk -a 2048 -n 1:2048:+150M -t 1:8300 -c 1:root -n 2:0:+40M -t 2:ef00 -c 2:esp -n 3:0:0 -t 3:8200 {d} >/dev/null \
          && mke2fs -q -F -t ext4 -E offset=1048576,root_owner=0:0 -d {s} {d} 150M \
          && dd if=/dev/zero of={fat} bs=1M count=40 status=none && mkfs.vfat -F 32 -n ESP {fat} >/dev/null \
-         && echo hello > {h} && mcopy -i {fat} {h} ::/HELLO.TXT \
-         && dd if={fat} of={d} bs=1M seek=151 conv=notrunc status=none",
+         && echo hello > {h} && mcopy -i {fat} {h} ::/HELLO.TXT && TZ=UTC mcopy -s -m -i {fat} {esp}/EFI '::/Long Name Dir' \
+         && dd if={fat} of={d} bs=1M seek=151 conv=notrunc status=none \
+         && truncate -s 8M {swap} && mkswap {swap} >/dev/null && dd if={swap} of={d} bs=1M seek=191 conv=notrunc status=none",
+        swap = env.path("swap.img").display(),
         s = src.display(),
         fat = env.path("fat.img").display(),
         h = env.path("hello").display(),
+        esp = esp_src.display(),
     ));
     let snap = env.backup(&disk, &[]);
     let id = snap["snapshot"].as_str().unwrap();
@@ -181,7 +189,7 @@ fn a_gpt_disk_lists_and_extracts_its_ext4_tree_and_names_its_fat32_partition() {
     let parts = env.run(&["ls", id, "--json"]).json();
     assert_eq!(parts["table"], "gpt");
     let p = parts["partitions"].as_array().unwrap();
-    assert_eq!(p.len(), 2, "{parts}");
+    assert_eq!(p.len(), 3, "{parts}");
     assert_eq!(
         (p[0]["number"].as_u64(), p[0]["start"].as_u64()),
         (Some(1), Some(1 << 20))
@@ -195,6 +203,10 @@ fn a_gpt_disk_lists_and_extracts_its_ext4_tree_and_names_its_fat32_partition() {
         (Some(2), Some("fat32"))
     );
     assert_eq!(p[1]["type"], "EFI System");
+    assert_eq!(
+        (p[2]["type"].as_str(), p[2]["filesystem"].as_str()),
+        (Some("Linux swap"), Some("swap"))
+    );
     let text = env.run(&["ls", id]);
     assert!(
         text.stdout.contains("ext4") && text.stdout.contains("Linux filesystem"),
@@ -298,13 +310,43 @@ fn a_gpt_disk_lists_and_extracts_its_ext4_tree_and_names_its_fat32_partition() {
     assert!(r.stderr.contains("/no/such"), "{}", r.stderr);
     assert_eq!(env.run(&["ls", id, "7:/"]).code, 11);
     assert_eq!(env.run(&["cat", id, "1:/etc"]).code, 13);
-    let r = env.run(&["ls", id, "2:/"]);
+    let r = env.run(&["ls", id, "3:/"]);
     assert_eq!(r.code, 13, "{}", r.stderr);
     assert!(
-        r.stderr.contains("fat32") && r.stderr.contains("sbk serve"),
+        r.stderr.contains("swap") && r.stderr.contains("sbk serve"),
         "{}",
         r.stderr
     );
+
+    // The FAT32 partition beside it reads too.
+    let r = env.run(&["cat", id, "2:/HELLO.TXT"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "hello\n"), "{}", r.stderr);
+    let esp = env.path("esp");
+    let r = env.run(&["extract", id, "2:/", "--target", esp.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(std::fs::read(esp.join("HELLO.TXT")).unwrap(), b"hello\n");
+    for f in files_below_all(&esp_src.join("EFI")) {
+        let rel = f.strip_prefix(esp_src.join("EFI")).unwrap();
+        let o = esp.join("Long Name Dir").join(rel);
+        let (sm, om) = (
+            f.metadata().unwrap(),
+            o.metadata()
+                .unwrap_or_else(|e| panic!("{}: {e}", o.display())),
+        );
+        assert_eq!(sm.is_dir(), om.is_dir(), "{}", o.display());
+        if sm.is_file() {
+            assert!(
+                std::fs::read(&f).unwrap() == std::fs::read(&o).unwrap(),
+                "{}",
+                o.display()
+            );
+            assert!(
+                (sm.mtime() - om.mtime()).abs() <= 2,
+                "{}: mtime",
+                o.display()
+            );
+        }
+    }
     assert_eq!(env.run(&["ls", id, "etc"]).code, 2, "no PART: prefix");
 }
 

@@ -406,6 +406,3 @@ impl FileData for ExtFile<'_> {
         Ok(n)
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -5,34 +5,10 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use super::*;
-use crate::tree::{lookup, open_filesystem};
+mod common;
 
-/// The tool, or `None` (and the test says why) where it is missing; under CI=true a missing
-/// tool fails the test instead.
-fn tool(name: &str) -> Option<std::path::PathBuf> {
-    for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
-        let p = Path::new(dir).join(name);
-        if p.exists() {
-            return Some(p);
-        }
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{name} is missing"
-    );
-    eprintln!("skipped: {name} is missing");
-    None
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use common::{read_all, run, tool};
+use sbk_diskfs::{lookup, open_filesystem, Disk, Filesystem, FsError, Kind};
 
 /// A tree with what an ext filesystem must give back: nested directories, a long and a
 /// non-ASCII name, fast and slow symbolic links, a hard link, a sparse file of many data
@@ -110,21 +86,9 @@ fn compare(fs: &dyn Filesystem, src: &Path, rel: &str) {
             assert_eq!(n.kind, Kind::File, "{path}");
             assert_eq!(n.size, m.len(), "{path}");
             let want = std::fs::read(e.path()).unwrap();
+            let got = read_all(fs, &n);
+            assert!(got == want, "{path}: contents differ");
             let f = fs.open(&n).unwrap();
-            let mut got = vec![0xEEu8; want.len() + 10];
-            let mut at = 0;
-            // Odd-sized reads, so that they start and end inside blocks.
-            while at < got.len() {
-                let k = f
-                    .read_at(at as u64, &mut got[at..(at + 77_777).min(want.len() + 10)])
-                    .unwrap();
-                if k == 0 {
-                    break;
-                }
-                at += k;
-            }
-            assert_eq!(at, want.len(), "{path}");
-            assert!(got[..at] == want[..], "{path}: contents differ");
             let data: u64 = f.data_ranges().iter().map(|(a, b)| b - a).sum();
             assert!(data <= n.size);
             if path.ends_with("sparse") {
