@@ -11,12 +11,14 @@ command -v mount >/dev/null 2>&1 || need+=(mount)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.ext4 ] || need+=(e2fsprogs)
 # Disks for file-level restore, built the way their tools build them: GPT (sgdisk), MBR with
-# logical partitions (sfdisk), FAT (mkfs.vfat, mcopy), xattrs on the source trees (setfattr).
+# logical partitions (sfdisk), FAT (mkfs.vfat, mcopy), NTFS (mkntfs, filled through ntfs-3g's
+# FUSE mount), xattrs on the source trees (setfattr).
 command -v sgdisk >/dev/null 2>&1 || [ -x /usr/sbin/sgdisk ] || need+=(gdisk)
 command -v sfdisk >/dev/null 2>&1 || [ -x /usr/sbin/sfdisk ] || need+=(fdisk)
 command -v mkfs.vfat >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.vfat ] || need+=(dosfstools)
 command -v mcopy >/dev/null 2>&1 || need+=(mtools)
 command -v setfattr >/dev/null 2>&1 || need+=(attr)
+command -v ntfs-3g >/dev/null 2>&1 || need+=(ntfs-3g)
 # NBD peers: qemu-img, qemu-io and qemu-nbd (qemu-utils), nbdinfo and nbdcopy (libnbd-bin).
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)

@@ -10,7 +10,7 @@
 use std::sync::Mutex;
 
 use crate::detect::{fat_bits, FsKind};
-use crate::tree::{Entry, FileData, Filesystem, Kind, Node, Time};
+use crate::tree::{no_holes, read_end, Entry, FileData, Filesystem, Kind, Node, Time};
 use crate::{le, read_vec, Disk, FsError, Result};
 
 const ATTR_READ_ONLY: u8 = 0x01;
@@ -432,18 +432,13 @@ struct FatFile<'a> {
 
 impl FileData for FatFile<'_> {
     fn data_ranges(&self) -> Vec<(u64, u64)> {
-        if self.size == 0 {
-            Vec::new()
-        } else {
-            vec![(0, self.size)]
-        }
+        no_holes(self.size)
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let end = offset.saturating_add(buf.len() as u64).min(self.size);
-        if offset >= end {
+        let Some(end) = read_end(offset, buf.len(), self.size) else {
             return Ok(0);
-        }
+        };
         let first = self.runs.partition_point(|r| r.logical + r.len <= offset);
         for r in self.runs[first..].iter().take_while(|r| r.logical < end) {
             let from = r.logical.max(offset);

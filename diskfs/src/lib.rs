@@ -2,7 +2,7 @@
 //!
 //! sbk restores single files out of disk snapshots without restoring the disk: it reads the
 //! partition table ([`parts`]), recognises what each partition holds ([`detect`]), and walks
-//! the filesystems it can read ([`ext`] for ext2/3/4, [`fat`] for FAT12/16/32) through the [`Filesystem`] trait. Every
+//! the filesystems it can read ([`ext`] for ext2/3/4, [`fat`] for FAT12/16/32, [`ntfs`] through the `ntfs` crate) through the [`Filesystem`] trait. Every
 //! byte comes through [`ReadAt`], so only the blocks that hold what was asked for are read: a
 //! snapshot fetches just those chunks.
 //!
@@ -17,6 +17,7 @@ pub mod detect;
 pub mod ext;
 pub mod fat;
 pub mod fuzz;
+pub mod ntfs;
 pub mod parts;
 pub mod tree;
 

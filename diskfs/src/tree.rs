@@ -103,6 +103,22 @@ pub trait FileData {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize>;
 }
 
+/// The data ranges of a file with no holes.
+pub(crate) fn no_holes(size: u64) -> Vec<(u64, u64)> {
+    if size == 0 {
+        Vec::new()
+    } else {
+        vec![(0, size)]
+    }
+}
+
+/// Where a read of `len` bytes at `offset` of a file of `size` bytes ends; `None` when it
+/// reads nothing (at or past the end).
+pub(crate) fn read_end(offset: u64, len: usize, size: u64) -> Option<u64> {
+    let end = offset.saturating_add(len as u64).min(size);
+    (offset < end).then_some(end)
+}
+
 /// A filesystem, read-only.
 pub trait Filesystem: Send + Sync {
     /// Its kind (ext4, fat32…).
@@ -126,6 +142,7 @@ pub fn open_filesystem(dev: Disk) -> Result<Box<dyn Filesystem>> {
     match detect(dev.as_ref()) {
         FsKind::Ext(_) => Ok(Box::new(crate::ext::Ext::open(dev)?)),
         FsKind::Fat(_) => Ok(Box::new(crate::fat::Fat::open(dev)?)),
+        FsKind::Ntfs => Ok(Box::new(crate::ntfs::Ntfs::open(dev)?)),
         FsKind::Unknown => Err(FsError::Unsupported(
             "no filesystem sbk recognises here; sbk mount or sbk serve give the raw image".into(),
         )),

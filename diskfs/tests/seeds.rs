@@ -77,6 +77,16 @@ fn the_seeds_are_what_they_claim() {
     assert_eq!(&buf[..n], b"hello\n");
     assert!(lookup(fat.as_ref(), b"/a long name.txt", false).is_ok());
 
+    let ntfs = open_filesystem(seed("fs_image", "ntfs")).unwrap();
+    assert_eq!(
+        (ntfs.kind(), ntfs.label()),
+        (FsKind::Ntfs, "SEED".to_owned())
+    );
+    let f = lookup(ntfs.as_ref(), b"/d/f", false).unwrap();
+    let n = ntfs.open(&f).unwrap().read_at(0, &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"hello\n");
+    assert_eq!(lookup(ntfs.as_ref(), b"/hard", false).unwrap().id, f.id);
+
     check_tree(seed("fs_image", "ext2"));
     check_tree(seed("fs_image", "ext4-1k"));
     let bare = seed("fs_image", "ext4-1k");
@@ -101,7 +111,7 @@ proptest::proptest! {
     /// the readers: a stable-toolchain fuzzer that `cargo test` runs.
     #[test]
     fn mutated_seeds_never_panic(
-        which in 0usize..5,
+        which in 0usize..6,
         edits in proptest::collection::vec((0usize..1 << 20, proptest::num::u8::ANY, proptest::bool::ANY), 1..24),
     ) {
         let (target, name) = [
@@ -110,10 +120,11 @@ proptest::proptest! {
             ("fs_image", "ext2"),
             ("fs_image", "ext4-1k"),
             ("fs_image", "fat12"),
+            ("fs_image", "ntfs"),
         ][which];
         let mut bytes = corpus(target).into_iter().find(|(n, _)| n == name).unwrap().1;
         for (at, v, near) in edits {
-            let at = if near { at % 40_000 } else { at } % bytes.len();
+            let at = if near { at % 131_072 } else { at } % bytes.len();
             bytes[at] = v;
         }
         if target == "disk_image" {

@@ -325,28 +325,7 @@ fn a_gpt_disk_lists_and_extracts_its_ext4_and_fat32_trees() {
     let r = env.run(&["extract", id, "2:/", "--target", esp.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(std::fs::read(esp.join("HELLO.TXT")).unwrap(), b"hello\n");
-    for f in files_below_all(&esp_src.join("EFI")) {
-        let rel = f.strip_prefix(esp_src.join("EFI")).unwrap();
-        let o = esp.join("Long Name Dir").join(rel);
-        let (sm, om) = (
-            f.metadata().unwrap(),
-            o.metadata()
-                .unwrap_or_else(|e| panic!("{}: {e}", o.display())),
-        );
-        assert_eq!(sm.is_dir(), om.is_dir(), "{}", o.display());
-        if sm.is_file() {
-            assert!(
-                std::fs::read(&f).unwrap() == std::fs::read(&o).unwrap(),
-                "{}",
-                o.display()
-            );
-            assert!(
-                (sm.mtime() - om.mtime()).abs() <= 2,
-                "{}: mtime",
-                o.display()
-            );
-        }
-    }
+    assert_files_match(&esp_src.join("EFI"), &esp.join("Long Name Dir"), 2);
     assert_eq!(env.run(&["ls", id, "etc"]).code, 2, "no PART: prefix");
 }
 
@@ -600,4 +579,80 @@ fn an_mbr_disk_with_logical_partitions_numbers_them_as_linux_does() {
         13,
         "an extended partition holds no filesystem"
     );
+}
+
+#[test]
+fn an_ntfs_partition_extracts_its_names_and_contents() {
+    if !tools_present() || !have_tool("mkntfs") || !have_tool("ntfs-3g") {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    std::fs::create_dir_all(src.join("Users/Ann/Desktop")).unwrap();
+    std::fs::write(
+        src.join("Users/Ann/Desktop/budget 2026.xlsx"),
+        random(300_000, 7),
+    )
+    .unwrap();
+    std::fs::write(src.join("Users/Ann/Grüße.txt"), "non-ASCII\n").unwrap();
+    std::fs::write(src.join("pagefile.bin"), repetitive(20 << 20)).unwrap();
+    let (ntfs, mnt, disk) = (env.path("ntfs.img"), env.path("mnt"), env.path("disk.img"));
+    std::fs::create_dir(&mnt).unwrap();
+    sh(&format!(
+        "truncate -s 60M {n} && mkntfs -q -F -f -L WINDOWS {n} 2>/dev/null && ntfs-3g {n} {m} \
+         && cp -a {s}/. {m} && umount {m} \
+         && truncate -s 64M {d} && sgdisk -a 2048 -n 1:2048:+60M -t 1:0700 -c 1:'Basic data partition' {d} >/dev/null \
+         && dd if={n} of={d} bs=1M seek=1 conv=notrunc status=none",
+        n = ntfs.display(),
+        m = mnt.display(),
+        s = src.display(),
+        d = disk.display(),
+    ));
+    let id = env.backup(&disk, &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let j = env.run(&["ls", &id, "--json"]).json();
+    let p = &j["partitions"][0];
+    assert_eq!(
+        (p["filesystem"].as_str(), p["label"].as_str()),
+        (Some("ntfs"), Some("WINDOWS")),
+        "{j}"
+    );
+    let out = env.path("out");
+    let r = env.run(&["extract", &id, "1:/", "--target", out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_files_match(&src, &out, 0);
+    assert_eq!(
+        files_below_all(&src).len(),
+        files_below_all(&out).len(),
+        "only the user's files"
+    );
+}
+
+/// The directories and files under `src` are under `out`, with the same contents and mtimes
+/// (within `mtime_slack` seconds: FAT keeps 2 s); for filesystems that keep no owners, modes or
+/// links.
+fn assert_files_match(src: &Path, out: &Path, mtime_slack: i64) {
+    for f in files_below_all(src) {
+        let o = out.join(f.strip_prefix(src).unwrap());
+        let (sm, om) = (
+            f.metadata().unwrap(),
+            o.metadata()
+                .unwrap_or_else(|e| panic!("{}: {e}", o.display())),
+        );
+        assert_eq!(sm.is_dir(), om.is_dir(), "{}", o.display());
+        if sm.is_file() {
+            assert!(
+                std::fs::read(&f).unwrap() == std::fs::read(&o).unwrap(),
+                "{}",
+                o.display()
+            );
+            assert!(
+                (sm.mtime() - om.mtime()).abs() <= mtime_slack,
+                "{}: mtime",
+                o.display()
+            );
+        }
+    }
 }

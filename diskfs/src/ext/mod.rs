@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::detect::FsKind;
-use crate::tree::{Entry, FileData, Filesystem, Kind, Node};
+use crate::tree::{read_end, Entry, FileData, Filesystem, Kind, Node};
 use crate::{le, read_vec, Disk, FsError, Result};
 use inode::{Inode, Run};
 
@@ -381,10 +381,9 @@ impl FileData for ExtFile<'_> {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let bs = self.fs.sb.block_size;
-        let end = offset.saturating_add(buf.len() as u64).min(self.size);
-        if offset >= end {
+        let Some(end) = read_end(offset, buf.len(), self.size) else {
             return Ok(0);
-        }
+        };
         let n = (end - offset) as usize;
         buf[..n].fill(0);
         let first = self

@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sbk_diskfs::{Filesystem, Node};
+use std::os::unix::fs::MetadataExt;
+
+use sbk_diskfs::{lookup, Filesystem, Kind, Node};
 
 /// The tool, or `None` (and the test says why) where it is missing; under CI=true a missing
 /// tool fails the test instead.
@@ -49,4 +51,33 @@ pub fn read_all(fs: &dyn Filesystem, n: &Node) -> Vec<u8> {
     }
     got.truncate(at);
     got
+}
+
+/// Every file and directory under `src` (from `rel`) is in `fs` with its type, contents and
+/// mtime (within `mtime_slack` seconds: FAT keeps 2 s).
+#[allow(dead_code)] // each test binary uses what it needs
+pub fn compare_files(fs: &dyn Filesystem, src: &Path, rel: &str, mtime_slack: i64) {
+    for e in std::fs::read_dir(src.join(rel.trim_start_matches('/'))).unwrap() {
+        let e = e.unwrap();
+        let path = format!("{rel}/{}", e.file_name().to_str().unwrap());
+        let m = e.metadata().unwrap();
+        let n = lookup(fs, path.as_bytes(), false).unwrap_or_else(|err| panic!("{path}: {err}"));
+        if m.is_dir() {
+            assert_eq!(n.kind, Kind::Dir, "{path}");
+            compare_files(fs, src, &path, mtime_slack);
+            continue;
+        }
+        assert_eq!((n.kind, n.size), (Kind::File, m.len()), "{path}");
+        let off = (n.mtime.secs - m.mtime()).abs();
+        assert!(
+            off <= mtime_slack,
+            "{path}: mtime {} vs {}",
+            n.mtime.secs,
+            m.mtime()
+        );
+        assert!(
+            read_all(fs, &n) == std::fs::read(e.path()).unwrap(),
+            "{path}: contents"
+        );
+    }
 }
