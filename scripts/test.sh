@@ -19,6 +19,8 @@ command -v mkfs.vfat >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.vfat ] || need+=(dos
 command -v mcopy >/dev/null 2>&1 || need+=(mtools)
 command -v setfattr >/dev/null 2>&1 || need+=(attr)
 command -v ntfs-3g >/dev/null 2>&1 || need+=(ntfs-3g)
+# sbk mount (FUSE): fusermount3 unmounts, as a user would.
+command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 # NBD peers: qemu-img, qemu-io and qemu-nbd (qemu-utils), nbdinfo and nbdcopy (libnbd-bin).
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)

@@ -10,7 +10,7 @@
 use std::sync::Mutex;
 
 use crate::detect::{fat_bits, FsKind};
-use crate::tree::{no_holes, read_end, Entry, FileData, Filesystem, Kind, Node, Time};
+use crate::tree::{no_holes, read_end, Entry, FileData, Filesystem, Kind, Node, Time, Xattrs};
 use crate::{le, read_vec, Disk, FsError, Result};
 
 const ATTR_READ_ONLY: u8 = 0x01;
@@ -419,7 +419,7 @@ impl Filesystem for Fat {
         }))
     }
 
-    fn xattrs(&self, _node: &Node) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn xattrs(&self, _node: &Node) -> Result<Xattrs> {
         Ok(Vec::new())
     }
 }

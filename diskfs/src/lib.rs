@@ -23,7 +23,7 @@ pub mod tree;
 
 pub use detect::{detect, FsKind};
 pub use parts::{partitions, Partition, PartitionTable, TableKind};
-pub use tree::{lookup, open_filesystem, Entry, FileData, Filesystem, Kind, Node, Time};
+pub use tree::{lookup, open_filesystem, Entry, FileData, Filesystem, Kind, Node, Time, Xattrs};
 
 /// Something read at byte offsets: a disk image, a partition of one, a snapshot.
 pub trait ReadAt: Send + Sync {

@@ -14,7 +14,7 @@ use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
 use ntfs::NtfsTime;
 
 use crate::detect::FsKind;
-use crate::tree::{no_holes, read_end, Entry, FileData, Filesystem, Kind, Node, Time};
+use crate::tree::{no_holes, read_end, Entry, FileData, Filesystem, Kind, Node, Time, Xattrs};
 use crate::{Disk, FsError, Result};
 
 /// MFT records below this are the filesystem's own (the root directory is 5).
@@ -200,7 +200,7 @@ impl Filesystem for Ntfs {
         }))
     }
 
-    fn xattrs(&self, _node: &Node) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn xattrs(&self, _node: &Node) -> Result<Xattrs> {
         Ok(Vec::new())
     }
 }

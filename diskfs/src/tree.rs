@@ -95,6 +95,9 @@ pub struct Entry {
     pub node: Node,
 }
 
+/// Extended attributes: (name, value) pairs, names as `getxattr` takes them.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// A regular file's contents, open for reading.
 pub trait FileData {
     /// Byte ranges that hold data, in order; the rest of the file reads as zeros (holes).
@@ -134,7 +137,7 @@ pub trait Filesystem: Send + Sync {
     /// A regular file's contents.
     fn open(&self, file: &Node) -> Result<Box<dyn FileData + '_>>;
     /// Extended attributes, as `getxattr` names them (`user.x`, `security.selinux`…).
-    fn xattrs(&self, node: &Node) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+    fn xattrs(&self, node: &Node) -> Result<Xattrs>;
 }
 
 /// The filesystem on `dev`, when sbk can read it; otherwise a message naming what is there.

@@ -40,8 +40,8 @@ pub use copy::{check_compatible, copy, CopyOutcome};
 pub use diff::{diff, SnapshotDiff};
 pub use error::{EngineError, Result};
 pub use files::{
-    extract, fuzz_extract, parse_part_path, ExtractOptions, ExtractReport, PartitionInfo,
-    SnapshotFiles,
+    extract, fuzz_extract, parse_part_path, ExtractOptions, ExtractReport, Mounted,
+    MountedSnapshot, PartitionInfo, SnapshotFiles, SnapshotsFs,
 };
 pub use interrupt::{request_stop, stop_requested};
 pub use overlay::{fuzz_overlay_map, OverlayMap};

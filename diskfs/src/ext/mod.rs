@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::detect::FsKind;
-use crate::tree::{read_end, Entry, FileData, Filesystem, Kind, Node};
+use crate::tree::{read_end, Entry, FileData, Filesystem, Kind, Node, Xattrs};
 use crate::{le, read_vec, Disk, FsError, Result};
 use inode::{Inode, Run};
 
@@ -319,7 +319,7 @@ impl Filesystem for Ext {
         Ok(Box::new(ExtFile::new(self, &inode)?))
     }
 
-    fn xattrs(&self, node: &Node) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn xattrs(&self, node: &Node) -> Result<Xattrs> {
         xattr::read(self, &self.inode_of(node)?)
     }
 }

@@ -4,7 +4,7 @@
 
 use super::inode::Inode;
 use super::{Ext, ExtFile};
-use crate::tree::FileData;
+use crate::tree::{FileData, Xattrs};
 use crate::{le, FsError, Result};
 
 const MAGIC: u32 = 0xEA02_0000;
@@ -27,7 +27,7 @@ fn full_name(index: u8, suffix: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// `inode`'s attributes, in the order stored.
-pub(super) fn read(fs: &Ext, inode: &Inode) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+pub(super) fn read(fs: &Ext, inode: &Inode) -> Result<Xattrs> {
     let mut out = Vec::new();
     let start = 128 + inode.extra_isize();
     if start + 4 <= inode.raw.len() && le::u32(&inode.raw, start) == MAGIC {
@@ -50,13 +50,7 @@ pub(super) fn read(fs: &Ext, inode: &Inode) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
 }
 
 /// The entries from `first` in `region` (value offsets count from its start).
-fn entries(
-    fs: &Ext,
-    inode: &Inode,
-    region: &[u8],
-    first: usize,
-    out: &mut Vec<(Vec<u8>, Vec<u8>)>,
-) -> Result<()> {
+fn entries(fs: &Ext, inode: &Inode, region: &[u8], first: usize, out: &mut Xattrs) -> Result<()> {
     let bad = || FsError::Damaged(format!("ext inode {}: an extended attribute", inode.ino));
     let mut pos = first;
     while pos + 4 <= region.len() && le::u32(region, pos) != 0 {

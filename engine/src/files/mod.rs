@@ -3,6 +3,7 @@
 //! directory or extracting a file fetches only the chunks that hold them.
 
 mod extract;
+mod mount;
 
 use std::io;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use crate::serve::{Shared, SnapshotExport};
 use crate::{EngineError, Result};
 
 pub use extract::{extract, fuzz_extract, ExtractOptions, ExtractReport};
+pub use mount::{Mounted, MountedSnapshot, SnapshotsFs};
 
 /// Bytes asked of the snapshot reader at once (it answers in chunk-sized parts).
 const READ_PIECE: usize = 4 << 20;
@@ -121,7 +123,13 @@ impl SnapshotFiles {
             .collect()
     }
 
-    fn partition(&self, number: u32) -> Option<Disk> {
+    /// The whole disk.
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
+    /// Partition `number`, as a disk of its own.
+    pub fn partition(&self, number: u32) -> Option<Disk> {
         let slice = self.table.open(&self.disk, number)?;
         Some(Arc::new(slice))
     }
