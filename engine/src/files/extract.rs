@@ -70,6 +70,12 @@ pub fn extract(
         path: target.to_owned(),
         source,
     };
+    if target.symlink_metadata().is_ok_and(|m| !m.is_dir()) && !target.is_dir() {
+        return Err(EngineError::TargetUnusable {
+            path: target.to_owned(),
+            reason: "it is not a directory".into(),
+        });
+    }
     std::fs::create_dir_all(target).map_err(target_err)?;
     let root = rustix::fs::open(
         target,
