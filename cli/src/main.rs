@@ -179,7 +179,7 @@ fn main() -> ExitCode {
         Command::Ls(a) => commands::files::guarded(|| commands::ls::run(&ctx, a)),
         Command::Cat(a) => commands::files::guarded(|| commands::cat::run(&ctx, a)),
         Command::Extract(a) => commands::files::guarded(|| commands::extract::run(&ctx, a)),
-        Command::Mount(a) => commands::mount::run(&ctx, a),
+        Command::Mount(a) => commands::files::guarded(|| commands::mount::run(&ctx, a)),
         Command::Serve(a) => commands::serve::run(&ctx, a),
         Command::Forget(a) => commands::forget::run(&ctx, a),
         Command::Prune(a) => commands::prune::run(&ctx, a),

@@ -11,7 +11,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::sync::Mutex;
 
 use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
-use ntfs::NtfsTime;
+use ntfs::{NtfsAttributeFlags, NtfsTime};
 
 use crate::detect::FsKind;
 use crate::tree::{no_holes, read_end, Entry, FileData, Filesystem, Kind, Node, Time, Xattrs};
@@ -23,15 +23,32 @@ const ROOT_RECORD: u64 = 5;
 /// 100-ns intervals from 1601-01-01 to 1970-01-01.
 const EPOCH_DIFF_SECS: u64 = 11_644_473_600;
 
-/// The disk as the `ntfs` crate reads it: a cursor over positioned reads.
+/// Bytes one call into the `ntfs` crate may read, beyond the data it was asked for. Its index
+/// walk follows subnode links with no check for a cycle, so a hostile index that names itself
+/// would have one call read (and allocate) for ever: the cursor ends it, as a read error.
+const READ_ALLOWANCE: u64 = 64 << 20;
+
+/// The disk as the `ntfs` crate reads it: a cursor over positioned reads, with an allowance.
 struct Cursor {
     dev: Disk,
     pos: u64,
+    allowance: u64,
+}
+
+impl Cursor {
+    /// Allows the next call `extra` bytes beyond [`READ_ALLOWANCE`].
+    fn allow(&mut self, extra: u64) -> &mut Cursor {
+        self.allowance = READ_ALLOWANCE.saturating_add(extra);
+        self
+    }
 }
 
 impl Read for Cursor {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = (buf.len() as u64).min(self.dev.size().saturating_sub(self.pos)) as usize;
+        self.allowance = self.allowance.checked_sub(n as u64).ok_or_else(|| {
+            std::io::Error::other("the NTFS structures lead round in a circle (a damaged index)")
+        })?;
         self.dev.read_exact_at(self.pos, &mut buf[..n])?;
         self.pos += n as u64;
         Ok(n)
@@ -77,7 +94,11 @@ fn time(t: NtfsTime) -> Time {
 impl Ntfs {
     /// Opens the NTFS filesystem on `dev`.
     pub fn open(dev: Disk) -> Result<Ntfs> {
-        let mut cursor = Cursor { dev, pos: 0 };
+        let mut cursor = Cursor {
+            dev,
+            pos: 0,
+            allowance: READ_ALLOWANCE,
+        };
         let ntfs = ntfs::Ntfs::new(&mut cursor).map_err(damaged)?;
         let label = match ntfs.volume_name(&mut cursor) {
             Some(Ok(name)) => name.name().to_string_lossy(),
@@ -128,8 +149,11 @@ impl Ntfs {
         })
     }
 
+    /// The cursor, with a fresh allowance for one operation.
     fn cursor(&self) -> std::sync::MutexGuard<'_, Cursor> {
-        self.cursor.lock().expect("no thread panics holding this")
+        let mut c = self.cursor.lock().expect("no thread panics holding this");
+        c.allow(0);
+        c
     }
 }
 
@@ -155,7 +179,7 @@ impl Filesystem for Ntfs {
         let index = file.directory_index(c).map_err(damaged)?;
         let mut entries = index.entries();
         let mut found = Vec::new();
-        while let Some(e) = entries.next(c) {
+        while let Some(e) = entries.next(c.allow(0)) {
             let e = e.map_err(damaged)?;
             let record = e.file_reference().file_record_number();
             let Some(key) = e.key() else { continue };
@@ -174,7 +198,7 @@ impl Filesystem for Ntfs {
             .map(|(name, record)| {
                 Ok(Entry {
                     name,
-                    node: self.node(c, record)?,
+                    node: self.node(c.allow(0), record)?,
                 })
             })
             .collect()
@@ -192,6 +216,31 @@ impl Filesystem for Ntfs {
                 "NTFS record {} (not a file)",
                 file.id
             )));
+        }
+        // The crate reads compressed and encrypted streams as stored: their bytes would pass
+        // for the file's. Refused, by name.
+        let c = &mut *self.cursor();
+        let f = self.ntfs.file(c, file.id).map_err(damaged)?;
+        if let Some(item) = f.data(c, "") {
+            let flags = item
+                .map_err(damaged)?
+                .to_attribute()
+                .map_err(damaged)?
+                .flags();
+            for (flag, what) in [
+                (
+                    NtfsAttributeFlags::COMPRESSED,
+                    "compressed (NTFS compression)",
+                ),
+                (NtfsAttributeFlags::ENCRYPTED, "encrypted (EFS)"),
+            ] {
+                if flags.contains(flag) {
+                    return Err(FsError::Unsupported(format!(
+                        "NTFS record {}: the file is {what}, which sbk does not read",
+                        file.id
+                    )));
+                }
+            }
         }
         Ok(Box::new(NtfsData {
             fs: self,
@@ -222,6 +271,7 @@ impl FileData for NtfsData<'_> {
             return Ok(0);
         };
         let c = &mut *self.fs.cursor();
+        c.allow(end - offset);
         let file = self.fs.ntfs.file(c, self.id).map_err(damaged)?;
         let item = file
             .data(c, "")

@@ -72,14 +72,24 @@ const MAX_LOGICAL: u32 = 256;
 /// Reads `disk`'s partition table. A disk with neither a partition table nor a filesystem
 /// sbk recognises is an error that says so.
 pub fn partitions(disk: &Disk) -> Result<PartitionTable> {
-    for sector in [512u64, 4096] {
-        if let Some(t) = gpt(disk.as_ref(), sector)? {
+    // As Linux: a GPT counts only behind a protective MBR (an old GPT left at the end of a
+    // disk since re-partitioned with an MBR is not the table).
+    if protective_mbr(disk.as_ref()) {
+        for sector in [512u64, 4096] {
+            if let Some(t) = gpt(disk.as_ref(), sector)? {
+                return Ok(t);
+            }
+        }
+    }
+    // A FAT or NTFS boot sector ends in 55 AA as an MBR does: such a sector is a filesystem on
+    // the whole disk. Other filesystems (ext's superblock at byte 1024) do not hide an MBR.
+    let whole = detect(disk.as_ref());
+    let boot_sector = matches!(whole, FsKind::Fat(_) | FsKind::Ntfs | FsKind::ExFat);
+    if !boot_sector {
+        if let Some(t) = mbr(disk.as_ref())? {
             return Ok(t);
         }
     }
-    // A FAT or NTFS boot sector ends in 55 AA as an MBR does: a filesystem on the whole disk
-    // is taken first.
-    let whole = detect(disk.as_ref());
     if !matches!(whole, FsKind::Unknown) {
         return Ok(PartitionTable {
             kind: TableKind::None,
@@ -94,12 +104,18 @@ pub fn partitions(disk: &Disk) -> Result<PartitionTable> {
             }],
         });
     }
-    if let Some(t) = mbr(disk.as_ref())? {
-        return Ok(t);
-    }
     Err(FsError::Unsupported(
         "no partition table (GPT or MBR) and no filesystem sbk recognises on this disk".into(),
     ))
+}
+
+/// Whether sector 0 is an MBR with a GPT protective entry (type 0xEE; hybrid MBRs count).
+fn protective_mbr(disk: &dyn ReadAt) -> bool {
+    let mut s = [0u8; 512];
+    disk.size() >= 512
+        && disk.read_exact_at(0, &mut s).is_ok()
+        && s[510..512] == [0x55, 0xAA]
+        && s[446..510].chunks_exact(16).any(|e| e[4] == 0xEE)
 }
 
 /// The GPT whose primary header is in the sector after the first, or else its backup in the
@@ -232,6 +248,8 @@ fn mbr(disk: &dyn ReadAt) -> Result<Option<PartitionTable>> {
         return Ok(None); // a boot flag other than 0 or 0x80: not a partition table
     }
     let mut partitions = Vec::new();
+    // Logical partitions are numbered from 5 across every extended partition, as Linux does.
+    let mut next_logical = 5;
     for (i, e) in entries.iter().enumerate() {
         let (kind, first, count) = (e[4], le::u32(e, 8), le::u32(e, 12));
         if kind == 0 || count == 0 {
@@ -247,7 +265,7 @@ fn mbr(disk: &dyn ReadAt) -> Result<Option<PartitionTable>> {
             extended,
         });
         if extended {
-            logical(disk, u64::from(first), &mut partitions)?;
+            logical(disk, u64::from(first), &mut next_logical, &mut partitions)?;
         }
     }
     if partitions.is_empty() {
@@ -263,17 +281,19 @@ fn mbr(disk: &dyn ReadAt) -> Result<Option<PartitionTable>> {
 /// The logical partitions along the EBR chain of the extended partition at sector `base`:
 /// each EBR's first entry is a partition (relative to that EBR), its second the next EBR
 /// (relative to the extended partition).
-fn logical(disk: &dyn ReadAt, base: u64, out: &mut Vec<Partition>) -> Result<()> {
+fn logical(disk: &dyn ReadAt, base: u64, number: &mut u32, out: &mut Vec<Partition>) -> Result<()> {
     let mut ebr = base;
-    let mut number = 5;
+    // Every EBR visited, whether or not it holds a partition: a chain that comes back to one is
+    // a loop, and the count of links is bounded too.
+    let mut seen = std::collections::HashSet::new();
     loop {
-        if number >= 5 + MAX_LOGICAL {
+        if !seen.insert(ebr) || seen.len() > MAX_LOGICAL as usize {
             return Err(FsError::Damaged(
                 "MBR extended partition (a loop of EBRs)".into(),
             ));
         }
-        let at = ebr * 512;
-        if at + 512 > disk.size() {
+        let at = ebr.saturating_mul(512);
+        if at.saturating_add(512) > disk.size() {
             return Err(FsError::Damaged(format!(
                 "EBR at sector {ebr} (past the disk)"
             )));
@@ -287,14 +307,14 @@ fn logical(disk: &dyn ReadAt, base: u64, out: &mut Vec<Partition>) -> Result<()>
         let (e, next) = (&s[446..462], &s[462..478]);
         if e[4] != 0 && le::u32(e, 12) != 0 {
             out.push(Partition {
-                number,
+                number: *number,
                 start: (ebr + u64::from(le::u32(e, 8))) * 512,
                 size: u64::from(le::u32(e, 12)) * 512,
                 kind: mbr_type_name(e[4]),
                 label: String::new(),
                 extended: false,
             });
-            number += 1;
+            *number += 1;
         }
         if next[4] == 0 || le::u32(next, 8) == 0 {
             return Ok(());
@@ -409,6 +429,12 @@ mod tests {
         );
         // The second EBR names itself as the next one.
         ebr(&mut d, 6, (1, 2), 4);
+        let disk: Disk = std::sync::Arc::new(d.clone());
+        assert!(matches!(partitions(&disk), Err(FsError::Damaged(_))));
+        // ... and so with no partition in it: the loop is found by the EBRs seen, not the
+        // partitions counted.
+        ebr(&mut d, 6, (0, 0), 4);
+        d[6 * 512 + 446 + 4] = 0;
         let disk: Disk = std::sync::Arc::new(d);
         assert!(matches!(partitions(&disk), Err(FsError::Damaged(_))));
     }

@@ -165,3 +165,57 @@ fn ext3_and_ext2_block_maps_read_back() {
     check(&["-t", "ext3", "-b", "1024"]);
     check(&["-t", "ext2", "-I", "128"]);
 }
+
+/// The block and byte offset of `path`'s inode, as debugfs's `imap` says.
+fn imap(img: &std::path::Path, path: &str) -> Option<(u64, u64)> {
+    let out = Command::new(tool("debugfs")?)
+        .args(["-R", &format!("imap {path}")])
+        .arg(img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rest = text.split("located at block ").nth(1)?;
+    let (block, off) = rest.split_once(", offset 0x")?;
+    Some((
+        block.trim().parse().ok()?,
+        u64::from_str_radix(off.trim(), 16).ok()?,
+    ))
+}
+
+#[test]
+fn an_extent_tree_that_names_one_block_twice_is_damage_not_a_blowup() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let f = std::fs::File::create(src.join("sparse")).unwrap();
+    for i in 0..12u64 {
+        std::os::unix::fs::FileExt::write_all_at(&f, &[7; 5000], i << 20).unwrap();
+    }
+    drop(f);
+    let img = t.path().join("fs.img");
+    let Some(_) = image(&["-t", "ext4", "-b", "4096"], &src, &img, 64) else {
+        return;
+    };
+    let Some((block, off)) = imap(&img, "/sparse") else {
+        return;
+    };
+    // The inode's root is an index of one entry (depth 1); make it two entries naming the
+    // same leaf: a hostile tree that, nested, would be read 340^5 times.
+    let mut b = std::fs::read(&img).unwrap();
+    let root = (block * 4096 + off) as usize + 0x28;
+    assert_eq!(u16::from_le_bytes([b[root], b[root + 1]]), 0xF30A);
+    assert_eq!(u16::from_le_bytes([b[root + 6], b[root + 7]]), 1, "depth 1");
+    b[root + 2] = 2;
+    b.copy_within(root + 12..root + 24, root + 24);
+    b[root + 24..root + 28].copy_from_slice(&1_000_000u32.to_le_bytes()); // a later logical start
+    std::fs::write(&img, &b).unwrap();
+    let disk: Disk = Arc::new(std::fs::File::open(&img).unwrap());
+    let fs = open_filesystem(disk).unwrap();
+    let n = lookup(fs.as_ref(), b"/sparse", false).unwrap();
+    let opened = fs.open(&n).map(|_| ());
+    match opened {
+        Err(FsError::Damaged(why)) => assert!(why.contains("comes back"), "{why}"),
+        Err(e) => panic!("{e}"),
+        Ok(()) => panic!("a tree naming one leaf twice opened"),
+    }
+}

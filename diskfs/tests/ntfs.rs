@@ -41,7 +41,12 @@ fn ntfs_reads_back_the_tree_ntfs_3g_wrote() {
         .arg(&img));
     let mnt = t.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let mounted = Command::new(ntfs3g).arg(&img).arg(&mnt).output().unwrap();
+    let mounted = Command::new(ntfs3g)
+        .args(["-o", "compression"])
+        .arg(&img)
+        .arg(&mnt)
+        .output()
+        .unwrap();
     if !mounted.status.success() {
         let why = String::from_utf8_lossy(&mounted.stderr);
         assert!(
@@ -58,6 +63,13 @@ fn ntfs_reads_back_the_tree_ntfs_3g_wrote() {
         .status()
         .unwrap();
     let linked = std::fs::hard_link(mnt.join("tiny"), mnt.join("Users/tiny-link"));
+    // A folder NTFS compresses (FILE_ATTRIBUTE_COMPRESSED), with a file in it.
+    std::fs::create_dir(mnt.join("packed")).unwrap();
+    let compressed = Command::new("setfattr")
+        .args(["-n", "system.ntfs_attrib_be", "-v", "0x00000800"])
+        .arg(mnt.join("packed"))
+        .status();
+    std::fs::write(mnt.join("packed/log.txt"), "hello\n".repeat(40_000)).unwrap();
     run(Command::new("umount").arg(&mnt));
     assert!(copied.success());
     linked.unwrap();
@@ -68,7 +80,17 @@ fn ntfs_reads_back_the_tree_ntfs_3g_wrote() {
         (fs.kind(), fs.label()),
         (FsKind::Ntfs, "WINDATA".to_owned())
     );
-    compare_files(fs.as_ref(), &src, "", 0);
+    // Compressed streams are refused by name, never read as stored.
+    assert!(compressed.unwrap().success());
+    let packed = lookup(fs.as_ref(), b"/packed/log.txt", false).unwrap();
+    let opened = fs.open(&packed).map(|_| ());
+    match opened {
+        Err(sbk_diskfs::FsError::Unsupported(why)) => assert!(why.contains("compressed"), "{why}"),
+        Err(e) => panic!("{e}"),
+        Ok(()) => panic!("a compressed file opened as if it were stored plain"),
+    }
+    std::fs::create_dir(src.join("packed")).unwrap(); // the folder itself compares; its file not
+    compare_files_except(fs.as_ref(), &src, "/packed/log.txt");
     let root = fs.root().unwrap();
     let names: Vec<String> = fs
         .read_dir(&root)
@@ -88,4 +110,18 @@ fn ntfs_reads_back_the_tree_ntfs_3g_wrote() {
     let a = lookup(fs.as_ref(), b"/tiny", false).unwrap();
     let b = lookup(fs.as_ref(), b"/Users/tiny-link", false).unwrap();
     assert_eq!((a.id, a.links), (b.id, 2), "one record, two names");
+}
+
+/// [`compare_files`] of the whole tree, `skip` aside (in the image, not in `src`).
+fn compare_files_except(fs: &dyn sbk_diskfs::Filesystem, src: &std::path::Path, skip: &str) {
+    let root = fs.root().unwrap();
+    let names: Vec<Vec<u8>> = fs
+        .read_dir(&root)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(names.contains(&b"packed".to_vec()));
+    assert!(lookup(fs, skip.as_bytes(), false).is_ok());
+    compare_files(fs, src, "", 0);
 }

@@ -151,15 +151,25 @@ fn mode_string(perm: u32) -> String {
     s
 }
 
-/// A modification time as `2026-12-06 21:23` (UTC).
+/// A modification time as `2026-12-06 21:23` (UTC), for any time a filesystem can hold
+/// (NTFS's year 1601, ext's negative seconds, years past 9999).
 fn time_string(secs: i64) -> String {
-    let t = if secs >= 0 {
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64)
-    } else {
-        std::time::UNIX_EPOCH - std::time::Duration::from_secs(secs.unsigned_abs())
-    };
-    let s = humantime::format_rfc3339_seconds(t).to_string();
-    s.get(..16).unwrap_or(&s).replace('T', " ")
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60
+    )
 }
 
 fn partitions(ctx: &Context, opened: &super::files::Opened) -> Result<ExitCode> {
@@ -218,4 +228,27 @@ fn partitions(ctx: &Context, opened: &super::files::Opened) -> Result<ExitCode> 
         )?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_print_on_either_side_of_the_epoch() {
+        assert_eq!(time_string(0), "1970-01-01 00:00");
+        assert_eq!(time_string(1_796_592_184), "2026-12-06 21:23");
+        assert_eq!(time_string(-1), "1969-12-31 23:59");
+        // NTFS's zero: 1601-01-01.
+        assert_eq!(time_string(-11_644_473_600), "1601-01-01 00:00");
+        assert_eq!(time_string(951_782_400), "2000-02-29 00:00");
+    }
+
+    #[test]
+    fn modes_print_as_ls_prints_them() {
+        assert_eq!(mode_string(0o755), "rwxr-xr-x");
+        assert_eq!(mode_string(0o4755), "rwsr-xr-x");
+        assert_eq!(mode_string(0o2640), "rw-r-S---");
+        assert_eq!(mode_string(0o1777), "rwxrwxrwt");
+    }
 }

@@ -1,5 +1,7 @@
 //! One inode: its metadata, and where its blocks are (an extent tree or a block map).
 
+use std::collections::HashSet;
+
 use super::{Ext, Super};
 use crate::tree::{Kind, Node, Time};
 use crate::{le, FsError, Result};
@@ -8,6 +10,7 @@ const FLAG_ENCRYPT: u32 = 0x800;
 const FLAG_HUGE_FILE: u32 = 0x4_0000;
 const FLAG_EXTENTS: u32 = 0x8_0000;
 const FLAG_INLINE_DATA: u32 = 0x1000_0000;
+const INCOMPAT_LARGEDIR: u32 = 0x4000;
 /// Depth of an extent tree, at most (the kernel's limit).
 const MAX_DEPTH: u16 = 5;
 
@@ -19,6 +22,34 @@ pub(super) struct Run {
     pub len: u64,
     pub physical: u64,
     pub init: bool,
+}
+
+/// The state of one walk of a block map or extent tree.
+struct Walk {
+    /// Blocks it may still read or name.
+    budget: u64,
+    /// Tree and pointer blocks read so far.
+    seen: HashSet<u64>,
+}
+
+impl Walk {
+    /// Charges `n` blocks.
+    fn charge(&mut self, n: u64, inode: &Inode) -> Result<()> {
+        self.budget = self
+            .budget
+            .checked_sub(n)
+            .ok_or_else(|| inode.damaged("more blocks than the filesystem has"))?;
+        Ok(())
+    }
+
+    /// Reads tree or pointer block `n`, once.
+    fn read(&mut self, fs: &Ext, n: u64, inode: &Inode) -> Result<Vec<u8>> {
+        self.charge(1, inode)?;
+        if !self.seen.insert(n) {
+            return Err(inode.damaged("a block map that comes back to one of its blocks"));
+        }
+        fs.block(n)
+    }
 }
 
 /// An inode, parsed.
@@ -55,10 +86,17 @@ impl Inode {
         if flags & FLAG_HUGE_FILE != 0 {
             blocks = blocks.saturating_mul(sb.block_size / 512);
         }
+        // A directory's size has its high half only with largedir, as Linux reads it (else
+        // those bytes are not a size, and a damaged one would ask for exabytes).
+        let mut size = u64::from(le::u32(&raw, 0x04));
+        let dir = le::u16(&raw, 0x00) & 0xF000 == 0x4000;
+        if !dir || sb.incompat & INCOMPAT_LARGEDIR != 0 {
+            size |= u64::from(le::u32(&raw, 0x6C)) << 32;
+        }
         Ok(Inode {
             ino,
             mode: le::u16(&raw, 0x00),
-            size: u64::from(le::u32(&raw, 0x04)) | (u64::from(le::u32(&raw, 0x6C)) << 32),
+            size,
             flags,
             file_acl: u64::from(le::u32(&raw, 0x68)) | (u64::from(le::u16(&raw, 0x76)) << 32),
             blocks,
@@ -157,13 +195,17 @@ impl Inode {
 
     /// Where the inode's blocks are.
     pub fn runs(&self, fs: &Ext) -> Result<Vec<Run>> {
-        // Every block a mapping reads or names costs from this budget: a damaged or hostile
-        // tree that points at itself ends as damage, never as a hang.
-        let mut budget = fs.sb.blocks.saturating_add(16);
+        // Every block a mapping reads or names costs from a budget of the filesystem's blocks,
+        // and no tree or pointer block may be met twice: a damaged or hostile map that points
+        // at itself ends as damage, never as a hang or a flood of runs.
+        let mut walk = Walk {
+            budget: fs.sb.blocks.saturating_add(16),
+            seen: HashSet::new(),
+        };
         let mut out = Vec::new();
         if self.flags & FLAG_EXTENTS != 0 {
             let root = &self.raw[0x28..0x64];
-            self.extents(fs, root, None, &mut budget, &mut out)?;
+            self.extents(fs, root, None, &mut walk, &mut out)?;
         } else {
             let last = self.size.div_ceil(self.block_size);
             let ptrs: Vec<u64> = (0..15)
@@ -172,7 +214,7 @@ impl Inode {
             let mut logical = 0u64;
             for (i, &p) in ptrs.iter().enumerate() {
                 let level = i.saturating_sub(11) as u32; // 0 for the 12 direct pointers
-                self.map_level(fs, p, level, &mut logical, last, &mut budget, &mut out)?;
+                self.map_level(fs, p, level, &mut logical, last, &mut walk, &mut out)?;
                 if logical >= last {
                     break;
                 }
@@ -189,7 +231,7 @@ impl Inode {
         Ok(out)
     }
 
-    fn damaged(&self, what: &str) -> FsError {
+    pub fn damaged(&self, what: &str) -> FsError {
         FsError::Damaged(format!("ext inode {}: {what}", self.ino))
     }
 
@@ -199,7 +241,7 @@ impl Inode {
         fs: &Ext,
         node: &[u8],
         depth: Option<u16>,
-        budget: &mut u64,
+        walk: &mut Walk,
         out: &mut Vec<Run>,
     ) -> Result<()> {
         let (count, max, d) = (le::u16(node, 2), le::u16(node, 4), le::u16(node, 6));
@@ -232,19 +274,15 @@ impl Inode {
                 {
                     return Err(self.damaged("extents out of order"));
                 }
-                *budget = budget
-                    .checked_sub(len)
-                    .ok_or_else(|| self.damaged("more extents than the filesystem has blocks"))?;
-                if len > 0 {
-                    out.push(run);
+                if len == 0 {
+                    return Err(self.damaged("an empty extent"));
                 }
+                walk.charge(len, self)?;
+                out.push(run);
             } else {
-                *budget = budget
-                    .checked_sub(1)
-                    .ok_or_else(|| self.damaged("an extent tree that loops"))?;
                 let child = u64::from(le::u32(e, 4)) | (u64::from(le::u16(e, 8)) << 32);
-                let b = fs.block(child)?;
-                self.extents(fs, &b, Some(d - 1), budget, out)?;
+                let b = walk.read(fs, child, self)?;
+                self.extents(fs, &b, Some(d - 1), walk, out)?;
             }
         }
         Ok(())
@@ -259,7 +297,7 @@ impl Inode {
         level: u32,
         logical: &mut u64,
         last: u64,
-        budget: &mut u64,
+        walk: &mut Walk,
         out: &mut Vec<Run>,
     ) -> Result<()> {
         let per = fs.sb.block_size / 4;
@@ -268,10 +306,8 @@ impl Inode {
             *logical += span; // a hole
             return Ok(());
         }
-        *budget = budget
-            .checked_sub(1)
-            .ok_or_else(|| self.damaged("a block map that loops"))?;
         if level == 0 {
+            walk.charge(1, self)?;
             match out.last_mut() {
                 Some(r) if r.logical + r.len == *logical && r.physical + r.len == ptr => r.len += 1,
                 _ => out.push(Run {
@@ -284,13 +320,13 @@ impl Inode {
             *logical += 1;
             return Ok(());
         }
-        let b = fs.block(ptr)?;
+        let b = walk.read(fs, ptr, self)?;
         for i in 0..per as usize {
             if *logical >= last {
                 break;
             }
             let p = u64::from(le::u32(&b, 4 * i));
-            self.map_level(fs, p, level - 1, logical, last, budget, out)?;
+            self.map_level(fs, p, level - 1, logical, last, walk, out)?;
         }
         Ok(())
     }

@@ -141,6 +141,20 @@ impl Ext {
             ));
         }
         let sb = Super::parse(&read_vec(dev.as_ref(), 1024, 1024)?)?;
+        // Every block number is checked against the block count, and so every byte offset
+        // against the device: a count larger than the device would let both overflow.
+        if sb
+            .blocks
+            .checked_mul(sb.block_size)
+            .is_none_or(|b| b > dev.size())
+        {
+            return Err(FsError::Damaged(format!(
+                "ext superblock (its {} blocks of {} bytes do not fit the {} bytes of the partition)",
+                sb.blocks,
+                sb.block_size,
+                dev.size()
+            )));
+        }
         Ok(Ext {
             dev,
             sb,
@@ -269,15 +283,29 @@ impl Filesystem for Ext {
         let bs = self.sb.block_size;
         let last = inode.size.div_ceil(bs);
         let mut out = Vec::new();
+        // A directory's blocks are its own: one met twice is a hostile map (it would list
+        // the same names again and again).
+        let mut seen = std::collections::HashSet::new();
         for run in self.runs(&inode)? {
             for i in 0..run.len {
                 if run.logical + i >= last || !run.init {
                     break;
                 }
+                if !seen.insert(run.physical + i) {
+                    return Err(inode.damaged("a directory block met twice"));
+                }
                 let b = self.block(run.physical + i)?;
                 for (name, ino) in dir_entries(&b, dir.id)? {
-                    let node = self.inode(ino)?.node()?;
-                    out.push(Entry { name, node });
+                    let entry = self.inode(ino)?;
+                    // An entry whose inode was never written (a snapshot of a live filesystem,
+                    // its journal not replayed) names nothing yet.
+                    if entry.mode == 0 {
+                        continue;
+                    }
+                    out.push(Entry {
+                        name,
+                        node: entry.node()?,
+                    });
                 }
             }
         }
@@ -330,7 +358,17 @@ fn dir_entries(b: &[u8], dir: u64) -> Result<Vec<(Vec<u8>, u64)>> {
     let mut pos = 0usize;
     while pos + 8 <= b.len() {
         let ino = le::u32(b, pos);
-        let rec_len = usize::from(le::u16(b, pos + 4));
+        // With 64 KiB blocks, 0 and 65535 stand for 65536 and the low bits carry bits 16-17.
+        let raw = usize::from(le::u16(b, pos + 4));
+        let rec_len = if b.len() >= 65536 {
+            if raw == 0 || raw == 65535 {
+                65536
+            } else {
+                (raw & 65532) | ((raw & 3) << 16)
+            }
+        } else {
+            raw
+        };
         let name_len = usize::from(b[pos + 6]);
         if rec_len < 8 || rec_len % 4 != 0 || pos + rec_len > b.len() || 8 + name_len > rec_len {
             return Err(FsError::Damaged(format!("ext directory (inode {dir})")));

@@ -11,8 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::Path;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
@@ -46,7 +45,7 @@ pub struct ExtractReport {
     pub hard_links: u64,
     /// Devices and named pipes written.
     pub specials: u64,
-    /// Bytes of file data written (holes not counted).
+    /// Bytes of file data written (holes and zeros not counted).
     pub bytes: u64,
     /// What could not be extracted because the image is damaged there (a damaged chunk, a
     /// broken structure, an unsafe name), each with why; the rest went on.
@@ -76,7 +75,15 @@ pub fn extract(
             reason: "it is not a directory".into(),
         });
     }
-    std::fs::create_dir_all(target).map_err(target_err)?;
+    if !target.exists() {
+        // Made for the owner only: until the operator looks, what a guest's disk held (set-uid
+        // programs, when root restores owners and modes) is no one else's to run.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(target)
+            .map_err(target_err)?;
+    }
     let root = rustix::fs::open(
         target,
         OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
@@ -130,6 +137,39 @@ pub fn extract(
 
 fn exists(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
     rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok()
+}
+
+/// Directories deep that `remove_at` goes before it gives up (a tree deeper than this was not
+/// made by hand; each level holds a descriptor).
+const MAX_REMOVE_DEPTH: usize = 256;
+
+/// Removes `name` from `dir`: a file or link by unlinking it, a directory by emptying it
+/// through a descriptor opened with O_NOFOLLOW (so nothing outside it is touched, and no /proc
+/// is needed), then removing it.
+fn remove_at(dir: BorrowedFd<'_>, name: &[u8], depth: usize) -> std::io::Result<()> {
+    let is_dir = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+        .is_ok_and(|s| FileType::from_raw_mode(s.st_mode) == FileType::Directory);
+    if !is_dir {
+        return Ok(rustix::fs::unlinkat(dir, name, AtFlags::empty())?);
+    }
+    if depth > MAX_REMOVE_DEPTH {
+        return Err(std::io::Error::other("a directory tree too deep to remove"));
+    }
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let names: Vec<Vec<u8>> = rustix::fs::Dir::read_from(&fd)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_bytes().to_vec())
+        .filter(|n| n != b"." && n != b"..")
+        .collect();
+    for n in names {
+        remove_at(fd.as_fd(), &n, depth + 1)?;
+    }
+    Ok(rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?)
 }
 
 /// A name from the image that is one path component: not empty, not `.` or `..`, no `/` or NUL.
@@ -316,18 +356,7 @@ impl Writer<'_> {
 
     /// Removes `name` from `dir` (a tree, without following links), for --force.
     fn remove(&self, dir: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<()> {
-        let is_dir = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
-            .is_ok_and(|s| FileType::from_raw_mode(s.st_mode) == FileType::Directory);
-        if !is_dir {
-            return Ok(rustix::fs::unlinkat(dir, name, AtFlags::empty())?);
-        }
-        // remove_dir_all never follows links; the path goes through this process's own
-        // descriptor of the parent, so it removes what `dir` holds and nothing else.
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&dir);
-        let path = Path::new("/proc/self/fd")
-            .join(fd.to_string())
-            .join(std::ffi::OsStr::from_bytes(name));
-        std::fs::remove_dir_all(path)
+        remove_at(dir, name, 0)
     }
 
     fn dir(&mut self, parent: BorrowedFd<'_>, rel: &[u8], name: &[u8], node: &Node) -> Result<()> {
@@ -396,8 +425,14 @@ impl Writer<'_> {
     /// Copies a file's data (its holes stay holes); the bytes written.
     fn copy(&self, out: &File, rel: &[u8], node: &Node) -> std::result::Result<u64, Copy> {
         let data = self.fs.open(node).map_err(|e| Copy::Image(e.to_string()))?;
-        out.set_len(node.size)
-            .map_err(|e| Copy::Target(self.target_error(rel, e)))?;
+        // A size the target cannot hold (a crafted 2^60) fails that file, not the run.
+        out.set_len(node.size).map_err(|e| match e.raw_os_error() {
+            Some(libc::EFBIG) | Some(libc::EINVAL) => Copy::Image(format!(
+                "its size ({} bytes) is more than the target holds",
+                node.size
+            )),
+            _ => Copy::Target(self.target_error(rel, e)),
+        })?;
         let mut buf = vec![0u8; COPY_PIECE];
         let mut written = 0;
         for (from, to) in data.data_ranges() {
@@ -410,10 +445,14 @@ impl Writer<'_> {
                 if n == 0 {
                     break;
                 }
-                out.write_all_at(&buf[..n], at)
-                    .map_err(|e| Copy::Target(self.target_error(rel, e)))?;
+                // Zeros stay holes (set_len made them): a filesystem that reports no holes
+                // (FAT, NTFS) or a hostile 1 TiB of nothing costs no disk.
+                if buf[..n].iter().any(|&b| b != 0) {
+                    out.write_all_at(&buf[..n], at)
+                        .map_err(|e| Copy::Target(self.target_error(rel, e)))?;
+                    written += n as u64;
+                }
                 at += n as u64;
-                written += n as u64;
             }
         }
         Ok(written)

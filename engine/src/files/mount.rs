@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -23,6 +23,11 @@ use crate::serve::OpenGuard;
 
 /// How long the kernel may keep what it was told: a snapshot never changes.
 const TTL: Duration = Duration::from_secs(3600);
+/// Directory listings kept for the lookups that follow a listing.
+const LISTINGS_KEPT: usize = 64;
+
+/// A directory's entries: (inode, type, name).
+type Listing = Arc<Vec<(u64, FileType, Vec<u8>)>>;
 
 /// One snapshot, open and pinned for as long as it is mounted.
 pub struct MountedSnapshot {
@@ -63,6 +68,7 @@ struct Inodes {
 pub struct SnapshotsFs {
     snaps: Vec<Snap>,
     inodes: Mutex<Inodes>,
+    listings: Mutex<HashMap<u64, Listing>>,
     uid: u32,
     gid: u32,
     log: Box<dyn Fn(&str) + Send + Sync>,
@@ -122,6 +128,7 @@ impl SnapshotsFs {
         SnapshotsFs {
             snaps,
             inodes: Mutex::new(inodes),
+            listings: Mutex::new(HashMap::new()),
             uid,
             gid,
             log,
@@ -227,8 +234,27 @@ impl SnapshotsFs {
         })
     }
 
-    /// The entries of directory `ino`: (inode, type, name).
-    fn entries(&self, ino: u64) -> Result<Vec<(u64, FileType, Vec<u8>)>, Errno> {
+    /// The entries of directory `ino`: (inode, type, name); the last listings are kept, as
+    /// `ls -l` looks each name up right after listing them.
+    fn entries(&self, ino: u64) -> Result<Listing, Errno> {
+        if let Some(l) = self
+            .listings
+            .lock()
+            .expect("no thread panics holding this")
+            .get(&ino)
+        {
+            return Ok(l.clone());
+        }
+        let l = Arc::new(self.list(ino)?);
+        let mut g = self.listings.lock().expect("no thread panics holding this");
+        if g.len() >= LISTINGS_KEPT {
+            g.clear();
+        }
+        g.insert(ino, l.clone());
+        Ok(l)
+    }
+
+    fn list(&self, ino: u64) -> Result<Vec<(u64, FileType, Vec<u8>)>, Errno> {
         let what = self.what(INodeNo(ino)).ok_or(Errno::ENOENT)?;
         let mut out = Vec::new();
         match what {
@@ -287,6 +313,17 @@ impl SnapshotsFs {
         Ok(out)
     }
 
+    /// Runs one request's work, turning a panic in a filesystem reader (a hostile image that
+    /// found a bug) into EIO for that request: the mount goes on.
+    fn caught<T>(&self, f: impl FnOnce() -> Result<T, Errno>) -> Result<T, Errno> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+            (self.log)(
+                "a filesystem reader failed (a damaged filesystem); that read fails with EIO",
+            );
+            Err(Errno::EIO)
+        })
+    }
+
     fn fail(&self, what: &str, e: sbk_diskfs::FsError) -> Errno {
         (self.log)(&format!("{what}: {e}"));
         Errno::EIO
@@ -331,35 +368,39 @@ fn reply_sized(reply: ReplyXattr, size: u32, bytes: &[u8]) {
 
 impl fuser::Filesystem for SnapshotsFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.entries(u64::from(parent)) {
-            Ok(list) => match list.into_iter().find(|(_, _, n)| n == name.as_bytes()) {
-                Some((ino, _, _)) => match self.getattr_of(ino) {
-                    Some(a) => reply.entry(&TTL, &a, Generation(0)),
-                    None => reply.error(Errno::EIO),
-                },
-                None => reply.error(Errno::ENOENT),
-            },
+        let found = self.caught(|| {
+            let list = self.entries(u64::from(parent))?;
+            let (ino, _, _) = list
+                .iter()
+                .find(|(_, _, n)| n.as_slice() == name.as_bytes())
+                .ok_or(Errno::ENOENT)?;
+            self.getattr_of(*ino).ok_or(Errno::EIO)
+        });
+        match found {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.getattr_of(u64::from(ino)) {
-            Some(a) => reply.attr(&TTL, &a),
-            None => reply.error(Errno::ENOENT),
+        match self.caught(|| self.getattr_of(u64::from(ino)).ok_or(Errno::ENOENT)) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.what(ino) {
+        let target = self.caught(|| match self.what(ino) {
             Some(What::Node(s, p, n)) if n.kind == Kind::Symlink => {
-                match self.fs(s, p).map(|fs| fs.read_link(&n)) {
-                    Some(Ok(t)) => reply.data(&t),
-                    Some(Err(e)) => reply.error(self.fail("a symbolic link", e)),
-                    None => reply.error(Errno::EIO),
-                }
+                let fs = self.fs(s, p).ok_or(Errno::EIO)?;
+                fs.read_link(&n)
+                    .map_err(|e| self.fail("a symbolic link", e))
             }
-            _ => reply.error(Errno::EINVAL),
+            _ => Err(Errno::EINVAL),
+        });
+        match target {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -382,26 +423,24 @@ impl fuser::Filesystem for SnapshotsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let got = match self.what(ino) {
+        let got = self.caught(|| match self.what(ino) {
             Some(What::Disk(s)) => self.read_image(self.snaps[s].m.files.disk(), offset, size),
             Some(What::Partition(s, p)) => match self.snaps[s].m.files.partition(p) {
                 Some(d) => self.read_image(&d, offset, size),
                 None => Err(Errno::EIO),
             },
             Some(What::Node(s, p, n)) if n.kind == Kind::File => {
-                let fs = self.fs(s, p).ok_or(Errno::EIO);
-                fs.and_then(|fs| {
-                    let f = fs.open(&n).map_err(|e| self.fail("a file", e))?;
-                    let mut buf = vec![0u8; size as usize];
-                    let k = f
-                        .read_at(offset, &mut buf)
-                        .map_err(|e| self.fail("a file", e))?;
-                    buf.truncate(k);
-                    Ok(buf)
-                })
+                let fs = self.fs(s, p).ok_or(Errno::EIO)?;
+                let f = fs.open(&n).map_err(|e| self.fail("a file", e))?;
+                let mut buf = vec![0u8; size as usize];
+                let k = f
+                    .read_at(offset, &mut buf)
+                    .map_err(|e| self.fail("a file", e))?;
+                buf.truncate(k);
+                Ok(buf)
             }
             _ => Err(Errno::EINVAL),
-        };
+        });
         match got {
             Ok(b) => reply.data(&b),
             Err(e) => reply.error(e),
@@ -416,7 +455,7 @@ impl fuser::Filesystem for SnapshotsFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let list = match self.entries(u64::from(ino)) {
+        let list = match self.caught(|| self.entries(u64::from(ino))) {
             Ok(l) => l,
             Err(e) => return reply.error(e),
         };
@@ -425,12 +464,12 @@ impl fuser::Filesystem for SnapshotsFs {
             (u64::from(ino), FileType::Directory, b"..".to_vec()),
         ];
         for (i, (ino, kind, name)) in dots
-            .into_iter()
-            .chain(list)
+            .iter()
+            .chain(list.iter())
             .enumerate()
             .skip(offset as usize)
         {
-            if reply.add(INodeNo(ino), i as u64 + 1, kind, OsStr::from_bytes(&name)) {
+            if reply.add(INodeNo(*ino), i as u64 + 1, *kind, OsStr::from_bytes(name)) {
                 break;
             }
         }
@@ -438,17 +477,21 @@ impl fuser::Filesystem for SnapshotsFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.xattrs_of(ino) {
-            Ok(x) => match x.iter().find(|(k, _)| k.as_slice() == name.as_bytes()) {
-                Some((_, v)) => reply_sized(reply, size, v),
-                None => reply.error(Errno::ENODATA),
-            },
+        let value = self.caught(|| {
+            let x = self.xattrs_of(ino)?;
+            x.into_iter()
+                .find(|(k, _)| k.as_slice() == name.as_bytes())
+                .map(|(_, v)| v)
+                .ok_or(Errno::ENODATA)
+        });
+        match value {
+            Ok(v) => reply_sized(reply, size, &v),
             Err(e) => reply.error(e),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.xattrs_of(ino) {
+        match self.caught(|| self.xattrs_of(ino)) {
             Ok(x) => {
                 let names: Vec<u8> = x
                     .iter()
