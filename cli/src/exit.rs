@@ -83,7 +83,7 @@ pub fn store_exit(e: &StoreError) -> Exit {
         }
         | StoreError::UnsupportedFormat { .. }
         | StoreError::UnsupportedFeature { .. } => Exit::Format,
-        StoreError::NotARepository { .. } => Exit::NoRepository,
+        StoreError::NotARepository { .. } | StoreError::NoBucket { .. } => Exit::NoRepository,
         StoreError::SnapshotNotFound(_) | StoreError::AmbiguousSnapshot { .. } => Exit::NoSnapshot,
         StoreError::Corrupt { .. }
         | StoreError::BlobCorrupt { .. }

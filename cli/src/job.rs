@@ -41,6 +41,24 @@ impl<'de> Deserialize<'de> for Timeout {
     }
 }
 
+/// A retention period such as `30d`, checked when the job file is read and handed to
+/// `sbk forget --keep-within` as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Period(pub String);
+
+impl<'de> Deserialize<'de> for Period {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match humantime::parse_duration(&s) {
+            Ok(t) if !t.is_zero() => Ok(Period(s)),
+            Ok(_) => Err(serde::de::Error::custom("a period of 0 keeps nothing")),
+            Err(e) => Err(serde::de::Error::custom(format!(
+                "{s:?} is not a duration such as 30d or 12h: {e}"
+            ))),
+        }
+    }
+}
+
 /// What opens a repository: a key file, or a password in a file, a command, or an environment
 /// variable.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -129,6 +147,8 @@ pub struct Retention {
     /// Keep every snapshot with these tags.
     #[serde(default)]
     pub keep_tag: Vec<Name>,
+    /// Keep every snapshot younger than this (`30d`), by the storage's clock.
+    pub keep_within: Option<Period>,
     /// Prune after forgetting.
     #[serde(default)]
     pub prune: bool,
@@ -154,6 +174,10 @@ impl Retention {
         for t in &self.keep_tag {
             a.push("--keep-tag".into());
             a.push(t.0.clone());
+        }
+        if let Some(p) = &self.keep_within {
+            a.push("--keep-within".into());
+            a.push(p.0.clone());
         }
         a
     }
@@ -272,6 +296,7 @@ tags = ["nightly"]
 
 [retention]
 keep_daily = 7
+keep_within = "30d"
 prune = true
 
 [[copy]]
@@ -284,7 +309,10 @@ password_env = "OFFSITE_PASSWORD"
             j.sources[0].timeout,
             Some(Timeout(Duration::from_secs(1800)))
         );
-        assert_eq!(j.retention.unwrap().args(), vec!["--keep-daily", "7"]);
+        assert_eq!(
+            j.retention.unwrap().args(),
+            vec!["--keep-daily", "7", "--keep-within", "30d"]
+        );
         assert_eq!(
             j.copies[0].password().password_env.as_deref(),
             Some("OFFSITE_PASSWORD")
@@ -328,5 +356,7 @@ password_env = "OFFSITE_PASSWORD"
             "{e}"
         );
         assert!(parse("repository = \"r\"\npassword = \"hunter2\"\n").is_err());
+        let e = parse("repository = \"r\"\n[retention]\nkeep_within = \"a month\"\n").unwrap_err();
+        assert!(e.contains("line 3") && e.contains("30d"), "{e}");
     }
 }

@@ -50,8 +50,8 @@ pub use prune::{prune, PackAction, PackPlan, PackReason, PruneMode, PruneOptions
 pub use repair::{repair_index, RepairReport};
 pub use restore::{restore, RestoreOptions, RestoreStats, RestoreTarget};
 pub use retention::{
-    apply as apply_retention, select_forget, Candidate, ForgetSelection, ForgetVerdict, Policy,
-    Verdict,
+    apply as apply_retention, civil_from_days, select_forget, Candidate, ForgetSelection,
+    ForgetVerdict, Policy, Verdict, Within,
 };
 pub use serve::{
     OpenGuard, OpenHook, ServePins, Shared as ServeShared, SnapshotCatalog, SnapshotExport,

@@ -29,6 +29,21 @@ pub struct Policy {
     pub yearly: Option<u32>,
     /// Keep every snapshot with one of these tags.
     pub tags: Vec<String>,
+    /// Keep every snapshot taken within a duration of now.
+    pub within: Option<Within>,
+}
+
+/// "Keep what is younger than this": measured from now by the storage's clock (the time forget
+/// took its lock), never from the newest snapshot, so a flood of new (or future-dated, forged)
+/// snapshots cannot push the older ones out. A snapshot dated after now is within.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Within {
+    /// The duration, in seconds.
+    pub secs: u64,
+    /// Now, in seconds since the Unix epoch, by the storage's clock.
+    pub now: i64,
+    /// The duration as the operator wrote it (`30d`), for the reasons printed.
+    pub label: String,
 }
 
 impl Policy {
@@ -247,6 +262,14 @@ pub fn apply(policy: &Policy, snapshots: &[Candidate]) -> Vec<Verdict> {
                 reasons[i].push(format!("tag {t}"));
             }
         }
+        if let Some(w) = &policy.within {
+            for (i, s) in snaps.iter().enumerate() {
+                let age = w.now.saturating_sub(s.time_ns.div_euclid(1_000_000_000));
+                if age <= i64::try_from(w.secs).unwrap_or(i64::MAX) {
+                    reasons[i].push(format!("within {}", w.label));
+                }
+            }
+        }
         out.extend(snaps.iter().zip(reasons).map(|(s, reasons)| Verdict {
             id: s.id,
             group: group.clone(),
@@ -421,5 +444,55 @@ mod tests {
             ),
             vec![1, 2]
         );
+    }
+
+    #[test]
+    fn within_counts_from_now_and_a_forged_flood_moves_nothing() {
+        let now = 1_800_000_000i64;
+        let day = 86_400i64;
+        let snap = |n: u8, secs: i64| Candidate {
+            id: SnapshotId([n; 32]),
+            time_ns: secs * 1_000_000_000,
+            host: "h".into(),
+            source: "s".into(),
+            tags: Vec::new(),
+        };
+        // Nightly for 60 days, then 150 forged snapshots dated ten years ahead (ids 100..250).
+        let mut snaps: Vec<Candidate> = (0..60u8)
+            .map(|d| snap(d, now - i64::from(d) * day))
+            .collect();
+        snaps.extend((0..150u8).map(|k| snap(100 + k, now + 3650 * day + i64::from(k))));
+        let policy = Policy {
+            within: Some(Within {
+                secs: 30 * 86_400,
+                now,
+                label: "30d".into(),
+            }),
+            ..Policy::default()
+        };
+        let v = apply(&policy, &snaps);
+        let kept = |n: u8| {
+            v.iter()
+                .find(|x| x.id == SnapshotId([n; 32]))
+                .unwrap()
+                .reasons
+                .clone()
+        };
+        assert_eq!(kept(0), ["within 30d"]);
+        assert_eq!(kept(30), ["within 30d"], "exactly 30 days old is within");
+        assert!(kept(31).is_empty() && kept(59).is_empty());
+        assert_eq!(kept(100), ["within 30d"], "a future date is within");
+        // The same flood pushes everything real out of --keep-last.
+        let last = Policy {
+            last: Some(100),
+            ..Policy::default()
+        };
+        let v = apply(&last, &snaps);
+        assert!(v
+            .iter()
+            .find(|x| x.id == SnapshotId([0; 32]))
+            .unwrap()
+            .reasons
+            .is_empty());
     }
 }

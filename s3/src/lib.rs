@@ -277,6 +277,14 @@ impl Inner {
     /// Maps a client error on object `name` of `kind` to the store's.
     fn err(&self, e: object_store::Error, kind: Kind, name: &str) -> StoreError {
         let location = self.at.to_string();
+        // A missing bucket answers 404 as a missing key does; only its error code tells them
+        // apart. It is no repository (exit 10), never a missing object or a storage failure.
+        if e.to_string().contains("NoSuchBucket") {
+            return StoreError::NoBucket {
+                bucket: self.at.bucket.clone(),
+                location,
+            };
+        }
         match e {
             object_store::Error::NotFound { .. } => StoreError::ObjectMissing {
                 kind,

@@ -67,6 +67,14 @@ pub enum StoreError {
         /// The repository path given.
         path: PathBuf,
     },
+    /// The object storage has no bucket of that name: nothing can be there yet.
+    #[error("bucket {bucket} does not exist at {location}: create it (with Object Lock, to protect the backups from a stolen mover), or check the name and AWS_ENDPOINT_URL")]
+    NoBucket {
+        /// The bucket named.
+        bucket: String,
+        /// The repository location given.
+        location: String,
+    },
     /// `init` over something that is already there.
     #[error("{path}: refusing to initialise: {reason}")]
     InitRefused {

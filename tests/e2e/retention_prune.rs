@@ -105,6 +105,31 @@ fn forget_by_id_and_by_policy() {
 }
 
 #[test]
+fn keep_within_counts_from_the_storage_clock() {
+    let env = Env::new();
+    let src = env.path("img");
+    for i in 0..3 {
+        std::fs::write(&src, random(100_000, i)).unwrap();
+        env.backup(&src, &[]);
+    }
+    // Everything is younger than an hour: all kept, with the reason.
+    let r = env.run(&["forget", "--keep-within", "1h"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("within 1h"), "{}", r.stdout);
+    assert_eq!(snapshot_ids(&env).len(), 3);
+    // Nothing is younger than a second two seconds on: a policy that keeps none is refused,
+    // and with --keep-last 1 beside it, the newest stays.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_eq!(env.run(&["forget", "--keep-within", "1s"]).code, 13);
+    let r = env.run(&["forget", "--keep-within", "1s", "--keep-last", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(snapshot_ids(&env).len(), 1);
+    for bad in ["0s", "a month"] {
+        assert_eq!(env.run(&["forget", "--keep-within", bad]).code, 2, "{bad}");
+    }
+}
+
+#[test]
 fn prune_reclaims_space_and_keeps_every_remaining_snapshot_whole() {
     // A seeded random sequence of backups of a mutating image, forgets and prunes; after each
     // prune, every remaining snapshot restores byte-identical and verify --read-data passes.

@@ -229,6 +229,7 @@ fn every_command_works_on_s3_as_on_a_local_repository() {
         &["snapshots"][..],
         &["stats"],
         &["verify", "--read-data"],
+        &["forget", "--keep-within", "1h", "--dry-run"],
         &["forget", out[0]["snapshot"].as_str().unwrap()],
         &["prune", "--max-unused", "0"],
         &["repair", "index"],
@@ -273,12 +274,19 @@ fn bad_credentials_a_missing_bucket_and_a_closed_port() {
     );
     assert_eq!(r.code, 17, "{}", r.stderr);
     assert!(r.stderr.contains("refused access"), "{}", r.stderr);
-    let r = with(
-        &[],
-        &format!("s3://no-such-bucket-{}/x", std::process::id()),
-        &["snapshots"],
-    );
-    assert_eq!(r.code, 10, "{}", r.stderr);
+    // A missing bucket is no repository (exit 10), said in words, for init and the rest.
+    let missing = format!("no-such-bucket-{}", std::process::id());
+    for args in [&["snapshots"][..], &["init", "--encryption", "none"][..]] {
+        let r = with(&[], &format!("s3://{missing}/x"), args);
+        assert_eq!(r.code, 10, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr
+                .contains(&format!("bucket {missing} does not exist"))
+                && !r.stderr.contains("<?xml"),
+            "{args:?}: {}",
+            r.stderr
+        );
+    }
     let r = with(&[], &format!("s3://{BUCKET}/nothing-here"), &["snapshots"]);
     assert_eq!(r.code, 10, "{}", r.stderr);
     let started = Instant::now();

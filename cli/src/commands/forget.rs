@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Result;
-use sbk_engine::{ForgetSelection, ForgetVerdict, Policy};
+use sbk_engine::{ForgetSelection, ForgetVerdict, Policy, Within};
 use sbk_store::LockKind;
 
 use super::snapshots::time;
@@ -15,13 +15,14 @@ use crate::exit::{Exit, ExitWith};
 /// A policy is evaluated per (host, source) group, newest first: `--keep-last N` keeps the N
 /// newest; `--keep-daily N` the newest of each of the N most recent days with a snapshot (and so
 /// on for hourly, weekly (ISO weeks), monthly, yearly; times in UTC); `--keep-tag T` every
-/// snapshot tagged T. A snapshot is kept when any rule keeps it, and the output says which.
+/// snapshot tagged T; `--keep-within D` every snapshot younger than D by the storage's clock. A
+/// snapshot is kept when any rule keeps it, and the output says which.
 /// A policy that would remove every snapshot of a group is refused: name the snapshots to do
 /// that. Forgetting is cheap; the space comes back with `sbk prune` (or `--prune`).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Snapshots to remove (full ids, unique prefixes or `latest`).
-    #[arg(value_name = "SNAPSHOT", conflicts_with_all = ["keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly", "keep_tag", "host", "source"])]
+    #[arg(value_name = "SNAPSHOT", conflicts_with_all = ["keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly", "keep_tag", "keep_within", "host", "source"])]
     snapshots: Vec<String>,
     /// Keep the N newest snapshots of each group.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
@@ -44,6 +45,10 @@ pub struct Args {
     /// Keep every snapshot with this tag (repeatable).
     #[arg(long, value_name = "TAG", value_parser = crate::names::parse)]
     keep_tag: Vec<String>,
+    /// Keep every snapshot taken within DURATION (`30d`, `12h`) of now, by the storage's clock:
+    /// unlike --keep-last, a flood of new (or future-dated) snapshots cannot push older ones out.
+    #[arg(long, value_name = "DURATION", value_parser = parse_within)]
+    keep_within: Option<(u64, String)>,
     /// Apply the policy only to snapshots of this host.
     #[arg(long, value_name = "HOST", value_parser = crate::names::parse)]
     host: Option<String>,
@@ -79,6 +84,12 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         monthly: args.keep_monthly,
         yearly: args.keep_yearly,
         tags: args.keep_tag.clone(),
+        // Now is when this forget took its lock, by the storage's clock: never a host's.
+        within: args.keep_within.clone().map(|(secs, label)| Within {
+            secs,
+            now: lock.started(),
+            label,
+        }),
     };
     if args.snapshots.is_empty() && policy.is_empty() {
         return Err(ExitWith(
@@ -166,4 +177,14 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         )?;
     }
     Ok(Exit::Ok.into())
+}
+
+/// `--keep-within`: a duration such as `30d` or `12h`, with its text for the reasons.
+fn parse_within(s: &str) -> Result<(u64, String), String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration such as 30d or 12h: {e}"))?;
+    if d.is_zero() {
+        return Err("a duration of 0 keeps nothing: give one such as 30d".into());
+    }
+    Ok((d.as_secs(), s.to_owned()))
 }
