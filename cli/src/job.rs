@@ -50,8 +50,10 @@ impl<'de> Deserialize<'de> for Period {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         match humantime::parse_duration(&s) {
-            Ok(t) if !t.is_zero() => Ok(Period(s)),
-            Ok(_) => Err(serde::de::Error::custom("a period of 0 keeps nothing")),
+            Ok(t) if t.as_secs() > 0 => Ok(Period(s)),
+            Ok(_) => Err(serde::de::Error::custom(
+                "a period under a second keeps nothing",
+            )),
             Err(e) => Err(serde::de::Error::custom(format!(
                 "{s:?} is not a duration such as 30d or 12h: {e}"
             ))),

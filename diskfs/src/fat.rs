@@ -109,10 +109,12 @@ impl Fat {
             _ => (u64::from(n) * 4, 4),
         };
         let piece = at / FAT_PIECE * FAT_PIECE;
+        // The cache is refilled whole or not at all: a panic caught while it was held leaves it
+        // valid.
         let mut cache = self
             .fat_cache
             .lock()
-            .expect("no thread panics holding this");
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if cache
             .as_ref()
             .is_none_or(|(p, b)| *p != piece || b.len() < (at - piece + width) as usize)

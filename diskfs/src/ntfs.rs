@@ -151,7 +151,12 @@ impl Ntfs {
 
     /// The cursor, with a fresh allowance for one operation.
     fn cursor(&self) -> std::sync::MutexGuard<'_, Cursor> {
-        let mut c = self.cursor.lock().expect("no thread panics holding this");
+        // A panic caught while the cursor was held leaves nothing to distrust: its state is
+        // reset here for each operation.
+        let mut c = self
+            .cursor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         c.allow(0);
         c
     }
@@ -179,18 +184,32 @@ impl Filesystem for Ntfs {
         let index = file.directory_index(c).map_err(damaged)?;
         let mut entries = index.entries();
         let mut found = Vec::new();
+        // A name met twice in one index means its nodes lead round in a circle (each pass
+        // returning entries, which the cursor's allowance alone would not catch).
+        let mut seen = std::collections::HashSet::new();
         while let Some(e) = entries.next(c.allow(0)) {
             let e = e.map_err(damaged)?;
             let record = e.file_reference().file_record_number();
             let Some(key) = e.key() else { continue };
             let key = key.map_err(damaged)?;
+            let name = key.name().to_string_lossy().into_bytes();
+            if !seen.insert((
+                record,
+                u8::from(key.namespace() == NtfsFileNamespace::Dos),
+                name.clone(),
+            )) {
+                return Err(FsError::Damaged(format!(
+                    "NTFS directory {}: its index leads round in a circle",
+                    dir.id
+                )));
+            }
             if key.namespace() == NtfsFileNamespace::Dos
                 || record < FIRST_USER_RECORD
                 || record == dir.id
             {
                 continue;
             }
-            found.push((key.name().to_string_lossy().into_bytes(), record));
+            found.push((name, record));
         }
         drop(entries);
         found

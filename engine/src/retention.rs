@@ -144,14 +144,10 @@ pub fn select_forget(repo: &Repository, selection: &ForgetSelection) -> Result<V
         })
         .collect();
     let verdicts = apply(&selection.policy, &candidates);
-    let mut groups: BTreeMap<&(String, String), bool> = BTreeMap::new();
-    for v in &verdicts {
-        *groups.entry(&v.group).or_default() |= !v.reasons.is_empty();
-    }
-    if let Some(((host, source), _)) = groups.iter().find(|(_, kept)| !**kept) {
+    if let Some((host, source)) = keeping_none(&selection.policy, &candidates, &verdicts) {
         return Err(EngineError::PolicyKeepsNone {
-            host: host.clone(),
-            source_name: source.clone(),
+            host,
+            source_name: source,
         });
     }
     Ok(verdicts
@@ -162,6 +158,36 @@ pub fn select_forget(repo: &Repository, selection: &ForgetSelection) -> Result<V
             reasons: v.reasons,
         })
         .collect())
+}
+
+/// How far past now (by the storage's clock) a snapshot may be dated and still count as what
+/// its group keeps: clocks differ by seconds, not by an hour.
+const FUTURE_SLACK_SECS: i64 = 3600;
+
+/// The first group the verdicts keep nothing of. With a known now (`--keep-within`), a
+/// snapshot dated after it does not count: one forged for 2036 must not let every real
+/// snapshot of its group go without the refusal.
+fn keeping_none(
+    policy: &Policy,
+    candidates: &[Candidate],
+    verdicts: &[Verdict],
+) -> Option<(String, String)> {
+    let time: std::collections::HashMap<_, _> =
+        candidates.iter().map(|c| (c.id, c.time_ns)).collect();
+    let future = |id: &SnapshotId| {
+        policy.within.as_ref().is_some_and(|w| {
+            time.get(id).copied().unwrap_or(0).div_euclid(1_000_000_000)
+                > w.now.saturating_add(FUTURE_SLACK_SECS)
+        })
+    };
+    let mut groups: BTreeMap<&(String, String), bool> = BTreeMap::new();
+    for v in verdicts {
+        *groups.entry(&v.group).or_default() |= !v.reasons.is_empty() && !future(&v.id);
+    }
+    groups
+        .into_iter()
+        .find(|(_, kept)| !*kept)
+        .map(|(g, _)| g.clone())
 }
 
 /// Civil date (year, month 1-12, day 1-31) of a day count since 1970-01-01 (proleptic Gregorian).
@@ -494,5 +520,17 @@ mod tests {
             .unwrap()
             .reasons
             .is_empty());
+        // Real backups stopped 40 days ago, one forged snapshot is dated ahead: within 30d keeps
+        // only the forged one, which does not count as keeping the group: refused.
+        let stale: Vec<Candidate> = (40..45u8)
+            .map(|d| snap(d, now - i64::from(d) * day))
+            .chain([snap(200, now + 3650 * day)])
+            .collect();
+        let v = apply(&policy, &stale);
+        assert_eq!(
+            keeping_none(&policy, &stale, &v),
+            Some(("h".to_owned(), "s".to_owned()))
+        );
+        assert_eq!(keeping_none(&policy, &snaps, &apply(&policy, &snaps)), None);
     }
 }

@@ -277,9 +277,10 @@ impl Inner {
     /// Maps a client error on object `name` of `kind` to the store's.
     fn err(&self, e: object_store::Error, kind: Kind, name: &str) -> StoreError {
         let location = self.at.to_string();
-        // A missing bucket answers 404 as a missing key does; only its error code tells them
-        // apart. It is no repository (exit 10), never a missing object or a storage failure.
-        if e.to_string().contains("NoSuchBucket") {
+        // A missing bucket answers 404 as a missing key does; only the error code in the body
+        // tells them apart (matched as the element, so that no object name or prefix passes
+        // for it). It is no repository (exit 10), never a missing object or a failure.
+        if e.to_string().contains("<Code>NoSuchBucket</Code>") {
             return StoreError::NoBucket {
                 bucket: self.at.bucket.clone(),
                 location,

@@ -183,8 +183,8 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
 fn parse_within(s: &str) -> Result<(u64, String), String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration such as 30d or 12h: {e}"))?;
-    if d.is_zero() {
-        return Err("a duration of 0 keeps nothing: give one such as 30d".into());
+    if d.as_secs() == 0 {
+        return Err("a duration under a second keeps nothing: give one such as 30d".into());
     }
     Ok((d.as_secs(), s.to_owned()))
 }

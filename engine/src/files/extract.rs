@@ -427,7 +427,7 @@ impl Writer<'_> {
         let data = self.fs.open(node).map_err(|e| Copy::Image(e.to_string()))?;
         // A size the target cannot hold (a crafted 2^60) fails that file, not the run.
         out.set_len(node.size).map_err(|e| match e.raw_os_error() {
-            Some(libc::EFBIG) | Some(libc::EINVAL) => Copy::Image(format!(
+            Some(libc::EFBIG) | Some(libc::EINVAL) | None => Copy::Image(format!(
                 "its size ({} bytes) is more than the target holds",
                 node.size
             )),

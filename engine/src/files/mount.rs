@@ -25,6 +25,8 @@ use crate::serve::OpenGuard;
 const TTL: Duration = Duration::from_secs(3600);
 /// Directory listings kept for the lookups that follow a listing.
 const LISTINGS_KEPT: usize = 64;
+/// Names those listings hold at most, together.
+const NAMES_KEPT: usize = 200_000;
 
 /// A directory's entries: (inode, type, name).
 type Listing = Arc<Vec<(u64, FileType, Vec<u8>)>>;
@@ -247,10 +249,14 @@ impl SnapshotsFs {
         }
         let l = Arc::new(self.list(ino)?);
         let mut g = self.listings.lock().expect("no thread panics holding this");
-        if g.len() >= LISTINGS_KEPT {
+        // Bounded by names, not listings: 64 huge directories must not stay in memory.
+        let held: usize = g.values().map(|l| l.len()).sum();
+        if g.len() >= LISTINGS_KEPT || held + l.len() > NAMES_KEPT {
             g.clear();
         }
-        g.insert(ino, l.clone());
+        if l.len() <= NAMES_KEPT {
+            g.insert(ino, l.clone());
+        }
         Ok(l)
     }
 
