@@ -13,6 +13,7 @@ mod files;
 mod interrupt;
 mod jobs;
 mod maintenance;
+mod mount;
 mod movers;
 mod nbd_source;
 mod operator;
