@@ -17,7 +17,6 @@ use std::path::Path;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 use sbk_diskfs::{lookup, Filesystem, Kind, Node, Time};
 
-use super::fs_error;
 use crate::{EngineError, Result};
 
 /// Bytes of a file read and written at once.
@@ -64,7 +63,7 @@ pub fn extract(
     opts: &ExtractOptions,
     report: &mut ExtractReport,
 ) -> Result<()> {
-    let node = lookup(fs, path.as_bytes(), false).map_err(|e| fs_error(path, e))?;
+    let node = lookup(fs, path.as_bytes(), false).map_err(|e| EngineError::from_fs(path, e))?;
     let target_err = |source| EngineError::Target {
         path: target.to_owned(),
         source,
@@ -90,10 +89,10 @@ pub fn extract(
         Mode::empty(),
     )
     .map_err(|e| target_err(e.into()))?;
-    let root_id = fs.root().map_err(|e| fs_error(path, e))?.id;
+    let root_id = fs.root().map_err(|e| EngineError::from_fs(path, e))?.id;
     let what: Vec<(Vec<u8>, Node)> = if node.id == root_id && node.kind == Kind::Dir {
         fs.read_dir(&node)
-            .map_err(|e| fs_error(path, e))?
+            .map_err(|e| EngineError::from_fs(path, e))?
             .into_iter()
             .map(|e| (e.name, e.node))
             .collect()
@@ -262,8 +261,7 @@ impl Writer<'_> {
                 && rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
                     .is_ok_and(|s| FileType::from_raw_mode(s.st_mode) == FileType::Directory);
             if !keep_dir {
-                self.remove(dir, name)
-                    .map_err(|e| self.target_error(&rel, e))?;
+                remove_at(dir, name, 0).map_err(|e| self.target_error(&rel, e))?;
             }
         }
         if node.kind != Kind::Dir && node.links > 1 {
@@ -352,11 +350,6 @@ impl Writer<'_> {
             ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
         )?;
         rustix::fs::linkat(p, base, dir, name, AtFlags::empty())
-    }
-
-    /// Removes `name` from `dir` (a tree, without following links), for --force.
-    fn remove(&self, dir: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<()> {
-        remove_at(dir, name, 0)
     }
 
     fn dir(&mut self, parent: BorrowedFd<'_>, rel: &[u8], name: &[u8], node: &Node) -> Result<()> {

@@ -91,7 +91,7 @@ impl SnapshotFiles {
     pub fn open(shared: Arc<Shared>, id: SnapshotId) -> Result<SnapshotFiles> {
         let export = SnapshotExport::open(shared, id)?;
         let disk: Disk = Arc::new(SnapshotDisk { export });
-        let table = partitions(&disk).map_err(|e| fs_error("the disk", e))?;
+        let table = partitions(&disk).map_err(|e| EngineError::from_fs("the disk", e))?;
         Ok(SnapshotFiles { disk, table })
     }
 
@@ -145,7 +145,7 @@ impl SnapshotFiles {
                     self.numbers()
                 ),
             })?;
-        open_filesystem(dev).map_err(|e| fs_error(&format!("partition {number}"), e))
+        open_filesystem(dev).map_err(|e| EngineError::from_fs(&format!("partition {number}"), e))
     }
 
     fn numbers(&self) -> String {
@@ -174,11 +174,6 @@ pub fn parse_part_path(s: &str) -> std::result::Result<(u32, String), String> {
         .map_err(|_| format!("{s:?}: {part:?} is not a partition number"))?;
     let path = if path.is_empty() { "/" } else { path };
     Ok((number, path.to_owned()))
-}
-
-/// A filesystem error about `what`, typed by what the operator must do about it.
-pub(crate) fn fs_error(what: &str, e: FsError) -> EngineError {
-    EngineError::from_fs(what, e)
 }
 
 impl EngineError {
