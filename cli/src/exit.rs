@@ -91,9 +91,13 @@ pub fn store_exit(e: &StoreError) -> Exit {
         | StoreError::PackMissing { .. }
         | StoreError::ObjectMissing { .. }
         | StoreError::ShortObject { .. } => Exit::Damaged,
-        StoreError::InitRefused { .. } | StoreError::KeyRefused(_) | StoreError::NotEncrypted => {
-            Exit::Refused
-        }
+        StoreError::InitRefused { .. }
+        | StoreError::KeyRefused(_)
+        | StoreError::NotEncrypted
+        | StoreError::NoObjectLock { .. }
+        | StoreError::NoVersions { .. }
+        | StoreError::Retained { .. }
+        | StoreError::ReadOnly { .. } => Exit::Refused,
         StoreError::WrongPassword { .. }
         | StoreError::NoPassword(_)
         | StoreError::KeyFile { .. }

@@ -194,6 +194,17 @@ pub fn rate_num(bytes_moved: u64, ms: u64) -> f64 {
     bytes_moved as f64 / (ms.max(1) as f64 / 1000.0)
 }
 
+/// Parses a duration such as `30d`, `12h` or `90s` (`--keep-within`, `--object-lock`), keeping
+/// its text for messages. Under a second is refused: it would keep or protect nothing.
+pub fn parse_duration(s: &str) -> Result<(u64, String), String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration such as 30d or 12h: {e}"))?;
+    if d.as_secs() == 0 {
+        return Err("a duration under a second keeps nothing: give one such as 30d".into());
+    }
+    Ok((d.as_secs(), s.to_owned()))
+}
+
 /// Parses a size such as `1048576`, `512K`, `1M`, `1MiB` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();

@@ -19,14 +19,17 @@
 //! storage refuses are `StorageDenied`, and a storage that cannot be reached or keeps failing
 //! after bounded retries (backoff, timeouts) is `StorageUnreachable`.
 
+mod signed;
 mod staged;
 mod uploads;
+mod versions;
 
 use staged::S3Staged;
 pub use uploads::{fuzz_uploads_listing, Upload};
+pub use versions::{fuzz_versions_listing, rfc3339};
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -160,6 +163,13 @@ pub(crate) struct Inner {
     requests: Requests,
     /// Pack parts being sent, process-wide (see staged.rs): what bounds a backup's memory.
     parts: Arc<tokio::sync::Semaphore>,
+    /// The client of the signed requests (signed.rs), made on first use.
+    http: OnceLock<object_store::client::HttpClient>,
+    /// The storage's clock minus ours, seconds, from the last signed answer's `Date`.
+    clock_offset: AtomicI64,
+    /// The retention every object of backup data is written under (versions.rs), once the
+    /// repository's config says so.
+    write_lock: RwLock<Option<sbk_store::ObjectLock>>,
 }
 
 impl Drop for Inner {
@@ -248,6 +258,9 @@ impl S3Backend {
                 region,
                 requests: Requests::default(),
                 parts: Arc::new(tokio::sync::Semaphore::new(staged::PARTS_IN_FLIGHT)),
+                http: OnceLock::new(),
+                clock_offset: AtomicI64::new(0),
+                write_lock: RwLock::new(None),
             }),
         })
     }
@@ -324,11 +337,11 @@ impl Inner {
         name: &str,
         bytes: Bytes,
         mode: PutMode,
-    ) -> std::result::Result<(), object_store::Error> {
+    ) -> std::result::Result<Option<String>, object_store::Error> {
         let path = self.path(kind, name);
         Requests::add(&self.requests.put, 1);
         let payload = PutPayload::from(bytes);
-        self.rt.block_on(self.store.put_opts(
+        let done = self.rt.block_on(self.store.put_opts(
             &path,
             payload,
             PutOptions {
@@ -336,7 +349,8 @@ impl Inner {
                 ..Default::default()
             },
         ))?;
-        Ok(())
+        // The version written, on a bucket that keeps versions: retention goes on exactly it.
+        Ok(done.version)
     }
 
     fn read(&self, kind: Kind, name: &str) -> Result<Vec<u8>> {
@@ -356,12 +370,18 @@ impl Inner {
     fn create(&self, kind: Kind, name: &str, bytes: Bytes) -> Result<Written> {
         // A clone of `Bytes` shares the buffer: the payload is not copied to keep it.
         match self.put(kind, name, bytes.clone(), PutMode::Create) {
-            Ok(()) => Ok(Written::Created),
+            Ok(version) => {
+                self.retain_written(kind, name, version.as_deref())?;
+                Ok(Written::Created)
+            }
             Err(
                 object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. },
             ) => match self.read(kind, name) {
-                Ok(there) if there[..] == bytes[..] => Ok(Written::Created),
+                Ok(there) if there[..] == bytes[..] => {
+                    self.retain_written(kind, name, None)?;
+                    Ok(Written::Created)
+                }
                 Ok(_) => Ok(Written::AlreadyThere),
                 Err(StoreError::ObjectMissing { .. }) => Ok(Written::AlreadyThere),
                 Err(e) => Err(e),
@@ -499,12 +519,21 @@ impl Backend for S3Backend {
             i.rt.block_on(i.store.head(&path))
         }
         .map_err(|e| i.err(e, kind, name))?;
+        let old = meta.version.clone();
         let mode = PutMode::Update(UpdateVersion {
             e_tag: meta.e_tag,
             version: meta.version,
         });
         match i.put(kind, name, Bytes::copy_from_slice(bytes), mode) {
-            Ok(()) => Ok(()),
+            Ok(version) => {
+                i.retain_written(kind, name, version.as_deref())?;
+                // On a bucket that keeps versions, the replaced version would stay for ever:
+                // a lock refreshed every minute would leave a version a minute.
+                match old {
+                    Some(old) if !versions::retained(kind) => i.drop_version(kind, name, &old),
+                    _ => Ok(()),
+                }
+            }
             // Removed (or replaced by someone else) since: never bring it back.
             Err(
                 object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
@@ -530,7 +559,16 @@ impl Backend for S3Backend {
             Requests::add(&i.requests.delete, 1);
             i.rt.block_on(i.store.delete(&path))
         }
-        .map_err(|e| i.err(e, kind, name))
+        .map_err(|e| i.err(e, kind, name))?;
+        // On a bucket that keeps versions, the delete only hid the object behind a marker.
+        // Locks and pins go for good (their versions carry no retention), so that nothing of
+        // a finished command stays behind.
+        if i.versioned() && !versions::retained(kind) {
+            for v in i.versions_of(kind, name)? {
+                i.drop_version(kind, name, &v)?;
+            }
+        }
+        Ok(())
     }
 
     fn remove_leftovers(&self, before: i64) -> Result<u64> {
@@ -546,6 +584,10 @@ impl Backend for S3Backend {
         // The parts' sizes are not in the listing (a request per upload would tell): freed
         // bytes go uncounted.
         Ok(0)
+    }
+
+    fn versions(&self) -> Option<&dyn sbk_store::Versions> {
+        Some(self)
     }
 }
 

@@ -166,16 +166,18 @@ impl Staged for S3Staged {
                 }
             }
             match result {
-                Ok(()) => m.upload.complete().await.map(|_| ()),
+                Ok(()) => m.upload.complete().await.map(|done| done.version),
                 Err(e) => Err(e),
             }
         });
-        if let Err(e) = r {
-            // Nothing of it must stay billed and invisible: abort, and say why it failed.
-            let _ = i.rt.block_on(m.upload.abort());
-            return Err(self.err(e));
+        match r {
+            Ok(version) => i.retain_written(self.kind, &self.name, version.as_deref()),
+            Err(e) => {
+                // Nothing of it must stay billed and invisible: abort, and say why it failed.
+                let _ = i.rt.block_on(m.upload.abort());
+                Err(self.err(e))
+            }
         }
-        Ok(())
     }
 
     fn len(&self) -> u64 {

@@ -5,15 +5,75 @@ use crate::error::DecodeError;
 
 /// Magic at the start of the config file. Do not change: it identifies sbk repositories.
 pub const CONFIG_MAGIC: &[u8; 8] = b"SBKREPO\0";
-/// The repository format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
-/// Encoded size of a config file in bytes (fixed).
+/// The newest repository format version this build writes and reads. It writes version 3 only
+/// for a repository under Object Lock (the one thing version 3 adds), and version 2 otherwise,
+/// so that an older sbk keeps reading every repository that does not need the new field.
+pub const FORMAT_VERSION: u32 = 3;
+/// The version of repositories without Object Lock.
+pub const FORMAT_VERSION_PLAIN: u32 = 2;
+/// Encoded size of a version 2 config in bytes (fixed).
 pub const CONFIG_LEN: usize = 8 + 4 + 16 + 32 + 4 * 3 + 8 + 4 + 8 + 8 + 4 + 8 + 8 + 8 + 16 + 16;
+/// Encoded size of a version 3 config: version 2's and the Object Lock field.
+pub const CONFIG_LEN_LOCKED: usize = CONFIG_LEN + OBJECT_LOCK_LEN;
+/// Size of the Object Lock field (duration, mode, reserved).
+const OBJECT_LOCK_LEN: usize = 8 + 1 + 7;
+
+/// Required feature bit 1: the repository is under S3 Object Lock (docs/format.md, "config").
+/// A reader that does not know it must not write (it would write objects without retention)
+/// nor delete (it would not know what retention keeps).
+pub const FEATURE_OBJECT_LOCK: u64 = 1 << 1;
 
 /// Required feature bits this build implements. A repository whose config sets a required bit
 /// outside this mask is refused: reading it without the feature would be wrong (encrypted blobs
 /// read as plain ones, say).
-pub const KNOWN_REQUIRED_FEATURES: u64 = crate::crypto::FEATURE_ENCRYPTED;
+pub const KNOWN_REQUIRED_FEATURES: u64 = crate::crypto::FEATURE_ENCRYPTED | FEATURE_OBJECT_LOCK;
+
+/// Longest Object Lock duration sbk accepts: 100 years, past which a date overflows nothing but
+/// surely is a typo.
+pub const MAX_OBJECT_LOCK_SECS: u64 = 100 * 366 * 86_400;
+
+/// How the storage enforces retention (S3 Object Lock modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Nobody, not even the storage's root account, can delete a version before its date.
+    Compliance,
+    /// Identities with the `s3:BypassGovernanceRetention` permission can.
+    Governance,
+}
+
+impl LockMode {
+    /// The name S3 uses in its headers and documents.
+    pub fn s3_name(self) -> &'static str {
+        match self {
+            LockMode::Compliance => "COMPLIANCE",
+            LockMode::Governance => "GOVERNANCE",
+        }
+    }
+}
+
+/// A repository's Object Lock: every object of backup data is written with a retention date
+/// at least `secs` ahead, and a snapshot is protected for `secs` after it was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLock {
+    /// The protection period, seconds (1..=[`MAX_OBJECT_LOCK_SECS`]).
+    pub secs: u64,
+    /// The mode retention is set in.
+    pub mode: LockMode,
+}
+
+impl ObjectLock {
+    /// The retention date of an object written at `now`: `now + secs`, rounded up to the next
+    /// multiple of a tenth of `secs` (a generation, as Veeam groups them). Objects written or
+    /// extended within one generation share one date, so a later backup that needs them
+    /// covered finds most already are and extends the rest in one batch per generation.
+    pub fn until(&self, now: i64) -> i64 {
+        let step = (self.secs / 10).max(1) as i64;
+        let at = now.saturating_add(self.secs as i64);
+        at.div_euclid(step)
+            .saturating_add(i64::from(at.rem_euclid(step) != 0))
+            .saturating_mul(step)
+    }
+}
 
 /// Largest segment sbk accepts; tree blobs store extent lengths as `u32`.
 pub const MAX_SEGMENT: u64 = 1 << 30;
@@ -49,6 +109,8 @@ pub struct RepoConfig {
     pub features_required: u64,
     /// Features a reader may ignore.
     pub features_optional: u64,
+    /// With [`FEATURE_OBJECT_LOCK`] (version 3): the protection period and mode.
+    pub object_lock: Option<ObjectLock>,
     /// With [`crate::crypto::FEATURE_ENCRYPTED`]: the config's authentication tag under the
     /// master key (of bytes 0..128), checked once the repository is unlocked; else zero.
     pub mac: [u8; 16],
@@ -63,6 +125,12 @@ impl RepoConfig {
     /// Whether the repository is encrypted.
     pub fn is_encrypted(&self) -> bool {
         self.features_required & crate::crypto::FEATURE_ENCRYPTED != 0
+    }
+
+    /// How many leading bytes of the encoded config its authentication tag covers: everything
+    /// before the tag.
+    pub fn mac_covers(&self) -> usize {
+        CONFIG_LEN - 32 + self.object_lock.map_or(0, |_| OBJECT_LOCK_LEN)
     }
 
     /// Encodes the config (layout in docs/format.md, "config").
@@ -82,8 +150,16 @@ impl RepoConfig {
             .u32(self.zstd_level)
             .i64(self.created)
             .u64(self.features_required)
-            .u64(self.features_optional)
-            .bytes(&self.mac);
+            .u64(self.features_optional);
+        if let Some(lock) = &self.object_lock {
+            e.u64(lock.secs)
+                .bytes(&[match lock.mode {
+                    LockMode::Compliance => 1,
+                    LockMode::Governance => 2,
+                }])
+                .bytes(&[0; 7]);
+        }
+        e.bytes(&self.mac);
         e.finish_with_checksum()
     }
 
@@ -100,13 +176,18 @@ impl RepoConfig {
         // The version is checked before the checksum so that a newer repository says so
         // instead of looking damaged.
         let version = d.u32()?;
-        if version != FORMAT_VERSION {
-            return Err(DecodeError::UnsupportedVersion(version));
-        }
-        if bytes.len() != CONFIG_LEN {
+        let len = match version {
+            FORMAT_VERSION_PLAIN => CONFIG_LEN,
+            FORMAT_VERSION => CONFIG_LEN_LOCKED,
+            _ => return Err(DecodeError::UnsupportedVersion(version)),
+        };
+        if bytes.len() != len {
             return Err(invalid(
                 "config length",
-                format!("{} bytes, expected {CONFIG_LEN}", bytes.len()),
+                format!(
+                    "{} bytes, expected {len} for version {version}",
+                    bytes.len()
+                ),
             ));
         }
         let body = split_checksum(bytes)?;
@@ -126,8 +207,30 @@ impl RepoConfig {
             created: d.i64()?,
             features_required: d.u64()?,
             features_optional: d.u64()?,
+            object_lock: if version == FORMAT_VERSION {
+                let secs = d.u64()?;
+                let [mode, reserved @ ..]: [u8; 8] = d.array()?;
+                if reserved != [0; 7] {
+                    return Err(invalid("config reserved", "object lock bytes must be 0"));
+                }
+                let mode = match mode {
+                    1 => LockMode::Compliance,
+                    2 => LockMode::Governance,
+                    m => return Err(invalid("object lock mode", format!("{m} is not 1 or 2"))),
+                };
+                Some(ObjectLock { secs, mode })
+            } else {
+                None
+            },
             mac: d.array()?,
         };
+        // The bit and the field come together: a version 3 config is one under Object Lock.
+        if (c.features_required & FEATURE_OBJECT_LOCK != 0) != c.object_lock.is_some() {
+            return Err(invalid(
+                "features",
+                "the object lock bit and the config version disagree",
+            ));
+        }
         if c.features_required & crate::crypto::FEATURE_ENCRYPTED == 0 && c.mac != [0; 16] {
             return Err(invalid("config reserved", "must be 0 without encryption"));
         }
@@ -144,6 +247,14 @@ impl RepoConfig {
 
     /// Checks the ranges the store relies on (the chunker checks its own parameters).
     pub fn validate(&self) -> Result<(), DecodeError> {
+        if let Some(lock) = &self.object_lock {
+            if !(1..=MAX_OBJECT_LOCK_SECS).contains(&lock.secs) {
+                return Err(invalid(
+                    "object lock duration",
+                    format!("{} s is outside 1 s..100 years", lock.secs),
+                ));
+            }
+        }
         if self.segment_size == 0
             || !self.segment_size.is_multiple_of(4096)
             || self.segment_size > MAX_SEGMENT
@@ -180,7 +291,7 @@ pub(crate) mod tests {
 
     pub(crate) fn sample() -> RepoConfig {
         RepoConfig {
-            version: FORMAT_VERSION,
+            version: FORMAT_VERSION_PLAIN,
             repo_id: [1; 16],
             chunk_key: [2; 32],
             chunk_min: 256 << 10,
@@ -194,7 +305,20 @@ pub(crate) mod tests {
             created: 1_700_000_000,
             features_required: 0,
             features_optional: 0,
+            object_lock: None,
             mac: [0; 16],
+        }
+    }
+
+    pub(crate) fn sample_locked() -> RepoConfig {
+        RepoConfig {
+            version: FORMAT_VERSION,
+            features_required: FEATURE_OBJECT_LOCK,
+            object_lock: Some(ObjectLock {
+                secs: 30 * 86_400,
+                mode: LockMode::Governance,
+            }),
+            ..sample()
         }
     }
 
@@ -204,15 +328,63 @@ pub(crate) mod tests {
         let bytes = c.encode();
         assert_eq!(bytes.len(), CONFIG_LEN);
         assert_eq!(RepoConfig::decode(&bytes).unwrap(), c);
+        let c = sample_locked();
+        let bytes = c.encode();
+        assert_eq!(bytes.len(), CONFIG_LEN_LOCKED);
+        assert_eq!(c.mac_covers(), 144);
+        assert_eq!(RepoConfig::decode(&bytes).unwrap(), c);
+    }
+
+    #[test]
+    fn retention_dates_come_in_generations() {
+        let lock = ObjectLock {
+            secs: 1000,
+            mode: LockMode::Compliance,
+        };
+        assert_eq!(lock.until(0), 1000);
+        assert_eq!(lock.until(1), 1100);
+        assert_eq!(lock.until(99), 1100);
+        assert_eq!(lock.until(100), 1100);
+        let short = ObjectLock { secs: 5, ..lock };
+        assert_eq!(short.until(7), 12);
+        proptest!(|(now in 0i64..4_000_000_000, secs in 1u64..MAX_OBJECT_LOCK_SECS)| {
+            let lock = ObjectLock { secs, ..lock };
+            let until = lock.until(now);
+            prop_assert!(until >= now + secs as i64);
+            prop_assert!(until < now + secs as i64 + (secs / 10).max(1) as i64);
+        });
+    }
+
+    #[test]
+    fn the_lock_bit_and_field_come_together() {
+        let mut c = sample_locked();
+        c.features_required = 0;
+        assert!(RepoConfig::decode(&c.encode()).is_err());
+        let mut c = sample();
+        c.features_required = FEATURE_OBJECT_LOCK;
+        assert!(RepoConfig::decode(&c.encode()).is_err());
+        // A version 2 config carrying the field is the wrong length for its version.
+        let mut c = sample_locked();
+        c.version = FORMAT_VERSION_PLAIN;
+        assert!(RepoConfig::decode(&c.encode()).is_err());
+        let mut c = sample_locked();
+        c.object_lock = Some(ObjectLock {
+            secs: 0,
+            mode: LockMode::Compliance,
+        });
+        assert!(RepoConfig::decode(&c.encode()).is_err());
+        let mut bytes = sample_locked().encode();
+        bytes[136] = 3;
+        assert!(RepoConfig::decode(&bytes).is_err());
     }
 
     #[test]
     fn newer_version_is_reported_as_such() {
         let mut bytes = sample().encode();
-        bytes[8] = 3;
+        bytes[8] = 4;
         assert_eq!(
             RepoConfig::decode(&bytes),
-            Err(DecodeError::UnsupportedVersion(3))
+            Err(DecodeError::UnsupportedVersion(4))
         );
         bytes[8] = 1;
         assert_eq!(
@@ -225,6 +397,7 @@ pub(crate) mod tests {
     fn unknown_required_features_are_refused_and_optional_ones_kept() {
         let mut c = sample();
         c.features_required = 1 << 5;
+        assert_eq!(KNOWN_REQUIRED_FEATURES & (1 << 5), 0);
         assert!(matches!(
             RepoConfig::decode(&c.encode()),
             Err(DecodeError::UnsupportedFeature(_))
@@ -271,6 +444,9 @@ pub(crate) mod tests {
         #[test]
         fn flipped_bytes_never_decode_silently(pos in 0usize..CONFIG_LEN, bit in 0u8..8) {
             let mut bytes = sample().encode();
+            bytes[pos] ^= 1 << bit;
+            prop_assert!(RepoConfig::decode(&bytes).is_err());
+            let mut bytes = sample_locked().encode();
             bytes[pos] ^= 1 << bit;
             prop_assert!(RepoConfig::decode(&bytes).is_err());
         }

@@ -75,6 +75,45 @@ pub enum StoreError {
         /// The repository location given.
         location: String,
     },
+    /// `init --object-lock` on a bucket that was not created with Object Lock.
+    #[error("bucket {bucket} has no Object Lock configuration, so it cannot hold a protected repository: create a bucket with Object Lock enabled (`aws s3api create-bucket --bucket NAME --object-lock-enabled-for-bucket`; an existing bucket cannot be switched on everywhere) and init there")]
+    NoObjectLock {
+        /// The bucket named.
+        bucket: String,
+    },
+    /// The repository needs storage that keeps object versions (Object Lock, `--as-of`), and
+    /// this one does not.
+    #[error("{location}: {what} needs S3 storage with object versions (Object Lock); {why}")]
+    NoVersions {
+        /// The repository location.
+        location: String,
+        /// What was asked for.
+        what: String,
+        /// Why it is not there, and what to do.
+        why: String,
+    },
+    /// An object version the storage keeps under retention was to be deleted or changed.
+    #[error("{kind} {name} is under retention until {until} (Object Lock): the storage refuses to delete or change it before then")]
+    Retained {
+        /// The object's kind.
+        kind: Kind,
+        /// Its name.
+        name: String,
+        /// Its retention date (RFC 3339, UTC).
+        until: String,
+    },
+    /// A write to a repository opened read-only (`--as-of`: the repository as it was).
+    #[error("{location}: read as of {as_of}, nothing is written (tried to write {kind} {name})")]
+    ReadOnly {
+        /// The repository location.
+        location: String,
+        /// The time it is read as of.
+        as_of: String,
+        /// What was to be written.
+        kind: Kind,
+        /// Its name.
+        name: String,
+    },
     /// `init` over something that is already there.
     #[error("{path}: refusing to initialise: {reason}")]
     InitRefused {

@@ -27,14 +27,14 @@ mod repo;
 
 pub use backend::{
     Backend, CountingBackend, FaultMode, FaultyBackend, Kind, LocalBackend, MemBackend, ObjectInfo,
-    ReadCount, FAULT_ENV,
+    ObjectVersion, ReadCount, Versions, FAULT_ENV,
 };
 pub use blob::{
     decode_blob_into, encode_blob, BlobHeader, BlobKind, Compression, EncodedBlob, BLOB_HEADER_LEN,
 };
 pub use clock::{unix_now, unix_now_ns};
 pub use codec::Extension;
-pub use config::RepoConfig;
+pub use config::{LockMode, ObjectLock, RepoConfig, FEATURE_OBJECT_LOCK, MAX_OBJECT_LOCK_SECS};
 pub use error::{DecodeError, Result, StoreError};
 pub use id::{ChunkId, IndexId, PackId, SnapshotId};
 pub use index::file::IndexFile;

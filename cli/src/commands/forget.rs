@@ -47,7 +47,7 @@ pub struct Args {
     keep_tag: Vec<String>,
     /// Keep every snapshot taken within DURATION (`30d`, `12h`) of now, by the storage's clock:
     /// unlike --keep-last, a flood of new (or future-dated) snapshots cannot push older ones out.
-    #[arg(long, value_name = "DURATION", value_parser = parse_within)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::output::parse_duration)]
     keep_within: Option<(u64, String)>,
     /// Apply the policy only to snapshots of this host.
     #[arg(long, value_name = "HOST", value_parser = crate::names::parse)]
@@ -177,14 +177,4 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         )?;
     }
     Ok(Exit::Ok.into())
-}
-
-/// `--keep-within`: a duration such as `30d` or `12h`, with its text for the reasons.
-fn parse_within(s: &str) -> Result<(u64, String), String> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration such as 30d or 12h: {e}"))?;
-    if d.as_secs() == 0 {
-        return Err("a duration under a second keeps nothing: give one such as 30d".into());
-    }
-    Ok((d.as_secs(), s.to_owned()))
 }

@@ -42,6 +42,20 @@ pub struct Args {
     #[arg(long, value_name = "REPO", conflicts_with = "chunk_size")]
     copy_chunker_params_from: Option<std::path::PathBuf>,
 
+    /// Protect the backups from a stolen mover with S3 Object Lock: every object of backup data
+    /// is written with a retention date at least DURATION (`30d`, `12h`) ahead, and a snapshot
+    /// cannot be forgotten, nor its data deleted, for DURATION after it was written, by anyone
+    /// holding this host's credentials. Needs a bucket created with Object Lock (exit 13
+    /// otherwise); not available on a local repository, whose host can undo any protection.
+    #[arg(long, value_name = "DURATION", value_parser = crate::output::parse_duration)]
+    object_lock: Option<(u64, String)>,
+
+    /// `compliance` (the default): nobody, not even the storage's root account, can shorten
+    /// retention or delete a protected version. `governance`: identities with the
+    /// s3:BypassGovernanceRetention permission can (keep that permission off the mover).
+    #[arg(long, value_name = "MODE", value_parser = ["compliance", "governance"], default_value = "compliance", requires = "object_lock")]
+    object_lock_mode: String,
+
     #[command(flatten)]
     from: super::FromPassword,
 }
@@ -71,6 +85,33 @@ pub fn kdf_params() -> sbk_store::KdfParams {
 /// Runs `sbk init`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let path = ctx.repo_path()?;
+    let object_lock = match &args.object_lock {
+        Some((secs, text)) => {
+            if !sbk_s3::S3Location::is_s3(&path.to_string_lossy()) {
+                return Err(crate::exit::ExitWith(
+                    Exit::Usage,
+                    "--object-lock needs an s3:// repository: whoever is root on the host of a local repository can undo any protection sbk could give it (use a bucket with Object Lock)".into(),
+                )
+                .into());
+            }
+            if *secs > sbk_store::MAX_OBJECT_LOCK_SECS {
+                return Err(crate::exit::ExitWith(
+                    Exit::Usage,
+                    format!("--object-lock {text}: at most 100 years"),
+                )
+                .into());
+            }
+            Some(sbk_store::ObjectLock {
+                secs: *secs,
+                mode: if args.object_lock_mode == "governance" {
+                    sbk_store::LockMode::Governance
+                } else {
+                    sbk_store::LockMode::Compliance
+                },
+            })
+        }
+        None => None,
+    };
     let chunk_avg = u32::try_from(args.chunk_size).unwrap_or(u32::MAX);
     let encryption = if args.encryption == "none" {
         ctx.out.notice(
@@ -103,6 +144,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             pack_size: args.pack_size,
             encryption,
             chunker_from,
+            object_lock,
         },
     )?;
     let encrypted = config.is_encrypted();
@@ -120,6 +162,16 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         ),
         false,
     );
+    if let Some(lock) = &config.object_lock {
+        ctx.out.info(
+            &format!(
+                "under Object Lock ({} mode): every snapshot and the data it needs is protected for {} after it is written",
+                lock.mode.s3_name().to_lowercase(),
+                humantime::format_duration(std::time::Duration::from_secs(lock.secs))
+            ),
+            false,
+        );
+    }
     ctx.out.json(
         &serde_json::json!({
             "repository": path,
@@ -132,6 +184,10 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             "pack_size": config.pack_size,
             "encrypted": encrypted,
             "zstd_level": config.zstd_level,
+            "object_lock": config.object_lock.map(|l| serde_json::json!({
+                "seconds": l.secs,
+                "mode": l.mode.s3_name().to_lowercase(),
+            })),
         }),
         false,
     );

@@ -88,6 +88,9 @@ impl Backend for CountingBackend {
     fn remove_leftovers(&self, before: i64) -> Result<u64> {
         self.inner.remove_leftovers(before)
     }
+    fn versions(&self) -> Option<&dyn super::Versions> {
+        self.inner.versions()
+    }
 }
 
 #[cfg(test)]

@@ -47,6 +47,73 @@ pub(crate) fn list_ids<T: std::str::FromStr, C: FromIterator<T>>(
         .collect())
 }
 
+/// One version of an object on storage that keeps versions (see [`Versions`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ObjectVersion {
+    /// The object's name within its kind.
+    pub name: String,
+    /// When the storage wrote this version (seconds since the Unix epoch, storage clock).
+    pub modified: i64,
+    /// The storage's id of the version.
+    pub version_id: String,
+    /// Its size in bytes (0 for a delete marker).
+    pub size: u64,
+    /// A delete marker: the object was deleted at `modified`.
+    pub delete_marker: bool,
+}
+
+/// Storage that keeps every version of an object and can hold versions under retention (S3
+/// with Object Lock). A delete there only hides an object behind a delete marker; its versions
+/// stay readable by id until they are deleted by id, which retention forbids before its date.
+pub trait Versions: Send + Sync {
+    /// Whether the storage holds versions under Object Lock here (the bucket was created with
+    /// it). A bucket that does not exist is [`crate::StoreError::NoBucket`].
+    fn object_lock_enabled(&self) -> Result<bool>;
+
+    /// From now on, every object of backup data this backend writes (all kinds but locks and
+    /// pins, which must never outlive their holder) is written under retention `lock`, until
+    /// [`crate::config::ObjectLock::until`] of the storage's time of the write.
+    fn retain_writes(&self, lock: crate::config::ObjectLock) -> Result<()>;
+
+    /// Every version and delete marker of a kind's objects, by name, newest first within a name.
+    fn versions(&self, kind: Kind) -> Result<Vec<ObjectVersion>>;
+
+    /// Fills `buf` from `offset` of one version of an object.
+    fn read_version_at(
+        &self,
+        kind: Kind,
+        name: &str,
+        version_id: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()>;
+
+    /// One whole version of an object.
+    fn read_version(&self, kind: Kind, name: &str, version_id: &str) -> Result<Vec<u8>>;
+
+    /// Deletes one version (or delete marker) for good. A version under retention is
+    /// [`crate::StoreError::Retained`].
+    fn delete_version(&self, kind: Kind, name: &str, version_id: &str) -> Result<()>;
+
+    /// The retention date of a version (the newest without `version_id`), seconds since the
+    /// Unix epoch; `None` when it has none.
+    fn retention(&self, kind: Kind, name: &str, version_id: Option<&str>) -> Result<Option<i64>>;
+
+    /// Extends the retention of a version (the newest without `version_id`) to `until` in the
+    /// repository's mode. A date before the one it has is left alone (retention never shortens).
+    fn extend_retention(
+        &self,
+        kind: Kind,
+        name: &str,
+        version_id: Option<&str>,
+        until: i64,
+    ) -> Result<()>;
+
+    /// The storage's time now, seconds since the Unix epoch (from the last answer's `Date`,
+    /// carried forward by the local clock).
+    fn storage_now(&self) -> i64;
+}
+
 /// What `write_once` found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {
@@ -117,4 +184,10 @@ pub trait Backend: Send + Sync {
     /// Unix epoch; `i64::MAX` for all of them, only safe while no other process writes).
     /// Returns bytes freed.
     fn remove_leftovers(&self, before: i64) -> Result<u64>;
+
+    /// The storage's object versions and retention, where it keeps them (S3); `None` for
+    /// storage that keeps only the current object (a local disk, memory).
+    fn versions(&self) -> Option<&dyn Versions> {
+        None
+    }
 }

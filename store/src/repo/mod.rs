@@ -40,6 +40,8 @@ pub struct InitOptions {
     /// Cut and name chunks as another repository does (its average chunk size, gear seed and
     /// chunk-id key; `chunk_avg` is then ignored).
     pub chunker_from: Option<ChunkerSource>,
+    /// Put the repository under S3 Object Lock (the backend must support and allow it).
+    pub object_lock: Option<crate::config::ObjectLock>,
 }
 
 /// A repository's chunker parameters and chunk-id key, for another repository that should cut
@@ -87,6 +89,7 @@ impl std::fmt::Debug for InitOptions {
             .field("pack_size", &self.pack_size)
             .field("encryption", &self.encryption.as_ref().map(|(_, kdf)| kdf))
             .field("chunker_from", &self.chunker_from)
+            .field("object_lock", &self.object_lock)
             .finish()
     }
 }
@@ -101,6 +104,7 @@ impl Default for InitOptions {
             pack_size: DEFAULT_PACK_SIZE,
             encryption: None,
             chunker_from: None,
+            object_lock: None,
         }
     }
 }

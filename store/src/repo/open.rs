@@ -4,7 +4,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use crate::backend::{Backend, Kind, Written};
 use crate::clock::unix_now;
-use crate::config::{RepoConfig, FORMAT_VERSION};
+use crate::config::{RepoConfig, FEATURE_OBJECT_LOCK, FORMAT_VERSION, FORMAT_VERSION_PLAIN};
 use crate::crypto::{Crypto, MasterKey, FEATURE_ENCRYPTED};
 use crate::error::{DecodeError, Result, StoreError};
 use crate::index::CacheLocation;
@@ -53,7 +53,10 @@ impl Repository {
             None => None,
         };
         let mut config = RepoConfig {
-            version: FORMAT_VERSION,
+            version: match opts.object_lock {
+                Some(_) => FORMAT_VERSION,
+                None => FORMAT_VERSION_PLAIN,
+            },
             repo_id: crate::id::random_bytes().map_err(io)?,
             // Encrypted, the chunk-id key is part of the master key, never stored in the clear.
             chunk_key: match (&master, &opts.chunker_from) {
@@ -79,19 +82,28 @@ impl Repository {
                 FEATURE_ENCRYPTED
             } else {
                 0
+            } | if opts.object_lock.is_some() {
+                FEATURE_OBJECT_LOCK
+            } else {
+                0
             },
             features_optional: 0,
+            object_lock: opts.object_lock,
             mac: [0; 16],
         };
         config
             .validate()
             .map_err(|e| StoreError::InvalidParameter(e.to_string()))?;
+        if let Some(lock) = opts.object_lock {
+            // Before anything is written: the key and the config are protected too.
+            retained_writes(backend, lock, "init --object-lock")?;
+        }
         if let (Some(master), Some((password, kdf))) = (&master, &opts.encryption) {
             kdf.check()
                 .map_err(|e| StoreError::InvalidParameter(e.to_string()))?;
             let crypto = Crypto::sealed(master.clone());
             config.mac = crypto
-                .config_mac(&config.encode()[..CONFIG_MAC_AT])
+                .config_mac(&config.encode()[..config.mac_covers()])
                 .expect("sealed crypto has a mac");
             backend.create()?;
             // The key object before the config: a crash in between leaves a directory that is
@@ -172,6 +184,9 @@ impl Repository {
         credential: &mut dyn FnMut() -> Result<Credential>,
     ) -> Result<Self> {
         let (config, bytes) = Self::read_config(backend.as_ref())?;
+        if let Some(lock) = config.object_lock {
+            retained_writes(backend.as_ref(), lock, "a repository under Object Lock")?;
+        }
         let encrypted = config.is_encrypted();
         let keys = backend.list(Kind::Key)?;
         let (crypto, chunk_key, key_name) = if encrypted {
@@ -179,7 +194,7 @@ impl Repository {
             let crypto = Crypto::sealed(master);
             // The config is authenticated by the master key: any changed byte is caught here.
             let mac = crypto
-                .config_mac(&bytes[..CONFIG_MAC_AT])
+                .config_mac(&bytes[..config.mac_covers()])
                 .unwrap_or_default();
             // Compared without an early exit: no timing tells how much of a forged tag matched.
             let differ = mac
@@ -256,8 +271,19 @@ impl Repository {
     }
 }
 
-/// The config's bytes its authentication tag covers: everything before the tag.
-const CONFIG_MAC_AT: usize = 128;
+/// Makes `backend` write every object of backup data under retention `lock`, or says why it
+/// cannot: storage without versions (whoever is root on a host can undo any local protection),
+/// or a bucket without Object Lock.
+fn retained_writes(backend: &dyn Backend, lock: crate::ObjectLock, what: &str) -> Result<()> {
+    match backend.versions() {
+        Some(v) => v.retain_writes(lock),
+        None => Err(StoreError::NoVersions {
+            location: backend.location(),
+            what: what.into(),
+            why: "a local repository cannot be protected from its own host (whoever is root there can undo any protection): use a bucket with Object Lock".into(),
+        }),
+    }
+}
 
 /// The sbk release that wrote each older repository format, for messages.
 fn reader_of(version: u32) -> String {
