@@ -90,7 +90,8 @@ pub fn store_exit(e: &StoreError) -> Exit {
         | StoreError::BlobMissing(_)
         | StoreError::PackMissing { .. }
         | StoreError::ObjectMissing { .. }
-        | StoreError::ShortObject { .. } => Exit::Damaged,
+        | StoreError::ShortObject { .. }
+        | StoreError::ConfigReplaced { .. } => Exit::Damaged,
         StoreError::InitRefused { .. }
         | StoreError::KeyRefused(_)
         | StoreError::NotEncrypted

@@ -84,6 +84,16 @@ pub struct Cli {
     #[arg(long, global = true, env = "SBK_KEY_FILE", value_name = "FILE")]
     key_file: Option<PathBuf>,
 
+    /// Read the repository as it was at TIME (RFC 3339, such as 2026-12-01T03:00:00Z, or a
+    /// duration ago, such as 2d), through the storage's object versions: what was written,
+    /// overwritten or deleted since is not seen. For recovering from a stolen mover on S3 with
+    /// Object Lock (or any bucket that keeps versions). For the commands that only read
+    /// (snapshots, restore, verify, stats, serve, diff, ls, cat, extract, mount); it writes
+    /// nothing to the repository (no lock, no pin) and keeps no cache. To rebuild a clean
+    /// repository, use `sbk copy --from-as-of`.
+    #[arg(long, global = true, value_name = "TIME", value_parser = commands::parse_as_of)]
+    as_of: Option<commands::AsOf>,
+
     /// Worker threads [default: the number of CPUs].
     #[arg(long, global = true, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
@@ -149,7 +159,33 @@ fn main() -> ExitCode {
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    let cache = if cli.no_cache {
+    let reads_only = matches!(
+        cli.command,
+        Command::Snapshots(_)
+            | Command::Restore(_)
+            | Command::Verify(_)
+            | Command::Stats(_)
+            | Command::Serve(_)
+            | Command::Diff(_)
+            | Command::Ls(_)
+            | Command::Cat(_)
+            | Command::Extract(_)
+            | Command::Mount(_)
+    );
+    if cli.as_of.is_some() && !reads_only {
+        let hint = if matches!(cli.command, Command::Copy(_)) {
+            ": to copy from the repository as it was, use `sbk copy --from-as-of`"
+        } else {
+            ": it reads the repository as it was, and this command writes to it"
+        };
+        out.error(
+            &anyhow::anyhow!("--as-of is not for this command{hint}"),
+            exit::Exit::Usage,
+        );
+        return exit::Exit::Usage.into();
+    }
+    // A view of the past keeps nothing: a cache of it would stand for the present next time.
+    let cache = if cli.no_cache || cli.as_of.is_some() {
         CacheLocation::Temporary
     } else {
         match cli.cache_dir.or_else(default_cache_dir) {
@@ -159,6 +195,7 @@ fn main() -> ExitCode {
     };
     let ctx = commands::Context {
         repo: cli.repo,
+        as_of: cli.as_of,
         threads,
         out,
         cache,

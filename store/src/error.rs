@@ -92,6 +92,17 @@ pub enum StoreError {
         /// Why it is not there, and what to do.
         why: String,
     },
+    /// The config of a repository on storage that keeps versions was deleted or overwritten:
+    /// what a stolen mover does. The versions before it are still there.
+    #[error("{location}: the config {what}, but the storage still holds earlier versions of it ({versions}): see the repository as it was with `sbk --as-of TIME snapshots` (TIME before the damage, such as 2026-12-01T03:00:00Z or 2d), and rebuild it elsewhere with `sbk copy --from-repo {location} --from-as-of TIME`")]
+    ConfigReplaced {
+        /// The repository location.
+        location: String,
+        /// What happened to it.
+        what: String,
+        /// How many versions of the config the storage lists.
+        versions: usize,
+    },
     /// An object version the storage keeps under retention was to be deleted or changed.
     #[error("{kind} {name} is under retention until {until} (Object Lock): the storage refuses to delete or change it before then")]
     Retained {

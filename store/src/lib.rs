@@ -26,8 +26,8 @@ mod pack;
 mod repo;
 
 pub use backend::{
-    Backend, CountingBackend, FaultMode, FaultyBackend, Kind, LocalBackend, MemBackend, ObjectInfo,
-    ObjectVersion, ReadCount, Versions, FAULT_ENV,
+    AsOfBackend, Backend, CountingBackend, FaultMode, FaultyBackend, Kind, LocalBackend,
+    MemBackend, ObjectInfo, ObjectVersion, ReadCount, Versions, FAULT_ENV,
 };
 pub use blob::{
     decode_blob_into, encode_blob, BlobHeader, BlobKind, Compression, EncodedBlob, BLOB_HEADER_LEN,

@@ -39,15 +39,27 @@ pub struct Args {
     #[arg(long, value_name = "TAG", value_parser = crate::names::parse)]
     tag: Option<String>,
 
+    /// Copy from the source repository as it was at TIME (RFC 3339, or a duration ago such as
+    /// 2d), through its object versions: the way to rebuild a clean repository elsewhere from
+    /// one a stolen mover damaged (S3 with Object Lock). Nothing is written to the source.
+    #[arg(long, value_name = "TIME", value_parser = super::parse_as_of)]
+    from_as_of: Option<super::AsOf>,
+
     #[command(flatten)]
     from: super::FromPassword,
 }
 
 /// Runs `sbk copy`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    let src = ctx.open_other(&args.from_repo, &args.from)?;
+    let src = ctx.open_other_as_of(&args.from_repo, &args.from, args.from_as_of.as_ref())?;
     let _src_lock = ctx.lock(&src, LockKind::Shared, "copy (source)")?;
-    ctx.load_index(&src)?;
+    if args.from_as_of.is_some() {
+        // A view of the past: its index goes into a temporary cache, never over the cache of
+        // the repository as it is now.
+        src.load_index(&sbk_store::CacheLocation::Temporary)?;
+    } else {
+        ctx.load_index(&src)?;
+    }
     let (dst, _dst_lock) = ctx.open_locked(LockKind::Shared, "copy", true)?;
     sbk_engine::check_compatible(&src, &dst)?;
     let ids = if args.snapshots.is_empty() {

@@ -56,6 +56,77 @@ pub struct Context {
     pub cache: CacheLocation,
     /// Where the repository password comes from.
     pub password: PasswordSource,
+    /// `--as-of`: read the repository as it was then.
+    pub as_of: Option<AsOf>,
+}
+
+/// A past time to read a repository as of (`--as-of`, `copy --from-as-of`).
+#[derive(Debug, Clone)]
+pub struct AsOf {
+    /// The time as given, for messages.
+    pub label: String,
+    /// An absolute time (seconds since the Unix epoch), or how long ago by the storage's clock.
+    pub when: When,
+}
+
+/// When an [`AsOf`] is.
+#[derive(Debug, Clone, Copy)]
+pub enum When {
+    /// At this time (seconds since the Unix epoch).
+    At(i64),
+    /// This many seconds before the storage's now.
+    Ago(u64),
+}
+
+/// Parses `--as-of`: an RFC 3339 time, or a duration ago (`2d`, `90m`).
+pub fn parse_as_of(s: &str) -> std::result::Result<AsOf, String> {
+    let when = match humantime::parse_rfc3339_weak(s) {
+        Ok(t) => When::At(match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => d.as_secs() as i64,
+            Err(e) => -(e.duration().as_secs() as i64),
+        }),
+        Err(_) => match humantime::parse_duration(s) {
+            Ok(d) => When::Ago(d.as_secs()),
+            Err(_) => {
+                return Err(format!(
+                    "{s:?} is neither a time (2026-12-01T03:00:00Z) nor a duration ago (2d, 12h)"
+                ))
+            }
+        },
+    };
+    Ok(AsOf {
+        label: s.to_owned(),
+        when,
+    })
+}
+
+impl AsOf {
+    /// `backend` as it was at this time. Storage without versions is a usage error (exit 2).
+    pub fn view(&self, backend: Arc<dyn Backend>) -> Result<Arc<dyn Backend>> {
+        let Some(versions) = backend.versions() else {
+            return Err(ExitWith(
+                Exit::Usage,
+                format!(
+                    "{}: --as-of needs an s3:// repository whose bucket keeps object versions (Object Lock); a local repository keeps only its current files",
+                    backend.location()
+                ),
+            )
+            .into());
+        };
+        let at = match self.when {
+            When::At(t) => t,
+            When::Ago(secs) => {
+                // One request, for the storage's clock (and to hear of a missing bucket).
+                versions.object_lock_enabled()?;
+                versions.storage_now() - secs as i64
+            }
+        };
+        Ok(Arc::new(sbk_store::AsOfBackend::new(
+            backend,
+            at,
+            &self.label,
+        )?))
+    }
 }
 
 impl Context {
@@ -73,7 +144,11 @@ impl Context {
     /// The backend of the repository (with a fault injected when the test-only
     /// `SBK_TEST_FAULT` asks for one).
     pub fn backend(&self) -> Result<Arc<dyn Backend>> {
-        self.backend_at(self.repo_path()?)
+        let backend = self.backend_at(self.repo_path()?)?;
+        match &self.as_of {
+            Some(as_of) => as_of.view(backend),
+            None => Ok(backend),
+        }
     }
 
     /// The backend of the repository at `path` (a directory or an `s3://` location).
@@ -210,6 +285,16 @@ pub struct FromPassword {
 impl Context {
     /// Opens another repository (no lock, no index) with the `--from-*` password options.
     pub fn open_other(&self, path: &std::path::Path, pw: &FromPassword) -> Result<Repository> {
+        self.open_other_as_of(path, pw, None)
+    }
+
+    /// [`Context::open_other`], as it was at a past time when `as_of` says so.
+    pub fn open_other_as_of(
+        &self,
+        path: &std::path::Path,
+        pw: &FromPassword,
+        as_of: Option<&AsOf>,
+    ) -> Result<Repository> {
         let given = std::env::var_os("SBK_FROM_PASSWORD").is_some()
             || pw.from_password_file.is_some()
             || pw.from_password_command.is_some()
@@ -228,8 +313,10 @@ impl Context {
                 ..self.password.clone()
             }
         };
-        Ok(Repository::open_with(self.backend_at(path)?, &mut || {
-            source.credential()
-        })?)
+        let backend = match as_of {
+            Some(as_of) => as_of.view(self.backend_at(path)?)?,
+            None => self.backend_at(path)?,
+        };
+        Ok(Repository::open_with(backend, &mut || source.credential())?)
     }
 }

@@ -91,6 +91,9 @@ impl Backend for CountingBackend {
     fn versions(&self) -> Option<&dyn super::Versions> {
         self.inner.versions()
     }
+    fn read_only(&self) -> Option<String> {
+        self.inner.read_only()
+    }
 }
 
 #[cfg(test)]

@@ -164,6 +164,9 @@ impl Backend for FaultyBackend {
     fn versions(&self) -> Option<&dyn super::Versions> {
         self.inner.versions()
     }
+    fn read_only(&self) -> Option<String> {
+        self.inner.read_only()
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! one an object store can keep: whole objects appear atomically, a name is written once (except
 //! lock objects, which are replaced by their owner), and a byte range can be read.
 
+mod as_of;
 pub mod contract;
 mod counting;
 mod fault;
@@ -15,6 +16,7 @@ mod local;
 mod mem;
 
 pub use crate::kind::Kind;
+pub use as_of::AsOfBackend;
 pub use counting::{CountingBackend, ReadCount};
 pub use fault::{FaultMode, FaultyBackend, FAULT_ENV};
 pub use local::LocalBackend;
@@ -188,6 +190,13 @@ pub trait Backend: Send + Sync {
     /// The storage's object versions and retention, where it keeps them (S3); `None` for
     /// storage that keeps only the current object (a local disk, memory).
     fn versions(&self) -> Option<&dyn Versions> {
+        None
+    }
+
+    /// Why nothing may be written here, for a view that is read-only (`--as-of`); `None` for
+    /// a repository that is written as usual. Locks and pins are then not taken: a past view
+    /// needs no protection from a prune of the present, and cannot record any.
+    fn read_only(&self) -> Option<String> {
         None
     }
 }

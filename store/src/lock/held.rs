@@ -138,6 +138,19 @@ impl Lock {
         purpose: &str,
         timing: LockTiming,
     ) -> Result<Lock> {
+        if backend.read_only().is_some() {
+            // Nothing can be written: a lock without an object (no name), which protects
+            // nothing and is never refreshed (so no lease to lose), for a view of the past
+            // that needs none.
+            return Ok(Lock {
+                backend,
+                name: String::new(),
+                started: crate::clock::unix_now(),
+                stop: Arc::new(AtomicBool::new(true)),
+                refresher: None,
+                lease,
+            });
+        }
         let host = holder_id();
         let mut info = LockInfo {
             kind,
@@ -283,9 +296,12 @@ impl Drop for Lock {
             t.thread().unpark();
             let _ = t.join();
         }
-        // Pins first: a pin whose lock is gone protects nothing and is cleaned by prune anyway.
-        remove_pins(self.backend.as_ref(), &self.name);
-        let _ = self.backend.delete(Kind::Lock, &self.name);
+        if !self.name.is_empty() {
+            // Pins first: a pin whose lock is gone protects nothing and is cleaned by prune
+            // anyway.
+            remove_pins(self.backend.as_ref(), &self.name);
+            let _ = self.backend.delete(Kind::Lock, &self.name);
+        }
         self.lease.released();
     }
 }

@@ -135,6 +135,15 @@ impl Repository {
     /// Reads and checks the config of the repository at `backend`, without any key: enough
     /// to know that a repository is there, its format, and whether it is encrypted.
     pub fn read_config(backend: &dyn Backend) -> Result<(RepoConfig, Vec<u8>)> {
+        Self::read_config_once(backend).map_err(|e| match e {
+            StoreError::NotARepository { .. } | StoreError::Corrupt { .. } => {
+                replaced_config(backend, e)
+            }
+            e => e,
+        })
+    }
+
+    fn read_config_once(backend: &dyn Backend) -> Result<(RepoConfig, Vec<u8>)> {
         let bytes = match backend.read(Kind::Config, "config") {
             Ok(b) => b,
             Err(StoreError::ObjectMissing { .. }) => {
@@ -184,8 +193,12 @@ impl Repository {
         credential: &mut dyn FnMut() -> Result<Credential>,
     ) -> Result<Self> {
         let (config, bytes) = Self::read_config(backend.as_ref())?;
-        if let Some(lock) = config.object_lock {
-            retained_writes(backend.as_ref(), lock, "a repository under Object Lock")?;
+        match config.object_lock {
+            // A read-only view writes nothing, so it needs no retention to write with.
+            Some(lock) if backend.read_only().is_none() => {
+                retained_writes(backend.as_ref(), lock, "a repository under Object Lock")?
+            }
+            _ => {}
         }
         let encrypted = config.is_encrypted();
         let keys = backend.list(Kind::Key)?;
@@ -268,6 +281,33 @@ impl Repository {
     /// True when the repository is encrypted.
     pub fn is_encrypted(&self) -> bool {
         self.crypto.is_sealed()
+    }
+}
+
+/// A config that is missing or unreadable on storage that keeps versions, where earlier ones
+/// are: the repository was there and was damaged (a stolen mover deleted or overwrote it), and
+/// `--as-of` reads it as it was. Anything else stays the error it was.
+fn replaced_config(backend: &dyn Backend, e: StoreError) -> StoreError {
+    let Some(versions) = backend.versions() else {
+        return e;
+    };
+    let Ok(listed) = versions.versions(Kind::Config) else {
+        return e;
+    };
+    let kept = listed.iter().filter(|v| !v.delete_marker).count();
+    let what = match &e {
+        StoreError::NotARepository { .. } => "was deleted".to_owned(),
+        e => format!("cannot be read ({e})"),
+    };
+    match (&e, kept) {
+        (_, 0) => e,
+        // One readable-looking version that does not decode is plain damage.
+        (StoreError::Corrupt { .. }, 1) => e,
+        _ => StoreError::ConfigReplaced {
+            location: backend.location(),
+            what,
+            versions: kept,
+        },
     }
 }
 

@@ -17,6 +17,10 @@ impl Repository {
     /// written while the snapshot exists, every later prune sees one or the other. A snapshot
     /// that was gone by then may have lost its data already, and is refused.)
     pub fn pin_snapshot(&self, lock: &Lock, id: &SnapshotId) -> Result<()> {
+        if lock.name().is_empty() {
+            // The lock of a read-only view: nothing to pin, nothing can be written.
+            return Ok(());
+        }
         let bytes = self.manifest_bytes(id)?;
         let name = format!("{}.{}", lock.name(), id.to_hex());
         self.b()?.write_once(Kind::Pin, &name, &bytes)?;
@@ -31,6 +35,9 @@ impl Repository {
 
     /// Removes the pin of snapshot `id` by the holder of `lock`.
     pub fn unpin_snapshot(&self, lock: &Lock, id: &SnapshotId) -> Result<()> {
+        if lock.name().is_empty() {
+            return Ok(());
+        }
         match self
             .b()?
             .delete(Kind::Pin, &format!("{}.{}", lock.name(), id.to_hex()))
