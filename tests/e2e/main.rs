@@ -10,6 +10,7 @@ mod devices;
 mod encryption;
 mod faults;
 mod files;
+mod immutable;
 mod interrupt;
 mod jobs;
 mod maintenance;
