@@ -124,6 +124,7 @@ pub fn engine_exit(e: &EngineError) -> Exit {
         EngineError::TargetExists { .. }
         | EngineError::ParentUnusable(_)
         | EngineError::PolicyKeepsNone { .. }
+        | EngineError::Protected { .. }
         | EngineError::TargetTooSmall { .. }
         | EngineError::TargetUnusable { .. }
         | EngineError::FilesystemUnreadable { .. } => Exit::Refused,

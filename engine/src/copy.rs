@@ -178,6 +178,9 @@ fn copy_one(
         repo_id: src.config().repo_id,
         snapshot: *id,
     });
+    // Under Object Lock, the packs the copy shares with earlier snapshots are kept as long as
+    // it is protected (every blob is either written now or a dedup hit: no parent's trees).
+    crate::protect::protect(dst, &copy, None)?;
     let copy_id = dst.write_manifest(&copy)?;
     Ok(CopyOutcome {
         source: *id,

@@ -64,6 +64,14 @@ pub enum EngineError {
     /// carrying the token the list starts from).
     #[error("cannot back up incrementally: {0}")]
     ParentUnusable(String),
+    /// A snapshot named to forget is still protected (Object Lock).
+    #[error("snapshot {id} is protected until {until} (the repository is under Object Lock): it cannot be forgotten before then, by anyone")]
+    Protected {
+        /// The snapshot (short id).
+        id: String,
+        /// When its protection ends (RFC 3339, UTC).
+        until: String,
+    },
     /// A retention policy would keep no snapshot of a host and source.
     #[error("the policy keeps no snapshot of host {host:?}, source {source_name:?}; to remove them all, name them")]
     PolicyKeepsNone {

@@ -17,6 +17,7 @@ mod overlay;
 mod packer;
 mod pool;
 mod progress;
+mod protect;
 mod prune;
 mod repair;
 mod restore;

@@ -91,6 +91,9 @@ pub struct ForgetSelection {
     pub host: Option<String>,
     /// Only snapshots of this source.
     pub source: Option<String>,
+    /// Now, seconds since the Unix epoch, by the storage's clock: under Object Lock a snapshot
+    /// protected until later is never removed.
+    pub now: i64,
 }
 
 /// One snapshot `forget` weighed.
@@ -120,6 +123,13 @@ pub fn select_forget(repo: &Repository, selection: &ForgetSelection) -> Result<V
             .iter()
             .map(|s| {
                 let id = repo.resolve_snapshot(s)?;
+                let until = manifest(&id).and_then(|m| repo.protected_until(&m));
+                if let Some(until) = until.filter(|u| *u > selection.now) {
+                    return Err(EngineError::Protected {
+                        id: id.to_hex()[..8].to_owned(),
+                        until: rfc3339(until),
+                    });
+                }
                 Ok(ForgetVerdict {
                     id,
                     manifest: manifest(&id),
@@ -152,12 +162,34 @@ pub fn select_forget(repo: &Repository, selection: &ForgetSelection) -> Result<V
     }
     Ok(verdicts
         .into_iter()
-        .map(|v| ForgetVerdict {
-            manifest: manifest(&v.id),
-            id: v.id,
-            reasons: v.reasons,
+        .map(|mut v| {
+            let m = manifest(&v.id);
+            // Kept whatever the policy says: the storage would refuse to delete it anyway.
+            match m.as_ref().and_then(|m| repo.protected_until(m)) {
+                Some(until) if until > selection.now => v
+                    .reasons
+                    .push(format!("protected until {}", rfc3339(until))),
+                _ => {}
+            }
+            ForgetVerdict {
+                manifest: m,
+                id: v.id,
+                reasons: v.reasons,
+            }
         })
         .collect())
+}
+
+/// Seconds since the Unix epoch as RFC 3339 in UTC, to the second.
+pub fn rfc3339(secs: i64) -> String {
+    let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
+    let s = secs.rem_euclid(86_400);
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
 }
 
 /// How far past now (by the storage's clock) a snapshot may be dated and still count as what
@@ -308,6 +340,13 @@ pub fn apply(policy: &Policy, snapshots: &[Candidate]) -> Vec<Verdict> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_796_602_359), "2026-12-07T00:12:39Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
+    }
 
     const DAY: i64 = 86_400;
     /// 2024-01-01T00:00:00Z, a Monday.

@@ -72,13 +72,14 @@ fn locked_storage() -> Option<(Weed, PathBuf)> {
     Some((weed, python))
 }
 
-/// A repository under `prefix` of the locked bucket, under Object Lock for `duration`.
-fn locked_repo(weed: &Weed, prefix: &str, duration: &str) -> Env {
+/// A repository under `prefix` of the locked bucket, under Object Lock for `duration`, made
+/// with these further `init` arguments.
+fn locked_repo(weed: &Weed, prefix: &str, duration: &str, init: &[&str]) -> Env {
     Env::init_at(
         tempfile::tempdir().unwrap(),
         PathBuf::from(format!("s3://{LOCKED}/{prefix}")),
         weed.vars(),
-        &["--chunk-size", "64K", "--object-lock", duration],
+        &[&["--chunk-size", "64K", "--object-lock", duration], init].concat(),
     )
 }
 
@@ -108,7 +109,7 @@ fn a_stolen_mover_cannot_destroy_the_backups() {
     let Some((weed, python)) = locked_storage() else {
         return;
     };
-    let env = locked_repo(&weed, "estate", "1h");
+    let env = locked_repo(&weed, "estate", "1h", &[]);
     let image = env.path("disk.img");
     let mut data = random(3 << 20, 7);
     std::fs::write(&image, &data).unwrap();
@@ -226,7 +227,7 @@ fn every_object_of_backup_data_is_written_under_retention() {
     let Some((weed, python)) = locked_storage() else {
         return;
     };
-    let env = locked_repo(&weed, "kept", "30s");
+    let env = locked_repo(&weed, "kept", "30s", &[]);
     let image = env.path("disk.img");
     std::fs::write(&image, random(2 << 20, 3)).unwrap();
     env.backup(&image, &[]);
@@ -283,4 +284,74 @@ fn object_lock_needs_a_bucket_with_it() {
     let local = Env::new();
     let r = local.run(&["--as-of", "1h", "snapshots"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
+}
+
+/// Seconds since the epoch of an RFC 3339 time as sbk prints it.
+fn epoch(t: &Value) -> f64 {
+    let t = humantime::parse_rfc3339(t.as_str().unwrap()).unwrap();
+    t.duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// The earliest retention date among the versions under `prefix` whose key contains `part`.
+fn earliest(all: &[Value], part: &str) -> f64 {
+    all.iter()
+        .filter(|v| v["key"].as_str().unwrap().contains(part))
+        .map(|v| v["until"].as_f64().unwrap_or(0.0))
+        .fold(f64::INFINITY, f64::min)
+}
+
+#[test]
+fn reused_packs_stay_retained_as_long_as_the_new_snapshot() {
+    let Some((weed, python)) = locked_storage() else {
+        return;
+    };
+    // 20 s, in generations of 2 s: a few seconds apart, two backups are in different ones.
+    // Packs of 1 MiB: the one unchanged segment a changed-block backup reads again to check
+    // the list finds a few of them; only a walk of its trees finds the rest.
+    let env = locked_repo(&weed, "reuse", "20s", &["--pack-size", "1M"]);
+    let image = env.path("disk.img");
+    std::fs::write(&image, random(40 << 20, 11)).unwrap();
+    let unchanged = env.path("nothing-changed");
+    std::fs::write(&unchanged, "# nothing changed\n").unwrap();
+    env.backup(&image, &[]);
+    let pause = || std::thread::sleep(std::time::Duration::from_secs(3));
+    // Every segment reused from the parent, a generation later: the new snapshot's packs are
+    // only found by walking its trees. Then a whole read: every chunk a dedup hit.
+    for extra in [&["--changed-blocks", unchanged.to_str().unwrap()][..], &[]] {
+        pause();
+        let b = env.backup(&image, extra);
+        assert_eq!(b["new_bytes"], 0, "{b}");
+        let listed = env.run(&["snapshots", "--json"]).json();
+        let newest = listed.as_array().unwrap().last().unwrap().clone();
+        assert_eq!(newest["id"], b["snapshot"]);
+        let protected = epoch(&newest["protected_until"]);
+        assert_eq!(protected, epoch(&newest["time"]) + 20.0, "{newest}");
+        let all = versions(&python, &weed, "reuse");
+        for part in ["/packs/", "/index/", "/config"] {
+            let until = earliest(&all, part);
+            assert!(until >= protected, "{part}: {until} < {protected}: {all:?}");
+        }
+    }
+    // Protected snapshots are not forgotten: by name it is refused, by a policy kept.
+    let r = env.run(&["forget", "latest"]);
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    assert!(r.stderr.contains("protected until"), "{}", r.stderr);
+    let r = env.run(&["forget", "--keep-last", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        r.stdout.matches("protected until").count(),
+        3,
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        env.run(&["snapshots", "--json"])
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
 }

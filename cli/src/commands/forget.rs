@@ -105,6 +105,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             policy,
             host: args.host.clone(),
             source: args.source.clone(),
+            now: lock.started(),
         },
     )?;
     let describe = |v: &ForgetVerdict| match &v.manifest {

@@ -18,10 +18,19 @@ pub fn time(ns: i64) -> String {
     humantime::format_rfc3339_seconds(st).to_string()
 }
 
+/// The storage's time now (this host's, for storage that does not say).
+pub fn storage_now(repo: &sbk_store::Repository) -> i64 {
+    match repo.backend().versions() {
+        Some(v) => v.storage_now(),
+        None => sbk_store::unix_now(),
+    }
+}
+
 /// Runs `sbk snapshots`.
 pub fn run(ctx: &Context, _args: Args) -> Result<ExitCode> {
     let repo = ctx.open_repo()?;
     let all = repo.snapshots()?;
+    let now = storage_now(&repo);
     let mut json = Vec::new();
     let mut damaged = false;
     if !all.is_empty() {
@@ -53,6 +62,13 @@ pub fn run(ctx: &Context, _args: Args) -> Result<ExitCode> {
                     }
                     _ => tags,
                 };
+                let protected = repo.protected_until(m);
+                let tags = match protected {
+                    Some(until) if until > now => {
+                        format!("{tags} (protected until {})", time(until * 1_000_000_000))
+                    }
+                    _ => tags,
+                };
                 ctx.out.info(
                     &format!(
                         "{:<8}  {:<20}  {:<12}  {:>10}  {}{}",
@@ -74,6 +90,7 @@ pub fn run(ctx: &Context, _args: Args) -> Result<ExitCode> {
                     "tags": m.tags,
                     "parent": m.parent.map(|p| p.to_hex()),
                     "changed_blocks": cbt.as_ref().map(crate::output::changed_blocks_json),
+                    "protected_until": protected.map(|t| time(t * 1_000_000_000)),
                 }));
             }
             Err(e) => {

@@ -354,6 +354,13 @@ fn write_snapshot(
         manifest.set_changed_blocks(&i);
     }
     crate::interrupt::check()?;
+    // Under Object Lock, what the snapshot needs is kept as long as it is protected, before
+    // the manifest that makes it a snapshot.
+    let parent = match incremental.parent {
+        Some(id) => Some(repo.load_manifest(&id)?),
+        None => None,
+    };
+    crate::protect::protect(repo, &manifest, parent.as_ref())?;
     let snapshot = repo.write_manifest(&manifest)?;
     Ok((snapshot, manifest))
 }

@@ -57,7 +57,11 @@ impl AsOfBackend {
         {
             return Ok(v.clone());
         }
-        let view = Arc::new(view_at(self.versions().versions(kind)?, self.at));
+        let view = Arc::new(view_at(
+            self.versions().versions(kind)?,
+            self.at,
+            extended(kind),
+        ));
         self.views
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -85,19 +89,42 @@ impl AsOfBackend {
     }
 }
 
+/// Whether sbk extends the retention of objects of `kind` after writing them (engine,
+/// protect.rs). Some storage (SeaweedFS 4.48) moves a version's LastModified when its
+/// retention changes, so such a version may look written after a time it existed at.
+fn extended(kind: Kind) -> bool {
+    matches!(kind, Kind::Config | Kind::Key | Kind::Index | Kind::Pack)
+}
+
 /// The versions current at `at`: for each name the newest version written at or before it,
 /// unless that is a delete marker. `versions` lists each name's versions newest first; a
 /// version of the same second as a later one in the list is older.
-fn view_at(versions: Vec<ObjectVersion>, at: i64) -> View {
+///
+/// With `extended`, a name whose every version looks written after `at` is taken at its oldest
+/// version (unless that is a delete marker): sbk writes these names once and never replaces
+/// them, so the oldest version holds its bytes, and its date may have moved with a retention
+/// extension. At worst an object written after `at` joins the view, which no snapshot of
+/// then refers to.
+fn view_at(versions: Vec<ObjectVersion>, at: i64, extended: bool) -> View {
     let mut view = View::new();
     let mut decided = std::collections::BTreeSet::new();
+    let mut oldest: BTreeMap<String, ObjectVersion> = BTreeMap::new();
     for v in versions {
         if v.modified > at || decided.contains(&v.name) {
+            if extended && !decided.contains(&v.name) {
+                oldest.insert(v.name.clone(), v);
+            }
             continue;
         }
         decided.insert(v.name.clone());
+        oldest.remove(&v.name);
         if !v.delete_marker {
             view.insert(v.name.clone(), v);
+        }
+    }
+    for (name, v) in oldest {
+        if !v.delete_marker {
+            view.insert(name, v);
         }
     }
     view
@@ -205,12 +232,28 @@ mod tests {
             v("tie", 18, "t2", false),
             v("tie", 18, "t1", false),
         ];
-        let view = view_at(versions, 18);
+        let view = view_at(versions.clone(), 18, false);
         let ids: Vec<(&str, &str)> = view
             .values()
             .map(|v| (v.name.as_str(), v.version_id.as_str()))
             .collect();
         assert_eq!(ids, vec![("config", "c1"), ("later", "l1"), ("tie", "t2")]);
+        // Where dates move with retention: a name seen only after the time is taken at its
+        // oldest version, unless that is a delete marker.
+        let versions = vec![
+            v("pack", 40, "p2", true),
+            v("pack", 30, "p1", false),
+            v("marked", 30, "m2", false),
+            v("marked", 29, "m1", true),
+            v("config", 20, "c2", false),
+            v("config", 10, "c1", false),
+        ];
+        let view = view_at(versions, 18, true);
+        let ids: Vec<(&str, &str)> = view
+            .values()
+            .map(|v| (v.name.as_str(), v.version_id.as_str()))
+            .collect();
+        assert_eq!(ids, vec![("config", "c1"), ("pack", "p1")]);
     }
 
     #[test]

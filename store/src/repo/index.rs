@@ -127,7 +127,24 @@ impl Repository {
                 },
             });
         }
-        Ok(!marked.packs.contains(&e.pack))
+        if marked.packs.contains(&e.pack) {
+            return Ok(false);
+        }
+        if self.config.object_lock.is_some() {
+            // The new snapshot will need this pack: under Object Lock its retention must
+            // cover the snapshot's protection (engine, protect.rs).
+            self.reused_packs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(e.pack);
+        }
+        Ok(true)
+    }
+
+    /// The packs dedup hits found blobs in since the last call (recorded only under Object
+    /// Lock), emptied.
+    pub fn take_reused_packs(&self) -> std::collections::HashSet<PackId> {
+        std::mem::take(&mut *self.reused_packs.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Whether `pack` was marked for deletion by a prune when the index was last loaded.

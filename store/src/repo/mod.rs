@@ -125,6 +125,9 @@ pub struct Repository {
     key_name: Option<String>,
     /// Where manifests are cached, once [`Repository::use_manifest_cache`] set it.
     manifest_cache: OnceLock<std::path::PathBuf>,
+    /// Under Object Lock: the packs that dedup hits found blobs in since the last
+    /// [`Repository::take_reused_packs`] (a new snapshot needs them kept under retention).
+    reused_packs: std::sync::Mutex<std::collections::HashSet<crate::id::PackId>>,
 }
 
 impl Drop for Repository {
@@ -168,6 +171,18 @@ impl Repository {
     /// Fails once the lock this process holds is lost.
     pub fn check_lease(&self) -> Result<()> {
         self.lease.check()
+    }
+
+    /// Under Object Lock, when a snapshot's protection ends (seconds since the Unix epoch): its
+    /// time and the repository's duration. Before then it cannot be forgotten, nor its data
+    /// deleted, by anyone.
+    pub fn protected_until(&self, manifest: &crate::Manifest) -> Option<i64> {
+        self.config.object_lock.map(|l| {
+            manifest
+                .time_ns
+                .div_euclid(1_000_000_000)
+                .saturating_add(l.secs as i64)
+        })
     }
 
     /// The repository config.

@@ -252,6 +252,7 @@ impl Repository {
             chunk_key,
             key_name,
             manifest_cache: OnceLock::new(),
+            reused_packs: Default::default(),
         })
     }
 
