@@ -47,7 +47,9 @@ pub use files::{
 pub use interrupt::{request_stop, stop_requested};
 pub use overlay::{fuzz_overlay_map, OverlayMap};
 pub use progress::{NoProgress, Progress};
-pub use prune::{prune, PackAction, PackPlan, PackReason, PruneMode, PruneOptions, PruneReport};
+pub use prune::{
+    prune, Expired, PackAction, PackPlan, PackReason, PruneMode, PruneOptions, PruneReport,
+};
 pub use repair::{repair_index, RepairReport};
 pub use restore::{restore, RestoreOptions, RestoreStats, RestoreTarget};
 pub use retention::{

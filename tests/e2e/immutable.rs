@@ -355,3 +355,77 @@ fn reused_packs_stay_retained_as_long_as_the_new_snapshot() {
         3
     );
 }
+
+/// Keys under `prefix` that have a version (`versions`) or a delete marker (`markers`).
+fn keys(python: &PathBuf, weed: &Weed, prefix: &str) -> Value {
+    boto(
+        python,
+        weed,
+        &format!(
+            "r = s3.list_object_versions(Bucket='{LOCKED}', Prefix='{prefix}/')\n\
+             print(json.dumps({{'versions': sorted(v['Key'] for v in r.get('Versions', [])),\n\
+             \x20   'markers': sorted(v['Key'] for v in r.get('DeleteMarkers', []))}}))"
+        ),
+    )
+}
+
+#[test]
+fn prune_deletes_old_versions_once_their_retention_has_passed() {
+    let Some((weed, python)) = locked_storage() else {
+        return;
+    };
+    let env = locked_repo(&weed, "expire", "6s", &[]);
+    let (a, b) = (env.path("a.img"), env.path("b.img"));
+    std::fs::write(&a, random(2 << 20, 21)).unwrap();
+    std::fs::write(&b, random(2 << 20, 22)).unwrap();
+    let first = env.backup(&a, &[]);
+    let packs_of_a: Vec<String> = keys(&python, &weed, "expire")["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_owned())
+        .filter(|k| k.contains("/packs/"))
+        .collect();
+    assert!(!packs_of_a.is_empty());
+    // A's protection ends; B, written now, is protected and keeps the index files retained.
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    env.backup(&b, &[]);
+    let r = env.run(&["forget", first["snapshot"].as_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report = env.run(&["prune", "--exclusive", "--json"]).json();
+    let lock = &report["object_lock"];
+    assert!(report["packs_deleted"].as_u64().unwrap() >= 1, "{report}");
+    // A's packs are past their retention: gone for good, markers and all. The index files
+    // the prune replaced are still retained: kept, with the date they free.
+    assert!(
+        lock["versions_deleted"].as_u64().unwrap() >= packs_of_a.len() as u64,
+        "{report}"
+    );
+    assert!(lock["versions_retained"].as_u64().unwrap() >= 1, "{report}");
+    assert!(lock["retained_until"].is_string(), "{report}");
+    let after = keys(&python, &weed, "expire");
+    for p in &packs_of_a {
+        let listed = after.to_string();
+        assert!(!listed.contains(p.as_str()), "{p} still listed: {after}");
+    }
+    let retained_markers = after["markers"].as_array().unwrap().len();
+    assert!(retained_markers >= 1, "{after}");
+    // Once that date has passed, the next prune frees the rest: no version of a gone object
+    // and no delete marker is left.
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    let report = env.run(&["prune", "--exclusive", "--json"]).json();
+    assert_eq!(report["object_lock"]["versions_retained"], 0, "{report}");
+    assert_eq!(
+        report["object_lock"]["markers_deleted"].as_u64().unwrap() as usize,
+        retained_markers,
+        "{report}"
+    );
+    let after = keys(&python, &weed, "expire");
+    assert_eq!(after["markers"].as_array().unwrap().len(), 0, "{after}");
+    // What is left is the repository itself, which still restores B.
+    let out = env.path("b.out");
+    env.restore("latest", &out, &[]);
+    assert_same(&b, &out);
+    let r = env.run(&["verify", "--read-data"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}

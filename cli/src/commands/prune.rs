@@ -174,6 +174,25 @@ fn summary(report: &PruneReport, args: &Args) -> String {
             line += &format!("; {} earlier marks wait ({why})", report.marks_waiting);
         }
     }
+    if let Some(v) = &report.versions {
+        let deleted = if args.dry_run {
+            "would delete"
+        } else {
+            "deleted"
+        };
+        line += &format!(
+            "; Object Lock: {deleted} {} old versions ({}) and {} delete markers of objects no longer in the repository",
+            v.versions_deleted,
+            bytes(v.bytes_freed),
+            v.markers_deleted
+        );
+        if let Some(until) = &v.retained_until {
+            line += &format!(
+                ", {} more are retained (the first until {until})",
+                v.versions_retained
+            );
+        }
+    }
     line
 }
 
@@ -203,6 +222,13 @@ fn report_json(report: &PruneReport, args: &Args) -> serde_json::Value {
             "bytes_before": report.bytes_before,
             "bytes_leftovers": report.bytes_leftovers,
             "duration_ms": report.duration_ms,
+            "object_lock": report.versions.as_ref().map(|v| serde_json::json!({
+                "versions_deleted": v.versions_deleted,
+                "bytes_freed": v.bytes_freed,
+                "markers_deleted": v.markers_deleted,
+                "versions_retained": v.versions_retained,
+                "retained_until": v.retained_until,
+            })),
     })
 }
 

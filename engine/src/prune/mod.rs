@@ -24,6 +24,7 @@ mod marks;
 mod plan;
 #[cfg(test)]
 mod tests;
+mod versions;
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
@@ -42,6 +43,7 @@ use liveness::{liveness, IndexFiles, Used};
 use marks::sort_marks;
 use plan::{plan, PlanInputs};
 pub use plan::{PackAction, PackPlan, PackReason};
+pub use versions::Expired;
 
 /// How prune may delete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +121,9 @@ pub struct PruneReport {
     pub duration_ms: u64,
     /// What happens to each pack, and why (in pack id order).
     pub plan: Vec<PackPlan>,
+    /// Under Object Lock: the versions of gone objects deleted for good, and those still
+    /// retained.
+    pub versions: Option<Expired>,
 }
 
 /// Every blob the snapshots refer to (trees and data), those of snapshots pinned by a live
@@ -267,6 +272,7 @@ pub fn prune(
             progress,
         )?;
     }
+    report.versions = versions::expire_versions(repo, opts.dry_run)?;
     report.plan = plan.packs;
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
