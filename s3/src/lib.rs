@@ -528,11 +528,13 @@ impl Backend for S3Backend {
             Ok(version) => {
                 i.retain_written(kind, name, version.as_deref())?;
                 // On a bucket that keeps versions, the replaced version would stay for ever:
-                // a lock refreshed every minute would leave a version a minute.
-                match old {
-                    Some(old) if !versions::retained(kind) => i.drop_version(kind, name, &old),
-                    _ => Ok(()),
+                // a lock refreshed every minute would leave a version a minute. Best effort: a
+                // bucket whose default retention holds it makes it litter that prune removes
+                // later, never a failed refresh.
+                if let Some(old) = old.filter(|_| !versions::retained(kind)) {
+                    let _ = i.drop_version(kind, name, &old);
                 }
+                Ok(())
             }
             // Removed (or replaced by someone else) since: never bring it back.
             Err(
@@ -563,9 +565,11 @@ impl Backend for S3Backend {
         // On a bucket that keeps versions, the delete only hid the object behind a marker.
         // Locks and pins go for good (their versions carry no retention), so that nothing of
         // a finished command stays behind.
+        // Best effort, as the marker already took it out of the repository: under a bucket's
+        // default retention the versions stay until prune can remove them.
         if i.versioned() && !versions::retained(kind) {
-            for v in i.versions_of(kind, name)? {
-                i.drop_version(kind, name, &v)?;
+            for v in i.versions_of(kind, name).unwrap_or_default() {
+                let _ = i.drop_version(kind, name, &v);
             }
         }
         Ok(())
