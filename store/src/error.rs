@@ -206,7 +206,7 @@ pub enum StoreError {
         size: u64,
     },
     /// The repository (or one of its objects) has a format this build does not read.
-    #[error("{location}: {what} has format version {found}, which this sbk ({ours}) cannot read; it reads format {supported}{hint}")]
+    #[error("{location}: {what} has format version {found}, which this sbk ({ours}) cannot read; it reads {supported}{hint}")]
     UnsupportedFormat {
         /// The repository.
         location: String,
@@ -214,8 +214,8 @@ pub enum StoreError {
         what: &'static str,
         /// The version found.
         found: u32,
-        /// The version this build reads.
-        supported: u32,
+        /// The versions this build reads, as words ("formats 2 and 3").
+        supported: &'static str,
         /// This build's version.
         ours: &'static str,
         /// Which sbk reads the version found, when known.

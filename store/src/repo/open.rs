@@ -158,7 +158,7 @@ impl Repository {
                 location: backend.location(),
                 what: "the repository",
                 found,
-                supported: FORMAT_VERSION,
+                supported: "formats 2 and 3 (3: under Object Lock)",
                 ours: env!("CARGO_PKG_VERSION"),
                 hint: reader_of(found),
             },
