@@ -118,6 +118,7 @@ fn copy_one(
     same_ids: bool,
 ) -> Result<CopyOutcome> {
     let packer = Packer::new(dst);
+    let started = sbk_store::unix_now();
     let bytes = AtomicU64::new(0);
     let (mut read, mut fresh) = (0u64, 0u64);
     let mut trees = Vec::with_capacity(manifest.trees.len());
@@ -180,7 +181,7 @@ fn copy_one(
     });
     // Under Object Lock, the packs the copy shares with earlier snapshots are kept as long as
     // it is protected (every blob is either written now or a dedup hit: no parent's trees).
-    crate::protect::protect(dst, &copy, None)?;
+    crate::protect::protect(dst, &copy, None, (&packer.packs_written(), started))?;
     let copy_id = dst.write_manifest(&copy)?;
     Ok(CopyOutcome {
         source: *id,

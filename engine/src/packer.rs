@@ -65,6 +65,8 @@ pub(crate) struct Packer<'r> {
     index_files: Mutex<Vec<IndexId>>,
     /// Bytes of the packs sealed (headers and blobs, without trailers).
     packed: AtomicU64,
+    /// The packs sealed, in order.
+    written: Mutex<Vec<PackId>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -87,6 +89,7 @@ impl<'r> Packer<'r> {
             upload_error: Mutex::new(None),
             index_files: Mutex::default(),
             packed: AtomicU64::new(0),
+            written: Mutex::default(),
         }
     }
 
@@ -229,6 +232,7 @@ impl<'r> Packer<'r> {
         let len = pack.len();
         let sealed = pack.finish()?;
         self.packed.fetch_add(len, Ordering::Relaxed);
+        lock(&self.written).push(sealed.0);
         let full = {
             let mut u = lock(&self.unindexed);
             u.sealed_blobs += sealed.1.len();
@@ -294,6 +298,11 @@ impl<'r> Packer<'r> {
         drop(n);
         self.check()?;
         self.write_index()
+    }
+
+    /// The packs this packer sealed.
+    pub(crate) fn packs_written(&self) -> Vec<PackId> {
+        lock(&self.written).clone()
     }
 
     /// The index files this packer wrote.

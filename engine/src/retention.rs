@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use sbk_store::{Manifest, Repository, SnapshotId};
+use sbk_store::{Manifest, Repository, SnapshotId, FUTURE_SLACK_SECS};
 
 use crate::error::{EngineError, Result};
 
@@ -123,7 +123,7 @@ pub fn select_forget(repo: &Repository, selection: &ForgetSelection) -> Result<V
             .iter()
             .map(|s| {
                 let id = repo.resolve_snapshot(s)?;
-                let until = manifest(&id).and_then(|m| repo.protected_until(&m));
+                let until = manifest(&id).and_then(|m| repo.protected_until(&m, selection.now));
                 if let Some(until) = until.filter(|u| *u > selection.now) {
                     return Err(EngineError::Protected {
                         id: id.to_hex()[..8].to_owned(),
@@ -164,8 +164,11 @@ pub fn select_forget(repo: &Repository, selection: &ForgetSelection) -> Result<V
         .into_iter()
         .map(|mut v| {
             let m = manifest(&v.id);
-            // Kept whatever the policy says: the storage would refuse to delete it anyway.
-            match m.as_ref().and_then(|m| repo.protected_until(m)) {
+            // Kept whatever the policy says: its protection has not ended.
+            match m
+                .as_ref()
+                .and_then(|m| repo.protected_until(m, selection.now))
+            {
                 Some(until) if until > selection.now => v
                     .reasons
                     .push(format!("protected until {}", rfc3339(until))),
@@ -191,10 +194,6 @@ pub fn rfc3339(secs: i64) -> String {
         s % 60
     )
 }
-
-/// How far past now (by the storage's clock) a snapshot may be dated and still count as what
-/// its group keeps: clocks differ by seconds, not by an hour.
-const FUTURE_SLACK_SECS: i64 = 3600;
 
 /// The first group the verdicts keep nothing of. With a known now (`--keep-within`), a
 /// snapshot dated after it does not count: one forged for 2036 must not let every real

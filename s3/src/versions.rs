@@ -46,7 +46,9 @@ impl Inner {
         let lock = *self.write_lock.read().unwrap_or_else(|e| e.into_inner());
         match lock {
             Some(lock) if retained(kind) => {
-                let until = lock.until(self.storage_now());
+                // The later clock: a snapshot is dated by its host's, and the objects it
+                // writes must be retained at least as long as it is protected.
+                let until = lock.until(self.storage_now().max(sbk_store::unix_now()));
                 self.put_retention(kind, name, version_id, lock.mode, until)
             }
             _ => Ok(()),
@@ -98,12 +100,17 @@ impl Inner {
                 Some(has) if has >= until => Ok(()),
                 _ => Err(self.refused(&reply, &what)),
             },
+            // 405: the current version is a delete marker (a prune removed it meanwhile).
             404 if reply.code() == "NoSuchKey" || reply.code() == "NoSuchVersion" => {
                 Err(StoreError::ObjectMissing {
                     kind,
                     name: name.to_owned(),
                 })
             }
+            405 => Err(StoreError::ObjectMissing {
+                kind,
+                name: name.to_owned(),
+            }),
             _ => Err(self.refused(&reply, &what)),
         }
     }
@@ -212,6 +219,24 @@ impl Inner {
 }
 
 impl Versions for S3Backend {
+    fn keeps_versions(&self) -> Result<bool> {
+        let i = &self.inner;
+        let what = "reading the bucket's versioning";
+        let reply = i.signed(
+            Method::GET,
+            &i.url("", "versioning="),
+            &[],
+            Vec::new(),
+            what,
+        )?;
+        match reply.status {
+            // Suspended versioning keeps the versions it made, but no new ones: not a history
+            // to read a past from.
+            200 => Ok(elements(&reply.body, "Status").first() == Some(&"Enabled")),
+            _ => Err(i.refused(&reply, what)),
+        }
+    }
+
     fn object_lock_enabled(&self) -> Result<bool> {
         let i = &self.inner;
         let what = "reading the bucket's Object Lock configuration";
@@ -232,18 +257,12 @@ impl Versions for S3Backend {
         }
     }
 
-    fn retain_writes(&self, lock: ObjectLock) -> Result<()> {
-        let i = &self.inner;
-        // One request first: it checks that the bucket still has Object Lock (a repository
-        // copied to a bucket without it must not write unprotected objects) and it sets the
-        // storage clock the retention dates are counted from.
-        if !self.object_lock_enabled()? {
-            return Err(StoreError::NoObjectLock {
-                bucket: i.at.bucket.clone(),
-            });
-        }
-        *i.write_lock.write().unwrap_or_else(|e| e.into_inner()) = Some(lock);
-        Ok(())
+    fn retain_writes(&self, lock: ObjectLock) {
+        *self
+            .inner
+            .write_lock
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(lock);
     }
 
     fn versions(&self, kind: Kind) -> Result<Vec<ObjectVersion>> {
@@ -292,7 +311,7 @@ impl Versions for S3Backend {
                     )))
                 }
                 Some(next) => markers = Some(next),
-                None => return Ok(out),
+                None => return Ok(in_order(out)),
             }
         }
         Err(i.unreachable(format!("{what}: more than 100000 pages")))
@@ -418,10 +437,12 @@ impl S3Backend {
         )?;
         match reply.0 {
             200 | 206 => Ok(reply.1),
-            404 => Err(StoreError::ObjectMissing {
-                kind,
-                name: name.to_owned(),
-            }),
+            404 if !String::from_utf8_lossy(&reply.1).contains("<Code>NoSuchBucket</Code>") => {
+                Err(StoreError::ObjectMissing {
+                    kind,
+                    name: name.to_owned(),
+                })
+            }
             416 => Err(StoreError::ShortObject {
                 kind,
                 name: name.to_owned(),
@@ -477,6 +498,7 @@ fn parse_versions(xml: &str) -> std::result::Result<Page, String> {
                     .map_err(|e| format!("version size: {e}"))?
             },
             delete_marker,
+            latest: elements(body, "IsLatest").first() == Some(&"true"),
         });
     }
     let truncated = elements(xml, "IsTruncated").first() == Some(&"true");
@@ -489,6 +511,19 @@ fn parse_versions(xml: &str) -> std::result::Result<Page, String> {
         _ => None,
     };
     Ok(Page { versions, next })
+}
+
+/// Versions by name, the current one first within a name, then newest first, whatever order
+/// the storage listed them in (S3 interleaves versions and delete markers by key, newest first;
+/// a storage may list them apart). Ties keep the listing's order.
+fn in_order(mut versions: Vec<ObjectVersion>) -> Vec<ObjectVersion> {
+    versions.sort_by(|a, b| {
+        a.name
+            .cmp(&b.name)
+            .then(b.latest.cmp(&a.latest))
+            .then(b.modified.cmp(&a.modified))
+    });
+    versions
 }
 
 /// Fuzz entry point: a `ListObjectVersions` answer (bytes the storage sends) parses to a page
@@ -521,6 +556,7 @@ mod tests {
                     version_id: "v2".into(),
                     size: 0,
                     delete_marker: true,
+                    latest: true,
                 },
                 ObjectVersion {
                     name: "r/packs/a".into(),
@@ -528,6 +564,7 @@ mod tests {
                     version_id: "v1".into(),
                     size: 5,
                     delete_marker: false,
+                    latest: false,
                 },
                 ObjectVersion {
                     name: "r/packs/b&".into(),
@@ -535,10 +572,27 @@ mod tests {
                     version_id: "v3".into(),
                     size: 7,
                     delete_marker: false,
+                    latest: false,
                 },
             ]
         );
         assert_eq!(page.next, Some(("r/packs/b".into(), "v3".into())));
+    }
+
+    #[test]
+    fn versions_listed_apart_come_back_in_order() {
+        // Every version first, then every delete marker, as some storage lists them.
+        let xml = r#"<ListVersionsResult>
+<Version><Key>a</Key><VersionId>a1</VersionId><IsLatest>false</IsLatest><LastModified>2026-12-07T00:00:10Z</LastModified><Size>1</Size></Version>
+<Version><Key>b</Key><VersionId>b2</VersionId><IsLatest>true</IsLatest><LastModified>2026-12-07T00:00:30Z</LastModified><Size>1</Size></Version>
+<Version><Key>b</Key><VersionId>b1</VersionId><IsLatest>false</IsLatest><LastModified>2026-12-07T00:00:20Z</LastModified><Size>1</Size></Version>
+<DeleteMarker><Key>a</Key><VersionId>a2</VersionId><IsLatest>true</IsLatest><LastModified>2026-12-07T00:00:40Z</LastModified></DeleteMarker>
+</ListVersionsResult>"#;
+        let ordered: Vec<String> = in_order(parse_versions(xml).unwrap().versions)
+            .into_iter()
+            .map(|v| v.version_id)
+            .collect();
+        assert_eq!(ordered, ["a2", "a1", "b2", "b1"]);
     }
 
     #[test]

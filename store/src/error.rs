@@ -76,9 +76,9 @@ pub enum StoreError {
         location: String,
     },
     /// `init --object-lock` on a bucket that was not created with Object Lock.
-    #[error("bucket {bucket} has no Object Lock configuration, so it cannot hold a protected repository: create a bucket with Object Lock enabled (`aws s3api create-bucket --bucket NAME --object-lock-enabled-for-bucket`; an existing bucket cannot be switched on everywhere) and init there")]
+    #[error("{bucket}: the bucket has no Object Lock configuration, so it cannot hold a protected repository: create a bucket with Object Lock enabled (`aws s3api create-bucket --bucket NAME --object-lock-enabled-for-bucket`; an existing bucket cannot be switched on everywhere) and init there")]
     NoObjectLock {
-        /// The bucket named.
+        /// The repository location.
         bucket: String,
     },
     /// The repository needs storage that keeps object versions (Object Lock, `--as-of`), and

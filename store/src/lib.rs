@@ -51,5 +51,6 @@ pub use marks::{MarkReason, Marks};
 pub use pack::{pack_size_of, PackEntry, PackWriter};
 pub use repo::{
     ChunkerSource, Credential, FoundMarks, InitOptions, KeyInfo, PackGone, Repository, StoredBlob,
-    DEFAULT_CHUNK_AVG, DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL, READ_GAP_BYTES, READ_RUN_BYTES,
+    DEFAULT_CHUNK_AVG, DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL, FUTURE_SLACK_SECS, READ_GAP_BYTES,
+    READ_RUN_BYTES,
 };

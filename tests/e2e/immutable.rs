@@ -127,6 +127,12 @@ fn a_stolen_mover_cannot_destroy_the_backups() {
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let t = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     std::thread::sleep(std::time::Duration::from_millis(1100));
+    // After TIME, a third backup: it is not part of the repository as it was, and the packs
+    // it reuses have their retention extended (which moves their LastModified past TIME on
+    // SeaweedFS: the view must still find them).
+    std::fs::write(env.path("third.img"), random(1 << 20, 9)).unwrap();
+    env.backup(&env.path("third.img"), &[]);
+    env.backup(&image, &[]);
 
     // The attacker holds the mover's credentials: garbage over the config and every manifest,
     // every object deleted, then every version deleted by id.
@@ -162,7 +168,7 @@ fn a_stolen_mover_cannot_destroy_the_backups() {
     assert!(refused
         .iter()
         .any(|k| k.as_str().unwrap().contains("/packs/")));
-    assert_eq!(deleted.len(), 3, "config and two manifests: {attack}");
+    assert_eq!(deleted.len(), 5, "config and four manifests: {attack}");
 
     // The repository as it is now is gone, and says how to get it back.
     let r = env.run(&["snapshots"]);
@@ -253,6 +259,24 @@ fn every_object_of_backup_data_is_written_under_retention() {
         }
         assert!(kinds.contains(kind), "no {kind} in {kinds:?}");
     }
+    // The config rewritten with its own bytes (as one would, to put another retention date
+    // on it, or to drop Object Lock with the key a stolen mover holds): damage, said as such.
+    boto(
+        &python,
+        &weed,
+        &format!(
+            "body = s3.get_object(Bucket='{LOCKED}', Key='kept/config')['Body'].read()\n\
+             s3.put_object(Bucket='{LOCKED}', Key='kept/config', Body=body)\n\
+             print(json.dumps(len(body)))"
+        ),
+    );
+    let r = env.run(&["snapshots"]);
+    assert_eq!(r.code, 12, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("written 2 times") && r.stderr.contains("--as-of"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -284,6 +308,15 @@ fn object_lock_needs_a_bucket_with_it() {
     let local = Env::new();
     let r = local.run(&["--as-of", "1h", "snapshots"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
+    let plain = Env::init_at(
+        tempfile::tempdir().unwrap(),
+        PathBuf::from("s3://sbk/plain"),
+        weed.vars(),
+        &[],
+    );
+    let r = plain.run(&["--as-of", "1h", "snapshots"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("versions"), "{}", r.stderr);
 }
 
 /// Seconds since the epoch of an RFC 3339 time as sbk prints it.

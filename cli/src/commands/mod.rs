@@ -113,13 +113,20 @@ impl AsOf {
             )
             .into());
         };
+        // One request, which also sets the storage's clock and hears of a missing bucket.
+        if !versions.keeps_versions()? {
+            return Err(ExitWith(
+                Exit::Usage,
+                format!(
+                    "{}: --as-of needs a bucket that keeps object versions (versioning or Object Lock on); this one keeps only the current objects",
+                    backend.location()
+                ),
+            )
+            .into());
+        }
         let at = match self.when {
             When::At(t) => t,
-            When::Ago(secs) => {
-                // One request, for the storage's clock (and to hear of a missing bucket).
-                versions.object_lock_enabled()?;
-                versions.storage_now() - secs as i64
-            }
+            When::Ago(secs) => versions.storage_now() - secs as i64,
         };
         Ok(Arc::new(sbk_store::AsOfBackend::new(
             backend,

@@ -62,7 +62,7 @@ pub fn run(ctx: &Context, _args: Args) -> Result<ExitCode> {
                     }
                     _ => tags,
                 };
-                let protected = repo.protected_until(m);
+                let protected = repo.protected_until(m, now);
                 let tags = match protected {
                     Some(until) if until > now => {
                         format!("{tags} (protected until {})", time(until * 1_000_000_000))

@@ -137,6 +137,7 @@ pub fn backup(
         params: chunker_params(repo)?,
         pool,
         packer: Packer::new(repo),
+        started: sbk_store::unix_now(),
         buf_tx,
         buf_rx,
         buffers,
@@ -356,11 +357,14 @@ fn write_snapshot(
     crate::interrupt::check()?;
     // Under Object Lock, what the snapshot needs is kept as long as it is protected, before
     // the manifest that makes it a snapshot.
-    let parent = match incremental.parent {
-        Some(id) => Some(repo.load_manifest(&id)?),
-        None => None,
-    };
-    crate::protect::protect(repo, &manifest, parent.as_ref())?;
+    if repo.config().object_lock.is_some() {
+        let parent = match incremental.parent {
+            Some(id) => Some(repo.load_manifest(&id)?),
+            None => None,
+        };
+        let written = state.packer.packs_written();
+        crate::protect::protect(repo, &manifest, parent.as_ref(), (&written, state.started))?;
+    }
     let snapshot = repo.write_manifest(&manifest)?;
     Ok((snapshot, manifest))
 }

@@ -22,6 +22,8 @@ pub(super) struct RunState<'a> {
     pub(super) pool: rayon::ThreadPool,
     /// Every source's blobs go into the same packs.
     pub(super) packer: Packer<'a>,
+    /// When the run started (seconds since the Unix epoch, this host's clock).
+    pub(super) started: i64,
     /// Segment buffers shared by every source: at most `buffers` exist at once.
     pub(super) buf_tx: Sender<MmapMut>,
     pub(super) buf_rx: Receiver<MmapMut>,

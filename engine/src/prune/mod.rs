@@ -26,7 +26,7 @@ mod plan;
 mod tests;
 mod versions;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Instant;
 
 use sbk_store::{
@@ -272,7 +272,27 @@ pub fn prune(
             progress,
         )?;
     }
-    report.versions = versions::expire_versions(repo, opts.dry_run)?;
+    if repo.config().object_lock.is_some() {
+        // The packs the index files name now, after this run replaced them.
+        let now = RepoIndexFiles {
+            repo,
+            files: repo.index_files()?,
+        };
+        let mut indexed = HashSet::new();
+        now.each(&mut |packs| {
+            indexed.extend(packs.into_iter().map(|(p, _)| p.to_hex()));
+            Ok(())
+        })?;
+        report.versions = versions::expire_versions(repo, opts.dry_run, &indexed)?;
+        if let Some(v) = &report.versions {
+            if let Some(why) = &v.refusal {
+                report.notices.push(format!(
+                    "the storage refused to delete {} old versions that carry no retention date (a legal hold, or a policy?): {why}",
+                    v.refused
+                ));
+            }
+        }
+    }
     report.plan = plan.packs;
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)

@@ -6,6 +6,8 @@
 //! that is still there are left alone: they are what `--as-of` recovers from (a config or a
 //! manifest overwritten by someone else).
 
+use std::collections::HashSet;
+
 use sbk_store::{Kind, ObjectVersion, Repository, StoreError};
 
 use crate::error::Result;
@@ -23,23 +25,34 @@ pub struct Expired {
     pub versions_retained: u64,
     /// The earliest retention date among those (RFC 3339): the next prune after it frees more.
     pub retained_until: Option<String>,
+    /// Versions the storage refused to delete although they carry no retention date.
+    pub refused: u64,
+    /// Why the first of those was refused.
+    pub refusal: Option<String>,
 }
 
-/// The kinds whose gone objects' versions are expired (the config is never deleted).
-const KINDS: [Kind; 7] = [
+/// The kinds whose gone objects' versions are expired. Not the config, never deleted; not the
+/// keys: a key hidden by someone else must still open what `--as-of` recovers, and they are
+/// few and small.
+const KINDS: [Kind; 6] = [
     Kind::Pack,
     Kind::Index,
     Kind::Snapshot,
     Kind::Marks,
-    Kind::Key,
     Kind::Lock,
     Kind::Pin,
 ];
 
 /// Deletes every version of gone objects whose retention has passed, and the markers left
-/// over nothing; with `dry_run`, only counts (asking each version's retention). Nothing to do
-/// outside Object Lock.
-pub(crate) fn expire_versions(repo: &Repository, dry_run: bool) -> Result<Option<Expired>> {
+/// over nothing; with `dry_run`, only counts (asking each version's retention). `indexed` are
+/// the packs the index files still name: one of them hidden behind a delete marker was hidden
+/// by someone else (prune removes a pack from the index first), and its data may still be
+/// needed, so its versions stay. Nothing to do outside Object Lock.
+pub(crate) fn expire_versions(
+    repo: &Repository,
+    dry_run: bool,
+    indexed: &HashSet<String>,
+) -> Result<Option<Expired>> {
     if repo.config().object_lock.is_none() {
         return Ok(None);
     }
@@ -54,6 +67,9 @@ pub(crate) fn expire_versions(repo: &Repository, dry_run: bool) -> Result<Option
             let current = &group[0];
             // A live object keeps its versions; locks and pins are the exception, their old
             // versions are litter of refreshes.
+            if kind == Kind::Pack && indexed.contains(&current.name) {
+                continue;
+            }
             let targets: &[ObjectVersion] = match current.delete_marker {
                 true => group,
                 false if matches!(kind, Kind::Lock | Kind::Pin) => &group[1..],
@@ -70,6 +86,14 @@ pub(crate) fn expire_versions(repo: &Repository, dry_run: bool) -> Result<Option
                     match versions.delete_version(kind, &v.name, &v.version_id) {
                         Ok(()) => None,
                         Err(StoreError::Retained { until, .. }) => Some(until),
+                        // Refused without a retention date (a legal hold, a policy): kept,
+                        // and said, rather than failing the prune that did its work.
+                        Err(StoreError::StorageDenied { detail, .. }) => {
+                            out.refused += 1;
+                            out.refusal.get_or_insert(detail);
+                            kept += 1;
+                            continue;
+                        }
                         Err(e) => return Err(e.into()),
                     }
                 };

@@ -57,10 +57,19 @@ impl AsOfBackend {
         {
             return Ok(v.clone());
         }
+        let versions = self.versions();
+        // The fallback's candidates must carry retention: an object someone else wrote
+        // after the time, without it, is not taken for one of sbk's whose date moved.
+        let retained = |v: &ObjectVersion| {
+            matches!(
+                versions.retention(kind, &v.name, Some(&v.version_id)),
+                Ok(Some(_))
+            )
+        };
         let view = Arc::new(view_at(
-            self.versions().versions(kind)?,
+            versions.versions(kind)?,
             self.at,
-            extended(kind),
+            extended(kind).then_some(&retained as &dyn Fn(&ObjectVersion) -> bool),
         ));
         self.views
             .lock()
@@ -100,12 +109,18 @@ fn extended(kind: Kind) -> bool {
 /// unless that is a delete marker. `versions` lists each name's versions newest first; a
 /// version of the same second as a later one in the list is older.
 ///
-/// With `extended`, a name whose every version looks written after `at` is taken at its oldest
-/// version (unless that is a delete marker): sbk writes these names once and never replaces
-/// them, so the oldest version holds its bytes, and its date may have moved with a retention
-/// extension. At worst an object written after `at` joins the view, which no snapshot of
-/// then refers to.
-fn view_at(versions: Vec<ObjectVersion>, at: i64, extended: bool) -> View {
+/// With `fallback`, a name whose every version looks written after `at` is taken at its oldest
+/// version when that is no delete marker and `fallback` accepts it (it carries retention): sbk
+/// writes these names once and never replaces them, so the oldest version holds its bytes, and
+/// its date may have moved with a retention extension. At worst an object written after `at`
+/// joins the view (a forged index file could then make a chunk fail its check: never wrong
+/// bytes).
+fn view_at(
+    versions: Vec<ObjectVersion>,
+    at: i64,
+    fallback: Option<&dyn Fn(&ObjectVersion) -> bool>,
+) -> View {
+    let extended = fallback.is_some();
     let mut view = View::new();
     let mut decided = std::collections::BTreeSet::new();
     let mut oldest: BTreeMap<String, ObjectVersion> = BTreeMap::new();
@@ -122,9 +137,11 @@ fn view_at(versions: Vec<ObjectVersion>, at: i64, extended: bool) -> View {
             view.insert(v.name.clone(), v);
         }
     }
-    for (name, v) in oldest {
-        if !v.delete_marker {
-            view.insert(name, v);
+    if let Some(accept) = fallback {
+        for (name, v) in oldest {
+            if !v.delete_marker && accept(&v) {
+                view.insert(name, v);
+            }
         }
     }
     view
@@ -211,6 +228,7 @@ mod tests {
             version_id: id.into(),
             size: if delete_marker { 0 } else { 10 },
             delete_marker,
+            latest: false,
         }
     }
 
@@ -232,7 +250,7 @@ mod tests {
             v("tie", 18, "t2", false),
             v("tie", 18, "t1", false),
         ];
-        let view = view_at(versions.clone(), 18, false);
+        let view = view_at(versions.clone(), 18, None);
         let ids: Vec<(&str, &str)> = view
             .values()
             .map(|v| (v.name.as_str(), v.version_id.as_str()))
@@ -247,8 +265,11 @@ mod tests {
             v("marked", 29, "m1", true),
             v("config", 20, "c2", false),
             v("config", 10, "c1", false),
+            // Written after the time by someone else, without retention.
+            v("forged", 30, "f1", false),
         ];
-        let view = view_at(versions, 18, true);
+        let retained = |v: &ObjectVersion| v.version_id != "f1";
+        let view = view_at(versions, 18, Some(&retained));
         let ids: Vec<(&str, &str)> = view
             .values()
             .map(|v| (v.name.as_str(), v.version_id.as_str()))

@@ -62,22 +62,31 @@ pub struct ObjectVersion {
     pub size: u64,
     /// A delete marker: the object was deleted at `modified`.
     pub delete_marker: bool,
+    /// The current version of its name (the storage's `IsLatest`).
+    pub latest: bool,
 }
 
 /// Storage that keeps every version of an object and can hold versions under retention (S3
 /// with Object Lock). A delete there only hides an object behind a delete marker; its versions
 /// stay readable by id until they are deleted by id, which retention forbids before its date.
 pub trait Versions: Send + Sync {
+    /// Whether the storage keeps a version of every write here (bucket versioning is on, as
+    /// Object Lock turns it on): a history `--as-of` can read.
+    fn keeps_versions(&self) -> Result<bool>;
+
     /// Whether the storage holds versions under Object Lock here (the bucket was created with
     /// it). A bucket that does not exist is [`crate::StoreError::NoBucket`].
     fn object_lock_enabled(&self) -> Result<bool>;
 
     /// From now on, every object of backup data this backend writes (all kinds but locks and
     /// pins, which must never outlive their holder) is written under retention `lock`, until
-    /// [`crate::config::ObjectLock::until`] of the storage's time of the write.
-    fn retain_writes(&self, lock: crate::config::ObjectLock) -> Result<()>;
+    /// [`crate::config::ObjectLock::until`] of the time of the write (the later of the
+    /// storage's and this host's clocks). Sends nothing: a bucket without Object Lock refuses
+    /// the first retention, and the write fails.
+    fn retain_writes(&self, lock: crate::config::ObjectLock);
 
-    /// Every version and delete marker of a kind's objects, by name, newest first within a name.
+    /// Every version and delete marker of a kind's objects, by name, the current one first
+    /// within a name, then newest first.
     fn versions(&self, kind: Kind) -> Result<Vec<ObjectVersion>>;
 
     /// Fills `buf` from `offset` of one version of an object.

@@ -136,15 +136,32 @@ impl Repository {
             self.reused_packs
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(e.pack);
+                .entry(e.pack)
+                .or_insert(0);
         }
         Ok(true)
     }
 
-    /// The packs dedup hits found blobs in since the last call (recorded only under Object
-    /// Lock), emptied.
-    pub fn take_reused_packs(&self) -> std::collections::HashSet<PackId> {
-        std::mem::take(&mut *self.reused_packs.lock().unwrap_or_else(|e| e.into_inner()))
+    /// The packs dedup hits found blobs in (recorded only under Object Lock) that this process
+    /// has not extended to `needed` or later.
+    pub fn reused_packs_below(&self, needed: i64) -> Vec<PackId> {
+        let reused = self.reused_packs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut below: Vec<PackId> = reused
+            .iter()
+            .filter(|(_, until)| **until < needed)
+            .map(|(p, _)| *p)
+            .collect();
+        below.sort();
+        below
+    }
+
+    /// Records that `packs` are retained until `until`.
+    pub fn packs_extended(&self, packs: &[PackId], until: i64) {
+        let mut reused = self.reused_packs.lock().unwrap_or_else(|e| e.into_inner());
+        for p in packs {
+            let known = reused.entry(*p).or_insert(0);
+            *known = (*known).max(until);
+        }
     }
 
     /// Whether `pack` was marked for deletion by a prune when the index was last loaded.

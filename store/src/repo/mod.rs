@@ -109,6 +109,10 @@ impl Default for InitOptions {
     }
 }
 
+/// How far past the storage's now a snapshot's time may be and still count as it is: clocks
+/// differ by seconds, not by an hour (a forged or badly set one may differ by years).
+pub const FUTURE_SLACK_SECS: i64 = 3600;
+
 /// An open repository (unlocked, when it is encrypted).
 pub struct Repository {
     backend: Arc<dyn Backend>,
@@ -125,9 +129,10 @@ pub struct Repository {
     key_name: Option<String>,
     /// Where manifests are cached, once [`Repository::use_manifest_cache`] set it.
     manifest_cache: OnceLock<std::path::PathBuf>,
-    /// Under Object Lock: the packs that dedup hits found blobs in since the last
-    /// [`Repository::take_reused_packs`] (a new snapshot needs them kept under retention).
-    reused_packs: std::sync::Mutex<std::collections::HashSet<crate::id::PackId>>,
+    /// Under Object Lock: the packs dedup hits found blobs in, each with the retention date
+    /// this process last extended it to (0 before): a new snapshot needs them retained as long
+    /// as it is protected (engine, protect.rs).
+    reused_packs: std::sync::Mutex<std::collections::HashMap<crate::id::PackId, i64>>,
 }
 
 impl Drop for Repository {
@@ -174,13 +179,15 @@ impl Repository {
     }
 
     /// Under Object Lock, when a snapshot's protection ends (seconds since the Unix epoch): its
-    /// time and the repository's duration. Before then it cannot be forgotten, nor its data
-    /// deleted, by anyone.
-    pub fn protected_until(&self, manifest: &crate::Manifest) -> Option<i64> {
+    /// time and the repository's duration. Before then sbk neither forgets it nor lets its data
+    /// go. A time more than an hour past `now` (the storage's clock) counts as `now` plus an
+    /// hour: a snapshot forged with a far date must not be kept, nor keep its packs, for ever.
+    pub fn protected_until(&self, manifest: &crate::Manifest, now: i64) -> Option<i64> {
         self.config.object_lock.map(|l| {
             manifest
                 .time_ns
                 .div_euclid(1_000_000_000)
+                .min(now.saturating_add(FUTURE_SLACK_SECS))
                 .saturating_add(l.secs as i64)
         })
     }

@@ -97,6 +97,12 @@ impl Repository {
         if let Some(lock) = opts.object_lock {
             // Before anything is written: the key and the config are protected too.
             retained_writes(backend, lock, "init --object-lock")?;
+            let versions = backend.versions().expect("checked by retained_writes");
+            if !versions.object_lock_enabled()? {
+                return Err(StoreError::NoObjectLock {
+                    bucket: backend.location(),
+                });
+            }
         }
         if let (Some(master), Some((password, kdf))) = (&master, &opts.encryption) {
             kdf.check()
@@ -136,9 +142,10 @@ impl Repository {
     /// to know that a repository is there, its format, and whether it is encrypted.
     pub fn read_config(backend: &dyn Backend) -> Result<(RepoConfig, Vec<u8>)> {
         Self::read_config_once(backend).map_err(|e| match e {
-            StoreError::NotARepository { .. } | StoreError::Corrupt { .. } => {
-                replaced_config(backend, e)
-            }
+            StoreError::NotARepository { .. }
+            | StoreError::Corrupt { .. }
+            | StoreError::UnsupportedFormat { .. }
+            | StoreError::UnsupportedFeature { .. } => replaced_config(backend, e),
             e => e,
         })
     }
@@ -193,6 +200,9 @@ impl Repository {
         credential: &mut dyn FnMut() -> Result<Credential>,
     ) -> Result<Self> {
         let (config, bytes) = Self::read_config(backend.as_ref())?;
+        if backend.read_only().is_none() {
+            rewritten_config(backend.as_ref())?;
+        }
         match config.object_lock {
             // A read-only view writes nothing, so it needs no retention to write with.
             Some(lock) if backend.read_only().is_none() => {
@@ -302,14 +312,37 @@ fn replaced_config(backend: &dyn Backend, e: StoreError) -> StoreError {
     };
     match (&e, kept) {
         (_, 0) => e,
-        // One readable-looking version that does not decode is plain damage.
-        (StoreError::Corrupt { .. }, 1) => e,
-        _ => StoreError::ConfigReplaced {
+        // One version that does not decode is plain damage (or a newer sbk's repository).
+        (StoreError::NotARepository { .. }, _) | (_, 2..) => StoreError::ConfigReplaced {
             location: backend.location(),
             what,
             versions: kept,
         },
+        _ => e,
     }
+}
+
+/// Refuses a config that was written more than once, on storage that keeps versions: sbk
+/// writes it once, at init, so a second version is someone else's, even with the same bytes (a
+/// stolen mover's, rewriting it to drop Object Lock, or to put its own retention date on it).
+/// A storage that does not let us list versions is not asked again: the check is a safeguard,
+/// and reading needs no such permission.
+fn rewritten_config(backend: &dyn Backend) -> Result<()> {
+    let Some(versions) = backend.versions() else {
+        return Ok(());
+    };
+    let Ok(listed) = versions.versions(Kind::Config) else {
+        return Ok(());
+    };
+    let written = listed.iter().filter(|v| !v.delete_marker).count();
+    if written > 1 {
+        return Err(StoreError::ConfigReplaced {
+            location: backend.location(),
+            what: format!("was written {written} times (sbk writes it once)"),
+            versions: written,
+        });
+    }
+    Ok(())
 }
 
 /// Makes `backend` write every object of backup data under retention `lock`, or says why it
@@ -317,7 +350,10 @@ fn replaced_config(backend: &dyn Backend, e: StoreError) -> StoreError {
 /// or a bucket without Object Lock.
 fn retained_writes(backend: &dyn Backend, lock: crate::ObjectLock, what: &str) -> Result<()> {
     match backend.versions() {
-        Some(v) => v.retain_writes(lock),
+        Some(v) => {
+            v.retain_writes(lock);
+            Ok(())
+        }
         None => Err(StoreError::NoVersions {
             location: backend.location(),
             what: what.into(),
