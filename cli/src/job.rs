@@ -95,6 +95,9 @@ pub struct Job {
     pub cache_dir: Option<PathBuf>,
     /// Prometheus metrics of the run, written atomically.
     pub metrics_file: Option<PathBuf>,
+    /// Where the records of the job's runs are kept (`runs/JOB/`) [default: /var/lib/sbk as
+    /// root, else $XDG_STATE_HOME/sbk].
+    pub state_dir: Option<PathBuf>,
     /// The sources, backed up one after the other.
     #[serde(rename = "source", default)]
     pub sources: Vec<JobSource>,

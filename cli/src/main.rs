@@ -10,6 +10,7 @@ mod metrics;
 mod names;
 mod output;
 mod password;
+mod records;
 mod signals;
 
 use std::path::PathBuf;

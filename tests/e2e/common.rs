@@ -62,7 +62,9 @@ pub fn sbk() -> Command {
         .env_remove("SBK_NEW_PASSWORD")
         .env("SBK_PASSWORD", PASSWORD)
         .env("SBK_TEST_KDF", "weak")
-        .env("XDG_CACHE_HOME", std::env::temp_dir().join("sbk-e2e-cache"));
+        .env("XDG_CACHE_HOME", std::env::temp_dir().join("sbk-e2e-cache"))
+        // Run records of verify and run: never into /var/lib/sbk of the machine running tests.
+        .env("SBK_STATE_DIR", std::env::temp_dir().join("sbk-e2e-state"));
     c
 }
 

@@ -291,3 +291,107 @@ fn a_bad_job_file_runs_nothing() {
     );
     assert_eq!(r.code, 2, "{}", r.stderr);
 }
+
+/// The run records of a job (oldest first) under `state`.
+fn records(state: &Path, group: &str) -> Vec<serde_json::Value> {
+    let dir = state.join("runs").join(group);
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+        .collect()
+}
+
+#[test]
+fn each_run_and_verify_leaves_a_record_with_sources_errors_and_hook_output() {
+    let env = Env::new();
+    let dir = env.dir.path();
+    let state = dir.join("state");
+    std::fs::write(dir.join("good.img"), random(2 << 20, 4)).unwrap();
+    let text = format!(
+        r#"repository = "{repo}"
+password_env = "JOB_PASS"
+state_dir = "{state}"
+
+[[source]]
+name = "good"
+path = "{d}/good.img"
+pre = "echo taking the snapshot of good"
+
+[[source]]
+name = "bad"
+path = "{d}/bad.img"
+pre = "echo 'lvcreate: Insufficient free space in volume group' >&2; exit 5"
+post = "echo released"
+"#,
+        repo = env.repo.display(),
+        state = state.display(),
+        d = dir.display()
+    );
+    let job = job(dir, "night.toml", &text);
+    let r = run(&env, &job, &[]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    // The hooks' output still reaches the log.
+    assert!(r.stderr.contains("Insufficient free space"), "{}", r.stderr);
+    let recs = records(&state, "night");
+    assert_eq!(recs.len(), 1);
+    let rec = &recs[0];
+    assert_eq!(rec["kind"], "run");
+    assert_eq!(rec["status"], "partial");
+    assert_eq!(rec["exit_code"], 3);
+    assert!(rec["started"].as_str().unwrap() <= rec["ended"].as_str().unwrap());
+    let sources = rec["sources"].as_array().unwrap();
+    let good = &sources[0];
+    assert_eq!(good["name"], "good");
+    assert_eq!(good["status"], "success");
+    assert_eq!(good["bytes_read"], 2 << 20);
+    assert!(good["snapshot"].as_str().unwrap().len() == 64, "{good}");
+    assert_eq!(good["hooks"][0]["hook"], "pre");
+    assert_eq!(
+        good["hooks"][0]["output_tail"],
+        "taking the snapshot of good\n"
+    );
+    let bad = &sources[1];
+    assert_eq!(bad["status"], "failure");
+    assert!(
+        bad["error"].as_str().unwrap().contains("pre hook failed"),
+        "{bad}"
+    );
+    assert!(bad["hooks"][0]["output_tail"]
+        .as_str()
+        .unwrap()
+        .contains("Insufficient free space"));
+    assert_eq!(bad["hooks"][1]["hook"], "post");
+    assert_eq!(bad["hooks"][1]["status"], "success");
+    // A second run adds a record; no password appears in any.
+    run(&env, &job, &[]);
+    let recs = records(&state, "night");
+    assert_eq!(recs.len(), 2);
+    let all = serde_json::Value::Array(recs).to_string();
+    assert!(!all.contains(PASSWORD));
+
+    // verify keeps its own, by --state-dir.
+    let r = env.run(&["verify", "--state-dir", state.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v = records(&state, "verify");
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0]["status"], "success");
+    assert_eq!(v[0]["problems"].as_array().unwrap().len(), 0);
+    let r = sbk()
+        .args(["--repo", dir.join("nothing").to_str().unwrap(), "verify"])
+        .args(["--state-dir", state.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(10));
+    let v = records(&state, "verify");
+    assert_eq!(v[1]["status"], "failure");
+    assert_eq!(v[1]["exit_code"], 10);
+    assert!(v[1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("not an sbk repository"));
+}

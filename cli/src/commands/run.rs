@@ -37,6 +37,12 @@ pub struct Args {
     /// metrics_file]: per source, success and last success time; the job's errors and duration.
     #[arg(long, value_name = "PATH")]
     metrics_file: Option<PathBuf>,
+
+    /// Keep a record of this run (each source's status, error, bytes and the tail of its hooks'
+    /// output; the last 100 runs of the job) under DIR/runs/JOB/ [default: the job file's
+    /// state_dir, else $SBK_STATE_DIR, else /var/lib/sbk as root, else $XDG_STATE_HOME/sbk].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 /// Default hook time limit.
@@ -47,6 +53,21 @@ struct Done {
     name: String,
     snapshot: Option<String>,
     error: Option<String>,
+    /// Its backup's figures (`sbk backup --json`), when it ran.
+    figures: Option<serde_json::Value>,
+    /// What each hook did.
+    hooks: Vec<HookLog>,
+    /// When it started and ended (ns since the epoch).
+    span: (i64, i64),
+}
+
+/// What one hook did, for the run record.
+struct HookLog {
+    hook: &'static str,
+    /// `success`, or why not.
+    status: String,
+    /// The end of what it printed (stderr, and stdout unless that is its result).
+    tail: String,
 }
 
 /// `sbk` itself, for one step of the job (each step is an ordinary sbk command, with its own
@@ -97,14 +118,45 @@ fn password_env(
 }
 
 /// Runs a hook with `sh -c` in a process group of its own, killed whole past `timeout`.
-/// Returns its stdout when it succeeded.
+/// Returns its stdout when it succeeded (with `capture`). What it prints otherwise goes to
+/// sbk's stderr once it ends, and its tail into `log`.
 fn hook(
+    what: &'static str,
+    cmd: &str,
+    env: &[(&str, String)],
+    timeout: Duration,
+    capture: bool,
+    hide: &[String],
+    log: &mut Vec<HookLog>,
+) -> Result<Vec<u8>, String> {
+    let printed = tempfile::tempfile().map_err(|e| format!("{what}: {e}"))?;
+    let r = run_hook(what, cmd, env, timeout, capture, hide, &printed);
+    let mut out = Vec::new();
+    let mut f = printed;
+    let _ =
+        std::io::Seek::rewind(&mut f).and_then(|_| std::io::Read::read_to_end(&mut f, &mut out));
+    // Shown as a hook's output always was (the operator's log), only once it ended.
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), &out);
+    log.push(HookLog {
+        hook: what,
+        status: match &r {
+            Ok(_) => "success".into(),
+            Err(e) => e.clone(),
+        },
+        tail: crate::records::tail(&out),
+    });
+    r
+}
+
+/// [`hook`]'s work: stderr, and stdout unless captured, go to `printed`.
+fn run_hook(
     what: &str,
     cmd: &str,
     env: &[(&str, String)],
     timeout: Duration,
     capture: bool,
     hide: &[String],
+    printed: &std::fs::File,
 ) -> Result<Vec<u8>, String> {
     let mut c = Command::new("sh");
     c.arg("-c").arg(cmd);
@@ -116,10 +168,12 @@ fn hook(
     }
     std::os::unix::process::CommandExt::process_group(&mut c, 0);
     let out_file = tempfile::tempfile().map_err(|e| format!("{what}: {e}"))?;
+    let clone = || printed.try_clone().map_err(|e| format!("{what}: {e}"));
+    c.stderr(clone()?);
     if capture {
         c.stdout(out_file.try_clone().map_err(|e| format!("{what}: {e}"))?);
     } else {
-        c.stdout(Stdio::inherit());
+        c.stdout(clone()?);
     }
     let mut child = c
         .spawn()
@@ -211,6 +265,9 @@ fn source(
     let timeout = s.timeout.map_or(DEFAULT_TIMEOUT, |t| t.0);
     let mut env: Vec<(&str, String)> = vec![("SBK_SOURCE", name.clone())];
     let mut snapshot = None;
+    let mut figures = None;
+    let mut hooks = Vec::new();
+    let started = sbk_store::unix_now_ns();
     let result = (|| -> Result<(), String> {
         // The parent's storage token: where a changed-block list must start from.
         let parent = tokens.as_ref().map_err(Clone::clone)?.get(&name).cloned();
@@ -218,11 +275,11 @@ fn source(
             env.push(("SBK_PARENT_TOKEN", t.clone()));
         }
         if let Some(pre) = &s.pre {
-            hook("pre", pre, &env, timeout, false, &hide)?;
+            hook("pre", pre, &env, timeout, false, &hide, &mut hooks)?;
         }
         let token = match &s.cbt_token {
             Some(cmd) => {
-                let out = hook("cbt_token", cmd, &env, timeout, true, &hide)?;
+                let out = hook("cbt_token", cmd, &env, timeout, true, &hide, &mut hooks)?;
                 Some(String::from_utf8_lossy(&out).trim().to_owned()).filter(|t| !t.is_empty())
             }
             None => None,
@@ -245,7 +302,15 @@ fn source(
         // says what it would be relative to, so the source is read whole; with one, sbk checks
         // that the parent carries it (--cbt-since).
         if let (Some(cmd), Some(since)) = (&s.changed_blocks, &parent) {
-            let list = hook("changed_blocks", cmd, &env, timeout, true, &hide)?;
+            let list = hook(
+                "changed_blocks",
+                cmd,
+                &env,
+                timeout,
+                true,
+                &hide,
+                &mut hooks,
+            )?;
             let file = scratch.join(format!("{}.list", name.replace('/', "_")));
             std::fs::write(&file, list).map_err(|e| format!("{}: {e}", file.display()))?;
             c.arg("--changed-blocks")
@@ -260,6 +325,7 @@ fn source(
             .map_err(|e| format!("backup: {e}"))?;
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
             snapshot = v[0]["snapshot"].as_str().map(str::to_owned);
+            figures = Some(v[0].clone()).filter(|f| f.is_object());
         }
         if !out.status.success() {
             return Err(format!("backup failed ({})", out.status));
@@ -272,7 +338,7 @@ fn source(
         let mut env = env.clone();
         env.push(("SBK_STATUS", status.into()));
         env.push(("SBK_SNAPSHOT", snapshot.clone().unwrap_or_default()));
-        if let Err(e) = hook("post", post, &env, timeout, false, &hide) {
+        if let Err(e) = hook("post", post, &env, timeout, false, &hide, &mut hooks) {
             // A failed post fails the source: its storage snapshot may still be held.
             error = Some(match error {
                 Some(first) => format!("{first}; then {e}"),
@@ -284,7 +350,74 @@ fn source(
         name,
         snapshot,
         error,
+        figures,
+        hooks,
+        span: (started, sbk_store::unix_now_ns()),
     }
+}
+
+/// The record of a run (see records.rs): the job, each source with its figures and hooks.
+fn record(
+    job_file: &Path,
+    job: &Job,
+    done: &[Done],
+    span: (i64, i64),
+    after_ok: bool,
+    stopped: bool,
+    exit: Exit,
+) -> serde_json::Value {
+    use crate::records::time;
+    let sources: Vec<serde_json::Value> = done
+        .iter()
+        .map(|d| {
+            let f = d.figures.as_ref();
+            let figure = |k: &str| f.and_then(|f| f.get(k)).cloned();
+            serde_json::json!({
+                "name": d.name,
+                "status": if d.error.is_none() { "success" } else { "failure" },
+                "error": d.error,
+                "snapshot": d.snapshot,
+                "started": time(d.span.0),
+                "ended": time(d.span.1),
+                "size": figure("size"),
+                "bytes_read": figure("bytes_read"),
+                "new_bytes": figure("new_bytes"),
+                "stored_bytes": figure("new_bytes_stored"),
+                "incremental": figure("changed_blocks").map(|c| !c.is_null()),
+                "hooks": d.hooks.iter().map(|h| serde_json::json!({
+                    "hook": h.hook,
+                    "status": h.status,
+                    "output_tail": h.tail,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let failed = done.iter().filter(|d| d.error.is_some()).count();
+    serde_json::json!({
+        "kind": "run",
+        "job": job_name(job_file),
+        "job_file": job_file,
+        "repository": job.repository,
+        "host": job.host.as_ref().map(|h| h.0.clone()),
+        "started": time(span.0),
+        "ended": time(span.1),
+        "status": match (stopped, failed) {
+            (true, _) => "stopped",
+            (false, 0) if after_ok => "success",
+            (false, n) if n == done.len() && n > 0 => "failure",
+            _ => "partial",
+        },
+        "exit_code": exit as u8,
+        "sources": sources,
+        "retention_and_copies_ok": after_ok,
+    })
+}
+
+/// A job's name: its file's stem.
+fn job_name(job_file: &Path) -> String {
+    job_file
+        .file_stem()
+        .map_or("job".into(), |s| s.to_string_lossy().into_owned())
 }
 
 /// What a dry run prints: each source with its hooks, then retention and copies.
@@ -386,9 +519,7 @@ fn write_job_metrics(
     after_ok: bool,
 ) -> Result<()> {
     use crate::metrics::{labels, now, Metrics};
-    let jobname = job_file
-        .file_stem()
-        .map_or("job".into(), |s| s.to_string_lossy().into_owned());
+    let jobname = job_name(job_file);
     let mut m = Metrics::default();
     let mut all = Vec::new();
     for d in done {
@@ -447,6 +578,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let started = Instant::now();
+    let started_ns = sbk_store::unix_now_ns();
     let scratch = tempfile::tempdir()?;
     // A stop (SIGINT, SIGTERM) ends the job after the source in progress (whose post runs):
     // no further source, retention or copy starts.
@@ -488,11 +620,23 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         }),
         false,
     );
-    Ok(match failed {
+    let exit = match failed {
         0 if after_ok => Exit::Ok,
         0 => Exit::Partial,
         n if n == done.len() => Exit::Error,
         _ => Exit::Partial,
+    };
+    let explicit = args.state_dir.as_ref().or(job.state_dir.as_ref());
+    if let Some(dir) = crate::records::state_dir(explicit.map(PathBuf::as_path)) {
+        let span = (started_ns, sbk_store::unix_now_ns());
+        let r = record(&args.job, &job, &done, span, after_ok, stopped, exit);
+        // The record is for the operator: failing to keep it fails no backup.
+        if let Err(e) = crate::records::write(&dir, &job_name(&args.job), started_ns, &r) {
+            ctx.out.notice(&format!(
+                "cannot keep the record of this run in {}: {e}",
+                dir.display()
+            ));
+        }
     }
-    .into())
+    Ok(exit.into())
 }
