@@ -95,8 +95,8 @@ pub struct Job {
     pub cache_dir: Option<PathBuf>,
     /// Prometheus metrics of the run, written atomically.
     pub metrics_file: Option<PathBuf>,
-    /// Where the records of the job's runs are kept (`runs/JOB/`) [default: /var/lib/sbk as
-    /// root, else $XDG_STATE_HOME/sbk].
+    /// Where the records of the job's runs are kept (`runs/job/JOB/`) [default:
+    /// $SBK_STATE_DIR, else /var/lib/sbk as root, else $XDG_STATE_HOME/sbk].
     pub state_dir: Option<PathBuf>,
     /// The sources, backed up one after the other.
     #[serde(rename = "source", default)]

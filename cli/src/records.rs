@@ -3,9 +3,10 @@
 //! that an operator, and the console, can see what happened last night and the nights before.
 //! The last [`KEEP`] records of each job are kept.
 //!
-//! Layout: `STATE_DIR/runs/<job>/<start, ns since the epoch, 20 digits>.json`, folders mode
-//! 0700 and files 0600 (hook output may say more than it should). Each record is written to a
-//! temporary file, fsynced and renamed, so a reader never sees half of one.
+//! Layout: `STATE_DIR/runs/job/<job>/` and `STATE_DIR/runs/verify/<repository>/`, each record
+//! `<start, ns since the epoch, 20 digits>.json`, folders mode 0700 and files 0600 (hook output
+//! may say more than it should). Each record is written to a temporary file, fsynced and
+//! renamed, so a reader never sees half of one.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -62,19 +63,27 @@ pub fn tail(output: &[u8]) -> String {
     text.trim_start_matches('\u{fffd}').to_owned()
 }
 
-/// Writes `record` as the record of a run of `group` that started at `started_ns`, then
-/// removes the oldest records past [`KEEP`]. Returns the record's path.
+/// Writes `record` as the record of a run of `kind` (`job`, `verify`) named `name` that
+/// started at `started_ns`, then removes the oldest records past [`KEEP`]. Returns the record's
+/// path.
 pub fn write(
     dir: &Path,
-    group: &str,
+    kind: &str,
+    name: &str,
     started_ns: i64,
     record: &serde_json::Value,
 ) -> std::io::Result<PathBuf> {
-    let folder = dir.join("runs").join(group_name(group));
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&folder)?;
+    let folder = dir.join("runs").join(kind).join(group_name(name));
+    if !folder.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&folder)?;
+        // The new folders durable in theirs, so that the first record survives a crash.
+        for d in [&folder, &folder.join(".."), &dir.join("runs")] {
+            std::fs::File::open(d)?.sync_all()?;
+        }
+    }
     let name = format!("{:020}.json", started_ns.max(0));
     let path = folder.join(&name);
     let tmp = folder.join(format!(".{name}.tmp"));
@@ -97,7 +106,11 @@ pub fn write(
     if all.len() > KEEP {
         all.sort();
         for old in &all[..all.len() - KEEP] {
-            std::fs::remove_file(folder.join(old))?;
+            // Another run of the same job may have removed it first.
+            match std::fs::remove_file(folder.join(old)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
     }
     Ok(path)
@@ -118,8 +131,8 @@ fn names(folder: &Path) -> std::io::Result<Vec<String>> {
 /// The records of `group`, oldest first; one that does not parse is skipped. (The console
 /// reads them; until it exists, the tests do.)
 #[cfg(test)]
-pub fn read(dir: &Path, group: &str) -> std::io::Result<Vec<serde_json::Value>> {
-    let folder = dir.join("runs").join(group_name(group));
+pub fn read(dir: &Path, kind: &str, name: &str) -> std::io::Result<Vec<serde_json::Value>> {
+    let folder = dir.join("runs").join(kind).join(group_name(name));
     let mut all = match names(&folder) {
         Ok(n) => n,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -146,19 +159,26 @@ mod tests {
     fn the_last_hundred_records_are_kept_in_order() {
         let dir = tempfile::tempdir().unwrap();
         for i in 0..(KEEP as i64 + 5) {
-            write(dir.path(), "night/ly", i, &serde_json::json!({ "n": i })).unwrap();
+            write(
+                dir.path(),
+                "job",
+                "night/ly",
+                i,
+                &serde_json::json!({ "n": i }),
+            )
+            .unwrap();
         }
-        let kept = read(dir.path(), "night/ly").unwrap();
+        let kept = read(dir.path(), "job", "night/ly").unwrap();
         assert_eq!(kept.len(), KEEP);
         assert_eq!(kept[0]["n"], 5);
         assert_eq!(kept[KEEP - 1]["n"], KEEP as i64 + 4);
-        let folder = dir.path().join("runs/night_ly");
+        let folder = dir.path().join("runs/job/night_ly");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&folder).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         let file = std::fs::read_dir(&folder).unwrap().next().unwrap().unwrap();
         assert_eq!(file.metadata().unwrap().permissions().mode() & 0o777, 0o600);
-        assert!(read(dir.path(), "none").unwrap().is_empty());
+        assert!(read(dir.path(), "job", "none").unwrap().is_empty());
     }
 
     #[test]

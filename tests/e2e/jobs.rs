@@ -292,10 +292,18 @@ fn a_bad_job_file_runs_nothing() {
     assert_eq!(r.code, 2, "{}", r.stderr);
 }
 
-/// The run records of a job (oldest first) under `state`.
-fn records(state: &Path, group: &str) -> Vec<serde_json::Value> {
-    let dir = state.join("runs").join(group);
-    let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
+/// The run records (oldest first) under `state/runs/KIND/`, in the one folder whose name ends
+/// with `which` (a job's name, the end of a repository's path).
+fn records(state: &Path, kind: &str, which: &str) -> Vec<serde_json::Value> {
+    let kinds = state.join("runs").join(kind);
+    let folders: Vec<PathBuf> = std::fs::read_dir(&kinds)
+        .unwrap_or_else(|e| panic!("{}: {e}", kinds.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(which))
+        .collect();
+    assert_eq!(folders.len(), 1, "{folders:?}");
+    let dir = &folders[0];
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
         .collect();
@@ -337,7 +345,7 @@ post = "echo released"
     assert_eq!(r.code, 3, "{}", r.stderr);
     // The hooks' output still reaches the log.
     assert!(r.stderr.contains("Insufficient free space"), "{}", r.stderr);
-    let recs = records(&state, "night");
+    let recs = records(&state, "job", "night");
     assert_eq!(recs.len(), 1);
     let rec = &recs[0];
     assert_eq!(rec["kind"], "run");
@@ -369,7 +377,7 @@ post = "echo released"
     assert_eq!(bad["hooks"][1]["status"], "success");
     // A second run adds a record; no password appears in any.
     run(&env, &job, &[]);
-    let recs = records(&state, "night");
+    let recs = records(&state, "job", "night");
     assert_eq!(recs.len(), 2);
     let all = serde_json::Value::Array(recs).to_string();
     assert!(!all.contains(PASSWORD));
@@ -377,20 +385,28 @@ post = "echo released"
     // verify keeps its own, by --state-dir.
     let r = env.run(&["verify", "--state-dir", state.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let v = records(&state, "verify");
+    let v = records(&state, "verify", "_repo");
     assert_eq!(v.len(), 1);
     assert_eq!(v[0]["status"], "success");
     assert_eq!(v[0]["problems"].as_array().unwrap().len(), 0);
     let r = sbk()
         .args(["--repo", dir.join("nothing").to_str().unwrap(), "verify"])
         .args(["--state-dir", state.to_str().unwrap()])
+        .args(["--metrics-file", dir.join("verify.prom").to_str().unwrap()])
         .output()
         .unwrap();
     assert_eq!(r.status.code(), Some(10));
-    let v = records(&state, "verify");
-    assert_eq!(v[1]["status"], "failure");
-    assert_eq!(v[1]["exit_code"], 10);
-    assert!(v[1]["error"]
+    // A verify that could not run says so to Prometheus too (SbkVerifyFailed).
+    let prom = std::fs::read_to_string(dir.join("verify.prom")).unwrap();
+    assert!(
+        prom.lines()
+            .any(|l| l.starts_with("sbk_verify_success{") && l.ends_with(" 0")),
+        "{prom}"
+    );
+    let v = records(&state, "verify", "_nothing");
+    assert_eq!(v[0]["status"], "failure");
+    assert_eq!(v[0]["exit_code"], 10);
+    assert!(v[0]["error"]
         .as_str()
         .unwrap()
         .contains("not an sbk repository"));

@@ -42,14 +42,16 @@ fn referenced(path: &Path) -> BTreeSet<String> {
 
 #[test]
 fn alert_rules_and_dashboard_check_and_use_the_metrics_sbk_writes() {
-    if !have_tool("promtool") {
-        return;
-    }
     let rules = contrib("prometheus/sbk-alerts.yml");
+    // promtool where it is installed (always under CI=true); the names are checked anyway.
+    let promtool = have_tool("promtool");
     for args in [
         vec!["check", "rules", rules.to_str().unwrap()],
         vec!["test", "rules", "sbk-alerts.test.yml"],
-    ] {
+    ]
+    .into_iter()
+    .filter(|_| promtool)
+    {
         let o = Command::new("promtool")
             .args(&args)
             .current_dir(contrib("prometheus"))

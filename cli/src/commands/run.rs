@@ -39,7 +39,7 @@ pub struct Args {
     metrics_file: Option<PathBuf>,
 
     /// Keep a record of this run (each source's status, error, bytes and the tail of its hooks'
-    /// output; the last 100 runs of the job) under DIR/runs/JOB/ [default: the job file's
+    /// output; the last 100 runs of the job) under DIR/runs/job/JOB/ [default: the job file's
     /// state_dir, else $SBK_STATE_DIR, else /var/lib/sbk as root, else $XDG_STATE_HOME/sbk].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -118,8 +118,8 @@ fn password_env(
 }
 
 /// Runs a hook with `sh -c` in a process group of its own, killed whole past `timeout`.
-/// Returns its stdout when it succeeded (with `capture`). What it prints otherwise goes to
-/// sbk's stderr once it ends, and its tail into `log`.
+/// Returns its stdout when it succeeded (with `capture`). What it prints otherwise (stderr,
+/// and stdout unless captured) goes to sbk's stderr as it comes, and its tail into `log`.
 fn hook(
     what: &'static str,
     cmd: &str,
@@ -129,26 +129,41 @@ fn hook(
     hide: &[String],
     log: &mut Vec<HookLog>,
 ) -> Result<Vec<u8>, String> {
-    let printed = tempfile::tempfile().map_err(|e| format!("{what}: {e}"))?;
-    let r = run_hook(what, cmd, env, timeout, capture, hide, &printed);
-    let mut out = Vec::new();
-    let mut f = printed;
-    let _ =
-        std::io::Seek::rewind(&mut f).and_then(|_| std::io::Read::read_to_end(&mut f, &mut out));
-    // Shown as a hook's output always was (the operator's log), only once it ended.
-    let _ = std::io::Write::write_all(&mut std::io::stderr(), &out);
+    let tail = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let r = run_hook(what, cmd, env, timeout, capture, hide, &tail);
+    let printed = tail.lock().unwrap_or_else(|e| e.into_inner()).clone();
     log.push(HookLog {
         hook: what,
         status: match &r {
             Ok(_) => "success".into(),
             Err(e) => e.clone(),
         },
-        tail: crate::records::tail(&out),
+        tail: crate::records::tail(&printed),
     });
     r
 }
 
-/// [`hook`]'s work: stderr, and stdout unless captured, go to `printed`.
+/// Forwards what a hook prints to sbk's stderr as it comes, keeping its last bytes in `tail`
+/// (never all of it: a hook may print for an hour).
+fn forward(
+    mut from: impl std::io::Read + Send + 'static,
+    tail: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 8192];
+        while let Ok(n @ 1..) = from.read(&mut chunk) {
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), &chunk[..n]);
+            let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+            t.extend_from_slice(&chunk[..n]);
+            if t.len() > 2 * crate::records::TAIL_BYTES {
+                let cut = t.len() - crate::records::TAIL_BYTES;
+                t.drain(..cut);
+            }
+        }
+    })
+}
+
+/// [`hook`]'s work.
 fn run_hook(
     what: &str,
     cmd: &str,
@@ -156,7 +171,7 @@ fn run_hook(
     timeout: Duration,
     capture: bool,
     hide: &[String],
-    printed: &std::fs::File,
+    tail: &std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
 ) -> Result<Vec<u8>, String> {
     let mut c = Command::new("sh");
     c.arg("-c").arg(cmd);
@@ -168,35 +183,48 @@ fn run_hook(
     }
     std::os::unix::process::CommandExt::process_group(&mut c, 0);
     let out_file = tempfile::tempfile().map_err(|e| format!("{what}: {e}"))?;
-    let clone = || printed.try_clone().map_err(|e| format!("{what}: {e}"));
-    c.stderr(clone()?);
+    c.stderr(Stdio::piped());
     if capture {
         c.stdout(out_file.try_clone().map_err(|e| format!("{what}: {e}"))?);
     } else {
-        c.stdout(clone()?);
+        c.stdout(Stdio::piped());
     }
     let mut child = c
         .spawn()
         .map_err(|e| format!("{what} hook: cannot run sh: {e}"))?;
+    let mut readers = Vec::new();
+    if let Some(e) = child.stderr.take() {
+        readers.push(forward(e, tail.clone()));
+    }
+    if let Some(o) = child.stdout.take() {
+        readers.push(forward(o, tail.clone()));
+    }
     let started = Instant::now();
     let status = loop {
         match child.try_wait() {
-            Ok(Some(s)) => break s,
+            Ok(Some(s)) => break Ok(s),
             Ok(None) if started.elapsed() > timeout => {
                 // The hook and everything it started: the group, which it leads.
                 let _ = Command::new("kill")
                     .args(["-KILL", "--", &format!("-{}", child.id())])
                     .status();
                 let _ = child.wait();
-                return Err(format!(
+                break Err(format!(
                     "{what} hook timed out after {} s (killed): {cmd}",
                     timeout.as_secs()
                 ));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(format!("{what} hook: {e}")),
+            Err(e) => break Err(format!("{what} hook: {e}")),
         }
     };
+    // What it printed last, unless something it left running keeps the pipe open: that is
+    // not waited for beyond a moment (its reader goes on forwarding, detached).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let status = status?;
     if !status.success() {
         return Err(format!("{what} hook failed ({status}): {cmd}"));
     }
@@ -357,6 +385,7 @@ fn source(
 }
 
 /// The record of a run (see records.rs): the job, each source with its figures and hooks.
+#[allow(clippy::too_many_arguments)]
 fn record(
     job_file: &Path,
     job: &Job,
@@ -364,7 +393,8 @@ fn record(
     span: (i64, i64),
     after_ok: bool,
     stopped: bool,
-    exit: Exit,
+    exit_code: u8,
+    error: Option<&anyhow::Error>,
 ) -> serde_json::Value {
     use crate::records::time;
     let sources: Vec<serde_json::Value> = done
@@ -396,18 +426,19 @@ fn record(
     serde_json::json!({
         "kind": "run",
         "job": job_name(job_file),
-        "job_file": job_file,
+        "job_file": std::fs::canonicalize(job_file).unwrap_or_else(|_| job_file.to_owned()),
         "repository": job.repository,
         "host": job.host.as_ref().map(|h| h.0.clone()),
         "started": time(span.0),
         "ended": time(span.1),
-        "status": match (stopped, failed) {
+        "status": match (stopped || exit_code >= 128, failed) {
             (true, _) => "stopped",
             (false, 0) if after_ok => "success",
             (false, n) if n == done.len() && n > 0 => "failure",
             _ => "partial",
         },
-        "exit_code": exit as u8,
+        "exit_code": exit_code,
+        "error": error.map(|e| format!("{e:#}")),
         "sources": sources,
         "retention_and_copies_ok": after_ok,
     })
@@ -514,6 +545,7 @@ fn copies(job: &Job, done: &[Done]) -> Result<bool> {
 fn write_job_metrics(
     file: &std::path::Path,
     job_file: &std::path::Path,
+    job: &Job,
     done: &[Done],
     started: Instant,
     after_ok: bool,
@@ -521,10 +553,35 @@ fn write_job_metrics(
     use crate::metrics::{labels, now, Metrics};
     let jobname = job_name(job_file);
     let mut m = Metrics::default();
-    let mut all = Vec::new();
+    // Every source of the job keeps its last success, also those a stopped run never reached.
+    let all: Vec<String> = job
+        .sources
+        .iter()
+        .map(|s| labels(&[("job", &jobname), ("source", &s.name.0)]))
+        .collect();
     for d in done {
         let l = labels(&[("job", &jobname), ("source", &d.name)]);
-        all.push(l.clone());
+        for (name, help, key) in [
+            (
+                "sbk_job_source_read_bytes",
+                "Bytes the source's last backup read.",
+                "bytes_read",
+            ),
+            (
+                "sbk_job_source_new_bytes",
+                "Bytes of new data the source's last backup found (before compression).",
+                "new_bytes",
+            ),
+            (
+                "sbk_job_source_stored_bytes",
+                "Bytes the source's last backup added to the repository.",
+                "new_bytes_stored",
+            ),
+        ] {
+            if let Some(v) = d.figures.as_ref().and_then(|f| f[key].as_f64()) {
+                m.gauge(name, help, &l, v);
+            }
+        }
         m.gauge(
             "sbk_job_source_success",
             "1 when the source's last run succeeded (hooks and backup), else 0.",
@@ -604,14 +661,18 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             Some(e) => eprintln!("sbk: error: source {}: {e}", d.name),
         }
     }
-    let mut after_ok = !stopped;
-    if !stopped {
-        after_ok &= retention(&job)?;
-        after_ok &= copies(&job, &done)?;
-    }
-    if let Some(file) = args.metrics_file.as_ref().or(job.metrics_file.as_ref()) {
-        write_job_metrics(file, &args.job, &done, started, after_ok)?;
-    }
+    // What comes after the backups may fail (a copy's password missing); the metrics and the
+    // record are written first either way, then the error is the run's.
+    let after = if stopped {
+        Ok(false)
+    } else {
+        retention(&job).and_then(|r| Ok(r & copies(&job, &done)?))
+    };
+    let after_ok = *after.as_ref().unwrap_or(&false);
+    let metrics = match args.metrics_file.as_ref().or(job.metrics_file.as_ref()) {
+        Some(file) => write_job_metrics(file, &args.job, &job, &done, started, after_ok),
+        None => Ok(()),
+    };
     let failed = done.iter().filter(|d| d.error.is_some()).count();
     ctx.out.json(
         &serde_json::json!({
@@ -626,17 +687,30 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         n if n == done.len() => Exit::Error,
         _ => Exit::Partial,
     };
+    // The code sbk will exit with: a stop's, else the first error's, else the sources'.
+    let code = match (&after, &metrics) {
+        (Err(e), _) | (Ok(_), Err(e)) => crate::exit::classify(e) as u8,
+        _ => exit as u8,
+    };
+    // As main says it: a run that did not finish cleanly after a stop exits 128 + signal.
+    let code = match crate::signals::received() {
+        Some(sig) if code != 0 => 128 + sig as u8,
+        _ => code,
+    };
     let explicit = args.state_dir.as_ref().or(job.state_dir.as_ref());
     if let Some(dir) = crate::records::state_dir(explicit.map(PathBuf::as_path)) {
         let span = (started_ns, sbk_store::unix_now_ns());
-        let r = record(&args.job, &job, &done, span, after_ok, stopped, exit);
+        let error = after.as_ref().err().or(metrics.as_ref().err());
+        let r = record(&args.job, &job, &done, span, after_ok, stopped, code, error);
         // The record is for the operator: failing to keep it fails no backup.
-        if let Err(e) = crate::records::write(&dir, &job_name(&args.job), started_ns, &r) {
+        if let Err(e) = crate::records::write(&dir, "job", &job_name(&args.job), started_ns, &r) {
             ctx.out.notice(&format!(
                 "cannot keep the record of this run in {}: {e}",
                 dir.display()
             ));
         }
     }
+    after?;
+    metrics?;
     Ok(exit.into())
 }

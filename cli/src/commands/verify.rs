@@ -38,7 +38,7 @@ pub struct Args {
     metrics_file: Option<std::path::PathBuf>,
 
     /// Keep a record of this run (status, problems, what was read; the last 100 runs) under
-    /// DIR/runs/verify/ [default: $SBK_STATE_DIR, else /var/lib/sbk as root, else
+    /// DIR/runs/verify/REPOSITORY/ [default: $SBK_STATE_DIR, else /var/lib/sbk as root, else
     /// $XDG_STATE_HOME/sbk].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<std::path::PathBuf>,
@@ -90,14 +90,33 @@ fn print_problems(problems: &[sbk_engine::Problem]) {
 }
 
 /// Writes the run's metrics to `file` (see `--metrics-file`).
+/// Writes verify's metrics: of its report, or of a verify that could not run (`None`: success
+/// 0, so that a damaged config or a wrong password alerts as problems do).
 fn write_metrics(
     file: &std::path::Path,
     location: &str,
-    report: &sbk_engine::VerifyReport,
+    report: Option<&sbk_engine::VerifyReport>,
 ) -> Result<()> {
     use crate::metrics::{now, Metrics};
     let l = crate::metrics::labels(&[("repository", location)]);
     let mut m = Metrics::default();
+    let Some(report) = report else {
+        m.gauge(
+            "sbk_verify_success",
+            "1 when the last verify found no problem, else 0.",
+            &l,
+            0.0,
+        );
+        m.gauge(
+            "sbk_verify_last_run_timestamp_seconds",
+            "When verify last ran (Unix time).",
+            &l,
+            now(),
+        );
+        return m.write(file).map_err(|e| {
+            anyhow::anyhow!("{}: cannot write the metrics file: {e}", file.display())
+        });
+    };
     let ok = report.problems.is_empty();
     m.gauge(
         "sbk_verify_success",
@@ -139,11 +158,24 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let started = sbk_store::unix_now_ns();
     let mut problems = Vec::new();
     let result = verify_repo(ctx, &args, &mut problems);
+    let location = ctx
+        .repo
+        .as_ref()
+        .map_or_else(String::new, |r| r.to_string_lossy().into_owned());
+    if let (Err(_), Some(file)) = (&result, &args.metrics_file) {
+        if let Err(e) = write_metrics(file, &location, None) {
+            ctx.out.notice(&format!("{e:#}"));
+        }
+    }
     if let Some(dir) = crate::records::state_dir(args.state_dir.as_deref()) {
         let exit = match &result {
-            Ok(_) if problems.is_empty() => Exit::Ok,
-            Ok(_) => Exit::Damaged,
-            Err(e) => crate::exit::classify(e),
+            Ok(_) if problems.is_empty() => Exit::Ok as u8,
+            Ok(_) => Exit::Damaged as u8,
+            // Stopped: main exits 128 + the signal.
+            Err(_) if crate::signals::received().is_some() => {
+                128 + crate::signals::received().unwrap_or(0) as u8
+            }
+            Err(e) => crate::exit::classify(e) as u8,
         };
         let record = serde_json::json!({
             "kind": "verify",
@@ -151,6 +183,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             "started": crate::records::time(started),
             "ended": crate::records::time(sbk_store::unix_now_ns()),
             "status": match (&result, problems.is_empty()) {
+                (Err(_), _) if exit >= 128 => "stopped",
                 (Err(_), _) => "failure",
                 (Ok(_), true) => "success",
                 (Ok(_), false) => "problems",
@@ -158,10 +191,10 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             "read_data": args.read_data || args.read_data_subset.is_some(),
             "problems": problems,
             "error": result.as_ref().err().map(|e| format!("{e:#}")),
-            "exit_code": exit as u8,
+            "exit_code": exit,
         });
         // The record is for the operator: failing to keep it changes no verdict.
-        if let Err(e) = crate::records::write(&dir, "verify", started, &record) {
+        if let Err(e) = crate::records::write(&dir, "verify", &location, started, &record) {
             ctx.out.notice(&format!(
                 "cannot keep the record of this run in {}: {e}",
                 dir.display()
@@ -229,7 +262,7 @@ fn verify_repo(ctx: &Context, args: &Args, problems: &mut Vec<String>) -> Result
         false,
     );
     if let Some(file) = &args.metrics_file {
-        write_metrics(file, &repo.location(), &report)?;
+        write_metrics(file, &repo.location(), Some(&report))?;
     }
     Ok(if report.problems.is_empty() {
         Exit::Ok
