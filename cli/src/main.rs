@@ -5,6 +5,7 @@
 
 mod commands;
 mod exit;
+mod hooks;
 mod job;
 mod metrics;
 mod names;

@@ -22,11 +22,13 @@
 mod signed;
 mod staged;
 mod uploads;
+mod version_list;
 mod versions;
 
 use staged::S3Staged;
 pub use uploads::{fuzz_uploads_listing, Upload};
-pub use versions::{fuzz_versions_listing, rfc3339};
+pub use version_list::fuzz_versions_listing;
+pub use versions::rfc3339;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
