@@ -168,7 +168,8 @@ impl Inner {
             .is_some()
     }
 
-    /// Deletes one version (or delete marker) by id, for objects that carry no retention.
+    /// Deletes one version (or delete marker) by id; one already gone is success, a refusal
+    /// `StorageDenied` (which `delete_version` tells apart from retention).
     pub(crate) fn drop_version(&self, kind: Kind, name: &str, version_id: &str) -> Result<()> {
         let what = format!("deleting version {version_id} of {kind} {name}");
         Requests::add(&self.requests.delete, 1);
@@ -349,31 +350,20 @@ impl Versions for S3Backend {
 
     fn delete_version(&self, kind: Kind, name: &str, version_id: &str) -> Result<()> {
         let i = &self.inner;
-        let what = format!("deleting version {version_id} of {kind} {name}");
-        Requests::add(&i.requests.delete, 1);
-        let reply = i.signed(
-            Method::DELETE,
-            &i.url(
-                &i.key(kind, name),
-                &Inner::version_query("", Some(version_id)),
-            ),
-            &[],
-            Vec::new(),
-            &what,
-        )?;
-        match reply.status {
-            200..=299 => Ok(()),
+        match i.drop_version(kind, name, version_id) {
             // AccessDenied is both "under retention" and "no permission": the retention
             // date tells them apart.
-            403 => match i.get_retention(kind, name, Some(version_id)) {
-                Ok(Some(until)) if until > i.storage_now() => Err(StoreError::Retained {
-                    kind,
-                    name: name.to_owned(),
-                    until: rfc3339(until),
-                }),
-                _ => Err(i.refused(&reply, &what)),
-            },
-            _ => Err(i.refused(&reply, &what)),
+            Err(StoreError::StorageDenied { location, detail }) => {
+                match i.get_retention(kind, name, Some(version_id)) {
+                    Ok(Some(until)) if until > i.storage_now() => Err(StoreError::Retained {
+                        kind,
+                        name: name.to_owned(),
+                        until: rfc3339(until),
+                    }),
+                    _ => Err(StoreError::StorageDenied { location, detail }),
+                }
+            }
+            r => r,
         }
     }
 
