@@ -332,3 +332,22 @@ pub fn have_tool(tool: &str) -> bool {
     }
     found
 }
+
+/// A peer the tests run, named by environment variable `var` (scripts/test.sh installs it and
+/// sets it); `None`, saying so, when it is not there, and a failure under CI=true.
+pub fn peer(var: &str, what: &str) -> Option<PathBuf> {
+    match std::env::var_os(var)
+        .map(PathBuf::from)
+        .filter(|p| p.exists())
+    {
+        Some(p) => Some(p),
+        None => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{var} does not name {what} (scripts/test.sh installs one)"
+            );
+            eprintln!("skipped: no {what} (set {var}, as scripts/test.sh does)");
+            None
+        }
+    }
+}

@@ -15,18 +15,7 @@ const LOCKED: &str = "locked";
 
 /// The Python with boto3, if installed; skipped (or failed under CI=true) otherwise.
 fn python() -> Option<PathBuf> {
-    let path = std::env::var_os("SBK_TEST_PYTHON").map(PathBuf::from);
-    match path.filter(|p| p.exists()) {
-        Some(p) => Some(p),
-        None => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "SBK_TEST_PYTHON does not name a Python with boto3 (scripts/test.sh installs one)"
-            );
-            eprintln!("skipped: no boto3 (set SBK_TEST_PYTHON, as scripts/test.sh does)");
-            None
-        }
-    }
+    peer("SBK_TEST_PYTHON", "a Python with boto3")
 }
 
 /// Runs a Python script with `s3` bound to a boto3 client of `weed`, with the mover's own

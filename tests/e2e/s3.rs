@@ -26,18 +26,7 @@ pub(crate) struct Weed {
 
 /// The `weed` binary, if installed; skipped (or failed under CI=true) otherwise.
 fn weed_binary() -> Option<PathBuf> {
-    let path = std::env::var_os("SBK_TEST_WEED").map(PathBuf::from);
-    match path.filter(|p| p.exists()) {
-        Some(p) => Some(p),
-        None => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "SBK_TEST_WEED does not name a weed binary (scripts/test.sh installs one)"
-            );
-            eprintln!("skipped: no SeaweedFS (set SBK_TEST_WEED, as scripts/test.sh does)");
-            None
-        }
-    }
+    peer("SBK_TEST_WEED", "a weed binary")
 }
 
 /// A port that is free, and whose +10000 twin (SeaweedFS's gRPC port) is free too.
