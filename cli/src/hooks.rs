@@ -36,7 +36,7 @@ pub(crate) fn hook(
             Ok(_) => "success".into(),
             Err(e) => e.clone(),
         },
-        tail: crate::records::tail(&printed),
+        tail: sbk_records::tail(&printed),
     });
     r
 }
@@ -53,8 +53,8 @@ fn forward(
             let _ = std::io::Write::write_all(&mut std::io::stderr(), &chunk[..n]);
             let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
             t.extend_from_slice(&chunk[..n]);
-            if t.len() > 2 * crate::records::TAIL_BYTES {
-                let cut = t.len() - crate::records::TAIL_BYTES;
+            if t.len() > 2 * sbk_records::TAIL_BYTES {
+                let cut = t.len() - sbk_records::TAIL_BYTES;
                 t.drain(..cut);
             }
         }

@@ -11,7 +11,6 @@ mod metrics;
 mod names;
 mod output;
 mod password;
-mod records;
 mod signals;
 
 use std::path::PathBuf;
@@ -115,6 +114,7 @@ enum Command {
     Extract(commands::extract::Args),
     Mount(commands::mount::Args),
     Serve(commands::serve::Args),
+    Console(commands::console::Args),
     Diff(commands::diff::Args),
     Copy(commands::copy::Args),
     Run(commands::run::Args),
@@ -209,7 +209,7 @@ fn main() -> ExitCode {
         },
     };
     // For serve a signal is the normal end (exit 0); for the rest, an interruption.
-    let serving = matches!(cli.command, Command::Serve(_));
+    let serving = matches!(cli.command, Command::Serve(_) | Command::Console(_));
     let result = match cli.command {
         Command::Init(a) => commands::init::run(&ctx, a),
         Command::Backup(a) => commands::backup::run(&ctx, a),
@@ -220,6 +220,7 @@ fn main() -> ExitCode {
         Command::Extract(a) => commands::files::guarded(|| commands::extract::run(&ctx, a)),
         Command::Mount(a) => commands::files::guarded(|| commands::mount::run(&ctx, a)),
         Command::Serve(a) => commands::serve::run(&ctx, a),
+        Command::Console(a) => commands::console::run(&ctx, a),
         Command::Forget(a) => commands::forget::run(&ctx, a),
         Command::Prune(a) => commands::prune::run(&ctx, a),
         Command::Verify(a) => commands::verify::run(&ctx, a),

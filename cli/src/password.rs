@@ -17,8 +17,9 @@ pub struct PasswordSource {
     pub file: Option<PathBuf>,
     /// `--password-command` / `SBK_PASSWORD_COMMAND`.
     pub command: Option<String>,
-    /// The variable that holds the password itself [default: `SBK_PASSWORD`].
-    pub env: Option<&'static str>,
+    /// The variable that holds the password itself [default: `SBK_PASSWORD`; empty: none, for
+    /// a job file that names a file or a command, which its environment must not override].
+    pub env: Option<String>,
     /// `--key-file` / `SBK_KEY_FILE`: before any password.
     pub key_file: Option<PathBuf>,
 }
@@ -47,7 +48,11 @@ impl PasswordSource {
 
     /// The password of the repository.
     pub fn get(&self) -> Result<String, StoreError> {
-        if let Ok(p) = std::env::var(self.env.unwrap_or("SBK_PASSWORD")) {
+        let var = self.env.as_deref().unwrap_or("SBK_PASSWORD");
+        if let Some(p) = Some(var)
+            .filter(|v| !v.is_empty())
+            .and_then(|v| std::env::var(v).ok())
+        {
             return Ok(p);
         }
         if let Some(file) = &self.file {

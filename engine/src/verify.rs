@@ -66,6 +66,8 @@ pub struct VerifyReport {
     pub snapshots: usize,
     /// Packs checked structurally.
     pub packs: usize,
+    /// Bytes of every pack file: the repository's stored size.
+    pub pack_bytes: u64,
     /// Packs no index file names (left by an interrupted backup; prune removes them).
     pub packs_unindexed: usize,
     /// Packs whose data was read back.
@@ -130,6 +132,7 @@ fn verify_in_pool(
     let mut report = VerifyReport {
         snapshots: snapshots.len(),
         packs: packs.len(),
+        pack_bytes: packs.iter().map(|(_, size)| size).sum(),
         packs_read: selected.iter().filter(|s| **s).count(),
         ..VerifyReport::default()
     };

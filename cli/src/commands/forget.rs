@@ -6,9 +6,9 @@ use anyhow::Result;
 use sbk_engine::{ForgetSelection, ForgetVerdict, Policy, Within};
 use sbk_store::LockKind;
 
-use super::snapshots::time;
 use super::Context;
 use crate::exit::{Exit, ExitWith};
+use sbk_records::time;
 
 /// Remove snapshots, by id or by a retention policy.
 ///
@@ -174,6 +174,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                 dry_run: false,
                 exclusive: args.exclusive,
                 grace: args.grace,
+                state_dir: None,
             },
         )?;
     }

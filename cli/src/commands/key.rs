@@ -86,8 +86,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                 let mark = if k.current { "*" } else { " " };
                 match &k.key {
                     Ok(key) => {
-                        let made =
-                            super::snapshots::time(key.created.saturating_mul(1_000_000_000));
+                        let made = sbk_records::time(key.created.saturating_mul(1_000_000_000));
                         let (what, kdf) = match key.kdf {
                             Kdf::Argon2id(p) => (
                                 format!(

@@ -2,6 +2,7 @@
 
 pub mod backup;
 pub mod cat;
+pub mod console;
 pub mod copy;
 pub mod diff;
 pub mod extract;
@@ -310,7 +311,7 @@ impl Context {
             PasswordSource {
                 file: pw.from_password_file.clone(),
                 command: pw.from_password_command.clone(),
-                env: Some("SBK_FROM_PASSWORD"),
+                env: Some("SBK_FROM_PASSWORD".into()),
                 key_file: pw.from_key_file.clone(),
             }
         } else {

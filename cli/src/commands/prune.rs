@@ -48,6 +48,13 @@ pub struct Args {
     /// waiting.
     #[arg(long, value_name = "PATH")]
     pub metrics_file: Option<std::path::PathBuf>,
+
+    /// Keep a record of this run (status, stored size after it, bytes reclaimed; the last 100
+    /// runs) under DIR/runs/prune/REPOSITORY/, where the console reads it [default:
+    /// $SBK_STATE_DIR, else /var/lib/sbk as root, else $XDG_STATE_HOME/sbk]. A dry run keeps
+    /// none.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// Parses a percentage from 0 to 100 (a trailing `%` is allowed).
@@ -232,10 +239,50 @@ fn report_json(report: &PruneReport, args: &Args) -> serde_json::Value {
     })
 }
 
+/// Keeps the record of a prune (see sbk-records): the stored size it leaves is a point of the
+/// console's chart of the repository's size.
+fn record(ctx: &Context, args: &Args, started: i64, result: &Result<PruneReport>) {
+    let Some(dir) = sbk_records::state_dir(args.state_dir.as_deref()) else {
+        return;
+    };
+    let location = ctx
+        .repo
+        .as_ref()
+        .map_or_else(String::new, |r| r.to_string_lossy().into_owned());
+    let report = result.as_ref().ok();
+    let record = serde_json::json!({
+        "kind": "prune",
+        "repository": location,
+        "started": sbk_records::time(started),
+        "ended": sbk_records::time(sbk_store::unix_now_ns()),
+        "status": if result.is_ok() { "success" } else { "failure" },
+        "error": result.as_ref().err().map(|e| format!("{e:#}")),
+        "exit_code": match result {
+            Ok(_) => Exit::Ok as u8,
+            Err(e) => crate::exit::classify(e) as u8,
+        },
+        "stored_bytes": report.map(|r| r.bytes_before - r.bytes_reclaimed),
+        "reclaimed_bytes": report.map(|r| r.bytes_reclaimed + r.bytes_leftovers),
+        "packs_deleted": report.map(|r| r.packs_deleted),
+        "packs_repacked": report.map(|r| r.packs_repacked),
+    });
+    // The record is for the operator: failing to keep it changes no outcome.
+    if let Err(e) = sbk_records::write(&dir, "prune", &location, started, &record) {
+        ctx.out.notice(&format!(
+            "cannot keep the record of this run in {}: {e}",
+            dir.display()
+        ));
+    }
+}
+
 /// Runs `sbk prune`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
+    let started = sbk_store::unix_now_ns();
     let repo = ctx.open_repo()?;
     let result = prune_repo(ctx, &repo, &args);
+    if !args.dry_run {
+        record(ctx, &args, started, &result);
+    }
     if let Some(file) = &args.metrics_file {
         use crate::metrics::{now, Metrics};
         let l = crate::metrics::labels(&[("repository", &repo.location())]);

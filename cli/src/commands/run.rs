@@ -267,7 +267,7 @@ fn record(
     exit_code: u8,
     error: Option<&anyhow::Error>,
 ) -> serde_json::Value {
-    use crate::records::time;
+    use sbk_records::time;
     let sources: Vec<serde_json::Value> = done
         .iter()
         .map(|d| {
@@ -316,7 +316,7 @@ fn record(
 }
 
 /// A job's name: its file's stem.
-fn job_name(job_file: &Path) -> String {
+pub fn job_name(job_file: &Path) -> String {
     job_file
         .file_stem()
         .map_or("job".into(), |s| s.to_string_lossy().into_owned())
@@ -569,12 +569,12 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         _ => code,
     };
     let explicit = args.state_dir.as_ref().or(job.state_dir.as_ref());
-    if let Some(dir) = crate::records::state_dir(explicit.map(PathBuf::as_path)) {
+    if let Some(dir) = sbk_records::state_dir(explicit.map(PathBuf::as_path)) {
         let span = (started_ns, sbk_store::unix_now_ns());
         let error = after.as_ref().err().or(metrics.as_ref().err());
         let r = record(&args.job, &job, &done, span, after_ok, stopped, code, error);
         // The record is for the operator: failing to keep it fails no backup.
-        if let Err(e) = crate::records::write(&dir, "job", &job_name(&args.job), started_ns, &r) {
+        if let Err(e) = sbk_records::write(&dir, "job", &job_name(&args.job), started_ns, &r) {
             ctx.out.notice(&format!(
                 "cannot keep the record of this run in {}: {e}",
                 dir.display()

@@ -1,5 +1,6 @@
 //! `sbk snapshots`: list snapshots.
 
+use sbk_records::time;
 use std::process::ExitCode;
 
 use anyhow::Result;
@@ -11,12 +12,6 @@ use crate::output::bytes;
 /// List the snapshots in the repository, oldest first.
 #[derive(clap::Args, Debug)]
 pub struct Args {}
-
-/// Formats a time in nanoseconds since the Unix epoch as RFC 3339 in UTC, to the second.
-pub fn time(ns: i64) -> String {
-    let st = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns.max(0) as u64);
-    humantime::format_rfc3339_seconds(st).to_string()
-}
 
 /// The storage's time now (this host's, for storage that does not say).
 pub fn storage_now(repo: &sbk_store::Repository) -> i64 {

@@ -157,7 +157,8 @@ fn write_metrics(
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let started = sbk_store::unix_now_ns();
     let mut problems = Vec::new();
-    let result = verify_repo(ctx, &args, &mut problems);
+    let mut stored = None;
+    let result = verify_repo(ctx, &args, &mut problems, &mut stored);
     let location = ctx
         .repo
         .as_ref()
@@ -167,7 +168,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             ctx.out.notice(&format!("{e:#}"));
         }
     }
-    if let Some(dir) = crate::records::state_dir(args.state_dir.as_deref()) {
+    if let Some(dir) = sbk_records::state_dir(args.state_dir.as_deref()) {
         let exit = match &result {
             Ok(_) if problems.is_empty() => Exit::Ok as u8,
             Ok(_) => Exit::Damaged as u8,
@@ -180,8 +181,8 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         let record = serde_json::json!({
             "kind": "verify",
             "repository": ctx.repo,
-            "started": crate::records::time(started),
-            "ended": crate::records::time(sbk_store::unix_now_ns()),
+            "started": sbk_records::time(started),
+            "ended": sbk_records::time(sbk_store::unix_now_ns()),
             "status": match (&result, problems.is_empty()) {
                 (Err(_), _) if exit >= 128 => "stopped",
                 (Err(_), _) => "failure",
@@ -189,12 +190,13 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                 (Ok(_), false) => "problems",
             },
             "read_data": args.read_data || args.read_data_subset.is_some(),
+            "stored_bytes": stored,
             "problems": problems,
             "error": result.as_ref().err().map(|e| format!("{e:#}")),
             "exit_code": exit,
         });
         // The record is for the operator: failing to keep it changes no verdict.
-        if let Err(e) = crate::records::write(&dir, "verify", &location, started, &record) {
+        if let Err(e) = sbk_records::write(&dir, "verify", &location, started, &record) {
             ctx.out.notice(&format!(
                 "cannot keep the record of this run in {}: {e}",
                 dir.display()
@@ -204,8 +206,14 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     result
 }
 
-/// Verifies the repository; the problems found go into `problems` as text.
-fn verify_repo(ctx: &Context, args: &Args, problems: &mut Vec<String>) -> Result<ExitCode> {
+/// Verifies the repository; the problems found go into `problems` as text, the bytes of its
+/// packs into `stored`.
+fn verify_repo(
+    ctx: &Context,
+    args: &Args,
+    problems: &mut Vec<String>,
+    stored: &mut Option<u64>,
+) -> Result<ExitCode> {
     let (repo, _lock) = ctx.open_locked(LockKind::Shared, "verify", true)?;
     let snapshots = args
         .snapshots
@@ -227,6 +235,7 @@ fn verify_repo(ctx: &Context, args: &Args, problems: &mut Vec<String>) -> Result
         &ctx.out.progress(),
     )?;
     print_problems(&report.problems);
+    *stored = Some(report.pack_bytes);
     problems.extend(report.problems.iter().map(|p| p.what.to_string()));
     ctx.out.info(
         &format!(

@@ -128,9 +128,8 @@ fn names(folder: &Path) -> std::io::Result<Vec<String>> {
     Ok(out)
 }
 
-/// The records of `group`, oldest first; one that does not parse is skipped. (The console
-/// reads them; until it exists, the tests do.)
-#[cfg(test)]
+/// The records of the runs of `kind` named `name`, oldest first; one that does not parse is
+/// skipped.
 pub fn read(dir: &Path, kind: &str, name: &str) -> std::io::Result<Vec<serde_json::Value>> {
     let folder = dir.join("runs").join(kind).join(group_name(name));
     let mut all = match names(&folder) {
@@ -146,9 +145,10 @@ pub fn read(dir: &Path, kind: &str, name: &str) -> std::io::Result<Vec<serde_jso
         .collect())
 }
 
-/// Seconds since the epoch as RFC 3339, for records.
+/// Nanoseconds since the epoch as RFC 3339 (whole seconds, UTC), as records say times.
 pub fn time(ns: i64) -> String {
-    crate::commands::snapshots::time(ns)
+    let st = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns.max(0) as u64);
+    humantime::format_rfc3339_seconds(st).to_string()
 }
 
 #[cfg(test)]

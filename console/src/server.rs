@@ -1,0 +1,632 @@
+//! The server: where it listens (loopback TCP by default, a Unix socket, or a remote address
+//! only with `--allow-remote` and TLS), the routes, and the headers every answer carries.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Form, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use maud::html;
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::auth::{csrf_refused, Auth, Caller};
+use crate::pages::{self, blocking, layout};
+use crate::repos::{JobSpec, Repo, RepoSpec};
+use crate::App;
+
+/// How long a client may take to send a request's headers (slow clients hold a connection).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a wrong token is answered late (guessing stays slow).
+const WRONG_TOKEN_DELAY: Duration = Duration::from_secs(1);
+
+/// Why the console cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    /// The options ask for something unsafe or impossible (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The token file can be read by others (exit 19).
+    #[error("{0}")]
+    Exposed(String),
+    /// Listening or serving failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Where the console listens.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix socket, made mode 0600.
+    Unix(PathBuf),
+}
+
+/// The certificate chain and key of `--tls-cert` and `--tls-key` (PEM).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+/// A console's settings.
+pub struct Config {
+    /// Where it listens.
+    pub listen: Listen,
+    /// TLS, when given.
+    pub tls: Option<TlsFiles>,
+    /// The token (required on TCP).
+    pub token: Option<String>,
+    /// Whether a non-loopback address is allowed (then with TLS only).
+    pub allow_remote: bool,
+    /// Whether exports may be started.
+    pub allow_exports: bool,
+    /// How old a source's newest snapshot may be before it stands out.
+    pub stale_after: Duration,
+    /// The repositories.
+    pub repos: Vec<RepoSpec>,
+    /// The jobs.
+    pub jobs: Vec<JobSpec>,
+}
+
+/// Reads the token from the first line of `path`: the file must be readable by its owner only
+/// (as a key file), and the token at least 16 characters.
+pub fn read_token(path: &Path) -> Result<String, ConsoleError> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        ConsoleError::Usage(format!(
+            "cannot read the token file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(ConsoleError::Exposed(format!(
+            "the token file {} has mode {mode:04o}: others could read the token that opens every backed-up file; chmod 600 it",
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConsoleError::Usage(format!(
+            "cannot read the token file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    if token.chars().count() < 16 {
+        return Err(ConsoleError::Usage(format!(
+            "the token in {} is shorter than 16 characters; make one with: head -c 32 /dev/urandom | base64 > {}",
+            path.display(),
+            path.display()
+        )));
+    }
+    Ok(token)
+}
+
+/// Stops a running console (from a signal handler's thread, say).
+#[derive(Clone)]
+pub struct Stopper(tokio::sync::watch::Sender<bool>);
+
+impl Stopper {
+    /// Stops accepting, stops the exports and returns from [`Console::run`].
+    pub fn stop(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+enum Bound {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+}
+
+/// A console, bound to its address and ready to run.
+pub struct Console {
+    app: Arc<App>,
+    bound: Bound,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stop: (Stopper, tokio::sync::watch::Receiver<bool>),
+    place: String,
+}
+
+impl Console {
+    /// Checks the settings, binds the address and opens every repository (one that fails is
+    /// shown with its error, and tried again later).
+    pub fn bind(config: Config) -> Result<Console, ConsoleError> {
+        if let Listen::Tcp(addr) = &config.listen {
+            if !addr.ip().is_loopback() && !config.allow_remote {
+                return Err(ConsoleError::Usage(format!(
+                    "--listen {addr} is not a loopback address: anyone who reaches it could try to log in and download backed-up files; add --allow-remote (which also needs --tls-cert and --tls-key), or put the console behind a reverse proxy"
+                )));
+            }
+            if config.allow_remote && config.tls.is_none() {
+                return Err(ConsoleError::Usage(
+                    "--allow-remote needs TLS (--tls-cert and --tls-key): the token and every downloaded file would cross the network in clear".into(),
+                ));
+            }
+            if config.token.is_none() {
+                return Err(ConsoleError::Usage(
+                    "--token-file is required on a TCP address, loopback included: any local user could otherwise download every backed-up file".into(),
+                ));
+            }
+        }
+        let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+        let (bound, place) = match &config.listen {
+            Listen::Tcp(addr) => {
+                let l = std::net::TcpListener::bind(addr)
+                    .map_err(|e| ConsoleError::Usage(format!("cannot listen on {addr}: {e}")))?;
+                let at = l
+                    .local_addr()
+                    .map_err(|e| ConsoleError::Io(e.to_string()))?;
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                (Bound::Tcp(l), format!("{scheme}://{at}/"))
+            }
+            Listen::Unix(path) => {
+                let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
+                    ConsoleError::Usage(format!("cannot listen on {}: {e}", path.display()))
+                })?;
+                // Owner only: on a socket without a token this mode is the only protection
+                // (connecting needs write permission, which the usual umask already keeps from
+                // others until this runs).
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| ConsoleError::Io(format!("{}: {e}", path.display())))?;
+                (
+                    Bound::Unix(l, path.clone()),
+                    format!("unix:{}", path.display()),
+                )
+            }
+        };
+        let repos: Vec<Repo> = config
+            .repos
+            .into_iter()
+            .enumerate()
+            .map(|(n, spec)| Repo::new(n, spec))
+            .collect();
+        for r in &repos {
+            if let Err(e) = r.open() {
+                eprintln!("sbk console: {}: {e}", r.spec.location);
+            }
+        }
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        Ok(Console {
+            app: Arc::new(App {
+                repos,
+                jobs: config.jobs,
+                auth: Auth::new(config.token, tls.is_some()),
+                exports: Default::default(),
+                allow_exports: config.allow_exports,
+                export_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                stale_after: config.stale_after,
+            }),
+            bound,
+            tls,
+            stop: (Stopper(tx), rx),
+            place,
+        })
+    }
+
+    /// Where it listens, as a URL (`http://127.0.0.1:8080/`, `unix:/run/sbk.sock`).
+    pub fn place(&self) -> &str {
+        &self.place
+    }
+
+    /// What stops it.
+    pub fn stopper(&self) -> Stopper {
+        self.stop.0.clone()
+    }
+
+    /// Serves until stopped; then stops every export and closes the repositories.
+    pub fn run(self) -> Result<(), ConsoleError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("sbk-console")
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| ConsoleError::Io(e.to_string()))?;
+        let app = self.app.clone();
+        let router = router(app.clone());
+        let mut stop = self.stop.1.clone();
+        let tls = self.tls.clone();
+        let served = rt.block_on(async move {
+            match self.bound {
+                Bound::Tcp(l) => {
+                    l.set_nonblocking(true)?;
+                    let l = tokio::net::TcpListener::from_std(l)?;
+                    loop {
+                        tokio::select! {
+                            got = l.accept() => {
+                                let Ok((stream, _)) = got else { continue };
+                                let _ = stream.set_nodelay(true);
+                                match &tls {
+                                    Some(acceptor) => {
+                                        let acceptor = acceptor.clone();
+                                        let router = router.clone();
+                                        tokio::spawn(async move {
+                                            // A failed handshake (a plain HTTP client, a
+                                            // scanner) ends that connection only.
+                                            if let Ok(s) = acceptor.accept(stream).await {
+                                                connection(s, router).await;
+                                            }
+                                        });
+                                    }
+                                    None => { tokio::spawn(connection(stream, router.clone())); }
+                                }
+                            }
+                            _ = stop.changed() => break,
+                        }
+                    }
+                }
+                Bound::Unix(l, path) => {
+                    l.set_nonblocking(true)?;
+                    let l = tokio::net::UnixListener::from_std(l)?;
+                    loop {
+                        tokio::select! {
+                            got = l.accept() => {
+                                let Ok((stream, _)) = got else { continue };
+                                tokio::spawn(connection(stream, router.clone()));
+                            }
+                            _ = stop.changed() => break,
+                        }
+                    }
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            Ok::<(), std::io::Error>(())
+        });
+        // Connections still open are cut: the process is stopping.
+        rt.shutdown_timeout(Duration::from_secs(2));
+        app.exports.stop_all();
+        for r in &app.repos {
+            r.close();
+        }
+        served.map_err(|e| ConsoleError::Io(e.to_string()))
+    }
+}
+
+/// Serves HTTP/1.1 on one connection.
+async fn connection<S>(stream: S, router: Router)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(router);
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+/// The TLS acceptor of `--tls-cert` and `--tls-key`, on ring.
+fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, ConsoleError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| ConsoleError::Usage(format!("--tls-cert {}: {e}", files.cert.display())))?;
+    if certs.is_empty() {
+        return Err(ConsoleError::Usage(format!(
+            "--tls-cert {}: no certificate in it",
+            files.cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| ConsoleError::Usage(format!("--tls-key {}: {e}", files.key.display())))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ConsoleError::Usage(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| ConsoleError::Usage(format!("--tls-cert/--tls-key: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+type AppState = State<Arc<App>>;
+
+fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/", get(overview))
+        .route("/sources", get(sources))
+        .route("/r/{n}/source/{name}", get(source))
+        .route("/r/{n}/snap/{id}", get(snapshot))
+        .route("/r/{n}/snap/{id}/files", get(files))
+        .route("/r/{n}/snap/{id}/download", get(download))
+        .route("/exports", get(exports).post(start_export))
+        .route("/exports/{e}/stop", post(stop_export))
+        .route("/jobs", get(jobs))
+        .route("/jobs/{name}", get(job))
+        .route("/login", get(login_form).post(login))
+        .route("/logout", post(logout))
+        .route("/style.css", get(style))
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            crate::auth::guard,
+        ))
+        .layer(middleware::from_fn(headers))
+        .with_state(app)
+}
+
+/// Headers on every answer: nothing from elsewhere, no framing, no caching of backed-up data,
+/// no referrer leaking snapshot ids.
+async fn headers(req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    resp
+}
+
+async fn overview(State(app): AppState, Extension(c): Extension<Caller>) -> Response {
+    blocking(c, move |c| pages::overview::page(&app, c)).await
+}
+
+async fn sources(State(app): AppState, Extension(c): Extension<Caller>) -> Response {
+    blocking(c, move |c| pages::sources::page(&app, c)).await
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    page: Option<usize>,
+}
+
+async fn source(
+    State(app): AppState,
+    Extension(c): Extension<Caller>,
+    UrlPath((n, name)): UrlPath<(usize, String)>,
+    Query(q): Query<PageQuery>,
+) -> Response {
+    blocking(c, move |c| {
+        pages::snapshots::source_page(&app, c, n, &name, q.page.unwrap_or(0))
+    })
+    .await
+}
+
+async fn snapshot(
+    State(app): AppState,
+    Extension(c): Extension<Caller>,
+    UrlPath((n, id)): UrlPath<(usize, String)>,
+) -> Response {
+    blocking(c, move |c| pages::snapshots::snapshot_page(&app, c, n, &id)).await
+}
+
+#[derive(Deserialize)]
+struct PathQuery {
+    path: Option<String>,
+}
+
+async fn files(
+    State(app): AppState,
+    Extension(c): Extension<Caller>,
+    UrlPath((n, id)): UrlPath<(usize, String)>,
+    Query(q): Query<PathQuery>,
+) -> Response {
+    blocking(c, move |c| {
+        pages::files::page(&app, c, n, &id, q.path.as_deref().unwrap_or(""))
+    })
+    .await
+}
+
+async fn download(
+    State(app): AppState,
+    UrlPath((n, id)): UrlPath<(usize, String)>,
+    Query(q): Query<PathQuery>,
+) -> Response {
+    let Some(path) = q.path else {
+        return (StatusCode::BAD_REQUEST, "name the file: ?path=PART:PATH\n").into_response();
+    };
+    pages::files::download(app, n, id, path).await
+}
+
+async fn exports(State(app): AppState, Extension(c): Extension<Caller>) -> Response {
+    blocking(c, move |c| pages::files::exports_page(&app, c)).await
+}
+
+#[derive(Deserialize)]
+struct StartForm {
+    csrf: Option<String>,
+    repo: usize,
+    snapshot: String,
+}
+
+async fn start_export(
+    State(app): AppState,
+    Extension(c): Extension<Caller>,
+    Form(f): Form<StartForm>,
+) -> Response {
+    if !c.allows(f.csrf.as_deref().unwrap_or("")) {
+        return csrf_refused();
+    }
+    if !app.allow_exports {
+        return (
+            StatusCode::FORBIDDEN,
+            "exports are off: start the console with --allow-exports\n",
+        )
+            .into_response();
+    }
+    let made = tokio::task::spawn_blocking(move || {
+        let (_, opened) = pages::snapshots::repo(&app, f.repo)?;
+        let s = pages::snapshots::snapshot(&opened, &f.snapshot)?;
+        app.exports
+            .start(&opened, f.repo, s.id, app.export_host)
+            .map_err(|e| pages::PageError::unavailable(format!("cannot start the export: {e}")))?;
+        Ok::<_, pages::PageError>(format!("/r/{}/snap/{}", f.repo, s.id.to_hex()))
+    })
+    .await;
+    match made {
+        Ok(Ok(to)) => Redirect::to(&to).into_response(),
+        Ok(Err(e)) => pages::error_page(&c, e.status, &e.message),
+        Err(_) => pages::error_page(
+            &c,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the export failed to start",
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    csrf: Option<String>,
+}
+
+/// The `csrf` field of a form body; none in an empty body (a script's bare POST with a Bearer
+/// token needs no form).
+fn csrf_of(body: &[u8]) -> String {
+    serde_urlencoded::from_bytes::<CsrfForm>(body)
+        .ok()
+        .and_then(|f| f.csrf)
+        .unwrap_or_default()
+}
+
+async fn stop_export(
+    State(app): AppState,
+    Extension(c): Extension<Caller>,
+    UrlPath(e): UrlPath<u64>,
+    body: axum::body::Bytes,
+) -> Response {
+    if !c.allows(&csrf_of(&body)) {
+        return csrf_refused();
+    }
+    let stopped = tokio::task::spawn_blocking(move || app.exports.stop(e))
+        .await
+        .unwrap_or(false);
+    if stopped {
+        Redirect::to("/exports").into_response()
+    } else {
+        pages::error_page(
+            &c,
+            StatusCode::NOT_FOUND,
+            &format!("no export {e} is running"),
+        )
+    }
+}
+
+async fn jobs(State(app): AppState, Extension(c): Extension<Caller>) -> Response {
+    blocking(c, move |c| pages::jobs::page(&app, c)).await
+}
+
+async fn job(
+    State(app): AppState,
+    Extension(c): Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    blocking(c, move |c| pages::jobs::job_page(&app, c, &name)).await
+}
+
+async fn style() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=3600"),
+        ],
+        pages::STYLE,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct NextQuery {
+    next: Option<String>,
+}
+
+/// Where to go after logging in: a path of this console only (never `//elsewhere`).
+fn local(next: Option<&str>) -> String {
+    match next {
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        _ => "/".into(),
+    }
+}
+
+fn login_page(next: &str, wrong: bool) -> Response {
+    let page = layout(
+        &Caller::Direct,
+        "Log in",
+        html! {
+            @if wrong { p.error { "That is not the console's token." } }
+            form.login method="post" action="/login" {
+                label for="token" { "Token (from the console's --token-file)" }
+                input #token type="password" name="token" autocomplete="current-password" autofocus;
+                input type="hidden" name="next" value=(next);
+                button type="submit" { "Log in" }
+            }
+        },
+    );
+    let status = if wrong {
+        StatusCode::UNAUTHORIZED
+    } else {
+        StatusCode::OK
+    };
+    (status, Html(page.into_string())).into_response()
+}
+
+async fn login_form(Query(q): Query<NextQuery>) -> Response {
+    login_page(&local(q.next.as_deref()), false)
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+    next: Option<String>,
+}
+
+async fn login(State(app): AppState, Form(f): Form<LoginForm>) -> Response {
+    let next = local(f.next.as_deref());
+    match app.auth.login(&f.token) {
+        Some(session) => {
+            let mut resp = Redirect::to(&next).into_response();
+            resp.headers_mut()
+                .insert(header::SET_COOKIE, app.auth.cookie(&session));
+            resp
+        }
+        None => {
+            tokio::time::sleep(WRONG_TOKEN_DELAY).await;
+            login_page(&next, true)
+        }
+    }
+}
+
+async fn logout(
+    State(app): AppState,
+    Extension(c): Extension<Caller>,
+    req_headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if !c.allows(&csrf_of(&body)) {
+        return csrf_refused();
+    }
+    if let Some(s) = crate::auth::session_cookie(&req_headers) {
+        app.auth.logout(s);
+    }
+    let mut resp = Redirect::to("/login").into_response();
+    resp.headers_mut()
+        .insert(header::SET_COOKIE, app.auth.cookie(""));
+    resp
+}
