@@ -47,6 +47,16 @@ fi
 if ! "$venv/bin/python" -c 'import boto3' 2>/dev/null; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check boto3==1.44.18
 fi
+# The console's browser tests: Playwright for Python, pinned to a release that drives Debian's
+# chromium (no browser is downloaded: the tests launch /usr/bin/chromium), in the same
+# environment, and Debian's chromium itself.
+if ! "$venv/bin/python" -c 'import playwright' 2>/dev/null; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check playwright==1.64.0
+fi
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+fi
+export SBK_TEST_CHROMIUM=$(command -v chromium || echo /usr/bin/chromium)
 export SBK_TEST_WEED=$venv/bin/weed
 export SBK_TEST_PYTHON=$venv/bin/python
 echo "== cargo test --workspace (end-to-end scenarios on encrypted repositories)"

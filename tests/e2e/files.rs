@@ -472,39 +472,7 @@ fn a_damaged_chunk_fails_its_file_and_the_rest_are_extracted() {
         return;
     }
     let env = Env::new();
-    let src = env.path("src");
-    std::fs::create_dir(&src).unwrap();
-    std::fs::write(src.join("a"), random(4 << 20, 1)).unwrap();
-    std::fs::write(src.join("b"), random(4 << 20, 2)).unwrap();
-    std::fs::write(src.join("c"), b"small").unwrap();
-    let img = env.path("fs.img");
-    sh(&format!(
-        "mke2fs -q -F -t ext4 -b 4096 -d {} {} 32M",
-        src.display(),
-        img.display()
-    ));
-    env.backup(&img, &[]);
-    // b's blocks get other bytes, straight into the image (no metadata changes): the second
-    // backup stores only the chunks over b, in packs of their own, which are then damaged.
-    let first = sh(&format!(
-        "debugfs -R 'bmap /b 0' {} 2>/dev/null",
-        img.display()
-    ));
-    let block: u64 = first.trim().parse().unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &random(4 << 20, 3), block * 4096).unwrap();
-    drop(f);
-    let before = env.packs();
-    let id = env.backup(&img, &[])["snapshot"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    for p in env.packs().into_iter().filter(|p| !before.contains(p)) {
-        let mut b = std::fs::read(&p).unwrap();
-        let at = b.len() / 3;
-        b[at] ^= 0x40;
-        std::fs::write(&p, &b).unwrap();
-    }
+    let (_, id) = damaged_file_b(&env, &[]);
     let out = env.path("out");
     let r = env.run(&["extract", &id, "0:/", "--target", out.to_str().unwrap()]);
     assert_eq!(r.code, 12, "{}", r.stderr);
@@ -663,4 +631,48 @@ fn assert_files_match(src: &Path, out: &Path, mtime_slack: i64) {
             );
         }
     }
+}
+
+/// An ext4 disk of `src/` with files a and b (4 MiB each, random) and c ("small"), backed up
+/// twice: b's blocks get other bytes between the backups, straight into the image (no metadata
+/// changes), so the second backup stores only the chunks over b, in packs of their own, which
+/// are then damaged. Returns the two snapshots' ids.
+pub fn damaged_file_b(env: &Env, backup_args: &[&str]) -> (String, String) {
+    let src = env.path("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("a"), random(4 << 20, 1)).unwrap();
+    std::fs::write(src.join("b"), random(4 << 20, 2)).unwrap();
+    std::fs::write(src.join("c"), b"small").unwrap();
+    let img = env.path("fs.img");
+    sh(&format!(
+        "mke2fs -q -F -t ext4 -b 4096 -d {} {} 32M",
+        src.display(),
+        img.display()
+    ));
+    let snapshot = |env: &Env| {
+        env.backup(&img, backup_args)["snapshot"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let first = snapshot(env);
+    let block: u64 = sh(&format!(
+        "debugfs -R 'bmap /b 0' {} 2>/dev/null",
+        img.display()
+    ))
+    .trim()
+    .parse()
+    .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &random(4 << 20, 3), block * 4096).unwrap();
+    drop(f);
+    let before = env.packs();
+    let second = snapshot(env);
+    for p in env.packs().into_iter().filter(|p| !before.contains(p)) {
+        let mut b = std::fs::read(&p).unwrap();
+        let at = b.len() / 3;
+        b[at] ^= 0x40;
+        std::fs::write(&p, &b).unwrap();
+    }
+    (first, second)
 }

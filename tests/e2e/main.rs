@@ -4,6 +4,7 @@
 mod bad_input;
 mod changed_blocks;
 mod common;
+mod console;
 mod copy;
 mod dedup;
 mod devices;

@@ -18,12 +18,12 @@ fn figure(v: &Value) -> Markup {
     }
 }
 
-/// One run: its summary row, and each source with its hooks' output.
-fn run(r: &Value) -> Markup {
+/// One run: its summary row, and each source with its hooks' output (shown when `open`).
+fn run(r: &Value, open: bool) -> Markup {
     let sources = r["sources"].as_array().cloned().unwrap_or_default();
     let failed = sources.iter().filter(|s| s["status"] != "success").count();
     html! {
-        details.run {
+        details.run open[open] {
             summary {
                 (badge(r["status"].as_str().unwrap_or("unknown")))
                 " " (r["started"].as_str().unwrap_or("?")) " → " (r["ended"].as_str().unwrap_or("?"))
@@ -79,7 +79,7 @@ pub fn page(app: &App, caller: &Caller) -> Page {
                     h2 { a href=(format!("/jobs/{}", enc(&job.name))) { (job.name) } " "
                         @match records.last() { Some(r) => (badge(r["status"].as_str().unwrap_or("unknown"))), None => span.muted { "never ran" } } }
                     p.muted { (job.file.display()) " → " (job.repository) " · " (job.sources.join(", ")) }
-                    @for r in records.iter().rev().take(RECENT) { (run(r)) }
+                    @for (i, r) in records.iter().rev().take(RECENT).enumerate() { (run(r, i == 0)) }
                     @if records.len() > RECENT { p { a href=(format!("/jobs/{}", enc(&job.name))) { "all " (records.len()) " runs" } } }
                 }
             }
@@ -117,7 +117,7 @@ pub fn job_page(app: &App, caller: &Caller, name: &str) -> Page {
         &format!("Job {name}"),
         html! {
             p.muted { (job.file.display()) " → " (job.repository) " · records in " (job.state_dir.display()) }
-            @for r in records.iter().rev() { (run(r)) }
+            @for (i, r) in records.iter().rev().enumerate() { (run(r, i == 0)) }
         },
     ))
 }
