@@ -114,20 +114,21 @@ pub fn timeline(points: &[(i64, u64, String)]) -> Markup {
     let (t0, t1) = (points[0].0, points[points.len() - 1].0);
     let span = (t1 - t0).max(1) as f64;
     let max = points.iter().map(|p| p.1).max().unwrap_or(0).max(1) as f64;
-    let h = 90.0;
+    // Wider than the other charts: it spans the page, and its labels keep their size.
+    let (w, h) = (1200.0, 90.0);
     html! {
-        svg.chart viewBox=(format!("0 0 {W} {h}")) role="img" aria-label="snapshots over time" {
+        svg.chart viewBox=(format!("0 0 {w} {h}")) role="img" aria-label="snapshots over time" {
             title { "snapshots over time; taller marks wrote more new bytes" }
-            line x1="4" y1=(h - 24.0) x2=(W - 4.0) y2=(h - 24.0) class="axis" {}
+            line x1="4" y1=(h - 24.0) x2=(w - 4.0) y2=(h - 24.0) class="axis" {}
             @for (t, new, label) in points {
-                @let x = 4.0 + (W - 8.0) * ((t - t0) as f64 / span);
+                @let x = 4.0 + (w - 8.0) * ((t - t0) as f64 / span);
                 @let y = (h - 24.0) - 4.0 - 52.0 * ((*new as f64) / max).sqrt();
                 line x1=(c(x)) y1=(h - 24.0) x2=(c(x)) y2=(c(y)) class="mark" {
                     title { (label) ", " (bytes(*new)) " new" }
                 }
             }
             text x="4" y=(h - 6.0) class="tick" { (crate::pages::day(t0)) }
-            text x=(W - 4.0) y=(h - 6.0) class="tick end" { (crate::pages::day(t1)) }
+            text x=(w - 4.0) y=(h - 6.0) class="tick end" { (crate::pages::day(t1)) }
         }
     }
 }

@@ -192,9 +192,12 @@ impl Console {
             .enumerate()
             .map(|(n, spec)| Repo::new(n, spec))
             .collect();
+        // Each repository opened and its snapshots listed before the first page is asked for
+        // (10^4 manifests take a moment to load the first time).
         for r in &repos {
-            if let Err(e) = r.open() {
-                eprintln!("sbk console: {}: {e}", r.spec.location);
+            match r.open() {
+                Ok(o) => drop(o.catalog()),
+                Err(e) => eprintln!("sbk console: {}: {e}", r.spec.location),
             }
         }
         let (tx, rx) = tokio::sync::watch::channel(false);

@@ -1,5 +1,6 @@
 //! `sbk console` in a real browser: Debian's chromium driven by Playwright for Python
-//! (console_browser.py), against two repositories, one of them a job's with a failing hook.
+//! (console_browser.py), against three repositories: a job's with a failing hook, one that cannot be opened, and
+//! one whose newest snapshot has a damaged chunk.
 //! Refused addresses and options are checked here, without a browser.
 
 use std::io::BufRead;
@@ -51,10 +52,11 @@ fn start(env: &Env, args: &[&str]) -> Running {
         .unwrap();
     let v: serde_json::Value = serde_json::from_str(&line)
         .unwrap_or_else(|e| panic!("the console did not say where it listens ({e}): {line:?}"));
-    Running {
-        child,
-        base: v["listening"].as_str().unwrap().to_owned(),
-    }
+    let base = v["listening"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the console did not start: {line}"))
+        .to_owned();
+    Running { child, base }
 }
 
 /// Runs the browser script on `case`; its measurements.
@@ -99,6 +101,9 @@ fn the_console_in_a_browser_overview_failures_files_exports_and_csrf() {
     let src = a.path("src");
     let restored = a.path("first.img");
     a.restore(&first, &restored, &[]);
+    // A verify that reads the data finds the damage; its record is the overview's last verify.
+    let v = a.run(&["verify", "--read-data"]);
+    assert_eq!(v.code, 12, "{}", v.stderr);
 
     // Repository B, a job's: source "good" backed up, source "broken" whose pre hook fails.
     let bdir = tempfile::tempdir().unwrap();
@@ -146,18 +151,29 @@ pre = "echo 'lvcreate: Insufficient free space in volume group' >&2; exit 5"
         serde_json::from_slice(&std::fs::read(record).unwrap()).unwrap();
     let error = record["sources"][1]["error"].as_str().unwrap().to_owned();
 
+    // A job whose repository is gone: shown as such, and the others still work.
+    let lost = a.path("lost.toml");
+    std::fs::write(
+        &lost,
+        format!("repository = \"{d}/gone\"\nstate_dir = \"{d}/state\"\n[[source]]\nname = \"app\"\npath = \"{d}/app.img\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&lost, std::fs::Permissions::from_mode(0o600)).unwrap();
+
     let tok = token_file(a.dir.path());
     let console = start(
         &a,
         &[
             job.to_str().unwrap(),
+            lost.to_str().unwrap(),
             "--token-file",
             tok.to_str().unwrap(),
             "--allow-exports",
         ],
     );
-    let snap = |id: &str| format!("/r/1/snap/{id}");
-    let files = |id: &str| format!("/r/1/snap/{id}/files?path=0%3A%2F");
+    // The jobs' repositories come first, in order, then --repo.
+    let snap = |id: &str| format!("/r/2/snap/{id}");
+    let files = |id: &str| format!("/r/2/snap/{id}/files?path=0%3A%2F");
     let shots = std::env::var("SBK_CONSOLE_SCREENSHOTS").ok();
     let got = browse(
         &python,
@@ -166,17 +182,17 @@ pre = "echo 'lvcreate: Insufficient free space in volume group' >&2; exit 5"
             "token": TOKEN,
             "chromium": chromium,
             "shots": shots,
-            // The job's repository comes first, then --repo.
             "repos": [
                 { "location": b.repo.to_str().unwrap(), "snapshots": 1 },
-                { "location": a.repo.to_str().unwrap(), "snapshots": 2 },
+                { "location": format!("{d}/gone"), "unavailable": true },
+                { "location": a.repo.to_str().unwrap(), "snapshots": 2, "last_verify": "problems" },
             ],
             "failed": { "source": "broken", "error": error },
-            "source": "/r/1/source/db1",
+            "source": "/r/2/source/db1",
             "snapshot": snap(&second),
             "files": { "dir": files(&first), "name": "a", "expect": src.join("a") },
             "damaged": { "dir": files(&second), "name": "b" },
-            "export": { "page": snap(&first), "repo": 1, "snapshot": first, "restored": restored },
+            "export": { "page": snap(&first), "repo": 2, "snapshot": first, "restored": restored },
         }),
     );
     assert_eq!(got["downloaded_bytes"], 4 << 20);

@@ -73,9 +73,17 @@ def main():
             card = page.locator(f"#repo-{i}")
             check(card.locator("h2").inner_text().startswith(repo["location"]),
                   f"repository {i} is not {repo['location']}")
+            if repo.get("unavailable"):
+                check("failed" in card.get_attribute("class"), f"{repo['location']} does not stand out")
+                check("Cannot be opened" in card.inner_text(), f"{repo['location']}: no error shown")
+                continue
             count = card.locator(".snapshot-count").inner_text()
             check(count == str(repo["snapshots"]),
                   f"{repo['location']}: {count} snapshots shown, {repo['snapshots']} expected")
+            if "last_verify" in repo:
+                shown = card.locator(".last-verify .badge").inner_text()
+                check(shown == repo["last_verify"],
+                      f"{repo['location']}: last verify {shown}, expected {repo['last_verify']}")
         shot(page, "overview")
 
         # Sources: the failed source stands out with its error.

@@ -118,7 +118,7 @@ fn card(repo: &Repo) -> Markup {
                         None => "off",
                     }
                 } }
-                div { dt { "Last verify" } dd {
+                div { dt { "Last verify" } dd.last-verify {
                     @match last_verify {
                         Some(v) => {
                             (badge(v["status"].as_str().unwrap_or("unknown")))

@@ -69,7 +69,7 @@ pub fn source_page(app: &App, caller: &Caller, n: usize, name: &str, page: usize
     let catalog = opened.catalog();
     let snaps: Vec<&std::sync::Arc<Snap>> =
         catalog.snaps.iter().filter(|s| s.source == name).collect();
-    let run = super::sources::last_run(app, &repo.spec.location, name);
+    let run = super::sources::last_runs(app).remove(&(repo.spec.location.clone(), name.to_owned()));
     if snaps.is_empty() && run.is_none() {
         return Err(PageError::not_found(format!(
             "no source {name:?} in {}",

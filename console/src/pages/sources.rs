@@ -2,6 +2,8 @@
 //! that backs it up, how it was made, and its size over time. Sources whose newest snapshot is
 //! older than the threshold, or whose last run failed, stand out.
 
+use std::collections::HashMap;
+
 use maud::{html, Markup};
 
 use super::{age, badge, bytes, enc, layout, time, Page};
@@ -24,42 +26,41 @@ pub struct LastRun {
     pub job: String,
 }
 
-/// The newest run of any job of `app` that backs up `source` into `location`.
-pub fn last_run(app: &App, location: &str, source: &str) -> Option<LastRun> {
-    let mut best: Option<LastRun> = None;
-    for job in app.jobs.iter().filter(|j| j.repository == location) {
-        if !job.sources.iter().any(|s| s == source) {
-            continue;
-        }
+/// The newest run of each source of each job of `app`, by (repository, source): each job's
+/// records read once, newest first.
+pub fn last_runs(app: &App) -> HashMap<(String, String), LastRun> {
+    let mut out: HashMap<(String, String), LastRun> = HashMap::new();
+    for job in &app.jobs {
         let records = sbk_records::read(&job.state_dir, "job", &job.name).unwrap_or_default();
         for r in records.iter().rev() {
-            let Some(s) = r["sources"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|s| s["name"] == source)
-            else {
-                continue;
-            };
-            let ended = s["ended"].as_str().unwrap_or("").to_owned();
-            if best.as_ref().is_none_or(|b| b.ended < ended) {
-                best = Some(LastRun {
-                    status: s["status"].as_str().unwrap_or("unknown").to_owned(),
-                    error: s["error"].as_str().map(str::to_owned),
-                    ended,
-                    job: job.name.clone(),
-                });
+            for s in r["sources"].as_array().into_iter().flatten() {
+                let Some(name) = s["name"].as_str() else {
+                    continue;
+                };
+                let ended = s["ended"].as_str().unwrap_or("").to_owned();
+                let key = (job.repository.clone(), name.to_owned());
+                if out.get(&key).is_none_or(|b| b.ended < ended) {
+                    out.insert(
+                        key,
+                        LastRun {
+                            status: s["status"].as_str().unwrap_or("unknown").to_owned(),
+                            error: s["error"].as_str().map(str::to_owned),
+                            ended,
+                            job: job.name.clone(),
+                        },
+                    );
+                }
             }
-            break;
         }
     }
-    best
+    out
 }
 
 /// The sources page.
 pub fn page(app: &App, caller: &Caller) -> Page {
     let stale_ns = app.stale_after.as_nanos() as i64;
     let now = sbk_store::unix_now_ns();
+    let runs = last_runs(app);
     let mut rows: Vec<Markup> = Vec::new();
     let mut unavailable: Vec<Markup> = Vec::new();
     for repo in &app.repos {
@@ -85,7 +86,7 @@ pub fn page(app: &App, caller: &Caller) -> Page {
         }
         for (name, snaps) in sources {
             let newest = snaps.last();
-            let run = last_run(app, &repo.spec.location, &name);
+            let run = runs.get(&(repo.spec.location.clone(), name.clone()));
             let stale = newest.is_none_or(|n| now - n.time_ns > stale_ns);
             let failed = run.as_ref().is_some_and(|r| r.status != "success");
             let sizes: Vec<u64> = snaps
@@ -108,7 +109,7 @@ pub fn page(app: &App, caller: &Caller) -> Page {
                         @if stale { " " (badge("stale")) }
                     }
                     td.run {
-                        @match &run {
+                        @match run {
                             Some(r) => {
                                 (badge(&r.status)) " " span.muted { (r.ended) " (" a href=(format!("/jobs/{}", enc(&r.job))) { (r.job) } ")" }
                                 @if let Some(e) = &r.error { div.error { (e) } }
