@@ -24,6 +24,10 @@ command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 # NBD peers: qemu-img, qemu-io and qemu-nbd (qemu-utils), nbdinfo and nbdcopy (libnbd-bin).
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
+# The console's tests: curl (HTTP on its Unix socket and over TLS), openssl (a self-signed
+# certificate).
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # The S3 peer's Python package goes into a virtual environment.
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then

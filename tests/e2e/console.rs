@@ -36,12 +36,12 @@ fn token_file(dir: &Path) -> PathBuf {
     p
 }
 
-/// Starts `sbk console ARGS` on a loopback port the system picks, and waits until it listens.
-fn start(env: &Env, args: &[&str]) -> Running {
+/// Starts `sbk console --listen LISTEN ARGS` and waits until it listens.
+fn start(env: &Env, listen: &str, args: &[&str]) -> Running {
     let mut child = env
         .cmd()
         .env("JOB_PASS", PASSWORD)
-        .args(["--json", "console", "--listen", "127.0.0.1:0"])
+        .args(["--json", "console", "--listen", listen])
         .args(args)
         .stdout(Stdio::piped())
         .spawn()
@@ -163,6 +163,7 @@ pre = "echo 'lvcreate: Insufficient free space in volume group' >&2; exit 5"
     let tok = token_file(a.dir.path());
     let console = start(
         &a,
+        "127.0.0.1:0",
         &[
             job.to_str().unwrap(),
             lost.to_str().unwrap(),
@@ -274,4 +275,47 @@ fn addresses_and_tokens_the_console_refuses() {
         !sock.exists(),
         "the socket is removed when the console stops"
     );
+
+    // --allow-remote with TLS: a self-signed certificate; HTTPS with the token, 401 without,
+    // and no plain HTTP on that port.
+    let (cert, key) = (env.path("cert.pem"), env.path("key.pem"));
+    sh(&format!(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout {} -out {} -days 1 -subj /CN=localhost 2>/dev/null",
+        key.display(),
+        cert.display()
+    ));
+    let console = start(
+        &env,
+        "0.0.0.0:0",
+        &[
+            "--allow-remote",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--token-file",
+            tok,
+        ],
+    );
+    let port = console
+        .base
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/');
+    assert!(console.base.starts_with("https://"), "{}", console.base);
+    let status = |extra: &str| {
+        sh(&format!(
+            "curl -s -o /dev/null -w '%{{http_code}}' {extra} https://127.0.0.1:{port}/sources || true"
+        ))
+    };
+    assert_eq!(
+        status(&format!("-k -H 'Authorization: Bearer {TOKEN}'")),
+        "200"
+    );
+    assert_eq!(status("-k"), "401");
+    let plain = sh(&format!(
+        "curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{port}/sources || true"
+    ));
+    assert_ne!(plain, "200", "plain HTTP is not served on the TLS port");
 }
