@@ -83,11 +83,6 @@ impl Auth {
         }
     }
 
-    /// Whether a token is required.
-    pub fn required(&self) -> bool {
-        self.token.is_some()
-    }
-
     /// A new session if `given` is the token: its cookie value.
     pub fn login(&self, given: &str) -> Option<String> {
         let token = self.token.as_deref()?;
@@ -170,6 +165,22 @@ pub async fn guard(
     mut req: Request,
     next: Next,
 ) -> Response {
+    // A form posted from another site is refused whoever sends it (browsers say where a
+    // request comes from; scripts send no such header): with SameSite=Strict cookies and
+    // CSRF tokens this is a third wall, and the only one on a socket without a token.
+    if req.method() == Method::POST {
+        let site = req
+            .headers()
+            .get("sec-fetch-site")
+            .and_then(|v| v.to_str().ok());
+        if site.is_some_and(|s| s != "same-origin" && s != "none") {
+            return (
+                StatusCode::FORBIDDEN,
+                "refused: a request from another site\n",
+            )
+                .into_response();
+        }
+    }
     let path = req.uri().path();
     if path == "/login" || path == "/style.css" {
         return next.run(req).await;
@@ -186,12 +197,18 @@ pub async fn guard(
                 .map_or("/".to_owned(), |p| p.as_str().to_owned());
             Redirect::to(&format!("/login?next={}", crate::pages::enc(&back))).into_response()
         }
-        None => (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            "a token is required: log in, or send Authorization: Bearer TOKEN\n",
-        )
-            .into_response(),
+        None => {
+            if req.headers().contains_key(header::AUTHORIZATION) {
+                // A wrong token is answered late, as in the login form.
+                tokio::time::sleep(crate::server::WRONG_TOKEN_DELAY).await;
+            }
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "a token is required: log in, or send Authorization: Bearer TOKEN\n",
+            )
+                .into_response()
+        }
     }
 }
 

@@ -71,7 +71,7 @@ pub fn line(title: &str, points: &[(i64, u64)]) -> Markup {
             @for p in points {
                 @let (x, y) = xy(p);
                 circle cx=(c(x)) cy=(c(y)) r="3" class="dot" {
-                    title { (crate::pages::time(p.0 * 1_000_000_000)) ": " (bytes(p.1)) }
+                    title { (crate::pages::time(p.0.saturating_mul(1_000_000_000))) ": " (bytes(p.1)) }
                 }
             }
             text x=(PAD) y=(H - 8.0) class="tick" { (crate::pages::day(t0)) }

@@ -1,7 +1,12 @@
 //! NBD exports started from the console, as `sbk serve` serves them: one snapshot per export,
-//! read-only, on a loopback port of its own, pinned against prune while a client has it open.
+//! read-only, pinned against prune while a client has it open, on a Unix socket of its own
+//! (mode 0600, in a folder only the console's user can enter). NBD has no authentication
+//! without TLS: on a loopback TCP port any local user could read the whole disk, which the
+//! console's token exists to prevent.
 
-use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -21,8 +26,8 @@ pub struct Export {
     pub repo: usize,
     /// The snapshot served.
     pub snapshot: SnapshotId,
-    /// Where it listens.
-    pub addr: SocketAddr,
+    /// Its socket.
+    pub socket: PathBuf,
     /// When it started.
     pub started: SystemTime,
     server: Arc<Server>,
@@ -32,36 +37,43 @@ pub struct Export {
 impl Export {
     /// The NBD URI of the export.
     pub fn uri(&self) -> String {
-        format!("nbd://{}/{}", self.addr, self.snapshot.to_hex())
+        format!(
+            "nbd+unix:///{}?socket={}",
+            self.snapshot.to_hex(),
+            self.socket.display()
+        )
     }
 
     fn stop(&self) {
         self.server.stop();
-        if let Some(t) = self
-            .thread
-            .lock()
-            .expect("no thread panics holding this")
-            .take()
-        {
+        if let Some(t) = crate::repos::lock(&self.thread).take() {
             let _ = t.join();
         }
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
 /// The running exports.
-#[derive(Default)]
 pub struct Exports {
     next: AtomicU64,
     list: Mutex<Vec<Arc<Export>>>,
+    /// Where their sockets are (mode 0700).
+    dir: PathBuf,
 }
 
 impl Exports {
+    /// Exports with their sockets in `dir`, a folder only the console's user can enter.
+    pub fn new(dir: &Path) -> Exports {
+        Exports {
+            next: AtomicU64::new(0),
+            list: Mutex::new(Vec::new()),
+            dir: dir.to_owned(),
+        }
+    }
+
     /// Every running export, oldest first.
     pub fn all(&self) -> Vec<Arc<Export>> {
-        self.list
-            .lock()
-            .expect("no thread panics holding this")
-            .clone()
+        crate::repos::lock(&self.list).clone()
     }
 
     /// The running exports of snapshot `id` of repository `repo`.
@@ -72,18 +84,18 @@ impl Exports {
             .collect()
     }
 
-    /// Starts serving snapshot `id` of `opened` (repository `repo`) on `host`, on a port the
-    /// system picks.
+    /// Starts serving snapshot `id` of `opened` (repository `repo`) on a socket of its own.
     pub fn start(
         &self,
         opened: &Opened,
         repo: usize,
         id: SnapshotId,
-        host: std::net::IpAddr,
     ) -> std::io::Result<Arc<Export>> {
-        let listener = TcpListener::bind((host, 0))?;
-        let addr = listener.local_addr()?;
         let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let socket = self.dir.join(format!("export-{n}.sock"));
+        let listener = UnixListener::bind(&socket)?;
+        // Owner only (the folder already keeps others out).
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
         let log: Log = Arc::new(move |m: &str| eprintln!("sbk console: export {n}: {m}"));
         let catalog =
             SnapshotCatalog::new(opened.shared.clone(), Some(vec![id]), opened.pins.hook());
@@ -92,28 +104,25 @@ impl Exports {
             let server = server.clone();
             std::thread::Builder::new()
                 .name(format!("sbk-console-export-{n}"))
-                .spawn(move || server.run(Listener::Tcp(listener)))?
+                .spawn(move || server.run(Listener::Unix(listener)))?
         };
         let export = Arc::new(Export {
             n,
             repo,
             snapshot: id,
-            addr,
+            socket,
             started: SystemTime::now(),
             server,
             thread: Mutex::new(Some(thread)),
         });
-        self.list
-            .lock()
-            .expect("no thread panics holding this")
-            .push(export.clone());
+        crate::repos::lock(&self.list).push(export.clone());
         Ok(export)
     }
 
     /// Stops export `n`: its listener closes and its clients are disconnected. Whether it ran.
     pub fn stop(&self, n: u64) -> bool {
         let found = {
-            let mut list = self.list.lock().expect("no thread panics holding this");
+            let mut list = crate::repos::lock(&self.list);
             let i = list.iter().position(|e| e.n == n);
             i.map(|i| list.remove(i))
         };
@@ -128,12 +137,7 @@ impl Exports {
 
     /// Stops every export.
     pub fn stop_all(&self) {
-        let all: Vec<_> = self
-            .list
-            .lock()
-            .expect("no thread panics holding this")
-            .drain(..)
-            .collect();
+        let all: Vec<_> = crate::repos::lock(&self.list).drain(..).collect();
         for e in all {
             e.stop();
         }

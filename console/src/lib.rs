@@ -4,7 +4,7 @@
 //! and its whole disk (an NBD export) from the browser.
 //!
 //! It reads repositories and never writes one (its only writes there are the pin lock it holds,
-//! which conflicts with nothing, and the pins of snapshots an export has open). Pages are drawn
+//! which conflicts with nothing, and the pins of snapshots being exported or browsed). Pages are drawn
 //! on the server, charts as SVG; no script, nothing fetched from elsewhere. See [`auth`] for
 //! who may use it.
 
@@ -15,7 +15,6 @@ mod pages;
 mod repos;
 mod server;
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 pub use repos::{JobSpec, Opener, RepoSpec};
@@ -27,7 +26,8 @@ pub struct App {
     jobs: Vec<JobSpec>,
     auth: auth::Auth,
     exports: exports::Exports,
+    /// The exports' sockets' folder, removed when the console stops.
+    _sockets: tempfile::TempDir,
     allow_exports: bool,
-    export_host: IpAddr,
     stale_after: Duration,
 }

@@ -8,10 +8,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use sbk_engine::{RepoStats, ServePins, ServeShared, SnapshotFiles};
+use sbk_engine::{OpenGuard, RepoStats, ServePins, ServeShared, SnapshotFiles};
 use sbk_nbd::server::Log;
 use sbk_store::{BackupFigures, ChangedBlocks, Lock, Repository, SnapshotId};
 
@@ -26,6 +27,8 @@ const CHUNK_CACHE: u64 = 64 << 20;
 /// Snapshots kept open for file browsing (each holds its partition table and a filesystem's
 /// metadata in the chunk cache).
 const FILES_KEPT: usize = 4;
+/// How long a snapshot kept open for browsing stays open, and pinned, unasked for.
+const FILES_IDLE: Duration = Duration::from_secs(600);
 
 /// Opens a repository for the console: open, take a pin lock, load the index (through the
 /// cache). Returns the error as the operator should read it.
@@ -144,56 +147,104 @@ pub enum Stats {
     },
 }
 
+/// Locks `m`, recovering it if a thread panicked while holding it (a filesystem reader that
+/// met a hostile image): what these mutexes guard stays consistent at every step, and one bad
+/// page must not break every later one.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A snapshot's disk open for file-level reads, pinned against prune while it is (a download
+/// may run for hours; prune keeps what a pinned snapshot needs).
+pub struct OpenFiles {
+    /// The disk.
+    pub files: SnapshotFiles,
+    _pin: OpenGuard,
+}
+
 /// A repository, open.
 pub struct Opened {
     /// The repository.
     pub repo: Arc<Repository>,
     /// The chunk cache and readers every export and file read share.
     pub shared: Arc<ServeShared>,
-    /// Pins of exported snapshots, under the console's pin lock.
+    /// Pins of exported and browsed snapshots, under the console's pin lock.
     pub pins: Arc<ServePins>,
     catalog: Mutex<(Option<Instant>, Arc<Catalog>)>,
+    /// Held by the one request that lists the repository again; the others show the catalog
+    /// they have meanwhile.
+    listing: Mutex<()>,
     stats: Mutex<Arc<Stats>>,
-    files: Mutex<Vec<(SnapshotId, Arc<SnapshotFiles>)>>,
+    files: Mutex<Vec<(SnapshotId, Arc<OpenFiles>, Instant)>>,
+    stopping: AtomicBool,
 }
 
 impl Opened {
     /// The snapshot catalog, listed again when older than [`CATALOG_FRESH`] (new manifests
-    /// come from the manifest cache or the repository; those gone are dropped).
+    /// come from the manifest cache or the repository; those gone are dropped). The listing
+    /// runs outside the catalog's lock: while one request lists, the others get the catalog as
+    /// it was.
     pub fn catalog(&self) -> Arc<Catalog> {
-        let mut held = self.catalog.lock().expect("no thread panics holding this");
-        if held.0.is_some_and(|t| t.elapsed() < CATALOG_FRESH) {
-            return held.1.clone();
+        let (fresh, old) = {
+            let held = lock(&self.catalog);
+            (
+                held.0.is_some_and(|t| t.elapsed() < CATALOG_FRESH),
+                held.1.clone(),
+            )
+        };
+        if fresh {
+            return old;
         }
-        let fresh = refresh(&self.repo, &held.1);
-        held.0 = Some(Instant::now());
-        held.1 = Arc::new(fresh);
-        held.1.clone()
+        // The first listing is waited for (there is nothing to show before it); later ones
+        // are skipped by everyone but the one doing it.
+        let _listing = match self.listing.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) if lock(&self.catalog).0.is_some() => return old,
+            Err(TryLockError::WouldBlock) => lock(&self.listing),
+        };
+        let held = lock(&self.catalog).clone();
+        if held.0.is_some_and(|t| t.elapsed() < CATALOG_FRESH) {
+            return held.1;
+        }
+        let new = Arc::new(refresh(&self.repo, &held.1));
+        *lock(&self.catalog) = (Some(Instant::now()), new.clone());
+        new
     }
 
     /// The background figures, as far as they are.
     pub fn stats(&self) -> Arc<Stats> {
-        self.stats
-            .lock()
-            .expect("no thread panics holding this")
-            .clone()
+        lock(&self.stats).clone()
     }
 
-    /// Snapshot `id`'s disk, open for file-level reads (kept open for the next request).
-    pub fn files(&self, id: SnapshotId) -> Result<Arc<SnapshotFiles>, String> {
-        let mut kept = self.files.lock().expect("no thread panics holding this");
-        if let Some(i) = kept.iter().position(|(k, _)| *k == id) {
-            let hit = kept.remove(i);
-            kept.push(hit.clone());
-            return Ok(hit.1);
+    /// Snapshot `id`'s disk, open for file-level reads and pinned (kept open, and pinned, for
+    /// the next request, at most [`FILES_KEPT`] snapshots for at most [`FILES_IDLE`]).
+    pub fn files(&self, id: SnapshotId) -> Result<Arc<OpenFiles>, String> {
+        {
+            let mut kept = lock(&self.files);
+            if let Some(i) = kept.iter().position(|(k, _, _)| *k == id) {
+                let (_, hit, _) = kept.remove(i);
+                kept.push((id, hit.clone(), Instant::now()));
+                return Ok(hit);
+            }
         }
-        let files =
-            Arc::new(SnapshotFiles::open(self.shared.clone(), id).map_err(|e| e.to_string())?);
+        // Opened outside the lock: reading a partition table takes chunk reads, and a reader
+        // may fail on a hostile one.
+        let pin = (self.pins.hook())(&id)?;
+        let files = SnapshotFiles::open(self.shared.clone(), id).map_err(|e| e.to_string())?;
+        let open = Arc::new(OpenFiles { files, _pin: pin });
+        let mut kept = lock(&self.files);
         if kept.len() >= FILES_KEPT {
             kept.remove(0);
         }
-        kept.push((id, files.clone()));
-        Ok(files)
+        kept.push((id, open.clone(), Instant::now()));
+        Ok(open)
+    }
+
+    /// Closes the snapshots kept open for browsing that nobody asked for lately (their pins
+    /// go with them, once no download holds them).
+    fn forget_idle_files(&self) {
+        lock(&self.files).retain(|(_, _, used)| used.elapsed() < FILES_IDLE);
     }
 }
 
@@ -249,6 +300,9 @@ pub struct Repo {
     /// What it is.
     pub spec: RepoSpec,
     state: Mutex<State>,
+    /// Held while the repository is being opened, which can take long (storage that does not
+    /// answer): the state's lock is not, so pages of the others never wait for it.
+    opening: Mutex<()>,
 }
 
 enum State {
@@ -264,64 +318,89 @@ impl Repo {
             n,
             spec,
             state: Mutex::new(State::Never),
+            opening: Mutex::new(()),
+        }
+    }
+
+    fn settled(&self) -> Option<Result<Arc<Opened>, String>> {
+        match &*lock(&self.state) {
+            State::Open(o) => Some(Ok(o.clone())),
+            State::Failed(e, at) if at.elapsed() < RETRY_OPEN => Some(Err(e.clone())),
+            _ => None,
         }
     }
 
     /// The open repository, opening it if it is not (a failure is kept, and shown, for
-    /// [`RETRY_OPEN`] before the next try).
+    /// [`RETRY_OPEN`] before the next try). While another request opens it, this one says so
+    /// instead of waiting.
     pub fn open(&self) -> Result<Arc<Opened>, String> {
-        let mut state = self.state.lock().expect("no thread panics holding this");
-        match &*state {
-            State::Open(o) => return Ok(o.clone()),
-            State::Failed(e, at) if at.elapsed() < RETRY_OPEN => return Err(e.clone()),
-            _ => {}
+        if let Some(r) = self.settled() {
+            return r;
         }
-        match (self.spec.open)() {
-            Ok((repo, lock)) => {
-                let repo = Arc::new(repo);
-                let location = self.spec.location.clone();
-                let log: Log = Arc::new(move |m: &str| eprintln!("sbk console: {location}: {m}"));
-                let opened = Arc::new(Opened {
-                    shared: ServeShared::new(repo.clone(), CHUNK_CACHE, 1, log.clone()),
-                    pins: ServePins::new(repo.clone(), lock, log),
-                    repo,
-                    catalog: Mutex::new((None, Arc::new(Catalog::default()))),
-                    stats: Mutex::new(Arc::new(Stats::Pending)),
-                    files: Mutex::new(Vec::new()),
-                });
-                let weak = Arc::downgrade(&opened);
-                let _ = std::thread::Builder::new()
-                    .name(format!("sbk-console-stats-{}", self.n))
-                    .spawn(move || count_in_background(weak));
-                *state = State::Open(opened.clone());
-                Ok(opened)
+        let _opening = match self.opening.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                return Err("being opened; reload the page in a moment".into())
             }
-            Err(e) => {
-                *state = State::Failed(e.clone(), Instant::now());
-                Err(e)
-            }
+        };
+        // Another request may have finished opening it meanwhile.
+        if let Some(r) = self.settled() {
+            return r;
         }
+        let opened = (self.spec.open)().map(|(repo, held)| {
+            let repo = Arc::new(repo);
+            let location = self.spec.location.clone();
+            let log: Log = Arc::new(move |m: &str| eprintln!("sbk console: {location}: {m}"));
+            let opened = Arc::new(Opened {
+                shared: ServeShared::new(repo.clone(), CHUNK_CACHE, 1, log.clone()),
+                pins: ServePins::new(repo.clone(), held, log),
+                repo,
+                catalog: Mutex::new((None, Arc::new(Catalog::default()))),
+                listing: Mutex::new(()),
+                stats: Mutex::new(Arc::new(Stats::Pending)),
+                files: Mutex::new(Vec::new()),
+                stopping: AtomicBool::new(false),
+            });
+            let weak = Arc::downgrade(&opened);
+            let _ = std::thread::Builder::new()
+                .name(format!("sbk-console-stats-{}", self.n))
+                .spawn(move || count_in_background(weak));
+            opened
+        });
+        *lock(&self.state) = match &opened {
+            Ok(o) => State::Open(o.clone()),
+            Err(e) => State::Failed(e.clone(), Instant::now()),
+        };
+        opened
     }
 
-    /// Stops what the open repository runs (its prefetchers); the lock goes with the last
-    /// reference.
-    pub fn close(&self) {
-        let mut state = self.state.lock().expect("no thread panics holding this");
-        if let State::Open(o) = &*state {
-            o.shared.stop();
-        }
-        *state = State::Never;
+    /// Closes the repository: its prefetchers and background count stop, the snapshots kept
+    /// open are closed. Returns it, so that the caller can wait for the last reference (and
+    /// with it the pin lock) to go.
+    pub fn close(&self) -> Option<Arc<Opened>> {
+        let State::Open(o) = std::mem::replace(&mut *lock(&self.state), State::Never) else {
+            return None;
+        };
+        o.stopping.store(true, Ordering::Release);
+        o.shared.stop();
+        lock(&o.files).clear();
+        Some(o)
     }
 }
 
 /// Counts the repository's figures whenever its snapshot set has changed, until the
-/// repository is closed.
+/// repository is closed; closes snapshots kept open for browsing once idle.
 fn count_in_background(opened: Weak<Opened>) {
     let mut counted: Option<Vec<SnapshotId>> = None;
     loop {
         let Some(o) = opened.upgrade() else {
             return;
         };
+        if o.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        o.forget_idle_files();
         let ids: Vec<SnapshotId> = o.catalog().snaps.iter().map(|s| s.id).collect();
         if counted.as_ref() != Some(&ids) {
             let started = Instant::now();
@@ -340,10 +419,19 @@ fn count_in_background(opened: Weak<Opened>) {
                     at: SystemTime::now(),
                 },
             };
-            *o.stats.lock().expect("no thread panics holding this") = Arc::new(figures);
+            *lock(&o.stats) = Arc::new(figures);
             counted = Some(ids);
         }
         drop(o);
-        std::thread::sleep(STATS_EVERY);
+        // Slept in steps, so that a closed repository's reference goes within a second.
+        for _ in 0..STATS_EVERY.as_secs() {
+            std::thread::sleep(Duration::from_secs(1));
+            if opened
+                .upgrade()
+                .is_none_or(|o| o.stopping.load(Ordering::Acquire))
+            {
+                return;
+            }
+        }
     }
 }

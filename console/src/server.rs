@@ -1,7 +1,7 @@
 //! The server: where it listens (loopback TCP by default, a Unix socket, or a remote address
 //! only with `--allow-remote` and TLS), the routes, and the headers every answer carries.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,8 +26,13 @@ use crate::App;
 
 /// How long a client may take to send a request's headers (slow clients hold a connection).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a wrong token is answered late (guessing stays slow).
-const WRONG_TOKEN_DELAY: Duration = Duration::from_secs(1);
+/// How long a wrong token in the login form is answered late.
+pub const WRONG_TOKEN_DELAY: Duration = Duration::from_secs(1);
+/// Connections served at once; more wait in the kernel's backlog (file descriptors are finite).
+const MAX_CONNECTIONS: usize = 256;
+/// How long a closed repository's last reference (a page still being made, a count) may take
+/// to go before the console stops anyway, leaving its pin lock to expire.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// Why the console cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +165,12 @@ impl Console {
                 ));
             }
         }
+        if matches!(config.listen, Listen::Unix(_)) && (config.tls.is_some() || config.allow_remote)
+        {
+            return Err(ConsoleError::Usage(
+                "--tls-cert, --tls-key and --allow-remote are for --listen; a Unix socket is reached on this host only".into(),
+            ));
+        }
         let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
         let (bound, place) = match &config.listen {
             Listen::Tcp(addr) => {
@@ -172,12 +183,16 @@ impl Console {
                 (Bound::Tcp(l), format!("{scheme}://{at}/"))
             }
             Listen::Unix(path) => {
-                let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
+                // Made owner-only from the start: on a socket without a token its mode is the
+                // only protection, and a connection made before a chmod would stay open. The
+                // umask is the process's, set for the bind alone, before any thread of ours
+                // creates files.
+                let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+                let bound = std::os::unix::net::UnixListener::bind(path);
+                rustix::process::umask(old);
+                let l = bound.map_err(|e| {
                     ConsoleError::Usage(format!("cannot listen on {}: {e}", path.display()))
                 })?;
-                // Owner only: on a socket without a token this mode is the only protection
-                // (connecting needs write permission, which the usual umask already keeps from
-                // others until this runs).
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
                     .map_err(|e| ConsoleError::Io(format!("{}: {e}", path.display())))?;
                 (
@@ -200,15 +215,24 @@ impl Console {
                 Err(e) => eprintln!("sbk console: {}: {e}", r.spec.location),
             }
         }
+        // The exports' sockets: a folder of their own, 0700, removed when the console stops.
+        let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|d| d.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let sockets = tempfile::Builder::new()
+            .prefix("sbk-console-")
+            .tempdir_in(&runtime)
+            .map_err(|e| ConsoleError::Io(format!("{}: {e}", runtime.display())))?;
         let (tx, rx) = tokio::sync::watch::channel(false);
         Ok(Console {
             app: Arc::new(App {
                 repos,
                 jobs: config.jobs,
                 auth: Auth::new(config.token, tls.is_some()),
-                exports: Default::default(),
+                exports: crate::exports::Exports::new(sockets.path()),
+                _sockets: sockets,
                 allow_exports: config.allow_exports,
-                export_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
                 stale_after: config.stale_after,
             }),
             bound,
@@ -241,46 +265,63 @@ impl Console {
         let router = router(app.clone());
         let mut stop = self.stop.1.clone();
         let tls = self.tls.clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let served = rt.block_on(async move {
             match self.bound {
                 Bound::Tcp(l) => {
                     l.set_nonblocking(true)?;
                     let l = tokio::net::TcpListener::from_std(l)?;
                     loop {
-                        tokio::select! {
-                            got = l.accept() => {
-                                let Ok((stream, _)) = got else { continue };
-                                let _ = stream.set_nodelay(true);
-                                match &tls {
-                                    Some(acceptor) => {
-                                        let acceptor = acceptor.clone();
-                                        let router = router.clone();
-                                        tokio::spawn(async move {
-                                            // A failed handshake (a plain HTTP client, a
-                                            // scanner) ends that connection only.
-                                            if let Ok(s) = acceptor.accept(stream).await {
-                                                connection(s, router).await;
-                                            }
-                                        });
-                                    }
-                                    None => { tokio::spawn(connection(stream, router.clone())); }
-                                }
-                            }
+                        let permit = tokio::select! {
+                            p = slots.clone().acquire_owned() => p.expect("never closed"),
                             _ = stop.changed() => break,
-                        }
+                        };
+                        let stream = tokio::select! {
+                            got = l.accept() => match got {
+                                Ok((stream, _)) => stream,
+                                // Out of file descriptors, say: wait instead of spinning.
+                                Err(_) => { tokio::time::sleep(Duration::from_millis(100)).await; continue }
+                            },
+                            _ = stop.changed() => break,
+                        };
+                        let _ = stream.set_nodelay(true);
+                        let router = router.clone();
+                        let acceptor = tls.clone();
+                        tokio::spawn(async move {
+                            let _permit = permit;
+                            match acceptor {
+                                // A handshake that fails or stalls (a plain HTTP client, a
+                                // scanner) ends that connection only.
+                                Some(acceptor) => {
+                                    if let Ok(Ok(s)) = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                                        connection(s, router).await;
+                                    }
+                                }
+                                None => connection(stream, router).await,
+                            }
+                        });
                     }
                 }
                 Bound::Unix(l, path) => {
                     l.set_nonblocking(true)?;
                     let l = tokio::net::UnixListener::from_std(l)?;
                     loop {
-                        tokio::select! {
-                            got = l.accept() => {
-                                let Ok((stream, _)) = got else { continue };
-                                tokio::spawn(connection(stream, router.clone()));
-                            }
+                        let permit = tokio::select! {
+                            p = slots.clone().acquire_owned() => p.expect("never closed"),
                             _ = stop.changed() => break,
-                        }
+                        };
+                        let stream = tokio::select! {
+                            got = l.accept() => match got {
+                                Ok((stream, _)) => stream,
+                                Err(_) => { tokio::time::sleep(Duration::from_millis(100)).await; continue }
+                            },
+                            _ = stop.changed() => break,
+                        };
+                        let router = router.clone();
+                        tokio::spawn(async move {
+                            let _permit = permit;
+                            connection(stream, router).await
+                        });
                     }
                     let _ = std::fs::remove_file(path);
                 }
@@ -290,8 +331,25 @@ impl Console {
         // Connections still open are cut: the process is stopping.
         rt.shutdown_timeout(Duration::from_secs(2));
         app.exports.stop_all();
-        for r in &app.repos {
-            r.close();
+        let closed: Vec<_> = app
+            .repos
+            .iter()
+            .filter_map(|r| r.close().map(|o| (r, o)))
+            .collect();
+        // Each repository's pin lock goes with its last reference: wait a little for pages
+        // still being made and a count under way, so that the lock is removed, not left to
+        // expire.
+        let until = std::time::Instant::now() + CLOSE_WAIT;
+        for (r, o) in closed {
+            while Arc::strong_count(&o) > 1 && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if Arc::strong_count(&o) > 1 {
+                eprintln!(
+                    "sbk console: {}: still in use as it stops; its pin lock is left to expire (it blocks nothing)",
+                    r.spec.location
+                );
+            }
         }
         served.map_err(|e| ConsoleError::Io(e.to_string()))
     }
@@ -358,15 +416,21 @@ fn router(app: Arc<App>) -> Router {
             app.clone(),
             crate::auth::guard,
         ))
-        .layer(middleware::from_fn(headers))
+        .layer(middleware::from_fn_with_state(app.clone(), headers))
         .with_state(app)
 }
 
 /// Headers on every answer: nothing from elsewhere, no framing, no caching of backed-up data,
 /// no referrer leaking snapshot ids.
-async fn headers(req: Request, next: Next) -> Response {
+async fn headers(State(app): AppState, req: Request, next: Next) -> Response {
     let mut resp = next.run(req).await;
     let h = resp.headers_mut();
+    if app.auth.secure {
+        h.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
@@ -479,7 +543,7 @@ async fn start_export(
         let (_, opened) = pages::snapshots::repo(&app, f.repo)?;
         let s = pages::snapshots::snapshot(&opened, &f.snapshot)?;
         app.exports
-            .start(&opened, f.repo, s.id, app.export_host)
+            .start(&opened, f.repo, s.id)
             .map_err(|e| pages::PageError::unavailable(format!("cannot start the export: {e}")))?;
         Ok::<_, pages::PageError>(format!("/r/{}/snap/{}", f.repo, s.id.to_hex()))
     })
@@ -560,10 +624,19 @@ struct NextQuery {
     next: Option<String>,
 }
 
-/// Where to go after logging in: a path of this console only (never `//elsewhere`).
+/// Where to go after logging in: a path of this console only. Only visible ASCII is allowed
+/// (a browser drops tabs and line ends from a URL, so `/<TAB>/elsewhere` would become
+/// `//elsewhere`), and the path must not start with `//` or `/\\`, which name another host.
 fn local(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n.contains('\\')
+                && n.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            n.to_owned()
+        }
         _ => "/".into(),
     }
 }
@@ -632,4 +705,26 @@ async fn logout(
     resp.headers_mut()
         .insert(header::SET_COOKIE, app.auth.cookie(""));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local;
+
+    #[test]
+    fn login_goes_back_only_to_a_path_of_this_console() {
+        assert_eq!(local(Some("/sources?x=1")), "/sources?x=1");
+        for bad in [
+            "//evil.example",
+            "/\\evil.example",
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "https://evil.example/",
+            "evil",
+            "/ /x",
+        ] {
+            assert_eq!(local(Some(bad)), "/", "{bad:?}");
+        }
+        assert_eq!(local(None), "/");
+    }
 }

@@ -1,9 +1,11 @@
-//! Run records: `sbk run` and `sbk verify` each leave one JSON record per run (when it started
-//! and ended, how each source went, the tail of each hook's output) under a state directory, so
-//! that an operator, and the console, can see what happened last night and the nights before.
-//! The last [`KEEP`] records of each job are kept.
+//! Run records: `sbk run`, `sbk verify` and `sbk prune` each leave one JSON record per run (when
+//! it started and ended, how each source went, the tail of each hook's output; what verify
+//! found; the stored size a prune left) under a state directory, so that an operator, and the
+//! console, can see what happened last night and the nights before. The last [`KEEP`] records
+//! of each job or repository are kept.
 //!
-//! Layout: `STATE_DIR/runs/job/<job>/` and `STATE_DIR/runs/verify/<repository>/`, each record
+//! Layout: `STATE_DIR/runs/job/<job>/`, `STATE_DIR/runs/verify/<repository>/` and
+//! `STATE_DIR/runs/prune/<repository>/`, each record
 //! `<start, ns since the epoch, 20 digits>.json`, folders mode 0700 and files 0600 (hook output
 //! may say more than it should). Each record is written to a temporary file, fsynced and
 //! renamed, so a reader never sees half of one.

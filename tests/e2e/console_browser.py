@@ -42,7 +42,8 @@ def main():
             page.screenshot(path=os.path.join(shots, name + ".png"), full_page=True)
 
     def visit(page, name, path):
-        page.goto(base + path)
+        resp = page.goto(base + path)
+        check(resp is not None and resp.status == 200, f"{path}: status {resp and resp.status}")
         timings[name] = nav_ms(page)
         check(page.title().endswith("sbk console"), f"{path}: not a console page: {page.title()}")
 
@@ -141,7 +142,7 @@ def main():
             page.click("button.start")
             page.wait_for_selector("section.export")
             uri = page.locator("section.export").first.get_attribute("data-uri")
-            check(uri and uri.startswith("nbd://127.0.0.1:"), f"no export URI: {uri}")
+            check(uri and uri.startswith("nbd+unix:///"), f"no export URI: {uri}")
             shot(page, "export")
             raw = os.path.join(tempfile.mkdtemp(), "export.raw")
             subprocess.run(["nbdcopy", uri, raw], check=True)

@@ -335,6 +335,10 @@ name = "bad"
 path = "{d}/bad.img"
 pre = "echo 'lvcreate: Insufficient free space in volume group' >&2; exit 5"
 post = "echo released"
+
+[retention]
+keep_last = 5
+prune = true
 "#,
         repo = env.repo.display(),
         state = state.display(),
@@ -389,6 +393,21 @@ post = "echo released"
     assert_eq!(v.len(), 1);
     assert_eq!(v[0]["status"], "success");
     assert_eq!(v[0]["problems"].as_array().unwrap().len(), 0);
+    let packs: u64 = env
+        .packs()
+        .iter()
+        .map(|p| p.metadata().unwrap().len())
+        .sum();
+    assert_eq!(
+        v[0]["stored_bytes"], packs,
+        "verify measures the stored size"
+    );
+    // The job's retention pruned (forget --prune, per source), in the job's state directory,
+    // where the console looks for the stored size a prune leaves.
+    let p = records(&state, "prune", "_repo");
+    let last = p.last().expect("a prune record");
+    assert_eq!(last["status"], "success");
+    assert_eq!(last["stored_bytes"], packs, "{last}");
     let r = sbk()
         .args(["--repo", dir.join("nothing").to_str().unwrap(), "verify"])
         .args(["--state-dir", state.to_str().unwrap()])

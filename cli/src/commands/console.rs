@@ -27,8 +27,9 @@ use crate::password::PasswordSource;
 /// parent), files browsed and downloaded out of a snapshot, NBD exports started and stopped
 /// (with --allow-exports), and the history of jobs and verifies.
 ///
-/// It never writes a repository; it holds a pin lock on each, which conflicts with nothing, and
-/// exports pin their snapshot while a client reads it, as `sbk serve` does.
+/// It never writes a repository's data; it holds a pin lock on each, which conflicts with
+/// nothing, and pins a snapshot while it is exported, browsed or downloaded from, as `sbk
+/// serve` does.
 ///
 /// Security: it listens on loopback (or a Unix socket, made mode 0600) unless --allow-remote is
 /// given, which needs TLS. On TCP every request needs the token of --token-file (mode 0600):
@@ -131,7 +132,10 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
             env: Some(pw.password_env.unwrap_or_default()),
             key_file: pw.key_file,
         };
-        match repos.iter_mut().find(|r| r.location == job.repository) {
+        match repos
+            .iter_mut()
+            .find(|r| same_place(&r.location, &job.repository))
+        {
             Some(r) if !r.state_dirs.contains(&state_dir) => r.state_dirs.push(state_dir.clone()),
             Some(_) => {}
             None => repos.push(RepoSpec {
@@ -157,7 +161,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     }
     if let Some(repo) = &ctx.repo {
         let location = repo.to_string_lossy().into_owned();
-        if !repos.iter().any(|r| r.location == location) {
+        if !repos.iter().any(|r| same_place(&r.location, &location)) {
             repos.push(RepoSpec {
                 location,
                 open: opener(
@@ -166,8 +170,14 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
                     ctx.cache.clone(),
                     ctx.threads,
                 ),
-                state_dirs: default_state.into_iter().collect(),
+                state_dirs: Vec::new(),
             });
+        }
+    }
+    // Verifies and prunes run by hand keep their records in the default state directory.
+    for r in &mut repos {
+        if let Some(d) = default_state.as_ref().filter(|d| !r.state_dirs.contains(d)) {
+            r.state_dirs.push(d.clone());
         }
     }
     if repos.is_empty() {
@@ -222,6 +232,12 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     let _ = waiter.join();
     served.map_err(console_error)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether two locations name one repository (`/srv/r` and `/srv/r/`), so that it is opened,
+/// and locked, once.
+fn same_place(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
 }
 
 fn console_error(e: ConsoleError) -> anyhow::Error {

@@ -78,6 +78,16 @@ pub fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
 /// Prunes an open repository (the caller has no lock; this takes a prune lock, or with
 /// `--exclusive` the exclusive one).
 pub fn prune_repo(ctx: &Context, repo: &sbk_store::Repository, args: &Args) -> Result<PruneReport> {
+    let started = sbk_store::unix_now_ns();
+    let result = prune_locked(ctx, repo, args);
+    if !args.dry_run {
+        record(ctx, args, started, &result);
+    }
+    result
+}
+
+/// Takes the lock prune needs, loads the index and prunes.
+fn prune_locked(ctx: &Context, repo: &sbk_store::Repository, args: &Args) -> Result<PruneReport> {
     let (kind, mode) = if args.exclusive {
         (LockKind::Exclusive, PruneMode::Exclusive)
     } else {
@@ -277,12 +287,8 @@ fn record(ctx: &Context, args: &Args, started: i64, result: &Result<PruneReport>
 
 /// Runs `sbk prune`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    let started = sbk_store::unix_now_ns();
     let repo = ctx.open_repo()?;
     let result = prune_repo(ctx, &repo, &args);
-    if !args.dry_run {
-        record(ctx, &args, started, &result);
-    }
     if let Some(file) = &args.metrics_file {
         use crate::metrics::{now, Metrics};
         let l = crate::metrics::labels(&[("repository", &repo.location())]);

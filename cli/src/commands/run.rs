@@ -70,6 +70,10 @@ fn sbk(job: &Job, repo: &str, pw: &Password) -> Result<Command> {
     if let Some(d) = &job.cache_dir {
         c.arg("--cache-dir").arg(d);
     }
+    // The steps keep their records (a prune's) beside the job's, where the console looks.
+    if let Some(d) = &job.state_dir {
+        c.env("SBK_STATE_DIR", d);
+    }
     password_env(
         &mut c,
         pw,
@@ -500,7 +504,12 @@ fn write_job_metrics(
 
 /// Runs `sbk run`.
 pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
-    let job = crate::job::load(&args.job).map_err(|e| ExitWith(Exit::Usage, e))?;
+    let mut job = crate::job::load(&args.job).map_err(|e| ExitWith(Exit::Usage, e))?;
+    // --state-dir before the job file's: the run's record and its steps' (the prune of
+    // `forget --prune`) go there.
+    if let Some(d) = &args.state_dir {
+        job.state_dir = Some(d.clone());
+    }
     if args.dry_run {
         print_plan(ctx, &job);
         return Ok(ExitCode::SUCCESS);
@@ -568,8 +577,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
         Some(sig) if code != 0 => 128 + sig as u8,
         _ => code,
     };
-    let explicit = args.state_dir.as_ref().or(job.state_dir.as_ref());
-    if let Some(dir) = sbk_records::state_dir(explicit.map(PathBuf::as_path)) {
+    if let Some(dir) = sbk_records::state_dir(job.state_dir.as_deref()) {
         let span = (started_ns, sbk_store::unix_now_ns());
         let error = after.as_ref().err().or(metrics.as_ref().err());
         let r = record(&args.job, &job, &done, span, after_ok, stopped, code, error);

@@ -8,7 +8,7 @@ use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use maud::{html, Markup};
-use sbk_diskfs::{lookup, Kind};
+use sbk_diskfs::{lookup, Filesystem, Kind, Node};
 use sbk_engine::{parse_part_path, EngineError};
 use sbk_store::SnapshotId;
 
@@ -16,6 +16,7 @@ use super::{bytes, csrf_field, enc, layout, short, Page, PageError};
 use crate::auth::Caller;
 use crate::exports::Export;
 use crate::pages::snapshots::{repo, snapshot};
+use crate::repos::{OpenFiles, Opened, Snap};
 use crate::App;
 
 /// Entries a directory page lists at most.
@@ -38,12 +39,39 @@ fn shown(name: &[u8]) -> String {
     String::from_utf8_lossy(name).into_owned()
 }
 
+/// A path of a snapshot's filesystem, looked up: the open disk (kept, pinned), the filesystem,
+/// the node, and the path inside the partition.
+struct Found {
+    open: Arc<OpenFiles>,
+    fs: Box<dyn Filesystem>,
+    node: Node,
+    part: u32,
+    inner: String,
+}
+
+/// Looks `path` (`PART:PATH`) up in snapshot `s` of `opened`.
+fn find(opened: &Opened, s: &Snap, path: &str) -> Result<Found, PageError> {
+    let open = opened.files(s.id).map_err(PageError::unavailable)?;
+    let (part, inner) = parse_part_path(path).map_err(PageError::bad)?;
+    let fs = open.files.filesystem(part).map_err(|e| PageError {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        message: e.to_string(),
+    })?;
+    let node = lookup(fs.as_ref(), inner.as_bytes(), true).map_err(|e| fs_error(&inner, e))?;
+    Ok(Found {
+        open,
+        fs,
+        node,
+        part,
+        inner,
+    })
+}
+
 /// The files page: the partitions (`path` empty), or a directory, or a file's details.
 pub fn page(app: &App, caller: &Caller, n: usize, spec: &str, path: &str) -> Page {
     let (_, opened) = repo(app, n)?;
     let s = snapshot(&opened, spec)?;
     let id = s.id.to_hex();
-    let files = opened.files(s.id).map_err(PageError::unavailable)?;
     let base = format!("/r/{n}/snap/{id}");
     let title = format!(
         "Files of {} ({} at {})",
@@ -52,6 +80,8 @@ pub fn page(app: &App, caller: &Caller, n: usize, spec: &str, path: &str) -> Pag
         super::time(s.time_ns)
     );
     if path.is_empty() {
+        let open = opened.files(s.id).map_err(PageError::unavailable)?;
+        let files = &open.files;
         let parts = files.partitions();
         return Ok(layout(
             caller,
@@ -77,12 +107,13 @@ pub fn page(app: &App, caller: &Caller, n: usize, spec: &str, path: &str) -> Pag
             },
         ));
     }
-    let (part, inner) = parse_part_path(path).map_err(PageError::bad)?;
-    let fs = files.filesystem(part).map_err(|e| PageError {
-        status: StatusCode::UNPROCESSABLE_ENTITY,
-        message: e.to_string(),
-    })?;
-    let node = lookup(fs.as_ref(), inner.as_bytes(), true).map_err(|e| fs_error(&inner, e))?;
+    let Found {
+        fs,
+        node,
+        part,
+        inner,
+        ..
+    } = find(&opened, &s, path)?;
     let crumbs = crumbs(&base, part, &inner);
     if node.kind != Kind::Dir {
         return Ok(layout(
@@ -212,32 +243,33 @@ fn send_file(
     meta: tokio::sync::oneshot::Sender<Result<(u64, String), PageError>>,
     tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) {
-    let opened = (|| {
+    let found = (|| {
         let (_, opened) = repo(app, n)?;
         let s = snapshot(&opened, spec)?;
-        let files = opened.files(s.id).map_err(PageError::unavailable)?;
-        let (part, inner) = parse_part_path(path).map_err(PageError::bad)?;
-        let fs = files.filesystem(part).map_err(|e| PageError {
-            status: StatusCode::UNPROCESSABLE_ENTITY,
-            message: e.to_string(),
-        })?;
-        let node = lookup(fs.as_ref(), inner.as_bytes(), true).map_err(|e| fs_error(&inner, e))?;
-        if node.kind != Kind::File {
+        let found = find(&opened, &s, path)?;
+        if found.node.kind != Kind::File {
             return Err(PageError::bad(format!(
                 "{path} is a {}, not a file",
-                node.kind.name()
+                found.node.kind.name()
             )));
         }
-        let name = inner.rsplit('/').next().unwrap_or("file").to_owned();
-        Ok((fs, node, name))
+        Ok(found)
     })();
-    let (fs, node, name) = match opened {
-        Ok(o) => o,
+    // The open disk (and its pin) stays with this thread until the last byte is sent.
+    let Found {
+        open: _open,
+        fs,
+        node,
+        inner,
+        ..
+    } = match found {
+        Ok(f) => f,
         Err(e) => {
             let _ = meta.send(Err(e));
             return;
         }
     };
+    let name = inner.rsplit('/').next().unwrap_or("file").to_owned();
     let data = match fs.open(&node) {
         Ok(d) => d,
         Err(e) => {
@@ -289,7 +321,7 @@ pub fn exports_of(
                 input type="hidden" name="repo" value=(n);
                 input type="hidden" name="snapshot" value=(id.to_hex());
                 button.start type="submit" { "Start an NBD export" }
-                span.muted { " read-only, on " (app.export_host) ", pinned against prune while in use" }
+                span.muted { " read-only, on a Unix socket only the console's user can open, pinned against prune while in use" }
             }
         } @else {
             p.muted { "Exports are off: start the console with --allow-exports to serve snapshots over NBD from here (or run sbk serve)." }
@@ -310,7 +342,8 @@ pub fn export_card(caller: &Caller, e: &Export) -> Markup {
                 "qemu-img convert -p -O qcow2 " (uri) " restored.qcow2\n"
                 "# boot from the backup at once (writes go to the overlay)\n"
                 "qemu-img create -f qcow2 -b " (uri) " -F raw overlay.qcow2\n"
-                "qemu-system-x86_64 -m 2048 -drive file=overlay.qcow2,format=qcow2"
+                "qemu-system-x86_64 -m 2048 -drive file=overlay.qcow2,format=qcow2\n"
+                "# or serve it to other machines yourself: sbk serve (loopback or a socket; --allow-remote)"
             }
             form method="post" action=(format!("/exports/{}/stop", e.n)) {
                 (csrf_field(caller))

@@ -37,7 +37,7 @@ fn run(r: &Value, open: bool) -> Markup {
                         tr {
                             td { (s["name"].as_str().unwrap_or("?")) }
                             td { (badge(s["status"].as_str().unwrap_or("unknown"))) @if let Some(e) = s["error"].as_str() { div.error { (e) } } }
-                            td.id { (s["snapshot"].as_str().map(|x| &x[..x.len().min(12)]).unwrap_or("")) }
+                            td.id { (s["snapshot"].as_str().map(|x| x.get(..12).unwrap_or(x)).unwrap_or("")) }
                             td { (figure(&s["size"])) }
                             td { (figure(&s["bytes_read"])) }
                             td { (figure(&s["new_bytes"])) }

@@ -66,7 +66,7 @@ pub async fn blocking(
         Err(_) => error_page(
             &caller,
             StatusCode::INTERNAL_SERVER_ERROR,
-            "the page failed while reading the repository (a reader refused what it found; the raw disk is still available through an export)",
+            "the page failed while it was being made (logged by the console); other pages, and an export of the raw disk, still work",
         ),
     }
 }

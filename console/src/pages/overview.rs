@@ -29,9 +29,12 @@ pub fn page(app: &App, caller: &Caller) -> Page {
 
 /// The records of `kind` (`verify`, `prune`) about `location` in any of `dirs`, oldest first.
 pub fn records(dirs: &[PathBuf], kind: &str, location: &str) -> Vec<serde_json::Value> {
+    // Folders are named after the location with some characters replaced, so two locations
+    // can share one: each record says its own.
     let mut all: Vec<serde_json::Value> = dirs
         .iter()
         .flat_map(|d| sbk_records::read(d, kind, location).unwrap_or_default())
+        .filter(|r| r["repository"] == location)
         .collect();
     all.sort_by(|a, b| a["started"].as_str().cmp(&b["started"].as_str()));
     all

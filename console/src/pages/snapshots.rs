@@ -111,7 +111,7 @@ pub fn source_page(app: &App, caller: &Caller, n: usize, name: &str, page: usize
                             td { (bytes(s.figures.new_stored)) }
                             td { (freed(&stats, &s.id)) }
                             td { (changed_text(s)) }
-                            td { @if let Some(t) = s.protected_until { (time(t * 1_000_000_000)) } }
+                            td { @if let Some(t) = s.protected_until { (time(t.saturating_mul(1_000_000_000))) } }
                             td { (s.tags.join(", ")) }
                         }
                     }
@@ -155,7 +155,7 @@ pub fn snapshot_page(app: &App, caller: &Caller, n: usize, spec: &str) -> Page {
                 div { dt { "New" } dd { (bytes(s.figures.new_raw)) " raw, " (bytes(s.figures.new_stored)) " stored, " (s.figures.new_chunks) " of " (s.figures.chunks) " chunks" } }
                 div { dt { "Frees if forgotten" } dd { (freed(&stats, &s.id)) } }
                 div { dt { "Made" } dd { (changed_text(&s)) } }
-                @if let Some(t) = s.protected_until { div { dt { "Protected until" } dd { (time(t * 1_000_000_000)) } } }
+                @if let Some(t) = s.protected_until { div { dt { "Protected until" } dd { (time(t.saturating_mul(1_000_000_000))) } } }
                 @if !s.tags.is_empty() { div { dt { "Tags" } dd { (s.tags.join(", ")) } } }
                 @if let Some(c) = s.changed.as_ref().and_then(|c| c.token.as_ref()) { div { dt { "Storage token" } dd { (c) } } }
             }

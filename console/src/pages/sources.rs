@@ -58,7 +58,7 @@ pub fn last_runs(app: &App) -> HashMap<(String, String), LastRun> {
 
 /// The sources page.
 pub fn page(app: &App, caller: &Caller) -> Page {
-    let stale_ns = app.stale_after.as_nanos() as i64;
+    let stale_ns = i64::try_from(app.stale_after.as_nanos()).unwrap_or(i64::MAX);
     let now = sbk_store::unix_now_ns();
     let runs = last_runs(app);
     let mut rows: Vec<Markup> = Vec::new();
