@@ -154,7 +154,7 @@ pub struct Retention {
     pub keep_tag: Vec<Name>,
     /// Keep every snapshot younger than this (`30d`), by the storage's clock.
     pub keep_within: Option<Period>,
-    /// Prune after forgetting.
+    /// Prune once after forgetting (for all the job's sources).
     #[serde(default)]
     pub prune: bool,
 }

@@ -271,19 +271,9 @@ impl Console {
                 Bound::Tcp(l) => {
                     l.set_nonblocking(true)?;
                     let l = tokio::net::TcpListener::from_std(l)?;
-                    loop {
-                        let permit = tokio::select! {
-                            p = slots.clone().acquire_owned() => p.expect("never closed"),
-                            _ = stop.changed() => break,
-                        };
-                        let stream = tokio::select! {
-                            got = l.accept() => match got {
-                                Ok((stream, _)) => stream,
-                                // Out of file descriptors, say: wait instead of spinning.
-                                Err(_) => { tokio::time::sleep(Duration::from_millis(100)).await; continue }
-                            },
-                            _ = stop.changed() => break,
-                        };
+                    while let Some(((stream, _), permit)) =
+                        next_connection(&slots, &mut stop, || l.accept()).await
+                    {
                         let _ = stream.set_nodelay(true);
                         let router = router.clone();
                         let acceptor = tls.clone();
@@ -293,7 +283,10 @@ impl Console {
                                 // A handshake that fails or stalls (a plain HTTP client, a
                                 // scanner) ends that connection only.
                                 Some(acceptor) => {
-                                    if let Ok(Ok(s)) = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                                    let shake = acceptor.accept(stream);
+                                    if let Ok(Ok(s)) =
+                                        tokio::time::timeout(HEADER_TIMEOUT, shake).await
+                                    {
                                         connection(s, router).await;
                                     }
                                 }
@@ -305,18 +298,9 @@ impl Console {
                 Bound::Unix(l, path) => {
                     l.set_nonblocking(true)?;
                     let l = tokio::net::UnixListener::from_std(l)?;
-                    loop {
-                        let permit = tokio::select! {
-                            p = slots.clone().acquire_owned() => p.expect("never closed"),
-                            _ = stop.changed() => break,
-                        };
-                        let stream = tokio::select! {
-                            got = l.accept() => match got {
-                                Ok((stream, _)) => stream,
-                                Err(_) => { tokio::time::sleep(Duration::from_millis(100)).await; continue }
-                            },
-                            _ = stop.changed() => break,
-                        };
+                    while let Some(((stream, _), permit)) =
+                        next_connection(&slots, &mut stop, || l.accept()).await
+                    {
                         let router = router.clone();
                         tokio::spawn(async move {
                             let _permit = permit;
@@ -352,6 +336,32 @@ impl Console {
             }
         }
         served.map_err(|e| ConsoleError::Io(e.to_string()))
+    }
+}
+
+/// The next connection and its slot (one of [`MAX_CONNECTIONS`]), once a slot is free; `None`
+/// once the console stops. A failed accept (out of file descriptors, say) is waited out, not
+/// spun on.
+async fn next_connection<S, F>(
+    slots: &Arc<tokio::sync::Semaphore>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    mut accept: impl FnMut() -> F,
+) -> Option<(S, tokio::sync::OwnedSemaphorePermit)>
+where
+    F: std::future::Future<Output = std::io::Result<S>>,
+{
+    let permit = tokio::select! {
+        p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        _ = stop.changed() => return None,
+    };
+    loop {
+        tokio::select! {
+            got = accept() => match got {
+                Ok(s) => return Some((s, permit)),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            },
+            _ = stop.changed() => return None,
+        }
     }
 }
 

@@ -376,12 +376,20 @@ fn retention(job: &Job) -> Result<bool> {
         if let Some(h) = &job.host {
             c.args(["--host", &h.0]);
         }
-        if r.prune {
-            c.arg("--prune");
-        }
         let st = c.stdout(Stdio::null()).status()?;
         if !st.success() {
             eprintln!("sbk: error: retention of {} failed ({st})", s.name.0);
+            ok = false;
+        }
+    }
+    // One prune for the whole job, after every source's forget: a prune reads the whole index
+    // and every snapshot's trees, so one per source would cost a job of a hundred sources a
+    // hundred of them a night.
+    if r.prune {
+        let mut c = sbk(job, &job.repository, &job.password())?;
+        let st = c.arg("prune").stdout(Stdio::null()).status()?;
+        if !st.success() {
+            eprintln!("sbk: error: prune after retention failed ({st})");
             ok = false;
         }
     }

@@ -51,7 +51,10 @@ struct Found {
 
 /// Looks `path` (`PART:PATH`) up in snapshot `s` of `opened`.
 fn find(opened: &Opened, s: &Snap, path: &str) -> Result<Found, PageError> {
-    let open = opened.files(s.id).map_err(PageError::unavailable)?;
+    let open = opened.files(s.id).map_err(|e| PageError {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        message: e,
+    })?;
     let (part, inner) = parse_part_path(path).map_err(PageError::bad)?;
     let fs = open.files.filesystem(part).map_err(|e| PageError {
         status: StatusCode::UNPROCESSABLE_ENTITY,
@@ -80,7 +83,22 @@ pub fn page(app: &App, caller: &Caller, n: usize, spec: &str, path: &str) -> Pag
         super::time(s.time_ns)
     );
     if path.is_empty() {
-        let open = opened.files(s.id).map_err(PageError::unavailable)?;
+        // A disk sbk cannot read files from (no partition table, no filesystem it knows) is
+        // what this snapshot is, not a failure of the console: said on the page.
+        let open = match opened.files(s.id) {
+            Ok(o) => o,
+            Err(e) => {
+                return Ok(layout(
+                    caller,
+                    &title,
+                    html! {
+                        p { a href=(base) { "← snapshot" } }
+                        p.error { "No files to browse: " (e) }
+                        p.muted { "The whole disk is still there: start an export on the snapshot's page, or use sbk serve or sbk restore." }
+                    },
+                ))
+            }
+        };
         let files = &open.files;
         let parts = files.partitions();
         return Ok(layout(
