@@ -19,6 +19,8 @@ use crate::App;
 pub const COOKIE: &str = "sbk_session";
 /// How long a login lasts.
 const SESSION_LIFE: Duration = Duration::from_secs(12 * 3600);
+/// How long a wrong token is answered late (the login form's, a Bearer header's).
+pub const WRONG_TOKEN_DELAY: Duration = Duration::from_secs(1);
 /// Sessions kept at most (the oldest go first): a flood of logins cannot exhaust memory.
 const MAX_SESSIONS: usize = 1000;
 
@@ -200,7 +202,7 @@ pub async fn guard(
         None => {
             if req.headers().contains_key(header::AUTHORIZATION) {
                 // A wrong token is answered late, as in the login form.
-                tokio::time::sleep(crate::server::WRONG_TOKEN_DELAY).await;
+                tokio::time::sleep(WRONG_TOKEN_DELAY).await;
             }
             (
                 StatusCode::UNAUTHORIZED,

@@ -13,6 +13,7 @@ mod charts;
 mod exports;
 mod pages;
 mod repos;
+mod routes;
 mod server;
 
 use std::time::Duration;
