@@ -19,12 +19,22 @@ struct Running {
     base: String,
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
+impl Running {
+    /// Stops it with SIGTERM and says how it exited.
+    fn stop(&mut self) -> std::process::ExitStatus {
         let _ = std::process::Command::new("kill")
             .arg(self.child.id().to_string())
             .status();
-        let _ = self.child.wait();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // Still running: a failed assertion on the way.
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
     }
 }
 
@@ -248,11 +258,14 @@ fn addresses_and_tokens_the_console_refuses() {
     // On a Unix socket: mode 0600, and no token needed.
     let sock = env.path("console.sock");
     {
-        let mut child = env
-            .cmd()
-            .args(["console", "--socket", sock.to_str().unwrap()])
-            .spawn()
-            .unwrap();
+        let mut console = Running {
+            child: env
+                .cmd()
+                .args(["console", "--socket", sock.to_str().unwrap()])
+                .spawn()
+                .unwrap(),
+            base: String::new(),
+        };
         for _ in 0..100 {
             if sock.exists() {
                 break;
@@ -266,10 +279,7 @@ fn addresses_and_tokens_the_console_refuses() {
             sock.display()
         ));
         assert!(page.contains("snapshot-count"), "{page}");
-        let _ = std::process::Command::new("kill")
-            .arg(child.id().to_string())
-            .status();
-        assert!(child.wait().unwrap().success(), "SIGTERM is a clean stop");
+        assert!(console.stop().success(), "SIGTERM is a clean stop");
     }
     assert!(
         !sock.exists(),
