@@ -167,18 +167,7 @@ pub fn changed_blocks_json(c: &sbk_store::ChangedBlocks) -> serde_json::Value {
 
 /// Bytes for people: "1.50 GiB".
 pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.2} {}", UNITS[unit])
-    }
+    sbk_records::bytes(n, 2)
 }
 
 /// Throughput for people: "812.3 MiB/s".

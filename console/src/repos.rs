@@ -6,7 +6,7 @@
 //! A repository that cannot be opened is shown with its error and tried again at most every
 //! [`RETRY_OPEN`]; the others work meanwhile.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
@@ -113,12 +113,12 @@ impl Catalog {
     }
 
     /// Source names, sorted, each with its snapshots (oldest first).
-    pub fn by_source(&self) -> Vec<(String, Vec<Arc<Snap>>)> {
-        let mut map: std::collections::BTreeMap<String, Vec<Arc<Snap>>> = Default::default();
+    pub fn by_source(&self) -> BTreeMap<String, Vec<Arc<Snap>>> {
+        let mut map: BTreeMap<String, Vec<Arc<Snap>>> = BTreeMap::new();
         for s in &self.snaps {
             map.entry(s.source.clone()).or_default().push(s.clone());
         }
-        map.into_iter().collect()
+        map
     }
 }
 

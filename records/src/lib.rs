@@ -147,6 +147,24 @@ pub fn read(dir: &Path, kind: &str, name: &str) -> std::io::Result<Vec<serde_jso
         .collect())
 }
 
+/// Bytes as people read them, in binary units with `decimals` digits after the point
+/// (`1.50 GiB`); below a KiB, whole bytes (`512 B`). The command line and the console both
+/// show figures this way.
+pub fn bytes(n: u64, decimals: usize) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.decimals$} {}", UNITS[unit])
+    }
+}
+
 /// Nanoseconds since the epoch as RFC 3339 (whole seconds, UTC), as records say times.
 pub fn time(ns: i64) -> String {
     let st = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns.max(0) as u64);

@@ -120,20 +120,9 @@ pub fn layout(caller: &Caller, title: &str, body: Markup) -> Markup {
 /// The style sheet, served from the binary.
 pub const STYLE: &str = include_str!("style.css");
 
-/// Bytes as people read them: `1.5 GiB`.
+/// Bytes as people read them on a page: `1.5 GiB`.
 pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    sbk_records::bytes(n, 1)
 }
 
 /// A time (ns since the epoch) as RFC 3339, UTC, to the second.

@@ -72,8 +72,7 @@ pub fn page(app: &App, caller: &Caller) -> Page {
             }
         };
         let catalog = opened.catalog();
-        let mut sources: std::collections::BTreeMap<String, Vec<_>> =
-            catalog.by_source().into_iter().collect();
+        let mut sources = catalog.by_source();
         // A job's source that never had a snapshot (its first run failed) is listed too.
         for job in app
             .jobs
