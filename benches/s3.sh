@@ -26,7 +26,7 @@ size=$(stat -c %s "$img")
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret AWS_REGION=us-east-1
 port=$((20000 + RANDOM % 20000))
 mkdir -p "$work/weed"
-"$weed" mini -dir="$work/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -admin.ui=false -webdav=false \
+"$weed" -logdir="$work" mini -dir="$work/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -admin.ui=false -webdav=false \
   -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false -bucket=bench \
   -s3.port=$port -master.port=$((port + 1)) -volume.port=$((port + 2)) -filer.port=$((port + 3)) \
   -admin.port=$((port + 4)) >"$work/weed.log" 2>&1 &

@@ -18,6 +18,16 @@ cargo build --release -q -p sbk -p sbk-benches >&2
 sbk=$PWD/target/release/sbk
 scale=$PWD/target/release/scale-repo
 if [ -n "${KEEP:-}" ]; then w=$KEEP; mkdir -p "$w"; else w=$(mktemp -d "${2:-/var/tmp}/sbk-scale.XXXXXX"); fi
+# The disk it needs at once: the new image and its packs (2 x IMAGE_MIB, incompressible), the
+# harness repository (about 0.35 KiB per chunk at 10^6) and the cache. A full disk would fail a
+# command as if sbk were at fault, so say so first.
+need_mib=$((2 * image_mib + chunks / 1000 + 1024))
+free_mib=$(( $(df -Pk "$w" | awk 'NR == 2 {print $4}') / 1024 ))
+if [ "$free_mib" -lt "$need_mib" ] && [ ! -d "$w/repo" ]; then
+  echo "scale.sh: $w has $free_mib MiB free; $chunks chunks and a $image_mib MiB image need about $need_mib MiB" >&2
+  [ -n "${KEEP:-}" ] || rm -rf "$w"
+  exit 1
+fi
 cg=""
 cleanup() {
   [ -n "$cg" ] && rmdir "$cg" 2>/dev/null || true

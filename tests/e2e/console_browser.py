@@ -36,6 +36,8 @@ def main():
     shots = case.get("shots")
     timings = {}
     out = {"timings": timings}
+    # Downloads and the export's copy go here; it is removed when the script exits, failed or not.
+    scratch = tempfile.TemporaryDirectory(prefix="sbk-console-browser-")
 
     def shot(page, name):
         if shots:
@@ -120,7 +122,7 @@ def main():
                 page.locator(f'tr:has(td a:text-is("{f["name"]}")) a[download]').click()
             dl = d.value
             check(dl.failure() is None, f"the download failed: {dl.failure()}")
-            saved = os.path.join(tempfile.mkdtemp(), "got")
+            saved = os.path.join(scratch.name, "got")
             dl.save_as(saved)
             check(filecmp.cmp(saved, f["expect"], shallow=False),
                   "the downloaded file differs from the source file")
@@ -144,7 +146,7 @@ def main():
             uri = page.locator("section.export").first.get_attribute("data-uri")
             check(uri and uri.startswith("nbd+unix:///"), f"no export URI: {uri}")
             shot(page, "export")
-            raw = os.path.join(tempfile.mkdtemp(), "export.raw")
+            raw = os.path.join(scratch.name, "export.raw")
             subprocess.run(["nbdcopy", uri, raw], check=True)
             check(filecmp.cmp(raw, e["restored"], shallow=False),
                   "the export differs from the snapshot's restore")

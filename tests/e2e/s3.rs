@@ -47,6 +47,8 @@ fn free_port() -> u16 {
 fn spawn_weed(bin: &PathBuf, dir: &std::path::Path, ports: &[u16]) -> Child {
     Command::new(bin)
         .args([
+            // weed logs to /tmp unless told: its logs go with its data, removed with the test's.
+            &format!("-logdir={}", dir.display()),
             "mini",
             &format!("-dir={}", dir.display()),
             "-ip=127.0.0.1",
