@@ -2,6 +2,7 @@
 #   bash benches/scale.sh CHUNKS [WORKDIR]      (LIMIT_MIB=256, SNAPSHOTS=20, IMAGE_MIB=4096)
 #   KEEP=DIR bash benches/scale.sh CHUNKS       (the repository in DIR is kept, and reused)
 #   ONLY="verify stats" bash benches/scale.sh CHUNKS       (only the commands named)
+#   SBK=/path/to/sbk bash benches/scale.sh CHUNKS           (another build of sbk)
 # Issue 19's figures: a scale-repo repository of CHUNKS distinct chunks (unencrypted, for the
 # timings), then every command the issue names, each inside a memory cgroup limited to
 # LIMIT_MIB (the kernel reclaims mapped file pages under the limit, so what a command really
@@ -15,7 +16,7 @@ limit=${LIMIT_MIB:-256}
 snaps=${SNAPSHOTS:-20}
 image_mib=${IMAGE_MIB:-4096}
 cargo build --release -q -p sbk -p sbk-benches >&2
-sbk=$PWD/target/release/sbk
+sbk=${SBK:-$PWD/target/release/sbk} # SBK=another build, to compare
 scale=$PWD/target/release/scale-repo
 if [ -n "${KEEP:-}" ]; then w=$KEEP; mkdir -p "$w"; else w=$(mktemp -d "${2:-/var/tmp}/sbk-scale.XXXXXX"); fi
 # The disk it needs at once: the new image and its packs (2 x IMAGE_MIB, incompressible), the

@@ -1,16 +1,20 @@
 //! The backup pipeline.
 //!
 //! ```text
-//! reader thread ──segments──▶ rayon workers ──chunked, hashed, compressed──▶ writer ──▶ uploaders
-//!  O_DIRECT, by extents      zero runs, FastCDC,                            packs,     seal packs,
-//!  into pooled buffers       BLAKE3, dedup, zstd                            trees      index files
+//! reader thread ──segments──▶ rayon workers ──extents──▶ writer: trees, in order
+//!  O_DIRECT, by extents      zero runs, FastCDC,
+//!  into pooled buffers       BLAKE3, dedup, zstd
+//!                                   │ new blobs, every few MiB
+//!                                   ▼
+//!                                 packer ──full packs──▶ uploaders: seal packs, index files
 //! ```
 //!
 //! Channels are bounded and segment buffers come from one pool shared by every source of the
-//! run, so memory is bounded by the pipeline depth, never by the source size. Full packs are
-//! sealed by uploader threads off the critical path; the [`Packer`] names them in an index file
-//! every so many packs and before each manifest. Segments are chunked independently, so the
-//! chunk list does not depend on the thread count.
+//! run, and the workers hand new blobs to the packer every few MiB instead of a segment's worth
+//! at a time, so memory is bounded by the pipeline depth, never by the source or segment size.
+//! Full packs are sealed by uploader threads off the critical path; the [`Packer`] names them
+//! in an index file every so many packs and before each manifest. Segments are chunked
+//! independently, so the chunk list does not depend on the thread count.
 
 mod incremental;
 mod segment;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use crossbeam_channel::Sender;
 use memmap2::MmapMut;
 use sbk_chunker::Span;
-use sbk_store::{BackupFigures, ChunkId, EncodedBlob, Extent};
+use sbk_store::{BackupFigures, ChunkId, Extent};
 
 use crate::error::Result;
 use crate::source::Source;
@@ -64,13 +64,13 @@ pub(super) enum Part {
     New(Span),
 }
 
-/// A segment after chunking: its extents (or the parent's tree, reused) and the blobs it adds.
+/// A segment after chunking: its extents (or the parent's tree, reused); its new blobs are in
+/// the packer already.
 pub(super) struct ChunkedSegment {
     pub(super) index: u64,
     pub(super) len: usize,
     pub(super) extents: Vec<Extent>,
     pub(super) reuse: Option<ChunkId>,
-    pub(super) blobs: Vec<EncodedBlob>,
     pub(super) figures: BackupFigures,
     pub(super) skipped: u64,
 }

@@ -1,5 +1,5 @@
 //! The stages of the pipeline for one source: the reader, the workers (zero runs, FastCDC,
-//! ids, dedup, compression) and the writer (blobs into the packer, segments into trees, in
+//! ids, dedup, compression, new blobs into the packer) and the writer (segments into trees, in
 //! order).
 
 use std::collections::{BTreeMap, HashSet};
@@ -71,7 +71,7 @@ pub(super) fn run_pipeline(
                 }
             })
         };
-        let written = write_segments(state, &claimed, task, &out_rx, progress, cancel);
+        let written = write_segments(state, task, &out_rx, progress, cancel);
         if written.is_err() {
             cancel.store(true, Ordering::Relaxed);
             for _ in out_rx.iter() {} // drain, so that workers and reader can finish
@@ -327,7 +327,14 @@ pub(super) fn parent_spans(
     Ok(Some(out))
 }
 
-/// A worker: zero runs and FastCDC chunks, ids, dedup, compression of new blobs.
+/// New blobs a worker holds before it hands them to the packer: enough that a pack holds long
+/// runs of one segment's chunks in order (a restore reads them in few requests), and little
+/// enough that a worker's memory does not grow with the segment size (a segment's blobs used to
+/// travel to the writer whole: 16 MiB per segment in flight, for incompressible data).
+const HAND_OVER_BYTES: usize = 4 << 20;
+
+/// A worker: zero runs and FastCDC chunks, ids, dedup, compression of new blobs, which it hands
+/// to the packer every [`HAND_OVER_BYTES`].
 pub(super) fn chunk_segment(
     state: &RunState<'_>,
     claimed: &Mutex<HashSet<ChunkId>>,
@@ -339,7 +346,6 @@ pub(super) fn chunk_segment(
         len: seg.len,
         extents: Vec::new(),
         reuse: seg.reuse,
-        blobs: Vec::new(),
         figures: BackupFigures {
             bytes_read: seg.read,
             ..Default::default()
@@ -357,7 +363,19 @@ pub(super) fn chunk_segment(
         return Ok(done);
     };
     let data = &buf[..seg.len];
-    let add = |span: Span, done: &mut ChunkedSegment| -> Result<()> {
+    let mut held = Vec::new();
+    let mut held_bytes = 0;
+    // Stored: the run's unindexed set knows them now, which keeps `claimed` as small as the
+    // blobs the workers hold.
+    let hand_over = |held: &mut Vec<sbk_store::EncodedBlob>, done: &mut ChunkedSegment| {
+        done.figures.new_stored += state.packer.add(held)?;
+        let mut claimed = claimed.lock().expect("no thread panics holding this lock");
+        for b in held.drain(..) {
+            claimed.remove(&b.header.id);
+        }
+        Ok::<_, EngineError>(())
+    };
+    let mut add = |span: Span, done: &mut ChunkedSegment| -> Result<()> {
         let figures = &mut done.figures;
         match span {
             Span::Zero { len, .. } => {
@@ -383,7 +401,12 @@ pub(super) fn chunk_segment(
                     let blob = repo.encode_blob(id, BlobKind::Data, bytes)?;
                     figures.new_chunks += 1;
                     figures.new_raw += len as u64;
-                    done.blobs.push(blob);
+                    held_bytes += blob.data.len();
+                    held.push(blob);
+                    if held_bytes >= HAND_OVER_BYTES {
+                        held_bytes = 0;
+                        hand_over(&mut held, done)?;
+                    }
                 }
             }
         }
@@ -404,13 +427,13 @@ pub(super) fn chunk_segment(
             }
         }
     }
+    hand_over(&mut held, &mut done)?;
     Ok(done)
 }
 
-/// The writer: stores new blobs, and turns segments, in order, into tree blobs.
+/// The writer: turns segments, in order, into tree blobs and adds up their figures.
 pub(super) fn write_segments(
     state: &RunState<'_>,
-    claimed: &Mutex<HashSet<ChunkId>>,
     task: usize,
     chunked: &Receiver<Result<ChunkedSegment>>,
     progress: &dyn Progress,
@@ -424,16 +447,8 @@ pub(super) fn write_segments(
     let mut tree_ids = HashSet::new();
     for seg in chunked.iter() {
         let seg = seg?;
-        figures.new_stored += state.packer.add(&seg.blobs)?;
-        // Stored: the run's unindexed set knows them now, which keeps `claimed` as small as
-        // the segments in flight.
-        {
-            let mut claimed = claimed.lock().expect("no thread panics holding this lock");
-            for b in &seg.blobs {
-                claimed.remove(&b.header.id);
-            }
-        }
         let f = &seg.figures;
+        figures.new_stored += f.new_stored;
         figures.bytes_read += f.bytes_read;
         figures.bytes_zero += f.bytes_zero;
         figures.new_raw += f.new_raw;
