@@ -163,7 +163,8 @@ pub(crate) struct Inner {
     endpoint: String,
     region: String,
     requests: Requests,
-    /// Pack parts being sent, process-wide (see staged.rs): what bounds a backup's memory.
+    /// Pack part buffers, from their first byte until stored (see staged.rs): what bounds a
+    /// backup's memory.
     parts: Arc<tokio::sync::Semaphore>,
     /// The client of the signed requests (signed.rs), made on first use.
     http: OnceLock<object_store::client::HttpClient>,
@@ -259,7 +260,7 @@ impl S3Backend {
                 endpoint,
                 region,
                 requests: Requests::default(),
-                parts: Arc::new(tokio::sync::Semaphore::new(staged::PARTS_IN_FLIGHT)),
+                parts: Arc::new(tokio::sync::Semaphore::new(staged::PART_BUFFERS)),
                 http: OnceLock::new(),
                 clock_offset: AtomicI64::new(0),
                 write_lock: RwLock::new(None),
