@@ -142,6 +142,7 @@ fn default_cache_dir() -> Option<PathBuf> {
 }
 
 fn main() -> ExitCode {
+    sbk_engine::large_allocations_from_the_kernel();
     let cli = Cli::parse();
     // The commands that stop cleanly at their next safe point catch SIGINT and SIGTERM; the
     // others keep the default action (they stop at once, as they always did; serve has its own).

@@ -62,5 +62,6 @@ pub use serve::{
 pub use snapshot::load_extents;
 pub use source::{dirty_ranges, Source, SourceKind, SourceSpec, ALIGN, FAULT_EIO_ENV};
 pub use stats::{stats, RepoStats, SnapshotStats};
+pub use sys::large_allocations_from_the_kernel;
 pub use unlock::unlock;
 pub use verify::{verify, Problem, ReadData, VerifyOptions, VerifyReport};

@@ -1,5 +1,6 @@
-//! The few system calls std does not wrap: block-device ioctls, SEEK_DATA/SEEK_HOLE and
-//! posix_fadvise. Each is a thin, checked wrapper; this is the only module with `unsafe`.
+//! The few system calls std does not wrap: block-device ioctls, SEEK_DATA/SEEK_HOLE,
+//! posix_fadvise and one allocator setting. Each is a thin, checked wrapper; this is the only
+//! module of the engine with `unsafe`.
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -120,4 +121,18 @@ pub fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Makes allocations of 1 MiB and more (part buffers, blobs of large chunks, pack and restore
+/// buffers) go straight to the kernel and back. glibc's default raises that threshold to the
+/// size of each large block freed, after which such blocks come from per-thread arenas; blobs
+/// made on one thread and freed on another then leave arenas holding freed memory: a first
+/// backup with 4 MiB chunks peaked at 137-149 MiB of RSS, 125-127 MiB with this, in the same
+/// time. Smaller allocations, the bulk of them, are untouched. Call it first thing in `main`.
+pub fn large_allocations_from_the_kernel() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a glibc tunable; it takes no pointers.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
 }

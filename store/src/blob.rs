@@ -193,6 +193,10 @@ pub fn encode_blob(
     encode_blob_with(id, kind, raw, level, |stored| Ok(stored.to_vec()))
 }
 
+/// The largest compression buffer a thread keeps between blobs: chunks up to 4 MiB (the
+/// largest of the 1 MiB average, all of the default's) reuse one.
+const KEEP_BUFFER: usize = 4 << 20;
+
 /// [`encode_blob`], the stored bytes (compressed, or `raw` itself) turned into the blob's data by
 /// `store`: an exact-size copy, or the sealed bytes, made straight from the compressor's buffer
 /// (one copy of each blob, not two). The header's `stored_len` is the length `store` returns.
@@ -219,11 +223,18 @@ pub(crate) fn encode_blob_with(
             buf.clear();
             buf.reserve(zstd::zstd_safe::compress_bound(raw.len()));
             let n = c.compress_to_buffer(raw, buf)?;
-            if n < raw.len() {
-                Ok((Compression::Zstd, store(&buf[..n])?))
+            let stored = if n < raw.len() {
+                (Compression::Zstd, store(&buf[..n])?)
             } else {
-                Ok((Compression::None, store(raw)?))
+                (Compression::None, store(raw)?)
+            };
+            if buf.capacity() > KEEP_BUFFER {
+                // Chunks this large (2 and 4 MiB averages) are rare enough that a fresh buffer
+                // each costs little, and two workers each keeping 16 MiB took a 4 MiB-chunk
+                // backup over its 128 MiB budget.
+                *buf = Vec::new();
             }
+            Ok(stored)
         })?;
     Ok(EncodedBlob {
         header: BlobHeader {
