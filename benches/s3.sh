@@ -16,7 +16,8 @@ cargo build --release -p sbk >&2
 sbk=$PWD/target/release/sbk
 work=$(mktemp -d "$base/sbk-s3.XXXXXX")
 wpid=
-trap '[ -n "$wpid" ] && kill "$wpid" 2>/dev/null; rm -rf "$work"' EXIT
+# SIGKILL: weed mini outlives a SIGTERM (four were found running long after their runs).
+trap '[ -n "$wpid" ] && kill -KILL "$wpid" 2>/dev/null; rm -rf "$work"' EXIT
 source benches/lib.sh
 img=$work/disk.img
 echo "making a ${gib} GiB ext4 image from /usr ..." >&2

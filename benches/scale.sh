@@ -3,6 +3,8 @@
 #   KEEP=DIR bash benches/scale.sh CHUNKS       (the repository in DIR is kept, and reused)
 #   ONLY="verify stats" bash benches/scale.sh CHUNKS       (only the commands named)
 #   SBK=/path/to/sbk bash benches/scale.sh CHUNKS           (another build of sbk)
+#   S3=1 bash benches/scale.sh CHUNKS      (the repositories on SeaweedFS on loopback, started
+#                                           here; each line adds the command's S3 requests)
 # Issue 19's figures: a scale-repo repository of CHUNKS distinct chunks (unencrypted, for the
 # timings), then every command the issue names, each inside a memory cgroup limited to
 # LIMIT_MIB (the kernel reclaims mapped file pages under the limit, so what a command really
@@ -29,8 +31,10 @@ if [ "$free_mib" -lt "$need_mib" ] && [ ! -d "$w/repo" ]; then
   [ -n "${KEEP:-}" ] || rm -rf "$w"
   exit 1
 fi
-cg=""
+cg="" wpid=""
 cleanup() {
+  # SIGKILL: weed mini outlives a SIGTERM.
+  [ -n "$wpid" ] && kill -KILL "$wpid" 2>/dev/null && wait "$wpid" 2>/dev/null || true
   [ -n "$cg" ] && rmdir "$cg" 2>/dev/null || true
   [ -n "${KEEP:-}" ] || rm -rf "$w"
 }
@@ -74,6 +78,8 @@ limited() {
   t1=$(date +%s.%N)
   printf '%-28s %-6s %8.2f s %6d MiB peak RSS %6d MiB peak anon\n' "$name" \
     "$([ $rc = 0 ] && echo ok || echo "rc=$rc")" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" $((hwm / 1024)) $((anon / 1024))
+  # SBK_S3_STATS makes sbk print its S3 requests on stderr, last.
+  grep -h '^sbk: s3 requests' "$w/$name.err" | tail -1 | sed 's/^sbk: /    /' || true
   if [ $rc != 0 ]; then
     failed=1
     tail -3 "$w/$name.err" | sed 's/^/    /'
@@ -81,9 +87,30 @@ limited() {
 }
 
 export SBK_CACHE_DIR=$w/cache
-repo=$w/repo
-echo "scale-repo: $chunks chunks, $snaps snapshots of 2 sources, unencrypted; limit $limit MiB"
-[ -d $repo ] || $scale --repo $repo --chunks "$chunks" --snapshots "$snaps" --sources 2 --encryption none > $w/scale.json
+repo=$w/repo copy=$w/copy
+if [ -n "${S3:-}" ]; then
+  [ -z "${KEEP:-}" ] || { echo "scale.sh: KEEP keeps local repositories only" >&2; exit 1; }
+  # SeaweedFS's weed (scripts/test.sh installs it), outside the cgroup: only sbk is measured.
+  weed=${SBK_TEST_WEED:-$PWD/target/peers/seaweedfs/bin/weed}
+  [ -x "$weed" ] || { echo "scale.sh: no weed binary: run scripts/test.sh once, or set SBK_TEST_WEED" >&2; exit 1; }
+  port=$((20000 + RANDOM % 20000))
+  mkdir -p "$w/weed"
+  "$weed" -logdir="$w/weed" mini -dir="$w/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -admin.ui=false \
+    -webdav=false -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false -bucket=scale \
+    -s3.port=$port -master.port=$((port + 1)) -volume.port=$((port + 2)) -filer.port=$((port + 3)) \
+    -admin.port=$((port + 4)) >"$w/weed.log" 2>&1 &
+  wpid=$!
+  export AWS_ENDPOINT_URL=http://127.0.0.1:$port AWS_ACCESS_KEY_ID=scale AWS_SECRET_ACCESS_KEY=scalesecret AWS_REGION=us-east-1
+  export SBK_S3_STATS=1
+  repo=s3://scale/repo copy=s3://scale/copy
+  # Ready once its bucket takes a repository (the bucket is made after the port opens).
+  for _ in $(seq 100); do
+    $sbk init -q --encryption none --repo s3://scale/probe 2>/dev/null && break
+    sleep 0.3
+  done
+fi
+echo "scale-repo: $chunks chunks, $snaps snapshots of 2 sources, unencrypted, at $repo; limit $limit MiB"
+[ -n "${S3:-}" ] || [ ! -d $repo ] && $scale --repo $repo --chunks "$chunks" --snapshots "$snaps" --sources 2 --encryption none > $w/scale.json
 cat $w/scale.json
 
 # A new image: incompressible data, so that every chunk of it is new.
@@ -104,8 +131,8 @@ fi
 limited verify $sbk verify -q --repo $repo
 limited verify-subset-1% $sbk verify -q --repo $repo --read-data-subset 1%
 limited stats $sbk stats -q --repo $repo
-rm -rf $w/copy; $sbk init -q --encryption none --repo $w/copy
-limited copy-one $sbk copy -q --repo $w/copy --from-repo $repo "$sample"
+rm -rf $w/copy; $sbk init -q --encryption none --repo $copy
+limited copy-one $sbk copy -q --repo $copy --from-repo $repo "$sample"
 limited repair-index $sbk repair index -q --repo $repo
 limited forget-half $sbk forget -q --repo $repo --keep-last $((snaps / 4))
 limited prune-mark $sbk prune -q --repo $repo --grace 0s

@@ -578,6 +578,10 @@ impl Backend for S3Backend {
         Ok(())
     }
 
+    fn reads_are_requests(&self) -> bool {
+        true
+    }
+
     fn remove_leftovers(&self, before: i64) -> Result<u64> {
         // Objects appear whole or not at all: nothing half-written is ever listed. What a
         // killed mover leaves is an unfinished multipart upload of a pack, which costs money

@@ -213,6 +213,29 @@ fn every_command_works_on_s3_as_on_a_local_repository() {
         .unwrap();
     assert!(o.status.success());
     assert!(o.stdout == std::fs::read(&sources[3]).unwrap());
+    // The structural verify reads each pack's trailer and each tree, not each blob's header:
+    // its range reads grow with the packs, not with the chunks.
+    let o = env
+        .cmd()
+        .env("SBK_S3_STATS", "1")
+        .arg("verify")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let ranges: u64 = stderr
+        .split("get_range=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no request counts in {stderr}"));
+    let chunks: u64 = (0..sources.len())
+        .map(|i| out[i]["chunks"].as_u64().unwrap())
+        .sum();
+    assert!(
+        ranges * 4 < chunks,
+        "{ranges} range reads for {chunks} chunks: {stderr}"
+    );
     // A second backup dedups against the first.
     let again = env.backup(&sources[3], &[]);
     assert_eq!(again["new_bytes"], 0);

@@ -215,6 +215,10 @@ impl Backend for AsOfBackend {
     fn read_only(&self) -> Option<String> {
         Some(format!("read as of {}", self.label))
     }
+
+    fn reads_are_requests(&self) -> bool {
+        self.inner.reads_are_requests()
+    }
 }
 
 #[cfg(test)]

@@ -88,6 +88,9 @@ impl Backend for CountingBackend {
     fn remove_leftovers(&self, before: i64) -> Result<u64> {
         self.inner.remove_leftovers(before)
     }
+    fn reads_are_requests(&self) -> bool {
+        self.inner.reads_are_requests()
+    }
     fn versions(&self) -> Option<&dyn super::Versions> {
         self.inner.versions()
     }

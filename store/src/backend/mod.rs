@@ -208,4 +208,11 @@ pub trait Backend: Send + Sync {
     fn read_only(&self) -> Option<String> {
         None
     }
+
+    /// True where each read is a request sent, waited for and billed one by one (object
+    /// storage): a check that would make one small read per blob leaves it to the reads of
+    /// whole packs instead (10^6 chunks would be 10^6 requests).
+    fn reads_are_requests(&self) -> bool {
+        false
+    }
 }
