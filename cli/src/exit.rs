@@ -119,7 +119,9 @@ pub fn engine_exit(e: &EngineError) -> Exit {
     }
     match e {
         EngineError::Store(s) => store_exit(s),
-        EngineError::Unsafe(_) | EngineError::FilesystemDamaged { .. } => Exit::Damaged,
+        EngineError::Unsafe(_)
+        | EngineError::EarlierWriteFailed
+        | EngineError::FilesystemDamaged { .. } => Exit::Damaged,
         EngineError::NoSuchFile { .. } => Exit::NoSnapshot,
         EngineError::TargetExists { .. }
         | EngineError::ParentUnusable(_)

@@ -11,11 +11,14 @@
 //! manifest with its origin) is skipped, so copy is idempotent; so is a snapshot that is itself
 //! a copy of one the destination has (copies going back and forth do not multiply).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
-use sbk_store::{encode_tree, BlobKind, ChunkId, Extent, Manifest, Origin, Repository, SnapshotId};
+use sbk_store::{
+    encode_tree, BlobKind, ChunkId, Extent, Manifest, Origin, PackEntry, PackGone, PackId,
+    Repository, SnapshotId,
+};
 
 use crate::error::{EngineError, Result};
 use crate::packer::Packer;
@@ -143,10 +146,7 @@ fn copy_one(
                 .collect::<HashSet<_>>()
                 .into_iter()
                 .collect();
-            let mapped = distinct
-                .par_iter()
-                .map(|sid| copy_chunk(src, dst, &packer, &bytes, sid, same_ids))
-                .collect::<Result<Vec<_>>>()?;
+            let mapped = copy_chunks(src, dst, &packer, &bytes, &distinct, same_ids)?;
             read += mapped.iter().filter(|m| m.2).count() as u64;
             fresh += mapped.iter().filter(|m| m.3).count() as u64;
             map.extend(mapped.into_iter().map(|(s, d, _, _)| (s, d)));
@@ -193,29 +193,66 @@ fn copy_one(
     })
 }
 
-/// One chunk of a snapshot, into the destination: (source id, destination id, read from the
-/// source, written to the destination). A destination that names chunks as the source does
-/// and has it already is not even read.
-fn copy_chunk(
+/// Chunks of a snapshot, into the destination: (source id, destination id, read from the
+/// source, written to the destination) for each. A destination that names chunks as the source
+/// does and has one already does not even read it. The others are read pack by pack, in runs of
+/// neighbours (on S3 one request per run, not per chunk: a snapshot of 263,158 chunks took
+/// 263,223 range reads), each verified, then named, compressed and sealed for the destination
+/// on the workers (that is the work of a copy).
+fn copy_chunks(
     src: &Repository,
     dst: &Repository,
     packer: &Packer<'_>,
     bytes: &AtomicU64,
-    sid: &ChunkId,
+    ids: &[ChunkId],
     same_ids: bool,
-) -> Result<(ChunkId, ChunkId, bool, bool)> {
-    if same_ids && has(packer, dst, sid)? {
-        return Ok((*sid, *sid, false, false));
+) -> Result<Vec<(ChunkId, ChunkId, bool, bool)>> {
+    let mut out = Vec::with_capacity(ids.len());
+    let mut by_pack: BTreeMap<PackId, Vec<PackEntry>> = BTreeMap::new();
+    for sid in ids {
+        if same_ids && has(packer, dst, sid)? {
+            out.push((*sid, *sid, false, false));
+            continue;
+        }
+        let at = src.locate_kind(sid, BlobKind::Data)?;
+        by_pack.entry(at.pack).or_default().push(at.entry);
     }
-    let raw = src.read_blob(sid, BlobKind::Data)?;
-    let did = dst.blob_id(&raw);
-    if has(packer, dst, &did)? {
-        return Ok((*sid, did, true, false));
+    // Pieces small enough that the workers share a segment's chunks evenly even when they sit
+    // in one pack (64 chunks of 256 KiB: 16 pieces of 4, where 4 pieces of 16 made a local
+    // copy 20% slower), large enough that each is one read of several chunks.
+    let piece = (ids.len() / (8 * rayon::current_num_threads())).max(4);
+    let mut pieces = Vec::new();
+    for (pack, mut entries) in by_pack {
+        entries.sort_unstable_by_key(|e| e.offset);
+        pieces.extend(entries.chunks(piece).map(|c| (pack, c.to_vec())));
     }
-    // Compressed and sealed on the workers: that is the work of a copy.
-    let blob = dst.encode_blob(did, BlobKind::Data, &raw)?;
-    bytes.fetch_add(packer.add(&[blob])?, Ordering::Relaxed);
-    Ok((*sid, did, true, true))
+    let copied = pieces
+        .par_iter()
+        // Each worker keeps its buffers: fresh ones cost a page fault per 4 KiB.
+        .map_init(
+            || (Vec::new(), Vec::new()),
+            |(buf, raw), (pack, entries)| -> Result<Vec<_>> {
+                let mut done = Vec::with_capacity(entries.len());
+                src.read_blobs(*pack, entries, PackGone::FollowIndex, buf, |_, blob| {
+                    let blob = blob?;
+                    let sid = blob.entry().id;
+                    raw.resize(blob.entry().raw_len as usize, 0);
+                    blob.open_into(raw)?;
+                    let did = dst.blob_id(raw);
+                    let fresh = !has(packer, dst, &did)?;
+                    if fresh {
+                        let blob = dst.encode_blob(did, BlobKind::Data, raw)?;
+                        bytes.fetch_add(packer.add(&[blob])?, Ordering::Relaxed);
+                    }
+                    done.push((sid, did, true, fresh));
+                    Ok::<_, EngineError>(())
+                })?;
+                Ok(done)
+            },
+        )
+        .collect::<Result<Vec<_>>>()?;
+    out.extend(copied.into_iter().flatten());
+    Ok(out)
 }
 
 /// A storage token names the state a changed-block list starts from; an incremental in the

@@ -87,6 +87,10 @@ pub enum EngineError {
     /// repository, say).
     #[error("refusing to continue: {0}")]
     Unsafe(String),
+    /// A pack or index write of this run failed before: the thread that noticed first was
+    /// handed the cause; nothing of this run may rely on what it wrote.
+    #[error("refusing to continue: an earlier pack or index write of this run failed; no snapshot can rely on it")]
+    EarlierWriteFailed,
     /// The worker thread pool could not be started.
     #[error("cannot start worker threads: {0}")]
     ThreadPool(#[from] rayon::ThreadPoolBuildError),

@@ -131,10 +131,7 @@ impl<'r> Packer<'r> {
             if let Some(e) = lock(&self.upload_error).take() {
                 return Err(e);
             }
-            return Err(EngineError::Unsafe(
-                "an earlier pack or index write of this run failed; no snapshot can rely on it"
-                    .into(),
-            ));
+            return Err(EngineError::EarlierWriteFailed);
         }
         Ok(self.repo.check_lease()?)
     }

@@ -118,10 +118,29 @@ impl Weed {
         let _ = self.child.wait();
     }
 
-    /// Starts it again on the same data and ports.
+    /// Starts it again on the same data and ports, and waits until it serves object data:
+    /// it answers listings before its volume server has registered again, and until then reads
+    /// of stored objects fail with 500 (a command right after a restart failed so, now and then).
     fn restart(&mut self) {
         self.child = spawn_weed(&self.bin, self.dir.path(), &self.ports);
         assert!(self.wait_ready(), "SeaweedFS did not start again");
+        let probe = self.backend("probe");
+        let started = Instant::now();
+        for n in 0.. {
+            let name = format!("ready-{n}");
+            if probe.write_once(Kind::Snapshot, &name, b"ready").is_ok()
+                && probe
+                    .read(Kind::Snapshot, &name)
+                    .is_ok_and(|b| b == b"ready")
+            {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "SeaweedFS did not serve objects again"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     pub(crate) fn endpoint(&self) -> String {

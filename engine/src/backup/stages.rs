@@ -71,10 +71,18 @@ pub(super) fn run_pipeline(
                 }
             })
         };
-        let written = write_segments(state, task, &out_rx, progress, cancel);
+        let mut written = write_segments(state, task, &out_rx, progress, cancel);
         if written.is_err() {
             cancel.store(true, Ordering::Relaxed);
-            for _ in out_rx.iter() {} // drain, so that workers and reader can finish
+            // Drained, so that workers and reader can finish. Workers store their blobs: when a
+            // pack write fails, the packer hands its cause to the first of them to notice and
+            // EarlierWriteFailed to the others, in whatever order their segments come. Report
+            // the cause (a storage gone is exit 18, not 12).
+            for r in out_rx.iter() {
+                if let (Err(EngineError::EarlierWriteFailed), Err(cause)) = (&written, r) {
+                    written = Err(cause);
+                }
+            }
         }
         let fallback = reader.join().expect("the reader does not panic");
         written.map(|w| (w, fallback))

@@ -262,6 +262,26 @@ impl Repository {
         Ok((pack, out))
     }
 
+    /// Where blob `id` of `kind` is, the index refreshed first if it does not know it yet (a
+    /// backup finished since it was loaded); a blob of another kind is corrupt.
+    pub fn locate_kind(&self, id: &ChunkId, kind: BlobKind) -> Result<IndexEntry> {
+        let at = match self.locate(id) {
+            Err(StoreError::BlobMissing(_)) => {
+                self.refresh_index()?;
+                self.locate(id)?
+            }
+            r => r?,
+        };
+        if at.entry.kind != kind {
+            return Err(StoreError::BlobCorrupt {
+                id: *id,
+                pack: at.pack,
+                detail: format!("is a {:?} blob, expected {kind:?}", at.entry.kind),
+            });
+        }
+        Ok(at)
+    }
+
     /// [`Repository::read_blob`] into `out`, with `stored` as room for the stored bytes: a
     /// caller that reads many blobs passes the same buffers again (or recycled ones), which
     /// saves allocating and zeroing two buffers per blob. Returns the pack it came from.
@@ -272,21 +292,7 @@ impl Repository {
         stored: &mut Vec<u8>,
         out: &mut Vec<u8>,
     ) -> Result<PackId> {
-        let IndexEntry { pack, entry } = match self.locate(id) {
-            // Newer than the loaded index (a backup finished since): refreshed, it knows.
-            Err(StoreError::BlobMissing(_)) => {
-                self.refresh_index()?;
-                self.locate(id)?
-            }
-            r => r?,
-        };
-        if entry.kind != kind {
-            return Err(StoreError::BlobCorrupt {
-                id: *id,
-                pack,
-                detail: format!("is a {:?} blob, expected {kind:?}", entry.kind),
-            });
-        }
+        let IndexEntry { pack, entry } = self.locate_kind(id, kind)?;
         let mut from = pack;
         self.read_blobs(pack, &[entry], PackGone::FollowIndex, stored, |_, blob| {
             let blob = blob?;
