@@ -17,7 +17,8 @@ sbk=$PWD/target/release/sbk
 work=$(mktemp -d "$base/sbk-s3.XXXXXX")
 wpid=
 # SIGKILL: weed mini outlives a SIGTERM (four were found running long after their runs).
-trap '[ -n "$wpid" ] && kill -KILL "$wpid" 2>/dev/null; rm -rf "$work"' EXIT
+# Its gRPC sockets go to /tmp whatever it is told, named by port + 10000: removed here too.
+trap '[ -n "$wpid" ] && { kill -KILL "$wpid" 2>/dev/null; wait "$wpid" 2>/dev/null; for p in 0 1 2 3 4; do rm -f /tmp/seaweedfs-*-grpc-$((port + 10000 + p)).sock; done; }; rm -rf "$work"' EXIT
 source benches/lib.sh
 img=$work/disk.img
 echo "making a ${gib} GiB ext4 image from /usr ..." >&2
@@ -30,7 +31,7 @@ mkdir -p "$work/weed"
 "$weed" -logdir="$work" mini -dir="$work/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -admin.ui=false -webdav=false \
   -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false -bucket=bench \
   -s3.port=$port -master.port=$((port + 1)) -volume.port=$((port + 2)) -filer.port=$((port + 3)) \
-  -admin.port=$((port + 4)) >"$work/weed.log" 2>&1 &
+  -admin.port=$((port + 4)) -filer.localSocket="$work/filer.sock" -s3.localSocket="$work/s3.sock" >"$work/weed.log" 2>&1 &
 wpid=$!
 export AWS_ENDPOINT_URL=http://127.0.0.1:$port SBK_PASSWORD=benchmark SBK_TEST_KDF=weak
 until "$sbk" --repo s3://bench/probe snapshots >/dev/null 2>&1 || [ $? = 10 ]; do sleep 0.3; done

@@ -35,6 +35,8 @@ cg="" wpid=""
 cleanup() {
   # SIGKILL: weed mini outlives a SIGTERM.
   [ -n "$wpid" ] && kill -KILL "$wpid" 2>/dev/null && wait "$wpid" 2>/dev/null || true
+  # Its gRPC sockets go to /tmp whatever it is told, named by port + 10000.
+  if [ -n "$wpid" ]; then for p in 0 1 2 3 4; do rm -f /tmp/seaweedfs-*-grpc-$((port + 10000 + p)).sock; done; fi
   [ -n "$cg" ] && rmdir "$cg" 2>/dev/null || true
   [ -n "${KEEP:-}" ] || rm -rf "$w"
 }
@@ -98,7 +100,8 @@ if [ -n "${S3:-}" ]; then
   "$weed" -logdir="$w/weed" mini -dir="$w/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -admin.ui=false \
     -webdav=false -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false -bucket=scale \
     -s3.port=$port -master.port=$((port + 1)) -volume.port=$((port + 2)) -filer.port=$((port + 3)) \
-    -admin.port=$((port + 4)) >"$w/weed.log" 2>&1 &
+    -admin.port=$((port + 4)) -filer.localSocket="$w/weed/filer.sock" -s3.localSocket="$w/weed/s3.sock" \
+    >"$w/weed.log" 2>&1 &
   wpid=$!
   export AWS_ENDPOINT_URL=http://127.0.0.1:$port AWS_ACCESS_KEY_ID=scale AWS_SECRET_ACCESS_KEY=scalesecret AWS_REGION=us-east-1
   export SBK_S3_STATS=1

@@ -64,6 +64,10 @@ fn spawn_weed(bin: &PathBuf, dir: &std::path::Path, ports: &[u16]) -> Child {
             &format!("-volume.port={}", ports[2]),
             &format!("-filer.port={}", ports[3]),
             &format!("-admin.port={}", ports[4]),
+            // Its local sockets go to /tmp unless told; the gRPC ones cannot be told (Drop
+            // removes those).
+            &format!("-filer.localSocket={}/filer.sock", dir.display()),
+            &format!("-s3.localSocket={}/s3.sock", dir.display()),
         ])
         .env("AWS_ACCESS_KEY_ID", KEY)
         .env("AWS_SECRET_ACCESS_KEY", SECRET)
@@ -194,6 +198,25 @@ impl Weed {
 impl Drop for Weed {
     fn drop(&mut self) {
         self.kill();
+        remove_grpc_sockets(&self.ports);
+    }
+}
+
+/// Removes the sockets weed made in /tmp for `ports` whatever it was told: one per gRPC port
+/// (each server's port + 10000), `seaweedfs-<server>-grpc-<port>.sock`. Hundreds were left.
+fn remove_grpc_sockets(ports: &[u16]) {
+    let Ok(dir) = std::fs::read_dir("/tmp") else {
+        return;
+    };
+    let ours: Vec<String> = ports
+        .iter()
+        .map(|p| format!("-grpc-{}.sock", u32::from(*p) + 10000))
+        .collect();
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("seaweedfs-") && ours.iter().any(|s| name.ends_with(s.as_str())) {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
