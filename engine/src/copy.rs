@@ -198,7 +198,8 @@ fn copy_one(
 /// does and has one already does not even read it. The others are read pack by pack, in runs of
 /// neighbours (on S3 one request per run, not per chunk: a snapshot of 263,158 chunks took
 /// 263,223 range reads), each verified, then named, compressed and sealed for the destination
-/// on the workers (that is the work of a copy).
+/// on the workers (that is the work of a copy). `ids` must be distinct: a blob twice in one
+/// pack's read would be two overlapping entries.
 fn copy_chunks(
     src: &Repository,
     dst: &Repository,

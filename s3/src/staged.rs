@@ -5,10 +5,13 @@
 //! being filled, the tails of full packs waiting to be sealed and the parts being sent. So a
 //! backup holds a few parts, not its packs in flight (each 32 MiB by default, five at a time).
 //!
-//! Why this cannot deadlock: a writer waits for a buffer only when it starts a pack's first
-//! part, or right after it sent a full part (which frees its buffer once stored). Every other
-//! buffer is being sent, or is the tail of a pack that an uploader thread seals (sending it
-//! needs no new buffer), or waits in the packer's queue for such a thread.
+//! Why this cannot deadlock, with the one packer per repository that every writing command
+//! has (engine/src/packer.rs): a thread waits for a buffer only when it starts a pack (the
+//! packer's filling thread, holding its `current` lock: one such waiter at a time), or right
+//! after it sent a full part, whose buffer comes back once stored (the filling thread, or an
+//! uploader whose trailer runs past a part). Every buffer held is being sent, or belongs to a
+//! pack being filled or sealed by a thread that sends before it waits, or to a full pack queued
+//! for an uploader that will seal it that way; and the semaphore serves waiters in order.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

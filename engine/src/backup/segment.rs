@@ -78,7 +78,7 @@ pub(super) struct ChunkedSegment {
 /// A segment for the workers, with where its result goes.
 pub(super) struct Work {
     pub(super) seg: Result<Segment>,
-    /// The source's ids being stored by a worker or the writer and not yet in a pack.
+    /// The source's ids a worker has encoded and not yet handed to the packer.
     pub(super) claimed: Arc<Mutex<HashSet<ChunkId>>>,
     /// The source's writer.
     pub(super) out: Sender<Result<ChunkedSegment>>,

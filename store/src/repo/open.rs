@@ -74,9 +74,9 @@ impl Repository {
             zero_min: 64 << 10,
             // 16 MiB: the pipeline holds a few segments at once (threads + 2 buffers), so
             // their size is its memory. It holds a maximal chunk of any chunk size up to 1 MiB
-            // four times over, so the cut forced at each segment start costs little dedup; larger
-            // chunks get segments of one maximal chunk (2 and 4 MiB chunks used to get 32 and 64
-            // MiB segments: a 4 MiB-chunk first backup peaked at 360 MiB). Disk images do not
+            // four times over, so the cut forced at each segment start costs little dedup; 2 MiB
+            // chunks get two maximal chunks a segment and 4 MiB chunks one (they used to get 32
+            // and 64 MiB segments: a 4 MiB-chunk first backup peaked at 360 MiB). Disk images do not
             // shift their data, so a block that dedups is cut at the same place either way.
             segment_size: (16u64 << 20).max(u64::from(chunk_max)),
             pack_size: opts.pack_size,
