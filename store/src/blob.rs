@@ -193,9 +193,9 @@ pub fn encode_blob(
     encode_blob_with(id, kind, raw, level, |stored| Ok(stored.to_vec()))
 }
 
-/// The largest compression buffer a thread keeps between blobs: chunks up to 4 MiB (the
-/// largest of the 1 MiB average, all of the default's) reuse one.
-const KEEP_BUFFER: usize = 4 << 20;
+/// The largest chunk whose compression buffer a thread keeps for the next blob: every chunk of
+/// the 1 MiB average and below (at most 4 MiB) reuses one.
+const KEEP_BUFFER_FOR: usize = 4 << 20;
 
 /// [`encode_blob`], the stored bytes (compressed, or `raw` itself) turned into the blob's data by
 /// `store`: an exact-size copy, or the sealed bytes, made straight from the compressor's buffer
@@ -221,17 +221,18 @@ pub(crate) fn encode_blob_with(
             }
             let (_, c, buf) = slot.as_mut().expect("just filled above");
             buf.clear();
-            buf.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+            // Exact: a doubled capacity would outgrow what is kept.
+            buf.reserve_exact(zstd::zstd_safe::compress_bound(raw.len()));
             let n = c.compress_to_buffer(raw, buf)?;
             let stored = if n < raw.len() {
                 (Compression::Zstd, store(&buf[..n])?)
             } else {
                 (Compression::None, store(raw)?)
             };
-            if buf.capacity() > KEEP_BUFFER {
-                // Chunks this large (2 and 4 MiB averages) are rare enough that a fresh buffer
-                // each costs little, and two workers each keeping 16 MiB took a 4 MiB-chunk
-                // backup over its 128 MiB budget.
+            if buf.capacity() > zstd::zstd_safe::compress_bound(KEEP_BUFFER_FOR) {
+                // Only the 2 and 4 MiB averages make chunks this large, and a fresh buffer each
+                // costs little beside compressing them; two workers each keeping 16 MiB took a
+                // 4 MiB-chunk backup over its 128 MiB budget.
                 *buf = Vec::new();
             }
             Ok(stored)
