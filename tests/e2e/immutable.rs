@@ -8,7 +8,7 @@ use std::process::Command;
 use serde_json::Value;
 
 use crate::common::*;
-use crate::s3::Weed;
+use crate::weed::Weed;
 
 /// The bucket with Object Lock the scenarios use (weed's own test bucket has none).
 const LOCKED: &str = "locked";

@@ -28,3 +28,4 @@ mod s3_backend;
 mod serve;
 mod serve_protocol;
 mod streams;
+mod weed;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use sbk_store::backend::Written;
 use sbk_store::{Backend, Kind};
 
-use crate::s3::Weed;
+use crate::weed::Weed;
 
 #[test]
 fn keeps_the_backend_contract_and_racing_creates_have_one_winner() {
