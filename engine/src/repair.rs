@@ -112,7 +112,8 @@ impl<'a> IndexWriter<'a> {
     fn flush(&mut self) -> Result<()> {
         if !self.pending.is_empty() {
             let packs = std::mem::take(&mut self.pending);
-            self.written.insert(self.repo.write_index_file(packs)?);
+            self.written
+                .insert(self.repo.write_replacement_index_file(packs)?);
             self.entries = 0;
         }
         Ok(())

@@ -1,11 +1,10 @@
 //! `stats`: sizes and ratios of the repository and of each snapshot.
 
 use sbk_store::{
-    ChangedBlocks, Extent, Manifest, Repository, RowBits, Rows, SnapshotId, StoreError,
-    BLOB_HEADER_LEN,
+    ChangedBlocks, Extent, Lookups, Manifest, Repository, SnapshotId, StoreError, BLOB_HEADER_LEN,
 };
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::snapshot::{snapshot_trees, windows};
 
 /// Figures of one snapshot.
@@ -59,63 +58,32 @@ impl RepoStats {
     }
 }
 
-/// A snapshot's figures that need no index, and the rows of its distinct chunks, sorted.
-fn snapshot_rows(
-    repo: &Repository,
-    rows: &Rows,
-    id: SnapshotId,
-    manifest: &Manifest,
-) -> Result<(SnapshotStats, Vec<u64>)> {
-    let mut s = SnapshotStats {
-        id,
-        size: manifest.size,
-        data_bytes: 0,
-        chunks: 0,
-        chunk_bytes: 0,
-        unique_bytes: 0,
-        unique_stored: 0,
-        incremental: manifest
-            .changed_blocks()
-            .and_then(|r| r.ok())
-            .filter(|c| c.incremental),
-    };
-    let mut found = Vec::new();
-    for segments in windows(manifest) {
-        let mut ids = Vec::new();
-        for x in snapshot_trees(repo, manifest, segments)?
-            .into_iter()
-            .flatten()
-        {
-            if let Extent::Data { id, len } = x {
-                s.data_bytes += u64::from(len);
-                ids.push(id);
-            }
-        }
-        // Sorted, a window's ids are looked up in one pass over the index table.
-        ids.sort_unstable();
-        ids.dedup();
-        let mut missing = None;
-        rows.rows_sorted(&ids, |i, row| match row {
-            Some(row) => found.push(row),
-            None => missing = missing.or(Some(ids[i])),
-        });
-        if let Some(id) = missing {
-            return Err(StoreError::BlobMissing(id).into());
+impl SnapshotStats {
+    /// The figures of a snapshot that need neither its trees nor the index.
+    fn new(id: SnapshotId, manifest: &Manifest) -> SnapshotStats {
+        SnapshotStats {
+            id,
+            size: manifest.size,
+            data_bytes: 0,
+            chunks: 0,
+            chunk_bytes: 0,
+            unique_bytes: 0,
+            unique_stored: 0,
+            incremental: manifest
+                .changed_blocks()
+                .and_then(|r| r.ok())
+                .filter(|c| c.incremental),
         }
     }
-    found.sort_unstable();
-    found.dedup();
-    s.chunks = found.len() as u64;
-    Ok((s, found))
 }
 
 /// Computes the figures for `selected` snapshots (all when empty). "Unique" is always relative
 /// to every snapshot in the repository.
 ///
-/// Memory: two bits per chunk of the repository (used by one snapshot, by more than one) and
-/// one more for the repository's figures, by row of the index (12.5 MB per bit at 10^8
-/// chunks), and the rows of one snapshot at a time (each snapshot's trees are read twice: once
-/// to count users, once for its figures).
+/// One pass over every snapshot's trees gathers (chunk, snapshot) pairs; they are looked up in
+/// id order, partition by partition ([`Lookups`]: the table can be far larger than memory),
+/// so that all the snapshots using a chunk come together and say at once whether it is unique.
+/// Memory: one run of lookups (spilled to scratch files beyond it), the figures per snapshot.
 pub fn stats(
     repo: &Repository,
     selected: &[SnapshotId],
@@ -129,45 +97,66 @@ pub fn stats(
     repo.refresh_index()?;
     let index = repo.index()?;
     let rows = repo.index_rows()?;
-    let scratch = index.cache_dir();
-    let bits = || RowBits::new(rows.len(), scratch).map_err(|e| StoreError::io(scratch, e));
-    // Whether one snapshot uses each chunk, whether more than one does, and whether the
-    // repository figures counted it yet.
-    let (mut once, mut more, mut counted) = (bits()?, bits()?, bits()?);
-    for (id, manifest) in &snapshots {
-        for row in snapshot_rows(repo, &rows, *id, manifest)?.1 {
-            if once.set(row) {
-                more.set(row);
+    let mut figures: Vec<SnapshotStats> = snapshots
+        .iter()
+        .map(|(id, m)| SnapshotStats::new(*id, m))
+        .collect();
+    let wanted: Vec<bool> = snapshots
+        .iter()
+        .map(|(id, _)| selected.is_empty() || selected.contains(id))
+        .collect();
+    let mut lookups = Lookups::new(&rows, index.cache_dir(), false);
+    for (n, (_, manifest)) in snapshots.iter().enumerate() {
+        for segments in windows(manifest) {
+            for x in snapshot_trees(repo, manifest, segments)?
+                .into_iter()
+                .flatten()
+            {
+                if let Extent::Data { id, len } = x {
+                    figures[n].data_bytes += u64::from(len);
+                    lookups.push(id, n as u64)?;
+                }
             }
         }
     }
     let mut repo_stats = RepoStats::default();
-    let mut out = Vec::new();
-    for (id, manifest) in &snapshots {
-        if !selected.is_empty() && !selected.contains(id) {
-            continue;
-        }
-        let (mut s, found) = snapshot_rows(repo, &rows, *id, manifest)?;
-        for row in found {
-            let Some(entry) = rows.entry(row).map(|e| e.entry) else {
-                continue;
-            };
-            let stored = BLOB_HEADER_LEN as u64 + u64::from(entry.stored_len);
-            s.chunk_bytes += u64::from(entry.raw_len);
-            if !more.get(row) {
-                s.unique_bytes += u64::from(entry.raw_len);
+    lookups.resolve::<EngineError>(|row, users| {
+        let row = row.ok_or(StoreError::BlobMissing(users[0].0))?;
+        // A damaged block of the cache table: its entries are not counted.
+        let Some(entry) = rows.entry(row).map(|e| e.entry) else {
+            return Ok(());
+        };
+        let raw = u64::from(entry.raw_len);
+        let stored = BLOB_HEADER_LEN as u64 + u64::from(entry.stored_len);
+        // One record per snapshot using the chunk.
+        let unique = users.len() == 1;
+        let mut counted = false;
+        for &(_, n) in users.iter().filter(|(_, n)| wanted[*n as usize]) {
+            let s = &mut figures[n as usize];
+            s.chunks += 1;
+            s.chunk_bytes += raw;
+            if unique {
+                s.unique_bytes += raw;
                 s.unique_stored += stored;
             }
-            if !counted.set(row) {
-                repo_stats.chunks += 1;
-                repo_stats.chunk_bytes += u64::from(entry.raw_len);
-                repo_stats.stored_bytes += stored;
-            }
+            counted = true;
         }
+        if counted {
+            repo_stats.chunks += 1;
+            repo_stats.chunk_bytes += raw;
+            repo_stats.stored_bytes += stored;
+        }
+        Ok(())
+    })?;
+    let out: Vec<SnapshotStats> = figures
+        .into_iter()
+        .zip(wanted)
+        .filter_map(|(s, w)| w.then_some(s))
+        .collect();
+    for s in &out {
         repo_stats.snapshots += 1;
         repo_stats.logical += s.size;
         repo_stats.data_bytes += s.data_bytes;
-        out.push(s);
     }
     repo_stats.pack_bytes = repo.list_packs()?.iter().map(|(_, size)| size).sum();
     Ok((repo_stats, out))

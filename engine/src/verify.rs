@@ -13,11 +13,11 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use sbk_store::{
-    ChunkId, Extent, IndexFile, IndexId, Manifest, PackEntry, PackGone, PackId, Repository,
-    SnapshotId, StoreError, BLOB_HEADER_LEN,
+    ChunkId, Extent, IndexFile, IndexId, Lookups, Manifest, PackEntry, PackGone, PackId,
+    Repository, SnapshotId, StoreError, BLOB_HEADER_LEN,
 };
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::pool::worker_pool;
 use crate::progress::Progress;
 use crate::snapshot::windows;
@@ -237,8 +237,9 @@ fn check_snapshots(
     repo.refresh_index()?;
     let rows = repo.index_rows()?;
     let mut checked = Vec::new();
-    // Chunks found missing, each reported once.
-    let mut missing = BTreeSet::new();
+    // Every chunk referred to, looked up once, in id order, partition by partition (the
+    // table can be far larger than memory).
+    let mut lookups = Lookups::new(&rows, repo.index()?.cache_dir(), true);
     for (id, manifest) in manifests {
         if !wanted.is_empty() && !wanted.contains(&id) {
             continue;
@@ -255,7 +256,6 @@ fn check_snapshots(
             }
         };
         for segments in windows(&manifest) {
-            let mut ids = Vec::new();
             let trees: Vec<_> = manifest.trees[segments.clone()]
                 .par_iter()
                 .zip(segments)
@@ -271,26 +271,25 @@ fn check_snapshots(
                         continue;
                     }
                 };
-                ids.extend(extents.into_iter().filter_map(|x| match x {
-                    Extent::Data { id, .. } => Some(id),
-                    Extent::Zero { .. } => None,
-                }));
-            }
-            // Sorted, a window's ids are looked up in one pass over the index table.
-            ids.sort_unstable();
-            ids.dedup();
-            rows.rows_sorted(&ids, |i, row| {
-                let chunk = ids[i];
-                if row.is_none() && missing.insert(chunk) {
-                    found.push(Found::new(
-                        format!("chunk {chunk} is referenced but not in the index (missing data, or run `sbk repair index`)"),
-                        vec![chunk],
-                    ));
+                for x in extents {
+                    if let Extent::Data { id, .. } = x {
+                        lookups.push(id, 0)?;
+                    }
                 }
-            });
+            }
         }
         checked.push((id, manifest));
     }
+    lookups.resolve::<EngineError>(|row, records| {
+        let chunk = records[0].0;
+        if row.is_none() {
+            found.push(Found::new(
+                format!("chunk {chunk} is referenced but not in the index (missing data, or run `sbk repair index`)"),
+                vec![chunk],
+            ));
+        }
+        Ok(())
+    })?;
     Ok(checked)
 }
 

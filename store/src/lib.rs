@@ -38,6 +38,7 @@ pub use config::{LockMode, ObjectLock, RepoConfig, FEATURE_OBJECT_LOCK, MAX_OBJE
 pub use error::{DecodeError, Result, StoreError};
 pub use id::{ChunkId, IndexId, PackId, SnapshotId};
 pub use index::file::IndexFile;
+pub use index::lookups::{Lookups, Record};
 pub use index::rows::{RowBits, Rows};
 pub use index::{CacheLocation, Index, IndexEntry, IndexReport};
 pub use key::{Kdf, KdfParams, KeyObject};

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use sbk_store::{ChunkId, PackEntry, PackId, RowBits, Rows};
+use sbk_store::{Lookups, PackEntry, PackId, RowBits, Rows};
 
 use super::marks::EarlierMarks;
 use crate::error::{EngineError, Result};
@@ -25,27 +25,6 @@ pub(crate) struct Used {
     pub rows: Rows,
     /// Set for the rows of used blobs.
     pub bits: RowBits,
-}
-
-impl Used {
-    /// The row of each entry of an index file (its packs' entries in turn) whose blob is used:
-    /// looked up sorted, in one pass over the index table, rather than one binary search each
-    /// (at 10^7 blobs and more the table is larger than a memory limit lets stay cached).
-    fn rows_of(&self, packs: &[(PackId, Vec<PackEntry>)]) -> Vec<Option<u64>> {
-        let mut ids: Vec<(ChunkId, usize)> = packs
-            .iter()
-            .flat_map(|(_, list)| list.iter().map(|e| e.id))
-            .enumerate()
-            .map(|(i, id)| (id, i))
-            .collect();
-        ids.sort_unstable();
-        let sorted: Vec<ChunkId> = ids.iter().map(|(id, _)| *id).collect();
-        let mut out = vec![None; ids.len()];
-        self.rows.rows_sorted(&sorted, |i, row| {
-            out[ids[i].1] = row.filter(|r| self.bits.get(*r));
-        });
-        out
-    }
 }
 
 /// What the snapshots use, entry by entry of the index files (by ordinal): whether its blob is
@@ -72,10 +51,12 @@ fn rank(earlier: &EarlierMarks, p: &PackId) -> u8 {
     }
 }
 
-/// Computes [`Liveness`] in two passes over the index files: the best rank of an existing pack
-/// holding each used blob, then the first entry of that rank claims it. Fails when a used blob
-/// is in no existing pack: the index files or the packs are damaged, and nothing may be deleted
-/// until that is repaired. Memory: a few bits per blob and per entry.
+/// Computes [`Liveness`] in one pass over the index files: each entry's id is looked up in
+/// id order, partition by partition ([`Lookups`]: the table can be far larger than memory), so
+/// that all the copies of a blob come together; of those in existing packs, the first entry
+/// of the best rank is its home. Fails when a used blob is in no existing pack: the index files
+/// or the packs are damaged, and nothing may be deleted until that is repaired. Memory: a few
+/// bits per blob and per entry, a few words per pack an index file names, one run of lookups.
 pub(crate) fn liveness(
     files: &dyn IndexFiles,
     used: &Used,
@@ -84,47 +65,23 @@ pub(crate) fn liveness(
     scratch: &Path,
 ) -> Result<Liveness> {
     let io = |e| EngineError::from(sbk_store::StoreError::io(scratch, e));
-    let n = used.rows.len();
-    // Per used blob: held by an existing pack at all, by one of rank 0, by one of rank 1.
-    let (mut held, mut r0, mut r1) = (
-        RowBits::new(n, scratch).map_err(io)?,
-        RowBits::new(n, scratch).map_err(io)?,
-        RowBits::new(n, scratch).map_err(io)?,
-    );
+    // Each pack of each file in pass order: its first entry's ordinal, whether it exists, its
+    // rank.
+    let mut spans: Vec<(u64, bool, u8)> = Vec::new();
     let mut files_naming: HashMap<PackId, u32> = HashMap::new();
+    let mut lookups = Lookups::new(&used.rows, scratch, false);
     let mut entries = 0u64;
     files.each(&mut |packs| {
-        let mut rows = used.rows_of(&packs).into_iter();
         for (pack, list) in &packs {
             *files_naming.entry(*pack).or_default() += 1;
-            entries += list.len() as u64;
-            let list_rows: Vec<Option<u64>> = rows.by_ref().take(list.len()).collect();
-            if !sizes.contains_key(pack) {
-                continue;
-            }
-            let rank = rank(earlier, pack);
-            for r in list_rows.into_iter().flatten() {
-                held.set(r);
-                match rank {
-                    0 => r0.set(r),
-                    1 => r1.set(r),
-                    _ => false,
-                };
+            spans.push((entries, sizes.contains_key(pack), rank(earlier, pack)));
+            for e in list {
+                lookups.push(e.id, entries)?;
+                entries += 1;
             }
         }
         Ok(())
     })?;
-    if let Some(r) = (0..n).find(|r| used.bits.get(*r) && !held.get(*r)) {
-        let id = used
-            .rows
-            .entry(r)
-            .map(|e| e.entry.id.to_string())
-            .unwrap_or_default();
-        return Err(EngineError::Unsafe(format!(
-            "chunk {id} is used but no index file names an existing pack holding it; run `sbk verify`, then `sbk repair index`"
-        )));
-    }
-    drop(held);
     let mut live = Liveness {
         used: RowBits::new(entries, scratch).map_err(io)?,
         home: RowBits::new(entries, scratch).map_err(io)?,
@@ -135,31 +92,38 @@ pub(crate) fn liveness(
             .map(|(p, _)| p)
             .collect(),
     };
-    let mut claimed = RowBits::new(n, scratch).map_err(io)?;
-    let mut k = 0u64;
-    files.each(&mut |packs| {
-        let mut rows = used.rows_of(&packs).into_iter();
-        for (pack, list) in &packs {
-            let exists = sizes.contains_key(pack);
-            let rank = rank(earlier, pack);
-            for row in rows.by_ref().take(list.len()) {
-                if let Some(r) = row {
-                    live.used.set(k);
-                    let best = if r0.get(r) {
-                        0
-                    } else if r1.get(r) {
-                        1
-                    } else {
-                        2
-                    };
-                    if exists && rank == best && !claimed.set(r) {
-                        live.home.set(k);
-                    }
-                }
-                k += 1;
+    // Per used blob: held by an existing pack.
+    let mut held = RowBits::new(used.rows.len(), scratch).map_err(io)?;
+    let span = |k: u64| spans[spans.partition_point(|s| s.0 <= k) - 1];
+    lookups.resolve::<EngineError>(|row, copies| {
+        let Some(r) = row.filter(|r| used.bits.get(*r)) else {
+            return Ok(());
+        };
+        // Copies come in ordinal order: strictly better ranks replace the home, so the first
+        // of the best rank keeps it.
+        let mut home: Option<(u8, u64)> = None;
+        for &(_, k) in copies {
+            live.used.set(k);
+            let (_, exists, rank) = span(k);
+            if exists && home.is_none_or(|(best, _)| rank < best) {
+                home = Some((rank, k));
             }
+        }
+        if let Some((_, k)) = home {
+            held.set(r);
+            live.home.set(k);
         }
         Ok(())
     })?;
+    if let Some(r) = (0..used.rows.len()).find(|r| used.bits.get(*r) && !held.get(*r)) {
+        let id = used
+            .rows
+            .entry(r)
+            .map(|e| e.entry.id.to_string())
+            .unwrap_or_default();
+        return Err(EngineError::Unsafe(format!(
+            "chunk {id} is used but no index file names an existing pack holding it; run `sbk verify`, then `sbk repair index`"
+        )));
+    }
     Ok(live)
 }

@@ -30,7 +30,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Instant;
 
 use sbk_store::{
-    ChunkId, Extent, IndexId, Lock, PackEntry, PackId, Repository, RowBits, SnapshotId, StoreError,
+    Extent, IndexId, Lock, Lookups, PackEntry, PackId, Repository, RowBits, StoreError,
 };
 
 use crate::error::{EngineError, Result};
@@ -163,40 +163,41 @@ pub(crate) fn used_blobs(repo: &Repository, storage_now: i64) -> Result<Used> {
     let index = repo.index()?;
     let rows = repo.index_rows()?;
     let scratch = index.cache_dir();
-    let mut bits = RowBits::new(rows.len(), scratch).map_err(|e| StoreError::io(scratch, e))?;
-    let unknown = |id: &ChunkId, snapshot: &SnapshotId| {
-        EngineError::Unsafe(format!(
-            "chunk {id} of snapshot {snapshot} is in no index file; run `sbk verify`, then `sbk repair index`"
-        ))
-    };
-    for (id, manifest) in roots {
-        let mut ids = manifest.trees.clone();
-        for segments in windows(&manifest) {
-            let trees = snapshot_trees(repo, &manifest, segments).map_err(|e| {
+    // Every id of every root, looked up in id order, partition by partition (the table can be
+    // far larger than memory); one record per id, naming a snapshot that uses it.
+    let mut lookups = Lookups::new(&rows, scratch, true);
+    for (n, (id, manifest)) in roots.iter().enumerate() {
+        let tag = n as u64;
+        for tree in &manifest.trees {
+            lookups.push(*tree, tag)?;
+        }
+        for segments in windows(manifest) {
+            let trees = snapshot_trees(repo, manifest, segments).map_err(|e| {
                 EngineError::Unsafe(format!(
                     "snapshot {id}: {e}; prune needs every snapshot intact"
                 ))
             })?;
-            ids.extend(trees.into_iter().flatten().filter_map(|x| match x {
-                Extent::Data { id, .. } => Some(id),
-                Extent::Zero { .. } => None,
-            }));
-            // Sorted, a window's ids are looked up in one pass over the index table.
-            ids.sort_unstable();
-            ids.dedup();
-            let mut missing = None;
-            rows.rows_sorted(&ids, |i, row| match row {
-                Some(row) => {
-                    bits.set(row);
+            for x in trees.into_iter().flatten() {
+                if let Extent::Data { id, .. } = x {
+                    lookups.push(id, tag)?;
                 }
-                None => missing = missing.or(Some(ids[i])),
-            });
-            if let Some(chunk) = missing {
-                return Err(unknown(&chunk, &id));
             }
-            ids.clear();
         }
     }
+    let mut bits = RowBits::new(rows.len(), scratch).map_err(|e| StoreError::io(scratch, e))?;
+    lookups.resolve(|row, records| match row {
+        Some(row) => {
+            bits.set(row);
+            Ok(())
+        }
+        None => {
+            let (chunk, n) = records[0];
+            Err(EngineError::Unsafe(format!(
+                "chunk {chunk} of snapshot {} is in no index file; run `sbk verify`, then `sbk repair index`",
+                roots[n as usize].0
+            )))
+        }
+    })?;
     Ok(Used { rows, bits })
 }
 

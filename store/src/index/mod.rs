@@ -10,6 +10,7 @@
 
 pub mod file;
 mod fold;
+pub mod lookups;
 pub mod rows;
 pub mod table;
 

@@ -77,19 +77,31 @@ impl Rows {
     /// The rows of `ids`, which must be sorted: `f(i, row)` for each in turn, reading the
     /// table front to back once (see [`Table::positions_sorted`]); far faster than one
     /// [`row`](Self::row) each for a snapshot's worth of ids.
-    pub fn rows_sorted(&self, ids: &[ChunkId], mut f: impl FnMut(usize, Option<u64>)) {
+    pub fn rows_sorted(&self, ids: &[ChunkId], f: impl FnMut(usize, Option<u64>)) {
+        self.rows_sorted_by(ids, |id| id, f)
+    }
+
+    /// [`rows_sorted`](Self::rows_sorted) of items that carry an id (`id_of`), sorted by it.
+    pub fn rows_sorted_by<'a, T>(
+        &self,
+        items: &'a [T],
+        id_of: impl Fn(&'a T) -> &'a ChunkId,
+        mut f: impl FnMut(usize, Option<u64>),
+    ) {
         let t = self.table_len();
         let in_extra = |id: &ChunkId| self.extra.binary_search_by_key(id, |e| e.entry.id).ok();
         match &self.table {
-            Some(table) => table.positions_sorted(ids, |i, p| {
+            Some(table) => table.positions_sorted_by(items, &id_of, |i, p| {
                 f(
                     i,
-                    in_extra(&ids[i])
+                    in_extra(id_of(&items[i]))
                         .map(|x| t + x as u64)
                         .or(p.map(|p| p as u64)),
                 )
             }),
-            None => (0..ids.len()).for_each(|i| f(i, in_extra(&ids[i]).map(|x| x as u64))),
+            None => {
+                (0..items.len()).for_each(|i| f(i, in_extra(id_of(&items[i])).map(|x| x as u64)))
+            }
         }
     }
 

@@ -450,10 +450,21 @@ impl Table {
     /// The positions of `ids`, which must be sorted: `f(i, position)` for each in turn. Each
     /// search gallops forward from where the last one ended, so a sorted batch reads the
     /// table front to back once instead of binary-searching it from the top for each id.
-    pub fn positions_sorted(&self, ids: &[ChunkId], mut f: impl FnMut(usize, Option<usize>)) {
+    pub fn positions_sorted(&self, ids: &[ChunkId], f: impl FnMut(usize, Option<usize>)) {
+        self.positions_sorted_by(ids, |id| id, f)
+    }
+
+    /// [`positions_sorted`](Self::positions_sorted) of items that carry an id (`id_of`),
+    /// sorted by it: a batch of records is looked up without copying its ids out.
+    pub fn positions_sorted_by<'a, T>(
+        &self,
+        items: &'a [T],
+        id_of: impl Fn(&'a T) -> &'a ChunkId,
+        mut f: impl FnMut(usize, Option<usize>),
+    ) {
         let n = self.len();
         let mut lo = 0usize;
-        for (i, id) in ids.iter().enumerate() {
+        for (i, id) in items.iter().map(id_of).enumerate() {
             if !self.may_contain(id) {
                 f(i, None);
                 continue;

@@ -213,6 +213,30 @@ impl Repository {
     /// Writes an index file naming `packs` (which must be durable already) and adds it to the
     /// loaded index. Returns its id.
     pub fn write_index_file(&self, packs: Vec<(PackId, Vec<PackEntry>)>) -> Result<IndexId> {
+        let (id, file) = self.store_index_file(packs)?;
+        if let Some(index) = self.index.get() {
+            index.add(id, file);
+        }
+        Ok(id)
+    }
+
+    /// Writes an index file that replaces others (prune and repair rewriting the index), and
+    /// leaves the loaded index alone: adding a file means looking each of its entries up in
+    /// the cache table, a page fault each when the table is larger than memory (an hour for a
+    /// prune at 10^7 chunks in 256 MiB), and once the files it replaces are removed the loaded
+    /// index is stale anyway: the next refresh (a lookup that misses, or the next process)
+    /// rebuilds it from the files that remain. Returns its id.
+    pub fn write_replacement_index_file(
+        &self,
+        packs: Vec<(PackId, Vec<PackEntry>)>,
+    ) -> Result<IndexId> {
+        Ok(self.store_index_file(packs)?.0)
+    }
+
+    fn store_index_file(
+        &self,
+        packs: Vec<(PackId, Vec<PackEntry>)>,
+    ) -> Result<(IndexId, IndexFile)> {
         let file = IndexFile {
             packs,
             extensions: Vec::new(),
@@ -223,11 +247,7 @@ impl Repository {
             .map_err(|e| StoreError::io("index file", e))?;
         let id = IndexFile::id_of(&bytes);
         self.b()?.write_once(Kind::Index, &id.to_hex(), &bytes)?;
-        drop(bytes);
-        if let Some(index) = self.index.get() {
-            index.add(id, file);
-        }
-        Ok(id)
+        Ok((id, file))
     }
 
     /// Every index file in the repository.
