@@ -5,7 +5,7 @@ use sbk_store::{
 };
 
 use crate::error::{EngineError, Result};
-use crate::snapshot::{snapshot_trees, windows};
+use crate::snapshot::{windows, TreePlaces};
 
 /// Figures of one snapshot.
 #[derive(Debug, Clone)]
@@ -105,10 +105,12 @@ pub fn stats(
         .iter()
         .map(|(id, _)| selected.is_empty() || selected.contains(id))
         .collect();
+    let places = TreePlaces::locate(repo, &rows, snapshots.iter().map(|(_, m)| m))?;
     let mut lookups = Lookups::new(&rows, index.cache_dir(), false);
     for (n, (_, manifest)) in snapshots.iter().enumerate() {
         for segments in windows(manifest) {
-            for x in snapshot_trees(repo, manifest, segments)?
+            for x in places
+                .trees(repo, manifest, segments)?
                 .into_iter()
                 .flatten()
             {

@@ -20,7 +20,7 @@ use sbk_store::{
 use crate::error::{EngineError, Result};
 use crate::pool::worker_pool;
 use crate::progress::Progress;
-use crate::snapshot::windows;
+use crate::snapshot::{windows, TreePlaces};
 
 /// Which packs `verify` reads in full.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -239,6 +239,14 @@ fn check_snapshots(
     let mut checked = Vec::new();
     // Every chunk referred to, looked up once, in id order, partition by partition (the
     // table can be far larger than memory).
+    let places = TreePlaces::locate(
+        repo,
+        &rows,
+        manifests
+            .iter()
+            .filter(|(id, _)| wanted.is_empty() || wanted.contains(id))
+            .filter_map(|(_, m)| m.as_ref().ok()),
+    )?;
     let mut lookups = Lookups::new(&rows, repo.index()?.cache_dir(), true);
     for (id, manifest) in manifests {
         if !wanted.is_empty() && !wanted.contains(&id) {
@@ -259,7 +267,7 @@ fn check_snapshots(
             let trees: Vec<_> = manifest.trees[segments.clone()]
                 .par_iter()
                 .zip(segments)
-                .map(|(tree, i)| (tree, repo.load_tree(tree, manifest.segment_len(i))))
+                .map(|(tree, i)| (tree, places.load(repo, tree, manifest.segment_len(i))))
                 .collect();
             for (tree, extents) in trees {
                 let extents = match extents {

@@ -36,8 +36,7 @@ use sbk_store::{
 use crate::error::{EngineError, Result};
 use crate::pool::worker_pool;
 use crate::progress::Progress;
-use crate::snapshot::snapshot_trees;
-use crate::snapshot::windows;
+use crate::snapshot::{windows, TreePlaces};
 use execute::execute;
 use liveness::{liveness, IndexFiles, Used};
 use marks::sort_marks;
@@ -165,6 +164,7 @@ pub(crate) fn used_blobs(repo: &Repository, storage_now: i64) -> Result<Used> {
     let scratch = index.cache_dir();
     // Every id of every root, looked up in id order, partition by partition (the table can be
     // far larger than memory); one record per id, naming a snapshot that uses it.
+    let places = TreePlaces::locate(repo, &rows, roots.iter().map(|(_, m)| m))?;
     let mut lookups = Lookups::new(&rows, scratch, true);
     for (n, (id, manifest)) in roots.iter().enumerate() {
         let tag = n as u64;
@@ -172,7 +172,7 @@ pub(crate) fn used_blobs(repo: &Repository, storage_now: i64) -> Result<Used> {
             lookups.push(*tree, tag)?;
         }
         for segments in windows(manifest) {
-            let trees = snapshot_trees(repo, manifest, segments).map_err(|e| {
+            let trees = places.trees(repo, manifest, segments).map_err(|e| {
                 EngineError::Unsafe(format!(
                     "snapshot {id}: {e}; prune needs every snapshot intact"
                 ))

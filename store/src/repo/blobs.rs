@@ -272,13 +272,7 @@ impl Repository {
             }
             r => r?,
         };
-        if at.entry.kind != kind {
-            return Err(StoreError::BlobCorrupt {
-                id: *id,
-                pack: at.pack,
-                detail: format!("is a {:?} blob, expected {kind:?}", at.entry.kind),
-            });
-        }
+        expect_kind(&at, kind)?;
         Ok(at)
     }
 
@@ -292,7 +286,18 @@ impl Repository {
         stored: &mut Vec<u8>,
         out: &mut Vec<u8>,
     ) -> Result<PackId> {
-        let IndexEntry { pack, entry } = self.locate_kind(id, kind)?;
+        self.read_located(self.locate_kind(id, kind)?, stored, out)
+    }
+
+    /// [`Repository::read_blob_with`] of a blob the caller located (a pack that has gone
+    /// since is followed through the index, as always). Returns the pack it came from.
+    pub fn read_located(
+        &self,
+        at: IndexEntry,
+        stored: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<PackId> {
+        let IndexEntry { pack, entry } = at;
         let mut from = pack;
         self.read_blobs(pack, &[entry], PackGone::FollowIndex, stored, |_, blob| {
             let blob = blob?;
@@ -305,11 +310,33 @@ impl Repository {
 
     /// Reads a segment tree and decodes its extents, which must cover `segment_len` bytes.
     pub fn load_tree(&self, id: &ChunkId, segment_len: u64) -> Result<Vec<Extent>> {
-        let (pack, raw) = self.read_blob_in(id, BlobKind::Tree)?;
+        self.load_tree_at(self.locate_kind(id, BlobKind::Tree)?, segment_len)
+    }
+
+    /// [`Repository::load_tree`] of a tree the caller located (commands that read every tree
+    /// of many snapshots locate them all in one pass over the index, rather than search the
+    /// index table once per tree).
+    pub fn load_tree_at(&self, at: IndexEntry, segment_len: u64) -> Result<Vec<Extent>> {
+        expect_kind(&at, BlobKind::Tree)?;
+        let id = at.entry.id;
+        let mut raw = Vec::new();
+        let pack = self.read_located(at, &mut Vec::new(), &mut raw)?;
         decode_tree(&raw, segment_len).map_err(|e| StoreError::BlobCorrupt {
-            id: *id,
+            id,
             pack,
             detail: format!("segment tree does not decode: {e}"),
         })
     }
+}
+
+/// A blob found where a blob of another kind was expected is corrupt.
+fn expect_kind(at: &IndexEntry, kind: BlobKind) -> Result<()> {
+    if at.entry.kind != kind {
+        return Err(StoreError::BlobCorrupt {
+            id: at.entry.id,
+            pack: at.pack,
+            detail: format!("is a {:?} blob, expected {kind:?}", at.entry.kind),
+        });
+    }
+    Ok(())
 }
