@@ -112,6 +112,9 @@ pub fn copy(
 
 /// Source-to-destination ids `copy` remembers across a snapshot's windows (about 10 MiB).
 const MAP_MAX: usize = 1 << 17;
+/// Chunks located in the source's index at once, sorted, in one pass over its table (a search
+/// per chunk faults a page at nearly every step once the table is larger than memory).
+const LOCATE_AT_ONCE: usize = 1 << 16;
 
 fn copy_one(
     src: &Repository,
@@ -131,39 +134,46 @@ fn copy_one(
     let mut map: HashMap<ChunkId, ChunkId> = HashMap::new();
     for segments in windows(&manifest) {
         crate::interrupt::check()?;
-        // A segment at a time: its distinct chunks not mapped yet are copied in parallel, then
-        // its tree is rewritten with their ids here.
-        for extents in snapshot_trees(src, &manifest, segments)? {
+        let mut window = snapshot_trees(src, &manifest, segments)?;
+        // Segments a group at a time: the group's distinct chunks not mapped yet (up to
+        // LOCATE_AT_ONCE) are located in one sorted pass over the index and copied in
+        // parallel, then its trees are rewritten with their ids here.
+        let mut at = 0;
+        while at < window.len() {
             if map.len() >= MAP_MAX {
                 map.clear();
             }
-            let distinct: Vec<ChunkId> = extents
-                .iter()
-                .filter_map(|x| match x {
+            let mut distinct = HashSet::new();
+            let mut end = at;
+            while end < window.len() && (end == at || distinct.len() < LOCATE_AT_ONCE) {
+                distinct.extend(window[end].iter().filter_map(|x| match x {
                     Extent::Data { id, .. } if !map.contains_key(id) => Some(*id),
                     _ => None,
-                })
-                .collect::<HashSet<_>>()
-                .into_iter()
-                .collect();
-            let mapped = copy_chunks(src, dst, &packer, &bytes, &distinct, same_ids)?;
+                }));
+                end += 1;
+            }
+            let distinct: Vec<ChunkId> = distinct.into_iter().collect();
+            let mapped = copy_chunks(src, dst, &packer, &bytes, distinct, same_ids)?;
             read += mapped.iter().filter(|m| m.2).count() as u64;
             fresh += mapped.iter().filter(|m| m.3).count() as u64;
             map.extend(mapped.into_iter().map(|(s, d, _, _)| (s, d)));
-            let extents: Vec<Extent> = extents
-                .into_iter()
-                .map(|x| match x {
-                    Extent::Data { id, len } => Extent::Data { id: map[&id], len },
-                    z => z,
-                })
-                .collect();
-            let raw = encode_tree(&extents);
-            let tid = dst.blob_id(&raw);
-            if !has(&packer, dst, &tid)? {
-                let blob = dst.encode_blob(tid, BlobKind::Tree, &raw)?;
-                bytes.fetch_add(packer.add(&[blob])?, Ordering::Relaxed);
+            for extents in &mut window[at..end] {
+                let extents: Vec<Extent> = std::mem::take(extents)
+                    .into_iter()
+                    .map(|x| match x {
+                        Extent::Data { id, len } => Extent::Data { id: map[&id], len },
+                        z => z,
+                    })
+                    .collect();
+                let raw = encode_tree(&extents);
+                let tid = dst.blob_id(&raw);
+                if !has(&packer, dst, &tid)? {
+                    let blob = dst.encode_blob(tid, BlobKind::Tree, &raw)?;
+                    bytes.fetch_add(packer.add(&[blob])?, Ordering::Relaxed);
+                }
+                trees.push(tid);
             }
-            trees.push(tid);
+            at = end;
         }
     }
     crate::interrupt::check()?;
@@ -205,17 +215,33 @@ fn copy_chunks(
     dst: &Repository,
     packer: &Packer<'_>,
     bytes: &AtomicU64,
-    ids: &[ChunkId],
+    mut ids: Vec<ChunkId>,
     same_ids: bool,
 ) -> Result<Vec<(ChunkId, ChunkId, bool, bool)>> {
     let mut out = Vec::with_capacity(ids.len());
-    let mut by_pack: BTreeMap<PackId, Vec<PackEntry>> = BTreeMap::new();
-    for sid in ids {
-        if same_ids && has(packer, dst, sid)? {
-            out.push((*sid, *sid, false, false));
-            continue;
+    if same_ids {
+        let mut kept = Vec::with_capacity(ids.len());
+        for sid in ids {
+            if has(packer, dst, &sid)? {
+                out.push((sid, sid, false, false));
+            } else {
+                kept.push(sid);
+            }
         }
-        let at = src.locate_kind(sid, BlobKind::Data)?;
+        ids = kept;
+    }
+    // Sorted, the ids are located in one pass over the source's table; one it does not find
+    // (or finds as another kind) is located again the careful way, which refreshes the index
+    // and names the problem.
+    ids.sort_unstable();
+    let mut found = vec![None; ids.len()];
+    src.index()?.get_sorted(&ids, |i, e| found[i] = e);
+    let mut by_pack: BTreeMap<PackId, Vec<PackEntry>> = BTreeMap::new();
+    for (sid, e) in ids.iter().zip(found) {
+        let at = match e {
+            Some(e) if e.entry.kind == BlobKind::Data => e,
+            _ => src.locate_kind(sid, BlobKind::Data)?,
+        };
         by_pack.entry(at.pack).or_default().push(at.entry);
     }
     // Pieces small enough that the workers share a segment's chunks evenly even when they sit

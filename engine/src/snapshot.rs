@@ -59,35 +59,64 @@ fn trees_with(
         .collect()
 }
 
-/// Where the segment trees of a set of snapshots are, found all at once in one pass over the
-/// index ([`Lookups`]) before any is read: a binary search of the cache table per tree costs a
-/// page fault at nearly every step once the table is larger than memory (a third of prune's
-/// mark at 10^7 chunks in 256 MiB). Commands that read every tree of many snapshots (prune,
-/// verify, stats) read them through this. Memory: about 100 bytes per distinct tree (one per
-/// 16 MiB segment that changed).
-pub struct TreePlaces(Vec<IndexEntry>);
+/// Trees located at once: about 100 bytes each, 25 MiB.
+const PLACES_AT_ONCE: usize = 1 << 18;
 
-impl TreePlaces {
-    /// Locates the trees of `manifests` among `rows` (those the index does not know are left
-    /// to [`TreePlaces::load`], which reports them as a lookup would).
-    pub fn locate<'m>(
-        repo: &Repository,
-        rows: &Rows,
-        manifests: impl IntoIterator<Item = &'m Manifest>,
-    ) -> Result<TreePlaces> {
+/// Where the segment trees of a list of snapshots are, found a group of snapshots at a time in
+/// one pass over the index ([`Lookups`]) before any is read: a binary search of the cache
+/// table per tree costs a page fault at nearly every step once the table is larger than memory
+/// (a third of prune's mark at 10^7 chunks in 256 MiB). Commands that read every tree of many
+/// snapshots (prune, verify, stats) read them through this, calling [`TreePlaces::enter`]
+/// before each snapshot, in list order. Memory: about 100 bytes per tree of a group of
+/// snapshots holding at most [`PLACES_AT_ONCE`] trees (more only for one larger snapshot).
+pub struct TreePlaces<'a, T> {
+    items: &'a [T],
+    manifest_of: fn(&T) -> Option<&Manifest>,
+    /// The snapshots located now.
+    group: std::ops::Range<usize>,
+    /// Their trees' places, in id order.
+    found: Vec<IndexEntry>,
+}
+
+impl<'a, T> TreePlaces<'a, T> {
+    /// Places for the trees of the snapshots `items` (`manifest_of` gives each one's manifest;
+    /// `None`: it has none to read).
+    pub fn new(items: &'a [T], manifest_of: fn(&T) -> Option<&Manifest>) -> Self {
+        TreePlaces {
+            items,
+            manifest_of,
+            group: 0..0,
+            found: Vec::new(),
+        }
+    }
+
+    /// Makes sure the trees of snapshot `n` are located: when `n` is past the current group,
+    /// locates the next group, from `n` on, among `rows` (trees the index does not know are
+    /// left to [`TreePlaces::load`], which reports them as a lookup would).
+    pub fn enter(&mut self, repo: &Repository, rows: &Rows, n: usize) -> Result<()> {
+        if self.group.contains(&n) {
+            return Ok(());
+        }
+        let trees = |i: usize| (self.manifest_of)(&self.items[i]).map_or(0, |m| m.trees.len());
+        let mut end = n + 1;
+        let mut count = trees(n);
+        while end < self.items.len() && count + trees(end) <= PLACES_AT_ONCE {
+            count += trees(end);
+            end += 1;
+        }
         let mut lookups = Lookups::new(rows, repo.index()?.cache_dir(), true);
-        for manifest in manifests {
-            for tree in &manifest.trees {
+        for item in &self.items[n..end] {
+            for tree in (self.manifest_of)(item).map_or(&[][..], |m| &m.trees) {
                 lookups.push(*tree, 0)?;
             }
         }
-        // In id order: found by binary search below.
-        let mut found = Vec::new();
+        self.found.clear();
         lookups.resolve::<EngineError>(|row, _| {
-            found.extend(row.and_then(|r| rows.entry(r)));
+            self.found.extend(row.and_then(|r| rows.entry(r)));
             Ok(())
         })?;
-        Ok(TreePlaces(found))
+        self.group = n..end;
+        Ok(())
     }
 
     /// Reads and decodes segment tree `tree`, which covers `segment_len` bytes.
@@ -97,10 +126,7 @@ impl TreePlaces {
         tree: &ChunkId,
         segment_len: u64,
     ) -> Result<Vec<Extent>, StoreError> {
-        match self.0.binary_search_by_key(tree, |e| e.entry.id) {
-            Ok(i) => repo.load_tree_at(self.0[i], segment_len),
-            Err(_) => repo.load_tree(tree, segment_len),
-        }
+        load_placed(&self.found, repo, tree, segment_len)
     }
 
     /// [`snapshot_trees`], through these places.
@@ -110,6 +136,23 @@ impl TreePlaces {
         manifest: &Manifest,
         segments: std::ops::Range<usize>,
     ) -> Result<Vec<Vec<Extent>>, StoreError> {
-        trees_with(manifest, segments, |tree, len| self.load(repo, tree, len))
+        // The places alone are shared with the pool's threads.
+        let found = &self.found[..];
+        trees_with(manifest, segments, |tree, len| {
+            load_placed(found, repo, tree, len)
+        })
+    }
+}
+
+/// Loads `tree` from its place in `found` (sorted by id), or through the index.
+fn load_placed(
+    found: &[IndexEntry],
+    repo: &Repository,
+    tree: &ChunkId,
+    segment_len: u64,
+) -> Result<Vec<Extent>, StoreError> {
+    match found.binary_search_by_key(tree, |e| e.entry.id) {
+        Ok(i) => repo.load_tree_at(found[i], segment_len),
+        Err(_) => repo.load_tree(tree, segment_len),
     }
 }

@@ -105,9 +105,10 @@ pub fn stats(
         .iter()
         .map(|(id, _)| selected.is_empty() || selected.contains(id))
         .collect();
-    let places = TreePlaces::locate(repo, &rows, snapshots.iter().map(|(_, m)| m))?;
+    let mut places = TreePlaces::new(&snapshots, |(_, m)| Some(m));
     let mut lookups = Lookups::new(&rows, index.cache_dir(), false);
     for (n, (_, manifest)) in snapshots.iter().enumerate() {
+        places.enter(repo, &rows, n)?;
         for segments in windows(manifest) {
             for x in places
                 .trees(repo, manifest, segments)?

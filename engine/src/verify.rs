@@ -239,19 +239,15 @@ fn check_snapshots(
     let mut checked = Vec::new();
     // Every chunk referred to, looked up once, in id order, partition by partition (the
     // table can be far larger than memory).
-    let places = TreePlaces::locate(
-        repo,
-        &rows,
-        manifests
-            .iter()
-            .filter(|(id, _)| wanted.is_empty() || wanted.contains(id))
-            .filter_map(|(_, m)| m.as_ref().ok()),
-    )?;
+    // Only the snapshots wanted, and readable, have trees to locate.
+    let manifests: Vec<_> = manifests
+        .into_iter()
+        .filter(|(id, _)| wanted.is_empty() || wanted.contains(id))
+        .collect();
+    let mut places = TreePlaces::new(&manifests, |(_, m)| m.as_ref().ok());
     let mut lookups = Lookups::new(&rows, repo.index()?.cache_dir(), true);
-    for (id, manifest) in manifests {
-        if !wanted.is_empty() && !wanted.contains(&id) {
-            continue;
-        }
+    for (n, (id, manifest)) in manifests.iter().enumerate() {
+        let id = *id;
         let manifest = match manifest {
             Ok(m) => m,
             // Forgotten between the listing and the read (a forget beside us).
@@ -263,7 +259,8 @@ fn check_snapshots(
                 continue;
             }
         };
-        for segments in windows(&manifest) {
+        places.enter(repo, &rows, n)?;
+        for segments in windows(manifest) {
             let trees: Vec<_> = manifest.trees[segments.clone()]
                 .par_iter()
                 .zip(segments)
@@ -286,7 +283,7 @@ fn check_snapshots(
                 }
             }
         }
-        checked.push((id, manifest));
+        checked.push((id, manifest.clone()));
     }
     lookups.resolve::<EngineError>(|row, records| {
         let chunk = records[0].0;

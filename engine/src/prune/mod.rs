@@ -164,9 +164,10 @@ pub(crate) fn used_blobs(repo: &Repository, storage_now: i64) -> Result<Used> {
     let scratch = index.cache_dir();
     // Every id of every root, looked up in id order, partition by partition (the table can be
     // far larger than memory); one record per id, naming a snapshot that uses it.
-    let places = TreePlaces::locate(repo, &rows, roots.iter().map(|(_, m)| m))?;
+    let mut places = TreePlaces::new(&roots, |(_, m)| Some(m));
     let mut lookups = Lookups::new(&rows, scratch, true);
     for (n, (id, manifest)) in roots.iter().enumerate() {
+        places.enter(repo, &rows, n)?;
         let tag = n as u64;
         for tree in &manifest.trees {
             lookups.push(*tree, tag)?;
