@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-#   bash benches/scale.sh CHUNKS [WORKDIR]      (LIMIT_MIB=256, SNAPSHOTS=20, IMAGE_MIB=4096)
+#   bash benches/scale.sh CHUNKS [WORKDIR]      (LIMIT_MIB=256, SNAPSHOTS=20, SOURCES=2, IMAGE_MIB=4096)
 #   KEEP=DIR bash benches/scale.sh CHUNKS       (the repository in DIR is kept, and reused)
 #   ONLY="verify stats" bash benches/scale.sh CHUNKS       (only the commands named)
 #   SBK=/path/to/sbk bash benches/scale.sh CHUNKS           (another build of sbk)
@@ -16,15 +16,17 @@ cd "$(dirname "$0")/.."
 chunks=${1:?usage: scale.sh CHUNKS [WORKDIR]}
 limit=${LIMIT_MIB:-256}
 snaps=${SNAPSHOTS:-20}
+sources=${SOURCES:-2}
 image_mib=${IMAGE_MIB:-4096}
 cargo build --release -q -p sbk -p sbk-benches >&2
 sbk=${SBK:-$PWD/target/release/sbk} # SBK=another build, to compare
 scale=$PWD/target/release/scale-repo
 if [ -n "${KEEP:-}" ]; then w=$KEEP; mkdir -p "$w"; else w=$(mktemp -d "${2:-/var/tmp}/sbk-scale.XXXXXX"); fi
 # The disk it needs at once: the new image and its packs (2 x IMAGE_MIB, incompressible), the
-# harness repository (about 0.35 KiB per chunk at 10^6) and the cache. A full disk would fail a
+# harness repository (0.3-0.45 KiB per chunk), the cache and the scratch files of stats (40 B
+# per reference: about 3.4 GB at 10^7 chunks in 100 snapshots). A full disk would fail a
 # command as if sbk were at fault, so say so first.
-need_mib=$((2 * image_mib + chunks / 1000 + 1024))
+need_mib=$((2 * image_mib + chunks / 2000 + 4096))
 free_mib=$(( $(df -Pk "$w" | awk 'NR == 2 {print $4}') / 1024 ))
 if [ "$free_mib" -lt "$need_mib" ] && [ ! -d "$w/repo" ]; then
   echo "scale.sh: $w has $free_mib MiB free; $chunks chunks and a $image_mib MiB image need about $need_mib MiB" >&2
@@ -112,8 +114,8 @@ if [ -n "${S3:-}" ]; then
     sleep 0.3
   done
 fi
-echo "scale-repo: $chunks chunks, $snaps snapshots of 2 sources, unencrypted, at $repo; limit $limit MiB"
-[ -n "${S3:-}" ] || [ ! -d $repo ] && $scale --repo $repo --chunks "$chunks" --snapshots "$snaps" --sources 2 --encryption none > $w/scale.json
+echo "scale-repo: $chunks chunks, $snaps snapshots of $sources sources, unencrypted, at $repo; limit $limit MiB"
+[ -n "${S3:-}" ] || [ ! -d $repo ] && $scale --repo $repo --chunks "$chunks" --snapshots "$snaps" --sources "$sources" --encryption none > $w/scale.json
 cat $w/scale.json
 
 # A new image: incompressible data, so that every chunk of it is new.
@@ -137,7 +139,7 @@ limited stats $sbk stats -q --repo $repo
 rm -rf $w/copy; $sbk init -q --encryption none --repo $copy
 limited copy-one $sbk copy -q --repo $copy --from-repo $repo "$sample"
 limited repair-index $sbk repair index -q --repo $repo
-limited forget-half $sbk forget -q --repo $repo --keep-last $((snaps / 4))
+limited forget-half $sbk forget -q --repo $repo --keep-last $(( snaps / sources / 2 > 1 ? snaps / sources / 2 : 1 ))
 limited prune-mark $sbk prune -q --repo $repo --grace 0s
 limited prune-sweep $sbk prune -q --repo $repo --grace 0s
 limited prune-exclusive $sbk prune -q --repo $repo --exclusive
