@@ -55,7 +55,9 @@ pub struct RestoreStats {
     pub data_bytes: u64,
     /// Bytes of zero extents (holes, or zeros written to a device).
     pub zero_bytes: u64,
-    /// Distinct chunks read and verified.
+    /// Chunk reads, each verified. A chunk is read once per piece of the plan that uses it (a
+    /// piece is at most `EXTENTS_AT_ONCE` extents of a window; to standard output, once per
+    /// extent): counting distinct chunks across pieces would take memory per chunk.
     pub chunks: u64,
     /// Wall time in milliseconds.
     pub duration_ms: u64,

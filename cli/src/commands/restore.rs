@@ -55,7 +55,7 @@ pub fn run(ctx: &Context, args: Args) -> Result<ExitCode> {
     )?;
     ctx.out.info(
         &format!(
-            "restored snapshot {} to {}: {} ({} data, {} zero) from {} chunks, {} in {:.1} s",
+            "restored snapshot {} to {}: {} ({} data, {} zero) from {} chunk reads, {} in {:.1} s",
             &id.to_hex()[..8],
             args.target.display(),
             bytes(stats.size),
