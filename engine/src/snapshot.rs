@@ -72,6 +72,8 @@ const PLACES_AT_ONCE: usize = 1 << 18;
 pub struct TreePlaces<'a, T> {
     items: &'a [T],
     manifest_of: fn(&T) -> Option<&Manifest>,
+    /// Trees located at once (at most; a larger snapshot is located alone).
+    at_once: usize,
     /// The snapshots located now.
     group: std::ops::Range<usize>,
     /// Their trees' places, in id order.
@@ -85,6 +87,7 @@ impl<'a, T> TreePlaces<'a, T> {
         TreePlaces {
             items,
             manifest_of,
+            at_once: PLACES_AT_ONCE,
             group: 0..0,
             found: Vec::new(),
         }
@@ -100,7 +103,7 @@ impl<'a, T> TreePlaces<'a, T> {
         let trees = |i: usize| (self.manifest_of)(&self.items[i]).map_or(0, |m| m.trees.len());
         let mut end = n + 1;
         let mut count = trees(n);
-        while end < self.items.len() && count + trees(end) <= PLACES_AT_ONCE {
+        while end < self.items.len() && count + trees(end) <= self.at_once {
             count += trees(end);
             end += 1;
         }
@@ -154,5 +157,51 @@ fn load_placed(
     match found.binary_search_by_key(tree, |e| e.entry.id) {
         Ok(i) => repo.load_tree_at(found[i], segment_len),
         Err(_) => repo.load_tree(tree, segment_len),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{backup_one, mem_repository, open, source};
+    use std::sync::Arc;
+
+    /// Snapshots are located a group at a time, never more trees than allowed together (one
+    /// larger snapshot alone), and every tree read through the places is the tree itself.
+    #[test]
+    fn tree_places_locate_groups_of_snapshots_and_read_the_same_trees() {
+        let repo = open(Arc::new(mem_repository())).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // Two segments each: 16 MiB segments.
+        let ids: Vec<_> = (0..3u64)
+            .map(|seed| {
+                let (path, _) = source(dir.path(), &format!("s{seed}"), seed, 20 << 20);
+                backup_one(&repo, &path).unwrap()
+            })
+            .collect();
+        let snapshots: Vec<Manifest> = ids
+            .iter()
+            .map(|id| repo.load_manifest(id).unwrap())
+            .collect();
+        assert!(snapshots.iter().all(|m| m.trees.len() == 2));
+        let rows = repo.index_rows().unwrap();
+        for (at_once, groups) in [
+            (4, vec![0..2, 0..2, 2..3]),
+            (3, vec![0..1, 1..2, 2..3]),
+            (1, vec![0..1, 1..2, 2..3]),
+        ] {
+            let mut places = TreePlaces::new(&snapshots, |m| Some(m));
+            places.at_once = at_once;
+            for (n, manifest) in snapshots.iter().enumerate() {
+                places.enter(&repo, &rows, n).unwrap();
+                assert_eq!(places.group, groups[n], "at_once {at_once}, snapshot {n}");
+                for segments in windows(manifest) {
+                    assert_eq!(
+                        places.trees(&repo, manifest, segments.clone()).unwrap(),
+                        snapshot_trees(&repo, manifest, segments).unwrap()
+                    );
+                }
+            }
+        }
     }
 }
