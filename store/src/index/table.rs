@@ -24,6 +24,7 @@ use crate::blob::{BlobKind, Compression};
 use crate::codec::{invalid, Decoder, Encoder};
 use crate::error::DecodeError;
 use crate::id::{ChunkId, IndexId, PackId};
+use crate::index::rows::RowBits;
 use crate::index::IndexEntry;
 use crate::pack::PackEntry;
 
@@ -547,7 +548,9 @@ pub fn write_table(
             out.write_all(&p.0)?;
         }
         let blocks = blocks_for(max_entries);
-        let mut filter = vec![0u8; blocks as usize * BLOCK];
+        // 1.25 bytes per entry, set at random: in a scratch file beside the table when large
+        // (125 MB at 10^8 entries), so that a cold rebuild's memory stays flat.
+        let mut filter = RowBits::new(blocks * (BLOCK as u64) * 8, dir)?;
         let mut count = 0u64;
         let mut hashes = Vec::new();
         let mut unit = blake3::Hasher::new();
@@ -559,7 +562,7 @@ pub fn write_table(
             unit.update(&buf);
             let (block, bits) = probes(&id, blocks);
             for bit in bits {
-                filter[block * BLOCK + bit as usize / 8] |= 1 << (bit % 8);
+                filter.set((block * BLOCK * 8) as u64 + u64::from(bit));
             }
             count += 1;
             if count.is_multiple_of(CHECK_UNIT) {
@@ -570,10 +573,11 @@ pub fn write_table(
         if !count.is_multiple_of(CHECK_UNIT) {
             hashes.push(*unit.finalize().as_bytes());
         }
-        out.write_all(&filter)?;
-        for group in filter.chunks(CHECK_UNIT as usize * BLOCK) {
+        filter.for_each_bytes(CHECK_UNIT as usize * BLOCK, |group| {
+            out.write_all(group)?;
             hashes.push(*blake3::hash(group).as_bytes());
-        }
+            Ok(())
+        })?;
         for h in &hashes {
             directory.update(h);
             out.write_all(h)?;
