@@ -136,7 +136,7 @@ impl Index {
         sources.push(Box::new(overlay.iter().copied()));
         sources.push(Box::new(incoming.iter().copied()));
         for r in runs {
-            sources.push(Box::new(r.iter()));
+            sources.push(Box::new(r.iter_side_by_side()));
         }
         let merged = merge_sorted(sources).map(|e| (e.entry.id, number[&e.pack], e.entry));
         let files_vec: Vec<IndexId> = files.iter().copied().collect();

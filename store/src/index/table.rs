@@ -514,7 +514,33 @@ impl Table {
     pub fn iter(&self) -> impl Iterator<Item = IndexEntry> + '_ {
         (0..self.len()).filter_map(|i| self.entry_at(i))
     }
+
+    /// [`Table::iter`] for one of many tables read side by side (a merge of sorted runs): the
+    /// kernel's own readahead is turned off for this mapping, and each window of
+    /// [`PREFETCH_BYTES`] and the one after it are asked for as the reader reaches it. With the kernel's readahead (8 MiB a stream
+    /// on some machines) a merge of 190 runs at 10^8 chunks under a 256 MiB limit evicted
+    /// pages before they were read: 800 GB read for 6 GB of runs.
+    pub fn iter_side_by_side(&self) -> impl Iterator<Item = IndexEntry> + '_ {
+        // Advice only: a mapping that ignores it is read as before.
+        let _ = self.map.advise(memmap2::Advice::Random);
+        let window = (PREFETCH_BYTES / TABLE_ENTRY_LEN).max(1);
+        (0..self.len()).filter_map(move |i| {
+            if i % window == 0 {
+                let at = self.entries_at + i * TABLE_ENTRY_LEN;
+                // This window and the next, so that the next is on its way while this one
+                // is read.
+                let len = (2 * PREFETCH_BYTES).min(self.map.len().saturating_sub(at));
+                if len > 0 {
+                    let _ = self.map.advise_range(memmap2::Advice::WillNeed, at, len);
+                }
+            }
+            self.entry_at(i)
+        })
+    }
 }
+
+/// Bytes of a table asked for ahead of a reader that reads it beside many others.
+const PREFETCH_BYTES: usize = 256 << 10;
 
 /// Writes a table to `path` (through a temporary name and a rename, so that readers see the
 /// whole table or none). `entries` must be sorted by id without duplicates, and name only packs
