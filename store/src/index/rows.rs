@@ -74,14 +74,10 @@ impl Rows {
             .map(|i| i as u64)
     }
 
-    /// The rows of `ids`, which must be sorted: `f(i, row)` for each in turn, reading the
-    /// table front to back once (see [`Table::positions_sorted`]); far faster than one
-    /// [`row`](Self::row) each for a snapshot's worth of ids.
-    pub fn rows_sorted(&self, ids: &[ChunkId], f: impl FnMut(usize, Option<u64>)) {
-        self.rows_sorted_by(ids, |id| id, f)
-    }
-
-    /// [`rows_sorted`](Self::rows_sorted) of items that carry an id (`id_of`), sorted by it.
+    /// The rows of `items`, which carry an id (`id_of`) and must be sorted by it: `f(i, row)`
+    /// for each in turn, reading the table front to back once (see
+    /// [`Table::positions_sorted_by`]); far faster than one [`row`](Self::row) each for a
+    /// snapshot's worth of ids.
     pub fn rows_sorted_by<'a, T>(
         &self,
         items: &'a [T],

@@ -375,7 +375,7 @@ fn rows_number_every_blob_once_in_the_table_and_the_overlay() {
     ids.push(reader.blob_id(b"never stored"));
     ids.sort();
     let mut batch = Vec::new();
-    rows.rows_sorted(&ids, |i, row| batch.push((i, row)));
+    rows.rows_sorted_by(&ids, |id| id, |i, row| batch.push((i, row)));
     let one_by_one: Vec<_> = ids
         .iter()
         .enumerate()
