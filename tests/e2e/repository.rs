@@ -3,7 +3,7 @@
 //! fails, and a crash or an I/O error at every single repository operation of backup and prune.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use crate::common::*;
@@ -48,6 +48,49 @@ fn many_packs_under_a_low_open_file_limit() {
     let r = run_limited(&env, 40, &["restore", "latest", out.to_str().unwrap()]);
     assert_eq!(r.code, 0, "restore under ulimit -n 40: {}", r.stderr);
     assert_same(&src, &out);
+}
+
+/// A table built by an older sbk is replaced with a notice that says so; one of a newer sbk
+/// sharing the cache is left alone (and not used).
+#[test]
+fn cache_tables_of_other_versions() {
+    let env = Env::new();
+    let src = env.path("img");
+    std::fs::write(&src, random(3 << 20, 44)).unwrap();
+    env.backup(&src, &[]);
+    env.backup(&src, &[]);
+    let tables = || -> Vec<PathBuf> {
+        files_below(&env.cache())
+            .into_iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "tbl"))
+            .collect()
+    };
+    let table = tables().pop().expect("the cache holds a table");
+    let with_version = |v: u32, to: &Path| {
+        let mut bytes = std::fs::read(&table).unwrap();
+        bytes[8..12].copy_from_slice(&v.to_le_bytes());
+        std::fs::write(to, bytes).unwrap();
+    };
+    let version =
+        |t: &Path| u32::from_le_bytes(std::fs::read(t).unwrap()[8..12].try_into().unwrap());
+    with_version(2, &table);
+    let r = env.run(&["backup", src.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("built by an older sbk (table version 2)"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(tables(), vec![table.clone()]);
+    assert_eq!(version(&table), 3, "rebuilt in the current version");
+    // A newer sbk names its tables by its own version: beside this one's.
+    let newer = table.with_file_name("0123456789abcdef0123456789abcdef.tbl");
+    with_version(1000, &newer);
+    let r = env.run(&["backup", src.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains("index cache"), "{}", r.stderr);
+    assert_eq!(version(&newer), 1000, "a newer sbk's table is kept");
+    assert_eq!(version(&table), 3);
 }
 
 #[test]

@@ -21,13 +21,14 @@ use std::sync::{Arc, RwLock};
 
 use crate::backend::{Backend, Kind};
 use crate::crypto::Crypto;
+use crate::error::DecodeError;
 use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, IndexId, PackId};
 use crate::pack::PackEntry;
 use file::IndexFile;
 use fold::{damaged_table, Runs};
 use rows::Rows;
-use table::{Table, TableError};
+use table::{Table, TableError, TABLE_VERSION};
 
 /// Where a blob lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +123,9 @@ pub(crate) fn make_private_dir(dir: &Path) -> std::io::Result<()> {
 
 fn table_name(files: &BTreeSet<IndexId>) -> String {
     let mut h = blake3::Hasher::new();
+    // The version first: an sbk of another version sharing the cache never replaces this
+    // process's table under its name, nor this one its.
+    h.update(&TABLE_VERSION.to_le_bytes());
     for f in files {
         h.update(&f.0);
     }
@@ -221,6 +225,16 @@ impl Index {
                 }
                 Ok(_) => {
                     stale += 1;
+                    let _ = std::fs::remove_file(&path);
+                }
+                // A table of a newer sbk sharing this cache is left to it; an older one is
+                // replaced, as the format it was built in is no longer read.
+                Err(TableError::Bad(DecodeError::UnsupportedVersion(v))) if v > TABLE_VERSION => {}
+                Err(TableError::Bad(DecodeError::UnsupportedVersion(v))) => {
+                    report.notices.push(format!(
+                        "index cache: {} was built by an older sbk (table version {v}); rebuilding it",
+                        path.display()
+                    ));
                     let _ = std::fs::remove_file(&path);
                 }
                 Err(TableError::Bad(e)) => {

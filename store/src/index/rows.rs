@@ -227,32 +227,6 @@ impl RowBits {
             .sum()
     }
 
-    /// The bits as bytes (bit r is bit r % 8 of byte r / 8), handed to `f` `chunk` bytes at a
-    /// time (the last piece may be shorter): how an array built here is written out.
-    pub fn for_each_bytes(
-        &self,
-        chunk: usize,
-        mut f: impl FnMut(&[u8]) -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
-        let total = usize::try_from(self.len.div_ceil(8)).map_err(std::io::Error::other)?;
-        let chunk = chunk.max(1);
-        match &self.words {
-            // Words are stored little-endian: the mapping's bytes are the bytes wanted.
-            Words::Mapped { map, .. } => map[..total].chunks(chunk).try_for_each(f),
-            Words::Heap(words) => {
-                let mut buf = Vec::with_capacity(chunk);
-                for at in (0..total).step_by(chunk) {
-                    buf.clear();
-                    buf.extend(
-                        (at..total.min(at + chunk)).map(|k| (words[k / 8] >> (k % 8 * 8)) as u8),
-                    );
-                    f(&buf)?;
-                }
-                Ok(())
-            }
-        }
-    }
-
     /// Whether this array lives in a scratch file.
     pub fn is_mapped(&self) -> bool {
         matches!(self.words, Words::Mapped { .. })
@@ -262,39 +236,6 @@ impl RowBits {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Heap and mapped arrays give the same bytes, bit r in bit r % 8 of byte r / 8.
-    #[test]
-    fn bytes_of_heap_and_mapped_arrays_agree() {
-        let dir = tempfile::tempdir().unwrap();
-        let len = 70_001u64;
-        let mut heap = RowBits::new(len, dir.path()).unwrap();
-        let mut mapped = RowBits::mapped(len, dir.path()).unwrap();
-        assert!(!heap.is_mapped() && mapped.is_mapped());
-        let rows: Vec<u64> = (0..len).filter(|r| r % 7 == 3 || r % 13 == 0).collect();
-        for &r in &rows {
-            heap.set(r);
-            mapped.set(r);
-        }
-        let bytes = |b: &RowBits, chunk| {
-            let mut out = Vec::new();
-            b.for_each_bytes(chunk, |c| {
-                assert!(c.len() <= chunk);
-                out.extend_from_slice(c);
-                Ok(())
-            })
-            .unwrap();
-            out
-        };
-        let want = bytes(&heap, 1000);
-        assert_eq!(want.len() as u64, len.div_ceil(8));
-        assert_eq!(bytes(&mapped, 1000), want);
-        assert_eq!(bytes(&heap, 3), want);
-        for r in 0..len {
-            let set = want[(r / 8) as usize] & (1 << (r % 8)) != 0;
-            assert_eq!(set, rows.binary_search(&r).is_ok(), "row {r}");
-        }
-    }
 
     #[test]
     fn bits_past_two_to_the_32_in_a_sparse_scratch_file() {

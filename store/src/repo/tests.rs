@@ -387,18 +387,9 @@ fn rows_number_every_blob_once_in_the_table_and_the_overlay() {
 
 #[test]
 fn large_and_many_index_files_reach_the_table_through_sorted_runs_and_every_blob_is_found() {
-    use crate::blob::Compression;
     let (mem, writer) = unencrypted();
     // One file above the fold threshold (as prune and repair write them), one small one that
     // names a blob of the large one again, in another pack.
-    let entry = |i: u32| PackEntry {
-        id: ChunkId(*blake3::hash(&i.to_le_bytes()).as_bytes()),
-        kind: BlobKind::Data,
-        compression: Compression::None,
-        offset: 16 + u64::from(i % 1000) * 100,
-        stored_len: 100,
-        raw_len: 100,
-    };
     let (big, small) = (PackId([1; 16]), PackId([2; 16]));
     let n = 70_000u32;
     writer
@@ -438,9 +429,21 @@ fn large_and_many_index_files_reach_the_table_through_sorted_runs_and_every_blob
     }
 }
 
-#[test]
-fn a_table_block_damaged_under_a_reader_is_found_and_the_rows_rebuilt() {
-    use std::os::unix::fs::FileExt;
+/// Entry `i` of made-up index files: a blob of 100 bytes.
+fn entry(i: u32) -> PackEntry {
+    PackEntry {
+        id: ChunkId(*blake3::hash(&i.to_le_bytes()).as_bytes()),
+        kind: BlobKind::Data,
+        compression: crate::blob::Compression::None,
+        offset: 16 + u64::from(i % 1000) * 100,
+        stored_len: 100,
+        raw_len: 100,
+    }
+}
+
+/// A repository of 3000 small blobs, and a second handle on it whose cache holds a table of
+/// them.
+fn a_reader_with_a_table() -> (MemBackend, Repository, Repository, Vec<Vec<u8>>) {
     let (mem, writer) = unencrypted();
     let blobs: Vec<Vec<u8>> = (0..3000u32).map(|i| i.to_le_bytes().repeat(10)).collect();
     store(
@@ -448,23 +451,41 @@ fn a_table_block_damaged_under_a_reader_is_found_and_the_rows_rebuilt() {
         &blobs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
     );
     let reader = open(&mem, "").unwrap();
-    let dir = reader.index().unwrap().cache_dir().to_owned();
-    let table = std::fs::read_dir(&dir)
+    (mem, writer, reader, blobs)
+}
+
+/// The tables in a cache folder.
+fn cache_tables(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "tbl"))
-        .expect("a table");
-    // Bit rot in the first entry block, under the reader's mapping.
-    let at = crate::index::table::TABLE_HEADER_LEN as u64 + 32 + 16 + 100;
+        .filter(|p| p.extension().is_some_and(|e| e == "tbl"))
+        .collect()
+}
+
+/// Bit rot at byte `at` of a file, under any mapping of it.
+fn flip_bit(path: &std::path::Path, at: u64) {
+    use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(&table)
+        .open(path)
         .unwrap();
     let mut byte = [0u8];
     f.read_exact_at(&mut byte, at).unwrap();
     f.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
-    drop(f);
+}
+
+#[test]
+fn a_table_block_damaged_under_a_reader_is_found_and_the_rows_rebuilt() {
+    let (_mem, _writer, reader, blobs) = a_reader_with_a_table();
+    let dir = reader.index().unwrap().cache_dir().to_owned();
+    let table = cache_tables(&dir).pop().expect("a table");
+    // Bit rot in the first entry block, under the reader's mapping.
+    flip_bit(
+        &table,
+        crate::index::table::TABLE_HEADER_LEN as u64 + 32 + 16 + 100,
+    );
     // A whole-repository pass checks every block first, finds the damage, and rebuilds the
     // cache.
     assert!(reader.index().unwrap().rows().is_none());
@@ -475,6 +496,55 @@ fn a_table_block_damaged_under_a_reader_is_found_and_the_rows_rebuilt() {
         let id = reader.blob_id(raw);
         assert_eq!(rows.entry(rows.row(&id).unwrap()).unwrap().entry.id, id);
         assert!(reader.locate(&id).is_ok());
+    }
+}
+
+/// A fold over a table with a damaged entry block (found by the merge itself, which no longer
+/// reads the table twice) writes no table that claims the damaged one's index files; the cache
+/// is rebuilt and every blob found.
+#[test]
+fn a_fold_over_a_damaged_table_leaves_no_table_short_of_entries() {
+    let (_mem, writer, reader, blobs) = a_reader_with_a_table();
+    let dir = reader.index().unwrap().cache_dir().to_owned();
+    let table = cache_tables(&dir).pop().expect("a table");
+    let (header, old_files) = crate::index::table::Table::peek(&table).unwrap();
+    // Inside the second entry block, so that the first one's entries still go by.
+    flip_bit(
+        &table,
+        crate::index::table::TABLE_HEADER_LEN as u64
+            + 32 * u64::from(header.files)
+            + 16 * u64::from(header.packs)
+            + 56 * 1500,
+    );
+    // An index file large enough to be folded at once.
+    let n = 70_000u32;
+    writer
+        .write_index_file(vec![(PackId([1; 16]), (0..n).map(entry).collect())])
+        .unwrap();
+    let report = reader.refresh_index().unwrap();
+    assert!(
+        report.notices.iter().any(|n| n.contains("rebuilding")),
+        "{:?}",
+        report.notices
+    );
+    for t in cache_tables(&dir) {
+        let t = crate::index::table::Table::open(&t).unwrap();
+        assert!(t.check_all(), "a table left in the cache is sound");
+        if old_files.iter().all(|f| t.files().any(|g| g == *f)) {
+            for raw in &blobs {
+                assert!(
+                    t.get(&reader.blob_id(raw)).is_some(),
+                    "a claimed blob is missing"
+                );
+            }
+        }
+    }
+    reader.refresh_index().unwrap();
+    for raw in &blobs {
+        assert!(reader.locate(&reader.blob_id(raw)).is_ok());
+    }
+    for i in (0..n).step_by(999) {
+        assert_eq!(reader.locate(&entry(i).id).unwrap().entry, entry(i));
     }
 }
 
