@@ -31,8 +31,28 @@ pub fn from_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
 macro_rules! hex_id {
     ($(#[$doc:meta])* $name:ident, $len:expr) => {
         $(#[$doc])*
-        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[derive(Clone, Copy, PartialEq, Eq, Hash)]
         pub struct $name(pub [u8; $len]);
+
+        /// The order of the bytes. The first eight, read as a big-endian number, order ids as
+        /// their bytes do and settle nearly every comparison of two keyed hashes without a
+        /// call to memcmp: sorting and merging 10^8 ids spent a fifth of their time in it.
+        impl Ord for $name {
+            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+                let head = |id: &Self| {
+                    u64::from_be_bytes(id.0[..8].try_into().expect("ids are longer than 8 bytes"))
+                };
+                head(self)
+                    .cmp(&head(other))
+                    .then_with(|| self.0.cmp(&other.0))
+            }
+        }
+
+        impl PartialOrd for $name {
+            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(other))
+            }
+        }
 
         impl $name {
             /// Length of the id in bytes.
@@ -115,5 +135,18 @@ mod tests {
         assert!("zz".parse::<PackId>().is_err());
         assert!("ab".repeat(15).parse::<PackId>().is_err());
         assert_eq!(from_hex::<2>("00fF"), Some([0, 255]));
+    }
+
+    proptest::proptest! {
+        /// Ids compare as their bytes do, whichever byte first differs.
+        #[test]
+        fn ids_order_as_their_bytes(a: [u8; 32], b: [u8; 32], shared in 0usize..=32) {
+            let mut b = b;
+            b[..shared].copy_from_slice(&a[..shared]);
+            proptest::prop_assert_eq!(ChunkId(a).cmp(&ChunkId(b)), a.cmp(&b));
+            proptest::prop_assert_eq!(ChunkId(b).cmp(&ChunkId(a)), b.cmp(&a));
+            let (p, q): ([u8; 16], [u8; 16]) = (a[..16].try_into().unwrap(), b[..16].try_into().unwrap());
+            proptest::prop_assert_eq!(PackId(p).partial_cmp(&PackId(q)), Some(p.cmp(&q)));
+        }
     }
 }

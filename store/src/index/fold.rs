@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use super::table::{write_table, Table};
+use super::table::{encode_entry, pack_number, renumber, write_table, EntryBytes, Table};
 use super::{table_name, Index, IndexEntry, State};
 use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, IndexId, PackId};
@@ -33,7 +33,7 @@ impl Index {
             &packs,
             runs.entries
                 .iter()
-                .map(|e| (e.entry.id, number(&e.pack), e.entry)),
+                .map(|e| encode_entry(number(&e.pack), &e.entry)),
             runs.entries.len() as u64,
         )
         .map_err(|e| StoreError::io(&path, e))?;
@@ -106,17 +106,15 @@ impl Index {
             + incoming.len()
             + runs.iter().map(|r| r.len()).sum::<usize>();
         // Of a blob stored twice, the first source's copy is kept: the old table, the overlay,
-        // the incoming entries, then the runs in order.
-        let mut sources: Vec<Box<dyn Iterator<Item = IndexEntry> + '_>> = Vec::new();
-        if let Some(t) = old {
-            sources.push(Box::new(t.iter()));
-        }
-        sources.push(Box::new(overlay.iter().copied()));
-        sources.push(Box::new(incoming.iter().copied()));
-        for r in runs {
-            sources.push(Box::new(r.iter_side_by_side()));
-        }
-        let merged = merge_sorted(sources).map(|e| (e.entry.id, number[&e.pack], e.entry));
+        // the incoming entries, then the runs in order. Tables' entries go through as bytes,
+        // with their pack numbers mapped to the new table's (at 10^8 entries, decoding each,
+        // looking its pack up in a hash map and encoding it again was most of a rebuild).
+        let mut inputs = Vec::new();
+        inputs.extend(old.map(|t| table_input(t, &number)));
+        inputs.push(memory_input(&overlay, &number));
+        inputs.push(memory_input(incoming, &number));
+        inputs.extend(runs.iter().map(|r| table_input(r, &number)));
+        let merged = merge_sorted(inputs);
         let files_vec: Vec<IndexId> = files.iter().copied().collect();
         let path = self.dir.join(table_name(&files));
         write_table(
@@ -175,51 +173,66 @@ impl Index {
     }
 }
 
-/// Merges id-sorted entry streams into one, keeping of equal ids the one of the earliest
-/// stream.
-fn merge_sorted<'a>(
-    sources: Vec<Box<dyn Iterator<Item = IndexEntry> + 'a>>,
-) -> impl Iterator<Item = IndexEntry> + 'a {
+/// One id-sorted input of a merge: entries' bytes, numbered for the new table.
+type Input<'a> = Box<dyn Iterator<Item = EntryBytes> + 'a>;
+
+/// A table's entries as an input, with their pack numbers mapped by `number` to the new
+/// table's.
+fn table_input<'a>(t: &'a Table, number: &HashMap<PackId, u32>) -> Input<'a> {
+    let packs: Vec<u32> = t.packs().iter().map(|p| number[p]).collect();
+    Box::new(t.raw_side_by_side().map(move |raw| {
+        let mut b: EntryBytes = raw.try_into().expect("entries are whole");
+        // In range: a block's pack numbers are checked with its hash.
+        let pack = packs[pack_number(&b) as usize];
+        renumber(&mut b, pack);
+        b
+    }))
+}
+
+/// Entries in memory as an input, numbered by `number`.
+fn memory_input<'a>(entries: &'a [IndexEntry], number: &'a HashMap<PackId, u32>) -> Input<'a> {
+    Box::new(
+        entries
+            .iter()
+            .map(move |e| encode_entry(number[&e.pack], &e.entry)),
+    )
+}
+
+/// Merges id-sorted inputs into one, keeping of equal ids the entry of the earliest input.
+fn merge_sorted(mut inputs: Vec<Input<'_>>) -> impl Iterator<Item = EntryBytes> + '_ {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
-    let mut sources = sources;
-    let mut heap = BinaryHeap::new();
-    for (i, s) in sources.iter_mut().enumerate() {
-        if let Some(e) = s.next() {
-            heap.push(Reverse((e.entry.id, i, HeapEntry(e))));
+    let key = |e: &EntryBytes, input: usize| {
+        Reverse((ChunkId(e[..32].try_into().expect("an id")), input))
+    };
+    let mut heads = vec![[0u8; super::table::TABLE_ENTRY_LEN]; inputs.len()];
+    let mut heap = BinaryHeap::with_capacity(inputs.len());
+    for (i, input) in inputs.iter_mut().enumerate() {
+        if let Some(e) = input.next() {
+            heads[i] = e;
+            heap.push(key(&e, i));
         }
     }
     let mut last: Option<ChunkId> = None;
     std::iter::from_fn(move || loop {
-        let Reverse((id, i, HeapEntry(e))) = heap.pop()?;
-        if let Some(n) = sources[i].next() {
-            heap.push(Reverse((n.entry.id, i, HeapEntry(n))));
+        let mut top = heap.peek_mut()?;
+        let Reverse((id, i)) = *top;
+        let e = heads[i];
+        // The input's next entry takes its place at the top, and sinks once.
+        match inputs[i].next() {
+            Some(next) => {
+                heads[i] = next;
+                *top = key(&next, i);
+            }
+            None => {
+                std::collections::binary_heap::PeekMut::pop(top);
+            }
         }
         if last != Some(id) {
             last = Some(id);
             return Some(e);
         }
     })
-}
-
-/// An entry carried in the merge heap, ordered by nothing (the id and source before it order).
-struct HeapEntry(IndexEntry);
-
-impl PartialEq for HeapEntry {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-impl Eq for HeapEntry {}
-impl PartialOrd for HeapEntry {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for HeapEntry {
-    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
-        std::cmp::Ordering::Equal
-    }
 }
 
 /// What [`Index::fold`] calls a table (or run) that failed its block checks.

@@ -132,12 +132,12 @@ impl TableHeader {
 /// id's first eight bytes scaled to the block count, so it grows with the id: a table written
 /// in id order writes its filter front to back, where a block picked at random dirtied every
 /// page of a 125 MB filter again and again (119 GB of writeback in a cold 10^8 rebuild).
-fn probes(id: &ChunkId, blocks: u64) -> (usize, [u16; 6]) {
-    let prefix = u64::from_be_bytes(id.0[..8].try_into().expect("eight bytes"));
+fn probes(id: &[u8], blocks: u64) -> (usize, [u16; 6]) {
+    let prefix = u64::from_be_bytes(id[..8].try_into().expect("eight bytes"));
     let b = ((u128::from(prefix) * u128::from(blocks)) >> 64) as u64;
     let mut bits = [0u16; 6];
     for (i, bit) in bits.iter_mut().enumerate() {
-        *bit = u16::from_le_bytes([id.0[8 + 2 * i], id.0[9 + 2 * i]]) & 511;
+        *bit = u16::from_le_bytes([id[8 + 2 * i], id[9 + 2 * i]]) & 511;
     }
     (b as usize, bits)
 }
@@ -147,17 +147,30 @@ pub fn blocks_for(entries: u64) -> u64 {
     (entries * BITS_PER_ENTRY).div_ceil(BLOCK as u64 * 8).max(1)
 }
 
-fn encode_entry(id: &ChunkId, pack: u32, e: &PackEntry, out: &mut Vec<u8>) {
-    let mut enc = Encoder::default();
-    enc.bytes(&id.0)
-        .u32(pack)
-        .u8(e.kind as u8)
-        .u8(e.compression as u8)
-        .u16(0)
-        .u64(e.offset)
-        .u32(e.stored_len)
-        .u32(e.raw_len);
-    out.extend_from_slice(&enc.buf);
+/// The bytes of a table entry.
+pub type EntryBytes = [u8; TABLE_ENTRY_LEN];
+
+/// A blob's entry in a table whose pack number `pack` is its pack.
+pub fn encode_entry(pack: u32, e: &PackEntry) -> EntryBytes {
+    let mut b = [0u8; TABLE_ENTRY_LEN];
+    b[..32].copy_from_slice(&e.id.0);
+    b[32..36].copy_from_slice(&pack.to_le_bytes());
+    b[36] = e.kind as u8;
+    b[37] = e.compression as u8;
+    b[40..48].copy_from_slice(&e.offset.to_le_bytes());
+    b[48..52].copy_from_slice(&e.stored_len.to_le_bytes());
+    b[52..56].copy_from_slice(&e.raw_len.to_le_bytes());
+    b
+}
+
+/// Gives an entry's bytes pack number `pack` (of another table).
+pub fn renumber(b: &mut EntryBytes, pack: u32) {
+    b[32..36].copy_from_slice(&pack.to_le_bytes());
+}
+
+/// An entry's pack number.
+pub fn pack_number(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b[32..36].try_into().expect("an entry"))
 }
 
 /// An open table: its directory checked, its blocks checked as they are touched.
@@ -385,7 +398,7 @@ impl Table {
     }
 
     /// Entry `i`'s bytes, once its block is checked (`None`: the block is damaged).
-    fn raw(&self, i: usize) -> Option<&[u8]> {
+    pub fn raw(&self, i: usize) -> Option<&[u8]> {
         if !self.check_unit(i as u64 / CHECK_UNIT) {
             return None;
         }
@@ -420,7 +433,7 @@ impl Table {
     /// True when the filter says `id` may be in the table (false: it certainly is not). A
     /// damaged filter group says "may": the entries, checked themselves, decide.
     fn may_contain(&self, id: &ChunkId) -> bool {
-        let (block, bits) = probes(id, self.header.blocks);
+        let (block, bits) = probes(&id.0, self.header.blocks);
         let unit = self.header.entries.div_ceil(CHECK_UNIT) + block as u64 / CHECK_UNIT;
         if !self.check_unit(unit) {
             return true;
@@ -519,12 +532,13 @@ impl Table {
         (0..self.len()).filter_map(|i| self.entry_at(i))
     }
 
-    /// [`Table::iter`] for one of many tables read side by side (a merge of sorted runs): the
-    /// kernel's own readahead is turned off for this mapping, and each window of
-    /// [`PREFETCH_BYTES`] and the one after it are asked for as the reader reaches it. With the kernel's readahead (8 MiB a stream
-    /// on some machines) a merge of 190 runs at 10^8 chunks under a 256 MiB limit evicted
-    /// pages before they were read: 800 GB read for 6 GB of runs.
-    pub fn iter_side_by_side(&self) -> impl Iterator<Item = IndexEntry> + '_ {
+    /// Every entry's bytes, in id order (those of damaged blocks left out), for one of many
+    /// tables read side by side (a merge of sorted runs): the kernel's own readahead is turned
+    /// off for this mapping, and each window of [`PREFETCH_BYTES`] and the one after it are
+    /// asked for as the reader reaches it. With the kernel's readahead (8 MiB a stream on some
+    /// machines) a merge of 190 runs at 10^8 chunks under a 256 MiB limit evicted pages before
+    /// they were read: 800 GB read for 6 GB of runs.
+    pub fn raw_side_by_side(&self) -> impl Iterator<Item = &[u8]> + '_ {
         // Advice only: a mapping that ignores it is read as before.
         let _ = self.map.advise(memmap2::Advice::Random);
         let window = (PREFETCH_BYTES / TABLE_ENTRY_LEN).max(1);
@@ -538,7 +552,7 @@ impl Table {
                     let _ = self.map.advise_range(memmap2::Advice::WillNeed, at, len);
                 }
             }
-            self.entry_at(i)
+            self.raw(i)
         })
     }
 }
@@ -570,8 +584,8 @@ impl FilterWriter {
         })
     }
 
-    /// Sets `id`'s bits; ids must come in ascending order.
-    fn add(&mut self, id: &ChunkId) -> std::io::Result<()> {
+    /// Sets the bits of the id `id`; ids must come in ascending order.
+    fn add(&mut self, id: &[u8]) -> std::io::Result<()> {
         let (block, bits) = probes(id, self.blocks);
         let block = block as u64;
         if block < self.at {
@@ -622,14 +636,15 @@ impl FilterWriter {
 
 /// Writes a table to `path` (through a temporary name and a rename, so that readers see the
 /// whole table or none). `entries` must be sorted by id without duplicates, and name only packs
-/// in `packs`; `max_entries` bounds their number (it sizes the filter).
+/// in `packs` (by their number in it: [`encode_entry`]); `max_entries` bounds their number (it
+/// sizes the filter).
 pub fn write_table(
     path: &Path,
     repo_id: [u8; 16],
     config_hash: [u8; 32],
     files: &[IndexId],
     packs: &[PackId],
-    entries: impl Iterator<Item = (ChunkId, u32, PackEntry)>,
+    entries: impl Iterator<Item = EntryBytes>,
     max_entries: u64,
 ) -> std::io::Result<()> {
     let dir = path.parent().expect("tables live in a directory");
@@ -655,22 +670,25 @@ pub fn write_table(
         let mut filter = FilterWriter::new(blocks, dir)?;
         let mut count = 0u64;
         let mut hashes = Vec::new();
-        let mut unit = blake3::Hasher::new();
-        let mut buf = Vec::with_capacity(TABLE_ENTRY_LEN);
-        for (id, pack, e) in entries {
-            buf.clear();
-            encode_entry(&id, pack, &e, &mut buf);
-            out.write_all(&buf)?;
-            unit.update(&buf);
-            filter.add(&id)?;
+        // A whole checked unit is hashed at once: BLAKE3 hashes 56 KiB with all its SIMD lanes,
+        // 56 bytes at a time with one.
+        let mut unit = Vec::with_capacity(CHECK_UNIT as usize * TABLE_ENTRY_LEN);
+        let mut end_unit = |unit: &mut Vec<u8>, out: &mut BufWriter<File>| {
+            hashes.push(*blake3::hash(unit).as_bytes());
+            let written = out.write_all(unit);
+            unit.clear();
+            written
+        };
+        for e in entries {
+            filter.add(&e[..32])?;
+            unit.extend_from_slice(&e);
             count += 1;
             if count.is_multiple_of(CHECK_UNIT) {
-                hashes.push(*unit.finalize().as_bytes());
-                unit.reset();
+                end_unit(&mut unit, &mut out)?;
             }
         }
-        if !count.is_multiple_of(CHECK_UNIT) {
-            hashes.push(*unit.finalize().as_bytes());
+        if !unit.is_empty() {
+            end_unit(&mut unit, &mut out)?;
         }
         filter.finish(|group| {
             out.write_all(group)?;
@@ -737,7 +755,7 @@ mod tests {
                 [8; 32],
                 &[],
                 &[PackId([1; 16])],
-                ids.iter().map(|id| (*id, 0, entry(*id, 0))),
+                ids.iter().map(|id| encode_entry(0, &entry(*id, 0))),
                 250_000,
             )
         };
@@ -772,7 +790,7 @@ mod tests {
             &packs,
             ids.iter()
                 .enumerate()
-                .map(|(i, id)| (*id, (i % 2) as u32, entry(*id, 16 + i as u64))),
+                .map(|(i, id)| encode_entry((i % 2) as u32, &entry(*id, 16 + i as u64))),
             ids.len() as u64,
         )
         .unwrap();
