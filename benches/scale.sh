@@ -3,6 +3,9 @@
 #   KEEP=DIR bash benches/scale.sh CHUNKS       (the repository in DIR is kept, and reused)
 #   ONLY="verify stats" bash benches/scale.sh CHUNKS       (only the commands named)
 #   SBK=/path/to/sbk bash benches/scale.sh CHUNKS           (another build of sbk)
+#   PAIRED=3 ONLY=none bash benches/scale.sh CHUNKS      (only the paired backups: PAIRED pairs of
+#                                           backups of a new PAIRED_MIB image, default 2048, into an
+#                                           empty repository and into this one; the median ratio)
 #   S3=1 bash benches/scale.sh CHUNKS      (the repositories on SeaweedFS on loopback, started
 #                                           here; each line adds the command's S3 requests)
 # Issue 19's figures: a scale-repo repository of CHUNKS distinct chunks (unencrypted, for the
@@ -66,8 +69,9 @@ failed=0
 # limited NAME CMD...: runs CMD inside the cgroup, stdout to $w/NAME.out, and prints its figures.
 limited() {
   local name=$1; shift
-  if [ -n "${ONLY:-}" ] && ! [[ " $ONLY " == *" $name "* ]]; then return 0; fi
+  if [ -n "${ONLY:-}" ] && [[ $name != paired-* ]] && ! [[ " $ONLY " == *" $name "* ]]; then return 0; fi
   local t0 t1 pid rc=0 anon=0 hwm=0 a h
+  seconds=0
   t0=$(date +%s.%N)
   sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$cg" "$@" > "$w/$name.out" 2> "$w/$name.err" &
   pid=$!
@@ -80,8 +84,9 @@ limited() {
   done
   wait $pid || rc=$?
   t1=$(date +%s.%N)
+  seconds=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
   printf '%-28s %-6s %8.2f s %6d MiB peak RSS %6d MiB peak anon\n' "$name" \
-    "$([ $rc = 0 ] && echo ok || echo "rc=$rc")" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" $((hwm / 1024)) $((anon / 1024))
+    "$([ $rc = 0 ] && echo ok || echo "rc=$rc")" "$seconds" $((hwm / 1024)) $((anon / 1024))
   # SBK_S3_STATS makes sbk print its S3 requests on stderr, last.
   grep -h '^sbk: s3 requests' "$w/$name.err" | tail -1 | sed 's/^sbk: /    /' || true
   if [ $rc != 0 ]; then
@@ -124,6 +129,23 @@ sync
 limited backup-new $sbk backup -q --threads 2 --repo $repo $w/new.img
 limited backup-unchanged $sbk backup -q --threads 2 --repo $repo $w/new.img
 rm -f $w/new.img
+# Issue 19: a backup into this repository at >= 0.9x the throughput of the same backup into an
+# empty one. Each pair backs up a new image (new chunks for both), the empty repository first.
+if [ -n "${PAIRED:-}" ]; then
+  ratios=""
+  for i in $(seq "$PAIRED"); do
+    head -c $((${PAIRED_MIB:-2048} << 20)) /dev/urandom > $w/pair.img
+    sync
+    rm -rf $w/empty
+    $sbk init -q --encryption none --repo $w/empty
+    limited paired-empty-$i $sbk backup -q --threads 2 --repo $w/empty $w/pair.img
+    empty_s=$seconds
+    limited paired-full-$i $sbk backup -q --threads 2 --repo $repo $w/pair.img
+    ratios="$ratios $(awk -v e="$empty_s" -v f="$seconds" 'BEGIN { printf "%.3f", e / f }')"
+  done
+  rm -rf $w/empty $w/pair.img
+  echo "paired: throughput into this repository / into an empty one:$ratios; median $(echo $ratios | tr ' ' '\n' | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')"
+fi
 limited snapshots $sbk snapshots --repo $repo --json
 sample=$($sbk snapshots --repo $repo --json | python3 -c 'import json,sys; s=[x for x in json.load(sys.stdin) if x["tags"]]; print(s[len(s)//2]["id"])')
 limited restore $sbk restore -q --repo $repo "$sample" $w/restored.img

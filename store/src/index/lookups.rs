@@ -163,8 +163,9 @@ impl<'r> Lookups<'r> {
             }
             let mut left = part.records;
             while left > 0 {
-                let batch = read_records(&mut reader, left.min(self.run as u64)).map_err(io)?;
+                let mut batch = read_records(&mut reader, left.min(self.run as u64)).map_err(io)?;
                 left -= batch.len() as u64;
+                batch.sort_unstable();
                 write_partitioned(&batch, bits, SPLIT_BITS, &mut subs).map_err(io)?;
             }
             drop(reader);
@@ -196,28 +197,33 @@ fn sort_dedup(records: &mut Vec<Record>, one_per_id: bool) {
     }
 }
 
-/// Appends `records` to the files of their partitions (`bits` prefix bits after the first
-/// `from`), a large write(2) at a time.
+/// Appends `records`, sorted by id, to the files of their partitions (`bits` prefix bits after
+/// the first `from`), a large write(2) at a time. Sorted, each partition's records are one
+/// stretch of them, written through one buffer: a buffer per partition held the whole run a
+/// second time (40 MiB more at 10^8 chunks, where verify peaked at 223 MiB in 256).
 fn write_partitioned(
     records: &[Record],
     from: u32,
     bits: u32,
     parts: &mut [Spill],
 ) -> std::io::Result<()> {
-    let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); parts.len()];
-    for r in records {
-        let p = partition(&r.0, from, bits);
-        let b = &mut bufs[p];
-        b.extend_from_slice(&r.0 .0);
-        b.extend_from_slice(&r.1.to_le_bytes());
-        parts[p].records += 1;
-        if b.len() >= WRITE_BYTES {
-            parts[p].file.write_all(b)?;
-            b.clear();
+    debug_assert!(records.is_sorted());
+    let mut buf = Vec::with_capacity(WRITE_BYTES);
+    let mut rest = records;
+    while let Some(first) = rest.first() {
+        let p = partition(&first.0, from, bits);
+        let len = rest.partition_point(|r| partition(&r.0, from, bits) == p);
+        let (stretch, after) = rest.split_at(len);
+        for piece in stretch.chunks(WRITE_BYTES / RECORD_LEN) {
+            buf.clear();
+            for (id, tag) in piece {
+                buf.extend_from_slice(&id.0);
+                buf.extend_from_slice(&tag.to_le_bytes());
+            }
+            parts[p].file.write_all(&buf)?;
         }
-    }
-    for (b, part) in bufs.iter().zip(parts.iter_mut()) {
-        part.file.write_all(b)?;
+        parts[p].records += len as u64;
+        rest = after;
     }
     Ok(())
 }
