@@ -37,7 +37,7 @@ pub(super) fn execute(
     crate::interrupt::check()?;
     // 1. The blobs that stay, copied into new packs (durable, and named by the packer's own
     //    index file).
-    let packer = Packer::new(repo);
+    let packer = Packer::replaced(repo);
     copy_live(&packer, repo, plan, files, live, progress)?;
     let new_files = packer.index_files();
 
