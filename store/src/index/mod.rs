@@ -9,6 +9,7 @@
 //! one that is missing, damaged or stale is rebuilt from the index files with a notice.
 
 pub mod file;
+mod filter;
 mod fold;
 pub mod lookups;
 pub mod rows;

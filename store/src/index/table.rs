@@ -24,6 +24,7 @@ use crate::blob::{BlobKind, Compression};
 use crate::codec::{invalid, Decoder, Encoder};
 use crate::error::DecodeError;
 use crate::id::{ChunkId, IndexId, PackId};
+use crate::index::filter::{blocks_for, probes, FilterWriter, BLOCK};
 use crate::index::IndexEntry;
 use crate::pack::PackEntry;
 
@@ -36,10 +37,6 @@ pub const TABLE_VERSION: u32 = 3;
 pub const TABLE_HEADER_LEN: usize = 136;
 /// Size of one entry.
 pub const TABLE_ENTRY_LEN: usize = 56;
-/// Bytes of one filter block (one cache line).
-const BLOCK: usize = 64;
-/// Filter bits per entry: about 1% false positives with six probes per 512-bit block.
-const BITS_PER_ENTRY: u64 = 10;
 /// Entries per checked block (56 KiB), and filter blocks per checked group (64 KiB).
 const CHECK_UNIT: u64 = 1024;
 
@@ -125,26 +122,6 @@ impl TableHeader {
             .checked_add(self.blocks.checked_mul(BLOCK as u64)?)?
             .checked_add(self.hashes().checked_mul(32)?)
     }
-}
-
-/// The filter block of an id and the six bits set in it. Ids are keyed hashes, uniformly
-/// distributed, so their bytes serve as the filter's hash values directly. The block is the
-/// id's first eight bytes scaled to the block count, so it grows with the id: a table written
-/// in id order writes its filter front to back, where a block picked at random dirtied every
-/// page of a 125 MB filter again and again (119 GB of writeback in a cold 10^8 rebuild).
-fn probes(id: &[u8], blocks: u64) -> (usize, [u16; 6]) {
-    let prefix = u64::from_be_bytes(id[..8].try_into().expect("eight bytes"));
-    let b = ((u128::from(prefix) * u128::from(blocks)) >> 64) as u64;
-    let mut bits = [0u16; 6];
-    for (i, bit) in bits.iter_mut().enumerate() {
-        *bit = u16::from_le_bytes([id[8 + 2 * i], id[9 + 2 * i]]) & 511;
-    }
-    (b as usize, bits)
-}
-
-/// Filter blocks for `entries` entries.
-pub fn blocks_for(entries: u64) -> u64 {
-    (entries * BITS_PER_ENTRY).div_ceil(BLOCK as u64 * 8).max(1)
 }
 
 /// The bytes of a table entry.
@@ -560,80 +537,6 @@ impl Table {
 /// Bytes of a table asked for ahead of a reader that reads it beside many others.
 const PREFETCH_BYTES: usize = 256 << 10;
 
-/// The Bloom filter of a table being written, built front to back as sorted ids arrive (their
-/// blocks never go back: see [`probes`]) in a scratch file, so that a cold rebuild holds one
-/// block in memory whatever the table's size (the filter is 125 MB at 10^8 entries), and its
-/// pages are written once, in order, with write(2): under a cgroup v1 limit a mapping's dirty
-/// pages would count against the command until written back.
-struct FilterWriter {
-    blocks: u64,
-    /// The block ids are being added to, and its bits.
-    at: u64,
-    block: [u8; BLOCK],
-    /// Blocks before `at`, written.
-    out: BufWriter<File>,
-}
-
-impl FilterWriter {
-    fn new(blocks: u64, scratch_dir: &Path) -> std::io::Result<FilterWriter> {
-        Ok(FilterWriter {
-            blocks,
-            at: 0,
-            block: [0; BLOCK],
-            out: BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(scratch_dir)?),
-        })
-    }
-
-    /// Sets the bits of the id `id`; ids must come in ascending order.
-    fn add(&mut self, id: &[u8]) -> std::io::Result<()> {
-        let (block, bits) = probes(id, self.blocks);
-        let block = block as u64;
-        if block < self.at {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "table entries out of id order",
-            ));
-        }
-        self.advance_to(block)?;
-        for bit in bits {
-            self.block[bit as usize / 8] |= 1 << (bit % 8);
-        }
-        Ok(())
-    }
-
-    /// Writes the current block and empty ones up to `block`, which becomes current.
-    fn advance_to(&mut self, block: u64) -> std::io::Result<()> {
-        if block > self.at {
-            self.out.write_all(&self.block)?;
-            for _ in self.at + 1..block {
-                self.out.write_all(&[0; BLOCK])?;
-            }
-            self.block = [0; BLOCK];
-            self.at = block;
-        }
-        Ok(())
-    }
-
-    /// Hands the whole filter to `f`, [`CHECK_UNIT`] blocks at a time (the last group may be
-    /// shorter).
-    fn finish(mut self, mut f: impl FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
-        self.advance_to(self.blocks)?;
-        let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
-        use std::io::Seek;
-        file.seek(std::io::SeekFrom::Start(0))?;
-        let mut group = vec![0u8; CHECK_UNIT as usize * BLOCK];
-        let mut left = self.blocks;
-        while left > 0 {
-            let n = left.min(CHECK_UNIT);
-            let bytes = &mut group[..n as usize * BLOCK];
-            file.read_exact(bytes)?;
-            f(bytes)?;
-            left -= n;
-        }
-        Ok(())
-    }
-}
-
 /// Writes a table to `path` (through a temporary name and a rename, so that readers see the
 /// whole table or none). `entries` must be sorted by id without duplicates, and name only packs
 /// in `packs` (by their number in it: [`encode_entry`]); `max_entries` bounds their number (it
@@ -690,7 +593,7 @@ pub fn write_table(
         if !unit.is_empty() {
             end_unit(&mut unit, &mut out)?;
         }
-        filter.finish(|group| {
+        filter.finish(CHECK_UNIT, |group| {
             out.write_all(group)?;
             hashes.push(*blake3::hash(group).as_bytes());
             Ok(())
