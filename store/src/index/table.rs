@@ -375,7 +375,7 @@ impl Table {
     }
 
     /// Entry `i`'s bytes, once its block is checked (`None`: the block is damaged).
-    pub fn raw(&self, i: usize) -> Option<&[u8]> {
+    fn raw(&self, i: usize) -> Option<&[u8]> {
         if !self.check_unit(i as u64 / CHECK_UNIT) {
             return None;
         }
