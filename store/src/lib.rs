@@ -39,7 +39,7 @@ pub use error::{DecodeError, Result, StoreError};
 pub use id::{ChunkId, IndexId, PackId, SnapshotId};
 pub use index::file::IndexFile;
 pub use index::lookups::{Lookups, Record};
-pub use index::rows::{RowBits, Rows};
+pub use index::rows::{RowBits, RowCounts, Rows};
 pub use index::{CacheLocation, Index, IndexEntry, IndexReport};
 pub use key::{Kdf, KdfParams, KeyObject};
 pub use key_file::KeyFile;

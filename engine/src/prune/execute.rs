@@ -8,11 +8,11 @@
 //! prune), index files naming a blob twice, or a marks object naming packs that are gone. A
 //! stop is honoured between steps: each leaves the repository as a crash there would.
 
-use sbk_store::{Lock, PackGone, PackId, Repository};
+use sbk_store::{Lock, PackGone, Repository};
 
 use super::liveness::Liveness;
 use super::marks::EarlierMarks;
-use super::plan::{kept, survivors, PrunePlan};
+use super::plan::{kept, survivors, PackAction, PrunePlan};
 use super::{PruneMode, PruneReport, RepoIndexFiles};
 use crate::error::Result;
 use crate::packer::Packer;
@@ -71,13 +71,9 @@ pub(super) fn execute(
 
     // 4. Only now packs are deleted, then the marks this run acted on, then the leftovers of
     //    interrupted writes that no live process can still be writing.
-    let repacked = plan.repack.iter().copied();
-    let doomed: Vec<(PackId, u64)> = if beside {
-        plan.delete.clone()
-    } else {
-        plan.delete.iter().copied().chain(repacked).collect()
-    };
-    for (pack, size) in doomed {
+    // Beside backups, repacked packs are marked, and a later run deletes them.
+    let repacked = plan.acting(PackAction::Repack).filter(|_| !beside);
+    for (pack, size) in plan.acting(PackAction::Delete).chain(repacked) {
         crate::interrupt::check()?;
         report.bytes_removed += repo.remove_pack(pack, size)?;
     }

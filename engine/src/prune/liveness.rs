@@ -4,9 +4,10 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use sbk_store::{Lookups, PackEntry, PackId, RowBits, Rows};
+use sbk_store::{Lookups, PackEntry, PackId, RowBits, RowCounts, Rows};
 
 use super::marks::EarlierMarks;
+use super::packs::Packs;
 use crate::error::{EngineError, Result};
 
 /// The index files prune reads, one at a time and in the same order on every pass: each as
@@ -56,11 +57,11 @@ fn rank(earlier: &EarlierMarks, p: &PackId) -> u8 {
 /// that all the copies of a blob come together; of those in existing packs, the first entry
 /// of the best rank is its home. Fails when a used blob is in no existing pack: the index files
 /// or the packs are damaged, and nothing may be deleted until that is repaired. Memory: a few
-/// bits per blob and per entry, a few words per pack an index file names, one run of lookups.
+/// bits per blob and per entry, two words per pack an index file names, one run of lookups.
 pub(crate) fn liveness(
     files: &dyn IndexFiles,
     used: &Used,
-    sizes: &HashMap<PackId, u64>,
+    packs: &Packs,
     earlier: &EarlierMarks,
     scratch: &Path,
 ) -> Result<Liveness> {
@@ -68,13 +69,32 @@ pub(crate) fn liveness(
     // Each pack of each file in pass order: its first entry's ordinal, whether it exists, its
     // rank.
     let mut spans: Vec<(u64, bool, u8)> = Vec::new();
-    let mut files_naming: HashMap<PackId, u32> = HashMap::new();
+    // How many files name each pack: by row for those that exist, by id for those that do
+    // not (a pack lost, or deleted by a prune that stopped before rewriting the index).
+    let mut naming = RowCounts::new(packs.len() as u64, scratch).map_err(io)?;
+    let mut naming_gone: HashMap<PackId, u64> = HashMap::new();
+    let (mut named, mut split) = (0, HashSet::new());
     let mut lookups = Lookups::new(&used.rows, scratch, false);
     let mut entries = 0u64;
-    files.each(&mut |packs| {
-        for (pack, list) in &packs {
-            *files_naming.entry(*pack).or_default() += 1;
-            spans.push((entries, sizes.contains_key(pack), rank(earlier, pack)));
+    files.each(&mut |list_of_packs| {
+        for (pack, list) in &list_of_packs {
+            let row = packs.row(pack);
+            let n = match row {
+                Some(r) => naming.add(r as u64, 1),
+                None => {
+                    let n = naming_gone.entry(*pack).or_default();
+                    *n += 1;
+                    *n
+                }
+            };
+            match n {
+                1 => named += 1,
+                2 => {
+                    split.insert(*pack);
+                }
+                _ => {}
+            }
+            spans.push((entries, row.is_some(), rank(earlier, pack)));
             for e in list {
                 lookups.push(e.id, entries)?;
                 entries += 1;
@@ -82,15 +102,12 @@ pub(crate) fn liveness(
         }
         Ok(())
     })?;
+    drop((naming, naming_gone));
     let mut live = Liveness {
         used: RowBits::new(entries, scratch).map_err(io)?,
         home: RowBits::new(entries, scratch).map_err(io)?,
-        named: files_naming.len(),
-        split: files_naming
-            .into_iter()
-            .filter(|(_, n)| *n > 1)
-            .map(|(p, _)| p)
-            .collect(),
+        named,
+        split,
     };
     // Per used blob: held by an existing pack.
     let mut held = RowBits::new(used.rows.len(), scratch).map_err(io)?;

@@ -3,13 +3,14 @@
 //! the marks of earlier runs; it reads and writes nothing, so a dry run prints it and the
 //! executor carries it out unchanged.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 
 use sbk_store::{pack_size_of, ChunkId, MarkReason, Marks, PackEntry, PackId, BLOB_HEADER_LEN};
 
 use super::liveness::{IndexFiles, Liveness};
 use super::marks::EarlierMarks;
+use super::packs::Packs;
 use super::PruneMode;
 use crate::error::Result;
 
@@ -58,8 +59,9 @@ pub enum PackReason {
     Unused,
     /// More of its bytes than the threshold are unused.
     MostlyUnused {
-        /// The unused share of its bytes, in percent.
-        percent: f64,
+        /// The unused share of its bytes, in percent (f32: the plan holds one reason per
+        /// pack, and a printed percentage needs no more).
+        percent: f32,
     },
     /// An earlier run marked it for this reason, the mark is due, and it is still not needed.
     MarkDue(MarkReason),
@@ -112,17 +114,17 @@ pub(crate) enum Fate {
 
 /// What prune will do. Entries are not kept per pack (that would be the whole index in
 /// memory): what the executor needs of them is read again from the index files, with
-/// [`Liveness`] ([`survivors`], [`kept`]).
-#[derive(Debug, Default)]
+/// [`Liveness`] ([`survivors`], [`kept`]). What it decides of each pack is kept by the pack's
+/// row in [`Packs`], a few bytes a pack.
+#[derive(Debug)]
 pub(crate) struct PrunePlan {
-    /// Every pack that exists, in id order, with what happens to it.
-    pub packs: Vec<PackPlan>,
-    /// Packs this run deletes, with their sizes (repacked ones are in `repack`).
-    pub delete: Vec<(PackId, u64)>,
-    /// Packs whose used blobs are copied into new packs, with their sizes.
-    pub repack: Vec<(PackId, u64)>,
-    /// The packs the new index files name, or whose blobs are copied.
-    pub fate: HashMap<PackId, Fate>,
+    /// Every pack that exists, in id order.
+    pub packs: Packs,
+    /// What happens to each pack and why, by row (`None` until decided).
+    decisions: Vec<Option<(PackAction, PackReason)>>,
+    /// What the new index files make of each pack, by row: `None` for a pack they do not
+    /// name and whose blobs are not copied.
+    fate: Vec<Option<Fate>>,
     /// Packs more than one old index file names, merged (decided, and later named, from this
     /// rather than from the files).
     merged: HashMap<PackId, Named>,
@@ -150,8 +152,6 @@ pub(crate) struct PlanInputs<'a> {
     pub files: &'a dyn IndexFiles,
     /// What the snapshots use of what they name.
     pub live: &'a Liveness,
-    /// The packs that exist, with their sizes.
-    pub sizes: &'a HashMap<PackId, u64>,
     /// The marks of earlier runs, sorted into due and waiting.
     pub earlier: &'a EarlierMarks,
     /// Exclusive, or beside backups.
@@ -166,13 +166,58 @@ pub(crate) fn blob_bytes(e: &PackEntry) -> u64 {
 }
 
 impl PrunePlan {
-    fn note(&mut self, pack: PackId, action: PackAction, reason: PackReason, bytes: u64) {
-        self.packs.push(PackPlan {
-            pack,
-            action,
-            reason,
-            bytes,
-        });
+    /// An empty plan over `packs`: nothing decided yet.
+    fn new(packs: Packs) -> PrunePlan {
+        PrunePlan {
+            decisions: vec![None; packs.len()],
+            fate: vec![None; packs.len()],
+            packs,
+            merged: HashMap::new(),
+            survivors: 0,
+            marks: Marks::default(),
+            rewrite_index: false,
+            packs_unindexed: 0,
+            packs_revived: 0,
+            bytes_marked: 0,
+            blobs_dropped: 0,
+            bytes_repacked: 0,
+        }
+    }
+
+    fn note(&mut self, row: usize, action: PackAction, reason: PackReason) {
+        let decision = &mut self.decisions[row];
+        debug_assert!(decision.is_none(), "pack row {row} decided twice");
+        *decision = Some((action, reason));
+    }
+
+    /// Every pack that exists, in id order, with what happens to it.
+    pub fn plans(&self) -> impl Iterator<Item = PackPlan> + '_ {
+        self.decisions.iter().enumerate().filter_map(|(row, d)| {
+            let (pack, bytes) = self.packs.at(row);
+            d.map(|(action, reason)| PackPlan {
+                pack,
+                action,
+                reason,
+                bytes,
+            })
+        })
+    }
+
+    /// The packs with this action, with their sizes, in id order: `Delete` for those this run
+    /// deletes (repacked ones are `Repack`), `Repack` for those whose used blobs are copied
+    /// into new packs.
+    pub fn acting(&self, action: PackAction) -> impl Iterator<Item = (PackId, u64)> + '_ {
+        self.decisions
+            .iter()
+            .enumerate()
+            .filter(move |(_, d)| d.is_some_and(|(a, _)| a == action))
+            .map(|(row, _)| self.packs.at(row))
+    }
+
+    /// What the new index files make of a pack (`None`: they do not name it, and its blobs
+    /// are not copied).
+    pub fn fate(&self, pack: &PackId) -> Option<Fate> {
+        self.fate[self.packs.row(pack)?]
     }
 
     /// Packs marked by this run.
@@ -181,8 +226,8 @@ impl PrunePlan {
     }
 
     /// A pack survives as the old index files name it.
-    fn survive(&mut self, pack: PackId) {
-        self.fate.insert(pack, Fate::Keep);
+    fn survive(&mut self, row: usize) {
+        self.fate[row] = Some(Fate::Keep);
         self.survivors += 1;
     }
 }
@@ -241,9 +286,8 @@ impl Named {
 
 /// Computes the plan in one pass over the index files (packs several of them name are merged
 /// and decided after it), then decides the packs no index file names.
-pub(crate) fn plan(i: &PlanInputs<'_>) -> Result<PrunePlan> {
-    let mut p = PrunePlan::default();
-    let mut seen: HashSet<PackId> = HashSet::new();
+pub(crate) fn plan(i: &PlanInputs<'_>, packs: Packs) -> Result<PrunePlan> {
+    let mut p = PrunePlan::new(packs);
     let mut k = 0u64;
     i.files.each(&mut |packs| {
         for (pack, entries) in packs {
@@ -252,9 +296,8 @@ pub(crate) fn plan(i: &PlanInputs<'_>) -> Result<PrunePlan> {
             k += n;
             if i.live.split.contains(&pack) {
                 p.merged.entry(pack).or_default().merge(named);
-            } else if let Some(&size) = i.sizes.get(&pack) {
-                seen.insert(pack);
-                decide(i, &mut p, pack, size, Some(&named));
+            } else if let Some(row) = p.packs.row(&pack) {
+                decide(i, &mut p, row, Some(&named));
             }
         }
         Ok(())
@@ -262,20 +305,19 @@ pub(crate) fn plan(i: &PlanInputs<'_>) -> Result<PrunePlan> {
     let mut merged: Vec<(PackId, Named)> = std::mem::take(&mut p.merged).into_iter().collect();
     merged.sort_by_key(|(pack, _)| *pack);
     for (pack, named) in &merged {
-        if let Some(&size) = i.sizes.get(pack) {
-            seen.insert(*pack);
-            decide(i, &mut p, *pack, size, Some(named));
+        if let Some(row) = p.packs.row(pack) {
+            decide(i, &mut p, row, Some(named));
         }
     }
     p.merged = merged.into_iter().collect();
-    let mut unnamed: Vec<(&PackId, &u64)> =
-        i.sizes.iter().filter(|(x, _)| !seen.contains(x)).collect();
-    unnamed.sort();
-    for (pack, &size) in unnamed {
-        decide(i, &mut p, *pack, size, None);
+    // The packs no index file names, in id order.
+    for row in 0..p.packs.len() {
+        if p.decisions[row].is_none() {
+            decide(i, &mut p, row, None);
+        }
     }
-    p.packs.sort_by_key(|x| x.pack);
-    let changes = !p.delete.is_empty() || !p.repack.is_empty();
+    let changes = p.acting(PackAction::Delete).next().is_some()
+        || p.acting(PackAction::Repack).next().is_some();
     p.rewrite_index = changes
         || i.files.count() > MERGE_INDEX_FILES_AT
         || i.live.named > p.survivors
@@ -283,8 +325,10 @@ pub(crate) fn plan(i: &PlanInputs<'_>) -> Result<PrunePlan> {
     Ok(p)
 }
 
-/// Decides one existing pack, from what the index files name of it (`None`: nothing).
-fn decide(i: &PlanInputs<'_>, p: &mut PrunePlan, pack: PackId, size: u64, named: Option<&Named>) {
+/// Decides the existing pack of `row`, from what the index files name of it (`None`:
+/// nothing).
+fn decide(i: &PlanInputs<'_>, p: &mut PrunePlan, row: usize, named: Option<&Named>) {
+    let pack = p.packs.at(row).0;
     let beside = matches!(i.mode, PruneMode::Beside { .. });
     let is_home = named.is_some_and(|n| n.home.iter().any(|h| *h));
     if beside {
@@ -298,33 +342,26 @@ fn decide(i: &PlanInputs<'_>, p: &mut PrunePlan, pack: PackId, size: u64, named:
                 if let Some(n) = named {
                     p.blobs_dropped += n.used.iter().filter(|u| !**u).count();
                 }
-                p.delete.push((pack, size));
-                p.note(pack, PackAction::Delete, PackReason::MarkDue(*reason), size);
+                p.note(row, PackAction::Delete, PackReason::MarkDue(*reason));
                 return;
             }
             p.packs_revived += 1;
         } else if i.earlier.waiting.contains(&pack) {
             // Marked already; the run that acts on its mark decides.
             if named.is_some() {
-                p.survive(pack);
+                p.survive(row);
             }
-            p.note(pack, PackAction::Keep, PackReason::MarkWaits, size);
+            p.note(row, PackAction::Keep, PackReason::MarkWaits);
             return;
         }
     }
     let revived = beside && i.earlier.due.contains_key(&pack);
-    weigh(i, p, pack, size, named, revived);
+    weigh(i, p, row, named, revived);
 }
 
 /// Decides a pack that no due or waiting mark settles: kept, marked, repacked or deleted.
-fn weigh(
-    i: &PlanInputs<'_>,
-    p: &mut PrunePlan,
-    pack: PackId,
-    size: u64,
-    named: Option<&Named>,
-    revived: bool,
-) {
+fn weigh(i: &PlanInputs<'_>, p: &mut PrunePlan, row: usize, named: Option<&Named>, revived: bool) {
+    let (pack, size) = p.packs.at(row);
     let beside = matches!(i.mode, PruneMode::Beside { .. });
     let Some(named) = named else {
         // Named by no index file: left by a backup that died before indexing it, or (beside
@@ -332,11 +369,10 @@ fn weigh(
         if beside {
             p.marks.packs.push((pack, MarkReason::Unindexed));
             p.bytes_marked += size;
-            p.note(pack, PackAction::Mark, PackReason::Unindexed, size);
+            p.note(row, PackAction::Mark, PackReason::Unindexed);
         } else {
             p.packs_unindexed += 1;
-            p.delete.push((pack, size));
-            p.note(pack, PackAction::Delete, PackReason::Unindexed, size);
+            p.note(row, PackAction::Delete, PackReason::Unindexed);
         }
         return;
     };
@@ -348,12 +384,11 @@ fn weigh(
             p.bytes_marked += size;
             // Still indexed until it is deleted: a backup that started before the mark and
             // refers to it finds it, and revives it.
-            p.survive(pack);
-            p.note(pack, PackAction::Mark, PackReason::Unused, size);
+            p.survive(row);
+            p.note(row, PackAction::Mark, PackReason::Unused);
         } else {
             p.blobs_dropped += drop.len();
-            p.delete.push((pack, size));
-            p.note(pack, PackAction::Delete, PackReason::Unused, size);
+            p.note(row, PackAction::Delete, PackReason::Unused);
         }
         return;
     }
@@ -364,13 +399,13 @@ fn weigh(
     let named_bytes: u64 = entries.iter().map(blob_bytes).sum();
     let unnamed = size > pack_size_of(entries.len(), named_bytes) + 64;
     if (drop.is_empty() && !unnamed) || unused <= i.max_unused_percent {
-        p.survive(pack);
+        p.survive(row);
         let (action, reason) = if revived {
             (PackAction::Revive, PackReason::NeededAgain)
         } else {
             (PackAction::Keep, PackReason::Used)
         };
-        p.note(pack, action, reason, size);
+        p.note(row, action, reason);
         return;
     }
     p.bytes_repacked += live_bytes;
@@ -386,18 +421,15 @@ fn weigh(
     } else {
         p.blobs_dropped += drop.len();
     }
-    p.fate.insert(
-        pack,
-        Fate::Repack {
-            name_unused: beside,
-        },
-    );
-    p.repack.push((pack, size));
+    p.fate[row] = Some(Fate::Repack {
+        name_unused: beside,
+    });
     p.note(
-        pack,
+        row,
         PackAction::Repack,
-        PackReason::MostlyUnused { percent: unused },
-        size,
+        PackReason::MostlyUnused {
+            percent: unused as f32,
+        },
     );
 }
 
@@ -414,8 +446,8 @@ fn walk(
         for (pack, entries) in packs {
             let n = entries.len() as u64;
             if !live.split.contains(&pack) {
-                if let Some(fate) = plan.fate.get(&pack) {
-                    f(pack, *fate, &Named::at(entries, live, k))?;
+                if let Some(fate) = plan.fate(&pack) {
+                    f(pack, fate, &Named::at(entries, live, k))?;
                 }
             }
             k += n;
@@ -425,8 +457,8 @@ fn walk(
     let mut merged: Vec<(&PackId, &Named)> = plan.merged.iter().collect();
     merged.sort_by_key(|(pack, _)| **pack);
     for (pack, named) in merged {
-        if let Some(fate) = plan.fate.get(pack) {
-            f(*pack, *fate, named)?;
+        if let Some(fate) = plan.fate(pack) {
+            f(*pack, fate, named)?;
         }
     }
     Ok(())

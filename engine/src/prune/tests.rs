@@ -10,6 +10,7 @@ use sbk_store::{
 
 use super::liveness::{liveness, IndexFiles, Liveness, Used};
 use super::marks::EarlierMarks;
+use super::packs::Packs;
 use super::plan::{kept, plan, survivors, PlanInputs, PrunePlan};
 use super::{PackAction, PackReason, PruneMode};
 use crate::error::Result;
@@ -144,15 +145,18 @@ impl Repo {
         }
         let used = Used { rows, bits };
         let files = self.files();
-        let live = liveness(&files, &used, &self.sizes, &self.earlier, &scratch)?;
-        let plan = plan(&PlanInputs {
-            files: &files,
-            live: &live,
-            sizes: &self.sizes,
-            earlier: &self.earlier,
-            mode,
-            max_unused_percent: 10.0,
-        })?;
+        let packs = Packs::new(self.sizes.iter().map(|(p, size)| (*p, *size)).collect());
+        let live = liveness(&files, &used, &packs, &self.earlier, &scratch)?;
+        let plan = plan(
+            &PlanInputs {
+                files: &files,
+                live: &live,
+                earlier: &self.earlier,
+                mode,
+                max_unused_percent: 10.0,
+            },
+            packs,
+        )?;
         Ok(Planned { plan, live })
     }
 
@@ -216,8 +220,7 @@ impl IndexFiles for Files {
 /// What the plan does with pack `p`, and why.
 fn verdict(plan: &Planned, p: u8) -> (PackAction, PackReason) {
     let found = plan
-        .packs
-        .iter()
+        .plans()
         .find(|x| x.pack == pack(p))
         .unwrap_or_else(|| panic!("pack {p} is in the plan"));
     (found.action, found.reason)
@@ -229,7 +232,11 @@ fn a_pack_whose_blobs_are_used_is_kept() {
     for mode in [PruneMode::Exclusive, BESIDE] {
         let p = r.plan(mode);
         assert_eq!(verdict(&p, 1), (PackAction::Keep, PackReason::Used));
-        assert!(p.delete.is_empty() && p.repack.is_empty() && p.marks.packs.is_empty());
+        assert!(
+            p.acting(PackAction::Delete).next().is_none()
+                && p.acting(PackAction::Repack).next().is_none()
+                && p.marks.packs.is_empty()
+        );
         assert_eq!(r.survivor(&p, 1), Some(vec![chunk(1), chunk(2)]));
     }
 }
@@ -250,7 +257,10 @@ fn an_unused_pack_is_deleted_under_an_exclusive_lock() {
     let r = Repo::default().pack(1, &[1]).pack(2, &[2, 3]).used(&[1]);
     let p = r.plan(PruneMode::Exclusive);
     assert_eq!(verdict(&p, 2), (PackAction::Delete, PackReason::Unused));
-    assert_eq!(p.delete, vec![(pack(2), r.sizes[&pack(2)])]);
+    assert_eq!(
+        p.acting(PackAction::Delete).collect::<Vec<_>>(),
+        vec![(pack(2), r.sizes[&pack(2)])]
+    );
     assert_eq!(p.blobs_dropped, 2);
     assert!(p.rewrite_index, "the deleted pack leaves the index");
     assert_eq!(r.survivor(&p, 2), None);
@@ -261,7 +271,7 @@ fn an_unused_pack_is_marked_beside_backups_and_stays_indexed() {
     let r = Repo::default().pack(1, &[1]).pack(2, &[2]).used(&[1]);
     let p = r.plan(BESIDE);
     assert_eq!(verdict(&p, 2), (PackAction::Mark, PackReason::Unused));
-    assert!(p.delete.is_empty());
+    assert!(p.acting(PackAction::Delete).next().is_none());
     assert_eq!(p.marks.packs, vec![(pack(2), MarkReason::Unused)]);
     assert_eq!(p.bytes_marked, r.sizes[&pack(2)]);
     // A backup older than the mark may refer to it: it must still find it.
@@ -295,7 +305,7 @@ fn a_mostly_unused_pack_is_repacked() {
     };
     // Three blobs of four, and the trailer.
     assert!((75.0..80.0).contains(&percent), "{percent}");
-    assert_eq!(p.repack.len(), 1);
+    assert_eq!(p.acting(PackAction::Repack).count(), 1);
     let kept: Vec<ChunkId> = r.kept(&p, 1).iter().map(|e| e.id).collect();
     assert_eq!(kept, vec![chunk(1)], "only used blobs are copied");
     assert_eq!(p.blobs_dropped, 3);
@@ -350,7 +360,10 @@ fn a_due_mark_deletes_a_pack_still_not_needed() {
             verdict(&p, 2),
             (PackAction::Delete, PackReason::MarkDue(reason))
         );
-        assert_eq!(p.delete, vec![(pack(2), r.sizes[&pack(2)])]);
+        assert_eq!(
+            p.acting(PackAction::Delete).collect::<Vec<_>>(),
+            vec![(pack(2), r.sizes[&pack(2)])]
+        );
         assert!(p.marks.packs.is_empty(), "nothing is marked twice");
     }
     // An unindexed pack whose mark is due counts as unindexed.
@@ -376,7 +389,7 @@ fn a_due_pack_that_a_backup_refers_to_again_is_revived() {
         (PackAction::Revive, PackReason::NeededAgain)
     );
     assert_eq!(p.packs_revived, 1);
-    assert!(p.delete.is_empty());
+    assert!(p.acting(PackAction::Delete).next().is_none());
     assert_eq!(r.survivor(&p, 2), Some(vec![chunk(2)]));
 }
 
@@ -418,7 +431,7 @@ fn a_pack_whose_mark_waits_is_kept_as_it_is() {
         .waiting(2);
     let p = r.plan(BESIDE);
     assert_eq!(verdict(&p, 2), (PackAction::Keep, PackReason::MarkWaits));
-    assert!(p.marks.packs.is_empty() && p.delete.is_empty());
+    assert!(p.marks.packs.is_empty() && p.acting(PackAction::Delete).next().is_none());
     assert_eq!(r.survivor(&p, 2), Some(vec![chunk(2)]));
 }
 
@@ -447,9 +460,9 @@ fn the_plan_lists_every_pack_once_in_id_order() {
         .unindexed_pack(2, &[2])
         .used(&[1]);
     let p = r.plan(BESIDE);
-    let order: Vec<PackId> = p.packs.iter().map(|x| x.pack).collect();
+    let order: Vec<PackId> = p.plans().map(|x| x.pack).collect();
     assert_eq!(order, vec![pack(1), pack(2), pack(3)]);
-    assert!(p.packs.iter().all(|x| x.bytes == r.sizes[&x.pack]));
+    assert!(p.plans().all(|x| x.bytes == r.sizes[&x.pack]));
 }
 
 #[test]
@@ -469,7 +482,8 @@ fn a_pack_two_index_files_name_is_decided_once_from_both_and_named_once() {
             "each blob once"
         );
         assert!(p.rewrite_index, "the index files are merged");
-        assert_eq!(p.packs.len(), 2, "each pack decided once");
+        // A second decision of a pack fails a debug assertion in the plan itself.
+        assert_eq!(p.plans().count(), 2, "each pack decided");
     }
     let p = r.plan(PruneMode::Exclusive);
     assert_eq!(verdict(&p, 2), (PackAction::Delete, PackReason::Unused));
