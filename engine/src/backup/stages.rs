@@ -383,6 +383,29 @@ pub(super) fn chunk_segment(
         }
         Ok::<_, EngineError>(())
     };
+    // The spans cut anew, and their ids, first; then what looking those up will read is asked
+    // for at once. Under a memory limit the index table's pages are mostly on disk, and a
+    // lookup that waited for its read stalled the worker: now the reads overlap the encoding
+    // of the chunks before them.
+    let spans: Vec<Span> = match &seg.parts {
+        Some(parts) => parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::New(span) => Some(*span),
+                Part::Kept(_) => None,
+            })
+            .collect(),
+        None => split_segment(data, &state.params),
+    };
+    let ids: Vec<ChunkId> = spans
+        .iter()
+        .filter_map(|span| match *span {
+            Span::Data { offset, len } => Some(repo.blob_id(&data[offset..offset + len])),
+            Span::Zero { .. } => None,
+        })
+        .collect();
+    repo.index()?.prefetch(&ids);
+    let mut ids = ids.into_iter();
     let mut add = |span: Span, done: &mut ChunkedSegment| -> Result<()> {
         let figures = &mut done.figures;
         match span {
@@ -392,7 +415,7 @@ pub(super) fn chunk_segment(
             }
             Span::Data { offset, len } => {
                 let bytes = &data[offset..offset + len];
-                let id = repo.blob_id(bytes);
+                let id = ids.next().expect("an id for each data span");
                 figures.chunks += 1;
                 done.extents.push(Extent::Data {
                     id,
@@ -430,7 +453,7 @@ pub(super) fn chunk_segment(
             }
         }
         None => {
-            for span in split_segment(data, &state.params) {
+            for span in spans {
                 add(span, &mut done)?;
             }
         }

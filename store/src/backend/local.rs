@@ -161,6 +161,20 @@ fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> std::io::Result<()>
     }
 }
 
+/// Asks the kernel to drop a file's pages from the page cache (advice only). After a pack is
+/// synced its pages are clean and nobody reads it back soon; left cached, the packs a backup
+/// writes push out what it does read at random, the index table's Bloom filter: under a 256
+/// MiB limit, a 2 GiB backup into a repository of 10^8 chunks then waited on a disk read for
+/// most of its lookups.
+fn drop_cached(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the duration of the call; the call reads no memory.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
 fn mkdir(p: &Path) -> Result<()> {
     match fs::DirBuilder::new().mode(0o700).create(p) {
         Ok(()) => Ok(()),
@@ -462,7 +476,11 @@ impl Staged for LocalStaged {
             .into_inner()
             .map_err(|e| e.into_error())
             // The data must be on disk before the name says the object is complete…
-            .and_then(|file| file.sync_all())
+            .and_then(|file| {
+                file.sync_all()?;
+                drop_cached(&file);
+                Ok(())
+            })
             .and_then(|()| fs::rename(&self.tmp, &self.path));
         if let Err(e) = named {
             // A seal that failed (a full disk) leaves nothing behind.

@@ -477,6 +477,16 @@ impl Index {
         }
     }
 
+    /// Asks the kernel ahead for what looking `ids` up will read from the table (advice only;
+    /// see [`Table::prefetch`]): look them up a moment later, and the reads have overlapped
+    /// whatever came between.
+    pub fn prefetch(&self, ids: &[ChunkId]) {
+        let st = self.state.read().expect("no thread panics holding this");
+        if let Some(t) = &st.table {
+            ids.iter().for_each(|id| t.prefetch(id));
+        }
+    }
+
     /// True when the blob is indexed.
     pub fn contains(&self, id: &ChunkId) -> bool {
         self.get(id).is_some()

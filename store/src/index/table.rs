@@ -283,6 +283,14 @@ impl Table {
         let checked = (0..header.hashes().div_ceil(64))
             .map(|_| AtomicU64::new(0))
             .collect();
+        // No readahead of the kernel's own: a fault would read up to `read_ahead_kb` around
+        // it (8 MiB on some machines), and a lookup touches one filter block and a few entry
+        // blocks. Under a memory limit, where a backup's pack writes evict the table's pages
+        // as they go, every lookup of a new chunk read megabytes. Readers that do go in order
+        // ask for what they need ahead themselves ([`Table::prefetch`]), and a block is asked
+        // for whole before its check hashes it. Advice only: a mapping that ignores it is
+        // read as before.
+        let _ = map.advise(memmap2::Advice::Random);
         Ok(Table {
             path: path.to_owned(),
             map,
@@ -313,8 +321,9 @@ impl Table {
         (0..self.header.hashes()).all(|u| self.check_unit(u))
     }
 
-    /// The bytes of checked unit `u` (entry blocks, then filter groups).
-    fn unit_bytes(&self, u: u64) -> &[u8] {
+    /// Where checked unit `u` is in the mapping (entry blocks, then filter groups): offset and
+    /// length.
+    fn unit_span(&self, u: u64) -> (usize, usize) {
         let entry_blocks = self.header.entries.div_ceil(CHECK_UNIT);
         let (at, len) = if u < entry_blocks {
             let first = u * CHECK_UNIT;
@@ -328,16 +337,24 @@ impl Table {
             let n = CHECK_UNIT.min(self.header.blocks - first);
             (self.filter_at + first as usize * BLOCK, n as usize * BLOCK)
         };
-        &self.map[at..at + len]
+        (at, len)
+    }
+
+    /// Whether unit `u` was checked already.
+    fn is_checked(&self, u: u64) -> bool {
+        let (word, bit) = ((u / 64) as usize, 1u64 << (u % 64));
+        self.checked[word].load(Ordering::Acquire) & bit != 0
     }
 
     /// Checks unit `u` against its hash the first time; false when it is damaged.
     fn check_unit(&self, u: u64) -> bool {
-        let (word, bit) = ((u / 64) as usize, 1u64 << (u % 64));
-        if self.checked[word].load(Ordering::Acquire) & bit != 0 {
+        if self.is_checked(u) {
             return true;
         }
-        let bytes = self.unit_bytes(u);
+        let (at, len) = self.unit_span(u);
+        // In one read, not a fault per page (see `open`).
+        self.will_need(at, len);
+        let bytes = &self.map[at..at + len];
         let at = self.hashes_at + u as usize * 32;
         let mut sound = blake3::hash(bytes).as_bytes() == &self.map[at..at + 32];
         let entry_blocks = self.header.entries.div_ceil(CHECK_UNIT);
@@ -353,7 +370,7 @@ impl Table {
                     .all(|(a, b)| a[..32] < b[..32]);
         }
         if sound {
-            self.checked[word].fetch_or(bit, Ordering::AcqRel);
+            self.checked[(u / 64) as usize].fetch_or(1 << (u % 64), Ordering::AcqRel);
         } else if !self.damaged.swap(true, Ordering::AcqRel) {
             // The next process rebuilds the cache rather than trip over the same block; this
             // one's mapping stays valid.
@@ -407,11 +424,31 @@ impl Table {
         })
     }
 
+    /// The filter block of `id`, and the checked unit holding it.
+    fn filter_block(&self, id: &ChunkId) -> (usize, [u16; 6], u64) {
+        let (block, bits) = probes(&id.0, self.header.blocks);
+        let unit = self.header.entries.div_ceil(CHECK_UNIT) + block as u64 / CHECK_UNIT;
+        (block, bits, unit)
+    }
+
+    /// Asks the kernel ahead for what a lookup of `id` reads first (advice only): its filter
+    /// block, or the whole group of blocks its check hashes if that is not checked yet. A
+    /// caller that knows the ids it will look up in a moment (a backup worker, a segment's
+    /// chunks) then finds the pages there instead of waiting on a read for each.
+    pub fn prefetch(&self, id: &ChunkId) {
+        let (block, _, unit) = self.filter_block(id);
+        if self.is_checked(unit) {
+            self.will_need(self.filter_at + block * BLOCK, BLOCK);
+        } else {
+            let (at, len) = self.unit_span(unit);
+            self.will_need(at, len);
+        }
+    }
+
     /// True when the filter says `id` may be in the table (false: it certainly is not). A
     /// damaged filter group says "may": the entries, checked themselves, decide.
     fn may_contain(&self, id: &ChunkId) -> bool {
-        let (block, bits) = probes(&id.0, self.header.blocks);
-        let unit = self.header.entries.div_ceil(CHECK_UNIT) + block as u64 / CHECK_UNIT;
+        let (block, bits, unit) = self.filter_block(id);
         if !self.check_unit(unit) {
             return true;
         }
@@ -459,10 +496,10 @@ impl Table {
     ) {
         let n = self.len();
         let mut lo = 0usize;
-        // No Bloom filter here: its blocks are spread over the whole filter whatever the ids'
-        // order, so a sorted batch would read it at random (at 10^8 entries 125 MB of it,
-        // evicted and read again under a memory limit), while the gallop itself reads the
-        // table in order and settles an absent id as cheaply as a present one.
+        let mut ahead = Ahead::default();
+        // No Bloom filter here: a sorted batch would read its 125 MB at 10^8 entries (evicted
+        // and read again under a memory limit) besides the entries, while the gallop itself
+        // reads the table in order and settles an absent id as cheaply as a present one.
         for (i, id) in items.iter().map(id_of).enumerate() {
             // The first position at or after `lo` whose id is not less than `id`: gallop to a
             // bound, then search between. (A damaged block reads as "less", and its ids are
@@ -485,6 +522,7 @@ impl Table {
                 }
             }
             lo = a;
+            ahead.reach(self, a);
             let found = a < n && self.raw(a).is_some_and(|r| r[..32] == id.0[..]);
             f(i, found.then_some(a));
         }
@@ -506,31 +544,55 @@ impl Table {
 
     /// Every entry, in id order (those of damaged blocks left out: see [`Table::is_damaged`]).
     pub fn iter(&self) -> impl Iterator<Item = IndexEntry> + '_ {
-        (0..self.len()).filter_map(|i| self.entry_at(i))
+        self.raw_side_by_side()
+            .filter_map(|raw| self.decode(raw).ok())
     }
 
     /// Every entry's bytes, in id order (those of damaged blocks left out), for one of many
-    /// tables read side by side (a merge of sorted runs): the kernel's own readahead is turned
-    /// off for this mapping, and each window of [`PREFETCH_BYTES`] and the one after it are
+    /// tables read side by side (a merge of sorted runs): the mapping has no readahead of the
+    /// kernel's own ([`Table::open`]), and each window of [`PREFETCH_BYTES`] and the one after it are
     /// asked for as the reader reaches it. With the kernel's readahead (8 MiB a stream on some
     /// machines) a merge of 190 runs at 10^8 chunks under a 256 MiB limit evicted pages before
     /// they were read: 800 GB read for 6 GB of runs.
     pub fn raw_side_by_side(&self) -> impl Iterator<Item = &[u8]> + '_ {
-        // Advice only: a mapping that ignores it is read as before.
-        let _ = self.map.advise(memmap2::Advice::Random);
-        let window = (PREFETCH_BYTES / TABLE_ENTRY_LEN).max(1);
+        let mut ahead = Ahead::default();
         (0..self.len()).filter_map(move |i| {
-            if i % window == 0 {
-                let at = self.entries_at + i * TABLE_ENTRY_LEN;
-                // This window and the next, so that the next is on its way while this one
-                // is read.
-                let len = (2 * PREFETCH_BYTES).min(self.map.len().saturating_sub(at));
-                if len > 0 {
-                    let _ = self.map.advise_range(memmap2::Advice::WillNeed, at, len);
-                }
-            }
+            ahead.reach(self, i);
             self.raw(i)
         })
+    }
+
+    /// Asks the kernel for `len` bytes of the mapping from `at` on (advice only).
+    fn will_need(&self, at: usize, len: usize) {
+        let len = len.min(self.map.len().saturating_sub(at));
+        if len > 0 {
+            let _ = self.map.advise_range(memmap2::Advice::WillNeed, at, len);
+        }
+    }
+}
+
+/// A reader's prefetch, for readers that go through the entries in order (the mapping has no
+/// readahead of its own; see [`Table::open`]): the window of [`PREFETCH_BYTES`] a reader enters
+/// is asked for with the one after it, so that the next is on its way while this one is read.
+/// A reader that jumps further than a window (a sorted batch of lookups spread thinly over
+/// the table) asks for nothing where it lands: the check of the block it lands in reads what
+/// it needs, and the reader's next step shows whether it goes on in order from there.
+#[derive(Default)]
+struct Ahead {
+    /// Entries before this one were asked for.
+    until: usize,
+}
+
+impl Ahead {
+    /// The reader is at entry `i`.
+    fn reach(&mut self, t: &Table, i: usize) {
+        let window = (PREFETCH_BYTES / TABLE_ENTRY_LEN).max(1);
+        if i >= self.until + window {
+            self.until = i + 1;
+        } else if i + window / 2 >= self.until {
+            t.will_need(t.entries_at + i * TABLE_ENTRY_LEN, 2 * PREFETCH_BYTES);
+            self.until = i + 2 * window;
+        }
     }
 }
 
