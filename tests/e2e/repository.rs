@@ -73,16 +73,16 @@ fn cache_tables_of_other_versions() {
     };
     let version =
         |t: &Path| u32::from_le_bytes(std::fs::read(t).unwrap()[8..12].try_into().unwrap());
-    with_version(2, &table);
+    with_version(3, &table);
     let r = env.run(&["backup", src.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
-        r.stderr.contains("built by an older sbk (table version 2)"),
+        r.stderr.contains("built by an older sbk (table version 3)"),
         "{}",
         r.stderr
     );
     assert_eq!(tables(), vec![table.clone()]);
-    assert_eq!(version(&table), 3, "rebuilt in the current version");
+    assert_eq!(version(&table), 4, "rebuilt in the current version");
     // A newer sbk names its tables by its own version: beside this one's.
     let newer = table.with_file_name("0123456789abcdef0123456789abcdef.tbl");
     with_version(1000, &newer);
@@ -90,7 +90,7 @@ fn cache_tables_of_other_versions() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(!r.stderr.contains("index cache"), "{}", r.stderr);
     assert_eq!(version(&newer), 1000, "a newer sbk's table is kept");
-    assert_eq!(version(&table), 3);
+    assert_eq!(version(&table), 4);
 }
 
 #[test]

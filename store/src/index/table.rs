@@ -7,7 +7,7 @@
 //! cache must never make a backup skip a chunk it has not stored, yet checking a table of 10^8
 //! entries (5.6 GB) in full on every open would cost seconds: so the header holds a hash of the
 //! table's *directory* (index files, packs, and a BLAKE3 of every block of 1024 entries and of
-//! every group of 1024 filter blocks), checked when the table is opened, and each block is
+//! every group of 64 filter blocks, a page), checked when the table is opened, and each block is
 //! checked against its hash the first time it is touched. A block that fails marks the table
 //! damaged: lookups in it find nothing (a chunk is stored again, never skipped) and the index
 //! rebuilds the cache. Not fsynced: after a power loss a torn table fails those checks.
@@ -30,15 +30,19 @@ use crate::pack::PackEntry;
 
 /// Magic of a cache table. Do not change.
 pub const TABLE_MAGIC: &[u8; 8] = b"SBKCACHE";
-/// Cache table format version (3: an id's filter block follows its id order; 2: blocks checked
-/// as they are touched).
-pub const TABLE_VERSION: u32 = 3;
+/// Cache table format version (4: filter blocks checked a page at a time; 3: an id's filter
+/// block follows its id order; 2: blocks checked as they are touched).
+pub const TABLE_VERSION: u32 = 4;
 /// Size of the fixed header.
 pub const TABLE_HEADER_LEN: usize = 136;
 /// Size of one entry.
 pub const TABLE_ENTRY_LEN: usize = 56;
-/// Entries per checked block (56 KiB), and filter blocks per checked group (64 KiB).
+/// Entries per checked block (56 KiB).
 const CHECK_UNIT: u64 = 1024;
+/// Filter blocks per checked group: one page (4 KiB). A lookup of a new chunk reads one filter
+/// block and the group its check hashes; at 64 KiB groups (version 3), a backup into a table
+/// whose pages a memory limit had evicted read and hashed 64 KiB for each of them.
+const FILTER_UNIT: u64 = 64;
 
 /// What a table says about itself, and what it was built for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,9 +112,9 @@ impl TableHeader {
         Ok(h)
     }
 
-    /// Block hashes: one per [`CHECK_UNIT`] entries, then one per [`CHECK_UNIT`] filter blocks.
+    /// Block hashes: one per [`CHECK_UNIT`] entries, then one per [`FILTER_UNIT`] filter blocks.
     fn hashes(&self) -> u64 {
-        self.entries.div_ceil(CHECK_UNIT) + self.blocks.div_ceil(CHECK_UNIT)
+        self.entries.div_ceil(CHECK_UNIT) + self.blocks.div_ceil(FILTER_UNIT)
     }
 
     /// Length of the whole file this header describes, if it fits in a u64.
@@ -333,8 +337,8 @@ impl Table {
                 n as usize * TABLE_ENTRY_LEN,
             )
         } else {
-            let first = (u - entry_blocks) * CHECK_UNIT;
-            let n = CHECK_UNIT.min(self.header.blocks - first);
+            let first = (u - entry_blocks) * FILTER_UNIT;
+            let n = FILTER_UNIT.min(self.header.blocks - first);
             (self.filter_at + first as usize * BLOCK, n as usize * BLOCK)
         };
         (at, len)
@@ -427,7 +431,7 @@ impl Table {
     /// The filter block of `id`, and the checked unit holding it.
     fn filter_block(&self, id: &ChunkId) -> (usize, [u16; 6], u64) {
         let (block, bits) = probes(&id.0, self.header.blocks);
-        let unit = self.header.entries.div_ceil(CHECK_UNIT) + block as u64 / CHECK_UNIT;
+        let unit = self.header.entries.div_ceil(CHECK_UNIT) + block as u64 / FILTER_UNIT;
         (block, bits, unit)
     }
 
@@ -655,7 +659,7 @@ pub fn write_table(
         if !unit.is_empty() {
             end_unit(&mut unit, &mut out)?;
         }
-        filter.finish(CHECK_UNIT, |group| {
+        filter.finish(FILTER_UNIT, |group| {
             out.write_all(group)?;
             hashes.push(*blake3::hash(group).as_bytes());
             Ok(())
@@ -712,7 +716,7 @@ mod tests {
         let mut ids: Vec<ChunkId> = (0..250_000).map(id).collect();
         ids.sort();
         let blocks = blocks_for(ids.len() as u64);
-        assert!(blocks > 4 * CHECK_UNIT && !blocks.is_multiple_of(CHECK_UNIT));
+        assert!(blocks > 4 * FILTER_UNIT && !blocks.is_multiple_of(FILTER_UNIT));
         let write = |ids: &[ChunkId]| {
             write_table(
                 &path,
