@@ -602,3 +602,36 @@ fn manifests_are_read_from_the_cache_while_they_hash_to_their_ids_and_trimmed_wh
     repo.snapshots().unwrap();
     assert!(!dir.join(b.to_hex()).exists());
 }
+
+/// A killed process's half-written table or run is removed by the next open once nobody has
+/// written it for an hour; one written a moment ago (another process's, perhaps) is left.
+#[test]
+fn leftovers_of_killed_table_writers_are_removed_and_live_ones_kept() {
+    let (mem, writer) = unencrypted();
+    store(&writer, &[b"one".as_slice(), b"two".as_slice()]);
+    let base = tempfile::tempdir().unwrap();
+    let open_cached = || {
+        let repo = Repository::open(Arc::new(mem.clone()), &mut || Ok(String::new())).unwrap();
+        repo.load_index(&CacheLocation::Dir(base.path().to_owned()))
+            .unwrap();
+        repo
+    };
+    let dir = open_cached().index().unwrap().cache_dir().to_owned();
+    assert_eq!(cache_tables(&dir).len(), 1);
+    let old = dir.join(".0123.tbl.0123456789abcdef.tmp");
+    let fresh = dir.join(".run-fedcba9876543210.tmp");
+    for f in [&old, &fresh] {
+        std::fs::write(f, b"half a table").unwrap();
+    }
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(two_hours_ago)
+        .unwrap();
+    let _again = open_cached();
+    assert!(!old.exists(), "an hour-old leftover is removed");
+    assert!(fresh.exists(), "a file being written is left alone");
+    assert_eq!(cache_tables(&dir).len(), 1, "the table stays");
+}
