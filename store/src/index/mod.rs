@@ -64,13 +64,14 @@ pub enum CacheLocation {
 }
 
 /// The overlay is folded into a new table once it holds this many entries (about 5 MiB of
-/// memory, one table rewrite per 16 GiB of new data at 256 KiB chunks), or a quarter of the
-/// table's, whichever is more: rebuilding a large cache from scratch then rewrites each entry
-/// about five times, not once per fold.
-const FOLD_AT: usize = 1 << 16;
+/// memory, one fold per 16 GiB of new data at 256 KiB chunks), or a quarter of the tables',
+/// whichever is more: rebuilding a large cache from scratch then rewrites each entry about five
+/// times, not once per fold. (Unit tests use smaller values here and in [`OVERLAY_MAX`], so
+/// that a few thousand entries fold, into a base or a delta.)
+const FOLD_AT: usize = if cfg!(test) { 1 << 11 } else { 1 << 16 };
 /// ... but never more than this (about 20 MiB of hash map): above it the overlay would grow
 /// with the repository.
-const OVERLAY_MAX: usize = 1 << 17;
+const OVERLAY_MAX: usize = if cfg!(test) { 1 << 12 } else { 1 << 17 };
 /// A temporary file in the cache folder that nobody has written for this long is a leftover of
 /// a killed process.
 const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -79,15 +80,43 @@ const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 /// index files there are. (Unit tests use small runs, so that they merge many.)
 const RUN_ENTRIES: usize = if cfg!(test) { 1 << 12 } else { 1 << 19 };
 
+/// A fold writes a new delta table rather than a new base while the delta would hold at most
+/// this fraction of the base's entries: at 10^8 entries, one rewrite of the 5.7 GB base per
+/// 6 x 10^6 new entries instead of one per 2^17.
+const DELTA_RATIO: usize = 16;
+
+impl State {
+    /// Entries in the tables.
+    fn tables_len(&self) -> usize {
+        self.tables.iter().map(|t| t.len()).sum()
+    }
+
+    /// Looks a blob up in the tables (the delta first: smaller, and more recent).
+    fn in_tables(&self, id: &ChunkId) -> Option<IndexEntry> {
+        self.tables.iter().rev().find_map(|t| t.get(id))
+    }
+
+    /// Forgets the tables and the overlay: everything is read again.
+    fn clear(&mut self) {
+        self.tables.clear();
+        self.table_files.clear();
+        self.overlay.clear();
+        self.overlay_files.clear();
+    }
+}
+
 /// Whether the overlay with `more` entries is due for a fold.
 fn fold_due_with(st: &State, more: usize) -> bool {
-    let at = FOLD_AT.max(st.table.as_ref().map_or(0, |t| t.len() / 4));
+    let at = FOLD_AT.max(st.tables_len() / 4);
     !st.fold_failed && st.overlay.len() + more >= at.min(OVERLAY_MAX)
 }
 
 struct State {
-    /// Shared with the [`Rows`] views taken of it.
-    table: Option<Arc<Table>>,
+    /// The tables in use, shared with the [`Rows`] views taken of them: the base, and maybe a
+    /// delta of index files that appeared since, which a fold rewrites instead of the base
+    /// while it holds less than 1/[`DELTA_RATIO`] of the base's entries. No id is in both.
+    tables: Vec<Arc<Table>>,
+    /// The index files the tables merged.
     table_files: HashSet<IndexId>,
     overlay: HashMap<ChunkId, IndexEntry>,
     overlay_files: HashSet<IndexId>,
@@ -180,7 +209,7 @@ impl Index {
             config_hash,
             crypto,
             state: RwLock::new(State {
-                table: None,
+                tables: Vec::new(),
                 table_files: HashSet::new(),
                 overlay: HashMap::new(),
                 overlay_files: HashSet::new(),
@@ -236,8 +265,10 @@ impl Index {
         }
     }
 
-    /// Chooses the best usable table: built for this repository and config, from index files
-    /// that all still exist, intact. Damaged and stale tables are removed.
+    /// Chooses the best usable tables: built for this repository and config, from index files
+    /// that all still exist, intact; the base is the one of the most index files, the delta
+    /// the one of the most among those that share none with the base (a delta is written
+    /// without the ids its base holds: [`Index::fold`]). Damaged and stale tables are removed.
     fn pick_table(&self, current: &BTreeSet<IndexId>, report: &mut IndexReport) {
         self.remove_leftovers();
         let mut candidates = Vec::new();
@@ -248,7 +279,7 @@ impl Index {
                     if h.repo_id == self.repo_id && h.config_hash == self.config_hash =>
                 {
                     if files.iter().all(|f| current.contains(f)) {
-                        candidates.push((files.len(), path));
+                        candidates.push((files, path));
                     } else {
                         stale += 1;
                         let _ = std::fs::remove_file(&path);
@@ -286,14 +317,19 @@ impl Index {
                 "index cache: stale (index files it was built from are gone: prune or repair ran, here or on another host, or the repository was restored from an older copy); rebuilding it".into(),
             );
         }
-        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
-        for (_, path) in candidates {
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0.len()));
+        let mut st = self.state.write().expect("no thread panics holding this");
+        for (files, path) in candidates {
+            if st.tables.len() == 2
+                || (!st.tables.is_empty()
+                    && (files.is_empty() || files.iter().any(|f| st.table_files.contains(f))))
+            {
+                continue;
+            }
             match Table::open(&path) {
                 Ok(t) => {
-                    let mut st = self.state.write().expect("no thread panics holding this");
-                    st.table_files = t.files().collect();
-                    st.table = Some(Arc::new(t));
-                    return;
+                    st.table_files.extend(files);
+                    st.tables.push(Arc::new(t));
                 }
                 Err(e) => {
                     report.notices.push(format!(
@@ -341,7 +377,7 @@ impl Index {
             .iter()
             .chain(&st.overlay_files)
             .any(|f| !current.contains(f));
-        let damaged = st.table.as_ref().is_some_and(|t| t.is_damaged());
+        let damaged = st.tables.iter().any(|t| t.is_damaged());
         if damaged {
             report.notices.push(
                 "index cache: a block of the table failed its check (the table was removed); rebuilding it from the repository's index files".into(),
@@ -352,10 +388,7 @@ impl Index {
             );
         }
         if gone || damaged {
-            st.table = None;
-            st.table_files.clear();
-            st.overlay.clear();
-            st.overlay_files.clear();
+            st.clear();
         }
         let new: Vec<IndexId> = current
             .iter()
@@ -389,11 +422,11 @@ impl Index {
                 Err(e) => return Err(e),
             }
         }
-        let first = st.table.is_none() && !st.overlay.is_empty();
+        let first = st.tables.is_empty() && !st.overlay.is_empty();
         if !runs.tables.is_empty()
             || fold_due_with(&st, runs.entries.len())
             || (first && !st.fold_failed)
-            || (st.table.is_none() && !runs.entries.is_empty())
+            || (st.tables.is_empty() && !runs.entries.is_empty())
         {
             if let Err(e) = self.fold_runs(&mut st, &mut runs) {
                 if damaged_table(&e) {
@@ -441,11 +474,7 @@ impl Index {
         for e in entries {
             // A blob stored twice (two writers at once) is found through either copy; the
             // first one seen is kept.
-            if st
-                .table
-                .as_ref()
-                .is_none_or(|t| t.get(&e.entry.id).is_none())
-            {
+            if st.in_tables(&e.entry.id).is_none() {
                 st.overlay.entry(e.entry.id).or_insert(e);
             }
         }
@@ -486,24 +515,23 @@ impl Index {
     /// Looks up a blob.
     pub fn get(&self, id: &ChunkId) -> Option<IndexEntry> {
         let st = self.state.read().expect("no thread panics holding this");
-        st.overlay
-            .get(id)
-            .copied()
-            .or_else(|| st.table.as_ref().and_then(|t| t.get(id)))
+        st.overlay.get(id).copied().or_else(|| st.in_tables(id))
     }
 
     /// Looks up `ids`, which must be sorted: `f(i, entry)` for each in turn. The table is read
-    /// front to back once ([`Table::positions_sorted`]) instead of binary-searched from the top
+    /// front to back once ([`Table::cursor`]) instead of binary-searched from the top
     /// for each id: a restore of millions of chunks from a table larger than memory reads it
     /// once rather than faulting pages in at random.
     pub fn get_sorted(&self, ids: &[ChunkId], mut f: impl FnMut(usize, Option<IndexEntry>)) {
         let st = self.state.read().expect("no thread panics holding this");
-        match &st.table {
-            Some(t) => t.positions_sorted(ids, |i, p| {
-                let e = st.overlay.get(&ids[i]).copied();
-                f(i, e.or_else(|| p.and_then(|p| t.entry_at(p))));
-            }),
-            None => (0..ids.len()).for_each(|i| f(i, st.overlay.get(&ids[i]).copied())),
+        let mut cursors: Vec<_> = st.tables.iter().rev().map(|t| (t, t.cursor())).collect();
+        for (i, id) in ids.iter().enumerate() {
+            let e = st.overlay.get(id).copied().or_else(|| {
+                cursors
+                    .iter_mut()
+                    .find_map(|(t, c)| c.seek(id).and_then(|p| t.entry_at(p)))
+            });
+            f(i, e);
         }
     }
 
@@ -512,7 +540,7 @@ impl Index {
     /// whatever came between.
     pub fn prefetch(&self, ids: &[ChunkId]) {
         let st = self.state.read().expect("no thread panics holding this");
-        if let Some(t) = &st.table {
+        for t in &st.tables {
             ids.iter().for_each(|id| t.prefetch(id));
         }
     }
@@ -536,17 +564,17 @@ impl Index {
     pub fn for_each(&self, mut f: impl FnMut(IndexEntry)) {
         let st = self.state.read().expect("no thread panics holding this");
         st.overlay.values().copied().for_each(&mut f);
-        if let Some(t) = &st.table {
+        for t in &st.tables {
             t.iter()
                 .filter(|e| !st.overlay.contains_key(&e.entry.id))
-                .for_each(f);
+                .for_each(&mut f);
         }
     }
 
     /// Number of indexed blobs.
     pub fn len(&self) -> usize {
         let st = self.state.read().expect("no thread panics holding this");
-        st.overlay.len() + st.table.as_ref().map_or(0, |t| t.len())
+        st.overlay.len() + st.tables_len()
     }
 
     /// True when nothing is indexed.
@@ -560,11 +588,11 @@ impl Index {
     /// ([`Repository::index_rows`](crate::Repository::index_rows) does both).
     pub fn rows(&self) -> Option<Rows> {
         let st = self.state.read().expect("no thread panics holding this");
-        if st.table.as_ref().is_some_and(|t| !t.check_all()) {
+        if st.tables.iter().any(|t| !t.check_all()) {
             return None;
         }
         Some(Rows::new(
-            st.table.clone(),
+            st.tables.clone(),
             st.overlay.values().copied().collect(),
         ))
     }

@@ -31,17 +31,19 @@ pub const HEAP_MAX_BYTES: u64 = 4 << 20;
 const FLUSH_EVERY: u64 = 1 << 22;
 
 /// A frozen numbering of the blobs of an [`Index`](super::Index): taken once, it does not
-/// change when the index does (the table is shared, the overlay copied).
+/// change when the index does (the tables are shared, the overlay copied). Rows of the base
+/// table come first, then those of the delta table (if any), then the overlay's.
 pub struct Rows {
-    table: Option<Arc<Table>>,
-    /// The overlay at the time, sorted by id: rows `table.len()..`.
+    /// The index's tables, base first; no id is in two of them.
+    tables: Vec<Arc<Table>>,
+    /// The overlay at the time, sorted by id: the rows after the tables'.
     extra: Vec<IndexEntry>,
 }
 
 impl Rows {
-    pub(crate) fn new(table: Option<Arc<Table>>, mut extra: Vec<IndexEntry>) -> Rows {
+    pub(crate) fn new(tables: Vec<Arc<Table>>, mut extra: Vec<IndexEntry>) -> Rows {
         extra.sort_unstable_by_key(|e| e.entry.id);
-        Rows { table, extra }
+        Rows { tables, extra }
     }
 
     /// A numbering of `entries` alone, in id order (one row per id), for blobs that are not
@@ -49,16 +51,33 @@ impl Rows {
     pub fn in_memory(mut entries: Vec<IndexEntry>) -> Rows {
         entries.sort_unstable_by_key(|e| e.entry.id);
         entries.dedup_by_key(|e| e.entry.id);
-        Rows::new(None, entries)
+        Rows::new(Vec::new(), entries)
     }
 
-    fn table_len(&self) -> u64 {
-        self.table.as_ref().map_or(0, |t| t.len() as u64)
+    fn tables_len(&self) -> u64 {
+        self.tables.iter().map(|t| t.len() as u64).sum()
+    }
+
+    /// The tables with the row of their first entry, newest (the delta) first: where lookups
+    /// look first.
+    fn newest_first(&self) -> Vec<(u64, &Table)> {
+        let mut first = 0;
+        let mut out: Vec<(u64, &Table)> = self
+            .tables
+            .iter()
+            .map(|t| {
+                let at = first;
+                first += t.len() as u64;
+                (at, &**t)
+            })
+            .collect();
+        out.reverse();
+        out
     }
 
     /// Number of rows.
     pub fn len(&self) -> u64 {
-        self.table_len() + self.extra.len() as u64
+        self.tables_len() + self.extra.len() as u64
     }
 
     /// True when there are none.
@@ -66,53 +85,52 @@ impl Rows {
         self.len() == 0
     }
 
-    /// The row of a blob, if it is indexed. A blob in both the table and the overlay has the
+    /// The row of a blob, if it is indexed. A blob in both a table and the overlay has the
     /// overlay's row, as lookups find it there first.
     pub fn row(&self, id: &ChunkId) -> Option<u64> {
         if let Ok(i) = self.extra.binary_search_by_key(id, |e| e.entry.id) {
-            return Some(self.table_len() + i as u64);
+            return Some(self.tables_len() + i as u64);
         }
-        self.table
-            .as_ref()
-            .and_then(|t| t.position(id))
-            .map(|i| i as u64)
+        self.newest_first()
+            .into_iter()
+            .find_map(|(first, t)| t.position(id).map(|i| first + i as u64))
     }
 
     /// The rows of `items`, which carry an id (`id_of`) and must be sorted by it: `f(i, row)`
-    /// for each in turn, reading the table front to back once (see
-    /// [`Table::positions_sorted_by`]); far faster than one [`row`](Self::row) each for a
-    /// snapshot's worth of ids.
+    /// for each in turn, reading each table front to back once (see [`Table::cursor`]); far
+    /// faster than one [`row`](Self::row) each for a snapshot's worth of ids.
     pub fn rows_sorted_by<'a, T>(
         &self,
         items: &'a [T],
         id_of: impl Fn(&'a T) -> &'a ChunkId,
         mut f: impl FnMut(usize, Option<u64>),
     ) {
-        let t = self.table_len();
-        let in_extra = |id: &ChunkId| self.extra.binary_search_by_key(id, |e| e.entry.id).ok();
-        match &self.table {
-            Some(table) => table.positions_sorted_by(items, &id_of, |i, p| {
-                f(
-                    i,
-                    in_extra(id_of(&items[i]))
-                        .map(|x| t + x as u64)
-                        .or(p.map(|p| p as u64)),
-                )
-            }),
-            None => {
-                (0..items.len()).for_each(|i| f(i, in_extra(id_of(&items[i])).map(|x| x as u64)))
-            }
+        let t = self.tables_len();
+        let tables = self.newest_first();
+        let mut cursors: Vec<_> = tables.iter().map(|(_, table)| table.cursor()).collect();
+        for (i, id) in items.iter().map(id_of).enumerate() {
+            let row = match self.extra.binary_search_by_key(id, |e| e.entry.id) {
+                Ok(x) => Some(t + x as u64),
+                Err(_) => tables
+                    .iter()
+                    .zip(&mut cursors)
+                    .find_map(|((first, _), c)| c.seek(id).map(|p| first + p as u64)),
+            };
+            f(i, row);
         }
     }
 
     /// The blob of a row (`None` past the end).
     pub fn entry(&self, row: u64) -> Option<IndexEntry> {
-        let t = self.table_len();
-        if row < t {
-            self.table.as_ref()?.entry_at(row as usize)
-        } else {
-            self.extra.get(usize::try_from(row - t).ok()?).copied()
+        for (first, t) in self.newest_first() {
+            if row >= first && row < first + t.len() as u64 {
+                return t.entry_at((row - first) as usize);
+            }
         }
+        let t = self.tables_len();
+        self.extra
+            .get(usize::try_from(row.checked_sub(t)?).ok()?)
+            .copied()
     }
 }
 

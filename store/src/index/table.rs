@@ -483,52 +483,13 @@ impl Table {
         None
     }
 
-    /// The positions of `ids`, which must be sorted: `f(i, position)` for each in turn. Each
-    /// search gallops forward from where the last one ended, so a sorted batch reads the
-    /// table front to back once instead of binary-searching it from the top for each id.
-    pub fn positions_sorted(&self, ids: &[ChunkId], f: impl FnMut(usize, Option<usize>)) {
-        self.positions_sorted_by(ids, |id| id, f)
-    }
-
-    /// [`positions_sorted`](Self::positions_sorted) of items that carry an id (`id_of`),
-    /// sorted by it: a batch of records is looked up without copying its ids out.
-    pub fn positions_sorted_by<'a, T>(
-        &self,
-        items: &'a [T],
-        id_of: impl Fn(&'a T) -> &'a ChunkId,
-        mut f: impl FnMut(usize, Option<usize>),
-    ) {
-        let n = self.len();
-        let mut lo = 0usize;
-        let mut ahead = Ahead::default();
-        // No Bloom filter here: a sorted batch would read its 125 MB at 10^8 entries (evicted
-        // and read again under a memory limit) besides the entries, while the gallop itself
-        // reads the table in order and settles an absent id as cheaply as a present one.
-        for (i, id) in items.iter().map(id_of).enumerate() {
-            // The first position at or after `lo` whose id is not less than `id`: gallop to a
-            // bound, then search between. (A damaged block reads as "less", and its ids are
-            // not found.)
-            let less = |at: usize| self.raw(at).is_none_or(|r| r[..32] < id.0[..]);
-            let mut step = 1usize;
-            let mut hi = lo;
-            while hi < n && less(hi) {
-                lo = hi + 1;
-                hi = lo.saturating_add(step).min(n);
-                step = step.saturating_mul(2);
-            }
-            let (mut a, mut b) = (lo, hi.min(n));
-            while a < b {
-                let mid = a + (b - a) / 2;
-                if less(mid) {
-                    a = mid + 1;
-                } else {
-                    b = mid;
-                }
-            }
-            lo = a;
-            ahead.reach(self, a);
-            let found = a < n && self.raw(a).is_some_and(|r| r[..32] == id.0[..]);
-            f(i, found.then_some(a));
+    /// A search for ids in ascending order, each starting where the last one ended
+    /// ([`Cursor::seek`]).
+    pub fn cursor(&self) -> Cursor<'_> {
+        Cursor {
+            t: self,
+            lo: 0,
+            ahead: Ahead::default(),
         }
     }
 
@@ -597,6 +558,49 @@ impl Ahead {
             t.will_need(t.entries_at + i * TABLE_ENTRY_LEN, 2 * PREFETCH_BYTES);
             self.until = i + 2 * window;
         }
+    }
+}
+
+/// A forward-only search of a table for ids in ascending order: each gallops forward from where
+/// the last one ended, so a sorted batch reads the table front to back once instead of
+/// binary-searching it from the top for each id. No Bloom filter here: a sorted batch would
+/// read its 125 MB at 10^8 entries (evicted and read again under a memory limit) besides the
+/// entries, while the gallop itself reads the table in order and settles an absent id as
+/// cheaply as a present one.
+pub struct Cursor<'a> {
+    t: &'a Table,
+    lo: usize,
+    ahead: Ahead,
+}
+
+impl Cursor<'_> {
+    /// The position of `id`, which must not be less than the last id sought, if it is in the
+    /// table. (A damaged block reads as "less", and its ids are not found.)
+    pub fn seek(&mut self, id: &ChunkId) -> Option<usize> {
+        let t = self.t;
+        let n = t.len();
+        let less = |at: usize| t.raw(at).is_none_or(|r| r[..32] < id.0[..]);
+        // The first position at or after `lo` whose id is not less than `id`: gallop to a
+        // bound, then search between.
+        let mut step = 1usize;
+        let mut hi = self.lo;
+        while hi < n && less(hi) {
+            self.lo = hi + 1;
+            hi = self.lo.saturating_add(step).min(n);
+            step = step.saturating_mul(2);
+        }
+        let (mut a, mut b) = (self.lo, hi.min(n));
+        while a < b {
+            let mid = a + (b - a) / 2;
+            if less(mid) {
+                a = mid + 1;
+            } else {
+                b = mid;
+            }
+        }
+        self.lo = a;
+        self.ahead.reach(t, a);
+        (a < n && t.raw(a).is_some_and(|r| r[..32] == id.0[..])).then_some(a)
     }
 }
 
@@ -790,8 +794,12 @@ mod tests {
             batch.extend(absent.clone().step_by(stride));
             batch.push(ids[0]);
             batch.sort();
-            let mut got = Vec::new();
-            t.positions_sorted(&batch, |i, p| got.push((i, p)));
+            let mut cursor = t.cursor();
+            let got: Vec<_> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (i, cursor.seek(id)))
+                .collect();
             let want: Vec<_> = batch
                 .iter()
                 .enumerate()

@@ -28,6 +28,14 @@ fn open(mem: &MemBackend, password: &str) -> crate::Result<Repository> {
     Ok(repo)
 }
 
+/// Opens an unencrypted repository with its index cache in `cache`.
+fn open_with_cache(mem: &MemBackend, cache: &std::path::Path) -> Repository {
+    let repo = Repository::open(Arc::new(mem.clone()), &mut || Ok(String::new())).unwrap();
+    repo.load_index(&CacheLocation::Dir(cache.to_owned()))
+        .unwrap();
+    repo
+}
+
 /// A new unencrypted repository in memory, open.
 fn unencrypted() -> (MemBackend, Repository) {
     let mem = MemBackend::new();
@@ -610,12 +618,7 @@ fn leftovers_of_killed_table_writers_are_removed_and_live_ones_kept() {
     let (mem, writer) = unencrypted();
     store(&writer, &[b"one".as_slice(), b"two".as_slice()]);
     let base = tempfile::tempdir().unwrap();
-    let open_cached = || {
-        let repo = Repository::open(Arc::new(mem.clone()), &mut || Ok(String::new())).unwrap();
-        repo.load_index(&CacheLocation::Dir(base.path().to_owned()))
-            .unwrap();
-        repo
-    };
+    let open_cached = || open_with_cache(&mem, base.path());
     let dir = open_cached().index().unwrap().cache_dir().to_owned();
     assert_eq!(cache_tables(&dir).len(), 1);
     let old = dir.join(".0123.tbl.0123456789abcdef.tmp");
@@ -634,4 +637,86 @@ fn leftovers_of_killed_table_writers_are_removed_and_live_ones_kept() {
     assert!(!old.exists(), "an hour-old leftover is removed");
     assert!(fresh.exists(), "a file being written is left alone");
     assert_eq!(cache_tables(&dir).len(), 1, "the table stays");
+}
+
+/// Index files that appear after a large table are folded into a delta table beside it, which
+/// the next fold rewrites while the base stays as it is; every blob is found by one lookup, in
+/// a sorted batch and by row, with no id in two tables; a new process uses both tables; and
+/// once the delta would hold more than a sixteenth of the base, one table holds everything.
+#[test]
+fn index_files_after_a_large_table_fold_into_a_delta_beside_it() {
+    use std::os::unix::fs::MetadataExt;
+    let (mem, writer) = unencrypted();
+    // The base: 70,000 entries, folded at once. (Unit tests fold the overlay at 4096 entries.)
+    writer
+        .write_index_file(vec![(PackId([1; 16]), (0..70_000).map(entry).collect())])
+        .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let open_cached = || open_with_cache(&mem, cache.path());
+    let reader = open_cached();
+    let dir = reader.index().unwrap().cache_dir().to_owned();
+    let [base] = cache_tables(&dir).try_into().unwrap();
+    let inode = std::fs::metadata(&base).unwrap().ino();
+    // 4100 new entries, 2000 of them blobs the base holds already (a second copy, in another
+    // pack): folded into a delta, without those.
+    let add = |range: std::ops::Range<u32>, pack: u8| {
+        writer
+            .write_index_file(vec![(PackId([pack; 16]), range.map(entry).collect())])
+            .unwrap();
+    };
+    add(68_000..70_000, 2);
+    add(100_000..102_100, 3);
+    reader.refresh_index().unwrap();
+    let tables = cache_tables(&dir);
+    assert_eq!(tables.len(), 2, "a base and a delta");
+    assert_eq!(
+        std::fs::metadata(&base).unwrap().ino(),
+        inode,
+        "the base stays"
+    );
+    let delta = tables.iter().find(|t| **t != base).unwrap().clone();
+    let delta_len = crate::index::table::Table::open(&delta).unwrap().len();
+    assert_eq!(delta_len, 2100, "the delta leaves out what the base holds");
+    let found = |repo: &Repository, ids: &[u32]| {
+        let index = repo.index().unwrap();
+        let rows = repo.index_rows().unwrap();
+        assert_eq!(rows.len(), index.len() as u64);
+        let mut sorted: Vec<ChunkId> = ids.iter().map(|i| entry(*i).id).collect();
+        sorted.sort();
+        let mut batch = Vec::new();
+        index.get_sorted(&sorted, |i, e| batch.push((i, e.map(|e| e.entry.id))));
+        let mut by_row = Vec::new();
+        rows.rows_sorted_by(&sorted, |id| id, |i, r| by_row.push((i, r)));
+        for (i, id) in sorted.iter().enumerate() {
+            assert_eq!(index.get(id).map(|e| e.entry.id), Some(*id));
+            assert_eq!(batch[i], (i, Some(*id)));
+            let row = rows.row(id).expect("a row");
+            assert_eq!(by_row[i], (i, Some(row)));
+            assert_eq!(rows.entry(row).unwrap().entry.id, *id);
+        }
+    };
+    let sample: Vec<u32> = (0..70_000)
+        .step_by(97)
+        .chain((100_000..102_100).step_by(7))
+        .collect();
+    found(&reader, &sample);
+    assert_eq!(reader.index().unwrap().len(), 72_100, "no id counted twice");
+    // A new process picks both tables.
+    let again = open_cached();
+    assert_eq!(again.index().unwrap().len(), 72_100);
+    found(&again, &sample);
+    // Another 4100: the delta would hold 8200, more than 70,000 / 16: one table again.
+    add(200_000..204_100, 4);
+    again.refresh_index().unwrap();
+    let [merged] = cache_tables(&dir).try_into().unwrap();
+    assert!(merged != base && merged != delta);
+    assert_eq!(again.index().unwrap().len(), 76_200);
+    found(
+        &again,
+        &sample
+            .iter()
+            .copied()
+            .chain((200_000..204_100).step_by(13))
+            .collect::<Vec<_>>(),
+    );
 }
