@@ -467,17 +467,72 @@ impl Table {
     }
 
     /// The position of a blob in the table's id order (its row), if it is there.
+    ///
+    /// Ids are keyed hashes, spread evenly: an id's row is close to its share of the id space
+    /// times the row count (within a few thousand rows at 10^8 entries), so the search starts
+    /// there and gallops outwards instead of bisecting the whole table. A lookup the filter
+    /// lets through touches a few blocks near the guess; bisection touched 15 or more far
+    /// apart, each a page fault and a 56 KiB block check under a memory limit (at 10^8, the
+    /// filter's 1% false positives were most of a backup's reads). Ids spread unevenly only
+    /// gallop further.
     pub fn position(&self, id: &ChunkId) -> Option<usize> {
+        use std::cmp::Ordering::{Equal, Greater, Less};
         if !self.may_contain(id) {
             return None;
         }
-        let (mut lo, mut hi) = (0usize, self.header.entries as usize);
+        let n = self.header.entries as usize;
+        if n == 0 {
+            return None;
+        }
+        // A damaged block answers nothing: its ids are not found.
+        let cmp = |at: usize| self.raw(at).map(|r| r[..32].cmp(&id.0[..]));
+        let prefix = u64::from_be_bytes(id.0[..8].try_into().expect("eight bytes"));
+        let guess = ((u128::from(prefix) * n as u128) >> 64) as usize;
+        // Every entry before `lo` is less than `id`, every one from `hi` on greater.
+        let (mut lo, mut hi) = (0, n);
+        let mut step = 1usize;
+        match cmp(guess)? {
+            Equal => return Some(guess),
+            Less => {
+                lo = guess + 1;
+                loop {
+                    let at = lo.saturating_add(step - 1);
+                    if at >= n {
+                        break;
+                    }
+                    match cmp(at)? {
+                        Less => lo = at + 1,
+                        Equal => return Some(at),
+                        Greater => {
+                            hi = at;
+                            break;
+                        }
+                    }
+                    step = step.saturating_mul(2);
+                }
+            }
+            Greater => {
+                hi = guess;
+                while hi > 0 {
+                    let at = hi - step.min(hi);
+                    match cmp(at)? {
+                        Less => {
+                            lo = at + 1;
+                            break;
+                        }
+                        Equal => return Some(at),
+                        Greater => hi = at,
+                    }
+                    step = step.saturating_mul(2);
+                }
+            }
+        }
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            match self.raw(mid)?[..32].cmp(&id.0[..]) {
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => return Some(mid),
+            match cmp(mid)? {
+                Less => lo = mid + 1,
+                Greater => hi = mid,
+                Equal => return Some(mid),
             }
         }
         None
@@ -710,6 +765,53 @@ mod tests {
         }
     }
 
+    /// Writes a table of `ids`, all in one pack, its filter sized for `max` entries.
+    fn table_of(path: &Path, ids: &[ChunkId], max: u64) -> std::io::Result<()> {
+        write_table(
+            path,
+            [7; 16],
+            [8; 32],
+            &[],
+            &[PackId([1; 16])],
+            ids.iter().map(|id| encode_entry(0, &entry(*id, 0))),
+            max,
+        )
+    }
+
+    /// Lookups start at an id's share of the table and gallop outwards: they find every id
+    /// and no other, whether ids are spread evenly (keyed hashes) or bunched up (here 3/4 of
+    /// them under one prefix byte and the rest at the top), where the first guess is far off.
+    #[test]
+    fn lookups_find_every_id_however_the_ids_are_spread() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = |i: u32| *blake3::hash(&i.to_le_bytes()).as_bytes();
+        let bunched = |i: u32| {
+            let mut id = hash(i);
+            let top = i.is_multiple_of(4);
+            id[0] = if top { 0xff } else { 0 };
+            id[1] = if top { 0xff } else { id[1] % 3 };
+            id
+        };
+        for (name, make) in [
+            ("even", &hash as &dyn Fn(u32) -> [u8; 32]),
+            ("bunched", &bunched),
+        ] {
+            let path = dir.path().join(format!("{name}.tbl"));
+            let mut ids: Vec<ChunkId> = (0..20_000).map(|i| ChunkId(make(i))).collect();
+            ids.sort();
+            table_of(&path, &ids, ids.len() as u64).unwrap();
+            let t = Table::open(&path).unwrap();
+            for (i, id) in ids.iter().enumerate() {
+                assert_eq!(t.position(id), Some(i), "{name}: id {i}");
+            }
+            for i in 20_000..40_000 {
+                let absent = ChunkId(make(i));
+                assert_eq!(t.position(&absent), None, "{name}: absent {i}");
+            }
+            assert!(!t.is_damaged());
+        }
+    }
+
     /// A filter of several check groups (the last one shorter) is written front to back,
     /// passes its checks, holds every id and few others; entries out of order are refused.
     #[test]
@@ -721,17 +823,7 @@ mod tests {
         ids.sort();
         let blocks = blocks_for(ids.len() as u64);
         assert!(blocks > 4 * FILTER_UNIT && !blocks.is_multiple_of(FILTER_UNIT));
-        let write = |ids: &[ChunkId]| {
-            write_table(
-                &path,
-                [7; 16],
-                [8; 32],
-                &[],
-                &[PackId([1; 16])],
-                ids.iter().map(|id| encode_entry(0, &entry(*id, 0))),
-                250_000,
-            )
-        };
+        let write = |ids: &[ChunkId]| table_of(&path, ids, 250_000);
         write(&ids).unwrap();
         let t = Table::open(&path).unwrap();
         assert!(t.check_all() && !t.is_damaged());
