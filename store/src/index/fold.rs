@@ -128,12 +128,13 @@ impl Index {
         // overlay, the incoming entries, then the runs in order. Tables' entries go through as bytes,
         // with their pack numbers mapped to the new table's (at 10^8 entries, decoding each,
         // looking its pack up in a hash map and encoding it again was most of a rebuild).
-        // A delta leaves out what its base holds: the overlay's entries are in no table
-        // already, an incoming file's or a run's may be in the base (one filter probe each).
+        // A delta leaves out what its base holds (one filter probe each): the overlay takes a
+        // process's own index files without a lookup (Index::add_file), so its entries may be
+        // in the base too, as may an incoming file's or a run's.
         let b = base.as_ref();
         let mut inputs = Vec::new();
         inputs.extend(olds.iter().map(|t| table_input(t, &number)));
-        inputs.push(memory_input(&overlay, &number));
+        inputs.push(not_in(b, memory_input(&overlay, &number)));
         inputs.push(not_in(b, memory_input(incoming, &number)));
         inputs.extend(runs.iter().map(|r| not_in(b, table_input(r, &number))));
         let merged = merge_sorted(inputs);

@@ -701,6 +701,12 @@ fn index_files_after_a_large_table_fold_into_a_delta_beside_it() {
         .collect();
     found(&reader, &sample);
     assert_eq!(reader.index().unwrap().len(), 72_100, "no id counted twice");
+    // The writer took its own files into its overlay without looking them up (2000 of those
+    // ids are in its base), and folded them into a delta the same way.
+    let own = writer.index().unwrap().cache_dir().to_owned();
+    assert_eq!(cache_tables(&own).len(), 2, "the writer's base and delta");
+    assert_eq!(writer.index().unwrap().len(), 72_100);
+    found(&writer, &sample);
     // A new process picks both tables.
     let again = open_cached();
     assert_eq!(again.index().unwrap().len(), 72_100);
