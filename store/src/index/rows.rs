@@ -36,6 +36,8 @@ const FLUSH_EVERY: u64 = 1 << 22;
 pub struct Rows {
     /// The index's tables, base first; no id is in two of them.
     tables: Vec<Arc<Table>>,
+    /// The row of each table's first entry.
+    firsts: Vec<u64>,
     /// The overlay at the time, sorted by id: the rows after the tables'.
     extra: Vec<IndexEntry>,
 }
@@ -43,7 +45,19 @@ pub struct Rows {
 impl Rows {
     pub(crate) fn new(tables: Vec<Arc<Table>>, mut extra: Vec<IndexEntry>) -> Rows {
         extra.sort_unstable_by_key(|e| e.entry.id);
-        Rows { tables, extra }
+        let firsts = tables
+            .iter()
+            .scan(0, |first, t| {
+                let at = *first;
+                *first += t.len() as u64;
+                Some(at)
+            })
+            .collect();
+        Rows {
+            tables,
+            firsts,
+            extra,
+        }
     }
 
     /// A numbering of `entries` alone, in id order (one row per id), for blobs that are not
@@ -60,19 +74,12 @@ impl Rows {
 
     /// The tables with the row of their first entry, newest (the delta) first: where lookups
     /// look first.
-    fn newest_first(&self) -> Vec<(u64, &Table)> {
-        let mut first = 0;
-        let mut out: Vec<(u64, &Table)> = self
-            .tables
+    fn newest_first(&self) -> impl Iterator<Item = (u64, &Table)> + '_ {
+        self.firsts
             .iter()
-            .map(|t| {
-                let at = first;
-                first += t.len() as u64;
-                (at, &**t)
-            })
-            .collect();
-        out.reverse();
-        out
+            .copied()
+            .zip(self.tables.iter().map(|t| &**t))
+            .rev()
     }
 
     /// Number of rows.
@@ -92,7 +99,6 @@ impl Rows {
             return Some(self.tables_len() + i as u64);
         }
         self.newest_first()
-            .into_iter()
             .find_map(|(first, t)| t.position(id).map(|i| first + i as u64))
     }
 
@@ -106,7 +112,7 @@ impl Rows {
         mut f: impl FnMut(usize, Option<u64>),
     ) {
         let t = self.tables_len();
-        let tables = self.newest_first();
+        let tables: Vec<(u64, &Table)> = self.newest_first().collect();
         let mut cursors: Vec<_> = tables.iter().map(|(_, table)| table.cursor()).collect();
         for (i, id) in items.iter().map(id_of).enumerate() {
             let row = match self.extra.binary_search_by_key(id, |e| e.entry.id) {
