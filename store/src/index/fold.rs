@@ -1,66 +1,31 @@
-//! Folding into tables: the overlay, an index file due for it, or the sorted runs of a
-//! rebuild are merged with the current tables (or the delta table alone) into a new one (a
-//! k-way merge over a heap), which the index uses from then on.
+//! Folding into tables: the overlay, an index file due for it, or the index files a refresh
+//! gathered (in memory, or spilled by id prefix: [`gather`](super::gather)) are merged with the
+//! current tables (or the delta table alone) into a new one (a k-way merge over a heap), which
+//! the index uses from then on.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use super::gather::{Gathered, Spilled};
 use super::table::{encode_entry, pack_number, renumber, write_table, EntryBytes, Table};
 use super::{table_name, Index, IndexEntry, State, DELTA_RATIO};
 use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, IndexId, PackId};
 
 impl Index {
-    /// Writes the entries gathered so far as a sorted run (a temporary table).
-    pub(super) fn write_run(&self, runs: &mut Runs) -> Result<()> {
-        runs.entries.sort_by_key(|e| e.entry.id);
-        runs.entries.dedup_by_key(|e| e.entry.id);
-        let mut packs: Vec<PackId> = runs.entries.iter().map(|e| e.pack).collect();
-        packs.sort_unstable();
-        packs.dedup();
-        let path = self.dir.join(format!(
-            ".run-{}.tmp",
-            crate::id::to_hex(
-                &crate::id::random_bytes::<8>().map_err(|e| StoreError::io(&self.dir, e))?
-            )
-        ));
-        let number = |p: &PackId| packs.binary_search(p).expect("listed") as u32;
-        write_table(
-            &path,
-            self.repo_id,
-            self.config_hash,
-            &[],
-            &packs,
-            runs.entries
-                .iter()
-                .map(|e| encode_entry(number(&e.pack), &e.entry)),
-            runs.entries.len() as u64,
-        )
-        .map_err(|e| StoreError::io(&path, e))?;
-        let table = Table::open(&path);
-        // Unlinked at once: this process keeps it mapped, nothing is left behind.
-        let _ = std::fs::remove_file(&path);
-        let table = table.map_err(|e| e.at(&path, "index cache run"))?;
-        runs.tables.push((table, std::mem::take(&mut runs.files)));
-        runs.entries = Vec::new();
-        Ok(())
+    /// Folds the overlay and the index files gathered into a new table.
+    pub(super) fn fold_gathered(&self, st: &mut State, gathered: &mut Gathered) -> Result<()> {
+        gathered.entries.sort_by_key(|e| e.entry.id);
+        let files = std::mem::take(&mut gathered.files);
+        let entries = std::mem::take(&mut gathered.entries);
+        let result = self.fold(st, &files, &entries, gathered.spilled());
+        // Given back, for Gathered::into_overlay after a failure.
+        gathered.files = files;
+        gathered.entries = entries;
+        result
     }
 
-    /// Folds the overlay, the runs and the entries gathered into a new table.
-    pub(super) fn fold_runs(&self, st: &mut State, runs: &mut Runs) -> Result<()> {
-        runs.entries.sort_by_key(|e| e.entry.id);
-        let files: Vec<IndexId> = runs
-            .tables
-            .iter()
-            .flat_map(|(_, f)| f.iter())
-            .chain(&runs.files)
-            .copied()
-            .collect();
-        let tables: Vec<&Table> = runs.tables.iter().map(|(t, _)| t).collect();
-        self.fold(st, &files, &runs.entries, &tables)
-    }
-
-    /// Merges the overlay, the `incoming` entries (sorted by id) and the sorted `runs`, which
+    /// Merges the overlay, the `incoming` entries (sorted by id) and the `spilled` ones, which
     /// together hold index files `incoming_files`, with the tables into a new table, and uses
     /// it from now on. While that is small next to the base table, only the delta table is
     /// merged: the new table is the new delta, without the ids the base holds, and the base
@@ -70,7 +35,7 @@ impl Index {
         st: &mut State,
         incoming_files: &[IndexId],
         incoming: &[IndexEntry],
-        runs: &[&Table],
+        mut spilled: Option<&mut Spilled>,
     ) -> Result<()> {
         let all: BTreeSet<IndexId> = st
             .table_files
@@ -80,7 +45,8 @@ impl Index {
             .copied()
             .collect();
         let delta_len = st.tables.get(1).map_or(0, |t| t.len());
-        let new = st.overlay.len() + incoming.len() + runs.iter().map(|r| r.len()).sum::<usize>();
+        let spilled_len = spilled.as_ref().map_or(0, |s| s.len() as usize);
+        let new = st.overlay.len() + incoming.len() + spilled_len;
         let base = st
             .tables
             .first()
@@ -113,7 +79,7 @@ impl Index {
             .iter()
             .chain(incoming)
             .map(|e| e.pack)
-            .chain(runs.iter().flat_map(|r| r.packs().iter().copied()));
+            .chain(spilled.iter().flat_map(|s| s.packs().iter().copied()));
         for p in more {
             number.entry(p).or_insert_with(|| {
                 packs.push(p);
@@ -123,20 +89,22 @@ impl Index {
         let max = olds.iter().map(|t| t.len()).sum::<usize>()
             + overlay.len()
             + incoming.len()
-            + runs.iter().map(|r| r.len()).sum::<usize>();
+            + spilled_len;
         // Of a blob stored twice, the first source's copy is kept: the old tables, the
-        // overlay, the incoming entries, then the runs in order. Tables' entries go through as bytes,
+        // overlay, the incoming entries, then the spilled ones. Tables' entries go through as bytes,
         // with their pack numbers mapped to the new table's (at 10^8 entries, decoding each,
         // looking its pack up in a hash map and encoding it again was most of a rebuild).
         // A delta leaves out what its base holds (one filter probe each): the overlay takes a
         // process's own index files without a lookup (Index::add_file), so its entries may be
-        // in the base too, as may an incoming file's or a run's.
+        // in the base too, as may an incoming file's or a spilled one.
         let b = base.as_ref();
         let mut inputs = Vec::new();
         inputs.extend(olds.iter().map(|t| table_input(t, &number)));
         inputs.push(not_in(b, memory_input(&overlay, &number)));
         inputs.push(not_in(b, memory_input(incoming, &number)));
-        inputs.extend(runs.iter().map(|r| not_in(b, table_input(r, &number))));
+        if let Some(s) = spilled.as_deref_mut() {
+            inputs.push(not_in(b, Box::new(s.sorted(&number))));
+        }
         let merged = merge_sorted(inputs);
         let files_vec: Vec<IndexId> = files.iter().copied().collect();
         let path = self.dir.join(table_name(&files));
@@ -150,18 +118,17 @@ impl Index {
             max as u64,
         )
         .map_err(|e| StoreError::io(&path, e))?;
-        // The new table must hold every entry of the old one and of the runs: a damaged block,
+        if let Some(e) = spilled.and_then(|s| s.failed()) {
+            let _ = std::fs::remove_file(&path);
+            return Err(StoreError::io(&self.dir, e));
+        }
+        // The new table must hold every entry of the old tables: a damaged block,
         // skipped by their iterators, would leave some out of a table that claims their index
         // files. The merge touched every block, so it is known now, without a pass of its own
         // (which read a 5.7 GB table twice at 10^8 entries, as the page cache cannot keep it
         // under a tight memory limit). A damaged table is dropped (with everything this
         // process knew: the next refresh reads it all again), and so is the new one.
-        if let Some(t) = olds
-            .iter()
-            .map(|t| &**t)
-            .chain(runs.iter().copied())
-            .find(|t| t.is_damaged())
-        {
+        if let Some(t) = olds.iter().find(|t| t.is_damaged()) {
             let _ = std::fs::remove_file(&path);
             let e = StoreError::Corrupt {
                 path: t.path().to_owned(),
@@ -278,29 +245,4 @@ const DAMAGED_TABLE: &str = "damaged index cache table";
 /// writing one.
 pub(super) fn damaged_table(e: &StoreError) -> bool {
     matches!(e, StoreError::Corrupt { what, .. } if *what == DAMAGED_TABLE)
-}
-
-/// Index files read by a refresh, not yet in a table: sorted runs already written (each with
-/// the index files it holds), and the entries of the files gathered since.
-#[derive(Default)]
-pub(super) struct Runs {
-    pub(super) files: Vec<IndexId>,
-    pub(super) entries: Vec<IndexEntry>,
-    pub(super) tables: Vec<(Table, Vec<IndexId>)>,
-}
-
-impl Runs {
-    /// Puts what was gathered into the overlay instead (a small refresh, or a cache folder that
-    /// cannot be written). A run that fails its checks is left out with its index files, which
-    /// the next refresh reads again: the overlay never claims a file whose entries it lacks.
-    pub(super) fn into_overlay(self, st: &mut State) {
-        for (t, files) in &self.tables {
-            if t.check_all() {
-                Index::add_entries_only(st, t.iter());
-                st.overlay_files.extend(files);
-            }
-        }
-        Index::add_entries_only(st, self.entries);
-        st.overlay_files.extend(self.files);
-    }
 }

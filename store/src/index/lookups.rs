@@ -11,11 +11,10 @@
 //! merged with the table's slice for that prefix, which is contiguous and small enough to stay
 //! in memory while it is searched: the table is read once, the ids written and read once.
 
-use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use super::rows::Rows;
+use super::spill::{read_records, write_partitioned, Record as SpillRecord, Spill};
 use crate::error::StoreError;
 use crate::id::ChunkId;
 
@@ -26,26 +25,28 @@ pub type Record = (ChunkId, u64);
 pub const RUN: usize = 1 << 20;
 /// Table rows per partition: a partition's slice of the table (56 bytes a row) is about 56 MiB.
 const SLICE_ROWS: u64 = 1 << 20;
-/// Bytes of a record in a scratch file: the id, then the tag (u64, little-endian).
-const RECORD_LEN: usize = 40;
 /// Prefix bits a partition too large for one run is split by again.
 const SPLIT_BITS: u32 = 4;
-/// Bytes gathered per partition before they are written.
-const WRITE_BYTES: usize = 1 << 20;
 
-/// The partition of `id` among `2^bits`, counting prefix bits from bit `from`.
-fn partition(id: &ChunkId, from: u32, bits: u32) -> usize {
-    if bits == 0 {
-        return 0;
+/// In a scratch file: the id, then the tag (u64, little-endian).
+impl SpillRecord for Record {
+    const LEN: usize = 40;
+
+    fn id(&self) -> &[u8; 32] {
+        &self.0 .0
     }
-    let top = u64::from_be_bytes(id.0[..8].try_into().expect("eight bytes"));
-    (top << from >> (64 - bits)) as usize
-}
 
-/// A scratch file of records, unlinked at once.
-struct Spill {
-    file: File,
-    records: u64,
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.0 .0);
+        out.extend_from_slice(&self.1.to_le_bytes());
+    }
+
+    fn get(raw: &[u8]) -> Self {
+        (
+            ChunkId(raw[..32].try_into().expect("32 bytes")),
+            u64::from_le_bytes(raw[32..40].try_into().expect("8 bytes")),
+        )
+    }
 }
 
 /// Ids to look up in a frozen numbering of the index ([`Rows`]), each with a tag; resolved in
@@ -111,10 +112,7 @@ impl<'r> Lookups<'r> {
     /// Writes the (sorted) buffer out to the partitions' files.
     fn spill(&mut self) -> Result<(), StoreError> {
         if self.parts.is_empty() {
-            for _ in 0..1usize << self.bits {
-                let file = tempfile::tempfile_in(&self.scratch).map_err(|e| self.io(e))?;
-                self.parts.push(Spill { file, records: 0 });
-            }
+            self.parts = Spill::many(&self.scratch, 1 << self.bits).map_err(|e| self.io(e))?;
         }
         let buf = std::mem::take(&mut self.buf);
         write_partitioned(&buf, 0, self.bits, &mut self.parts).map_err(|e| self.io(e))?;
@@ -152,18 +150,15 @@ impl<'r> Lookups<'r> {
         f: &mut impl FnMut(Option<u64>, &[Record]) -> Result<(), E>,
     ) -> Result<(), E> {
         let io = |e| E::from(self.io(e));
-        part.file.seek(SeekFrom::Start(0)).map_err(io)?;
-        let mut reader = BufReader::with_capacity(WRITE_BYTES, &part.file);
-        let fits = part.records <= self.run as u64;
+        let records = part.records;
+        let mut reader = part.reader().map_err(io)?;
+        let fits = records <= self.run as u64;
         if !fits && bits + SPLIT_BITS <= 64 {
-            let mut subs = Vec::new();
-            for _ in 0..1usize << SPLIT_BITS {
-                let file = tempfile::tempfile_in(&self.scratch).map_err(io)?;
-                subs.push(Spill { file, records: 0 });
-            }
-            let mut left = part.records;
+            let mut subs = Spill::many(&self.scratch, 1 << SPLIT_BITS).map_err(io)?;
+            let mut left = records;
             while left > 0 {
-                let mut batch = read_records(&mut reader, left.min(self.run as u64)).map_err(io)?;
+                let mut batch: Vec<Record> =
+                    read_records(&mut reader, left.min(self.run as u64)).map_err(io)?;
                 left -= batch.len() as u64;
                 batch.sort_unstable();
                 write_partitioned(&batch, bits, SPLIT_BITS, &mut subs).map_err(io)?;
@@ -177,9 +172,10 @@ impl<'r> Lookups<'r> {
         }
         // Fits, or 64 bits of prefix alike (so nearly all one id, which deduplication shrinks):
         // in runs, each sorted and resolved on its own.
-        let mut left = part.records;
+        let mut left = records;
         while left > 0 {
-            let mut batch = read_records(&mut reader, left.min(self.run as u64)).map_err(io)?;
+            let mut batch: Vec<Record> =
+                read_records(&mut reader, left.min(self.run as u64)).map_err(io)?;
             left -= batch.len() as u64;
             sort_dedup(&mut batch, self.one_per_id);
             resolve_batch(self.rows, &batch, f)?;
@@ -195,52 +191,6 @@ fn sort_dedup(records: &mut Vec<Record>, one_per_id: bool) {
     } else {
         records.dedup();
     }
-}
-
-/// Appends `records`, sorted by id, to the files of their partitions (`bits` prefix bits after
-/// the first `from`), a large write(2) at a time. Sorted, each partition's records are one
-/// stretch of them, written through one buffer: a buffer per partition held the whole run a
-/// second time (40 MiB more at 10^8 chunks, where verify peaked at 223 MiB in 256).
-fn write_partitioned(
-    records: &[Record],
-    from: u32,
-    bits: u32,
-    parts: &mut [Spill],
-) -> std::io::Result<()> {
-    debug_assert!(records.is_sorted());
-    let mut buf = Vec::with_capacity(WRITE_BYTES);
-    let mut rest = records;
-    while let Some(first) = rest.first() {
-        let p = partition(&first.0, from, bits);
-        let len = rest.partition_point(|r| partition(&r.0, from, bits) == p);
-        let (stretch, after) = rest.split_at(len);
-        for piece in stretch.chunks(WRITE_BYTES / RECORD_LEN) {
-            buf.clear();
-            for (id, tag) in piece {
-                buf.extend_from_slice(&id.0);
-                buf.extend_from_slice(&tag.to_le_bytes());
-            }
-            parts[p].file.write_all(&buf)?;
-        }
-        parts[p].records += len as u64;
-        rest = after;
-    }
-    Ok(())
-}
-
-/// Reads `n` records.
-fn read_records(reader: &mut impl Read, n: u64) -> std::io::Result<Vec<Record>> {
-    let mut out = Vec::with_capacity(n as usize);
-    let mut raw = [0u8; RECORD_LEN];
-    for _ in 0..n {
-        reader.read_exact(&mut raw)?;
-        let id = ChunkId(raw[..32].try_into().expect("32 bytes"));
-        out.push((
-            id,
-            u64::from_le_bytes(raw[32..].try_into().expect("8 bytes")),
-        ));
-    }
-    Ok(out)
 }
 
 /// Resolves sorted, deduplicated records: one sorted pass over the rows, one call per id.

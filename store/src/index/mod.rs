@@ -11,8 +11,10 @@
 pub mod file;
 mod filter;
 mod fold;
+mod gather;
 pub mod lookups;
 pub mod rows;
+mod spill;
 pub mod table;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -27,7 +29,8 @@ use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, IndexId, PackId};
 use crate::pack::PackEntry;
 use file::IndexFile;
-use fold::{damaged_table, Runs};
+use fold::damaged_table;
+use gather::Gathered;
 use rows::Rows;
 use table::{Table, TableError, TABLE_VERSION};
 
@@ -75,9 +78,10 @@ const OVERLAY_MAX: usize = if cfg!(test) { 1 << 12 } else { 1 << 17 };
 /// A temporary file in the cache folder that nobody has written for this long is a leftover of
 /// a killed process.
 const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
-/// A rebuild reads index files into sorted runs of this many entries (about 40 MiB), each
-/// written as a temporary table, and merges them at the end: memory stays bounded however many
-/// index files there are. (Unit tests use small runs, so that they merge many.)
+/// A refresh keeps the entries of the index files it reads in memory up to this many (about 40
+/// MiB), and past it spills them to scratch files by id prefix, in partitions of about this
+/// many entries each ([`gather`]): memory stays bounded however many index files there are.
+/// (Unit tests use small runs, so that they spill and split partitions.)
 const RUN_ENTRIES: usize = if cfg!(test) { 1 << 12 } else { 1 << 19 };
 
 /// A fold writes a new delta table rather than a new base while the delta would hold at most
@@ -396,7 +400,8 @@ impl Index {
             .copied()
             .collect();
         let mut vanished = false;
-        let mut runs = Runs::default();
+        let mut gathered = Gathered::default();
+        let expected = new.len();
         for id in new {
             match read_index_file(backend, &id, &self.crypto) {
                 Ok(file) => {
@@ -405,14 +410,9 @@ impl Index {
                         Self::add_locked(&mut st, id, &file);
                         continue;
                     }
-                    runs.files.push(id);
-                    runs.entries.extend(IndexEntry::of_file(file));
-                    if runs.entries.len() >= RUN_ENTRIES {
-                        if let Err(e) = self.write_run(&mut runs) {
-                            self.fold_failed(&mut st, report, &e);
-                            runs.into_overlay(&mut st);
-                            runs = Runs::default();
-                        }
+                    if let Err(e) = gathered.add(&self.dir, id, file, expected) {
+                        self.fold_failed(&mut st, report, &StoreError::io(&self.dir, e));
+                        std::mem::take(&mut gathered).into_overlay(&mut st);
                     }
                 }
                 Err(e) if e.is_corrupt() => {
@@ -423,12 +423,12 @@ impl Index {
             }
         }
         let first = st.tables.is_empty() && !st.overlay.is_empty();
-        if !runs.tables.is_empty()
-            || fold_due_with(&st, runs.entries.len())
+        if gathered.is_spilled()
+            || fold_due_with(&st, gathered.entries.len())
             || (first && !st.fold_failed)
-            || (st.tables.is_empty() && !runs.entries.is_empty())
+            || (st.tables.is_empty() && !gathered.entries.is_empty())
         {
-            if let Err(e) = self.fold_runs(&mut st, &mut runs) {
+            if let Err(e) = self.fold_gathered(&mut st, &mut gathered) {
                 if damaged_table(&e) {
                     // The table was dropped: list and read everything again.
                     report
@@ -437,10 +437,10 @@ impl Index {
                     return Ok(true);
                 }
                 self.fold_failed(&mut st, report, &e);
-                runs.into_overlay(&mut st);
+                gathered.into_overlay(&mut st);
             }
         } else {
-            runs.into_overlay(&mut st);
+            gathered.into_overlay(&mut st);
         }
         Ok(vanished)
     }
@@ -514,7 +514,7 @@ impl Index {
         }
         let mut incoming = IndexEntry::of_file(file);
         incoming.sort_by_key(|e| e.entry.id);
-        if let Err(e) = self.fold(st, &[id], &incoming, &[]) {
+        if let Err(e) = self.fold(st, &[id], &incoming, None) {
             if damaged_table(&e) {
                 report
                     .notices

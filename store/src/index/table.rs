@@ -144,6 +144,30 @@ pub fn encode_entry(pack: u32, e: &PackEntry) -> EntryBytes {
     b
 }
 
+/// Decodes an entry's bytes, its pack number into `packs`.
+pub fn decode_entry(raw: &[u8], packs: &[PackId]) -> Result<IndexEntry, DecodeError> {
+    let mut d = Decoder::new(raw);
+    let id = ChunkId(d.array()?);
+    let pack = d.u32()?;
+    let kind = BlobKind::from_u8(d.u8()?)?;
+    let compression = Compression::from_u8(d.u8()?)?;
+    crate::codec::reserved(d.u16()?.into(), "table entry reserved")?;
+    let pack = *packs
+        .get(pack as usize)
+        .ok_or_else(|| invalid("table pack number", format!("{pack}")))?;
+    Ok(IndexEntry {
+        pack,
+        entry: PackEntry {
+            id,
+            kind,
+            compression,
+            offset: d.u64()?,
+            stored_len: d.u32()?,
+            raw_len: d.u32()?,
+        },
+    })
+}
+
 /// Gives an entry's bytes pack number `pack` (of another table).
 pub fn renumber(b: &mut EntryBytes, pack: u32) {
     b[32..36].copy_from_slice(&pack.to_le_bytes());
@@ -405,27 +429,7 @@ impl Table {
     }
 
     fn decode(&self, raw: &[u8]) -> Result<IndexEntry, DecodeError> {
-        let mut d = Decoder::new(raw);
-        let id = ChunkId(d.array()?);
-        let pack = d.u32()?;
-        let kind = BlobKind::from_u8(d.u8()?)?;
-        let compression = Compression::from_u8(d.u8()?)?;
-        crate::codec::reserved(d.u16()?.into(), "table entry reserved")?;
-        let pack = *self
-            .packs
-            .get(pack as usize)
-            .ok_or_else(|| invalid("table pack number", format!("{pack}")))?;
-        Ok(IndexEntry {
-            pack,
-            entry: PackEntry {
-                id,
-                kind,
-                compression,
-                offset: d.u64()?,
-                stored_len: d.u32()?,
-                raw_len: d.u32()?,
-            },
-        })
+        decode_entry(raw, &self.packs)
     }
 
     /// The filter block of `id`, and the checked unit holding it.
