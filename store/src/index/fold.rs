@@ -202,7 +202,23 @@ fn memory_input<'a>(entries: &'a [IndexEntry], number: &'a HashMap<PackId, u32>)
 }
 
 /// Merges id-sorted inputs into one, keeping of equal ids the entry of the earliest input.
-fn merge_sorted(mut inputs: Vec<Input<'_>>) -> impl Iterator<Item = EntryBytes> + '_ {
+/// One input (a rebuild's spilled entries, say) goes through as it is, without the heap.
+fn merge_sorted(inputs: Vec<Input<'_>>) -> Input<'_> {
+    let mut inputs: Vec<_> = inputs.into_iter().map(|i| i.peekable()).collect();
+    inputs.retain_mut(|i| i.peek().is_some());
+    if inputs.len() == 1 {
+        return Box::new(inputs.pop().expect("one input"));
+    }
+    Box::new(merge_heap(
+        inputs
+            .into_iter()
+            .map(|i| Box::new(i) as Input<'_>)
+            .collect(),
+    ))
+}
+
+/// [`merge_sorted`] of several inputs, through a heap.
+fn merge_heap(mut inputs: Vec<Input<'_>>) -> impl Iterator<Item = EntryBytes> + '_ {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
     let key = |e: &EntryBytes, input: usize| {

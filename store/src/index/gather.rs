@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use super::file::IndexFile;
-use super::spill::{partition, read_records, write_partitioned, Record, Spill};
+use super::spill::{partition, read_records, read_records_into, write_partitioned, Record, Spill};
 use super::table::{decode_entry, encode_entry, pack_number, renumber, EntryBytes};
 use super::{Index, IndexEntry, State, RUN_ENTRIES};
 use crate::id::{IndexId, PackId};
@@ -35,6 +35,8 @@ impl Record for EntryBytes {
 
 /// At most this many prefix bits choose a partition (one scratch file each, open at once).
 const MAX_BITS: u32 = 8;
+/// Bytes of a partition's entries written at once (about 64 KiB; 16 MiB for all 2^8).
+const PENDING_BYTES: usize = 1170 * super::table::TABLE_ENTRY_LEN;
 
 /// Index files read by a refresh, not in a table yet.
 #[derive(Default)]
@@ -57,9 +59,14 @@ pub(super) struct Spilled {
     /// The packs the entries name, by their number in the spill.
     packs: Vec<PackId>,
     number: HashMap<PackId, u32>,
-    /// Entries not written yet.
-    buf: Vec<EntryBytes>,
-    /// Entries spilled or in `buf` (an id stored twice counts twice).
+    /// Per partition, the bytes of its entries not written yet: each entry is encoded straight
+    /// into its partition's buffer (grouping a buffer of all partitions' entries before writing
+    /// it was another pass over every entry's bytes, and memory bandwidth is what a rebuild is
+    /// short of).
+    pending: Vec<Vec<u8>>,
+    /// Why writing a buffer failed, for [`Gathered::add`] to report.
+    write_error: Option<std::io::Error>,
+    /// Entries spilled or pending (an id stored twice counts twice).
     len: u64,
     /// The partitions were taken by [`Spilled::sorted`]: the entries are no longer here.
     taken: bool,
@@ -82,14 +89,9 @@ impl Gathered {
         if let Some(s) = &mut self.spilled {
             for (pack, entries) in &file.packs {
                 let n = s.pack_number(pack);
-                s.buf.extend(entries.iter().map(|e| encode_entry(n, e)));
+                entries.iter().for_each(|e| s.push(encode_entry(n, e)));
             }
-            s.len += file.packs.iter().map(|(_, e)| e.len() as u64).sum::<u64>();
-            return if s.buf.len() >= RUN_ENTRIES {
-                s.spill()
-            } else {
-                Ok(())
-            };
+            return s.write_error.take().map_or(Ok(()), Err);
         }
         self.entries.extend(IndexEntry::of_file(file));
         if self.entries.len() < RUN_ENTRIES {
@@ -104,18 +106,19 @@ impl Gathered {
             parts: Spill::many(scratch, 1 << bits_for(total))?,
             packs: Vec::new(),
             number: HashMap::new(),
-            buf: Vec::with_capacity(RUN_ENTRIES),
-            len: self.entries.len() as u64,
+            pending: vec![Vec::new(); 1 << bits_for(total)],
+            write_error: None,
+            len: 0,
             taken: false,
             failed: None,
         };
-        for e in &self.entries {
+        for e in std::mem::take(&mut self.entries) {
             let n = s.pack_number(&e.pack);
-            s.buf.push(encode_entry(n, &e.entry));
+            s.push(encode_entry(n, &e.entry));
         }
+        let result = s.write_error.take().map_or(Ok(()), Err);
         self.spilled = Some(s);
-        self.entries = Vec::new();
-        self.spilled.as_mut().expect("just set").spill()
+        result
     }
 
     /// True when the entries were spilled (many of them: a table is due).
@@ -137,7 +140,11 @@ impl Gathered {
             if s.taken {
                 return;
             }
-            let mut entries = std::mem::take(&mut s.buf);
+            let mut entries: Vec<EntryBytes> = s
+                .pending
+                .iter()
+                .flat_map(|p| p.chunks_exact(EntryBytes::LEN).map(EntryBytes::get))
+                .collect();
             let mut whole = true;
             for part in &mut s.parts {
                 let records = part.records;
@@ -177,14 +184,31 @@ impl Spilled {
         })
     }
 
-    /// Writes the buffer out to the partitions.
-    fn spill(&mut self) -> std::io::Result<()> {
-        let buf = std::mem::take(&mut self.buf);
-        let grouped = group_by_bits(buf, 0, self.bits);
-        write_partitioned(&grouped, 0, self.bits, &mut self.parts)?;
-        self.buf = grouped;
-        self.buf.clear();
+    /// Adds an entry, written out with its partition's buffer once that is full. After a
+    /// failed write ([`Spilled::write_error`]) the entries stay in their buffers, for
+    /// [`Gathered::into_overlay`].
+    fn push(&mut self, e: EntryBytes) {
+        let p = partition(e.id(), 0, self.bits);
+        self.len += 1;
+        self.pending[p].extend_from_slice(&e);
+        if self.pending[p].len() >= PENDING_BYTES && self.write_error.is_none() {
+            if let Err(e) = self.write_out(p) {
+                self.write_error = Some(e);
+            }
+        }
+    }
+
+    /// Writes partition `p`'s buffer out.
+    fn write_out(&mut self, p: usize) -> std::io::Result<()> {
+        let bytes = &mut self.pending[p];
+        self.parts[p].append(bytes, (bytes.len() / EntryBytes::LEN) as u64)?;
+        bytes.clear();
         Ok(())
+    }
+
+    /// Writes every buffer out.
+    fn spill(&mut self) -> std::io::Result<()> {
+        (0..self.pending.len()).try_for_each(|p| self.write_out(p))
     }
 
     /// Entries gathered (an id stored twice counts twice).
@@ -209,49 +233,103 @@ impl Spilled {
     /// that cannot be written or read ends the entries early ([`Spilled::failed`]).
     pub(super) fn sorted<'a>(
         &'a mut self,
-        number: &'a HashMap<PackId, u32>,
+        number: &HashMap<PackId, u32>,
     ) -> impl Iterator<Item = EntryBytes> + 'a {
         let numbers: Vec<u32> = self.packs.iter().map(|p| number[p]).collect();
         self.taken = true;
-        if let Err(e) = self.spill() {
-            self.failed = Some(e);
-        }
+        let spilled = self.spill();
         // Partitions still to sort, the next last, with the prefix bits they share.
         let mut todo: Vec<(Spill, u32)> = std::mem::take(&mut self.parts)
             .into_iter()
             .rev()
             .map(|p| (p, self.bits))
             .collect();
+        let scratch = self.scratch.clone();
+        // The partitions are read and sorted on a thread of their own, a batch ahead of the
+        // fold that hashes and writes every entry into the table: on two cores the halves of
+        // a rebuild's second pass overlap. Batches go back to it to be filled again (a fresh
+        // buffer of tens of MiB is a page fault per 4 KiB).
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Sorted>(0);
+        let (give_back, given_back) = std::sync::mpsc::channel::<Vec<EntryBytes>>();
+        let sorter = move || {
+            if let Err(e) = spilled {
+                let _ = tx.send(Sorted::Failed(e));
+                return;
+            }
+            let mut spare = Vec::new();
+            while let Some((mut part, from)) = todo.pop() {
+                let mut batch = given_back.try_recv().unwrap_or_default();
+                batch.clear();
+                if let Err(e) =
+                    next_batch(&scratch, &mut part, from, &mut todo, &mut spare, &mut batch)
+                {
+                    let _ = tx.send(Sorted::Failed(e));
+                    return;
+                }
+                for e in &mut batch {
+                    let pack = numbers[pack_number(e) as usize];
+                    renumber(e, pack);
+                }
+                if !batch.is_empty() && tx.send(Sorted::Batch(batch)).is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(Sorted::Done);
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("sbk-index-sort".into())
+            .spawn(sorter)
+        {
+            self.failed = Some(e);
+        }
         let failed = &mut self.failed;
-        let scratch = &self.scratch;
-        let mut batch = Vec::<EntryBytes>::new().into_iter();
+        let (mut batch, mut at) = (Vec::new(), 0);
         std::iter::from_fn(move || loop {
-            if let Some(mut e) = batch.next() {
-                let pack = numbers[pack_number(&e) as usize];
-                renumber(&mut e, pack);
-                return Some(e);
+            if let Some(e) = batch.get(at) {
+                at += 1;
+                return Some(*e);
             }
             if failed.is_some() {
                 return None;
             }
-            let (mut part, from) = todo.pop()?;
-            match next_batch(scratch, &mut part, from, &mut todo) {
-                Ok(b) => batch = b.into_iter(),
-                Err(e) => *failed = Some(e),
+            let _ = give_back.send(std::mem::take(&mut batch));
+            at = 0;
+            match rx.recv() {
+                Ok(Sorted::Batch(b)) => batch = b,
+                Ok(Sorted::Done) => return None,
+                Ok(Sorted::Failed(e)) => *failed = Some(e),
+                // Not a normal end: the entries after it would be missing from the table.
+                Err(_) => {
+                    *failed = Some(std::io::Error::other(
+                        "the thread sorting the index rebuild stopped",
+                    ))
+                }
             }
         })
     }
 }
 
-/// Reads a partition sharing `from` prefix bits: sorted and without repeated ids, or, when it
-/// holds more than two runs, split by the next prefix bits into partitions pushed on `todo`
-/// (to be taken next, in order) and nothing returned.
+/// What the thread sorting a spill's partitions sends.
+enum Sorted {
+    /// The next entries, in id order.
+    Batch(Vec<EntryBytes>),
+    /// A scratch file could not be written or read: the entries end here.
+    Failed(std::io::Error),
+    /// Every entry was sent.
+    Done,
+}
+
+/// Reads a partition sharing `from` prefix bits into `batch`, sorted and without repeated
+/// ids (`spare` is scratch space); or, when it holds more than two runs, splits it by the next
+/// prefix bits into partitions pushed on `todo` (to be taken next, in order).
 fn next_batch(
     scratch: &Path,
     part: &mut Spill,
     from: u32,
     todo: &mut Vec<(Spill, u32)>,
-) -> std::io::Result<Vec<EntryBytes>> {
+    spare: &mut Vec<EntryBytes>,
+    batch: &mut Vec<EntryBytes>,
+) -> std::io::Result<()> {
     let records = part.records;
     let mut reader = part.reader()?;
     if records > 2 * RUN_ENTRIES as u64 && from < 64 {
@@ -259,53 +337,77 @@ fn next_batch(
         let mut subs = Spill::many(scratch, 1 << bits)?;
         let mut left = records;
         while left > 0 {
-            let run: Vec<EntryBytes> = read_records(&mut reader, left.min(RUN_ENTRIES as u64))?;
-            left -= run.len() as u64;
-            let run = group_by_bits(run, from, bits);
-            write_partitioned(&run, from, bits, &mut subs)?;
+            read_records_into(&mut reader, left.min(RUN_ENTRIES as u64), batch)?;
+            left -= batch.len() as u64;
+            group_by_bits(batch, spare, from, bits);
+            write_partitioned(batch, from, bits, &mut subs)?;
         }
+        batch.clear();
         todo.extend(subs.into_iter().rev().map(|s| (s, from + bits)));
-        return Ok(Vec::new());
+        return Ok(());
     }
-    let read: Vec<EntryBytes> = read_records(&mut reader, records)?;
-    let mut sorted = group_by_bits(read, from, 16.min(64 - from));
-    // Stable: of entries with the same next 16 bits, the first gathered stays first. With
-    // evenly spread ids a few entries share them, and the sort of each stretch is short.
-    let key = |e: &EntryBytes| partition(e.id(), from, 16.min(64 - from));
-    let mut rest = &mut sorted[..];
-    while let Some(first) = rest.first() {
-        let k = key(first);
-        let len = rest.partition_point(|e| key(e) == k);
-        let (stretch, after) = rest.split_at_mut(len);
-        if stretch.len() > 1 {
-            stretch.sort_by(|a, b| a[..32].cmp(&b[..32]));
-        }
-        rest = after;
-    }
-    sorted.dedup_by(|later, first| later[..32] == first[..32]);
-    Ok(sorted)
+    read_records_into(&mut reader, records, batch)?;
+    group_by_bits(batch, spare, from, 16.min(64 - from));
+    sort_nearly_sorted(batch);
+    batch.dedup_by(|later, first| later[..32] == first[..32]);
+    Ok(())
 }
 
-/// `entries` in the order of their `bits` prefix bits after the first `from` (a counting sort:
-/// stable, so entries of the same prefix keep their order).
-fn group_by_bits(entries: Vec<EntryBytes>, from: u32, bits: u32) -> Vec<EntryBytes> {
-    if bits == 0 {
-        return entries;
+/// Sorts entries by id, stably (of an id gathered twice, the first stays first), where they
+/// are in order of their ids' first bits already and few share those (evenly spread ids): an
+/// insertion sort, a step or two per entry. Should the ids be bunched after all, it gives up
+/// and sorts them whole.
+fn sort_nearly_sorted(entries: &mut [EntryBytes]) {
+    // The first 8 bytes settle nearly every comparison.
+    let before = |a: &EntryBytes, b: &EntryBytes| {
+        let (x, y) = (
+            u64::from_be_bytes(a[..8].try_into().expect("8 bytes")),
+            u64::from_be_bytes(b[..8].try_into().expect("8 bytes")),
+        );
+        x < y || (x == y && a[8..32] < b[8..32])
+    };
+    let mut moves = 0;
+    for i in 1..entries.len() {
+        let mut j = i;
+        while j > 0 && before(&entries[j], &entries[j - 1]) {
+            entries.swap(j, j - 1);
+            j -= 1;
+        }
+        moves += i - j;
+        if moves > 4 * entries.len() {
+            entries.sort_by(|a, b| a[..32].cmp(&b[..32]));
+            return;
+        }
     }
-    let mut starts = vec![0usize; (1 << bits) + 1];
-    for e in &entries {
-        starts[partition(e.id(), from, bits) + 1] += 1;
+}
+
+/// Puts `entries` in the order of their `bits` prefix bits after the first `from`, stably
+/// (entries of the same prefix keep their order): a counting sort per 8 bits, the lowest
+/// first, each pass streaming through 256 destinations (one pass over 16 bits scattered each
+/// entry to one of 65,536 places, a cache miss apiece: 15% of a rebuild). `spare` is scratch.
+fn group_by_bits(entries: &mut Vec<EntryBytes>, spare: &mut Vec<EntryBytes>, from: u32, bits: u32) {
+    let mut rest = bits;
+    while rest > 0 {
+        let pass = rest.min(8);
+        let at = from + rest - pass;
+        let mut starts = [0usize; 257];
+        for e in entries.iter() {
+            starts[partition(e.id(), at, pass) + 1] += 1;
+        }
+        for i in 1..starts.len() {
+            starts[i] += starts[i - 1];
+        }
+        // Every place is written below: what `spare` held is kept, and only growth is filled
+        // first (zeroing it each pass was a third of the pass's memory traffic).
+        spare.resize(entries.len(), [0u8; super::table::TABLE_ENTRY_LEN]);
+        for e in entries.iter() {
+            let p = partition(e.id(), at, pass);
+            spare[starts[p]] = *e;
+            starts[p] += 1;
+        }
+        std::mem::swap(entries, spare);
+        rest -= pass;
     }
-    for i in 1..starts.len() {
-        starts[i] += starts[i - 1];
-    }
-    let mut out = vec![[0u8; super::table::TABLE_ENTRY_LEN]; entries.len()];
-    for e in &entries {
-        let p = partition(e.id(), from, bits);
-        out[starts[p]] = *e;
-        starts[p] += 1;
-    }
-    out
 }
 
 #[cfg(test)]
@@ -384,6 +486,34 @@ mod tests {
             .collect();
         want.sort_by_key(|e| e.entry.id);
         assert_eq!(got, want);
+    }
+
+    /// A partition's sort gives what a stable sort by id gives, with evenly spread ids and
+    /// with ids bunched under one prefix (where the insertion sort gives up), repeated ids
+    /// included.
+    #[test]
+    fn a_partition_sorts_stably_however_its_ids_are_spread() {
+        let even = |i: u32| *blake3::hash(&(i % 5000).to_le_bytes()).as_bytes();
+        let bunched = |i: u32| {
+            let mut id = even(i);
+            id[..12].fill(7);
+            id
+        };
+        for make in [&even as &dyn Fn(u32) -> [u8; 32], &bunched] {
+            let entries: Vec<EntryBytes> = (0..6000u32)
+                .map(|i| {
+                    let mut e = encode_entry(i, &entry(i));
+                    e[..32].copy_from_slice(&make(i));
+                    e
+                })
+                .collect();
+            let mut want = entries.clone();
+            want.sort_by(|a, b| a[..32].cmp(&b[..32]));
+            let mut got = entries.clone();
+            group_by_bits(&mut got, &mut Vec::new(), 0, 16);
+            sort_nearly_sorted(&mut got);
+            assert!(got == want);
+        }
     }
 
     /// When no table can be written, what was spilled goes to the overlay whole, and the

@@ -402,26 +402,47 @@ impl Index {
         let mut vanished = false;
         let mut gathered = Gathered::default();
         let expected = new.len();
-        for id in new {
-            match read_index_file(backend, &id, &self.crypto) {
-                Ok(file) => {
-                    report.files_read += 1;
-                    if st.fold_failed {
-                        Self::add_locked(&mut st, id, &file);
-                        continue;
+        // Index files are read, checked against their names and decoded on a thread of their
+        // own, a file or two ahead: at 10^8 entries that is half of a rebuild's first pass
+        // over 6,107 files, beside the other half (spilling their entries).
+        let crypto = &self.crypto;
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(2);
+            std::thread::Builder::new()
+                .name("sbk-index-read".into())
+                .spawn_scoped(scope, move || {
+                    for id in new {
+                        if tx
+                            .send((id, read_index_file(backend, &id, crypto)))
+                            .is_err()
+                        {
+                            break;
+                        }
                     }
-                    if let Err(e) = gathered.add(&self.dir, id, file, expected) {
-                        self.fold_failed(&mut st, report, &StoreError::io(&self.dir, e));
-                        std::mem::take(&mut gathered).into_overlay(&mut st);
+                })
+                .map_err(|e| StoreError::io(&self.dir, e))?;
+            for (id, read) in rx {
+                match read {
+                    Ok(file) => {
+                        report.files_read += 1;
+                        if st.fold_failed {
+                            Self::add_locked(&mut st, id, &file);
+                            continue;
+                        }
+                        if let Err(e) = gathered.add(&self.dir, id, file, expected) {
+                            self.fold_failed(&mut st, report, &StoreError::io(&self.dir, e));
+                            std::mem::take(&mut gathered).into_overlay(&mut st);
+                        }
                     }
+                    Err(e) if e.is_corrupt() => {
+                        report.damaged.push((id, e.to_string()));
+                    }
+                    Err(StoreError::ObjectMissing { .. }) => vanished = true,
+                    Err(e) => return Err(e),
                 }
-                Err(e) if e.is_corrupt() => {
-                    report.damaged.push((id, e.to_string()));
-                }
-                Err(StoreError::ObjectMissing { .. }) => vanished = true,
-                Err(e) => return Err(e),
             }
-        }
+            Ok(())
+        })?;
         let first = st.tables.is_empty() && !st.overlay.is_empty();
         if gathered.is_spilled()
             || fold_due_with(&st, gathered.entries.len())
