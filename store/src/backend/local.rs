@@ -167,11 +167,17 @@ fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> std::io::Result<()>
 /// MiB limit, a 2 GiB backup into a repository of 10^8 chunks then waited on a disk read for
 /// most of its lookups.
 fn drop_cached(file: &File) {
+    advise(file, libc::POSIX_FADV_DONTNEED);
+}
+
+/// Gives the kernel `advice` (`POSIX_FADV_*`) about the whole of `file` (advice only: an
+/// error changes nothing a caller could act on).
+pub(crate) fn advise(file: &File, advice: libc::c_int) {
     use std::os::fd::AsRawFd;
     // SAFETY: the descriptor is open for the duration of the call; the call reads no memory.
     #[allow(unsafe_code)]
     unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, advice);
     }
 }
 

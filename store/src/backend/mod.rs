@@ -12,7 +12,7 @@ pub mod contract;
 mod counting;
 mod fault;
 mod handles;
-mod local;
+pub(crate) mod local;
 mod mem;
 
 pub use crate::kind::Kind;

@@ -256,19 +256,18 @@ impl Spilled {
                 let _ = tx.send(Sorted::Failed(e));
                 return;
             }
-            let mut spare = Vec::new();
+            let (mut read, mut keys) = (Vec::new(), Vec::new());
             while let Some((mut part, from)) = todo.pop() {
+                if let Some((next, _)) = todo.last() {
+                    next.will_need();
+                }
                 let mut batch = given_back.try_recv().unwrap_or_default();
                 batch.clear();
-                if let Err(e) =
-                    next_batch(&scratch, &mut part, from, &mut todo, &mut spare, &mut batch)
+                let buffers = (&mut read, &mut keys, &mut batch);
+                if let Err(e) = next_batch(&scratch, &mut part, from, &mut todo, &numbers, buffers)
                 {
                     let _ = tx.send(Sorted::Failed(e));
                     return;
-                }
-                for e in &mut batch {
-                    let pack = numbers[pack_number(e) as usize];
-                    renumber(e, pack);
                 }
                 if !batch.is_empty() && tx.send(Sorted::Batch(batch)).is_err() {
                     return;
@@ -319,38 +318,87 @@ enum Sorted {
     Done,
 }
 
-/// Reads a partition sharing `from` prefix bits into `batch`, sorted and without repeated
-/// ids (`spare` is scratch space); or, when it holds more than two runs, splits it by the next
-/// prefix bits into partitions pushed on `todo` (to be taken next, in order).
+/// Reads a partition sharing `from` prefix bits into `batch`, sorted, without repeated ids
+/// and numbered by `numbers` (`read` and `keys` are scratch space); or, when it holds more
+/// than two runs, splits it by the next prefix bits into partitions pushed on `todo` (to be
+/// taken next, in order).
 fn next_batch(
     scratch: &Path,
     part: &mut Spill,
     from: u32,
     todo: &mut Vec<(Spill, u32)>,
-    spare: &mut Vec<EntryBytes>,
-    batch: &mut Vec<EntryBytes>,
+    numbers: &[u32],
+    (read, keys, batch): (&mut Vec<u8>, &mut Vec<u64>, &mut Vec<EntryBytes>),
 ) -> std::io::Result<()> {
     let records = part.records;
-    let mut reader = part.reader()?;
     if records > 2 * RUN_ENTRIES as u64 && from < 64 {
         let bits = bits_for(records).min(64 - from);
         let mut subs = Spill::many(scratch, 1 << bits)?;
+        let mut reader = part.reader()?;
         let mut left = records;
+        let mut spare = Vec::new();
         while left > 0 {
             read_records_into(&mut reader, left.min(RUN_ENTRIES as u64), batch)?;
             left -= batch.len() as u64;
-            group_by_bits(batch, spare, from, bits);
+            group_by_bits(batch, &mut spare, from, bits);
             write_partitioned(batch, from, bits, &mut subs)?;
         }
         batch.clear();
         todo.extend(subs.into_iter().rev().map(|s| (s, from + bits)));
         return Ok(());
     }
-    read_records_into(&mut reader, records, batch)?;
-    group_by_bits(batch, spare, from, 16.min(64 - from));
-    sort_nearly_sorted(batch);
-    batch.dedup_by(|later, first| later[..32] == first[..32]);
+    part.read_all::<EntryBytes>(read)?;
+    sort_partition(read, from, numbers, keys, batch);
     Ok(())
+}
+
+/// Sorts a partition's entries (`bytes`), which share their first `from` id bits, into `out`
+/// by id, one per id (of an id gathered twice, the first), their packs numbered by `numbers`.
+/// What is sorted is a key per entry, not the 56-byte entries: the next 40 bits of the id
+/// and the entry's place (so that equal ids keep their order), 8 bytes in all. The entries
+/// are then copied out once, in that order; only when two keys share those 40 bits (rarely,
+/// with evenly spread ids) does an insertion pass put them in order by whole id and drop
+/// repeats. Moving the entries themselves through a radix sort was most of a rebuild's memory
+/// traffic.
+fn sort_partition(
+    bytes: &[u8],
+    from: u32,
+    numbers: &[u32],
+    keys: &mut Vec<u64>,
+    out: &mut Vec<EntryBytes>,
+) {
+    let entry = |i: usize| {
+        let mut e = EntryBytes::get(&bytes[i * EntryBytes::LEN..(i + 1) * EntryBytes::LEN]);
+        let pack = numbers[pack_number(&e) as usize];
+        renumber(&mut e, pack);
+        e
+    };
+    let n = bytes.len() / EntryBytes::LEN;
+    out.clear();
+    if n >= 1 << 24 {
+        // Only ids alike in their first 64 bits, never split, come here.
+        out.extend((0..n).map(entry));
+        out.sort_by(|a, b| a[..32].cmp(&b[..32]));
+        out.dedup_by(|later, first| later[..32] == first[..32]);
+        return;
+    }
+    let from = from.min(88);
+    keys.clear();
+    keys.extend((0..n).map(|i| {
+        let at = i * EntryBytes::LEN;
+        let top = u128::from_be_bytes(bytes[at..at + 16].try_into().expect("16 bytes"));
+        ((top << from >> 88) as u64) << 24 | i as u64
+    }));
+    keys.sort_unstable();
+    let mut tied = false;
+    out.extend(keys.iter().enumerate().map(|(k, key)| {
+        tied |= k > 0 && keys[k - 1] >> 24 == key >> 24;
+        entry((key & 0xff_ffff) as usize)
+    }));
+    if tied {
+        sort_nearly_sorted(out);
+        out.dedup_by(|later, first| later[..32] == first[..32]);
+    }
 }
 
 /// Sorts entries by id, stably (of an id gathered twice, the first stays first), where they
@@ -381,33 +429,32 @@ fn sort_nearly_sorted(entries: &mut [EntryBytes]) {
     }
 }
 
-/// Puts `entries` in the order of their `bits` prefix bits after the first `from`, stably
-/// (entries of the same prefix keep their order): a counting sort per 8 bits, the lowest
-/// first, each pass streaming through 256 destinations (one pass over 16 bits scattered each
-/// entry to one of 65,536 places, a cache miss apiece: 15% of a rebuild). `spare` is scratch.
-fn group_by_bits(entries: &mut Vec<EntryBytes>, spare: &mut Vec<EntryBytes>, from: u32, bits: u32) {
-    let mut rest = bits;
-    while rest > 0 {
-        let pass = rest.min(8);
-        let at = from + rest - pass;
-        let mut starts = [0usize; 257];
-        for e in entries.iter() {
-            starts[partition(e.id(), at, pass) + 1] += 1;
-        }
-        for i in 1..starts.len() {
-            starts[i] += starts[i - 1];
-        }
-        // Every place is written below: what `spare` held is kept, and only growth is filled
-        // first (zeroing it each pass was a third of the pass's memory traffic).
-        spare.resize(entries.len(), [0u8; super::table::TABLE_ENTRY_LEN]);
-        for e in entries.iter() {
-            let p = partition(e.id(), at, pass);
-            spare[starts[p]] = *e;
-            starts[p] += 1;
-        }
-        std::mem::swap(entries, spare);
-        rest -= pass;
+/// Puts `entries` in the order of their `bits` (at most 8) prefix bits after the first
+/// `from`, stably (entries of the same prefix keep their order): a counting sort. `spare` is
+/// scratch space.
+fn group_by_bits(
+    entries: &mut Vec<EntryBytes>,
+    spare: &mut Vec<EntryBytes>,
+    from: u32,
+    bits: u32,
+) {
+    assert!(bits <= MAX_BITS, "a pass streams to at most 256 places");
+    let mut starts = [0usize; (1 << MAX_BITS) + 1];
+    for e in entries.iter() {
+        starts[partition(e.id(), from, bits) + 1] += 1;
     }
+    for i in 1..starts.len() {
+        starts[i] += starts[i - 1];
+    }
+    // Every place is written below: what `spare` held is kept, and only growth is filled
+    // first.
+    spare.resize(entries.len(), [0u8; super::table::TABLE_ENTRY_LEN]);
+    for e in entries.iter() {
+        let p = partition(e.id(), from, bits);
+        spare[starts[p]] = *e;
+        starts[p] += 1;
+    }
+    std::mem::swap(entries, spare);
 }
 
 #[cfg(test)]
@@ -488,9 +535,9 @@ mod tests {
         assert_eq!(got, want);
     }
 
-    /// A partition's sort gives what a stable sort by id gives, with evenly spread ids and
-    /// with ids bunched under one prefix (where the insertion sort gives up), repeated ids
-    /// included.
+    /// A partition's sort gives what a stable sort by id gives, one per id, with evenly spread
+    /// ids and with ids bunched under one prefix (alike in all 40 bits of their keys: the
+    /// insertion pass gives up and sorts them whole), repeated ids included.
     #[test]
     fn a_partition_sorts_stably_however_its_ids_are_spread() {
         let even = |i: u32| *blake3::hash(&(i % 5000).to_le_bytes()).as_bytes();
@@ -509,9 +556,11 @@ mod tests {
                 .collect();
             let mut want = entries.clone();
             want.sort_by(|a, b| a[..32].cmp(&b[..32]));
-            let mut got = entries.clone();
-            group_by_bits(&mut got, &mut Vec::new(), 0, 16);
-            sort_nearly_sorted(&mut got);
+            let mut got = Vec::new();
+            let bytes: Vec<u8> = entries.iter().flatten().copied().collect();
+            let numbers: Vec<u32> = (0..6000).collect();
+            sort_partition(&bytes, 0, &numbers, &mut Vec::new(), &mut got);
+            want.dedup_by(|later, first| later[..32] == first[..32]);
             assert!(got == want);
         }
     }

@@ -59,6 +59,22 @@ impl Spill {
         Ok(())
     }
 
+    /// Asks the kernel to start reading the file (advice only): a reader that gets to it a
+    /// moment later finds it read while it was busy with the one before.
+    pub(super) fn will_need(&self) {
+        crate::backend::local::advise(&self.file, libc::POSIX_FADV_WILLNEED);
+    }
+
+    /// Reads all its records' bytes into `out`, in place of what it held, with one read (what
+    /// `out` held is kept where it will be overwritten: only growth is filled first).
+    pub(super) fn read_all<R: Record>(&mut self, out: &mut Vec<u8>) -> std::io::Result<()> {
+        let len = usize::try_from(self.records * R::LEN as u64)
+            .map_err(|_| std::io::Error::other("a scratch file larger than memory"))?;
+        out.resize(len, 0);
+        self.file.seek(SeekFrom::Start(0))?;
+        self.file.read_exact(out)
+    }
+
     /// A reader of its records from the first.
     pub(super) fn reader(&mut self) -> std::io::Result<BufReader<&File>> {
         self.file.seek(SeekFrom::Start(0))?;
