@@ -164,6 +164,9 @@ impl Backend for FaultyBackend {
     fn reads_are_requests(&self) -> bool {
         self.inner.reads_are_requests()
     }
+    fn will_read(&self, kind: Kind, name: &str) {
+        self.inner.will_read(kind, name)
+    }
     fn versions(&self) -> Option<&dyn super::Versions> {
         self.inner.versions()
     }

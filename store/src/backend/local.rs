@@ -296,6 +296,12 @@ impl Backend for LocalBackend {
         fs::read(&path).map_err(|e| Self::missing(kind, name, &path, e))
     }
 
+    fn will_read(&self, kind: Kind, name: &str) {
+        if let Ok(file) = File::open(self.path_of(kind, name)) {
+            advise(&file, libc::POSIX_FADV_WILLNEED);
+        }
+    }
+
     fn read_at(&self, kind: Kind, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
         let file = self.handle(kind, name)?;
         file.read_exact_at(buf, offset).map_err(|e| {

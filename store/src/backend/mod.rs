@@ -167,6 +167,11 @@ pub trait Backend: Send + Sync {
     /// A whole object. A missing one is [`crate::StoreError::ObjectMissing`].
     fn read(&self, kind: Kind, name: &str) -> Result<Vec<u8>>;
 
+    /// A hint that an object will be read whole soon (advice only): a local disk starts
+    /// reading it, so that the read finds it cached. Storage where that would cost a request
+    /// ignores it.
+    fn will_read(&self, _kind: Kind, _name: &str) {}
+
     /// Fills `buf` from `offset` of an object; an object that ends too early is
     /// [`crate::StoreError::ShortObject`].
     fn read_at(&self, kind: Kind, name: &str, offset: u64, buf: &mut [u8]) -> Result<()>;

@@ -84,6 +84,9 @@ const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 /// (Unit tests use small runs, so that they spill and split partitions.)
 const RUN_ENTRIES: usize = if cfg!(test) { 1 << 12 } else { 1 << 19 };
 
+/// A rebuild asks for this many index files ahead of the one it reads.
+const READ_AHEAD: usize = 4;
+
 /// A fold writes a new delta table rather than a new base while the delta would hold at most
 /// this fraction of the base's entries: at 10^8 entries, one rewrite of the 5.7 GB base per
 /// 6 x 10^6 new entries instead of one per 2^17.
@@ -411,9 +414,18 @@ impl Index {
             std::thread::Builder::new()
                 .name("sbk-index-read".into())
                 .spawn_scoped(scope, move || {
-                    for id in new {
+                    // A few files ahead are asked for as each is read: reads of the next ones
+                    // overlap this one's hashing and decoding.
+                    let hint = |i: usize| {
+                        if let Some(id) = new.get(i) {
+                            backend.will_read(Kind::Index, &id.to_hex());
+                        }
+                    };
+                    (0..READ_AHEAD).for_each(hint);
+                    for (i, id) in new.iter().enumerate() {
+                        hint(i + READ_AHEAD);
                         if tx
-                            .send((id, read_index_file(backend, &id, crypto)))
+                            .send((*id, read_index_file(backend, id, crypto)))
                             .is_err()
                         {
                             break;
