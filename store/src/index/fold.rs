@@ -201,13 +201,18 @@ fn memory_input<'a>(entries: &'a [IndexEntry], number: &'a HashMap<PackId, u32>)
     )
 }
 
-/// Merges id-sorted inputs into one, keeping of equal ids the entry of the earliest input.
-/// One input (a rebuild's spilled entries, say) goes through as it is, without the heap.
+/// Merges id-sorted inputs into one, keeping of equal ids the entry of the earliest input (or,
+/// within one input, the first: the entries of index files read in one refresh may name a
+/// blob twice). One input (a rebuild's spilled entries, say) goes through without the heap.
 fn merge_sorted(inputs: Vec<Input<'_>>) -> Input<'_> {
     let mut inputs: Vec<_> = inputs.into_iter().map(|i| i.peekable()).collect();
     inputs.retain_mut(|i| i.peek().is_some());
     if inputs.len() == 1 {
-        return Box::new(inputs.pop().expect("one input"));
+        let mut last = None;
+        return Box::new(inputs.pop().expect("one input").filter(move |e| {
+            let id: [u8; 32] = e[..32].try_into().expect("an id");
+            last.replace(id) != Some(id)
+        }));
     }
     Box::new(merge_heap(
         inputs
