@@ -60,6 +60,9 @@ impl Backend for CountingBackend {
     fn list(&self, kind: Kind) -> Result<Vec<ObjectInfo>> {
         self.inner.list(kind)
     }
+    fn list_names(&self, kind: Kind) -> Result<Vec<String>> {
+        self.inner.list_names(kind)
+    }
     fn read(&self, kind: Kind, name: &str) -> Result<Vec<u8>> {
         let bytes = self.inner.read(kind, name)?;
         self.count.add(bytes.len());

@@ -126,6 +126,9 @@ impl Backend for FaultyBackend {
     fn list(&self, kind: Kind) -> Result<Vec<ObjectInfo>> {
         self.inner.list(kind)
     }
+    fn list_names(&self, kind: Kind) -> Result<Vec<String>> {
+        self.inner.list_names(kind)
+    }
     fn read(&self, kind: Kind, name: &str) -> Result<Vec<u8>> {
         self.inner.read(kind, name)
     }

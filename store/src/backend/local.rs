@@ -74,6 +74,38 @@ impl LocalBackend {
         self.dir_of(kind, name).join(name)
     }
 
+    /// Calls `f` with each directory entry of a kind's objects (not `config`), and its name,
+    /// leaving out objects being written.
+    fn scan(
+        &self,
+        kind: Kind,
+        mut f: impl FnMut(&fs::DirEntry, String) -> Result<()>,
+    ) -> Result<()> {
+        let dirs: Vec<PathBuf> = match kind {
+            Kind::Pack => (0..=255u8)
+                .map(|i| self.root.join(kind.dir()).join(to_hex(&[i])))
+                .collect(),
+            _ => vec![self.root.join(kind.dir())],
+        };
+        for dir in dirs {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::io(&dir, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| StoreError::io(&dir, e))?;
+                let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
+                if !is_tmp(&name) {
+                    f(&entry, name)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn missing(kind: Kind, name: &str, path: &Path, e: std::io::Error) -> StoreError {
         if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) {
             StoreError::ObjectMissing {
@@ -244,49 +276,49 @@ impl Backend for LocalBackend {
     }
 
     fn list(&self, kind: Kind) -> Result<Vec<ObjectInfo>> {
-        let dirs: Vec<PathBuf> = match kind {
-            Kind::Pack => (0..=255u8)
-                .map(|i| self.root.join(kind.dir()).join(to_hex(&[i])))
-                .collect(),
-            Kind::Config => {
-                return Ok(match fs::metadata(self.root.join("config")) {
-                    Ok(m) => vec![ObjectInfo {
-                        name: "config".into(),
-                        size: m.len(),
-                        modified: mtime(&m),
-                    }],
-                    Err(_) => Vec::new(),
-                })
-            }
-            _ => vec![self.root.join(kind.dir())],
-        };
-        let mut out = Vec::new();
-        for dir in dirs {
-            let entries = match fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => return Err(StoreError::io(&dir, e)),
-            };
-            for entry in entries {
-                let entry = entry.map_err(|e| StoreError::io(&dir, e))?;
-                let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-                    continue;
-                };
-                if is_tmp(&name) {
-                    continue;
-                }
-                match entry.metadata() {
-                    Ok(m) if m.is_file() => out.push(ObjectInfo {
-                        name,
-                        size: m.len(),
-                        modified: mtime(&m),
-                    }),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == ErrorKind::NotFound => {} // deleted meanwhile
-                    Err(e) => return Err(StoreError::io(entry.path(), e)),
-                }
-            }
+        if kind == Kind::Config {
+            return Ok(match fs::metadata(self.root.join("config")) {
+                Ok(m) => vec![ObjectInfo {
+                    name: "config".into(),
+                    size: m.len(),
+                    modified: mtime(&m),
+                }],
+                Err(_) => Vec::new(),
+            });
         }
+        let mut out = Vec::new();
+        self.scan(kind, |entry, name| match entry.metadata() {
+            Ok(m) if m.is_file() => {
+                out.push(ObjectInfo {
+                    name,
+                    size: m.len(),
+                    modified: mtime(&m),
+                });
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()), // deleted meanwhile
+            Err(e) => Err(StoreError::io(entry.path(), e)),
+        })?;
+        out.sort();
+        Ok(out)
+    }
+
+    fn list_names(&self, kind: Kind) -> Result<Vec<String>> {
+        if kind == Kind::Config {
+            return Ok(self.list(kind)?.into_iter().map(|o| o.name).collect());
+        }
+        let mut out = Vec::new();
+        // The entry's type comes with the directory entry (no stat on ext4, xfs, btrfs).
+        self.scan(kind, |entry, name| match entry.file_type() {
+            Ok(t) if t.is_file() => {
+                out.push(name);
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()), // deleted meanwhile
+            Err(e) => Err(StoreError::io(entry.path(), e)),
+        })?;
         out.sort();
         Ok(out)
     }

@@ -503,13 +503,16 @@ impl Index {
         st.overlay_files.insert(id);
     }
 
+    /// Adds entries to the overlay, without looking them up in the tables first: a blob the
+    /// tables hold too is stored twice (two writers at once, or a prune that moved it), and the
+    /// overlay's copy is as good (better, when the table's is in a pack prune marked). Lookups
+    /// find the overlay's, rows number both, and a fold keeps one. Looking each entry up was a
+    /// random read of the table's filter per entry: at 10^8 entries under a memory limit, each
+    /// process that opened the repository paid a page fault for most entries of the index
+    /// files written since the last fold (up to 2^17), seconds before its first read.
     fn add_entries_only(st: &mut State, entries: impl IntoIterator<Item = IndexEntry>) {
         for e in entries {
-            // A blob stored twice (two writers at once) is found through either copy; the
-            // first one seen is kept.
-            if st.in_tables(&e.entry.id).is_none() {
-                st.overlay.entry(e.entry.id).or_insert(e);
-            }
+            st.overlay.entry(e.entry.id).or_insert(e);
         }
     }
 
@@ -526,23 +529,13 @@ impl Index {
     /// anyway (without passing through the overlay's hash map, which costs several times its
     /// entries' size: prune and repair write files of 2^17 entries), else into the overlay.
     ///
-    /// Into the overlay without looking them up in the tables first: this process looked each
-    /// of these blobs up before it wrote it, and found it in no table (or only in a pack prune
-    /// marked, where this new copy is the one to find from now on). At 10^8 entries under a
-    /// memory limit, that second lookup was most of a backup's page faults: the filter pages
-    /// of the first had been evicted since. (A copy a concurrent writer stored is as good.)
+    /// Into the overlay without looking them up in the tables ([`Index::add_entries_only`]):
+    /// this process looked each of these blobs up before it wrote it, and at 10^8 entries under
+    /// a memory limit that second lookup was most of a backup's page faults.
     fn add_file(&self, st: &mut State, id: IndexId, file: IndexFile, report: &mut IndexReport) {
         let entries: usize = file.packs.iter().map(|(_, e)| e.len()).sum();
         if !fold_due_with(st, entries) {
-            for (pack, list) in &file.packs {
-                for e in list {
-                    st.overlay.entry(e.id).or_insert(IndexEntry {
-                        pack: *pack,
-                        entry: *e,
-                    });
-                }
-            }
-            st.overlay_files.insert(id);
+            Self::add_locked(st, id, &file);
             return;
         }
         let mut incoming = IndexEntry::of_file(file);
