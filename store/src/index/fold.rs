@@ -1,7 +1,7 @@
 //! Folding into tables: the overlay, an index file due for it, or the index files a refresh
 //! gathered (in memory, or spilled by id prefix: [`gather`](super::gather)) are merged with the
 //! current tables (or the delta table alone) into a new one (a k-way merge over a heap), which
-//! the index uses from then on.
+//! the index uses from then on. (An input alone goes through without the heap.)
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -35,7 +35,7 @@ impl Index {
         st: &mut State,
         incoming_files: &[IndexId],
         incoming: &[IndexEntry],
-        mut spilled: Option<&mut Spilled>,
+        spilled: Option<&mut Spilled>,
     ) -> Result<()> {
         let all: BTreeSet<IndexId> = st
             .table_files
@@ -94,18 +94,25 @@ impl Index {
         // overlay, the incoming entries, then the spilled ones. Tables' entries go through as bytes,
         // with their pack numbers mapped to the new table's (at 10^8 entries, decoding each,
         // looking its pack up in a hash map and encoding it again was most of a rebuild).
-        // A delta leaves out what its base holds (one filter probe each): the overlay takes a
-        // process's own index files without a lookup (Index::add_file), so its entries may be
-        // in the base too, as may an incoming file's or a spilled one.
+        // A delta leaves out what its base holds (one filter probe each): the overlay takes
+        // index files without a lookup (Index::add_entries_only), so its entries may be in the
+        // base too, as may an incoming file's or a spilled one.
         let b = base.as_ref();
         let mut inputs = Vec::new();
         inputs.extend(olds.iter().map(|t| table_input(t, &number)));
         inputs.push(not_in(b, memory_input(&overlay, &number)));
         inputs.push(not_in(b, memory_input(incoming, &number)));
-        if let Some(s) = spilled.as_deref_mut() {
+        let failure = spilled.as_ref().map(|s| s.failure());
+        if let Some(s) = spilled {
             inputs.push(not_in(b, Box::new(s.sorted(&number))));
         }
-        let merged = merge_sorted(inputs);
+        // Spilled entries that could not all be read back end early: the error after the last
+        // entry fails the table before it is renamed into place, so that no process opens a
+        // table short of entries its index files name.
+        let short = std::iter::once_with(move || failure.and_then(|f| f.borrow_mut().take()))
+            .flatten()
+            .map(Err);
+        let merged = merge_sorted(inputs).map(Ok).chain(short);
         let files_vec: Vec<IndexId> = files.iter().copied().collect();
         let path = self.dir.join(table_name(&files));
         write_table(
@@ -118,10 +125,6 @@ impl Index {
             max as u64,
         )
         .map_err(|e| StoreError::io(&path, e))?;
-        if let Some(e) = spilled.and_then(|s| s.failed()) {
-            let _ = std::fs::remove_file(&path);
-            return Err(StoreError::io(&self.dir, e));
-        }
         // The new table must hold every entry of the old tables: a damaged block,
         // skipped by their iterators, would leave some out of a table that claims their index
         // files. The merge touched every block, so it is known now, without a pass of its own
@@ -259,7 +262,7 @@ fn merge_heap(mut inputs: Vec<Input<'_>>) -> impl Iterator<Item = EntryBytes> + 
     })
 }
 
-/// What [`Index::fold`] calls a table (or run) that failed its block checks.
+/// What [`Index::fold`] calls a table that failed its block checks.
 const DAMAGED_TABLE: &str = "damaged index cache table";
 
 /// Whether a fold failed on a damaged table (dropped: read everything again) rather than on

@@ -9,8 +9,10 @@
 //! more, and 190 files read side by side (113 s at 10^8 under 256 MiB, now about 30 s: see
 //! docs/benchmarks.md).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use super::file::IndexFile;
 use super::spill::{partition, read_records, read_records_into, write_partitioned, Record, Spill};
@@ -72,9 +74,14 @@ pub(super) struct Spilled {
     len: u64,
     /// The partitions were taken by [`Spilled::sorted`]: the entries are no longer here.
     taken: bool,
-    /// Writing or reading a scratch file failed while the entries were sorted: some are lost.
-    failed: Option<std::io::Error>,
+    /// Why [`Spilled::sorted`] ended its entries early (a scratch file that could not be
+    /// written or read, a sorting thread that could not start or stopped): some are lost.
+    /// Shared with the fold, which checks it before the table it wrote is renamed into place.
+    failed: Failure,
 }
+
+/// Where [`Spilled::sorted`] leaves its error, if it fails.
+pub(super) type Failure = Rc<RefCell<Option<std::io::Error>>>;
 
 impl Gathered {
     /// Adds an index file read, one of `expected` this refresh reads: spilled to scratch
@@ -112,7 +119,7 @@ impl Gathered {
             write_error: None,
             len: 0,
             taken: false,
-            failed: None,
+            failed: Failure::default(),
         };
         for e in std::mem::take(&mut self.entries) {
             let n = s.pack_number(&e.pack);
@@ -138,41 +145,37 @@ impl Gathered {
     }
 
     /// Puts what was gathered into the overlay instead (a small refresh, or a cache folder that
-    /// cannot be written). When spilled entries cannot be read back (or a failed fold took
-    /// them), the index files are left out, and the next refresh reads them again: the overlay
-    /// never claims a file whose entries it lacks.
-    pub(super) fn into_overlay(self, st: &mut State) {
+    /// cannot be written), a partition at a time, the entries written out before those still
+    /// pending (so that of an id gathered twice the first is kept). False when spilled entries
+    /// could not be read back, or a failed fold took them: the index files are then not
+    /// claimed, and the caller must read them again (the overlay never claims a file whose
+    /// entries it lacks).
+    #[must_use]
+    pub(super) fn into_overlay(self, st: &mut State) -> bool {
         if let Some(mut s) = self.spilled {
             if s.taken {
-                return;
+                return false;
             }
-            let mut entries: Vec<EntryBytes> = s
-                .pending
-                .iter()
-                .flat_map(|p| p.chunks_exact(EntryBytes::LEN).map(EntryBytes::get))
-                .collect();
-            let mut whole = true;
+            let packs = &s.packs;
+            let decoded = |e: &EntryBytes| decode_entry(e, packs).ok();
             for part in &mut s.parts {
                 let records = part.records;
                 match part
                     .reader()
                     .and_then(|mut r| read_records::<EntryBytes>(&mut r, records))
                 {
-                    Ok(mut read) => entries.append(&mut read),
-                    Err(_) => whole = false,
+                    Ok(read) => Index::add_entries_only(st, read.iter().filter_map(decoded)),
+                    Err(_) => return false,
                 }
             }
-            let packs = &s.packs;
-            Index::add_entries_only(
-                st,
-                entries.iter().filter_map(|e| decode_entry(e, packs).ok()),
-            );
-            if !whole {
-                return;
+            for p in &s.pending {
+                let entries = p.chunks_exact(EntryBytes::LEN).map(EntryBytes::get);
+                Index::add_entries_only(st, entries.filter_map(|e| decoded(&e)));
             }
         }
         Index::add_entries_only(st, self.entries);
         st.overlay_files.extend(self.files);
+        true
     }
 }
 
@@ -227,16 +230,17 @@ impl Spilled {
         &self.packs
     }
 
-    /// Why [`Spilled::sorted`] ended early, if it did: a table written from its entries would
-    /// lack some.
-    pub(super) fn failed(&mut self) -> Option<std::io::Error> {
-        self.failed.take()
+    /// Where [`Spilled::sorted`] leaves its error if it ends early: a table written from its
+    /// entries would lack some.
+    pub(super) fn failure(&self) -> Failure {
+        Rc::clone(&self.failed)
     }
 
     /// Every entry in id order, one per id (of an id stored twice, the first gathered), its
     /// pack numbered by `number` (the new table's numbers). A partition larger than two runs
-    /// (past about 10^9 entries) is split again by the next prefix bits first. A scratch file
-    /// that cannot be written or read ends the entries early ([`Spilled::failed`]).
+    /// (past about 2.7 x 10^8 entries in all) is split again by the next prefix bits first. A
+    /// scratch file that cannot be written or read ends the entries early
+    /// ([`Spilled::failure`]).
     pub(super) fn sorted<'a>(
         &'a mut self,
         number: &HashMap<PackId, u32>,
@@ -288,27 +292,27 @@ impl Spilled {
             .name("sbk-index-sort".into())
             .spawn(sorter)
         {
-            self.failed = Some(e);
+            *self.failed.borrow_mut() = Some(e);
         }
-        let failed = &mut self.failed;
-        let (mut batch, mut at) = (Vec::new(), 0);
+        let failed = Rc::clone(&self.failed);
+        let (mut batch, mut at, mut done) = (Vec::new(), 0, false);
         std::iter::from_fn(move || loop {
             if let Some(e) = batch.get(at) {
                 at += 1;
                 return Some(*e);
             }
-            if failed.is_some() {
+            if done || failed.borrow().is_some() {
                 return None;
             }
             let _ = give_back.send(std::mem::take(&mut batch));
             at = 0;
             match rx.recv() {
                 Ok(Sorted::Batch(b)) => batch = b,
-                Ok(Sorted::Done) => return None,
-                Ok(Sorted::Failed(e)) => *failed = Some(e),
+                Ok(Sorted::Done) => done = true,
+                Ok(Sorted::Failed(e)) => *failed.borrow_mut() = Some(e),
                 // Not a normal end: the entries after it would be missing from the table.
                 Err(_) => {
-                    *failed = Some(std::io::Error::other(
+                    *failed.borrow_mut() = Some(std::io::Error::other(
                         "the thread sorting the index rebuild stopped",
                     ))
                 }
@@ -526,7 +530,7 @@ mod tests {
             .sorted(&number)
             .map(|e| decode_entry(&e, &table_packs).unwrap())
             .collect();
-        assert!(s.failed().is_none());
+        assert!(s.failure().borrow().is_none());
         assert_eq!(got.len(), n as usize);
         assert!(got.windows(2).all(|w| w[0].entry.id < w[1].entry.id));
         let mut want: Vec<IndexEntry> = (0..n)
@@ -592,7 +596,7 @@ mod tests {
             fold_failed: true,
         };
         let mut st = state();
-        gather().into_overlay(&mut st);
+        assert!(gather().into_overlay(&mut st));
         assert_eq!(st.overlay.len(), 9000);
         assert_eq!(st.overlay_files.len(), 3);
         assert_eq!(st.overlay[&entry(4321).id].pack, PackId([1; 16]));
@@ -602,7 +606,10 @@ mod tests {
         let number: HashMap<PackId, u32> =
             (0..3).map(|k| (PackId([k; 16]), u32::from(k))).collect();
         assert_eq!(g.spilled().unwrap().sorted(&number).take(10).count(), 10);
-        g.into_overlay(&mut st);
+        assert!(
+            !g.into_overlay(&mut st),
+            "the caller must read the files again"
+        );
         assert!(st.overlay_files.is_empty());
     }
 }

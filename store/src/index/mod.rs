@@ -403,10 +403,13 @@ impl Index {
             .copied()
             .collect();
         let mut vanished = false;
+        // Set when entries gathered were lost (a scratch file that could not be read back):
+        // their files are read again, into the overlay this time.
+        let mut again = false;
         let mut gathered = Gathered::default();
         let expected = new.len();
         // Index files are read, checked against their names and decoded on a thread of their
-        // own, a file or two ahead: at 10^8 entries that is half of a rebuild's first pass
+        // own, two files ahead of their gathering (and asked for READ_AHEAD ahead): at 10^8 entries that is half of a rebuild's first pass
         // over 6,107 files, beside the other half (spilling their entries).
         let crypto = &self.crypto;
         std::thread::scope(|scope| {
@@ -443,7 +446,7 @@ impl Index {
                         }
                         if let Err(e) = gathered.add(&self.dir, id, file, expected) {
                             self.fold_failed(&mut st, report, &StoreError::io(&self.dir, e));
-                            std::mem::take(&mut gathered).into_overlay(&mut st);
+                            again |= !std::mem::take(&mut gathered).into_overlay(&mut st);
                         }
                     }
                     Err(e) if e.is_corrupt() => {
@@ -470,12 +473,12 @@ impl Index {
                     return Ok(true);
                 }
                 self.fold_failed(&mut st, report, &e);
-                gathered.into_overlay(&mut st);
+                again |= !gathered.into_overlay(&mut st);
             }
         } else {
-            gathered.into_overlay(&mut st);
+            again |= !gathered.into_overlay(&mut st);
         }
-        Ok(vanished)
+        Ok(vanished || again)
     }
 
     /// After a fold failed: says so, and goes on with the overlay (a cache never stands in the
@@ -504,9 +507,9 @@ impl Index {
     }
 
     /// Adds entries to the overlay, without looking them up in the tables first: a blob the
-    /// tables hold too is stored twice (two writers at once, or a prune that moved it), and the
-    /// overlay's copy is as good (better, when the table's is in a pack prune marked). Lookups
-    /// find the overlay's, rows number both, and a fold keeps one. Looking each entry up was a
+    /// tables hold too is stored twice (two writers at once, or a prune that moved it), and
+    /// either copy is as good. Lookups find the overlay's, rows number both, a fold keeps the
+    /// table's, and [`Index::len`] counts both until then. Looking each entry up was a
     /// random read of the table's filter per entry: at 10^8 entries under a memory limit, each
     /// process that opened the repository paid a page fault for most entries of the index
     /// files written since the last fold (up to 2^17), seconds before its first read.
@@ -611,7 +614,8 @@ impl Index {
         }
     }
 
-    /// Number of indexed blobs.
+    /// Number of index entries: indexed blobs, plus those stored twice whose second copy is
+    /// in the overlay (until a fold).
     pub fn len(&self) -> usize {
         let st = self.state.read().expect("no thread panics holding this");
         st.overlay.len() + st.tables_len()

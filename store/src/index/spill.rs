@@ -93,6 +93,9 @@ pub(super) fn write_partitioned<R: Record>(
     bits: u32,
     parts: &mut [Spill],
 ) -> std::io::Result<()> {
+    debug_assert!(records
+        .windows(2)
+        .all(|w| partition(w[0].id(), from, bits) <= partition(w[1].id(), from, bits)));
     let mut buf = Vec::with_capacity(WRITE_BYTES);
     let mut rest = records;
     while let Some(first) = rest.first() {

@@ -669,14 +669,15 @@ const PREFETCH_BYTES: usize = 256 << 10;
 /// Writes a table to `path` (through a temporary name and a rename, so that readers see the
 /// whole table or none). `entries` must be sorted by id without duplicates, and name only packs
 /// in `packs` (by their number in it: [`encode_entry`]); `max_entries` bounds their number (it
-/// sizes the filter).
+/// sizes the filter). An error among them fails the table, which is then never renamed into
+/// place.
 pub fn write_table(
     path: &Path,
     repo_id: [u8; 16],
     config_hash: [u8; 32],
     files: &[IndexId],
     packs: &[PackId],
-    entries: impl Iterator<Item = EntryBytes>,
+    entries: impl Iterator<Item = std::io::Result<EntryBytes>>,
     max_entries: u64,
 ) -> std::io::Result<()> {
     let dir = path.parent().expect("tables live in a directory");
@@ -712,6 +713,7 @@ pub fn write_table(
             written
         };
         for e in entries {
+            let e = e?;
             filter.add(&e[..32])?;
             unit.extend_from_slice(&e);
             count += 1;
@@ -777,7 +779,7 @@ mod tests {
             [8; 32],
             &[],
             &[PackId([1; 16])],
-            ids.iter().map(|id| encode_entry(0, &entry(*id, 0))),
+            ids.iter().map(|id| Ok(encode_entry(0, &entry(*id, 0)))),
             max,
         )
     }
@@ -859,7 +861,7 @@ mod tests {
             &packs,
             ids.iter()
                 .enumerate()
-                .map(|(i, id)| encode_entry((i % 2) as u32, &entry(*id, 16 + i as u64))),
+                .map(|(i, id)| Ok(encode_entry((i % 2) as u32, &entry(*id, 16 + i as u64)))),
             ids.len() as u64,
         )
         .unwrap();
