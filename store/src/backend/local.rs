@@ -75,7 +75,8 @@ impl LocalBackend {
     }
 
     /// Calls `f` with each directory entry of a kind's objects (not `config`), and its name,
-    /// leaving out objects being written.
+    /// leaving out objects being written and what is not a file. The entry's type comes with
+    /// the directory entry (no stat on ext4, xfs, btrfs).
     fn scan(
         &self,
         kind: Kind,
@@ -98,8 +99,14 @@ impl LocalBackend {
                 let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
                     continue;
                 };
-                if !is_tmp(&name) {
-                    f(&entry, name)?;
+                if is_tmp(&name) {
+                    continue;
+                }
+                match entry.file_type() {
+                    Ok(t) if t.is_file() => f(&entry, name)?,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => {} // deleted meanwhile
+                    Err(e) => return Err(StoreError::io(entry.path(), e)),
                 }
             }
         }
@@ -287,18 +294,17 @@ impl Backend for LocalBackend {
             });
         }
         let mut out = Vec::new();
-        self.scan(kind, |entry, name| match entry.metadata() {
-            Ok(m) if m.is_file() => {
-                out.push(ObjectInfo {
+        self.scan(kind, |entry, name| {
+            match entry.metadata() {
+                Ok(m) => out.push(ObjectInfo {
                     name,
                     size: m.len(),
                     modified: mtime(&m),
-                });
-                Ok(())
+                }),
+                Err(e) if e.kind() == ErrorKind::NotFound => {} // deleted meanwhile
+                Err(e) => return Err(StoreError::io(entry.path(), e)),
             }
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()), // deleted meanwhile
-            Err(e) => Err(StoreError::io(entry.path(), e)),
+            Ok(())
         })?;
         out.sort();
         Ok(out)
@@ -309,15 +315,9 @@ impl Backend for LocalBackend {
             return Ok(self.list(kind)?.into_iter().map(|o| o.name).collect());
         }
         let mut out = Vec::new();
-        // The entry's type comes with the directory entry (no stat on ext4, xfs, btrfs).
-        self.scan(kind, |entry, name| match entry.file_type() {
-            Ok(t) if t.is_file() => {
-                out.push(name);
-                Ok(())
-            }
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()), // deleted meanwhile
-            Err(e) => Err(StoreError::io(entry.path(), e)),
+        self.scan(kind, |_, name| {
+            out.push(name);
+            Ok(())
         })?;
         out.sort();
         Ok(out)
