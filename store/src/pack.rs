@@ -66,9 +66,19 @@ impl PackEntry {
 
     pub(crate) fn decode(d: &mut Decoder<'_>) -> Result<Self, DecodeError> {
         let id = ChunkId(d.array()?);
+        Self::decode_after_id(id, d, "trailer entry reserved")
+    }
+
+    /// Decodes the fields that follow the id (in a trailer, and in an index cache table after
+    /// the pack number); `reserved` names the reserved field in an error.
+    pub(crate) fn decode_after_id(
+        id: ChunkId,
+        d: &mut Decoder<'_>,
+        reserved: &'static str,
+    ) -> Result<Self, DecodeError> {
         let kind = BlobKind::from_u8(d.u8()?)?;
         let compression = Compression::from_u8(d.u8()?)?;
-        crate::codec::reserved(d.u16()?.into(), "trailer entry reserved")?;
+        crate::codec::reserved(d.u16()?.into(), reserved)?;
         Ok(PackEntry {
             id,
             kind,

@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use memmap2::Mmap;
 
-use crate::blob::{BlobKind, Compression};
 use crate::codec::{invalid, Decoder, Encoder};
 use crate::error::DecodeError;
 use crate::id::{ChunkId, IndexId, PackId};
@@ -149,23 +148,11 @@ pub fn decode_entry(raw: &[u8], packs: &[PackId]) -> Result<IndexEntry, DecodeEr
     let mut d = Decoder::new(raw);
     let id = ChunkId(d.array()?);
     let pack = d.u32()?;
-    let kind = BlobKind::from_u8(d.u8()?)?;
-    let compression = Compression::from_u8(d.u8()?)?;
-    crate::codec::reserved(d.u16()?.into(), "table entry reserved")?;
+    let entry = PackEntry::decode_after_id(id, &mut d, "table entry reserved")?;
     let pack = *packs
         .get(pack as usize)
         .ok_or_else(|| invalid("table pack number", format!("{pack}")))?;
-    Ok(IndexEntry {
-        pack,
-        entry: PackEntry {
-            id,
-            kind,
-            compression,
-            offset: d.u64()?,
-            stored_len: d.u32()?,
-            raw_len: d.u32()?,
-        },
-    })
+    Ok(IndexEntry { pack, entry })
 }
 
 /// Gives an entry's bytes pack number `pack` (of another table).
@@ -759,6 +746,7 @@ pub fn write_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blob::{BlobKind, Compression};
 
     fn entry(id: ChunkId, offset: u64) -> PackEntry {
         PackEntry {
