@@ -57,6 +57,16 @@ fn zero_detector(c: &mut Criterion) {
     g.bench_function("blocks/zeros", |b| {
         b.iter(|| black_box(&zeros).chunks(ZERO_BLOCK).all(is_zero))
     });
+    // Data blocks: the common case, where the first bytes already say "not zero".
+    let data = random(SEGMENT, 7);
+    g.bench_function("blocks/data", |b| {
+        b.iter(|| {
+            black_box(&data)
+                .chunks(ZERO_BLOCK)
+                .filter(|b| is_zero(b))
+                .count()
+        })
+    });
     let mut dst = vec![1u8; SEGMENT];
     g.bench_function("baseline/memcpy", |b| {
         b.iter(|| dst.copy_from_slice(black_box(&zeros)))

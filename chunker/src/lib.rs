@@ -151,10 +151,15 @@ impl Span {
     }
 }
 
-/// True when every byte of `block` is zero. Written as an OR-fold so the compiler vectorises it;
+/// True when every byte of `block` is zero. Written as OR-folds so the compiler vectorises them;
 /// callers pass blocks of [`ZERO_BLOCK`] bytes, which bounds the work past the first non-zero byte.
 pub fn is_zero(block: &[u8]) -> bool {
-    block.iter().fold(0u8, |acc, &b| acc | b) == 0
+    // A block of data nearly always has a non-zero byte among its first 64, so it costs one
+    // cache line instead of a pass over all of it (which was the first touch of every byte read,
+    // and 16% of a changed-block incremental's CPU); only zero blocks are read whole.
+    let (head, rest) = block.split_at(block.len().min(64));
+    let or = |b: &[u8]| b.iter().fold(0u8, |acc, &b| acc | b);
+    or(head) == 0 && or(rest) == 0
 }
 
 /// Splits one segment into zero runs and FastCDC data chunks.
