@@ -12,11 +12,12 @@
 //! then its directory is fsynced. A name therefore always holds a whole, durable object.
 
 use std::fs::{self, File};
-use std::io::{BufWriter, ErrorKind, Write};
+use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use super::direct::DirectWriter;
 use super::handles::{handle_capacity, Handles};
 use super::{Backend, Kind, ObjectInfo, Staged, Written};
 use crate::error::{Result, StoreError};
@@ -200,8 +201,9 @@ fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> std::io::Result<()>
     }
 }
 
-/// Asks the kernel to drop a file's pages from the page cache (advice only). After a pack is
-/// synced its pages are clean and nobody reads it back soon; left cached, the packs a backup
+/// Asks the kernel to drop a file's pages from the page cache (advice only). Packs are written
+/// around the page cache where the filesystem allows (`direct.rs`); where it does not, a synced
+/// pack's pages are clean and nobody reads it back soon; left cached, the packs a backup
 /// writes push out what it does read at random, the index table's Bloom filter: under a 256
 /// MiB limit, a 2 GiB backup into a repository of 10^8 chunks then waited on a disk read for
 /// most of its lookups.
@@ -391,7 +393,7 @@ impl Backend for LocalBackend {
         let dir = self.dir_of(kind, name);
         let (tmp, file) = Self::create_tmp(&dir, name)?;
         Ok(Box::new(LocalStaged {
-            out: Some(BufWriter::with_capacity(1 << 20, file)),
+            out: Some(DirectWriter::new(file)),
             path: dir.join(name),
             tmp,
             dir,
@@ -496,9 +498,9 @@ fn mtime(m: &fs::Metadata) -> i64 {
     m.mtime()
 }
 
-/// A pack being written to a temporary file beside its final name.
+/// A pack being written to a temporary file beside its final name, around the page cache.
 struct LocalStaged {
-    out: Option<BufWriter<File>>,
+    out: Option<DirectWriter>,
     tmp: PathBuf,
     path: PathBuf,
     dir: PathBuf,
@@ -517,9 +519,9 @@ impl Staged for LocalStaged {
     fn finish(mut self: Box<Self>) -> Result<()> {
         let out = self.out.take().expect("present until finish");
         let named = out
-            .into_inner()
-            .map_err(|e| e.into_error())
-            // The data must be on disk before the name says the object is complete…
+            .finish()
+            // The data must be on disk before the name says the object is complete (O_DIRECT
+            // writes may still sit in the device's cache)…
             .and_then(|file| {
                 file.sync_all()?;
                 drop_cached(&file);

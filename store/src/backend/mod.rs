@@ -10,6 +10,7 @@
 mod as_of;
 pub mod contract;
 mod counting;
+mod direct;
 mod fault;
 mod handles;
 pub(crate) mod local;
