@@ -6,7 +6,8 @@
 //! pages compete with what the backup does read at random, the index table's Bloom filter, and
 //! throttle the writer once they pass the group's dirty limit. O_DIRECT writes go from the
 //! buffer to the device. They block until the device has them, so they are made on two threads
-//! of the writer's own, a few buffers behind the caller, who fills the next one meanwhile.
+//! of the pack's own, from a small pool of buffers per repository, while the caller fills the
+//! next one.
 //!
 //! Durability is unchanged: O_DIRECT bypasses the page cache, not the device's cache, so the
 //! caller still fsyncs the file before naming it. On a filesystem without O_DIRECT (tmpfs on
@@ -16,8 +17,8 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use memmap2::MmapMut;
@@ -34,9 +35,58 @@ const ALIGN: usize = 4096;
 /// where one reached 1.1 (a synchronous write waits out the device's latency).
 const WRITERS: usize = 2;
 
-/// Buffers per file: one being filled, one for each write in flight, and one more: 4 MiB a pack,
-/// where the page cache took as much as the kernel let it.
-const BUFFERS: usize = 4;
+/// Buffers per repository, shared by its packs: the open pack fills one while two are being
+/// written, and a pack waiting to be sealed holds at most the one it was filling. Measured
+/// (docs/benchmarks.md): 4 stalled the writer at pack boundaries, 8 wrote no faster than 6 and
+/// took 2 MiB more; 512 KiB buffers wrote slower (two writes in flight reached 1.4 GB/s).
+const POOL: usize = 6;
+
+/// The write buffers of one repository's packs, at most [`POOL`], made on first use and reused
+/// (a new mapping per pack would fault in every page of it again).
+pub(super) struct Buffers {
+    /// The free buffers, and how many exist.
+    free: Mutex<(Vec<MmapMut>, usize)>,
+    given_back: Condvar,
+}
+
+impl Buffers {
+    pub(super) fn new() -> Arc<Self> {
+        Arc::new(Buffers {
+            free: Mutex::new((Vec::new(), 0)),
+            given_back: Condvar::new(),
+        })
+    }
+
+    /// A free buffer, a new one while fewer than [`POOL`] exist, else the next one given back.
+    /// Every buffer taken comes back without waiting on anyone who waits here: from a writing
+    /// thread once written, or from a writer when it finishes or is dropped.
+    fn take(&self) -> io::Result<MmapMut> {
+        let mut g = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(b) = g.0.pop() {
+                return Ok(b);
+            }
+            if g.1 < POOL {
+                g.1 += 1;
+                drop(g);
+                return MmapMut::map_anon(BLOCK).inspect_err(|_| {
+                    self.free.lock().unwrap_or_else(|e| e.into_inner()).1 -= 1;
+                    self.given_back.notify_one();
+                });
+            }
+            g = self.given_back.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn give(&self, b: MmapMut) {
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .push(b);
+        self.given_back.notify_one();
+    }
+}
 
 /// A buffer handed to the writing threads: its first `len` bytes go to the file at `at`.
 struct Block {
@@ -47,40 +97,41 @@ struct Block {
 
 /// Appends to a new file through O_DIRECT where the filesystem has it.
 ///
-/// Dropped unfinished (an abandoned pack), it closes the threads' queue and leaves them to finish
-/// the writes they have, at most [`BUFFERS`] blocks, into a file its owner removes.
+/// Dropped unfinished (an abandoned pack), it gives its buffer back, closes the threads' queue
+/// and leaves them to finish the writes they have into a file its owner removes.
 pub(super) struct DirectWriter {
     file: Arc<File>,
     direct: bool,
+    buffers: Arc<Buffers>,
     /// The buffer being filled, and how much of it is.
     buf: Option<MmapMut>,
     filled: usize,
     /// File offset of the buffer's first byte.
     at: u64,
-    /// Buffers made so far (at most [`BUFFERS`]), and handed to the threads but not back yet.
-    made: usize,
+    /// Blocks handed to the threads whose outcome has not been taken yet.
     out: usize,
     writing: Option<Writing>,
 }
 
 /// The writing threads and their two queues.
 struct Writing {
-    to_disk: SyncSender<Block>,
-    back: Receiver<io::Result<MmapMut>>,
+    to_disk: Sender<Block>,
+    back: Receiver<io::Result<()>>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl DirectWriter {
-    /// Writes `file`, which must be new and empty, through O_DIRECT when its filesystem allows.
-    pub(super) fn new(file: File) -> Self {
+    /// Writes `file`, which must be new and empty, through O_DIRECT when its filesystem allows,
+    /// from `buffers`.
+    pub(super) fn new(file: File, buffers: Arc<Buffers>) -> Self {
         let direct = set_direct(&file, true).is_ok();
         DirectWriter {
             file: Arc::new(file),
             direct,
+            buffers,
             buf: None,
             filled: 0,
             at: 0,
-            made: 0,
             out: 0,
             writing: None,
         }
@@ -90,7 +141,7 @@ impl DirectWriter {
     pub(super) fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
             if self.buf.is_none() {
-                self.buf = Some(self.next_buffer()?);
+                self.buf = Some(self.buffers.take()?);
             }
             let buf = self.buf.as_mut().expect("filled just above");
             let n = bytes.len().min(BLOCK - self.filled);
@@ -100,6 +151,9 @@ impl DirectWriter {
             if self.filled == BLOCK {
                 self.submit(BLOCK)?;
             }
+            // Outcomes of writes done meanwhile: a failure shows at the next write, not only at
+            // the end.
+            self.take_done()?;
         }
         Ok(())
     }
@@ -122,20 +176,24 @@ impl DirectWriter {
         if padded > 0 {
             self.submit(padded)?;
         }
+        let mut failed = Ok(());
         while self.out > 0 {
-            self.take_back()?;
+            failed = failed.and(self.wait_one());
         }
         if let Some(w) = self.writing.take() {
             drop(w.to_disk);
-            // They have returned every block, so they are at their queue's end and exit now.
+            // Every block is written, so they are at their queue's end and exit now.
             for t in w.threads {
                 let _ = t.join();
             }
         }
+        failed?;
         if self.file.metadata()?.len() != len {
             self.file.set_len(len)?;
         }
-        Arc::try_unwrap(self.file)
+        let file = self.file.clone();
+        drop(self);
+        Arc::try_unwrap(file)
             .map_err(|_| io::Error::other("a pack writer's thread still holds the file"))
     }
 
@@ -149,56 +207,52 @@ impl DirectWriter {
         };
         self.at += self.filled as u64;
         self.filled = 0;
-        let w = match &self.writing {
-            Some(w) => w,
-            None => {
-                let w = self.start()?;
-                self.writing.insert(w)
-            }
-        };
-        if w.to_disk.send(block).is_err() {
-            // The threads stopped at a failed write: its error is waiting in `back`.
-            return self
-                .take_back()
-                .and(Err(io::Error::other("the pack writer stopped")));
+        if self.writing.is_none() {
+            self.writing = Some(self.start()?);
         }
+        let w = self.writing.as_ref().expect("started just above");
+        // The threads take blocks until the queue closes, whatever they meet.
+        w.to_disk
+            .send(block)
+            .map_err(|_| io::Error::other("the pack writer's threads ended"))?;
         self.out += 1;
         Ok(())
     }
 
-    /// A buffer to fill: a new one while fewer than [`BUFFERS`] exist, else the next one the
-    /// threads have written out.
-    fn next_buffer(&mut self) -> io::Result<MmapMut> {
-        if self.made < BUFFERS {
-            self.made += 1;
-            return MmapMut::map_anon(BLOCK);
+    /// Takes the outcomes of the writes done so far; the first failure among them.
+    fn take_done(&mut self) -> io::Result<()> {
+        let Some(w) = &self.writing else {
+            return Ok(());
+        };
+        let mut r = Ok(());
+        while let Ok(done) = w.back.try_recv() {
+            self.out -= 1;
+            r = r.and(done);
         }
-        self.take_back()
-    }
-
-    /// Waits for a block handed out to be written; its buffer, or the error of a failed write.
-    fn take_back(&mut self) -> io::Result<MmapMut> {
-        let w = self.writing.as_ref().expect("blocks were handed out");
-        let r = w
-            .back
-            .recv()
-            .unwrap_or_else(|_| Err(io::Error::other("the pack writer's thread ended")));
-        self.out = self.out.saturating_sub(1);
         r
     }
 
+    /// Waits for one more write to be done; its outcome.
+    fn wait_one(&mut self) -> io::Result<()> {
+        let w = self.writing.as_ref().expect("blocks were handed out");
+        self.out -= 1;
+        w.back
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the pack writer's threads ended")))
+    }
+
     fn start(&self) -> io::Result<Writing> {
-        let (to_disk, blocks) = sync_channel::<Block>(BUFFERS);
+        let (to_disk, blocks) = channel::<Block>();
         let blocks = Arc::new(Mutex::new(blocks));
         let (done, back) = channel();
         let mut threads = Vec::with_capacity(WRITERS);
         for _ in 0..WRITERS {
             let (file, blocks, done) = (self.file.clone(), blocks.clone(), done.clone());
-            let direct = self.direct;
+            let (buffers, direct) = (self.buffers.clone(), self.direct);
             threads.push(
                 std::thread::Builder::new()
                     .name("pack-writer".into())
-                    .spawn(move || write_blocks(&file, direct, &blocks, done))?,
+                    .spawn(move || write_blocks(&file, direct, &blocks, &buffers, &done))?,
             );
         }
         Ok(Writing {
@@ -209,30 +263,45 @@ impl DirectWriter {
     }
 }
 
-/// A writing thread: writes each block it takes where it belongs and hands its buffer back,
-/// until the queue closes or a write fails.
+impl Drop for DirectWriter {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.buffers.give(b);
+        }
+    }
+}
+
+/// A writing thread: writes each block it takes where it belongs, gives its buffer back and
+/// says how it went, until the queue closes. After a failed write it writes no more (the file
+/// is abandoned) but still gives every buffer back.
 fn write_blocks(
     file: &File,
     mut direct: bool,
     blocks: &Mutex<Receiver<Block>>,
-    done: Sender<io::Result<MmapMut>>,
+    buffers: &Buffers,
+    done: &Sender<io::Result<()>>,
 ) {
+    let mut failed = false;
     loop {
         let next = blocks.lock().unwrap_or_else(|e| e.into_inner()).recv();
         let Ok(Block { buf, len, at }) = next else {
             return;
         };
-        let mut r = file.write_all_at(&buf[..len], at);
+        let mut r = if failed {
+            Err(io::Error::other("an earlier write of this pack failed"))
+        } else {
+            file.write_all_at(&buf[..len], at)
+        };
         if direct && matches!(&r, Err(e) if e.raw_os_error() == Some(libc::EINVAL)) {
             // The filesystem took the flag but not the write (a device with larger sectors):
             // through the page cache from here on, which takes any length and offset.
             direct = false;
             r = set_direct(file, false).and_then(|()| file.write_all_at(&buf[..len], at));
         }
-        let failed = r.is_err();
-        if done.send(r.map(|()| buf)).is_err() || failed {
-            return;
-        }
+        failed |= r.is_err();
+        buffers.give(buf);
+        // The writer may be gone (dropped unfinished): the buffers still come back.
+        let _ = done.send(r);
     }
 }
 
@@ -269,6 +338,7 @@ mod tests {
     #[test]
     fn writes_come_back_whole() {
         let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let buffers = Buffers::new();
         for (i, len) in [
             0,
             1,
@@ -285,7 +355,7 @@ mod tests {
         {
             let path = dir.path().join(format!("f{i}"));
             let data: Vec<u8> = (0..len).map(|j| (j * 31 + i) as u8).collect();
-            let mut w = DirectWriter::new(File::create(&path).unwrap());
+            let mut w = DirectWriter::new(File::create(&path).unwrap(), buffers.clone());
             for piece in data.chunks(77_777) {
                 w.write_all(piece).unwrap();
             }
@@ -295,13 +365,38 @@ mod tests {
         }
     }
 
+    /// Writers dropped unfinished give every buffer back (or the pool would run dry and the
+    /// next pack wait forever), and no more than [`POOL`] buffers are ever made.
+    #[test]
+    fn abandoned_writers_give_their_buffers_back() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let buffers = Buffers::new();
+        let data = vec![5u8; BLOCK + 10];
+        for i in 0..3 * POOL {
+            let mut w = DirectWriter::new(
+                File::create(dir.path().join(format!("a{i}"))).unwrap(),
+                buffers.clone(),
+            );
+            w.write_all(&data).unwrap();
+        }
+        let path = dir.path().join("whole");
+        let mut w = DirectWriter::new(File::create(&path).unwrap(), buffers.clone());
+        let whole = vec![9u8; 3 * BLOCK + 1];
+        w.write_all(&whole).unwrap();
+        w.finish().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
+        let made = buffers.free.lock().unwrap().1;
+        assert!(made <= POOL, "{made} buffers made");
+    }
+
     /// A write that fails (a full disk) fails the writer, not later but at a write or at
     /// finish, and nothing claims the file is whole.
     #[test]
     fn a_failed_write_fails_the_writer() {
         // /dev/full takes no byte: every write fails with ENOSPC.
         let full = File::options().write(true).open("/dev/full").unwrap();
-        let mut w = DirectWriter::new(full);
+        let buffers = Buffers::new();
+        let mut w = DirectWriter::new(full, buffers.clone());
         let data = vec![7u8; 3 * BLOCK];
         let r = w.write_all(&data).and_then(|()| w.finish().map(drop));
         let e = r.expect_err("writes to /dev/full fail");

@@ -17,7 +17,7 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::direct::DirectWriter;
+use super::direct::{Buffers, DirectWriter};
 use super::handles::{handle_capacity, Handles};
 use super::{Backend, Kind, ObjectInfo, Staged, Written};
 use crate::error::{Result, StoreError};
@@ -27,6 +27,8 @@ use crate::id::to_hex;
 pub struct LocalBackend {
     root: PathBuf,
     handles: Mutex<Handles>,
+    /// The write buffers of its packs.
+    buffers: Arc<Buffers>,
 }
 
 fn fsync_dir(dir: &Path) -> Result<()> {
@@ -50,6 +52,7 @@ impl LocalBackend {
         LocalBackend {
             root: root.to_owned(),
             handles: Mutex::new(Handles::new(handle_capacity())),
+            buffers: Buffers::new(),
         }
     }
 
@@ -393,7 +396,7 @@ impl Backend for LocalBackend {
         let dir = self.dir_of(kind, name);
         let (tmp, file) = Self::create_tmp(&dir, name)?;
         Ok(Box::new(LocalStaged {
-            out: Some(DirectWriter::new(file)),
+            out: Some(DirectWriter::new(file, self.buffers.clone())),
             path: dir.join(name),
             tmp,
             dir,
