@@ -18,13 +18,13 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use memmap2::MmapMut;
 
-/// Bytes per write: large enough that a 32 MiB pack takes 32 writes, small enough that the two
-/// buffers of each pack in flight stay a few MiB.
+/// Bytes per write: large enough that a 32 MiB pack takes 32 writes, small enough that the
+/// buffers of a pack in flight stay a few MiB.
 const BLOCK: usize = 1 << 20;
 
 /// O_DIRECT's alignment of buffer addresses, file offsets and lengths: the 4096-byte sector of
@@ -35,56 +35,46 @@ const ALIGN: usize = 4096;
 /// where one reached 1.1 (a synchronous write waits out the device's latency).
 const WRITERS: usize = 2;
 
-/// Buffers per repository, shared by its packs: the open pack fills one while two are being
-/// written, and a pack waiting to be sealed holds at most the one it was filling. Measured
-/// (docs/benchmarks.md): 4 stalled the writer at pack boundaries, 8 wrote no faster than 6 and
-/// took 2 MiB more; 512 KiB buffers wrote slower (two writes in flight reached 1.4 GB/s).
+/// Blocks one pack may have handed to its threads and not seen written: one being written by
+/// each thread and one waiting. The pack's writer waits for the oldest beyond that: this is the
+/// back-pressure the page cache's dirty limit gave buffered writes.
+const IN_FLIGHT: usize = WRITERS + 1;
+
+/// Free buffers a repository keeps for its next packs. Measured (docs/benchmarks.md): 4 stalled
+/// the writer at pack boundaries, 8 wrote no faster than 6 and took 2 MiB more; 512 KiB buffers
+/// wrote slower (two writes in flight reached 1.4 GB/s).
 const POOL: usize = 6;
 
-/// The write buffers of one repository's packs, at most [`POOL`], made on first use and reused
-/// (a new mapping per pack would fault in every page of it again).
+/// The free write buffers of one repository's packs, reused (a new mapping per pack would fault
+/// in every page of it again). Taking one never waits, so no seal can wait on a buffer that a
+/// pack queued behind it holds: a pack bounds its own buffers ([`IN_FLIGHT`] plus the one it
+/// fills), and the packer bounds the packs open at once.
 pub(super) struct Buffers {
-    /// The free buffers, and how many exist.
-    free: Mutex<(Vec<MmapMut>, usize)>,
-    given_back: Condvar,
+    free: Mutex<Vec<MmapMut>>,
 }
 
 impl Buffers {
     pub(super) fn new() -> Arc<Self> {
         Arc::new(Buffers {
-            free: Mutex::new((Vec::new(), 0)),
-            given_back: Condvar::new(),
+            free: Mutex::new(Vec::new()),
         })
     }
 
-    /// A free buffer, a new one while fewer than [`POOL`] exist, else the next one given back.
-    /// Every buffer taken comes back without waiting on anyone who waits here: from a writing
-    /// thread once written, or from a writer when it finishes or is dropped.
+    /// A free buffer, or a new one.
     fn take(&self) -> io::Result<MmapMut> {
-        let mut g = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(b) = g.0.pop() {
-                return Ok(b);
-            }
-            if g.1 < POOL {
-                g.1 += 1;
-                drop(g);
-                return MmapMut::map_anon(BLOCK).inspect_err(|_| {
-                    self.free.lock().unwrap_or_else(|e| e.into_inner()).1 -= 1;
-                    self.given_back.notify_one();
-                });
-            }
-            g = self.given_back.wait(g).unwrap_or_else(|e| e.into_inner());
+        let free = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match free {
+            Some(b) => Ok(b),
+            None => MmapMut::map_anon(BLOCK),
         }
     }
 
+    /// Keeps `b` for the next pack, or unmaps it when [`POOL`] are kept already.
     fn give(&self, b: MmapMut) {
-        self.free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .push(b);
-        self.given_back.notify_one();
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < POOL {
+            free.push(b);
+        }
     }
 }
 
@@ -98,7 +88,8 @@ struct Block {
 /// Appends to a new file through O_DIRECT where the filesystem has it.
 ///
 /// Dropped unfinished (an abandoned pack), it gives its buffer back, closes the threads' queue
-/// and leaves them to finish the writes they have into a file its owner removes.
+/// and leaves them to finish the writes they have into a file its owner removes. After a
+/// failure every call fails: the file has a hole.
 pub(super) struct DirectWriter {
     file: Arc<File>,
     direct: bool,
@@ -111,6 +102,9 @@ pub(super) struct DirectWriter {
     /// Blocks handed to the threads whose outcome has not been taken yet.
     out: usize,
     writing: Option<Writing>,
+    /// Set once a write or a hand-over failed: the file has a hole, and nothing more may be
+    /// written to it or claim it whole.
+    broken: bool,
 }
 
 /// The writing threads and their two queues.
@@ -134,13 +128,32 @@ impl DirectWriter {
             at: 0,
             out: 0,
             writing: None,
+            broken: false,
         }
     }
 
-    /// Appends `bytes`; fails with the error of an earlier write that failed.
-    pub(super) fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+    /// Appends `bytes`; fails with the error of an earlier write that failed, and after any
+    /// failure.
+    pub(super) fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.check()?;
+        let r = self.append(bytes);
+        self.broken |= r.is_err();
+        r
+    }
+
+    fn check(&self) -> io::Result<()> {
+        if self.broken {
+            return Err(io::Error::other("an earlier write of this pack failed"));
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
             if self.buf.is_none() {
+                while self.out >= IN_FLIGHT {
+                    self.wait_one()?;
+                }
                 self.buf = Some(self.buffers.take()?);
             }
             let buf = self.buf.as_mut().expect("filled just above");
@@ -161,6 +174,7 @@ impl DirectWriter {
     /// Writes what is left and waits for every write. Returns the file, whole but not yet
     /// synced: the caller fsyncs it.
     pub(super) fn finish(mut self) -> io::Result<File> {
+        self.check()?;
         let len = self.at + self.filled as u64;
         let padded = if self.filled.is_multiple_of(ALIGN) || !self.direct {
             self.filled
@@ -173,16 +187,19 @@ impl DirectWriter {
             }
             p
         };
-        if padded > 0 {
-            self.submit(padded)?;
-        }
-        let mut failed = Ok(());
-        while self.out > 0 {
-            failed = failed.and(self.wait_one());
-        }
+        let mut failed = if padded > 0 {
+            self.submit(padded)
+        } else {
+            Ok(())
+        };
         if let Some(w) = self.writing.take() {
+            // Closed first: the threads end once the queue is empty, so that a wait below ends
+            // even if one of them died with a block.
             drop(w.to_disk);
-            // Every block is written, so they are at their queue's end and exit now.
+            for _ in 0..self.out {
+                failed = failed.and(w.back.recv().unwrap_or_else(|_| Err(ended())));
+            }
+            self.out = 0;
             for t in w.threads {
                 let _ = t.join();
             }
@@ -199,22 +216,22 @@ impl DirectWriter {
 
     /// Hands the current buffer's first `len` bytes to the writing threads.
     fn submit(&mut self, len: usize) -> io::Result<()> {
-        let buf = self.buf.take().expect("a buffer is being filled");
-        let block = Block {
-            buf,
-            len,
-            at: self.at,
-        };
-        self.at += self.filled as u64;
-        self.filled = 0;
         if self.writing.is_none() {
             self.writing = Some(self.start()?);
         }
         let w = self.writing.as_ref().expect("started just above");
+        let block = Block {
+            buf: self.buf.take().expect("a buffer is being filled"),
+            len,
+            at: self.at,
+        };
         // The threads take blocks until the queue closes, whatever they meet.
-        w.to_disk
-            .send(block)
-            .map_err(|_| io::Error::other("the pack writer's threads ended"))?;
+        if let Err(e) = w.to_disk.send(block) {
+            self.buffers.give(e.0.buf);
+            return Err(ended());
+        }
+        self.at += self.filled as u64;
+        self.filled = 0;
         self.out += 1;
         Ok(())
     }
@@ -236,9 +253,7 @@ impl DirectWriter {
     fn wait_one(&mut self) -> io::Result<()> {
         let w = self.writing.as_ref().expect("blocks were handed out");
         self.out -= 1;
-        w.back
-            .recv()
-            .unwrap_or_else(|_| Err(io::Error::other("the pack writer's threads ended")))
+        w.back.recv().unwrap_or_else(|_| Err(ended()))
     }
 
     fn start(&self) -> io::Result<Writing> {
@@ -263,6 +278,10 @@ impl DirectWriter {
     }
 }
 
+fn ended() -> io::Error {
+    io::Error::other("the pack writer's threads ended")
+}
+
 impl Drop for DirectWriter {
     fn drop(&mut self) {
         if let Some(b) = self.buf.take() {
@@ -272,8 +291,8 @@ impl Drop for DirectWriter {
 }
 
 /// A writing thread: writes each block it takes where it belongs, gives its buffer back and
-/// says how it went, until the queue closes. After a failed write it writes no more (the file
-/// is abandoned) but still gives every buffer back.
+/// says how it went, until the queue closes. After a write of its own failed it writes no more
+/// (the writer fails from then on, and its file is abandoned) but still gives every buffer back.
 fn write_blocks(
     file: &File,
     mut direct: bool,
@@ -365,28 +384,54 @@ mod tests {
         }
     }
 
-    /// Writers dropped unfinished give every buffer back (or the pool would run dry and the
-    /// next pack wait forever), and no more than [`POOL`] buffers are ever made.
+    /// Writers dropped unfinished give their buffers back, and the repository keeps at most
+    /// [`POOL`] of them.
     #[test]
     fn abandoned_writers_give_their_buffers_back() {
         let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
         let buffers = Buffers::new();
         let data = vec![5u8; BLOCK + 10];
         for i in 0..3 * POOL {
-            let mut w = DirectWriter::new(
-                File::create(dir.path().join(format!("a{i}"))).unwrap(),
-                buffers.clone(),
-            );
+            let f = File::create(dir.path().join(format!("a{i}"))).unwrap();
+            let mut w = DirectWriter::new(f, buffers.clone());
             w.write_all(&data).unwrap();
         }
-        let path = dir.path().join("whole");
+        // The threads of the abandoned writers give the rest back as they finish.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let kept = buffers.free.lock().unwrap().len();
+        assert!((1..=POOL).contains(&kept), "{kept} buffers kept");
+    }
+
+    /// Packs waiting to be sealed each hold the buffer they were filling; sealing another pack
+    /// whose trailer needs a new buffer still goes on (a bounded pool that made it wait for
+    /// them hung a backup of several sources: each source's flush parks a pack).
+    #[test]
+    fn a_seal_never_waits_for_parked_packs() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let buffers = Buffers::new();
+        let mut parked: Vec<_> = (0..2 * POOL)
+            .map(|i| {
+                let f = File::create(dir.path().join(format!("p{i}"))).unwrap();
+                let mut w = DirectWriter::new(f, buffers.clone());
+                w.write_all(&[i as u8; 100]).unwrap();
+                w
+            })
+            .collect();
+        let path = dir.path().join("sealed");
         let mut w = DirectWriter::new(File::create(&path).unwrap(), buffers.clone());
-        let whole = vec![9u8; 3 * BLOCK + 1];
+        let mut whole = vec![9u8; BLOCK];
         w.write_all(&whole).unwrap();
+        w.write_all(b"trailer").unwrap();
+        whole.extend_from_slice(b"trailer");
         w.finish().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), whole);
-        let made = buffers.free.lock().unwrap().1;
-        assert!(made <= POOL, "{made} buffers made");
+        for (i, w) in parked.drain(..).enumerate() {
+            w.finish().unwrap();
+            assert_eq!(
+                std::fs::read(dir.path().join(format!("p{i}"))).unwrap(),
+                vec![i as u8; 100]
+            );
+        }
     }
 
     /// A write that fails (a full disk) fails the writer, not later but at a write or at
@@ -397,9 +442,14 @@ mod tests {
         let full = File::options().write(true).open("/dev/full").unwrap();
         let buffers = Buffers::new();
         let mut w = DirectWriter::new(full, buffers.clone());
-        let data = vec![7u8; 3 * BLOCK];
-        let r = w.write_all(&data).and_then(|()| w.finish().map(drop));
-        let e = r.expect_err("writes to /dev/full fail");
+        let block = vec![7u8; BLOCK];
+        // A pack with IN_FLIGHT blocks out waits for the oldest before it fills another.
+        let e = (0..IN_FLIGHT + 2)
+            .find_map(|_| w.write_all(&block).err())
+            .expect("the failure shows within IN_FLIGHT + 2 blocks");
         assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        // From then on the writer fails: its file has a hole.
+        assert!(w.write_all(b"more").is_err());
+        assert!(w.finish().is_err());
     }
 }
