@@ -182,9 +182,7 @@ impl DirectWriter {
             // O_DIRECT writes whole sectors: the last one goes out padded with zeros and the
             // file is cut back to its length below.
             let p = self.filled.next_multiple_of(ALIGN);
-            if let Some(buf) = &mut self.buf {
-                buf[self.filled..p].fill(0);
-            }
+            self.buf.as_mut().expect("bytes are being filled")[self.filled..p].fill(0);
             p
         };
         let mut failed = if padded > 0 {

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use super::direct::{Buffers, DirectWriter};
 use super::handles::{handle_capacity, Handles};
+use super::local_staged::LocalStaged;
 use super::{Backend, Kind, ObjectInfo, Staged, Written};
 use crate::error::{Result, StoreError};
 use crate::id::to_hex;
@@ -31,7 +32,7 @@ pub struct LocalBackend {
     buffers: Arc<Buffers>,
 }
 
-fn fsync_dir(dir: &Path) -> Result<()> {
+pub(super) fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| StoreError::io(dir, e))
@@ -202,16 +203,6 @@ fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> std::io::Result<()>
     } else {
         Err(std::io::Error::last_os_error())
     }
-}
-
-/// Asks the kernel to drop a file's pages from the page cache (advice only). Packs are written
-/// around the page cache where the filesystem allows (`direct.rs`); where it does not, a synced
-/// pack's pages are clean and nobody reads it back soon; left cached, the packs a backup
-/// writes push out what it does read at random, the index table's Bloom filter: under a 256
-/// MiB limit, a 2 GiB backup into a repository of 10^8 chunks then waited on a disk read for
-/// most of its lookups.
-fn drop_cached(file: &File) {
-    advise(file, libc::POSIX_FADV_DONTNEED);
 }
 
 /// Gives the kernel `advice` (`POSIX_FADV_*`) about the whole of `file` (advice only: an
@@ -395,13 +386,12 @@ impl Backend for LocalBackend {
     fn stage(&self, kind: Kind, name: &str) -> Result<Box<dyn Staged>> {
         let dir = self.dir_of(kind, name);
         let (tmp, file) = Self::create_tmp(&dir, name)?;
-        Ok(Box::new(LocalStaged {
-            out: Some(DirectWriter::new(file, self.buffers.clone())),
-            path: dir.join(name),
+        Ok(Box::new(LocalStaged::new(
+            DirectWriter::new(file, self.buffers.clone()),
             tmp,
+            dir.join(name),
             dir,
-            len: 0,
-        }))
+        )))
     }
 
     fn replace(&self, kind: Kind, name: &str, bytes: &[u8]) -> Result<()> {
@@ -499,59 +489,6 @@ impl Backend for LocalBackend {
 fn mtime(m: &fs::Metadata) -> i64 {
     use std::os::unix::fs::MetadataExt;
     m.mtime()
-}
-
-/// A pack being written to a temporary file beside its final name, around the page cache.
-struct LocalStaged {
-    out: Option<DirectWriter>,
-    tmp: PathBuf,
-    path: PathBuf,
-    dir: PathBuf,
-    len: u64,
-}
-
-impl Staged for LocalStaged {
-    fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        let out = self.out.as_mut().expect("present until finish");
-        out.write_all(bytes)
-            .map_err(|e| StoreError::io(&self.tmp, e))?;
-        self.len += bytes.len() as u64;
-        Ok(())
-    }
-
-    fn finish(mut self: Box<Self>) -> Result<()> {
-        let out = self.out.take().expect("present until finish");
-        let named = out
-            .finish()
-            // The data must be on disk before the name says the object is complete (O_DIRECT
-            // writes may still sit in the device's cache)…
-            .and_then(|file| {
-                file.sync_all()?;
-                drop_cached(&file);
-                Ok(())
-            })
-            .and_then(|()| fs::rename(&self.tmp, &self.path));
-        if let Err(e) = named {
-            // A seal that failed (a full disk) leaves nothing behind.
-            let _ = fs::remove_file(&self.tmp);
-            return Err(StoreError::io(&self.tmp, e));
-        }
-        // …and the rename itself must be durable before an index file may name the object.
-        fsync_dir(&self.dir)
-    }
-
-    fn len(&self) -> u64 {
-        self.len
-    }
-}
-
-impl Drop for LocalStaged {
-    fn drop(&mut self) {
-        if self.out.take().is_some() {
-            // Not finished: abandoned, so the temporary file goes.
-            let _ = fs::remove_file(&self.tmp);
-        }
-    }
 }
 
 #[cfg(test)]

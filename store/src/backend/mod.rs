@@ -14,6 +14,7 @@ mod direct;
 mod fault;
 mod handles;
 pub(crate) mod local;
+mod local_staged;
 mod mem;
 
 pub use crate::kind::Kind;
